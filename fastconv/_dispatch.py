@@ -1,0 +1,105 @@
+"""Which kernel build runs, and on how many threads.
+
+setup.py compiles the same kernels for several CPU targets; here the best one the running CPU
+supports is imported. FASTCONV_KERNELS=baseline|avx2|avx512 forces one (an unsupported one is an
+error, never an "illegal instruction" crash).
+"""
+
+import importlib
+import os
+
+VARIANTS = ("baseline", "avx2", "avx512")
+
+# CPU features each build's -march target requires (numpy's names for them).
+_REQUIRES = {
+    "baseline": (),
+    "avx2": ("AVX", "AVX2", "FMA3", "F16C"),
+    "avx512": ("AVX", "AVX2", "FMA3", "F16C", "AVX512F", "AVX512CD", "AVX512_SKX"),
+}
+
+
+def _cpu_features():
+    try:  # numpy detects features and checks that the OS saves the wide registers
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    return {name for name, on in __cpu_features__.items() if on}
+
+
+def available_variants():
+    """The kernel builds that are installed and that this CPU can run, slowest first."""
+    features = _cpu_features()
+    found = []
+    for name in VARIANTS:
+        if not all(f in features for f in _REQUIRES[name]):
+            continue
+        try:
+            importlib.import_module(f"fastconv._kernels_{name}")
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+def load(name=None):
+    """The kernel module `name` (default: FASTCONV_KERNELS, else the best available)."""
+    name = name or os.environ.get("FASTCONV_KERNELS") or None
+    available = available_variants()
+    if not available:
+        raise ImportError(
+            "fastconv's compiled kernels are missing: install fastconv with `pip install .` "
+            "(it builds them), not by putting the source folder on sys.path"
+        )
+    if name is None:
+        name = available[-1]
+    if name not in available:
+        raise ValueError(
+            f"The kernel build {name!r} is not available on this machine (built and supported "
+            f"by this CPU: {available}). Received: FASTCONV_KERNELS={name!r}"
+        )
+    return importlib.import_module(f"fastconv._kernels_{name}")
+
+
+kernels = load()
+variant = kernels.__name__.rsplit("_", 1)[-1]
+
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _default_threads():
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return min(int(env), _cpu_count())
+    return _cpu_count()
+
+
+_num_threads = _default_threads()
+
+
+def get_num_threads():
+    """The number of threads fastconv's kernels use (1 when built without OpenMP)."""
+    return _num_threads if kernels.OPENMP else 1
+
+
+def set_num_threads(n=None):
+    """Use `n` threads in fastconv's kernels; None restores the default (all usable cores,
+    or OMP_NUM_THREADS)."""
+    global _num_threads
+    if n is None:
+        _num_threads = _default_threads()
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"`n` must be a positive int. Received: n={n!r}")
+    _num_threads = n
+
+
+def show_config():
+    """Print the kernel build in use, whether OpenMP is on, and the thread count."""
+    print(f"fastconv kernels: {variant} (available here: {', '.join(available_variants())})")
+    print(f"OpenMP: {'on' if kernels.OPENMP else 'off (serial build)'}")
+    print(f"threads: {get_num_threads()}")

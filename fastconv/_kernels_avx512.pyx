@@ -1,0 +1,3 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# The "avx512" build of the kernels: setup.py gives it its target flags; the source is shared.
+include "_kernels.pxi"

@@ -1,0 +1,79 @@
+"""The host side every bridge shares, and the numpy backend itself.
+
+`forward`, `grad_input` and `grad_kernel` take numpy-convertible arrays in the spec's data_format
+(any dtype, read-only, non-contiguous or Fortran-ordered), validate them through
+fastconv.geometry, and run the compiled kernels in float32 (or float64 when asked) into freshly
+allocated arrays. Bridges for the other backends only move tensors to and from these functions.
+"""
+
+import numpy as np
+
+from fastconv import _dispatch
+
+
+def host_dtype(dtype):
+    """The dtype the kernels compute in for a result of `dtype`: float64 stays, all else float32."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _nhwc(array, spec, dtype):
+    array = np.asarray(array)
+    if not spec.channels_last:
+        array = array.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _from_nhwc(array, spec):
+    return array if spec.channels_last else array.transpose(0, 3, 1, 2)
+
+
+def _args(spec, g):
+    return (spec.strides[0], spec.strides[1], spec.dilation_rate[0], spec.dilation_rate[1],
+            g.pad_top, g.pad_left, g.groups, _dispatch.get_num_threads())
+
+
+def forward(x, kernel, spec, dtype=np.float32):
+    """The convolution of x with kernel, computed in `dtype` (float32 or float64)."""
+    x, kernel = np.asarray(x), np.asarray(kernel)
+    g = spec.geometry(x.shape, kernel.shape)
+    out = np.empty(g.output_shape_nhwc, dtype)
+    _dispatch.kernels.forward(
+        _nhwc(x, spec, dtype), np.ascontiguousarray(kernel, dtype=dtype), out, *_args(spec, g)
+    )
+    return _from_nhwc(out, spec)
+
+
+def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
+    """d(loss)/d(inputs) given dy = d(loss)/d(outputs)."""
+    kernel = np.asarray(kernel)
+    g = spec.geometry(input_shape, kernel.shape)
+    # Regroup (KH, KW, C/G, G*F/G) -> (KH, KW, F/G, G*C/G): the transposed convolution's kernel
+    # in the same layout, so one kernel tap routine serves both directions.
+    wt = kernel.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups)
+    wt = wt.transpose(0, 1, 4, 3, 2).reshape(g.kh, g.kw, g.f // g.groups, g.c)
+    dx = np.empty(g.input_shape_nhwc, dtype)
+    _dispatch.kernels.grad_input(
+        _nhwc(dy, spec, dtype), np.ascontiguousarray(wt, dtype=dtype), dx, *_args(spec, g)
+    )
+    return _from_nhwc(dx, spec)
+
+
+def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
+    """d(loss)/d(kernel) given dy = d(loss)/d(outputs)."""
+    x = np.asarray(x)
+    g = spec.geometry(x.shape, kernel_shape)
+    dw = np.empty(g.kernel_shape, dtype)
+    _dispatch.kernels.grad_kernel(
+        _nhwc(x, spec, dtype), _nhwc(dy, spec, dtype), dw, *_args(spec, g)
+    )
+    return dw
+
+
+def conv(inputs, kernel, spec):
+    """The numpy backend: Keras' own hands convolutions to JAX; here the kernels serve them."""
+    import keras
+
+    inputs, kernel = np.asarray(inputs), np.asarray(kernel)
+    result = keras.backend.result_type(inputs.dtype, kernel.dtype)
+    out = forward(inputs, kernel, spec, host_dtype(result))
+    return out.astype(result, copy=False)

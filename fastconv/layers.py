@@ -1,0 +1,39 @@
+"""`fastconv.Conv2D`: keras.layers.Conv2D whose convolution runs in fastconv's kernels."""
+
+import keras
+
+from fastconv import ops
+
+
+@keras.saving.register_keras_serializable(package="fastconv")
+class Conv2D(keras.layers.Conv2D):
+    """A drop-in replacement for `keras.layers.Conv2D`: same arguments, defaults, errors,
+    weights (HWIO kernel) and config; the convolution runs in fastconv's CPU kernels.
+
+    Keras does everything else (argument handling, weights, LoRA, bias, activation, config),
+    so a fastconv layer and a Keras layer holding the same weights compute the same function.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if keras.backend.backend() == "tensorflow":
+            # The TensorFlow bridge calls the host through tf.numpy_function, which XLA cannot
+            # compile; on JAX the trainer's jit works and must stay on.
+            self.supports_jit = False
+
+    def call(self, inputs):
+        # Keras casts float inputs to the compute dtype; ints and bools are cast here too, so
+        # every input dtype behaves the same on every backend.
+        if keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype:
+            inputs = keras.ops.cast(inputs, self.compute_dtype)
+        return super().call(inputs)
+
+    def convolution_op(self, inputs, kernel):
+        return ops.conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            data_format=self.data_format,
+            dilation_rate=self.dilation_rate,
+        )

@@ -1,0 +1,56 @@
+"""`fastconv.ops.conv`: keras.ops.conv for rank-4 inputs, computed by fastconv's kernels."""
+
+import importlib
+
+import keras
+
+from fastconv.geometry import ConvSpec
+
+
+def _bridge():
+    """The module that moves this Keras backend's tensors to and from the kernels."""
+    name = keras.backend.backend()
+    if name not in ("numpy", "tensorflow", "jax", "torch"):
+        raise ValueError(
+            f"fastconv supports the numpy, tensorflow, jax and torch backends. "
+            f"Received: keras.backend.backend()={name!r}"
+        )
+    return importlib.import_module(f"fastconv.backends.{name}")
+
+
+class Conv(keras.Operation):
+    """The convolution as a Keras operation, so that symbolic (functional-model) calls record
+    fastconv's convolution, not Keras' own."""
+
+    def __init__(self, spec, name=None):
+        super().__init__(name=name)
+        self.spec = spec
+
+    def call(self, inputs, kernel):
+        return _bridge().conv(inputs, kernel, self.spec)
+
+    def compute_output_spec(self, inputs, kernel):
+        shape = self.spec.output_shape(inputs.shape, kernel.shape)
+        dtype = keras.backend.result_type(inputs.dtype, kernel.dtype)
+        return keras.KerasTensor(shape, dtype=dtype)
+
+
+def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+    """General 2-D convolution, like `keras.ops.conv` (same arguments, defaults and result).
+
+    Args:
+        inputs: rank-4 tensor, array or nested list, `(batch, height, width, channels)` for
+            "channels_last" or `(batch, channels, height, width)` for "channels_first".
+        kernel: `(kernel_height, kernel_width, channels // groups, filters)`; the number of
+            groups is `channels // kernel.shape[2]` (depthwise when `kernel.shape[2] == 1`).
+        strides: int or tuple of 2 ints.
+        padding: "valid" or "same" (case-insensitive), with Keras' split of "same" padding.
+        data_format: "channels_last", "channels_first" or None (`keras.config.image_data_format()`).
+        dilation_rate: int or tuple of 2 ints.
+
+    Differentiable on the tensorflow, jax and torch backends.
+    """
+    spec = ConvSpec.make(strides, padding, data_format, dilation_rate)
+    if isinstance(inputs, keras.KerasTensor) or isinstance(kernel, keras.KerasTensor):
+        return Conv(spec).symbolic_call(inputs, kernel)
+    return _bridge().conv(inputs, kernel, spec)

@@ -1,0 +1,92 @@
+"""Build fastconv's kernels: one Cython source compiled once per CPU target.
+
+- baseline: any x86-64 (or any other architecture), always built.
+- avx2 (-march=x86-64-v3) and avx512 (-march=x86-64-v4): x86-64 only, when the compiler takes the
+  flag; fastconv._dispatch picks the best one the running CPU supports.
+OpenMP is used when a probe program compiles and links with -fopenmp; otherwise (or with
+FASTCONV_NO_OPENMP=1) the build is serial. FASTCONV_NATIVE=1 adds -march=native to the baseline
+(opt-in only: such a wheel runs on this CPU alone).
+"""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+VARIANTS = {"baseline": []}
+if X86:
+    VARIANTS["avx2"] = ["-march=x86-64-v3"]
+    VARIANTS["avx512"] = ["-march=x86-64-v4", "-mprefer-vector-width=512"]
+
+
+def _compiler():
+    return os.environ.get("CC") or sysconfig.get_config_var("CC").split()[0] or "cc"
+
+
+def _compiles(flags, source="int main(void){return 0;}\n"):
+    """Does the C compiler build and link `source` with `flags`?"""
+    cc = _compiler()
+    if shutil.which(cc) is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(source)
+        result = subprocess.run(
+            [cc, *flags, src, "-o", os.path.join(tmp, "probe")],
+            capture_output=True,
+        )
+        return result.returncode == 0
+
+
+def _openmp_flags():
+    if os.environ.get("FASTCONV_NO_OPENMP"):
+        print("fastconv: FASTCONV_NO_OPENMP set: building without OpenMP", file=sys.stderr)
+        return []
+    probe = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    if _compiles(["-fopenmp"], probe):
+        return ["-fopenmp"]
+    print(
+        "\n*** fastconv: the C compiler does not support OpenMP (-fopenmp): building a SERIAL "
+        "version of the kernels. It is correct but uses one core. ***\n",
+        file=sys.stderr,
+    )
+    return []
+
+
+def extensions():
+    openmp = _openmp_flags()
+    base = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    native = ["-march=native"] if os.environ.get("FASTCONV_NATIVE") else []
+    exts = []
+    for name, target in VARIANTS.items():
+        target = target or native
+        if target and not _compiles(target):
+            print(f"fastconv: the compiler rejects {target}: skipping the {name} kernels",
+                  file=sys.stderr)
+            continue
+        exts.append(
+            Extension(
+                f"fastconv._kernels_{name}",
+                [f"fastconv/_kernels_{name}.pyx"],
+                include_dirs=[numpy.get_include()],
+                extra_compile_args=base + target + openmp,
+                extra_link_args=openmp,
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+            )
+        )
+    return cythonize(exts, language_level=3, compiler_directives={
+        "boundscheck": False, "wraparound": False, "cdivision": True,
+        "initializedcheck": False,
+    })
+
+
+setup(ext_modules=extensions())

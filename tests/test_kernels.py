@@ -1,0 +1,147 @@
+"""The compiled kernels, every build this CPU runs, against the float64 reference."""
+
+import importlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference
+from conftest import only_numpy
+from fastconv import _dispatch
+from fastconv.backends import numpy as host
+from fastconv.geometry import ConvSpec
+
+pytestmark = only_numpy
+
+VARIANTS = _dispatch.available_variants()
+
+# (N, H, W, C, KH, KW, F, groups, strides, dilation, padding)
+CASES = [
+    (2, 7, 9, 4, 3, 3, 6, 1, (1, 1), (1, 1), "valid"),
+    (2, 7, 9, 4, 3, 3, 6, 1, (1, 1), (1, 1), "same"),
+    (1, 8, 8, 6, 3, 2, 9, 3, (2, 1), (1, 1), "same"),
+    (3, 10, 11, 8, 3, 3, 8, 8, (1, 1), (1, 1), "same"),  # depthwise
+    (2, 10, 11, 5, 3, 3, 15, 5, (1, 1), (1, 1), "same"),  # depthwise, multiplier 3
+    (2, 12, 12, 4, 3, 3, 4, 2, (1, 1), (2, 3), "same"),  # dilation per axis
+    (2, 12, 13, 3, 5, 4, 5, 1, (3, 2), (1, 1), "valid"),  # strides per axis
+    (2, 9, 9, 4, 3, 3, 4, 1, (2, 2), (2, 2), "same"),  # ops may combine both
+    (1, 1, 1, 3, 3, 3, 2, 1, (1, 1), (1, 1), "same"),  # 1x1 image, kernel larger than input
+    (2, 4, 5, 3, 7, 6, 4, 1, (1, 2), (1, 1), "same"),
+    (0, 5, 5, 4, 3, 3, 4, 2, (1, 1), (1, 1), "same"),  # empty batch
+    (2, 6, 6, 64, 3, 3, 48, 8, (1, 1), (1, 1), "same"),
+    (1, 5, 7, 40, 1, 1, 33, 1, (1, 1), (1, 1), "valid"),
+    (2, 6, 6, 20, 2, 2, 20, 20, (2, 2), (1, 1), "same"),  # even kernel, stride 2, depthwise
+]
+
+
+def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x_shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    k = rng.standard_normal((kh, kw, c // groups, f)).astype(dtype)
+    spec = ConvSpec.make(strides, padding, data_format, dilation)
+    rtol = rtol or (1e-4 if dtype == np.float32 else 1e-10)
+    saved = _dispatch.kernels
+    _dispatch.kernels = kernels
+    try:
+        out = host.forward(x, k, spec, dtype)
+        dy = rng.standard_normal(out.shape).astype(dtype)
+        dx = host.grad_input(dy, k, spec, x.shape, dtype)
+        dk = host.grad_kernel(x, dy, spec, k.shape, dtype)
+    finally:
+        _dispatch.kernels = saved
+    expected = reference.conv(x, k, strides, padding, dilation, data_format)
+    ref_dx, ref_dk = reference.grads(x, k, dy, strides, padding, dilation, data_format)
+    assert out.dtype == dtype and dx.dtype == dtype and dk.dtype == dtype
+    reference.assert_close(out, expected, rtol, "forward")
+    reference.assert_close(dx, ref_dx, rtol, "grad_input")
+    reference.assert_close(dk, ref_dk, rtol, "grad_kernel")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernels_match_reference(variant, dtype, case):
+    _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, dtype)
+
+
+@pytest.mark.parametrize("case", CASES[:8], ids=str)
+def test_channels_first(case):
+    _check(_dispatch.kernels, case, np.float32, "channels_first")
+
+
+@st.composite
+def configs(draw):
+    groups = draw(st.integers(1, 4))
+    cin_g = draw(st.integers(1, 4))
+    fg = draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    strides = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = draw(st.sampled_from(["valid", "same"]))
+    min_h = (kh - 1) * dilation[0] + 1 if padding == "valid" else 1
+    min_w = (kw - 1) * dilation[1] + 1 if padding == "valid" else 1
+    h = draw(st.integers(min_h, min_h + 8))
+    w = draw(st.integers(min_w, min_w + 8))
+    n = draw(st.integers(0, 3))
+    return (n, h, w, groups * cin_g, kh, kw, groups * fg, groups, strides, dilation, padding)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=configs(), variant=st.sampled_from(VARIANTS))
+def test_random_configurations(case, variant):
+    _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, np.float64)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11]], ids=str)
+def test_bit_identical_for_any_thread_count(case):
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n + 3, h + 9, w + 7, c)).astype(np.float32)
+    k = rng.standard_normal((kh, kw, c // groups, f)).astype(np.float32)
+    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
+    results = []
+    for threads in (1, 2, 3):
+        _dispatch.set_num_threads(threads)
+        try:
+            out = host.forward(x, k, spec)
+            dy = np.cos(out)
+            results.append((out, host.grad_input(dy, k, spec, x.shape),
+                            host.grad_kernel(x, dy, spec, k.shape)))
+        finally:
+            _dispatch.set_num_threads(None)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b)
+
+
+def test_nan_and_inf_reach_exactly_the_outputs_whose_window_covers_them():
+    x = np.ones((1, 9, 9, 2), np.float32)
+    x[0, 4, 4, 0] = np.nan
+    x[0, 0, 8, 1] = np.inf
+    k = np.ones((3, 3, 2, 3), np.float32)
+    spec = ConvSpec.make(1, "same", "channels_last", 1)
+    out = host.forward(x, k, spec)
+    expected = reference.conv(x, k, padding="same")
+    assert np.array_equal(np.isnan(out), np.isnan(expected))
+    assert np.array_equal(np.isinf(out), np.isinf(expected))
+    assert np.isnan(out[0, 3:6, 3:6]).all() and np.isnan(out).sum() == 27
+    assert np.isinf(out[0, 0:2, 7:9]).all() and np.isinf(out).sum() == 12
+
+
+def test_odd_arrays_give_the_right_answer():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((2, 12, 10, 8))
+    k = rng.standard_normal((3, 3, 4, 6))
+    spec = ConvSpec.make(1, "same", "channels_last", 1)
+    expected = reference.conv(base, k, padding="same")
+    readonly = base.astype(np.float32)
+    readonly.flags.writeable = False
+    strided = np.asarray(np.repeat(base, 2, axis=2)[:, :, ::2, :], np.float32)
+    fortran = np.asfortranarray(base.astype(np.float32))
+    for x in (readonly, strided, fortran, base, base.astype(np.float16)):
+        reference.assert_close(host.forward(x, k, spec), expected, 1e-3 if x.dtype == np.float16
+                               else 1e-4)
