@@ -1,0 +1,66 @@
+"""JAX bridge: jax.pure_callback for each direction, joined by jax.custom_vjp.
+
+Works eagerly and under jax.jit (Keras' JAX trainer jits the train step), jax.grad and jax.vmap
+(one callback per mapped element). Callbacks receive read-only arrays; the kernels take them as
+const. float64 needs jax_enable_x64, as everywhere in JAX.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from fastconv.backends import numpy as host
+
+
+def _on_accelerator(*arrays):
+    for a in arrays:
+        if isinstance(a, jax.core.Tracer):
+            if jax.default_backend() != "cpu":
+                return True
+        elif any(d.platform != "cpu" for d in a.devices()):
+            return True
+    return False
+
+
+def _callback(fn, shape, dtype, *args):
+    return jax.pure_callback(fn, jax.ShapeDtypeStruct(tuple(shape), dtype), *args,
+                             vmap_method="sequential")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv(spec, x, k):
+    dtype = np.dtype(x.dtype)
+    return _callback(lambda a, b: host.forward(a, b, spec, dtype),
+                     spec.output_shape(x.shape, k.shape), dtype, x, k)
+
+
+def _conv_fwd(spec, x, k):
+    return _conv(spec, x, k), (x, k)
+
+
+def _conv_bwd(spec, residuals, dy):
+    x, k = residuals
+    dtype = np.dtype(x.dtype)
+    dx = _callback(lambda g, b: host.grad_input(g, b, spec, x.shape, dtype),
+                   x.shape, dtype, dy, k)
+    dk = _callback(lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
+                   k.shape, dtype, x, dy)
+    return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv(inputs, kernel, spec):
+    x = keras.ops.convert_to_tensor(inputs)
+    k = keras.ops.convert_to_tensor(kernel)
+    if _on_accelerator(x, k):
+        return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
+                              spec.dilation_rate)
+    spec.output_shape(x.shape, k.shape)  # validate before anything is traced or run
+    result = keras.backend.result_type(x.dtype, k.dtype)
+    dtype = host.host_dtype(result)
+    return _conv(spec, x.astype(dtype), k.astype(dtype)).astype(result)

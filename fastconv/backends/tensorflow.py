@@ -1,0 +1,70 @@
+"""TensorFlow bridge: tf.numpy_function for each direction, joined by tf.custom_gradient.
+
+Works eagerly and inside tf.function (Keras' TF trainer); not under XLA, so the layer sets
+supports_jit = False on this backend. Static shapes are set on every result (unknown spatial
+sizes stay unknown). A bare numpy_function's gradient is silently None: here every gradient is
+defined, and a second-order one raises.
+"""
+
+import keras
+import tensorflow as tf
+
+from fastconv.backends import numpy as host
+
+
+def _on_accelerator(*tensors):
+    for t in tensors:
+        device = getattr(t, "device", "") or ""
+        if device:
+            if "CPU" not in device.upper():
+                return True
+        elif tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+            return True  # graph tensor without a placement: it would land on the accelerator
+    return False
+
+
+@tf.custom_gradient
+def _first_order_only(t):
+    def grad(_):
+        raise NotImplementedError(
+            "fastconv computes first-order gradients only: a gradient of fastconv's gradient "
+            "(e.g. a Hessian or a gradient penalty) is not supported. Use keras.layers.Conv2D."
+        )
+
+    return tf.identity(t), grad
+
+
+def _numpy_function(fn, args, dtype, shape):
+    out = tf.numpy_function(fn, args, tf.as_dtype(dtype), stateful=False)
+    out.set_shape(shape)
+    return out
+
+
+def conv(inputs, kernel, spec):
+    x = keras.ops.convert_to_tensor(inputs)
+    k = keras.ops.convert_to_tensor(kernel)
+    if _on_accelerator(x, k):
+        return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
+                              spec.dilation_rate)
+    out_shape = spec.output_shape(x.shape.as_list(), k.shape.as_list())
+    result = keras.backend.result_type(x.dtype, k.dtype)
+    dtype = host.host_dtype(result)
+
+    @tf.custom_gradient
+    def _conv(x, k):
+        y = _numpy_function(lambda a, b: host.forward(a, b, spec, dtype), [x, k], dtype,
+                            out_shape)
+
+        def grad(dy):
+            dx = _numpy_function(
+                lambda g, b, s: host.grad_input(g, b, spec, tuple(s), dtype),
+                [dy, k, tf.shape(x)], dtype, x.shape)
+            dk = _numpy_function(
+                lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
+                [x, dy], dtype, k.shape)
+            return _first_order_only(dx), _first_order_only(dk)
+
+        return y, grad
+
+    y = _conv(tf.cast(x, dtype), tf.cast(k, dtype))
+    return tf.cast(y, result)
