@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BACKENDS ?= numpy tensorflow jax torch
 BENCH_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install demo test bench clean
 
@@ -19,7 +20,7 @@ install: $(VENV)/.deps
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: install
-	$(PY) -m fastconv.demo
+	$(PY) -m fastconv.demo $(DEMO_ARGS)
 
 test: install
 	@failed=""; for b in $(BACKENDS); do \
