@@ -31,7 +31,8 @@ class Conv(keras.Operation):
 
     def compute_output_spec(self, inputs, kernel):
         shape = self.spec.output_shape(inputs.shape, kernel.shape)
-        dtype = keras.backend.result_type(inputs.dtype, kernel.dtype)
+        dtype = (inputs.dtype if inputs.dtype == kernel.dtype  # as keras.ops.conv
+                 else keras.backend.result_type(inputs.dtype, kernel.dtype))
         return keras.KerasTensor(shape, dtype=dtype)
 
 

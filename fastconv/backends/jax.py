@@ -61,6 +61,9 @@ def conv(inputs, kernel, spec):
         return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
                               spec.dilation_rate)
     spec.output_shape(x.shape, k.shape)  # validate before anything is traced or run
-    result = keras.backend.result_type(x.dtype, k.dtype)
+    # Like keras.ops.conv on JAX: equal dtypes are kept (float64 under jax_enable_x64); mixed
+    # ones follow Keras' promotion.
+    result = (keras.backend.standardize_dtype(x.dtype) if x.dtype == k.dtype
+              else keras.backend.result_type(x.dtype, k.dtype))
     dtype = host.host_dtype(result)
     return _conv(spec, x.astype(dtype), k.astype(dtype)).astype(result)
