@@ -1,0 +1,274 @@
+"""The layer-level benchmark suite: `python -m benchmarks.run` (or `make bench BENCH_ARGS=...`).
+
+Runs every backend back to back, each in its own subprocess (KERAS_BACKEND is read once, at
+import), and writes benchmarks/results/results.json, results.md and speedup.png. See
+benchmarks/worker.py for what is timed and how memory is measured, benchmarks/cases.py for the
+cases, benchmarks/report.py for the table and the BENCHMARKS.md target checks.
+
+    python -m benchmarks.run                      # everything (20-40 min on 2 cores)
+    python -m benchmarks.run --quick              # smoke test, about a minute; writes to a temp dir
+    python -m benchmarks.run --backends jax,torch --cases resnet3x3,depthwise --reps 9
+
+On TensorFlow, Keras' own grouped conv (groups > 1) goes through XLA and may corrupt the heap at
+exit: those cases run in a separate child process whose crash after its last result does not fail
+the run. Results are streamed by the workers line by line, so a crash loses at most the case in
+progress (the missing cases get one more process).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from benchmarks import report
+from benchmarks.cases import CASES, select
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results")
+
+
+class Progress:
+    """A plain-text progress bar on stderr (one line per update when stderr is not a tty)."""
+
+    def __init__(self, total):
+        self.total = max(total, 1)
+        self.done = 0
+        self.t0 = time.time()
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def show(self, label):
+        frac = min(self.done / self.total, 1.0)
+        elapsed = time.time() - self.t0
+        eta = elapsed / frac - elapsed if frac > 0 else None
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = (f"[{bar}] {100 * frac:3.0f}% {elapsed / 60:4.1f} min"
+                + (f" (~{eta / 60:.1f} min left)" if eta is not None else "") + f"  {label}")
+        if self.tty:
+            sys.stderr.write("\r" + line[:150].ljust(len(self.last)))
+        elif line != self.last:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.last = line[:150]
+
+    def close(self):
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def worker_env(backend):
+    env = dict(os.environ)
+    # A fair matmul rate: OpenBLAS must pick its own kernel and cache sizes.
+    env.pop("OPENBLAS_CORETYPE", None)
+    env.pop("OPENBLAS_L2_SIZE", None)
+    env["KERAS_BACKEND"] = backend
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(backend, names, args, log_dir, progress, units_per_case, timeout):
+    """Run one worker; returns (records, returncode, duration, log path)."""
+    fd, out = tempfile.mkstemp(prefix=f"{backend}-", suffix=".jsonl", dir=log_dir)
+    os.close(fd)
+    log = out[:-len(".jsonl")] + ".log"
+    cmd = [sys.executable, "-m", "benchmarks.worker", "--cases", ",".join(names), "--out", out,
+           "--reps", str(args.reps), "--warmup", str(args.warmup), "--time-cap",
+           str(args.time_cap)] + (["--no-memory"] if args.no_memory else [])
+    t0 = time.time()
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(backend), stdout=logf,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+        def pump():
+            for line in proc.stderr:
+                if line.startswith("@@progress "):
+                    p = json.loads(line[len("@@progress "):])
+                    if p["phase"] in ("done", "memory_done"):
+                        progress.done += 1
+                    progress.show(f"{backend}: {p['case']} {p['phase']}")
+                else:
+                    logf.write(line)
+                    logf.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the worker's own process group (start_new_session)
+            rc = proc.wait()
+            logf.write(f"\n[runner] killed after {timeout:.0f} s\n")
+        reader.join(timeout=10)
+    records = []
+    with open(out) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                pass
+    os.unlink(out)
+    return records, rc, time.time() - t0, log
+
+
+def plan(backends, cases):
+    """[(backend, case names, tolerant)] in run order."""
+    jobs = []
+    for b in backends:
+        if b == "tensorflow":
+            plain = [c.name for c in cases if c.groups == 1]
+            grouped = [c.name for c in cases if c.groups > 1]
+            if plain:
+                jobs.append((b, plain, False))
+            if grouped:
+                jobs.append((b, grouped, True))
+        else:
+            jobs.append((b, [c.name for c in cases], False))
+    return jobs
+
+
+def git_info():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastconv", "setup.py"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return commit or None, bool(dirty)
+    except OSError:
+        return None, None
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test (~1 min): 3 cases, 3 reps, no memory phase, results in a "
+                        "temporary directory unless --out-dir is given")
+    p.add_argument("--backends", default="tensorflow,jax,torch,numpy")
+    p.add_argument("--cases", default=None, help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 7; "
+                   "quick 3)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--time-cap", type=float, default=None,
+                   help="seconds per variant and case before fewer rounds (>= 3) run "
+                        "(default 25; quick 4)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory phase")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--job-timeout", type=float, default=3600.0,
+                   help="seconds after which a worker process is killed")
+    args = p.parse_args(argv)
+    if args.reps is None:
+        args.reps = 3 if args.quick else 7
+    if args.time_cap is None:
+        args.time_cap = 4.0 if args.quick else 25.0
+    if args.quick:
+        args.no_memory = True
+    if args.reps < 3:
+        p.error("--reps must be >= 3")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in report.BACKENDS]
+    if bad:
+        p.error(f"unknown backend(s) {bad}; choose from {', '.join(report.BACKENDS)}")
+    try:
+        cases = select(args.cases.split(",") if args.cases else None, quick=args.quick)
+    except ValueError as e:
+        p.error(str(e))
+    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="fastconv-bench-quick-") if args.quick
+                               else DEFAULT_OUT)
+    log_dir = tempfile.mkdtemp(prefix="fastconv-bench-logs-")
+
+    jobs = plan(backends, cases)
+    units = 1 if args.no_memory else 2
+    progress = Progress(sum(len(names) for _, names, _ in jobs) * units)
+    commit, dirty = git_info()
+    load0 = os.getloadavg()
+    t0 = time.time()
+    results = {
+        "meta": {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in
+                                                              (argv or sys.argv[1:])),
+            "git_commit": commit, "git_dirty": dirty, "cpu": cpu_model(),
+            "cpus": len(os.sched_getaffinity(0)), "loadavg_start": [round(x, 2) for x in load0],
+            "reps": args.reps, "warmup": args.warmup, "time_cap": args.time_cap,
+            "quick": args.quick, "memory": not args.no_memory,
+        },
+        "cases": {c.name: c.to_dict() for c in cases},
+        "runs": {},
+    }
+    failed = []
+    for backend, names, tolerant in jobs:
+        run = results["runs"].setdefault(backend, {"processes": [], "cases": {}, "memory": {},
+                                                   "errors": {}})
+        todo = list(names)
+        for attempt in range(2):
+            records, rc, dur, log = run_worker(backend, todo, args, log_dir, progress, units,
+                                               args.job_timeout)
+            env = next((r for r in records if r["type"] == "env"), None)
+            end = next((r for r in records if r["type"] == "end"), None)
+            mm = max(x for x in (env and env["matmul_gflops"], end and end["matmul_gflops"], 0)
+                     if x is not None) or None
+            for r in records:
+                if r["type"] == "case":
+                    r["matmul_gflops"] = mm
+                    run["cases"][r["case"]] = r
+                    run["errors"].pop(r["case"], None)
+                elif r["type"] == "memory":
+                    run["memory"][r["case"]] = r
+                elif r["type"] == "error":
+                    run["errors"][r["case"]] = f"{r['phase']}: {r['error']}"
+            run["processes"].append({"cases": todo, "returncode": rc, "tolerant": tolerant,
+                                     "duration_s": dur, "env": env, "log": log,
+                                     "matmul_gflops_end": end and end["matmul_gflops"]})
+            finished = end is not None
+            if rc != 0 and not (tolerant and finished):
+                tail = open(log).read().strip().splitlines()[-15:]
+                sys.stderr.write(f"\n[{backend}] worker exited with {rc}; log {log}:\n  "
+                                 + "\n  ".join(tail) + "\n")
+            missing = [n for n in todo if n not in run["cases"] and n not in run["errors"]]
+            if not missing:
+                break
+            if attempt == 0:
+                sys.stderr.write(f"\n[{backend}] no result for {missing}: one more process\n")
+                todo = missing
+            else:
+                for n in missing:
+                    run["errors"][n] = f"no result (worker exit code {rc}, log {log})"
+        if rc != 0 and not tolerant:
+            failed.append(backend)
+        failed += [f"{backend}:{n}" for n in run["errors"]]
+    progress.close()
+    load1 = os.getloadavg()
+    results["meta"]["loadavg_end"] = [round(x, 2) for x in load1]
+    results["meta"]["busy"] = max(load0[0], load1[0]) > 1.5 * results["meta"]["cpus"]
+    results["meta"]["duration_s"] = time.time() - t0
+    md = report.write_all(results, out_dir)
+    summary = md.split("## Per case")[0]
+    print(summary.split("## Summary", 1)[1].strip() if "## Summary" in summary else summary)
+    print(f"\nwrote {out_dir}/results.json, results.md, speedup.png "
+          f"({results['meta']['duration_s'] / 60:.1f} min); worker logs in {log_dir}")
+    if failed:
+        print(f"FAILED: {', '.join(sorted(set(failed)))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""One backend's benchmark process: `KERAS_BACKEND=<b> python -m benchmarks.worker ...`.
+
+The runner (benchmarks/run.py) starts one of these per backend (KERAS_BACKEND is read once, at
+import) with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset. It writes JSON lines to --out as it
+goes, one record per line, flushed at once, so a process that crashes at exit (TensorFlow after
+Keras' XLA grouped conv) loses nothing:
+
+  {"type": "env", ...}      versions, BLAS (threadpoolctl), fastconv.show_config(), matmul rate
+  {"type": "case", ...}     timings (+ correctness check) of one case
+  {"type": "memory", ...}   peak extra memory of one case (measured after all timings)
+  {"type": "end", ...}      matmul rate again, so drift during the run shows
+
+Progress lines go to stderr as `@@progress <json>`.
+
+What is timed, per case: `keras.layers.Conv2D` and `fastconv.Conv2D` holding identical weights,
+plus fastconv on one thread (`fastconv.set_num_threads(1)`; the default is all cores), called in
+interleaved rounds after warm-up, median over at least --reps calls each.
+  fwd:   eager `layer(x)` (JAX: + block_until_ready)
+  train: gradients of the scalar loss sum(layer(x) * dy) wrt input, kernel and bias with the
+         backend's own autodiff: tf.GradientTape (eager), jax.jit(jax.grad(...)) over
+         `layer.stateless_call`, torch.autograd.grad. The numpy backend is forward only.
+On torch, `torch.nn.functional.conv2d` on NCHW tensors ("torch_direct": what a torch user gets)
+is timed too, forward. On small layers the host function alone (`fastconv.backends.numpy.forward`
+on numpy arrays, "host") is timed as well, so the bridge's own overhead shows.
+
+A call slower than --time-cap / --reps gets fewer rounds (never fewer than 3); the faster variants
+then run several times per round so they still get --reps samples.
+
+Peak extra memory: after every case is timed, each call is run once more, with glibc's malloc set
+to give large blocks back to the OS (mallopt M_MMAP_THRESHOLD = 64 KiB, malloc_trim before the
+call): the peak resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs) during the call
+minus the resident set just before it. It counts every allocation of the call that was touched
+(C mallocs included; tracemalloc sees Python's only), the output included, and nothing that was
+allocated before the call. Memory that the backend's allocator keeps cached from earlier calls is
+not seen; neither are pages allocated but never touched.
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+import zlib
+
+from benchmarks.cases import CASES
+
+BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+if BACKEND == "torch":
+    import torch  # noqa: F401  (before keras, as in the tests)
+
+import numpy as np  # noqa: E402
+
+import keras  # noqa: E402
+
+import fastconv  # noqa: E402
+from fastconv import _dispatch  # noqa: E402
+from fastconv.backends import numpy as host  # noqa: E402
+from fastconv.geometry import ConvSpec  # noqa: E402
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+elif BACKEND == "jax":
+    import jax
+    import jax.numpy as jnp
+elif BACKEND == "torch":
+    import torch.nn.functional as F
+
+
+class Recorder:
+    def __init__(self, path):
+        self.f = open(path, "a")
+
+    def write(self, record):
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+
+def progress(**kw):
+    sys.stderr.write("@@progress " + json.dumps(kw) + "\n")
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(variants, reps, warmup, time_cap):
+    """Median time of each of `variants` ({name: fn}), interleaved rounds after warm-up."""
+    est = {}
+    for name, fn in variants.items():
+        t = _timed(fn)  # the first call may compile (XLA, jit): never an estimate
+        for _ in range(warmup - 1):
+            t = _timed(fn)
+            if t * reps > time_cap:
+                break
+        if warmup <= 1:
+            t = _timed(fn)
+        est[name] = t
+    rounds = reps
+    slowest = max(est.values())
+    if slowest * reps > time_cap:
+        rounds = max(3, min(reps, int(time_cap // slowest)))
+    inner = {name: 1 if est[name] * reps > time_cap else math.ceil(reps / rounds)
+             for name in variants}
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            for _ in range(inner[name]):
+                times[name].append(_timed(fn))
+    return {name: {"median": float(np.median(ts)), "min": float(np.min(ts)), "n": len(ts),
+                   "times": [float(t) for t in ts]}
+            for name, ts in times.items()}
+
+
+def matmul_rate(runs=5):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2048, 2048), dtype=np.float32)
+    b = rng.standard_normal((2048, 2048), dtype=np.float32)
+    a @ b
+    ts = [_timed(lambda: a @ b) for _ in range(runs)]
+    return 2 * 2048**3 / float(np.median(ts)) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory (Linux + glibc; None elsewhere)
+
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+class PeakMemory:
+    def __init__(self):
+        self.ok = False
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+            M_MMAP_THRESHOLD = -3
+            self.libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.ok = _status_kib("VmHWM") is not None
+        except OSError:
+            pass
+
+    def extra_bytes(self, fn):
+        """Peak resident memory during fn() above the resident memory just before it."""
+        if not self.ok:
+            return None
+        gc.collect()
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        out = fn()
+        peak = _status_kib("VmHWM")
+        del out
+        return max(peak - before, 0) * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend-specific pieces
+
+def to_backend(a, requires_grad=False):
+    if BACKEND == "tensorflow":
+        return tf.constant(a)
+    if BACKEND == "jax":
+        return jnp.asarray(a)
+    if BACKEND == "torch":
+        t = torch.from_numpy(a.copy())
+        return t.requires_grad_(True) if requires_grad else t
+    return a
+
+
+def to_numpy(t):
+    if BACKEND == "torch":
+        return t.detach().numpy()
+    return np.asarray(t)
+
+
+def sync(out):
+    if BACKEND == "jax":
+        jax.block_until_ready(out)
+    return out
+
+
+def forward_fn(layer, x, threads=None):
+    def fn():
+        if threads is not None:
+            fastconv.set_num_threads(threads)
+        return sync(layer(x))
+    return fn
+
+
+def train_fn(layer, x, dy, threads=None):
+    """fn() -> (dx, dkernel, dbias) of sum(layer(x) * dy), with the backend's autodiff."""
+    if BACKEND == "tensorflow":
+        def grads():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x) * dy)
+            return tape.gradient(loss, [x, layer.kernel, layer.bias])
+    elif BACKEND == "jax":
+        params = [v.value for v in layer.trainable_variables]
+        assert [v.path for v in layer.trainable_variables] == [layer.kernel.path, layer.bias.path]
+
+        def loss(params, xx):
+            y, _ = layer.stateless_call(params, [], xx)
+            return jnp.sum(y * dy)
+
+        g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+        def grads():
+            (dk, db), dx = jax.block_until_ready(g(params, x))
+            return dx, dk, db
+    elif BACKEND == "torch":
+        def grads():
+            loss = (layer(x) * dy).sum()
+            return torch.autograd.grad(loss, [x, layer.kernel.value, layer.bias.value])
+    else:
+        return None
+
+    def fn():
+        if threads is not None:
+            fastconv.set_num_threads(threads)
+        return grads()
+    return fn
+
+
+def torch_direct_fn(case, kernel, bias, spec, x_np):
+    """torch.nn.functional.conv2d on NCHW tensors (explicit zero padding where Keras' "same"
+    padding is asymmetric, which F.conv2d cannot express)."""
+    x = x_np if case.data_format == "channels_first" else x_np.transpose(0, 3, 1, 2)
+    geo = spec.geometry(x_np.shape, kernel.shape)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    wt = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+    bt = torch.from_numpy(bias)
+    pads = [(geo.pad_top, geo.oh, geo.h, geo.kh, case.stride),
+            (geo.pad_left, geo.ow, geo.w, geo.kw, case.stride)]
+    before, after = [], []
+    for pad, out, size, k, s in pads:
+        span = (k - 1) * case.dilation + 1
+        total = max((out - 1) * s + span - size, 0)
+        before.append(pad)
+        after.append(total - pad)
+    symmetric = before == after
+
+    def fn():
+        xx = xt if symmetric else F.pad(xt, (before[1], after[1], before[0], after[0]))
+        return F.conv2d(xx, wt, bt, stride=case.stride, padding=tuple(before) if symmetric else 0,
+                        dilation=case.dilation, groups=case.groups)
+    return fn
+
+
+def max_rel_err(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    scale = float(np.max(np.abs(b))) or 1.0
+    return float(np.max(np.abs(a - b))) / scale
+
+
+# ---------------------------------------------------------------------------------------------
+
+def setup(case):
+    """Keras and fastconv layers with identical weights, inputs and output cotangent."""
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    kw = dict(filters=case.cout, kernel_size=case.k, strides=case.stride, padding=case.padding,
+              data_format=case.data_format, dilation_rate=case.dilation, groups=case.groups,
+              bias_initializer="random_normal")
+    k_layer = keras.layers.Conv2D(**kw)
+    f_layer = fastconv.Conv2D(**kw)
+    k_layer.build(case.input_shape)
+    f_layer.build(case.input_shape)
+    f_layer.set_weights(k_layer.get_weights())
+    kernel, bias = (np.asarray(w) for w in k_layer.get_weights())
+    spec = ConvSpec.make(case.stride, case.padding, case.data_format, case.dilation)
+    geo = spec.geometry(case.input_shape, kernel.shape)
+    out_shape = spec.output_shape(case.input_shape, kernel.shape)
+    x_np = rng.standard_normal(case.input_shape, dtype=np.float32)
+    dy_np = rng.standard_normal(out_shape, dtype=np.float32)
+    flops = 2.0 * geo.n * geo.oh * geo.ow * geo.f * geo.kh * geo.kw * geo.cin_g
+    info = {
+        "flops_fwd": flops, "flops_train": 3 * flops, "output_shape": list(out_shape),
+        "input_bytes": x_np.nbytes, "output_bytes": dy_np.nbytes, "kernel_bytes": kernel.nbytes,
+        "im2col_bytes": 4 * geo.n * geo.oh * geo.ow * geo.kh * geo.kw * geo.c,
+    }
+    return k_layer, f_layer, kernel, bias, spec, x_np, dy_np, info
+
+
+def run_case(case, args, rec):
+    k_layer, f_layer, kernel, bias, spec, x_np, dy_np, info = setup(case)
+    threads = fastconv.get_num_threads()
+    x = to_backend(x_np)
+    dy = to_backend(dy_np)
+    result = {"type": "case", "case": case.name, "backend": BACKEND, "threads": threads, **info}
+
+    # Correctness: a benchmark of wrong results is worthless.
+    y_k = to_numpy(sync(k_layer(x)))
+    y_f = to_numpy(sync(f_layer(x)))
+    result["err_fwd"] = max_rel_err(y_f, y_k)
+
+    fwd = {"keras": forward_fn(k_layer, x), "fastconv": forward_fn(f_layer, x, threads)}
+    if threads > 1:
+        fwd["fastconv_1t"] = forward_fn(f_layer, x, 1)
+    if BACKEND == "torch":
+        fwd["torch_direct"] = torch_direct_fn(case, kernel, bias, spec, x_np)
+    if case.small:
+        def host_fwd():
+            fastconv.set_num_threads(threads)
+            return host.forward(x_np, kernel, spec)
+        fwd["host"] = host_fwd
+    progress(case=case.name, phase="fwd")
+    result["fwd"] = measure(fwd, args.reps, args.warmup, args.time_cap)
+    fastconv.set_num_threads(threads)
+
+    if BACKEND != "numpy":
+        xg = to_backend(x_np, requires_grad=True)
+        train = {"keras": train_fn(k_layer, xg, dy), "fastconv": train_fn(f_layer, xg, dy, threads)}
+        if threads > 1:
+            train["fastconv_1t"] = train_fn(f_layer, xg, dy, 1)
+        g_k = [to_numpy(g) for g in train["keras"]()]
+        g_f = [to_numpy(g) for g in train["fastconv"]()]
+        result["err_train"] = {n: max_rel_err(a, b)
+                               for n, a, b in zip(("dx", "dk", "db"), g_f, g_k)}
+        progress(case=case.name, phase="train")
+        result["train"] = measure(train, args.reps, args.warmup, args.time_cap)
+        fastconv.set_num_threads(threads)
+    rec.write(result)
+
+
+def run_memory(case, rec, mem):
+    k_layer, f_layer, kernel, bias, spec, x_np, dy_np, info = setup(case)
+    x = to_backend(x_np)
+    dy = to_backend(dy_np)
+    fns = {"fwd": {"keras": forward_fn(k_layer, x), "fastconv": forward_fn(f_layer, x)}}
+    if BACKEND != "numpy":
+        xg = to_backend(x_np, requires_grad=True)
+        fns["train"] = {"keras": train_fn(k_layer, xg, dy), "fastconv": train_fn(f_layer, xg, dy)}
+    out = {"type": "memory", "case": case.name, "backend": BACKEND, **info}
+    progress(case=case.name, phase="memory")
+    for direction, variants in fns.items():
+        out[direction] = {}
+        for name, fn in variants.items():
+            fn()  # warm: compile, caches
+            fn()
+            out[direction][name] = min(mem.extra_bytes(fn) for _ in range(2))
+    rec.write(out)
+
+
+def capture_show_config():
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fastconv.show_config()
+    return buf.getvalue()
+
+
+def env_record():
+    from threadpoolctl import threadpool_info
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "keras": keras.__version__, "fastconv": fastconv.__version__}
+    if BACKEND == "tensorflow":
+        versions["tensorflow"] = tf.__version__
+    elif BACKEND == "jax":
+        versions["jax"] = jax.__version__
+    elif BACKEND == "torch":
+        versions["torch"] = torch.__version__
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       None)
+    except OSError:
+        pass
+    return {
+        "type": "env", "backend": BACKEND, "pid": os.getpid(), "versions": versions,
+        "cpu": cpu, "cpus": len(os.sched_getaffinity(0)),
+        "fastconv_show_config": capture_show_config(), "fastconv_variant": _dispatch.variant,
+        "fastconv_threads": fastconv.get_num_threads(),
+        # Every BLAS loaded in the process; "numpy": the one numpy's matmul uses.
+        "blas": [dict({k: v for k, v in d.items() if k != "filepath"},
+                      filename=os.path.basename(d["filepath"]),
+                      numpy=os.sep + "numpy" in d["filepath"])
+                 for d in threadpool_info() if d.get("user_api") == "blas"],
+        "loadavg": os.getloadavg(),
+        "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                "OMP_NUM_THREADS", "FASTCONV_KERNELS")},
+        "matmul_gflops": matmul_rate(),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--time-cap", type=float, default=30.0,
+                   help="seconds per variant and case beyond which fewer rounds (>= 3) run")
+    p.add_argument("--no-memory", action="store_true")
+    args = p.parse_args()
+    if keras.backend.backend() != BACKEND:
+        raise SystemExit(f"KERAS_BACKEND={BACKEND} but keras runs {keras.backend.backend()}")
+    rec = Recorder(args.out)
+    rec.write(env_record())
+    cases = [CASES[n] for n in args.cases.split(",")]
+    for case in cases:
+        try:
+            run_case(case, args, rec)
+        except Exception as e:  # one broken case must not lose the others
+            rec.write({"type": "error", "case": case.name, "backend": BACKEND,
+                       "phase": "time", "error": f"{type(e).__name__}: {e}"})
+        progress(case=case.name, phase="done")
+    if not args.no_memory:
+        mem = PeakMemory()
+        for case in cases:
+            try:
+                run_memory(case, rec, mem)
+            except Exception as e:
+                rec.write({"type": "error", "case": case.name, "backend": BACKEND,
+                           "phase": "memory", "error": f"{type(e).__name__}: {e}"})
+            progress(case=case.name, phase="memory_done")
+    rec.write({"type": "end", "backend": BACKEND, "matmul_gflops": matmul_rate(),
+               "loadavg": os.getloadavg()})
+
+
+if __name__ == "__main__":
+    main()
