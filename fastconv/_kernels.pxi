@@ -5,9 +5,18 @@
 # Layouts: input NHWC, kernel HWIO with I = channels per group (Keras' own), output NHWC.
 # Every output element is owned by one thread and summed in a fixed order, so results are
 # bit-identical whatever the thread count.
+#
+# Strategy (DESIGN.md, "Kernel strategy"): an implicit GEMM per output row. A register-blocked C
+# micro-kernel (below) keeps a tile of P output pixels x V contiguous output channels in registers
+# over the whole (kh, kw, ci) reduction, given as a list of "segments" (offset into the input,
+# offset into the kernel, length); interior pixels share one segment list, border pixels get their
+# own clipped list. With dilation_w == 1 and groups == 1, the kw taps of one kernel row are one
+# contiguous segment of KW*C (input pixels are adjacent, kernel rows too). grad_input is the same
+# on the regrouped kernel, one stride phase at a time; grad_kernel is a GEMM over N*Ho*Wo per tap,
+# in a fixed chunking of output rows.
 
 from cython.parallel cimport prange
-from libc.string cimport memset
+from libc.stdlib cimport malloc, free
 
 ctypedef fused floating:
     float
@@ -29,26 +38,308 @@ cdef extern from *:
 OPENMP = bool(FASTCONV_OPENMP)
 
 
-cdef inline void _tap(const floating* xin, const floating* wtap, floating* acc,
-                      Py_ssize_t groups, Py_ssize_t cin_g, Py_ssize_t cout_g) noexcept nogil:
-    # acc[g*cout_g + o] += sum_i xin[g*cin_g + i] * wtap[i, g*cout_g + o], wtap of shape
-    # (cin_g, groups*cout_g): one kernel tap applied to one pixel, every group.
-    cdef Py_ssize_t g, i, o, cout = groups * cout_g
-    cdef floating v
-    cdef const floating* wr
-    cdef floating* a
-    if cin_g == 1 and cout_g == 1:
-        # Depthwise: one multiply per channel, a vector over contiguous channels.
-        for o in range(cout):
-            acc[o] += xin[o] * wtap[o]
-        return
-    for g in range(groups):
-        a = acc + g * cout_g
-        for i in range(cin_g):
-            v = xin[g * cin_g + i]
-            wr = wtap + i * cout + g * cout_g
-            for o in range(cout_g):
-                a[o] += v * wr[o]
+cdef extern from *:
+    """
+    /* Micro-kernels in plain C without intrinsics: the same source is compiled for each -march
+       (setup.py) and gcc emits SSE2 / AVX2+FMA / AVX-512 code from it. Each tile keeps a P x V
+       accumulator block (compile-time sizes) for the whole reduction and stores it once, so that it
+       lives in registers. With GNU C the block is an array of vectors of the target's native width
+       (`vector_size`, a portable extension, not intrinsics): gcc then never vectorises the wrong
+       loop. Other compilers get the same tiles as plain loops. */
+    #include <stddef.h>
+    #include <string.h>
+    #if defined(__AVX512F__)
+      #define FC_VB 64
+      #define FC_ACC 24
+    #elif defined(__AVX__)
+      #define FC_VB 32
+      #define FC_ACC 12
+    #else
+      #define FC_VB 16
+      #define FC_ACC 12
+    #endif
+    #define FC_PMAX 12
+
+    /* Rows of a tile (pixels, or kernel rows for grad_kernel) for tiles V elements of size sz wide. */
+    static inline int fc_pmax(int V, int sz) {
+        int nvec = (V * sz + FC_VB - 1) / FC_VB;
+        int p = FC_ACC / nvec;
+        return p > FC_PMAX ? FC_PMAX : (p < 1 ? 1 : p);
+    }
+    /* The widest power-of-2 tile width <= rem that takes at most 4 vector registers a row. */
+    static inline int fc_width(ptrdiff_t rem, int sz) {
+        int V = 64;
+        while (V > 1 && (V > rem || V * sz > 4 * FC_VB)) V >>= 1;
+        return V;
+    }
+    static inline int fc_log2(int V) { int l = 0; while ((1 << l) < V) l++; return l; }
+
+    #if defined(__GNUC__)
+      /* elements per vector for a tile V wide: the native width, or V when narrower */
+      #define FC_VW(T, V) ((V) * sizeof(T) < FC_VB ? (V) : FC_VB / sizeof(T))
+      #define FC_VEC(T, V) typedef T vec __attribute__((vector_size(FC_VW(T, V) * sizeof(T)))); \
+          enum { VW = FC_VW(T, V), NV = (V) / FC_VW(T, V) };
+      #define FC_LOAD(dst, src) memcpy(&(dst), (src), sizeof(vec))
+      #define FC_STORE(dst, src) memcpy((dst), &(src), sizeof(vec))
+      #define FC_ZERO(dst) (dst) = (vec){0}
+    #else
+      #define FC_VEC(T, V) typedef T vec; enum { VW = 1, NV = (V) };
+      #define FC_LOAD(dst, src) (dst) = *(src)
+      #define FC_STORE(dst, src) *(dst) = (src)
+      #define FC_ZERO(dst) (dst) = 0
+    #endif
+
+    /* GEMM tile: out[p*ops + v] = (out[p*ops + v] if accumulate) +
+           sum_s sum_{k < len[s]} A[aoff[s] + p*aps + k*ak] * B[boff[s] + k*ldb + v]. */
+    #define FC_GEMM(T, SUF, P, V) \
+    static void fc_gemm_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, ptrdiff_t ak, \
+            const T* __restrict B, ptrdiff_t ldb, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
+            const ptrdiff_t* len, int nseg, T* __restrict out, ptrdiff_t ops, int accumulate) \
+    { \
+        FC_VEC(T, V) \
+        vec acc[P][NV]; \
+        for (int p = 0; p < P; p++) for (int j = 0; j < NV; j++) { \
+            if (accumulate) FC_LOAD(acc[p][j], out + p * ops + j * VW); else FC_ZERO(acc[p][j]); \
+        } \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict a = A + aoff[s]; \
+            const T* __restrict b = B + boff[s]; \
+            const ptrdiff_t L = len[s]; \
+            for (ptrdiff_t k = 0; k < L; k++) { \
+                vec bv[NV]; \
+                for (int j = 0; j < NV; j++) FC_LOAD(bv[j], b + j * VW); \
+                for (int p = 0; p < P; p++) { \
+                    const T av = a[p * aps]; \
+                    for (int j = 0; j < NV; j++) acc[p][j] += av * bv[j]; \
+                } \
+                a += ak; \
+                b += ldb; \
+            } \
+        } \
+        for (int p = 0; p < P; p++) for (int j = 0; j < NV; j++) \
+            FC_STORE(out + p * ops + j * VW, acc[p][j]); \
+    }
+
+    /* Depthwise tile: out[p*ops + v] = sum_s A[aoff[s] + p*aps + v] * B[boff[s] + v]. */
+    #define FC_DW(T, SUF, P, V) \
+    static void fc_dw_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, \
+            const T* __restrict B, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, \
+            T* __restrict out, ptrdiff_t ops) \
+    { \
+        FC_VEC(T, V) \
+        vec acc[P][NV]; \
+        for (int p = 0; p < P; p++) for (int j = 0; j < NV; j++) FC_ZERO(acc[p][j]); \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict a = A + aoff[s]; \
+            const T* __restrict b = B + boff[s]; \
+            vec bv[NV]; \
+            for (int j = 0; j < NV; j++) FC_LOAD(bv[j], b + j * VW); \
+            for (int p = 0; p < P; p++) for (int j = 0; j < NV; j++) { \
+                vec av; \
+                FC_LOAD(av, a + p * aps + j * VW); \
+                acc[p][j] += av * bv[j]; \
+            } \
+        } \
+        for (int p = 0; p < P; p++) for (int j = 0; j < NV; j++) \
+            FC_STORE(out + p * ops + j * VW, acc[p][j]); \
+    }
+
+    /* Depthwise kernel-gradient tile: out[v] = (out[v] if accumulate) +
+           sum_s sum_{k < len[s]} A[aoff[s] + k*ak + v] * B[boff[s] + k*ldb + v],
+       with two partial sums (even / odd k) to hide the FMA latency. */
+    #define FC_DWK(T, SUF, V) \
+    static void fc_dwk_##SUF##_##V(const T* __restrict A, ptrdiff_t ak, const T* __restrict B, \
+            ptrdiff_t ldb, const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, \
+            int nseg, T* __restrict out, int accumulate) \
+    { \
+        FC_VEC(T, V) \
+        vec acc[2][NV]; \
+        for (int j = 0; j < NV; j++) { \
+            if (accumulate) FC_LOAD(acc[0][j], out + j * VW); else FC_ZERO(acc[0][j]); \
+            FC_ZERO(acc[1][j]); \
+        } \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict a = A + aoff[s]; \
+            const T* __restrict b = B + boff[s]; \
+            const ptrdiff_t L = len[s]; \
+            ptrdiff_t k = 0; \
+            for (; k + 1 < L; k += 2) { \
+                for (int h = 0; h < 2; h++) for (int j = 0; j < NV; j++) { \
+                    vec av, bv; \
+                    FC_LOAD(av, a + h * ak + j * VW); \
+                    FC_LOAD(bv, b + h * ldb + j * VW); \
+                    acc[h][j] += av * bv; \
+                } \
+                a += 2 * ak; \
+                b += 2 * ldb; \
+            } \
+            if (k < L) for (int j = 0; j < NV; j++) { \
+                vec av, bv; \
+                FC_LOAD(av, a + j * VW); \
+                FC_LOAD(bv, b + j * VW); \
+                acc[0][j] += av * bv; \
+            } \
+        } \
+        for (int j = 0; j < NV; j++) { \
+            vec r = acc[0][j] + acc[1][j]; \
+            FC_STORE(out + j * VW, r); \
+        } \
+    }
+
+    #define FC_PS(M, T, SUF, V) M(T, SUF, 1, V) M(T, SUF, 2, V) M(T, SUF, 3, V) M(T, SUF, 4, V) \
+        M(T, SUF, 5, V) M(T, SUF, 6, V) M(T, SUF, 7, V) M(T, SUF, 8, V) M(T, SUF, 9, V) \
+        M(T, SUF, 10, V) M(T, SUF, 11, V) M(T, SUF, 12, V)
+    #define FC_VS(M, T, SUF) FC_PS(M, T, SUF, 1) FC_PS(M, T, SUF, 2) FC_PS(M, T, SUF, 4) \
+        FC_PS(M, T, SUF, 8) FC_PS(M, T, SUF, 16) FC_PS(M, T, SUF, 32) FC_PS(M, T, SUF, 64)
+    #define FC_ROW(M, SUF, V) {0, M##_##SUF##_1_##V, M##_##SUF##_2_##V, M##_##SUF##_3_##V, \
+        M##_##SUF##_4_##V, M##_##SUF##_5_##V, M##_##SUF##_6_##V, M##_##SUF##_7_##V, \
+        M##_##SUF##_8_##V, M##_##SUF##_9_##V, M##_##SUF##_10_##V, M##_##SUF##_11_##V, \
+        M##_##SUF##_12_##V}
+    #define FC_TABLE(M, SUF) {FC_ROW(M, SUF, 1), FC_ROW(M, SUF, 2), FC_ROW(M, SUF, 4), \
+        FC_ROW(M, SUF, 8), FC_ROW(M, SUF, 16), FC_ROW(M, SUF, 32), FC_ROW(M, SUF, 64)}
+
+    #define FC_TYPE(T, SUF) \
+    FC_VS(FC_GEMM, T, SUF) \
+    FC_VS(FC_DW, T, SUF) \
+    FC_DWK(T, SUF, 1) FC_DWK(T, SUF, 2) FC_DWK(T, SUF, 4) FC_DWK(T, SUF, 8) \
+    FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
+    typedef void (*fc_gemm_##SUF##_t)(const T*, ptrdiff_t, ptrdiff_t, const T*, ptrdiff_t, \
+        const ptrdiff_t*, const ptrdiff_t*, const ptrdiff_t*, int, T*, ptrdiff_t, int); \
+    typedef void (*fc_dw_##SUF##_t)(const T*, ptrdiff_t, const T*, const ptrdiff_t*, \
+        const ptrdiff_t*, int, T*, ptrdiff_t); \
+    typedef void (*fc_dwk_##SUF##_t)(const T*, ptrdiff_t, const T*, ptrdiff_t, const ptrdiff_t*, \
+        const ptrdiff_t*, const ptrdiff_t*, int, T*, int); \
+    static const fc_gemm_##SUF##_t fc_gemm_table_##SUF[7][13] = FC_TABLE(fc_gemm, SUF); \
+    static const fc_dw_##SUF##_t fc_dw_table_##SUF[7][13] = FC_TABLE(fc_dw, SUF); \
+    static const fc_dwk_##SUF##_t fc_dwk_table_##SUF[7] = {fc_dwk_##SUF##_1, fc_dwk_##SUF##_2, \
+        fc_dwk_##SUF##_4, fc_dwk_##SUF##_8, fc_dwk_##SUF##_16, fc_dwk_##SUF##_32, \
+        fc_dwk_##SUF##_64}; \
+    static inline void fc_gemm_##SUF(int P, int V, const T* A, ptrdiff_t aps, ptrdiff_t ak, \
+            const T* B, ptrdiff_t ldb, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
+            const ptrdiff_t* len, int nseg, T* out, ptrdiff_t ops, int accumulate) { \
+        fc_gemm_table_##SUF[fc_log2(V)][P](A, aps, ak, B, ldb, aoff, boff, len, nseg, out, ops, \
+                                           accumulate); \
+    } \
+    static inline void fc_dw_##SUF(int P, int V, const T* A, ptrdiff_t aps, const T* B, \
+            const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, T* out, ptrdiff_t ops) { \
+        fc_dw_table_##SUF[fc_log2(V)][P](A, aps, B, aoff, boff, nseg, out, ops); \
+    } \
+    static inline void fc_dwk_##SUF(int V, const T* A, ptrdiff_t ak, const T* B, ptrdiff_t ldb, \
+            const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg, T* out, \
+            int accumulate) { \
+        fc_dwk_table_##SUF[fc_log2(V)](A, ak, B, ldb, aoff, boff, len, nseg, out, accumulate); \
+    }
+
+    FC_TYPE(float, f)
+    FC_TYPE(double, d)
+    """
+    int fc_pmax(int V, int sz) noexcept nogil
+    int fc_width(Py_ssize_t rem, int sz) noexcept nogil
+    void fc_gemm_f(int P, int V, const float* A, Py_ssize_t aps, Py_ssize_t ak, const float* B,
+                   Py_ssize_t ldb, const Py_ssize_t* aoff, const Py_ssize_t* boff,
+                   const Py_ssize_t* lens, int nseg, float* out, Py_ssize_t ops,
+                   int accumulate) noexcept nogil
+    void fc_gemm_d(int P, int V, const double* A, Py_ssize_t aps, Py_ssize_t ak, const double* B,
+                   Py_ssize_t ldb, const Py_ssize_t* aoff, const Py_ssize_t* boff,
+                   const Py_ssize_t* lens, int nseg, double* out, Py_ssize_t ops,
+                   int accumulate) noexcept nogil
+    void fc_dw_f(int P, int V, const float* A, Py_ssize_t aps, const float* B,
+                 const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
+                 Py_ssize_t ops) noexcept nogil
+    void fc_dw_d(int P, int V, const double* A, Py_ssize_t aps, const double* B,
+                 const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, double* out,
+                 Py_ssize_t ops) noexcept nogil
+    void fc_dwk_f(int V, const float* A, Py_ssize_t ak, const float* B, Py_ssize_t ldb,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
+                  int nseg, float* out, int accumulate) noexcept nogil
+    void fc_dwk_d(int V, const double* A, Py_ssize_t ak, const double* B, Py_ssize_t ldb,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
+                  int nseg, double* out, int accumulate) noexcept nogil
+
+cdef enum:
+    STACK_TAPS = 64    # segment lists live on the stack up to this many kernel taps, else malloc
+    MAX_CHUNK = 64     # grad_kernel: output rows per chunk of its reduction, at most
+
+
+cdef inline void _gemm(int P, int V, const floating* A, Py_ssize_t aps, Py_ssize_t ak,
+                       const floating* B, Py_ssize_t ldb, const Py_ssize_t* aoff,
+                       const Py_ssize_t* boff, const Py_ssize_t* lens, int nseg,
+                       floating* out, Py_ssize_t ops, int accumulate) noexcept nogil:
+    if floating is float:
+        fc_gemm_f(P, V, A, aps, ak, B, ldb, aoff, boff, lens, nseg, out, ops, accumulate)
+    else:
+        fc_gemm_d(P, V, A, aps, ak, B, ldb, aoff, boff, lens, nseg, out, ops, accumulate)
+
+
+cdef inline void _dw(int P, int V, const floating* A, Py_ssize_t aps, const floating* B,
+                     const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, floating* out,
+                     Py_ssize_t ops) noexcept nogil:
+    if floating is float:
+        fc_dw_f(P, V, A, aps, B, aoff, boff, nseg, out, ops)
+    else:
+        fc_dw_d(P, V, A, aps, B, aoff, boff, nseg, out, ops)
+
+
+cdef inline void _dwk(int V, const floating* A, Py_ssize_t ak, const floating* B, Py_ssize_t ldb,
+                      const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
+                      int nseg, floating* out, int accumulate) noexcept nogil:
+    if floating is float:
+        fc_dwk_f(V, A, ak, B, ldb, aoff, boff, lens, nseg, out, accumulate)
+    else:
+        fc_dwk_d(V, A, ak, B, ldb, aoff, boff, lens, nseg, out, accumulate)
+
+
+cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    # ceil(a / b) for b > 0 and any a
+    if a >= 0:
+        return (a + b - 1) // b
+    return -((-a) // b)
+
+
+cdef inline Py_ssize_t _fdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    # floor(a / b) for b > 0 and any a
+    if a >= 0:
+        return a // b
+    return -((-a + b - 1) // b)
+
+
+cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline Py_ssize_t _max(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a > b else b
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+cdef int _forward_border_segs(Py_ssize_t ih0, Py_ssize_t kh_lo, Py_ssize_t kh_hi, Py_ssize_t iw0,
+                              Py_ssize_t W, Py_ssize_t C, Py_ssize_t KW, Py_ssize_t cin_g,
+                              Py_ssize_t F, Py_ssize_t dh, Py_ssize_t dw, bint merged,
+                              Py_ssize_t* aoff, Py_ssize_t* boff,
+                              Py_ssize_t* lens) noexcept nogil:
+    # The clipped taps of one border pixel, as absolute offsets into x (image) and w.
+    cdef Py_ssize_t kw_lo = _max(0, _cdiv(-iw0, dw))
+    cdef Py_ssize_t kw_hi = _min(KW, _fdiv(W - 1 - iw0, dw) + 1)
+    cdef Py_ssize_t kh, kw, ih
+    cdef int nseg = 0
+    if kw_hi <= kw_lo:
+        return 0
+    for kh in range(kh_lo, kh_hi):
+        ih = ih0 + kh * dh
+        if merged:
+            aoff[nseg] = (ih * W + iw0 + kw_lo) * C
+            boff[nseg] = (kh * KW + kw_lo) * cin_g * F
+            lens[nseg] = (kw_hi - kw_lo) * C
+            nseg += 1
+        else:
+            for kw in range(kw_lo, kw_hi):
+                aoff[nseg] = (ih * W + iw0 + kw * dw) * C
+                boff[nseg] = (kh * KW + kw) * cin_g * F
+                lens[nseg] = cin_g
+                nseg += 1
+    return nseg
 
 
 cdef void _forward_row(const floating* x, const floating* w, floating* out,
@@ -57,22 +348,88 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                        Py_ssize_t OW, Py_ssize_t ih0, Py_ssize_t sw, Py_ssize_t dh,
                        Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t groups) noexcept nogil:
     # One output row: x points at image n, out at output row (n, oh), ih0 = oh*sh - pad_top.
-    cdef Py_ssize_t ow, kh, kw, ih, iw
+    cdef Py_ssize_t stack[6 * STACK_TAPS]
+    cdef Py_ssize_t T = KH * KW
+    cdef Py_ssize_t* seg = stack
+    if T > STACK_TAPS:
+        seg = <Py_ssize_t*>malloc(6 * T * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* aoff = seg
+    cdef Py_ssize_t* boff = seg + T
+    cdef Py_ssize_t* lens = seg + 2 * T
+    cdef Py_ssize_t* aoff2 = seg + 3 * T
+    cdef Py_ssize_t* boff2 = seg + 4 * T
+    cdef Py_ssize_t* lens2 = seg + 5 * T
     cdef Py_ssize_t cout_g = F // groups
-    cdef floating* o
-    memset(out, 0, OW * F * sizeof(floating))
-    for ow in range(OW):
-        o = out + ow * F
-        for kh in range(KH):
-            ih = ih0 + kh * dh
-            if ih < 0 or ih >= H:
-                continue
+    cdef bint depthwise = cin_g == 1 and cout_g == 1
+    cdef bint merged = dw == 1 and groups == 1
+    cdef int sz = sizeof(floating)
+    cdef Py_ssize_t kh, kw, ow, g, f0, rowbase, iw0
+    cdef int nseg = 0, nseg2, V, P, p
+    # kernel rows that land inside the image, once per row
+    cdef Py_ssize_t kh_lo = _max(0, _cdiv(-ih0, dh))
+    cdef Py_ssize_t kh_hi = _min(KH, _fdiv(H - 1 - ih0, dh) + 1)
+    if kh_hi < kh_lo:
+        kh_hi = kh_lo
+    # interior pixels: every kw tap inside the image
+    cdef Py_ssize_t ow_lo = _min(OW, _cdiv(pad_left, sw))
+    cdef Py_ssize_t ow_hi = _fdiv(W - 1 + pad_left - (KW - 1) * dw, sw) + 1
+    ow_hi = _min(OW, _max(ow_hi, ow_lo))
+    for kh in range(kh_lo, kh_hi):
+        if merged:
+            aoff[nseg] = (kh - kh_lo) * dh * W * C
+            boff[nseg] = kh * KW * C * F
+            lens[nseg] = KW * C
+            nseg += 1
+        else:
             for kw in range(KW):
-                iw = ow * sw - pad_left + kw * dw
-                if iw < 0 or iw >= W:
+                aoff[nseg] = ((kh - kh_lo) * dh * W + kw * dw) * C
+                boff[nseg] = (kh * KW + kw) * cin_g * F
+                lens[nseg] = cin_g
+                nseg += 1
+    rowbase = (ih0 + kh_lo * dh) * W
+    if depthwise:
+        f0 = 0
+        while f0 < F:
+            V = fc_width(F - f0, sz)
+            P = fc_pmax(V, sz)
+            ow = ow_lo
+            while ow < ow_hi:
+                p = <int>_min(P, ow_hi - ow)
+                _dw(p, V, x + (rowbase + ow * sw - pad_left) * C + f0, sw * C, w + f0,
+                    aoff, boff, nseg, out + ow * F + f0, F)
+                ow += p
+            for ow in range(OW):
+                if ow_lo <= ow < ow_hi:
                     continue
-                _tap(x + (ih * W + iw) * C, w + (kh * KW + kw) * cin_g * F, o,
-                     groups, cin_g, cout_g)
+                iw0 = ow * sw - pad_left
+                nseg2 = _forward_border_segs(ih0, kh_lo, kh_hi, iw0, W, C, KW, 1, F, dh, dw,
+                                             False, aoff2, boff2, lens2)
+                _dw(1, V, x + f0, 0, w + f0, aoff2, boff2, nseg2, out + ow * F + f0, F)
+            f0 += V
+    else:
+        for g in range(groups):
+            f0 = 0
+            while f0 < cout_g:
+                V = fc_width(cout_g - f0, sz)
+                P = fc_pmax(V, sz)
+                ow = ow_lo
+                while ow < ow_hi:
+                    p = <int>_min(P, ow_hi - ow)
+                    _gemm(p, V, x + (rowbase + ow * sw - pad_left) * C + g * cin_g, sw * C, 1,
+                          w + g * cout_g + f0, F, aoff, boff, lens, nseg,
+                          out + ow * F + g * cout_g + f0, F, 0)
+                    ow += p
+                for ow in range(OW):
+                    if ow_lo <= ow < ow_hi:
+                        continue
+                    iw0 = ow * sw - pad_left
+                    nseg2 = _forward_border_segs(ih0, kh_lo, kh_hi, iw0, W, C, KW, cin_g, F, dh,
+                                                 dw, merged, aoff2, boff2, lens2)
+                    _gemm(1, V, x + g * cin_g, 0, 1, w + g * cout_g + f0, F, aoff2, boff2,
+                          lens2, nseg2, out + ow * F + g * cout_g + f0, F, 0)
+                f0 += V
+    if seg != stack:
+        free(seg)
 
 
 def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
@@ -96,21 +453,42 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
                      OW, oh * sh - pad_top, sw, dh, dw, pad_left, groups)
 
 
+# ---------------------------------------------------------------------------------------------
+# grad_input: gather form, dx[ih, iw] = sum over taps of dy[oh, ow] @ wt[kh, kw] where
+# ih = oh*sh - pad_top + kh*dh and iw = ow*sw - pad_left + kw*dw.
+
 cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
                           Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g, Py_ssize_t C,
                           Py_ssize_t W, Py_ssize_t ih, Py_ssize_t sh, Py_ssize_t sw,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
                           Py_ssize_t pad_left, Py_ssize_t groups) noexcept nogil:
-    # One input row of the gradient, gather form: input pixel (ih, iw) collects every output
-    # pixel whose window covers it. dy points at image n, dx at input row (n, ih); wt is the
-    # kernel regrouped to (KH, KW, F // groups, C) so that _tap serves both directions.
-    cdef Py_ssize_t iw, kh, kw, th, tw, oh, ow
+    # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
+    # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q, q + sw, q + 2*sw, ... of
+    # one stride phase q share their valid kw taps and step one output pixel at a time.
+    cdef Py_ssize_t stack[6 * STACK_TAPS]
+    cdef Py_ssize_t T = KH * KW
+    cdef Py_ssize_t* seg = stack
+    if T > STACK_TAPS:
+        seg = <Py_ssize_t*>malloc(6 * T * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* aoff = seg
+    cdef Py_ssize_t* boff = seg + T
+    cdef Py_ssize_t* lens = seg + 2 * T
+    cdef Py_ssize_t* aoff2 = seg + 3 * T
+    cdef Py_ssize_t* boff2 = seg + 4 * T
+    cdef Py_ssize_t* lens2 = seg + 5 * T
     cdef Py_ssize_t cin_g = C // groups
-    cdef floating* d
-    memset(dx, 0, W * C * sizeof(floating))
-    for iw in range(W):
-        d = dx + iw * C
+    cdef bint depthwise = cin_g == 1 and cout_g == 1
+    cdef Py_ssize_t cw = C if depthwise else cin_g
+    cdef int sz = sizeof(floating)
+    cdef Py_ssize_t q, nq, tw0, th, oh, kh, kw, num, ow0, omin, omax, j, j_lo, j_hi, g, c0, s
+    cdef int nseg, nseg2, V, P, p
+    for q in range(_min(sw, W)):
+        nq = (W - q + sw - 1) // sw
+        tw0 = q + pad_left
+        nseg = 0
+        omin = OW
+        omax = -1
         for kh in range(KH):
             th = ih + pad_top - kh * dh
             if th < 0 or th % sh != 0:
@@ -119,14 +497,85 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
             if oh >= OH:
                 continue
             for kw in range(KW):
-                tw = iw + pad_left - kw * dw
-                if tw < 0 or tw % sw != 0:
+                num = tw0 - kw * dw
+                if num % sw != 0:
                     continue
-                ow = tw // sw
-                if ow >= OW:
-                    continue
-                _tap(dy + (oh * OW + ow) * F, wt + (kh * KW + kw) * cout_g * C, d,
-                     groups, cout_g, cin_g)
+                ow0 = num // sw    # exact, possibly negative: the output pixel of j = 0
+                if ow0 < omin:
+                    omin = ow0
+                if ow0 > omax:
+                    omax = ow0
+                aoff[nseg] = (oh * OW + ow0) * F
+                boff[nseg] = (kh * KW + kw) * cout_g * C
+                lens[nseg] = cout_g
+                nseg += 1
+        if nseg == 0:
+            j_lo = 0
+            j_hi = nq
+        else:
+            j_lo = _min(nq, _max(0, -omin))
+            j_hi = _min(nq, _max(j_lo, OW - omax))
+        for g in range(1 if depthwise else groups):
+            c0 = 0
+            while c0 < cw:
+                V = fc_width(cw - c0, sz)
+                P = fc_pmax(V, sz)
+                j = j_lo
+                while j < j_hi:
+                    p = <int>_min(P, j_hi - j)
+                    if depthwise:
+                        _dw(p, V, dy + j * F + c0, F, wt + c0, aoff, boff, nseg,
+                            dx + (q + j * sw) * C + c0, sw * C)
+                    else:
+                        _gemm(p, V, dy + j * F + g * cout_g, F, 1, wt + g * cin_g + c0, C,
+                              aoff, boff, lens, nseg, dx + (q + j * sw) * C + g * cin_g + c0,
+                              sw * C, 0)
+                    j += p
+                for j in range(nq):
+                    if j_lo <= j < j_hi:
+                        continue
+                    nseg2 = _gi_clip(aoff, boff, lens, nseg, j, tw0, ih, pad_top, KH, KW,
+                                     sh, sw, dh, dw, OH, OW, F, cout_g, C, aoff2, boff2, lens2)
+                    if depthwise:
+                        _dw(1, V, dy + c0, 0, wt + c0, aoff2, boff2, nseg2,
+                            dx + (q + j * sw) * C + c0, sw * C)
+                    else:
+                        _gemm(1, V, dy + g * cout_g, 0, 1, wt + g * cin_g + c0, C, aoff2, boff2,
+                              lens2, nseg2, dx + (q + j * sw) * C + g * cin_g + c0, sw * C, 0)
+                c0 += V
+    if seg != stack:
+        free(seg)
+
+
+cdef int _gi_clip(const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
+                  int nseg, Py_ssize_t j, Py_ssize_t tw0, Py_ssize_t ih, Py_ssize_t pad_top,
+                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
+                  Py_ssize_t dw, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F, Py_ssize_t cout_g,
+                  Py_ssize_t C, Py_ssize_t* aoff2, Py_ssize_t* boff2,
+                  Py_ssize_t* lens2) noexcept nogil:
+    # The taps of border pixel j (of the phase starting at tw0 - pad_left), as absolute offsets
+    # into dy (image): the phase's taps whose output pixel lies inside the row.
+    cdef Py_ssize_t kh, kw, th, oh, num, ow
+    cdef int nseg2 = 0
+    for kh in range(KH):
+        th = ih + pad_top - kh * dh
+        if th < 0 or th % sh != 0:
+            continue
+        oh = th // sh
+        if oh >= OH:
+            continue
+        for kw in range(KW):
+            num = tw0 - kw * dw
+            if num % sw != 0:
+                continue
+            ow = num // sw + j
+            if ow < 0 or ow >= OW:
+                continue
+            aoff2[nseg2] = (oh * OW + ow) * F
+            boff2[nseg2] = (kh * KW + kw) * cout_g * C
+            lens2[nseg2] = cout_g
+            nseg2 += 1
+    return nseg2
 
 
 def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
@@ -153,42 +602,63 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
                         C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups)
 
 
-cdef void _grad_kernel_task(const floating* x, const floating* dy, floating* dw_rows,
-                            Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
-                            Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
-                            Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t i0, Py_ssize_t i1,
-                            Py_ssize_t cin_g, Py_ssize_t sh, Py_ssize_t sw,
-                            Py_ssize_t dh, Py_ssize_t dwl, Py_ssize_t pad_top,
-                            Py_ssize_t pad_left, Py_ssize_t groups) noexcept nogil:
-    # Rows i0..i1 of dW[kh, kw] (shape (cin_g, F)): a sum over every (n, oh, ow), in order.
-    cdef Py_ssize_t n, oh, ow, ih, iw, g, i, o
+# ---------------------------------------------------------------------------------------------
+# grad_kernel: dW[kh, kw, i, g*cout_g + o] = sum over (n, oh, ow) of
+# x[n, ih, iw, g*cin_g + i] * dy[n, oh, ow, g*cout_g + o]. Tasks = (tap, group, block of kernel
+# rows, block of output channels) own disjoint parts of dW; each thread takes a contiguous range
+# of tasks and, for every chunk of output rows in turn (fixed chunk size, so that the chunk of
+# x and dy stays in cache), adds the chunk's sum to its tasks' dW tiles.
+
+cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dwp,
+                             const Py_ssize_t* tasks, Py_ssize_t t0, Py_ssize_t t1,
+                             Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                             Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
+                             Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t groups,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dwl,
+                             Py_ssize_t pad_top, Py_ssize_t pad_left,
+                             Py_ssize_t chunk) noexcept nogil:
+    cdef Py_ssize_t aoff[MAX_CHUNK]
+    cdef Py_ssize_t boff[MAX_CHUNK]
+    cdef Py_ssize_t lens[MAX_CHUNK]
     cdef Py_ssize_t cout_g = F // groups
-    cdef const floating* xp
-    cdef const floating* gp
-    cdef floating* row
-    cdef floating v
-    memset(dw_rows, 0, (i1 - i0) * F * sizeof(floating))
-    for n in range(N):
-        for oh in range(OH):
-            ih = oh * sh - pad_top + kh * dh
-            if ih < 0 or ih >= H:
-                continue
-            for ow in range(OW):
-                iw = ow * sw - pad_left + kw * dwl
-                if iw < 0 or iw >= W:
-                    continue
-                xp = x + ((n * H + ih) * W + iw) * C
-                gp = dy + ((n * OH + oh) * OW + ow) * F
-                if cin_g == 1 and cout_g == 1:
-                    for o in range(F):
-                        dw_rows[o] += xp[o] * gp[o]
-                    continue
-                for i in range(i0, i1):
-                    row = dw_rows + (i - i0) * F
-                    for g in range(groups):
-                        v = xp[g * cin_g + i]
-                        for o in range(g * cout_g, (g + 1) * cout_g):
-                            row[o] += v * gp[o]
+    cdef bint depthwise = cin_g == 1 and cout_g == 1
+    cdef Py_ssize_t R = N * OH
+    cdef Py_ssize_t r0, r, t, tap, kh, kw, g, i0, f0, n, oh, ih, ow_lo, ow_hi, xo, fo
+    cdef int P, V, nseg, first
+    r0 = 0
+    while r0 < R:
+        first = r0 == 0
+        for t in range(t0, t1):
+            tap = tasks[5 * t]
+            g = tasks[5 * t + 1]
+            i0 = tasks[5 * t + 2]
+            f0 = tasks[5 * t + 3]
+            V = <int>(tasks[5 * t + 4] >> 8)
+            P = <int>(tasks[5 * t + 4] & 255)
+            kh = tap // KW
+            kw = tap % KW
+            ow_lo = _max(0, _cdiv(pad_left - kw * dwl, sw))
+            ow_hi = _min(OW, _fdiv(W - 1 + pad_left - kw * dwl, sw) + 1)
+            xo = f0 if depthwise else g * cin_g + i0
+            fo = g * cout_g + f0
+            nseg = 0
+            if ow_hi > ow_lo:
+                for r in range(r0, _min(R, r0 + chunk)):
+                    n = r // OH
+                    oh = r % OH
+                    ih = oh * sh - pad_top + kh * dh
+                    if ih < 0 or ih >= H:
+                        continue
+                    aoff[nseg] = ((n * H + ih) * W + ow_lo * sw - pad_left + kw * dwl) * C + xo
+                    boff[nseg] = (r * OW + ow_lo) * F + fo
+                    lens[nseg] = ow_hi - ow_lo
+                    nseg += 1
+            if depthwise:
+                _dwk(V, x, sw * C, dy, F, aoff, boff, lens, nseg, dwp + tap * F + fo, not first)
+            else:
+                _gemm(P, V, x, 1, sw * C, dy, F, aoff, boff, lens, nseg,
+                      dwp + (tap * cin_g + i0) * F + fo, F, not first)
+        r0 += chunk
 
 
 def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
@@ -196,27 +666,52 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
                 floating[:, :, :, ::1] dw,         # OUT (KH, KW, C // groups, F)
                 int sh, int sw, int dh, int dwl, int pad_top, int pad_left, int groups,
                 int n_threads):
-    # Work is split into (tap, block of kernel rows) tasks that own disjoint rows of dW, so no
-    # reduction crosses threads and the summation order never depends on the thread count.
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], F = dy.shape[3]
     cdef Py_ssize_t KH = dw.shape[0], KW = dw.shape[1], cin_g = dw.shape[2]
-    cdef Py_ssize_t block = 16 if cin_g > 16 else cin_g
-    cdef Py_ssize_t nblocks = (cin_g + block - 1) // block
-    cdef Py_ssize_t t, tap, b, i0, i1
-    if N * OH * OW == 0:
+    cdef Py_ssize_t cout_g = F // groups
+    cdef bint depthwise = cin_g == 1 and cout_g == 1
+    cdef int sz = sizeof(floating)
+    cdef Py_ssize_t ntasks = 0, tap, g, i0, f0, t, nt, chunk
+    cdef int V, P
+    cdef Py_ssize_t* tasks = NULL
+    if N * OH * OW == 0 or KH * KW * cin_g * F == 0:
         dw[...] = 0
         return
+    # the task list (tap, group, i0, f0, V << 8 | P): count, then fill
+    for t in range(2):
+        ntasks = 0
+        for tap in range(KH * KW):
+            for g in range(1 if depthwise else groups):
+                f0 = 0
+                while f0 < (F if depthwise else cout_g):
+                    V = fc_width((F if depthwise else cout_g) - f0, sz)
+                    P = 1 if depthwise else fc_pmax(V, sz)
+                    i0 = 0
+                    while i0 < cin_g:
+                        if t == 1:
+                            tasks[5 * ntasks] = tap
+                            tasks[5 * ntasks + 1] = g
+                            tasks[5 * ntasks + 2] = i0
+                            tasks[5 * ntasks + 3] = f0
+                            tasks[5 * ntasks + 4] = (V << 8) | <int>_min(P, cin_g - i0)
+                        ntasks += 1
+                        i0 += P
+                    f0 += V
+        if t == 0:
+            tasks = <Py_ssize_t*>malloc(5 * ntasks * sizeof(Py_ssize_t))
+            if tasks == NULL:
+                raise MemoryError()
+    # output rows per chunk: about 256 KiB of dy, never depending on the thread count
+    chunk = _max(1, _min(MAX_CHUNK, (256 * 1024) // _max(1, OW * F * sz)))
+    nt = _max(1, _min(n_threads, ntasks))
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* gp = &dy[0, 0, 0, 0]
     cdef floating* dp = &dw[0, 0, 0, 0]
-    for t in prange(KH * KW * nblocks, nogil=True, schedule="static", num_threads=n_threads):
-        tap = t // nblocks
-        b = t % nblocks
-        i0 = b * block
-        i1 = i0 + block
-        if i1 > cin_g:
-            i1 = cin_g
-        _grad_kernel_task(xp, gp, dp + (tap * cin_g + i0) * F, N, H, W, C, OH, OW, F,
-                          tap // KW, tap % KW, i0, i1, cin_g, sh, sw, dh, dwl, pad_top,
-                          pad_left, groups)
+    try:
+        for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+            _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
+                               N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
+                               pad_top, pad_left, chunk)
+    finally:
+        free(tasks)
