@@ -4,7 +4,8 @@ Times forward, grad_input and grad_kernel (median of --runs after warm-up) on BE
 cases (+ an odd-channel case), for 1 and 2 threads, and prints GFLOP/s and the fraction of this
 machine's float32 numpy matmul rate (2048^3) measured in the same process.
 
-    python benchmarks/kernels/bench_kernels.py [--runs 7] [--threads 1,2] [--cases a,b] [--json f]
+    python benchmarks/kernels/bench_kernels.py [--runs 7] [--threads 1,2] [--cases a,b]
+        [--dirs fwd,gin,gk] [--stat median|min] [--json f]
 
 FASTCONV_KERNELS=baseline|avx2|avx512 picks the kernel build. Run it with OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE unset (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`) for a fair matmul rate.
@@ -38,15 +39,21 @@ CASES = {
 }
 
 
+STAT = np.median  # --stat min: the best run, a steadier estimate on a shared, loaded machine
+
+
+CLOCK = time.perf_counter  # --clock cpu: process CPU time (for 1 thread on a loaded machine)
+
+
 def median_time(fn, runs, warmup=2):
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        times.append(CLOCK() - t)
+    return float(STAT(times))
 
 
 def matmul_rate(runs=5):
@@ -63,13 +70,19 @@ def main():
     p.add_argument("--threads", default="1,2")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--dirs", default="fwd,gin,gk")
+    p.add_argument("--stat", choices=("median", "min"), default="median")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--json")
     args = p.parse_args()
+    global STAT, CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    STAT = np.min if args.stat == "min" else np.median
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if os.environ.get(var):
             print(f"warning: {var} is set; the matmul rate may be off")
     mm = matmul_rate()
-    print(f"kernels: {_dispatch.variant}; float32 matmul 2048^3: {mm:.1f} GFLOP/s")
+    print(f"kernels: {_dispatch.variant}; float32 matmul 2048^3: {mm:.1f} GFLOP/s "
+          f"({args.stat} of {args.runs} runs, {args.clock} clock)")
     threads = [int(t) for t in args.threads.split(",")]
     dirs = args.dirs.split(",")
     rng = np.random.default_rng(0)
