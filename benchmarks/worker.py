@@ -389,6 +389,9 @@ def env_record():
         "type": "env", "backend": BACKEND, "pid": os.getpid(), "versions": versions,
         "cpu": cpu, "cpus": len(os.sched_getaffinity(0)),
         "fastconv_show_config": capture_show_config(), "fastconv_variant": _dispatch.variant,
+        # Which kernel binary ran (the kernels are rebuilt in place while being developed).
+        "fastconv_kernels_file": os.path.basename(_dispatch.kernels.__file__),
+        "fastconv_kernels_mtime": os.path.getmtime(_dispatch.kernels.__file__),
         "fastconv_threads": fastconv.get_num_threads(),
         # Every BLAS loaded in the process; "numpy": the one numpy's matmul uses.
         "blas": [dict({k: v for k, v in d.items() if k != "filepath"},
