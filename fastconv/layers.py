@@ -26,6 +26,15 @@ class Conv2D(keras.layers.Conv2D):
         # every input dtype behaves the same on every backend.
         if keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype:
             inputs = keras.ops.cast(inputs, self.compute_dtype)
+        if (self.use_bias and self.data_format == "channels_first"
+                and keras.backend.backend() == "tensorflow"):
+            # Keras' BaseConv adds the bias with keras.ops.add, which on TensorFlow turns a
+            # (1, F, 1, 1) bias into tf.nn.bias_add(..., "NHWC") whenever the output width is
+            # also F: the bias lands on the width axis (keras.layers.Conv2D's own bug on TF).
+            # tf.add (the `+` operator) broadcasts by shape.
+            outputs = self.convolution_op(inputs, self.kernel)
+            outputs = outputs + keras.ops.reshape(self.bias, (1, self.filters, 1, 1))
+            return outputs if self.activation is None else self.activation(outputs)
         return super().call(inputs)
 
     def convolution_op(self, inputs, kernel):
