@@ -314,32 +314,11 @@ cdef inline Py_ssize_t _max(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 # ---------------------------------------------------------------------------------------------
 # forward
 
-cdef int _forward_border_segs(Py_ssize_t ih0, Py_ssize_t kh_lo, Py_ssize_t kh_hi, Py_ssize_t iw0,
-                              Py_ssize_t W, Py_ssize_t C, Py_ssize_t KW, Py_ssize_t cin_g,
-                              Py_ssize_t F, Py_ssize_t dh, Py_ssize_t dw, bint merged,
-                              Py_ssize_t* aoff, Py_ssize_t* boff,
-                              Py_ssize_t* lens) noexcept nogil:
-    # The clipped taps of one border pixel, as absolute offsets into x (image) and w.
-    cdef Py_ssize_t kw_lo = _max(0, _cdiv(-iw0, dw))
-    cdef Py_ssize_t kw_hi = _min(KW, _fdiv(W - 1 - iw0, dw) + 1)
-    cdef Py_ssize_t kh, kw, ih
-    cdef int nseg = 0
-    if kw_hi <= kw_lo:
-        return 0
-    for kh in range(kh_lo, kh_hi):
-        ih = ih0 + kh * dh
-        if merged:
-            aoff[nseg] = (ih * W + iw0 + kw_lo) * C
-            boff[nseg] = (kh * KW + kw_lo) * cin_g * F
-            lens[nseg] = (kw_hi - kw_lo) * C
-            nseg += 1
-        else:
-            for kw in range(kw_lo, kw_hi):
-                aoff[nseg] = (ih * W + iw0 + kw * dw) * C
-                boff[nseg] = (kh * KW + kw) * cin_g * F
-                lens[nseg] = cin_g
-                nseg += 1
-    return nseg
+cdef inline void _kw_clip(Py_ssize_t iw0, Py_ssize_t W, Py_ssize_t KW, Py_ssize_t dw,
+                          Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    # the kw taps [lo, hi) of an output pixel whose window starts at input column iw0
+    lo[0] = _max(0, _cdiv(-iw0, dw))
+    hi[0] = _max(lo[0], _min(KW, _fdiv(W - 1 - iw0, dw) + 1))
 
 
 cdef void _forward_row(const floating* x, const floating* w, floating* out,
@@ -348,86 +327,95 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                        Py_ssize_t OW, Py_ssize_t ih0, Py_ssize_t sw, Py_ssize_t dh,
                        Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t groups) noexcept nogil:
     # One output row: x points at image n, out at output row (n, oh), ih0 = oh*sh - pad_top.
-    cdef Py_ssize_t stack[6 * STACK_TAPS]
+    # The row is cut into runs of consecutive pixels whose windows clip the same kw taps [lo, hi)
+    # (the interior is one run, each border a few short ones: lo and hi only decrease along the
+    # row, so there are at most 2*KW + 3 runs). Segments are listed kw-major, relative to a
+    # pixel's window origin, so a run's taps are one contiguous slice of the list; each run is
+    # computed in tiles of P pixels.
     cdef Py_ssize_t T = KH * KW
+    cdef Py_ssize_t need = 3 * T + 3 * KH + 3 * (2 * KW + 3)
+    cdef Py_ssize_t stack[6 * STACK_TAPS]
     cdef Py_ssize_t* seg = stack
-    if T > STACK_TAPS:
-        seg = <Py_ssize_t*>malloc(6 * T * sizeof(Py_ssize_t))
+    if need > 6 * STACK_TAPS:
+        seg = <Py_ssize_t*>malloc(need * sizeof(Py_ssize_t))
     cdef Py_ssize_t* aoff = seg
     cdef Py_ssize_t* boff = seg + T
     cdef Py_ssize_t* lens = seg + 2 * T
-    cdef Py_ssize_t* aoff2 = seg + 3 * T
-    cdef Py_ssize_t* boff2 = seg + 4 * T
-    cdef Py_ssize_t* lens2 = seg + 5 * T
+    cdef Py_ssize_t* mrg_a = seg + 3 * T      # merged segments: one per kernel row
+    cdef Py_ssize_t* mrg_b = mrg_a + KH
+    cdef Py_ssize_t* mrg_l = mrg_b + KH
+    cdef Py_ssize_t* runs = mrg_l + KH        # (first pixel, lo, hi) of each run
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
-    cdef bint merged = dw == 1 and groups == 1
+    cdef bint merged = dw == 1 and groups == 1 and not depthwise
     cdef int sz = sizeof(floating)
-    cdef Py_ssize_t kh, kw, ow, g, f0, rowbase, iw0
-    cdef int nseg = 0, nseg2, V, P, p
+    cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first
+    cdef Py_ssize_t ngroups = 1 if depthwise else groups
+    cdef Py_ssize_t nruns = 0
+    cdef int nseg, nkh, V, P, p
     # kernel rows that land inside the image, once per row
     cdef Py_ssize_t kh_lo = _max(0, _cdiv(-ih0, dh))
     cdef Py_ssize_t kh_hi = _min(KH, _fdiv(H - 1 - ih0, dh) + 1)
     if kh_hi < kh_lo:
         kh_hi = kh_lo
-    # interior pixels: every kw tap inside the image
-    cdef Py_ssize_t ow_lo = _min(OW, _cdiv(pad_left, sw))
-    cdef Py_ssize_t ow_hi = _fdiv(W - 1 + pad_left - (KW - 1) * dw, sw) + 1
-    ow_hi = _min(OW, _max(ow_hi, ow_lo))
-    for kh in range(kh_lo, kh_hi):
-        if merged:
-            aoff[nseg] = (kh - kh_lo) * dh * W * C
-            boff[nseg] = kh * KW * C * F
-            lens[nseg] = KW * C
-            nseg += 1
-        else:
-            for kw in range(KW):
-                aoff[nseg] = ((kh - kh_lo) * dh * W + kw * dw) * C
-                boff[nseg] = (kh * KW + kw) * cin_g * F
-                lens[nseg] = cin_g
-                nseg += 1
+    nkh = <int>(kh_hi - kh_lo)
     rowbase = (ih0 + kh_lo * dh) * W
-    if depthwise:
+    for kw in range(KW):
+        for kh in range(kh_lo, kh_hi):
+            nseg = <int>(kw * nkh + kh - kh_lo)
+            aoff[nseg] = ((kh - kh_lo) * dh * W + kw * dw) * C
+            boff[nseg] = (kh * KW + kw) * cin_g * F
+            lens[nseg] = cin_g
+    for kh in range(nkh):
+        mrg_a[kh] = kh * dh * W * C
+        mrg_b[kh] = kh * KW * C * F
+    ow = 0
+    while ow < OW:
+        _kw_clip(ow * sw - pad_left, W, KW, dw, &lo, &hi)
+        runs[3 * nruns] = ow
+        runs[3 * nruns + 1] = lo
+        runs[3 * nruns + 2] = hi
+        nruns += 1
+        ow += 1
+        while ow < OW:
+            _kw_clip(ow * sw - pad_left, W, KW, dw, &lo2, &hi2)
+            if lo2 != lo or hi2 != hi:
+                break
+            ow += 1
+    runs[3 * nruns] = OW
+    fw = F if depthwise else cout_g
+    for g in range(ngroups):
         f0 = 0
-        while f0 < F:
-            V = fc_width(F - f0, sz)
+        while f0 < fw:
+            V = fc_width(fw - f0, sz)
             P = fc_pmax(V, sz)
-            ow = ow_lo
-            while ow < ow_hi:
-                p = <int>_min(P, ow_hi - ow)
-                _dw(p, V, x + (rowbase + ow * sw - pad_left) * C + f0, sw * C, w + f0,
-                    aoff, boff, nseg, out + ow * F + f0, F)
-                ow += p
-            for ow in range(OW):
-                if ow_lo <= ow < ow_hi:
-                    continue
-                iw0 = ow * sw - pad_left
-                nseg2 = _forward_border_segs(ih0, kh_lo, kh_hi, iw0, W, C, KW, 1, F, dh, dw,
-                                             False, aoff2, boff2, lens2)
-                _dw(1, V, x + f0, 0, w + f0, aoff2, boff2, nseg2, out + ow * F + f0, F)
-            f0 += V
-    else:
-        for g in range(groups):
-            f0 = 0
-            while f0 < cout_g:
-                V = fc_width(cout_g - f0, sz)
-                P = fc_pmax(V, sz)
-                ow = ow_lo
-                while ow < ow_hi:
-                    p = <int>_min(P, ow_hi - ow)
-                    _gemm(p, V, x + (rowbase + ow * sw - pad_left) * C + g * cin_g, sw * C, 1,
-                          w + g * cout_g + f0, F, aoff, boff, lens, nseg,
-                          out + ow * F + g * cout_g + f0, F, 0)
+            for r in range(nruns):
+                ow = runs[3 * r]
+                run_end = runs[3 * r + 3]
+                lo = runs[3 * r + 1]
+                hi = runs[3 * r + 2]
+                first = lo * nkh
+                nseg = <int>((hi - lo) * nkh)
+                if merged:
+                    # the kw taps of one kernel row: one contiguous stretch of x and of w
+                    for kh in range(nkh):
+                        mrg_l[kh] = (hi - lo) * C
+                while ow < run_end:
+                    p = <int>_min(P, run_end - ow)
+                    base = (rowbase + ow * sw - pad_left) * C
+                    if depthwise:
+                        _dw(p, V, x + base + f0, sw * C, w + f0, aoff + first, boff + first,
+                            nseg, out + ow * F + f0, F)
+                    elif merged:
+                        _gemm(p, V, x + base + lo * C, sw * C, 1,
+                              w + (kh_lo * KW + lo) * C * F + f0, F, mrg_a, mrg_b, mrg_l,
+                              nkh if hi > lo else 0, out + ow * F + f0, F, 0)
+                    else:
+                        _gemm(p, V, x + base + g * cin_g, sw * C, 1, w + g * cout_g + f0, F,
+                              aoff + first, boff + first, lens + first, nseg,
+                              out + ow * F + g * cout_g + f0, F, 0)
                     ow += p
-                for ow in range(OW):
-                    if ow_lo <= ow < ow_hi:
-                        continue
-                    iw0 = ow * sw - pad_left
-                    nseg2 = _forward_border_segs(ih0, kh_lo, kh_hi, iw0, W, C, KW, cin_g, F, dh,
-                                                 dw, merged, aoff2, boff2, lens2)
-                    _gemm(1, V, x + g * cin_g, 0, 1, w + g * cout_g + f0, F, aoff2, boff2,
-                          lens2, nseg2, out + ow * F + g * cout_g + f0, F, 0)
-                f0 += V
+            f0 += V
     if seg != stack:
         free(seg)
 
@@ -464,118 +452,107 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
                           Py_ssize_t pad_left, Py_ssize_t groups) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
-    # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q, q + sw, q + 2*sw, ... of
-    # one stride phase q share their valid kw taps and step one output pixel at a time.
-    cdef Py_ssize_t stack[6 * STACK_TAPS]
+    # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
+    # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
+    # ow + 1 where pixel j reads ow. Consecutive pixels whose valid taps are the same form a run
+    # (at most 2*KW + 3 of them), computed in tiles of P pixels; segments are listed kw-major so
+    # that a run's taps are a contiguous slice.
     cdef Py_ssize_t T = KH * KW
+    cdef Py_ssize_t need = 3 * T + 2 * (KH + KW) + 3 * (2 * KW + 3)
+    cdef Py_ssize_t stack[6 * STACK_TAPS]
     cdef Py_ssize_t* seg = stack
-    if T > STACK_TAPS:
-        seg = <Py_ssize_t*>malloc(6 * T * sizeof(Py_ssize_t))
+    if need > 6 * STACK_TAPS:
+        seg = <Py_ssize_t*>malloc(need * sizeof(Py_ssize_t))
     cdef Py_ssize_t* aoff = seg
     cdef Py_ssize_t* boff = seg + T
     cdef Py_ssize_t* lens = seg + 2 * T
-    cdef Py_ssize_t* aoff2 = seg + 3 * T
-    cdef Py_ssize_t* boff2 = seg + 4 * T
-    cdef Py_ssize_t* lens2 = seg + 5 * T
+    cdef Py_ssize_t* khs = seg + 3 * T        # valid kh of this row
+    cdef Py_ssize_t* ohs = khs + KH           # and their output row
+    cdef Py_ssize_t* kws = ohs + KH           # candidate kw of this phase
+    cdef Py_ssize_t* ow0s = kws + KW          # and their output pixel at j = 0 (decreasing)
+    cdef Py_ssize_t* runs = ow0s + KW         # (first pixel, lo, hi) of each run
     cdef Py_ssize_t cin_g = C // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef Py_ssize_t cw = C if depthwise else cin_g
     cdef int sz = sizeof(floating)
-    cdef Py_ssize_t q, nq, tw0, th, oh, kh, kw, num, ow0, omin, omax, j, j_lo, j_hi, g, c0, s
-    cdef int nseg, nseg2, V, P, p
+    cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
+    cdef Py_ssize_t nkh = 0, nkw, nruns, r, first
+    cdef int nseg, V, P, p
+    for kh in range(KH):
+        th = ih + pad_top - kh * dh
+        if th < 0 or th % sh != 0:
+            continue
+        if th // sh >= OH:
+            continue
+        khs[nkh] = kh
+        ohs[nkh] = th // sh
+        nkh += 1
     for q in range(_min(sw, W)):
         nq = (W - q + sw - 1) // sw
         tw0 = q + pad_left
-        nseg = 0
-        omin = OW
-        omax = -1
-        for kh in range(KH):
-            th = ih + pad_top - kh * dh
-            if th < 0 or th % sh != 0:
+        nkw = 0
+        for kw in range(KW):
+            num = tw0 - kw * dw
+            if num % sw != 0:
                 continue
-            oh = th // sh
-            if oh >= OH:
-                continue
-            for kw in range(KW):
-                num = tw0 - kw * dw
-                if num % sw != 0:
-                    continue
-                ow0 = num // sw    # exact, possibly negative: the output pixel of j = 0
-                if ow0 < omin:
-                    omin = ow0
-                if ow0 > omax:
-                    omax = ow0
-                aoff[nseg] = (oh * OW + ow0) * F
-                boff[nseg] = (kh * KW + kw) * cout_g * C
-                lens[nseg] = cout_g
-                nseg += 1
-        if nseg == 0:
-            j_lo = 0
-            j_hi = nq
-        else:
-            j_lo = _min(nq, _max(0, -omin))
-            j_hi = _min(nq, _max(j_lo, OW - omax))
+            kws[nkw] = kw
+            ow0s[nkw] = num // sw    # exact
+            nkw += 1
+        for b in range(nkw):
+            for a in range(nkh):
+                aoff[b * nkh + a] = (ohs[a] * OW + ow0s[b]) * F
+                boff[b * nkh + a] = (khs[a] * KW + kws[b]) * cout_g * C
+                lens[b * nkh + a] = cout_g
+        nruns = 0
+        j = 0
+        while j < nq:
+            _kw_valid(ow0s, nkw, j, OW, &lo, &hi)
+            runs[3 * nruns] = j
+            runs[3 * nruns + 1] = lo
+            runs[3 * nruns + 2] = hi
+            nruns += 1
+            j += 1
+            while j < nq:
+                _kw_valid(ow0s, nkw, j, OW, &lo2, &hi2)
+                if lo2 != lo or hi2 != hi:
+                    break
+                j += 1
+        runs[3 * nruns] = nq
         for g in range(1 if depthwise else groups):
             c0 = 0
             while c0 < cw:
                 V = fc_width(cw - c0, sz)
                 P = fc_pmax(V, sz)
-                j = j_lo
-                while j < j_hi:
-                    p = <int>_min(P, j_hi - j)
-                    if depthwise:
-                        _dw(p, V, dy + j * F + c0, F, wt + c0, aoff, boff, nseg,
-                            dx + (q + j * sw) * C + c0, sw * C)
-                    else:
-                        _gemm(p, V, dy + j * F + g * cout_g, F, 1, wt + g * cin_g + c0, C,
-                              aoff, boff, lens, nseg, dx + (q + j * sw) * C + g * cin_g + c0,
-                              sw * C, 0)
-                    j += p
-                for j in range(nq):
-                    if j_lo <= j < j_hi:
-                        continue
-                    nseg2 = _gi_clip(aoff, boff, lens, nseg, j, tw0, ih, pad_top, KH, KW,
-                                     sh, sw, dh, dw, OH, OW, F, cout_g, C, aoff2, boff2, lens2)
-                    if depthwise:
-                        _dw(1, V, dy + c0, 0, wt + c0, aoff2, boff2, nseg2,
-                            dx + (q + j * sw) * C + c0, sw * C)
-                    else:
-                        _gemm(1, V, dy + g * cout_g, 0, 1, wt + g * cin_g + c0, C, aoff2, boff2,
-                              lens2, nseg2, dx + (q + j * sw) * C + g * cin_g + c0, sw * C, 0)
+                for r in range(nruns):
+                    j = runs[3 * r]
+                    run_end = runs[3 * r + 3]
+                    first = runs[3 * r + 1] * nkh
+                    nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
+                    while j < run_end:
+                        p = <int>_min(P, run_end - j)
+                        if depthwise:
+                            _dw(p, V, dy + j * F + c0, F, wt + c0, aoff + first, boff + first,
+                                nseg, dx + (q + j * sw) * C + c0, sw * C)
+                        else:
+                            _gemm(p, V, dy + j * F + g * cout_g, F, 1, wt + g * cin_g + c0, C,
+                                  aoff + first, boff + first, lens + first, nseg,
+                                  dx + (q + j * sw) * C + g * cin_g + c0, sw * C, 0)
+                        j += p
                 c0 += V
     if seg != stack:
         free(seg)
 
 
-cdef int _gi_clip(const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
-                  int nseg, Py_ssize_t j, Py_ssize_t tw0, Py_ssize_t ih, Py_ssize_t pad_top,
-                  Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
-                  Py_ssize_t dw, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F, Py_ssize_t cout_g,
-                  Py_ssize_t C, Py_ssize_t* aoff2, Py_ssize_t* boff2,
-                  Py_ssize_t* lens2) noexcept nogil:
-    # The taps of border pixel j (of the phase starting at tw0 - pad_left), as absolute offsets
-    # into dy (image): the phase's taps whose output pixel lies inside the row.
-    cdef Py_ssize_t kh, kw, th, oh, num, ow
-    cdef int nseg2 = 0
-    for kh in range(KH):
-        th = ih + pad_top - kh * dh
-        if th < 0 or th % sh != 0:
-            continue
-        oh = th // sh
-        if oh >= OH:
-            continue
-        for kw in range(KW):
-            num = tw0 - kw * dw
-            if num % sw != 0:
-                continue
-            ow = num // sw + j
-            if ow < 0 or ow >= OW:
-                continue
-            aoff2[nseg2] = (oh * OW + ow) * F
-            boff2[nseg2] = (kh * KW + kw) * cout_g * C
-            lens2[nseg2] = cout_g
-            nseg2 += 1
-    return nseg2
+cdef inline void _kw_valid(const Py_ssize_t* ow0s, Py_ssize_t nkw, Py_ssize_t j, Py_ssize_t OW,
+                           Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    # the candidate kw taps [lo, hi) (indices into ow0s, decreasing) with 0 <= ow0 + j < OW
+    cdef Py_ssize_t a = 0, b = nkw
+    while a < nkw and ow0s[a] + j >= OW:
+        a += 1
+    while b > a and ow0s[b - 1] + j < 0:
+        b -= 1
+    lo[0] = a
+    hi[0] = b
 
 
 def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
