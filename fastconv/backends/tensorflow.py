@@ -23,21 +23,30 @@ def _on_accelerator(*tensors):
     return False
 
 
-@tf.custom_gradient
-def _first_order_only(t):
-    def grad(_):
-        raise NotImplementedError(
-            "fastconv computes first-order gradients only: a gradient of fastconv's gradient "
-            "(e.g. a Hessian or a gradient penalty) is not supported. Use keras.layers.Conv2D."
-        )
-
-    return tf.identity(t), grad
-
-
 def _numpy_function(fn, args, dtype, shape):
     out = tf.numpy_function(fn, args, tf.as_dtype(dtype), stateful=False)
     out.set_shape(shape)
     return out
+
+
+def _first_order_only(fn, args, dtype, shape):
+    """`_numpy_function` for a gradient: differentiating it raises. The raising gradient must be
+    attached to the op's *inputs* (dy, kernel, x): a numpy_function is not differentiable, so a
+    wrapper around its output alone is never reached and the second-order gradient is silently
+    None."""
+
+    @tf.custom_gradient
+    def op(*args):
+        def grad(*_):
+            raise NotImplementedError(
+                "fastconv computes first-order gradients only: a gradient of fastconv's "
+                "gradient (e.g. a Hessian or a gradient penalty) is not supported. Use "
+                "keras.layers.Conv2D."
+            )
+
+        return _numpy_function(fn, list(args), dtype, shape), grad
+
+    return op(*args)
 
 
 def conv(inputs, kernel, spec):
@@ -56,13 +65,13 @@ def conv(inputs, kernel, spec):
                             out_shape)
 
         def grad(dy):
-            dx = _numpy_function(
+            dx = _first_order_only(
                 lambda g, b, s: host.grad_input(g, b, spec, tuple(s), dtype),
                 [dy, k, tf.shape(x)], dtype, x.shape)
-            dk = _numpy_function(
+            dk = _first_order_only(
                 lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
                 [x, dy], dtype, k.shape)
-            return _first_order_only(dx), _first_order_only(dk)
+            return dx, dk
 
         return y, grad
 

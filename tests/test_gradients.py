@@ -1,0 +1,570 @@
+"""First-order gradients of fastconv.ops.conv and fastconv.Conv2D on tensorflow, jax and torch.
+
+Every gradient is checked against the float64 reference's analytic adjoint (`reference.grads`),
+against the backend's own autodiff of Keras' convolution holding the same weights, and (small
+float64 cases) against finite differences. Then each backend's machinery: tf.function, jax.jit /
+vmap, torch opcheck / gradcheck / compile. A second-order gradient must raise, never be silently
+None or zero. float64 on JAX needs jax_enable_x64: those cases run in a child process.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastconv
+import reference
+from conftest import BACKEND, to_numpy
+
+import keras  # noqa: E402  (conftest imported torch first where needed)
+
+pytestmark = pytest.mark.skipif(
+    BACKEND == "numpy", reason="the numpy backend has no autodiff (see test_training.py)"
+)
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+elif BACKEND == "jax":
+    import jax
+    import jax.numpy as jnp
+elif BACKEND == "torch":
+    import torch
+
+JAX_X64 = BACKEND == "jax" and bool(jax.config.jax_enable_x64)
+RTOL = {"float32": 1e-4, "float64": 1e-10}
+
+# (N, H, W, C, KH, KW, F, groups, strides, dilation, padding)
+CASES = [
+    (2, 7, 9, 4, 3, 3, 6, 1, (1, 1), (1, 1), "valid"),
+    (2, 7, 9, 4, 3, 3, 6, 1, (1, 1), (1, 1), "same"),
+    (1, 8, 8, 6, 3, 2, 9, 3, (2, 1), (1, 1), "same"),  # grouped, stride on one axis
+    (3, 9, 10, 8, 3, 3, 8, 8, (1, 1), (1, 1), "same"),  # depthwise
+    (2, 9, 10, 5, 3, 3, 15, 5, (1, 1), (1, 1), "valid"),  # depthwise, channel multiplier 3
+    (2, 8, 9, 4, 3, 3, 8, 4, (2, 2), (1, 1), "same"),  # depthwise, multiplier 2, stride 2
+    (2, 12, 12, 4, 3, 3, 4, 2, (1, 1), (2, 3), "same"),  # dilation per axis
+    (2, 12, 13, 3, 5, 4, 5, 1, (3, 2), (1, 1), "valid"),  # strides per axis
+    (2, 10, 11, 3, 2, 2, 4, 1, (3, 3), (1, 1), "valid"),  # stride > kernel: rows never read
+    (2, 9, 9, 4, 3, 3, 4, 1, (2, 2), (2, 2), "same"),  # ops may combine stride and dilation
+    (1, 1, 1, 3, 3, 3, 2, 1, (1, 1), (1, 1), "same"),  # 1x1 image, kernel larger than input
+    (2, 4, 5, 3, 7, 6, 4, 1, (1, 2), (1, 1), "same"),  # even kernel wider than the input
+    (1, 5, 7, 10, 1, 1, 7, 1, (1, 1), (1, 1), "valid"),  # 1x1 kernel
+    (0, 5, 5, 4, 3, 3, 4, 2, (1, 1), (1, 1), "same"),  # empty batch
+]
+
+
+def _id(case):
+    n, h, w, c, kh, kw, f, g, s, d, p = case
+    return f"n{n}-{h}x{w}x{c}-k{kh}x{kw}x{f}-g{g}-s{s[0]}{s[1]}-d{d[0]}{d[1]}-{p}"
+
+
+def skip_dtype(dtype):
+    if dtype == "float64" and BACKEND == "jax" and not JAX_X64:
+        pytest.skip("float64 on JAX needs JAX_ENABLE_X64=1: run by test_jax_float64_in_child")
+
+
+def keras_comparable(groups, strides, dilation, data_format="channels_last"):
+    """Whether Keras' own conv may run here for this configuration."""
+    if BACKEND == "tensorflow" and data_format == "channels_first":
+        return False  # TF's CPU Conv2D supports NHWC only: Keras' own layer raises there
+    if BACKEND == "tensorflow" and groups > 1:
+        return False  # TF's grouped CPU conv goes through XLA and corrupts the heap here
+    if BACKEND == "tensorflow" and max(strides) > 1 and max(dilation) > 1:
+        return False  # tf.nn.convolution refuses strides and dilation together
+    return True
+
+
+def autodiff(fn, *arrays):
+    """Gradients of the scalar fn(*tensors) wrt each of its arguments, by the backend's autodiff."""
+    if BACKEND == "tensorflow":
+        ts = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            tape.watch(ts)
+            loss = fn(*ts)
+        grads = tape.gradient(loss, ts)
+    elif BACKEND == "jax":
+        # jitted, as Keras' JAX trainer does (and one compilation beats many eager ones)
+        grads = jax.jit(jax.grad(fn, argnums=tuple(range(len(arrays)))))(
+            *[jnp.asarray(a) for a in arrays])
+    else:
+        ts = [torch.tensor(a, requires_grad=True) for a in arrays]
+        fn(*ts).backward()
+        grads = [t.grad for t in ts]
+    assert all(g is not None for g in grads), "a gradient is None"
+    return [np.asarray(to_numpy(g)) for g in grads]
+
+
+def make_case(case, dtype, data_format, seed=0):
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(seed)
+    x_shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    k = rng.standard_normal((kh, kw, c // groups, f)).astype(dtype)
+    y = reference.conv(x, k, strides, padding, dilation, data_format)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    args = dict(strides=strides, padding=padding, data_format=data_format, dilation_rate=dilation)
+    return x, k, dy, args
+
+
+def check_ops_gradients(case, dtype, data_format, seed=0):
+    groups, strides, dilation = case[7], case[8], case[9]
+    x, k, dy, args = make_case(case, dtype, data_format, seed)
+    rtol = RTOL[dtype]
+
+    def loss(conv):
+        return lambda x, k: keras.ops.sum(conv(x, k, **args) * keras.ops.convert_to_tensor(dy))
+
+    dx, dk = autodiff(loss(fastconv.ops.conv), x, k)
+    assert dx.dtype == dtype and dk.dtype == dtype
+    ref_dx, ref_dk = reference.grads(x, k, dy, strides, args["padding"], dilation, data_format)
+    reference.assert_close(dx, ref_dx, rtol, "d/dinputs vs reference")
+    reference.assert_close(dk, ref_dk, rtol, "d/dkernel vs reference")
+    if keras_comparable(groups, strides, dilation, data_format) and x.shape[0] > 0:
+        kdx, kdk = autodiff(loss(keras.ops.conv), x, k)
+        reference.assert_close(dx, kdx, rtol, "d/dinputs vs Keras")
+        reference.assert_close(dk, kdk, rtol, "d/dkernel vs Keras")
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_ops_conv_gradients(case, dtype, data_format):
+    skip_dtype(dtype)
+    check_ops_gradients(case, dtype, data_format)
+
+
+@st.composite
+def configs(draw):
+    groups = draw(st.integers(1, 4))
+    cin_g = draw(st.sampled_from([1, 1, 2, 3]))
+    f_g = draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = draw(st.sampled_from(["valid", "same"]))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    if padding == "valid":  # the dilated kernel must fit
+        h = max(h, (kh - 1) * dilation[0] + 1)
+        w = max(w, (kw - 1) * dilation[1] + 1)
+    n = draw(st.integers(0, 2))
+    return (n, h, w, groups * cin_g, kh, kw, groups * f_g, groups, strides, dilation, padding)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=configs(), data_format=st.sampled_from(["channels_last", "channels_first"]),
+       seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ops_conv_gradients_hypothesis(dtype, case, data_format, seed):
+    skip_dtype(dtype)
+    check_ops_gradients(case, dtype, data_format, seed)
+
+
+LAYER_CASES = [
+    # filters, kernel_size, strides, padding, dilation, groups, C, data_format
+    (6, 3, 1, "same", 1, 1, 4, "channels_last"),
+    (6, (3, 2), (2, 1), "valid", 1, 1, 3, "channels_first"),
+    (8, 3, 1, "same", (2, 1), 4, 8, "channels_last"),  # grouped, dilated
+    (12, 3, 2, "same", 1, 6, 6, "channels_first"),  # depthwise, multiplier 2
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config", LAYER_CASES, ids=str)
+def test_layer_gradients_with_bias(config, dtype):
+    """d/d(inputs, kernel, bias) through fastconv.Conv2D(activation="relu") by stateless_call:
+    the path Keras' trainers take. (relu, not tanh: Keras' tanh on JAX float64 is itself off by
+    ~1e-6 from numpy's, for Keras' layer as for fastconv's.)"""
+    skip_dtype(dtype)
+    filters, ksize, strides, padding, dilation, groups, c, data_format = config
+    rng = np.random.default_rng(1)
+    shape = (2, 9, 8, c) if data_format == "channels_last" else (2, c, 9, 8)
+    x = rng.standard_normal(shape).astype(dtype)
+    kwargs = dict(filters=filters, kernel_size=ksize, strides=strides, padding=padding,
+                  dilation_rate=dilation, groups=groups, data_format=data_format,
+                  activation="relu", dtype=dtype, kernel_initializer="zeros")
+    layers = {"fastconv": fastconv.Conv2D(**kwargs)}
+    if keras_comparable(groups, (1,), (1,), data_format):
+        layers["keras"] = keras.layers.Conv2D(**kwargs)
+    for layer in layers.values():
+        layer.build(shape)
+    k = rng.standard_normal(layers["fastconv"].kernel.shape).astype(dtype) * 0.3
+    b = rng.standard_normal(filters).astype(dtype)
+    sp = layers["fastconv"].strides
+    dl = layers["fastconv"].dilation_rate
+    z = reference.conv(x, k, sp, padding, dl, data_format)
+    z = z + (b if data_format == "channels_last" else b[:, None, None])
+    dy = rng.standard_normal(z.shape).astype(dtype)
+    dz = dy * (z > 0)
+    ref_dx, ref_dk = reference.grads(x, k, dz, sp, padding, dl, data_format)
+    ref_db = dz.sum(axis=(0, 1, 2) if data_format == "channels_last" else (0, 2, 3))
+    rtol = RTOL[dtype]
+    results = {}
+    for name, layer in layers.items():
+        assert [v.path.split("/")[-1] for v in layer.trainable_variables] == ["kernel", "bias"]
+
+        def loss(x, k, b, layer=layer):
+            y, _ = layer.stateless_call([k, b], [], x)
+            return keras.ops.sum(y * keras.ops.convert_to_tensor(dy))
+
+        results[name] = autodiff(loss, x, k, b)
+        for got, want, what in zip(results[name], (ref_dx, ref_dk, ref_db), "xkb"):
+            reference.assert_close(got, want, rtol, f"{name} d/d{what}")
+    if "keras" in results:
+        for got, want, what in zip(results["fastconv"], results["keras"], "xkb"):
+            reference.assert_close(got, want, rtol, f"fastconv vs Keras d/d{what}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_gradients(dtype):
+    """float16/bfloat16 tensors compute in float32 and give gradients of their own dtype."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 6, 7, 4)).astype("float32")
+    k = rng.standard_normal((3, 3, 2, 4)).astype("float32") * 0.3
+    dy = rng.standard_normal((2, 6, 7, 4)).astype("float32")
+
+    def loss(x, k):
+        y = fastconv.ops.conv(keras.ops.cast(x, dtype), keras.ops.cast(k, dtype), padding="same")
+        assert keras.backend.standardize_dtype(y.dtype) == dtype
+        return keras.ops.sum(keras.ops.cast(y, "float32") * keras.ops.convert_to_tensor(dy))
+
+    dx, dk = autodiff(loss, x, k)
+    ref_dx, ref_dk = reference.grads(x, k, dy, (1, 1), "same")
+    reference.assert_close(dx, ref_dx, 1e-2, "d/dinputs")
+    reference.assert_close(dk, ref_dk, 1e-2, "d/dkernel")
+
+
+# Finite differences: small float64 cases, with the central differences done by each backend's
+# own checker. A convolution is linear in each argument, so they are exact up to rounding.
+FD_CASES = [
+    (1, 4, 5, 2, 2, 2, 3, 1, (1, 1), (1, 1), "same", "channels_last"),
+    (1, 4, 5, 4, 3, 2, 4, 2, (2, 1), (1, 2), "valid", "channels_first"),
+    (1, 4, 5, 3, 3, 2, 6, 3, (1, 2), (2, 1), "same", "channels_last"),  # depthwise x2
+]
+
+
+@pytest.mark.parametrize("fd_case", FD_CASES, ids=lambda c: _id(c[:-1]) + "-" + c[-1])
+def test_finite_differences(fd_case):
+    skip_dtype("float64")
+    case, data_format = fd_case[:-1], fd_case[-1]
+    x, k, _, args = make_case(case, "float64", data_format)
+
+    def f(x, k):
+        return fastconv.ops.conv(x, k, **args)
+
+    if BACKEND == "torch":
+        assert torch.autograd.gradcheck(
+            f, (torch.tensor(x, requires_grad=True), torch.tensor(k, requires_grad=True)),
+            eps=1e-6, atol=1e-8, rtol=1e-7)
+    elif BACKEND == "jax":
+        from jax.test_util import check_grads
+
+        check_grads(f, (jnp.asarray(x), jnp.asarray(k)), order=1, modes=["rev"], eps=1e-3)
+    else:
+        theoretical, numerical = tf.test.compute_gradient(f, [tf.constant(x), tf.constant(k)])
+        for t, n, what in zip(theoretical, numerical, ("inputs", "kernel")):
+            assert np.abs(t).max() > 0.1
+            reference.assert_close(t, n, 1e-7, f"Jacobian wrt {what}")
+
+
+def test_jax_float64_in_child():
+    """The float64 cases on JAX, in a fresh interpreter with JAX_ENABLE_X64=1."""
+    if BACKEND != "jax" or JAX_X64:
+        pytest.skip("JAX without x64 only: runs this file's float64 cases in a child process")
+    env = dict(os.environ, JAX_ENABLE_X64="1", KERAS_BACKEND="jax")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "float64 or finite",
+         os.path.abspath(__file__)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+        capture_output=True, text=True, timeout=300)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+# ----------------------------------------------------------------------------------------------
+# Second-order gradients: raise, never None or zeros.
+
+SECOND_ORDER = r"first-order|JVP|jvp|no autograd formula"
+
+
+def _second_order_errors():
+    return {"tensorflow": NotImplementedError, "jax": (ValueError, TypeError, NotImplementedError),
+            "torch": (RuntimeError, NotImplementedError)}[BACKEND]
+
+
+@pytest.mark.parametrize("wrt", ["kernel", "inputs"])
+def test_second_order_raises(wrt):
+    """The gradient of a gradient norm (a gradient penalty) raises a clear error."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 5, 3)).astype("float32")
+    k = rng.standard_normal((3, 3, 3, 4)).astype("float32")
+
+    def grad_norm(x, k):
+        """|d loss / d wrt|^2 for loss = sum(conv(x, k)^2), as a function of (x, k)."""
+        if BACKEND == "jax":
+            g = jax.grad(lambda x, k: jnp.sum(fastconv.ops.conv(x, k) ** 2),
+                         argnums=0 if wrt == "inputs" else 1)(x, k)
+            return jnp.sum(g ** 2)
+        if BACKEND == "torch":
+            y = fastconv.ops.conv(x, k)
+            (g,) = torch.autograd.grad((y ** 2).sum(), x if wrt == "inputs" else k,
+                                       create_graph=True)
+            return (g ** 2).sum()
+        with tf.GradientTape() as inner:
+            inner.watch([x, k])
+            loss = tf.reduce_sum(fastconv.ops.conv(x, k) ** 2)
+        g = inner.gradient(loss, x if wrt == "inputs" else k)
+        return tf.reduce_sum(g ** 2)
+
+    with pytest.raises(_second_order_errors(), match=SECOND_ORDER):
+        grads = autodiff(grad_norm, x, k)
+        pytest.fail(f"second-order gradient returned {grads!r}")
+    if BACKEND == "tensorflow":
+        with pytest.raises(Exception, match="first-order"):
+            tf.function(lambda x, k: autodiff_graph(grad_norm, x, k))(x, k)
+
+
+def autodiff_graph(fn, x, k):
+    with tf.GradientTape() as tape:
+        tape.watch([x, k])
+        loss = fn(x, k)
+    return tape.gradient(loss, [x, k])
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow mechanics
+
+only_tf = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow only")
+
+
+@only_tf
+def test_tf_function_unknown_spatial_sizes():
+    """Inside tf.function with unknown height/width, gradients are defined, shaped, correct."""
+    rng = np.random.default_rng(4)
+    k = tf.Variable(rng.standard_normal((3, 3, 3, 5)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32),
+                                  tf.TensorSpec((None, None, None, 5), tf.float32)])
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fastconv.ops.conv(x, k, strides=2, padding="same")
+            assert y.shape.as_list() == [None, None, None, 5]
+            loss = tf.reduce_sum(y * dy)
+        dx, dk = tape.gradient(loss, [x, k])
+        assert dx.shape.as_list() == [None, None, None, 3]
+        assert dk.shape.as_list() == [3, 3, 3, 5]
+        return dx, dk
+
+    for shape in [(2, 7, 9, 3), (1, 4, 4, 3)]:
+        x = rng.standard_normal(shape).astype("float32")
+        out = reference.conv(x, k.numpy(), (2, 2), "same")
+        dy = rng.standard_normal(out.shape).astype("float32")
+        dx, dk = step(x, dy)
+        ref_dx, ref_dk = reference.grads(x, k.numpy(), dy, (2, 2), "same")
+        reference.assert_close(dx.numpy(), ref_dx, 1e-4, "dx")
+        reference.assert_close(dk.numpy(), ref_dk, 1e-4, "dk")
+    assert len(step.get_concrete_function().graph.as_graph_def().node) > 0
+
+
+@only_tf
+def test_tf_layer_variables_gradient_in_tf_function():
+    """What Keras' TF trainer does: a tape over the layer's variables inside tf.function."""
+    rng = np.random.default_rng(5)
+    layer = fastconv.Conv2D(4, 3, padding="same")
+    x = rng.standard_normal((2, 6, 6, 3)).astype("float32")
+    layer.build(x.shape)
+    dy = rng.standard_normal((2, 6, 6, 4)).astype("float32")
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x) * dy)
+        return tape.gradient(loss, layer.trainable_variables)
+
+    dk, db = step(x)
+    assert dk is not None and db is not None
+    _, ref_dk = reference.grads(x, layer.kernel.numpy(), dy, (1, 1), "same")
+    reference.assert_close(dk.numpy(), ref_dk, 1e-4, "dk")
+    reference.assert_close(db.numpy(), dy.sum((0, 1, 2)), 1e-4, "db")
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX mechanics
+
+only_jax = pytest.mark.skipif(BACKEND != "jax", reason="JAX only")
+
+
+def _jax_problem(seed=6, groups=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 7, 6, 4)).astype("float32")
+    k = rng.standard_normal((3, 3, 4 // groups, 6)).astype("float32")
+    dy = rng.standard_normal((2, 4, 3, 6)).astype("float32")
+    args = dict(strides=2, padding="same", dilation_rate=1)
+    return x, k, dy, args
+
+
+@only_jax
+def test_jax_value_and_grad_under_jit():
+    x, k, dy, args = _jax_problem(groups=2)
+
+    @jax.jit
+    def step(x, k, dy):
+        return jax.value_and_grad(
+            lambda x, k: jnp.sum(fastconv.ops.conv(x, k, **args) * dy), argnums=(0, 1))(x, k)
+
+    value, (dx, dk) = step(x, k, dy)
+    ref_dx, ref_dk = reference.grads(x, k, dy, (2, 2), "same")
+    ref_value = np.sum(reference.conv(x, k, (2, 2), "same") * dy)
+    assert abs(float(value) - ref_value) <= 1e-4 * abs(ref_value) + 1e-3
+    reference.assert_close(dx, ref_dx, 1e-4, "dx")
+    reference.assert_close(dk, ref_dk, 1e-4, "dk")
+    # jitted again with another shape: retraced, still right
+    value2, (dx2, _) = step(x[:1], k, dy[:1])
+    reference.assert_close(dx2, reference.grads(x[:1], k, dy[:1], (2, 2), "same")[0], 1e-4)
+
+
+@only_jax
+@pytest.mark.parametrize("in_axes", [(0, None), (None, 0), (0, 0)])
+def test_jax_vmap_conv(in_axes):
+    x, k, _, args = _jax_problem()
+    xs, ks = np.stack([x, x[::-1] * 2]), np.stack([k, -k[::-1]])
+    batched = [xs if in_axes[0] == 0 else x, ks if in_axes[1] == 0 else k]
+    out = jax.jit(jax.vmap(lambda x, k: fastconv.ops.conv(x, k, **args), in_axes))(*batched)
+    for i in range(2):
+        xi = xs[i] if in_axes[0] == 0 else x
+        ki = ks[i] if in_axes[1] == 0 else k
+        reference.assert_close(out[i], reference.conv(xi, ki, (2, 2), "same"), 1e-4, f"[{i}]")
+
+
+@only_jax
+def test_jax_vmap_of_grad():
+    """Per-example gradients: vmap of jax.grad over the batch, each equal to the reference."""
+    x, k, dy, args = _jax_problem()
+
+    def loss(xi, k, dyi):
+        return jnp.sum(fastconv.ops.conv(xi[None], k, **args) * dyi[None])
+
+    dxs, dks = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None, 0)))(x, k, dy)
+    assert dxs.shape == x.shape and dks.shape == (2,) + k.shape
+    for i in range(2):
+        rdx, rdk = reference.grads(x[i:i + 1], k, dy[i:i + 1], (2, 2), "same")
+        reference.assert_close(dxs[i], rdx[0], 1e-4, f"dx[{i}]")
+        reference.assert_close(dks[i], rdk, 1e-4, f"dk[{i}]")
+    reference.assert_close(dks.sum(0), reference.grads(x, k, dy, (2, 2), "same")[1], 1e-4)
+
+
+@only_jax
+def test_jax_hessian_raises():
+    x, k, _, args = _jax_problem()
+    with pytest.raises((ValueError, TypeError, NotImplementedError), match=SECOND_ORDER):
+        jax.hessian(lambda k: jnp.sum(fastconv.ops.conv(x, k, **args) ** 2))(k[:, :, :, :1])
+
+
+# ----------------------------------------------------------------------------------------------
+# torch mechanics
+
+only_torch = pytest.mark.skipif(BACKEND != "torch", reason="torch only")
+
+TORCH_ARGS = ([2, 1], "same", "channels_last", [1, 2])
+
+
+def _torch_problem(dtype=None, requires_grad=True):
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn((2, 7, 8, 4), generator=g, dtype=dtype).requires_grad_(requires_grad)
+    k = torch.randn((3, 2, 2, 6), generator=g, dtype=dtype).requires_grad_(requires_grad)
+    return x, k
+
+
+@only_torch
+def test_torch_backward_and_needs_input_grad():
+    x, k = _torch_problem()
+    y = fastconv.ops.conv(x, k, strides=(2, 1), padding="same", dilation_rate=(1, 2))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8))
+    (y * dy).sum().backward()
+    ref_dx, ref_dk = reference.grads(x.detach(), k.detach(), dy, (2, 1), "same", (1, 2))
+    reference.assert_close(x.grad, ref_dx, 1e-4, "dx")
+    reference.assert_close(k.grad, ref_dk, 1e-4, "dk")
+    # only the kernel requires grad: its gradient is still right, and the input gets none
+    x2 = x.detach()
+    k2 = k.detach().requires_grad_(True)
+    (fastconv.ops.conv(x2, k2, strides=(2, 1), padding="same", dilation_rate=(1, 2)) * dy
+     ).sum().backward()
+    assert x2.grad is None
+    reference.assert_close(k2.grad, ref_dk, 1e-4, "dk (kernel only)")
+
+
+@only_torch
+def test_torch_opcheck():
+    x, k = _torch_problem()
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, k, *TORCH_ARGS))
+    y = torch.ops.fastconv.conv2d(x.detach(), k.detach(), *TORCH_ARGS)
+    dy = torch.randn(y.shape)
+    xd, kd = x.detach(), k.detach()
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default,
+                          (dy, kd, list(xd.shape), *TORCH_ARGS))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_kernel.default,
+                          (xd, dy, list(kd.shape), *TORCH_ARGS))
+    ref_dx, ref_dk = reference.grads(xd, kd, dy, (2, 1), "same", (1, 2))
+    reference.assert_close(
+        torch.ops.fastconv.conv2d_grad_input(dy, kd, list(xd.shape), *TORCH_ARGS), ref_dx)
+    reference.assert_close(
+        torch.ops.fastconv.conv2d_grad_kernel(xd, dy, list(kd.shape), *TORCH_ARGS), ref_dk)
+
+
+@only_torch
+def test_torch_gradcheck_op():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn((1, 5, 4, 4), generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn((3, 2, 2, 4), generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, k: torch.ops.fastconv.conv2d(x, k, *TORCH_ARGS), (x, k))
+
+
+@only_torch
+def test_torch_compile_function():
+    x, k = _torch_problem()
+    dy = torch.randn((2, 4, 8, 6), generator=torch.Generator().manual_seed(9))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss_fn(x, k):
+        y = torch.ops.fastconv.conv2d(x, k, *TORCH_ARGS)
+        return (torch.tanh(y) * dy).sum()
+
+    loss = loss_fn(x, k)
+    loss.backward()
+    xd, kd = x.detach(), k.detach()
+    z = reference.conv(xd, kd, (2, 1), "same", (1, 2))
+    dz = dy.numpy() * (1 - np.tanh(z) ** 2)
+    assert abs(loss.item() - np.sum(np.tanh(z) * dy.numpy())) < 1e-3
+    ref_dx, ref_dk = reference.grads(xd, kd, dz, (2, 1), "same", (1, 2))
+    reference.assert_close(x.grad, ref_dx, 1e-4, "dx")
+    reference.assert_close(k.grad, ref_dk, 1e-4, "dk")
+
+
+@only_torch
+def test_torch_compile_model():
+    """torch.compile (inductor) of a Keras model holding fastconv layers: forward and backward
+    equal the uncompiled model's."""
+    inputs = keras.Input((8, 8, 4))
+    h = fastconv.Conv2D(6, 3, padding="same", activation="relu", groups=2)(inputs)
+    h = fastconv.Conv2D(5, 3, strides=2)(h)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(h))
+    x = torch.randn((3, 8, 8, 4), generator=torch.Generator().manual_seed(10))
+
+    def run(fn):
+        model.zero_grad()
+        out = fn(x)
+        (out ** 2).sum().backward()
+        return out.detach().clone(), [v.value.grad.clone() for v in model.trainable_variables]
+
+    eager_out, eager_grads = run(model)
+    compiled_out, compiled_grads = run(torch.compile(model))
+    reference.assert_close(compiled_out, eager_out, 1e-5, "output")
+    for got, want in zip(compiled_grads, eager_grads):
+        assert np.abs(want.numpy()).max() > 0
+        reference.assert_close(got, want, 1e-5, "grad")
