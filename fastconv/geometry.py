@@ -136,6 +136,7 @@ class ConvSpec:
         check_ranks(input_shape, kernel_shape)
         n, h, w, c = self.to_nhwc(input_shape)
         kh, kw, cin_g, f = kernel_shape
+        _check_kernel_dims(kernel_shape)
         _check_channels(c, cin_g, f)
         sizes = []
         for size, k, s, d, axis in zip(
@@ -153,11 +154,7 @@ class ConvSpec:
         check_ranks(input_shape, kernel_shape)
         n, h, w, c = (int(v) for v in self.to_nhwc(input_shape))
         kh, kw, cin_g, f = (int(v) for v in kernel_shape)
-        if min(kh, kw, cin_g, f) <= 0:
-            raise ValueError(
-                "Every dimension of `kernel` must be positive. "
-                f"Received: kernel.shape={tuple(kernel_shape)}"
-            )
+        _check_kernel_dims(kernel_shape)
         groups = _check_channels(c, cin_g, f)
         _check_fits(h, kh, self.dilation_rate[0], "height", self.padding)
         _check_fits(w, kw, self.dilation_rate[1], "width", self.padding)
@@ -180,6 +177,14 @@ def check_ranks(input_shape, kernel_shape):
         )
 
 
+def _check_kernel_dims(kernel_shape):
+    if any(v is not None and v <= 0 for v in kernel_shape):
+        raise ValueError(
+            "Every dimension of `kernel` must be positive. "
+            f"Received: kernel.shape={tuple(kernel_shape)}"
+        )
+
+
 def _check_channels(c, cin_g, f):
     """The number of groups implied by input channels c and kernel (.., cin_g, f)."""
     if c is None or cin_g is None:
@@ -190,7 +195,9 @@ def _check_channels(c, cin_g, f):
             f"(kernel.shape[2]). Received: input channels={c}, kernel.shape[2]={cin_g}"
         )
     groups = c // cin_g
-    if groups == 0 or (f is not None and f % groups != 0):
+    if groups == 0:
+        raise ValueError(f"The input has no channels. Received: input channels={c}")
+    if (f is not None and f % groups != 0):
         raise ValueError(
             "The number of filters must be a multiple of the number of groups "
             f"(input channels // kernel.shape[2]). Received: filters={f}, groups={groups}"

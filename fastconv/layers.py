@@ -15,6 +15,13 @@ class Conv2D(keras.layers.Conv2D):
     """
 
     def __init__(self, *args, **kwargs):
+        padding = args[3] if len(args) > 3 else kwargs.get("padding", "valid")
+        # Keras raises AttributeError for a non-string padding here, and ValueError at the first
+        # call for explicit (list/tuple) paddings: fastconv fails at once, in Keras' types.
+        if isinstance(padding, (list, tuple)):
+            raise ValueError(f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
+        if not isinstance(padding, str):
+            raise TypeError(f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
         super().__init__(*args, **kwargs)
         if keras.backend.backend() == "tensorflow":
             # The TensorFlow bridge calls the host through tf.numpy_function, which XLA cannot

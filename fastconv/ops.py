@@ -3,6 +3,7 @@
 import importlib
 
 import keras
+import numpy as np
 
 from fastconv.geometry import ConvSpec
 
@@ -36,6 +37,24 @@ class Conv(keras.Operation):
         return keras.KerasTensor(shape, dtype=dtype)
 
 
+def _check_numeric(value, name):
+    """A TypeError for strings, complex numbers and other non-real dtypes, on every backend
+    (each backend's own conversion would fail differently, or drop an imaginary part)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(value).dtype  # nested lists, scalars, strings
+    try:
+        name_of_dtype = keras.backend.standardize_dtype(dtype)
+    except (ValueError, TypeError):
+        name_of_dtype = str(dtype)
+    if not (name_of_dtype == "bool" or name_of_dtype.startswith(("int", "uint", "float",
+                                                                   "bfloat"))):
+        raise TypeError(
+            f"`{name}` must hold real numbers (float, int or bool). "
+            f"Received: {name} of dtype {name_of_dtype}"
+        )
+
+
 def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
     """General 2-D convolution, like `keras.ops.conv` (same arguments, defaults and result).
 
@@ -52,6 +71,8 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
     Differentiable on the tensorflow, jax and torch backends.
     """
     spec = ConvSpec.make(strides, padding, data_format, dilation_rate)
+    _check_numeric(inputs, "inputs")
+    _check_numeric(kernel, "kernel")
     if isinstance(inputs, keras.KerasTensor) or isinstance(kernel, keras.KerasTensor):
         return Conv(spec).symbolic_call(inputs, kernel)
     return _bridge().conv(inputs, kernel, spec)
