@@ -1,0 +1,157 @@
+"""Threads: fastconv.get/set_num_threads, results bit-identical whatever the thread count, and
+one built layer called from many Python threads at once."""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import fastconv
+import reference
+from conftest import only_numpy, to_numpy
+from fastconv import _dispatch
+
+BACKEND = keras.backend.backend()
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    yield
+    fastconv.set_num_threads(None)
+
+
+def _threads_in_child(omp_num_threads):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["KERAS_BACKEND"] = "numpy"
+    if omp_num_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_num_threads
+    run = subprocess.run(
+        [sys.executable, "-c",
+         "import fastconv; print(fastconv.get_num_threads(), fastconv._dispatch.kernels.OPENMP)"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    threads, openmp = run.stdout.split()[-2:]
+    return int(threads), openmp == "True"
+
+
+@only_numpy
+@pytest.mark.parametrize("omp,expected", [(None, CPUS), ("1", 1)])
+def test_default_thread_count_at_import_honours_omp_num_threads(omp, expected):
+    threads, openmp = _threads_in_child(omp)
+    assert threads == (expected if openmp else 1)
+
+
+@pytest.mark.parametrize("omp,expected", [
+    ("1", 1), ("2", min(2, CPUS)), ("1000", CPUS), ("1,2", 1), (" 1 ", 1), ("", CPUS),
+    ("junk", CPUS), ("0", CPUS), ("-3", CPUS),
+])
+def test_default_restored_by_set_num_threads_none(monkeypatch, omp, expected):
+    if not _dispatch.kernels.OPENMP:
+        pytest.skip("serial build: always 1 thread")
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    fastconv.set_num_threads(None)
+    assert fastconv.get_num_threads() == expected
+
+
+def test_set_and_get():
+    if not _dispatch.kernels.OPENMP:
+        pytest.skip("serial build: always 1 thread")
+    default = fastconv.get_num_threads()
+    assert 1 <= default <= CPUS
+    for n in (1, 2, 3, 7):
+        fastconv.set_num_threads(n)
+        assert fastconv.get_num_threads() == n
+    fastconv.set_num_threads(np.int64(2).item())
+    assert fastconv.get_num_threads() == 2
+    fastconv.set_num_threads(None)
+    assert fastconv.get_num_threads() == default
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, False, [2], np.float32(2)])
+def test_bad_thread_counts_raise_value_error(bad):
+    fastconv.set_num_threads(1)
+    with pytest.raises(ValueError, match=r"n=") as info:
+        fastconv.set_num_threads(bad)
+    assert repr(bad) in str(info.value)
+    assert fastconv.get_num_threads() == 1  # unchanged
+
+
+# (layer kwargs, input shape): big enough that every thread gets rows, odd enough to split
+# unevenly; dense, grouped, depthwise, channels_first, batch 1 (channel-block split).
+THREAD_CASES = [
+    (dict(filters=16, kernel_size=3, padding="same"), (4, 17, 19, 8)),
+    (dict(filters=12, kernel_size=3, padding="same", groups=4, strides=2), (3, 21, 18, 8)),
+    (dict(filters=24, kernel_size=5, padding="same", groups=24), (2, 15, 16, 24)),
+    (dict(filters=10, kernel_size=(3, 2), dilation_rate=(2, 1), data_format="channels_first"),
+     (3, 6, 14, 13)),
+    (dict(filters=64, kernel_size=3, padding="same"), (1, 5, 6, 32)),
+]
+
+
+def _layer(kwargs, shape, seed=0):
+    layer = fastconv.Conv2D(**kwargs)
+    layer.build(shape)
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.standard_normal(w.shape).astype(np.float32)
+                       for w in layer.get_weights()])
+    return layer
+
+
+def _expected(layer, x):
+    out = reference.conv(x, to_numpy(layer.kernel), layer.strides, layer.padding,
+                         layer.dilation_rate, layer.data_format)
+    shape = (1, 1, 1, -1) if layer.data_format == "channels_last" else (1, -1, 1, 1)
+    return out + to_numpy(layer.bias).reshape(shape)
+
+
+@pytest.mark.parametrize("kwargs,shape", THREAD_CASES, ids=str)
+def test_layer_output_is_bit_identical_with_1_and_2_threads(kwargs, shape):
+    layer = _layer(kwargs, shape)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    outputs = []
+    for threads in (1, 2, 1, 3):
+        fastconv.set_num_threads(threads)
+        outputs.append(to_numpy(layer(x)))
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(outputs[0], other)
+    reference.assert_close(outputs[0], _expected(layer, x))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_eight_python_threads_call_one_layer_at_once(threads):
+    fastconv.set_num_threads(threads)
+    kwargs, shape = THREAD_CASES[1]
+    layer = _layer(kwargs, shape, seed=2)
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((i % 3 + 1,) + shape[1:]).astype(np.float32)
+              for i in range(16)]
+    alone = [to_numpy(layer(x)) for x in inputs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(2):
+            together = list(pool.map(lambda x: to_numpy(layer(x)), inputs))
+            for x, a, b in zip(inputs, alone, together):
+                np.testing.assert_array_equal(a, b)
+                reference.assert_close(b, _expected(layer, x))
+
+
+def test_python_threads_with_different_thread_counts_and_layers():
+    """Threads that change fastconv's thread count while others compute: every result stays
+    exact (the count only changes how rows are split)."""
+    layers = [_layer(kwargs, shape, seed=i) for i, (kwargs, shape) in enumerate(THREAD_CASES)]
+    rng = np.random.default_rng(4)
+    inputs = [rng.standard_normal(shape).astype(np.float32) for _, shape in THREAD_CASES]
+    alone = [to_numpy(layer(x)) for layer, x in zip(layers, inputs)]
+
+    def work(i):
+        fastconv.set_num_threads(1 + i % 2)
+        j = i % len(layers)
+        return j, to_numpy(layers[j](inputs[j]))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for j, out in pool.map(work, range(24)):
+            np.testing.assert_array_equal(out, alone[j])
