@@ -2,7 +2,7 @@
 
 import keras
 
-from fastconv import ops
+from fastconv import _export, ops
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
@@ -53,3 +53,45 @@ class Conv2D(keras.layers.Conv2D):
             data_format=self.data_format,
             dilation_rate=self.dilation_rate,
         )
+
+
+@keras.saving.register_keras_serializable(package="fastconv")
+class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """A drop-in replacement for `keras.layers.DepthwiseConv2D`: same arguments, kernel layout
+    `(KH, KW, C, depth_multiplier)`, weights and config; the convolution runs in fastconv's CPU
+    kernels, forward and backward.
+
+    A depthwise convolution with multiplier M is the grouped convolution with groups = C whose
+    kernel is this one reshaped to `(KH, KW, 1, C * M)`: output channel `c * M + m` comes from
+    input channel c, which is Keras' (and TensorFlow's) channel order.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if keras.backend.backend() == "tensorflow":
+            self.supports_jit = False  # see Conv2D
+
+    def call(self, inputs):
+        if keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype:
+            inputs = keras.ops.cast(inputs, self.compute_dtype)
+        if _export.use_keras_convolution(inputs):
+            return super().call(inputs)  # tracing for export: Keras' own depthwise conv
+        kh, kw, channels, multiplier = self.kernel.shape
+        kernel = keras.ops.reshape(self.kernel, (kh, kw, 1, channels * multiplier))
+        outputs = ops.conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            data_format=self.data_format,
+            dilation_rate=self.dilation_rate,
+        )
+        if self.use_bias:
+            if self.data_format == "channels_last":
+                bias_shape = (1, 1, 1, channels * multiplier)
+            else:
+                bias_shape = (1, channels * multiplier, 1, 1)
+            outputs = keras.ops.add(outputs, keras.ops.reshape(self.bias, bias_shape))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs

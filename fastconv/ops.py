@@ -5,6 +5,7 @@ import importlib
 import keras
 import numpy as np
 
+from fastconv import _export
 from fastconv.geometry import ConvSpec
 
 
@@ -75,4 +76,8 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
     _check_numeric(kernel, "kernel")
     if isinstance(inputs, keras.KerasTensor) or isinstance(kernel, keras.KerasTensor):
         return Conv(spec).symbolic_call(inputs, kernel)
+    if _export.use_keras_convolution(inputs, kernel):
+        # Tracing for an exported artifact, which must not call back into fastconv.
+        return keras.ops.conv(inputs, kernel, spec.strides, spec.padding, spec.data_format,
+                              spec.dilation_rate)
     return _bridge().conv(inputs, kernel, spec)

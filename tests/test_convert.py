@@ -1,0 +1,617 @@
+"""fastconv.DepthwiseConv2D, fastconv.convert / revert on user and keras.applications models,
+and standalone export. One pytest process per backend (see conftest.py).
+
+On TensorFlow no Keras grouped convolution runs in this process (DESIGN.md): Keras'
+DepthwiseConv2D (tf.nn.depthwise_conv2d) is fine, Conv2D(groups > 1) only appears off TensorFlow.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import BACKEND, only_numpy, to_numpy
+
+import keras  # noqa: E402  (after conftest: torch before keras)
+
+import fastconv  # noqa: E402
+from fastconv.backends import numpy as host  # noqa: E402
+from reference import assert_close, conv as ref_conv, grads as ref_grads  # noqa: E402
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+elif BACKEND == "jax":
+    import jax
+    import jax.numpy as jnp
+elif BACKEND == "torch":
+    import torch
+
+TRAINS = BACKEND != "numpy"
+needs_autodiff = pytest.mark.skipif(not TRAINS, reason="the numpy backend only predicts")
+
+
+# ------------------------------------------------------------------------------------------------
+# An independent depthwise reference: one single-channel convolution per (channel, multiplier).
+
+def _nhwc(a, data_format):
+    return a.transpose(0, 2, 3, 1) if data_format == "channels_first" else a
+
+
+def _from_nhwc(a, data_format):
+    return a.transpose(0, 3, 1, 2) if data_format == "channels_first" else a
+
+
+def depthwise_reference(x, w, strides, padding, dilation, data_format):
+    x = _nhwc(np.asarray(x, np.float64), data_format)
+    c, m = w.shape[2], w.shape[3]
+    outs = [ref_conv(x[..., i:i + 1], w[:, :, i:i + 1, j:j + 1], strides, padding, dilation)
+            for i in range(c) for j in range(m)]  # output channel i * M + j
+    return _from_nhwc(np.concatenate(outs, axis=-1), data_format)
+
+
+def depthwise_reference_grads(x, w, dy, strides, padding, dilation, data_format):
+    x = _nhwc(np.asarray(x, np.float64), data_format)
+    dy = _nhwc(np.asarray(dy, np.float64), data_format)
+    c, m = w.shape[2], w.shape[3]
+    dx, dw = np.zeros_like(x), np.zeros(w.shape)
+    for i in range(c):
+        for j in range(m):
+            gx, gw = ref_grads(x[..., i:i + 1], w[:, :, i:i + 1, j:j + 1],
+                               dy[..., i * m + j:i * m + j + 1], strides, padding, dilation)
+            dx[..., i:i + 1] += gx
+            dw[:, :, i:i + 1, j:j + 1] = gw
+    return _from_nhwc(dx, data_format), dw
+
+
+def autodiff(fn, *arrays):
+    """Gradients of the scalar fn(*tensors) wrt each argument, by the backend's autodiff."""
+    if BACKEND == "tensorflow":
+        ts = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            tape.watch(ts)
+            loss = fn(*ts)
+        grads = tape.gradient(loss, ts)
+    elif BACKEND == "jax":
+        grads = jax.grad(fn, argnums=tuple(range(len(arrays))))(*[jnp.asarray(a) for a in arrays])
+    else:
+        ts = [torch.tensor(a, requires_grad=True) for a in arrays]
+        fn(*ts).backward()
+        grads = [t.grad for t in ts]
+    assert all(g is not None for g in grads), "a gradient is None"
+    return [np.asarray(to_numpy(g)) for g in grads]
+
+
+class CountingKernels:
+    """Counts calls of the host kernels every bridge goes through: proof that fastconv ran."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = host.forward
+
+        def forward(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(host, "forward", forward)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    return CountingKernels(monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------------
+# fastconv.DepthwiseConv2D
+
+# (n, h, w, c, k, multiplier, strides, dilation, padding, data_format)
+DEPTHWISE_CASES = [
+    (2, 9, 9, 4, (3, 3), 1, 1, 1, "same", "channels_last"),
+    (2, 10, 8, 5, (3, 3), 2, 1, 1, "valid", "channels_last"),
+    (1, 12, 12, 3, (5, 5), 3, 2, 1, "same", "channels_last"),
+    (2, 11, 9, 6, (3, 2), 2, (2, 1), 1, "valid", "channels_last"),
+    (1, 13, 13, 4, (3, 3), 1, 1, 2, "same", "channels_last"),
+    (2, 8, 10, 3, (3, 3), 2, 1, 1, "same", "channels_first"),
+    (2, 9, 9, 7, (1, 1), 4, 2, 1, "valid", "channels_first"),
+    (1, 5, 7, 1, (3, 3), 1, 1, 1, "same", "channels_last"),  # one channel: a plain conv
+    (0, 6, 6, 2, (3, 3), 2, 1, 1, "same", "channels_last"),  # empty batch
+]
+
+
+def _depthwise_case(case, seed=0, use_bias=True):
+    n, h, w, c, k, m, strides, dilation, padding, data_format = case
+    rng = np.random.default_rng(seed)
+    shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x = rng.normal(size=shape).astype("float32")
+    kwargs = dict(kernel_size=k, depth_multiplier=m, strides=strides, dilation_rate=dilation,
+                  padding=padding, data_format=data_format, use_bias=use_bias)
+    layer = fastconv.DepthwiseConv2D(**kwargs)
+    layer.build(shape)
+    kernel = rng.normal(size=layer.kernel.shape).astype("float32")
+    weights = [kernel] + ([rng.normal(size=(c * m,)).astype("float32")] if use_bias else [])
+    layer.set_weights(weights)
+    return x, layer, kwargs, weights
+
+
+def _strides_and_dilation(strides, dilation):
+    return max(np.atleast_1d(strides)) > 1 and max(np.atleast_1d(dilation)) > 1
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
+def test_depthwise_matches_reference_and_keras(case, kernel_calls):
+    x, layer, kwargs, (kernel, bias) = _depthwise_case(case)
+    strides, dilation = layer.strides, layer.dilation_rate
+    out = to_numpy(layer(x))
+    expected = depthwise_reference(x, kernel, strides, layer.padding, dilation, layer.data_format)
+    channel_axis = -1 if layer.data_format == "channels_last" else 1
+    expected = expected + np.expand_dims(bias, [a for a in range(4) if a != channel_axis % 4])
+    assert_close(out, expected, name="depthwise forward")
+    assert kernel_calls.calls == 1, "fastconv's kernels did not serve the layer"
+
+    if not len(x):
+        return  # Keras' own DepthwiseConv2D fails on an empty batch (TF, JAX): nothing to compare
+    keras_layer = keras.layers.DepthwiseConv2D(**kwargs)
+    keras_layer.build(x.shape)
+    keras_layer.set_weights([kernel, bias])
+    assert_close(out, to_numpy(keras_layer(x)), name="vs keras.layers.DepthwiseConv2D")
+
+
+@needs_autodiff
+@pytest.mark.parametrize("case", DEPTHWISE_CASES[:-1], ids=str)
+def test_depthwise_gradients(case):
+    x, layer, _, (kernel, bias) = _depthwise_case(case, seed=1)
+    out_shape = layer.compute_output_shape(x.shape)
+    dy = np.random.default_rng(2).normal(size=out_shape).astype("float32")
+
+    def loss(x, k, b):
+        y, _ = layer.stateless_call([k, b], [], x)
+        return keras.ops.sum(y * keras.ops.convert_to_tensor(dy))
+
+    dx, dk, db = autodiff(loss, x, kernel, bias)
+    ex, ek = depthwise_reference_grads(x, kernel, dy, layer.strides, layer.padding,
+                                       layer.dilation_rate, layer.data_format)
+    channel_axis = -1 if layer.data_format == "channels_last" else 1
+    eb = dy.sum(axis=tuple(a for a in range(4) if a != channel_axis % 4))
+    assert_close(dx, ex, name="d input")
+    assert_close(dk, ek, name="d kernel")
+    assert_close(db, eb, name="d bias")
+
+
+@st.composite
+def depthwise_configs(draw):
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = 1 if max(strides) > 1 else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = draw(st.sampled_from(["same", "valid"]))
+    span = [(k[i] - 1) * np.atleast_1d(dilation)[-1 if i else 0] + 1 for i in range(2)]
+    low = 1 if padding == "same" else max(span)
+    h, w = draw(st.integers(low, low + 8)), draw(st.integers(low, low + 8))
+    return (draw(st.integers(1, 2)), h, w, draw(st.integers(1, 9)), k, draw(st.integers(1, 3)),
+            strides, dilation, padding, draw(st.sampled_from(["channels_last", "channels_first"])))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=depthwise_configs(), seed=st.integers(0, 2**16))
+def test_depthwise_hypothesis(case, seed):
+    x, layer, _, (kernel, bias) = _depthwise_case(case, seed=seed)
+    expected = depthwise_reference(x, kernel, layer.strides, layer.padding, layer.dilation_rate,
+                                   layer.data_format)
+    channel_axis = -1 if layer.data_format == "channels_last" else 1
+    expected = expected + np.expand_dims(bias, [a for a in range(4) if a != channel_axis % 4])
+    assert_close(to_numpy(layer(x)), expected, name=f"depthwise {case}")
+
+
+def test_depthwise_config_matches_keras():
+    kwargs = dict(kernel_size=(3, 5), depth_multiplier=3, strides=2, padding="same",
+                  activation="relu", use_bias=False, name="dw")
+    ours, theirs = fastconv.DepthwiseConv2D(**kwargs), keras.layers.DepthwiseConv2D(**kwargs)
+    assert ours.get_config() == theirs.get_config()
+    clone = fastconv.DepthwiseConv2D.from_config(ours.get_config())
+    assert type(clone) is fastconv.DepthwiseConv2D and clone.get_config() == ours.get_config()
+    assert keras.saving.get_registered_name(fastconv.DepthwiseConv2D) == "fastconv>DepthwiseConv2D"
+    ours.build((None, 8, 8, 4))
+    assert tuple(ours.kernel.shape) == (3, 5, 4, 3)  # Keras' own layout: (KH, KW, C, M)
+    assert ours.supports_jit == (BACKEND != "tensorflow")
+
+
+def test_depthwise_errors_are_keras_errors():
+    with pytest.raises(ValueError, match="depth_multiplier"):
+        fastconv.DepthwiseConv2D(3, depth_multiplier=0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        fastconv.DepthwiseConv2D((0, 3))
+    layer = fastconv.DepthwiseConv2D(5)
+    with pytest.raises(ValueError):
+        layer(np.zeros((1, 3, 3, 2), "float32"))  # kernel larger than the input, "valid"
+
+
+def test_depthwise_integer_input_is_cast():
+    x = np.arange(2 * 6 * 6 * 3).reshape(2, 6, 6, 3) % 7
+    layer = fastconv.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False)
+    out = to_numpy(layer(x))
+    expected = depthwise_reference(x, to_numpy(layer.kernel), (1, 1), "same", (1, 1),
+                                   "channels_last")
+    assert out.dtype == np.float32
+    assert_close(out, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# convert / revert on user models
+
+@keras.saving.register_keras_serializable(package="test_convert")
+class ConvBlock(keras.layers.Layer):
+    """A subclassed layer holding Keras convolutions (converted in place inside the clone)."""
+
+    def __init__(self, filters=4, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv = keras.layers.Conv2D(filters, 3, padding="same", name="inner_conv")
+        self.depthwise = keras.layers.DepthwiseConv2D(3, padding="same", name="inner_dw")
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.depthwise.build(self.conv.compute_output_shape(input_shape))
+
+    def call(self, x):
+        return self.depthwise(keras.ops.relu(self.conv(x)))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="test_convert")
+class MyConv2D(keras.layers.Conv2D):
+    """A user subclass of Conv2D: not Keras' class, so it stays as it is."""
+
+
+def mixed_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12, 12, 3), name="image")
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, strides=2, name="dw1")(h)
+    if BACKEND != "tensorflow":  # Keras' grouped conv must not run on TF (see module docstring)
+        h = keras.layers.Conv2D(8, 1, groups=4, name="grouped")(h)
+    inner = keras.Sequential([keras.layers.Conv2D(6, 3, padding="same", name="seq_conv"),
+                              keras.layers.BatchNormalization(name="seq_bn")], name="seq")
+    h = inner(h)
+    sub_in = keras.Input((None, None, 6))
+    sub_out = keras.layers.DepthwiseConv2D(3, padding="same", name="sub_dw")(sub_in)
+    h = keras.Model(sub_in, sub_out, name="sub")(h)
+    h = ConvBlock(6, name="block")(h)
+    h = MyConv2D(6, 1, name="mine")(h)
+    h = keras.layers.SeparableConv2D(6, 3, padding="same", name="sep")(h)
+    h = keras.layers.Conv2DTranspose(4, 3, strides=2, name="tconv")(h)
+    h3 = keras.layers.Reshape((-1, 4), name="to_seq")(h)
+    h3 = keras.layers.Conv1D(4, 3, name="c1d")(h3)
+    v = keras.layers.Reshape((3, 3, 4, 1))(keras.layers.AveragePooling2D(3)(h))
+    v = keras.layers.Conv3D(2, 2, name="c3d")(v)
+    out = keras.layers.Concatenate()([keras.layers.Flatten()(h3), keras.layers.Flatten()(v)])
+    out = keras.layers.Dense(5, name="head")(out)
+    model = keras.Model(inp, out, name="mixed")
+    # Non-trivial BatchNormalization statistics, so that copying them matters.
+    bn = model.get_layer("seq").get_layer("seq_bn")
+    bn.set_weights([w + np.float32(0.3) for w in bn.get_weights()])
+    return model
+
+
+def _all_layers(model, prefix=""):
+    """{"outer/inner/name": layer} for every layer nested in model."""
+    layers = {}
+    for layer in model._flatten_layers(include_self=False, recursive=False):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue  # clone_model renames the input layers of nested models (no weights)
+        layers[prefix + layer.name] = layer
+        layers.update(_all_layers(layer, prefix + layer.name + "/"))
+    return layers
+
+
+def _images(shape=(3, 12, 12, 3), seed=1):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def test_convert_functional_model(kernel_calls):
+    model = mixed_model()
+    before = {path: type(layer) for path, layer in _all_layers(model).items()}
+    converted = fastconv.convert(model)
+    assert converted is not model and converted.name == model.name
+
+    old, new = _all_layers(model), _all_layers(converted)
+    assert sorted(old) == sorted(new), "layer names (paths) must be kept"
+    swapped = {keras.layers.Conv2D: fastconv.Conv2D,
+               keras.layers.DepthwiseConv2D: fastconv.DepthwiseConv2D}
+    for path, layer in old.items():
+        assert type(layer) is before[path], f"the original's {path} was modified"
+        assert type(new[path]) is swapped.get(type(layer), type(layer)), path
+        for a, b in zip(layer.weights, new[path].weights):
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=path)
+        assert len(layer.weights) == len(new[path].weights), path
+    expected_twins = 6 + (BACKEND != "tensorflow")
+    assert sum(type(layer).__module__.startswith("fastconv") for layer in new.values()) \
+        == expected_twins
+    assert isinstance(new["mine"], MyConv2D) and isinstance(new["sep"],
+                                                                  keras.layers.SeparableConv2D)
+
+    x = _images()
+    expected = to_numpy(model(x))
+    calls = kernel_calls.calls
+    assert_close(to_numpy(converted(x)), expected, name="converted")
+    assert kernel_calls.calls - calls == expected_twins
+    assert_close(to_numpy(converted.predict(x, verbose=0)), expected, name="converted.predict")
+
+    reverted = fastconv.revert(converted)
+    assert not any(type(layer).__module__.startswith("fastconv")
+                   for layer in reverted._flatten_layers())
+    calls = kernel_calls.calls
+    assert_close(to_numpy(reverted(x)), expected, name="reverted")
+    assert kernel_calls.calls == calls
+
+
+def test_convert_sequential_and_single_layer():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((10, 10, 2)),
+                              keras.layers.Conv2D(4, 3, activation="relu", name="a"),
+                              keras.Sequential([keras.layers.DepthwiseConv2D(3, name="b")],
+                                               name="inner"),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3)])
+    converted = fastconv.convert(model)
+    assert isinstance(converted, keras.Sequential)
+    assert type(converted.get_layer("a")) is fastconv.Conv2D
+    assert type(converted.get_layer("inner").get_layer("b")) is fastconv.DepthwiseConv2D
+    x = _images((2, 10, 10, 2))
+    assert_close(to_numpy(converted(x)), to_numpy(model(x)))
+
+    layer = model.get_layer("a")
+    twin = fastconv.convert(layer)
+    assert type(twin) is fastconv.Conv2D and twin.name == "a"
+    assert_close(to_numpy(twin(x)), to_numpy(layer(x)))
+    assert type(fastconv.revert(twin)) is keras.layers.Conv2D
+    unbuilt = fastconv.convert(keras.layers.DepthwiseConv2D(3, depth_multiplier=2))
+    assert type(unbuilt) is fastconv.DepthwiseConv2D and unbuilt.depth_multiplier == 2
+
+
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(6, 3, strides=2, name="conv")
+        self.blocks = [keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2),
+                       keras.layers.Conv2D(4, 1)]
+        self.head = keras.layers.Dense(2)
+
+    def call(self, x):
+        h = self.conv(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(keras.ops.mean(h, axis=(1, 2)))
+
+
+def test_convert_subclassed_model_in_place(kernel_calls):
+    keras.utils.set_random_seed(4)
+    model = Subclassed()
+    x = _images((2, 11, 11, 3))
+    expected = to_numpy(model(x))
+    model.compile(optimizer="sgd", loss="mse")
+    model.predict(x, verbose=0)  # traces a predict function with Keras' convolutions
+    weights = [id(v) for v in model.weights]
+    assert fastconv.convert(model) is model
+    assert [type(layer) for layer in (model.conv, *model.blocks)] == [
+        fastconv.Conv2D, fastconv.DepthwiseConv2D, fastconv.Conv2D]
+    assert [id(v) for v in model.weights] == weights, "in place: the same variables"
+    calls = kernel_calls.calls
+    assert_close(to_numpy(model.predict(x, verbose=0)), expected)
+    assert kernel_calls.calls > calls, "predict still ran the function traced before convert"
+    if TRAINS:
+        model.fit(x, np.zeros((2, 2), "float32"), epochs=1, verbose=0)
+        assert not np.allclose(to_numpy(model(x)), expected)
+    assert fastconv.revert(model) is model and type(model.conv) is keras.layers.Conv2D
+
+
+@pytest.mark.parametrize("bad", [None, "model", np.zeros(3)])
+def test_convert_rejects_non_models(bad):
+    for fn in (fastconv.convert, fastconv.revert):
+        with pytest.raises(TypeError, match="model="):
+            fn(bad)
+
+
+@needs_autodiff
+def test_converted_model_trains_like_keras():
+    model = mixed_model(seed=5)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    converted = fastconv.convert(model)
+    assert converted.compiled and converted.get_compile_config() == model.get_compile_config()
+    x, y = _images(seed=6), np.random.default_rng(7).normal(size=(3, 5)).astype("float32")
+    for _ in range(2):
+        expected = model.train_on_batch(x, y)
+        loss = converted.train_on_batch(x, y)
+        np.testing.assert_allclose(loss, expected, rtol=1e-4)
+    for a, b in zip(model.weights, converted.weights):
+        # atol: a bias followed by BatchNormalization gets a zero gradient (rounding noise).
+        np.testing.assert_allclose(to_numpy(b), to_numpy(a), rtol=1e-4, atol=1e-6,
+                                   err_msg=a.path)
+    changed = [not np.array_equal(to_numpy(a), to_numpy(b))
+               for a, b in zip(model.weights, mixed_model(seed=5).weights)]
+    assert sum(changed) >= len(changed) // 2, "the training steps did not train"
+
+
+def test_converted_model_save_load(tmp_path):
+    converted = fastconv.convert(mixed_model(seed=8))
+    path = tmp_path / "m.keras"
+    converted.save(path)
+    loaded = keras.models.load_model(path)
+    types = {p: type(layer) for p, layer in _all_layers(converted).items()}
+    # A subclassed layer rebuilds its sublayers in __init__: Keras' classes again after loading.
+    types["block/inner_conv"] = keras.layers.Conv2D
+    types["block/inner_dw"] = keras.layers.DepthwiseConv2D
+    assert {p: type(layer) for p, layer in _all_layers(loaded).items()} == types
+    x = _images(seed=9)
+    assert_close(to_numpy(loaded(x)), to_numpy(converted(x)))
+    again = fastconv.convert(loaded)
+    assert {p: type(layer) for p, layer in _all_layers(again).items()} == \
+        {p: type(layer) for p, layer in _all_layers(converted).items()}
+    assert_close(to_numpy(again(x)), to_numpy(converted(x)))
+
+
+# ------------------------------------------------------------------------------------------------
+# keras.applications (weights=None, small inputs: these tests must stay fast)
+
+APPS = ["MobileNetV2", "EfficientNetB0", "ResNet50"]
+APP_SIZE = 64
+
+
+@pytest.fixture(scope="module", params=APPS)
+def app(request):
+    keras.utils.set_random_seed(10)
+    model = getattr(keras.applications, request.param)(
+        weights=None, input_shape=(APP_SIZE, APP_SIZE, 3), classes=10, classifier_activation=None)
+    # Random BatchNormalization statistics: random-init models otherwise shrink the signal to
+    # ~1e-10 at the logits, which would hide errors.
+    rng = np.random.default_rng(11)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
+                               rng.normal(0, 0.1, beta.shape).astype("float32"),
+                               rng.normal(0, 0.1, mean.shape).astype("float32"),
+                               rng.uniform(0.5, 1.5, var.shape).astype("float32")])
+    converted = fastconv.convert(model)
+    x = np.random.default_rng(12).uniform(0, 255, (2, APP_SIZE, APP_SIZE, 3)).astype("float32")
+    return request.param, model, converted, x
+
+
+def test_application_converts_and_predicts_like_keras(app, kernel_calls):
+    name, model, converted, x = app
+    counts = {}
+    for layer in converted._flatten_layers():
+        counts[type(layer)] = counts.get(type(layer), 0) + 1
+    originals = {}
+    for layer in model._flatten_layers():
+        originals[type(layer)] = originals.get(type(layer), 0) + 1
+    assert counts.get(keras.layers.Conv2D, 0) == counts.get(keras.layers.DepthwiseConv2D, 0) == 0
+    assert counts.get(fastconv.Conv2D, 0) == originals[keras.layers.Conv2D] > 0
+    assert counts.get(fastconv.DepthwiseConv2D, 0) == originals.get(
+        keras.layers.DepthwiseConv2D, 0)
+    expected = to_numpy(model(x))
+    assert np.abs(expected).max() > 1e-3
+    assert_close(to_numpy(converted(x)), expected, name=f"{name} logits")
+    assert kernel_calls.calls == counts[fastconv.Conv2D] + counts.get(fastconv.DepthwiseConv2D, 0)
+
+
+@needs_autodiff
+def test_application_train_step(app):
+    name, model, converted, x = app
+    y = np.arange(len(x)) % 10
+    before = [to_numpy(v) for v in converted.trainable_weights]
+    converted.compile(optimizer=keras.optimizers.SGD(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = converted.train_on_batch(x, y)
+    assert np.isfinite(loss)
+    after = [to_numpy(v) for v in converted.trainable_weights]
+    kernels = [i for i, v in enumerate(converted.trainable_weights) if v.name == "kernel"]
+    moved = [i for i in kernels if not np.array_equal(before[i], after[i])]
+    assert len(moved) == len(kernels), "some convolution kernels received no gradient"
+
+
+def test_application_save_load(app, tmp_path):
+    name, model, converted, x = app
+    if name != "MobileNetV2":
+        pytest.skip("one application is enough for the .keras round trip (time)")
+    converted.save(tmp_path / "app.keras")
+    loaded = keras.models.load_model(tmp_path / "app.keras")
+    assert type(loaded.get_layer("Conv1")) is fastconv.Conv2D
+    assert type(loaded.get_layer("expanded_conv_depthwise")) is fastconv.DepthwiseConv2D
+    assert_close(to_numpy(loaded(x)), to_numpy(converted(x)), name="reloaded")
+
+
+# ------------------------------------------------------------------------------------------------
+# Export: a standalone artifact, served where fastconv cannot be imported
+
+LOADER = textwrap.dedent("""
+    import importlib.abc, json, sys
+    class NoFastconv(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "fastconv" or name.startswith("fastconv."):
+                raise ImportError("fastconv is not installed here")
+    sys.meta_path.insert(0, NoFastconv())
+    import numpy as np
+    path, x = sys.argv[1], np.load(sys.argv[2])
+    if path.endswith(".pt2"):
+        import torch
+        module = torch.export.load(path).module()
+        out = np.concatenate([module(torch.from_numpy(x[i:i + 1])).detach().numpy()
+                              for i in range(len(x))])
+    else:
+        import tensorflow as tf
+        loaded = tf.saved_model.load(path)
+        out = loaded.serve(x).numpy()
+    np.save(sys.argv[3], out)
+    print(json.dumps({"fastconv_imported": "fastconv" in sys.modules}))
+""")
+
+
+def _serve_without_fastconv(path, x, tmp_path):
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "loader.py").write_text(LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "loader.py"), str(path), str(tmp_path / "x.npy"),
+         str(tmp_path / "y.npy")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"fastconv_imported": False}
+    return np.load(tmp_path / "y.npy")
+
+
+def _export_model():
+    keras.utils.set_random_seed(13)
+    inp = keras.Input((12, 12, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, strides=2)(h)
+    h = keras.layers.Conv2D(4, 3, dilation_rate=2, padding="same")(h)
+    return fastconv.convert(keras.Model(inp, keras.layers.Flatten()(h)))
+
+
+@pytest.mark.skipif(BACKEND == "numpy", reason="Keras cannot export on the numpy backend")
+@pytest.mark.parametrize("how", ["model.export", "fastconv.export", "ExportArchive"])
+def test_export_serves_without_fastconv(how, tmp_path, kernel_calls):
+    if BACKEND == "torch" and how == "ExportArchive":
+        pytest.skip("torch: the .pt2 format, through model.export / fastconv.export")
+    model = _export_model()
+    x = _images((3, 12, 12, 3), seed=14)
+    expected = to_numpy(model(x))
+    assert kernel_calls.calls == 3
+    fmt = "torch" if BACKEND == "torch" else "tf_saved_model"
+    path = tmp_path / ("artifact.pt2" if BACKEND == "torch" else "artifact")
+    if how == "model.export":
+        model.export(str(path), format=fmt, verbose=False)
+    elif how == "fastconv.export":
+        fastconv.export(model, str(path), format=fmt, verbose=False)
+    else:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("serve", model.call,
+                             input_signature=[keras.InputSpec(shape=(None, 12, 12, 3), dtype="float32")])
+        archive.write_out(str(path), verbose=False)
+    served = _serve_without_fastconv(path, x, tmp_path)
+    assert_close(served, expected, name="served artifact")
+    # Exporting did not switch the model itself to Keras' convolution.
+    calls = kernel_calls.calls
+    assert_close(to_numpy(model(x)), expected)
+    assert kernel_calls.calls == calls + 3
+
+
+def test_keras_convolution_context(kernel_calls):
+    model = _export_model()
+    x = _images((2, 12, 12, 3), seed=15)
+    expected = to_numpy(model(x))
+    calls = kernel_calls.calls
+    with fastconv.keras_convolution():
+        inside = to_numpy(model(x))
+    assert kernel_calls.calls == calls, "fastconv's kernels ran inside keras_convolution()"
+    assert_close(inside, expected)
+    model(x)
+    assert kernel_calls.calls == calls + 3
