@@ -51,12 +51,15 @@ cdef extern from *:
     #if defined(__AVX512F__)
       #define FC_VB 64
       #define FC_ACC 24
+      #define FC_NREG 32
     #elif defined(__AVX__)
       #define FC_VB 32
       #define FC_ACC 12
+      #define FC_NREG 16
     #else
       #define FC_VB 16
       #define FC_ACC 12
+      #define FC_NREG 16
     #endif
     #define FC_PMAX 12
 
@@ -72,6 +75,17 @@ cdef extern from *:
         while (V > 1 && (V > rem || V * sz > 4 * FC_VB)) V >>= 1;
         return V;
     }
+    /* Depthwise 3-tap rows (fc_dw3): at most 2 vectors a row, and P + 3 rows of them in registers. */
+    static inline int fc_dw3_width(ptrdiff_t rem, int sz) {
+        int V = 64;
+        while (V > 1 && (V > rem || V * sz > 2 * FC_VB)) V >>= 1;
+        return V;
+    }
+    static inline int fc_dw3_pmax(int V, int sz) {
+        int nvec = (V * sz + FC_VB - 1) / FC_VB;
+        int p = (FC_NREG - 1) / nvec - 3;
+        return p > FC_PMAX ? FC_PMAX : (p < 1 ? 1 : p);
+    }
     static inline int fc_log2(int V) { int l = 0; while ((1 << l) < V) l++; return l; }
 
     #if defined(__GNUC__)
@@ -82,7 +96,9 @@ cdef extern from *:
       #define FC_LOAD(dst, src) memcpy(&(dst), (src), sizeof(vec))
       #define FC_STORE(dst, src) memcpy((dst), &(src), sizeof(vec))
       #define FC_ZERO(dst) (dst) = (vec){0}
+      #define FC_UNROLL _Pragma("GCC unroll 16")
     #else
+      #define FC_UNROLL
       #define FC_VEC(T, V) typedef T vec; enum { VW = 1, NV = (V) };
       #define FC_LOAD(dst, src) (dst) = *(src)
       #define FC_STORE(dst, src) *(dst) = (src)
@@ -186,6 +202,35 @@ cdef extern from *:
         } \
     }
 
+    /* Depthwise tile over 3 consecutive taps of a kernel row with unit stride and dilation: pixel p
+       of the tile reads input pixels p, p+1, p+2, so each input vector is loaded once and used for
+       up to 3 outputs. out[p*ops + v] = sum_s sum_{t<3} A[aoff[s] + (p+t)*aps + v] * B[boff[s] + t*ldt + v]. */
+    #define FC_DW3(T, SUF, P, V) \
+    static void fc_dw3_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, \
+            const T* __restrict B, ptrdiff_t ldt, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
+            int nseg, T* __restrict out, ptrdiff_t ops) \
+    { \
+        FC_VEC(T, V) \
+        vec acc[P][NV]; \
+        for (int p = 0; p < P; p++) for (int j = 0; j < NV; j++) FC_ZERO(acc[p][j]); \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict a = A + aoff[s]; \
+            const T* __restrict b = B + boff[s]; \
+            vec bv[3][NV]; \
+            for (int t = 0; t < 3; t++) for (int j = 0; j < NV; j++) FC_LOAD(bv[t][j], b + t * ldt + j * VW); \
+            FC_UNROLL \
+            for (int i = 0; i < P + 2; i++) for (int j = 0; j < NV; j++) { \
+                vec av; \
+                FC_LOAD(av, a + i * aps + j * VW); \
+                FC_UNROLL \
+                for (int t = 0; t < 3; t++) \
+                    if (i - t >= 0 && i - t < P) acc[i - t][j] += av * bv[t][j]; \
+            } \
+        } \
+        for (int p = 0; p < P; p++) for (int j = 0; j < NV; j++) \
+            FC_STORE(out + p * ops + j * VW, acc[p][j]); \
+    }
+
     #define FC_PS(M, T, SUF, V) M(T, SUF, 1, V) M(T, SUF, 2, V) M(T, SUF, 3, V) M(T, SUF, 4, V) \
         M(T, SUF, 5, V) M(T, SUF, 6, V) M(T, SUF, 7, V) M(T, SUF, 8, V) M(T, SUF, 9, V) \
         M(T, SUF, 10, V) M(T, SUF, 11, V) M(T, SUF, 12, V)
@@ -201,12 +246,21 @@ cdef extern from *:
     #define FC_TYPE(T, SUF) \
     FC_VS(FC_GEMM, T, SUF) \
     FC_VS(FC_DW, T, SUF) \
+    FC_VS(FC_DW3, T, SUF) \
     FC_DWK(T, SUF, 1) FC_DWK(T, SUF, 2) FC_DWK(T, SUF, 4) FC_DWK(T, SUF, 8) \
     FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
     typedef void (*fc_gemm_##SUF##_t)(const T*, ptrdiff_t, ptrdiff_t, const T*, ptrdiff_t, \
         const ptrdiff_t*, const ptrdiff_t*, const ptrdiff_t*, int, T*, ptrdiff_t, int); \
     typedef void (*fc_dw_##SUF##_t)(const T*, ptrdiff_t, const T*, const ptrdiff_t*, \
         const ptrdiff_t*, int, T*, ptrdiff_t); \
+    typedef void (*fc_dw3_##SUF##_t)(const T*, ptrdiff_t, const T*, ptrdiff_t, const ptrdiff_t*, \
+        const ptrdiff_t*, int, T*, ptrdiff_t); \
+    static const fc_dw3_##SUF##_t fc_dw3_table_##SUF[7][13] = FC_TABLE(fc_dw3, SUF); \
+    static inline void fc_dw3_##SUF(int P, int V, const T* A, ptrdiff_t aps, const T* B, \
+            ptrdiff_t ldt, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, T* out, \
+            ptrdiff_t ops) { \
+        fc_dw3_table_##SUF[fc_log2(V)][P](A, aps, B, ldt, aoff, boff, nseg, out, ops); \
+    } \
     typedef void (*fc_dwk_##SUF##_t)(const T*, ptrdiff_t, const T*, ptrdiff_t, const ptrdiff_t*, \
         const ptrdiff_t*, const ptrdiff_t*, int, T*, int); \
     static const fc_gemm_##SUF##_t fc_gemm_table_##SUF[7][13] = FC_TABLE(fc_gemm, SUF); \
@@ -255,6 +309,14 @@ cdef extern from *:
     void fc_dwk_d(int V, const double* A, Py_ssize_t ak, const double* B, Py_ssize_t ldb,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
                   int nseg, double* out, int accumulate) noexcept nogil
+    int fc_dw3_width(Py_ssize_t rem, int sz) noexcept nogil
+    int fc_dw3_pmax(int V, int sz) noexcept nogil
+    void fc_dw3_f(int P, int V, const float* A, Py_ssize_t aps, const float* B, Py_ssize_t ldt,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
+                  Py_ssize_t ops) noexcept nogil
+    void fc_dw3_d(int P, int V, const double* A, Py_ssize_t aps, const double* B, Py_ssize_t ldt,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, double* out,
+                  Py_ssize_t ops) noexcept nogil
 
 cdef enum:
     STACK_TAPS = 64    # segment lists live on the stack up to this many kernel taps, else malloc
@@ -278,6 +340,15 @@ cdef inline void _dw(int P, int V, const floating* A, Py_ssize_t aps, const floa
         fc_dw_f(P, V, A, aps, B, aoff, boff, nseg, out, ops)
     else:
         fc_dw_d(P, V, A, aps, B, aoff, boff, nseg, out, ops)
+
+
+cdef inline void _dw3(int P, int V, const floating* A, Py_ssize_t aps, const floating* B,
+                      Py_ssize_t ldt, const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg,
+                      floating* out, Py_ssize_t ops) noexcept nogil:
+    if floating is float:
+        fc_dw3_f(P, V, A, aps, B, ldt, aoff, boff, nseg, out, ops)
+    else:
+        fc_dw3_d(P, V, A, aps, B, ldt, aoff, boff, nseg, out, ops)
 
 
 cdef inline void _dwk(int V, const floating* A, Py_ssize_t ak, const floating* B, Py_ssize_t ldb,
@@ -321,11 +392,34 @@ cdef inline void _kw_clip(Py_ssize_t iw0, Py_ssize_t W, Py_ssize_t KW, Py_ssize_
     hi[0] = _max(lo[0], _min(KW, _fdiv(W - 1 - iw0, dw) + 1))
 
 
+cdef Py_ssize_t _forward_runs(Py_ssize_t OW, Py_ssize_t W, Py_ssize_t KW, Py_ssize_t sw,
+                              Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t* runs) noexcept nogil:
+    # Cut an output row into runs of pixels whose windows clip the same kw taps [lo, hi): lo and
+    # hi only decrease along the row, so there are at most 2*KW + 3 runs. runs[3r:3r+3] =
+    # (first pixel, lo, hi), runs[3*nruns] = OW. The same for every row: computed once a call.
+    cdef Py_ssize_t nruns = 0, ow = 0, lo, hi, lo2, hi2
+    while ow < OW:
+        _kw_clip(ow * sw - pad_left, W, KW, dw, &lo, &hi)
+        runs[3 * nruns] = ow
+        runs[3 * nruns + 1] = lo
+        runs[3 * nruns + 2] = hi
+        nruns += 1
+        ow += 1
+        while ow < OW:
+            _kw_clip(ow * sw - pad_left, W, KW, dw, &lo2, &hi2)
+            if lo2 != lo or hi2 != hi:
+                break
+            ow += 1
+    runs[3 * nruns] = OW
+    return nruns
+
+
 cdef void _forward_row(const floating* x, const floating* w, floating* out,
                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t F,
                        Py_ssize_t OW, Py_ssize_t ih0, Py_ssize_t sw, Py_ssize_t dh,
-                       Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t groups) noexcept nogil:
+                       Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t groups,
+                       const Py_ssize_t* runs, Py_ssize_t nruns) noexcept nogil:
     # One output row: x points at image n, out at output row (n, oh), ih0 = oh*sh - pad_top.
     # The row is cut into runs of consecutive pixels whose windows clip the same kw taps [lo, hi)
     # (the interior is one run, each border a few short ones: lo and hi only decrease along the
@@ -333,7 +427,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
     # pixel's window origin, so a run's taps are one contiguous slice of the list; each run is
     # computed in tiles of P pixels.
     cdef Py_ssize_t T = KH * KW
-    cdef Py_ssize_t need = 3 * T + 3 * KH + 3 * (2 * KW + 3)
+    cdef Py_ssize_t need = 3 * T + 3 * KH
     cdef Py_ssize_t stack[6 * STACK_TAPS]
     cdef Py_ssize_t* seg = stack
     if need > 6 * STACK_TAPS:
@@ -344,14 +438,12 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
     cdef Py_ssize_t* mrg_a = seg + 3 * T      # merged segments: one per kernel row
     cdef Py_ssize_t* mrg_b = mrg_a + KH
     cdef Py_ssize_t* mrg_l = mrg_b + KH
-    cdef Py_ssize_t* runs = mrg_l + KH        # (first pixel, lo, hi) of each run
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef bint merged = dw == 1 and groups == 1 and not depthwise
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first
     cdef Py_ssize_t ngroups = 1 if depthwise else groups
-    cdef Py_ssize_t nruns = 0
     cdef int nseg, nkh, V, P, p
     # kernel rows that land inside the image, once per row
     cdef Py_ssize_t kh_lo = _max(0, _cdiv(-ih0, dh))
@@ -369,21 +461,32 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
     for kh in range(nkh):
         mrg_a[kh] = kh * dh * W * C
         mrg_b[kh] = kh * KW * C * F
-    ow = 0
-    while ow < OW:
-        _kw_clip(ow * sw - pad_left, W, KW, dw, &lo, &hi)
-        runs[3 * nruns] = ow
-        runs[3 * nruns + 1] = lo
-        runs[3 * nruns + 2] = hi
-        nruns += 1
-        ow += 1
-        while ow < OW:
-            _kw_clip(ow * sw - pad_left, W, KW, dw, &lo2, &hi2)
-            if lo2 != lo or hi2 != hi:
-                break
-            ow += 1
-    runs[3 * nruns] = OW
     fw = F if depthwise else cout_g
+    if depthwise and KW == 3 and dw == 1 and sw == 1:
+        # kw-major list: the first nkh segments are the kw = 0 taps of each kernel row
+        # tiles of pixels outer, channels inner: x and out are read and written in order
+        V = fc_dw3_width(F, sz)
+        P = fc_dw3_pmax(V, sz)
+        for r in range(nruns):
+            ow = runs[3 * r]
+            run_end = runs[3 * r + 3]
+            lo = runs[3 * r + 1]
+            hi = runs[3 * r + 2]
+            while ow < run_end:
+                p = <int>_min(P, run_end - ow)
+                base = (rowbase + ow * sw - pad_left) * C
+                f0 = 0
+                while f0 < F:
+                    V = fc_dw3_width(F - f0, sz)
+                    if lo == 0 and hi == 3:
+                        _dw3(p, V, x + base + f0, C, w + f0, F, aoff, boff, nkh,
+                             out + ow * F + f0, F)
+                    else:
+                        _dw(p, V, x + base + f0, C, w + f0, aoff + lo * nkh, boff + lo * nkh,
+                            <int>((hi - lo) * nkh), out + ow * F + f0, F)
+                    f0 += V
+                ow += p
+        ngroups = 0
     for g in range(ngroups):
         f0 = 0
         while f0 < fw:
@@ -434,11 +537,18 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &w[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
-    for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
-        n = r // OH
-        oh = r % OH
-        _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, KH, KW, cin_g, F,
-                     OW, oh * sh - pad_top, sw, dh, dw, pad_left, groups)
+    cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
+    if runs == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
+    try:
+        for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
+            n = r // OH
+            oh = r % OH
+            _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, KH, KW, cin_g, F,
+                         OW, oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns)
+    finally:
+        free(runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +560,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g, Py_ssize_t C,
                           Py_ssize_t W, Py_ssize_t ih, Py_ssize_t sh, Py_ssize_t sw,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
-                          Py_ssize_t pad_left, Py_ssize_t groups) noexcept nogil:
+                          Py_ssize_t pad_left, Py_ssize_t groups,
+                          const Py_ssize_t* phases) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
     # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
@@ -458,7 +569,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     # (at most 2*KW + 3 of them), computed in tiles of P pixels; segments are listed kw-major so
     # that a run's taps are a contiguous slice.
     cdef Py_ssize_t T = KH * KW
-    cdef Py_ssize_t need = 3 * T + 2 * (KH + KW) + 3 * (2 * KW + 3)
+    cdef Py_ssize_t need = 3 * T + 2 * KH
     cdef Py_ssize_t stack[6 * STACK_TAPS]
     cdef Py_ssize_t* seg = stack
     if need > 6 * STACK_TAPS:
@@ -468,9 +579,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef Py_ssize_t* lens = seg + 2 * T
     cdef Py_ssize_t* khs = seg + 3 * T        # valid kh of this row
     cdef Py_ssize_t* ohs = khs + KH           # and their output row
-    cdef Py_ssize_t* kws = ohs + KH           # candidate kw of this phase
-    cdef Py_ssize_t* ow0s = kws + KW          # and their output pixel at j = 0 (decreasing)
-    cdef Py_ssize_t* runs = ow0s + KW         # (first pixel, lo, hi) of each run
+    cdef Py_ssize_t* kws                      # candidate kw of a phase
+    cdef Py_ssize_t* ow0s                     # and their output pixel at j = 0 (decreasing)
+    cdef Py_ssize_t* runs                     # (first pixel, lo, hi) of each run
     cdef Py_ssize_t cin_g = C // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef Py_ssize_t cw = C if depthwise else cin_g
@@ -489,35 +600,40 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
         nkh += 1
     for q in range(_min(sw, W)):
         nq = (W - q + sw - 1) // sw
-        tw0 = q + pad_left
-        nkw = 0
-        for kw in range(KW):
-            num = tw0 - kw * dw
-            if num % sw != 0:
-                continue
-            kws[nkw] = kw
-            ow0s[nkw] = num // sw    # exact
-            nkw += 1
+        nkw = phases[q * _phase_size(KW)]
+        nruns = phases[q * _phase_size(KW) + 1]
+        kws = <Py_ssize_t*>phases + q * _phase_size(KW) + 2
+        ow0s = kws + KW
+        runs = ow0s + KW
         for b in range(nkw):
             for a in range(nkh):
                 aoff[b * nkh + a] = (ohs[a] * OW + ow0s[b]) * F
                 boff[b * nkh + a] = (khs[a] * KW + kws[b]) * cout_g * C
                 lens[b * nkh + a] = cout_g
-        nruns = 0
-        j = 0
-        while j < nq:
-            _kw_valid(ow0s, nkw, j, OW, &lo, &hi)
-            runs[3 * nruns] = j
-            runs[3 * nruns + 1] = lo
-            runs[3 * nruns + 2] = hi
-            nruns += 1
-            j += 1
-            while j < nq:
-                _kw_valid(ow0s, nkw, j, OW, &lo2, &hi2)
-                if lo2 != lo or hi2 != hi:
-                    break
-                j += 1
-        runs[3 * nruns] = nq
+        if depthwise and KW == 3 and dw == 1 and sw == 1:
+            # candidate taps kw = 0, 1, 2 read output pixels ow0 - kw: in kw-reversed order,
+            # consecutive pixels, as fc_dw3 wants (list index 2*nkh + a: kw = 2 of kernel row a)
+            c0 = 0
+            while c0 < C:
+                V = fc_dw3_width(C - c0, sz)
+                P = fc_dw3_pmax(V, sz)
+                for r in range(nruns):
+                    j = runs[3 * r]
+                    run_end = runs[3 * r + 3]
+                    lo = runs[3 * r + 1]
+                    hi = runs[3 * r + 2]
+                    while j < run_end:
+                        p = <int>_min(P, run_end - j)
+                        if lo == 0 and hi == 3:
+                            _dw3(p, V, dy + j * F + c0, F, wt + c0, -C, aoff + 2 * nkh,
+                                 boff + 2 * nkh, <int>nkh, dx + (q + j * sw) * C + c0, sw * C)
+                        else:
+                            _dw(p, V, dy + j * F + c0, F, wt + c0, aoff + lo * nkh,
+                                boff + lo * nkh, <int>((hi - lo) * nkh),
+                                dx + (q + j * sw) * C + c0, sw * C)
+                        j += p
+                c0 += V
+            continue
         for g in range(1 if depthwise else groups):
             c0 = 0
             while c0 < cw:
@@ -541,6 +657,56 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 c0 += V
     if seg != stack:
         free(seg)
+
+
+cdef inline Py_ssize_t _phase_size(Py_ssize_t KW) noexcept nogil:
+    return 2 + 2 * KW + 3 * (2 * KW + 3) + 1
+
+
+cdef void _grad_input_phases(Py_ssize_t W, Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t sw,
+                             Py_ssize_t dw, Py_ssize_t pad_left,
+                             Py_ssize_t* phases) noexcept nogil:
+    # For each stride phase q (input pixels iw = q + j*sw): [nkw, nruns, kws[KW], ow0s[KW],
+    # runs[...]]: the candidate kw taps, their output pixel at j = 0, and the runs of pixels with
+    # the same valid taps (indices [lo, hi) into kws, increasing with j: at most 2*KW + 2 runs).
+    # The same for every row: computed once a call.
+    cdef Py_ssize_t q, nq, tw0, kw, num, nkw, nruns, j, lo, hi, lo2, hi2
+    cdef Py_ssize_t* ph
+    cdef Py_ssize_t* kws
+    cdef Py_ssize_t* ow0s
+    cdef Py_ssize_t* runs
+    for q in range(_min(sw, W)):
+        ph = phases + q * _phase_size(KW)
+        kws = ph + 2
+        ow0s = kws + KW
+        runs = ow0s + KW
+        nq = (W - q + sw - 1) // sw
+        tw0 = q + pad_left
+        nkw = 0
+        for kw in range(KW):
+            num = tw0 - kw * dw
+            if num % sw != 0:
+                continue
+            kws[nkw] = kw
+            ow0s[nkw] = num // sw    # exact
+            nkw += 1
+        nruns = 0
+        j = 0
+        while j < nq:
+            _kw_valid(ow0s, nkw, j, OW, &lo, &hi)
+            runs[3 * nruns] = j
+            runs[3 * nruns + 1] = lo
+            runs[3 * nruns + 2] = hi
+            nruns += 1
+            j += 1
+            while j < nq:
+                _kw_valid(ow0s, nkw, j, OW, &lo2, &hi2)
+                if lo2 != lo or hi2 != hi:
+                    break
+                j += 1
+        runs[3 * nruns] = nq
+        ph[0] = nkw
+        ph[1] = nruns
 
 
 cdef inline void _kw_valid(const Py_ssize_t* ow0s, Py_ssize_t nkw, Py_ssize_t j, Py_ssize_t OW,
@@ -572,11 +738,19 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
     cdef const floating* gp = &dy[0, 0, 0, 0]
     cdef const floating* wp = &wt[0, 0, 0, 0]
     cdef floating* dp = &dx[0, 0, 0, 0]
-    for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
-        n = r // H
-        ih = r % H
-        _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW, cout_g,
-                        C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups)
+    cdef Py_ssize_t* phases = <Py_ssize_t*>malloc(_min(sw, W) * _phase_size(KW) *
+                                                  sizeof(Py_ssize_t))
+    if phases == NULL:
+        raise MemoryError()
+    _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
+    try:
+        for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
+            n = r // H
+            ih = r % H
+            _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW,
+                            cout_g, C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases)
+    finally:
+        free(phases)
 
 
 # ---------------------------------------------------------------------------------------------
