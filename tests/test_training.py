@@ -92,6 +92,8 @@ def test_fit_follows_keras(grouped):
     ref, fast = twins(grouped)
     initial = fast.get_weights()
     compile_both(ref, fast)
+    if BACKEND == "jax":
+        assert fast.jit_compile is True  # the layer must not switch off the JAX trainer's jit
     ref_loss, fast_loss = fit_both(ref, fast)
     assert fast_loss[-1] < fast_loss[0], "fastconv's model did not learn"
     assert_losses(fast_loss, ref_loss)
@@ -104,6 +106,22 @@ def test_fit_follows_keras(grouped):
     ev = [m.evaluate(x, y, batch_size=16, verbose=0) for m in (ref, fast)]
     assert rel_diff(ev[1], ev[0]) <= LOSS_RTOL
     reference.assert_close(fast.predict(x, verbose=0), ref.predict(x, verbose=0), 1e-3)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason=(
+    "TF only: JAX jits by default (checked in test_fit_follows_keras); torch.compile of the "
+    "whole train step takes a minute here, torch.compile of a model is in test_gradients.py"))
+def test_fit_with_jit_compile_true():
+    """TF cannot put tf.numpy_function under XLA: with jit_compile=True Keras' trainer warns and
+    trains without XLA (the layer says supports_jit=False), like Keras' own layer otherwise."""
+    ref, fast = twins()
+    compile_both(ref)
+    with pytest.warns(UserWarning, match="jit_compile"):
+        compile_both(fast, jit_compile=True)
+    assert fast.jit_compile is False
+    ref_loss, fast_loss = fit_both(ref, fast, epochs=2)
+    assert_losses(fast_loss, ref_loss)
+    assert_weights(fast, ref)
 
 
 @trains
