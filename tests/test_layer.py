@@ -408,8 +408,6 @@ def test_nan_and_inf_reach_exactly_the_outputs_whose_window_covers_them():
 class KerasLayerTest(testing.TestCase):
     @parameterized.named_parameters(
         ("dense", dict(filters=5, kernel_size=3), (2, 8, 7, 3), (2, 6, 5, 5)),
-        ("same_strided", dict(filters=4, kernel_size=(3, 2), strides=(2, 1), padding="same"),
-         (2, 9, 8, 3), (2, 5, 8, 4)),
         ("grouped_first", dict(filters=6, kernel_size=3, groups=3, padding="same",
                                data_format="channels_first"), (2, 6, 5, 7), (2, 6, 5, 7)),
         ("depthwise_dilated", dict(filters=8, kernel_size=3, groups=4, dilation_rate=2,
