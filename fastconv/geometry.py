@@ -81,6 +81,11 @@ class Geometry:
     def kernel_shape(self):
         return (self.kh, self.kw, self.cin_g, self.f)
 
+    @property
+    def macs(self):
+        """Multiply-adds of one direction (forward, grad wrt input or wrt kernel)."""
+        return self.n * self.oh * self.ow * self.f * self.kh * self.kw * self.cin_g
+
 
 def _output_size(size, k, stride, dilation, padding):
     """Output length and leading pad of one spatial axis, exactly as Keras/TF compute them."""

@@ -20,7 +20,9 @@ CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
+def _restore_threads(monkeypatch):
+    # Small calls run on one thread by design; here every call must use all it is given.
+    monkeypatch.setattr(fastconv.backends.numpy, "_MACS_PER_THREAD", 1)
     yield
     fastconv.set_num_threads(None)
 

@@ -27,9 +27,15 @@ def _from_nhwc(array, spec):
     return array if spec.channels_last else array.transpose(0, 3, 1, 2)
 
 
+# Below this many multiply-adds per thread, waking another OpenMP thread costs more than it
+# saves (and on a busy machine a spinning team can stall for milliseconds).
+_MACS_PER_THREAD = 1 << 20
+
+
 def _args(spec, g):
+    threads = max(1, min(_dispatch.get_num_threads(), g.macs // _MACS_PER_THREAD))
     return (spec.strides[0], spec.strides[1], spec.dilation_rate[0], spec.dilation_rate[1],
-            g.pad_top, g.pad_left, g.groups, _dispatch.get_num_threads())
+            g.pad_top, g.pad_left, g.groups, threads)
 
 
 def forward(x, kernel, spec, dtype=np.float32):
