@@ -231,6 +231,63 @@ cdef extern from *:
             FC_STORE(out + p * ops + j * VW, acc[p][j]); \
     }
 
+    /* Grouped convolutions with 8 output channels a group, float, AVX-512: a 16-lane vector holds
+       8 outputs x 2 consecutive input channels (lane 2*o + h <- channel 2*k + h), so the input
+       operand is one 64-bit broadcast of an adjacent channel pair (a pure load) and every FMA is
+       full width; the two halves are added when the tile is stored. B is the kernel packed as
+       [segment][k pair][16 lanes]. out[p*ops + o] = sum_s sum_{k < len[s]} sum_h
+       A[aoff[s] + p*aps + 2k + h] * B[boff[s] + 16k + 2o + h]. */
+    #if defined(__GNUC__) && FC_VB == 64
+      #define FC_PAIR_OK 1
+      typedef float fc_v16f __attribute__((vector_size(64)));
+      typedef double fc_v8d __attribute__((vector_size(64)));
+      #define FC_PAIR(P) \
+      static void fc_pair8_##P(const float* __restrict A, ptrdiff_t aps, const float* __restrict B, \
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg, \
+              float* __restrict out, ptrdiff_t ops) \
+      { \
+          fc_v16f acc[P]; \
+          for (int p = 0; p < P; p++) acc[p] = (fc_v16f){0}; \
+          for (int s = 0; s < nseg; s++) { \
+              const float* __restrict a = A + aoff[s]; \
+              const float* __restrict b = B + boff[s]; \
+              const ptrdiff_t L = len[s]; \
+              for (ptrdiff_t k = 0; k < L; k++) { \
+                  fc_v16f bv; \
+                  memcpy(&bv, b + 16 * k, 64); \
+                  for (int p = 0; p < P; p++) { \
+                      double d; \
+                      memcpy(&d, a + p * aps + 2 * k, 8); \
+                      fc_v8d dv = {d, d, d, d, d, d, d, d}; \
+                      acc[p] += (fc_v16f)dv * bv; \
+                  } \
+              } \
+          } \
+          for (int p = 0; p < P; p++) { \
+              float t[16]; \
+              memcpy(t, &acc[p], 64); \
+              for (int o = 0; o < 8; o++) out[p * ops + o] = t[2 * o] + t[2 * o + 1]; \
+          } \
+      }
+      FC_PAIR(1) FC_PAIR(2) FC_PAIR(3) FC_PAIR(4) FC_PAIR(5) FC_PAIR(6) FC_PAIR(7) FC_PAIR(8)
+      FC_PAIR(9) FC_PAIR(10) FC_PAIR(11) FC_PAIR(12)
+      typedef void (*fc_pair8_t)(const float*, ptrdiff_t, const float*, const ptrdiff_t*,
+          const ptrdiff_t*, const ptrdiff_t*, int, float*, ptrdiff_t);
+      static const fc_pair8_t fc_pair8_table[13] = {0, fc_pair8_1, fc_pair8_2, fc_pair8_3,
+          fc_pair8_4, fc_pair8_5, fc_pair8_6, fc_pair8_7, fc_pair8_8, fc_pair8_9, fc_pair8_10,
+          fc_pair8_11, fc_pair8_12};
+      static inline void fc_pair8(int P, const float* A, ptrdiff_t aps, const float* B,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
+              float* out, ptrdiff_t ops) {
+          fc_pair8_table[P](A, aps, B, aoff, boff, len, nseg, out, ops);
+      }
+    #else
+      #define FC_PAIR_OK 0
+      static inline void fc_pair8(int P, const float* A, ptrdiff_t aps, const float* B,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
+              float* out, ptrdiff_t ops) {}
+    #endif
+
     #define FC_PS(M, T, SUF, V) M(T, SUF, 1, V) M(T, SUF, 2, V) M(T, SUF, 3, V) M(T, SUF, 4, V) \
         M(T, SUF, 5, V) M(T, SUF, 6, V) M(T, SUF, 7, V) M(T, SUF, 8, V) M(T, SUF, 9, V) \
         M(T, SUF, 10, V) M(T, SUF, 11, V) M(T, SUF, 12, V)
@@ -317,6 +374,10 @@ cdef extern from *:
     void fc_dw3_d(int P, int V, const double* A, Py_ssize_t aps, const double* B, Py_ssize_t ldt,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, double* out,
                   Py_ssize_t ops) noexcept nogil
+    bint FC_PAIR_OK
+    void fc_pair8(int P, const float* A, Py_ssize_t aps, const float* B, const Py_ssize_t* aoff,
+                  const Py_ssize_t* boff, const Py_ssize_t* lens, int nseg, float* out,
+                  Py_ssize_t ops) noexcept nogil
 
 cdef enum:
     STACK_TAPS = 64    # segment lists live on the stack up to this many kernel taps, else malloc
@@ -358,6 +419,30 @@ cdef inline void _dwk(int V, const floating* A, Py_ssize_t ak, const floating* B
         fc_dwk_f(V, A, ak, B, ldb, aoff, boff, lens, nseg, out, accumulate)
     else:
         fc_dwk_d(V, A, ak, B, ldb, aoff, boff, lens, nseg, out, accumulate)
+
+
+cdef inline bint _use_pair(int sz, Py_ssize_t cin_g, Py_ssize_t cout_g,
+                           Py_ssize_t groups) noexcept nogil:
+    # fc_pair8 serves float grouped convolutions with 8 outputs and an even number of inputs a
+    # group (AVX-512 builds only)
+    return FC_PAIR_OK and sz == 4 and groups > 1 and cout_g == 8 and cin_g % 2 == 0
+
+
+cdef float* _pack_pair(const float* w, Py_ssize_t taps, Py_ssize_t cin_g, Py_ssize_t groups,
+                       Py_ssize_t F) noexcept nogil:
+    # w (taps, cin_g, F = groups*8) -> [tap][group][cin_g/2][16], lane 2*o + h <- w[tap][2k+h][8g+o]
+    cdef float* p = <float*>malloc(taps * cin_g * F * sizeof(float))
+    cdef Py_ssize_t t, g, k, o, h
+    if p == NULL:
+        return NULL
+    for t in range(taps):
+        for g in range(groups):
+            for k in range(cin_g // 2):
+                for o in range(8):
+                    for h in range(2):
+                        p[(((t * groups + g) * (cin_g // 2) + k) * 8 + o) * 2 + h] = \
+                            w[(t * cin_g + 2 * k + h) * F + g * 8 + o]
+    return p
 
 
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -419,7 +504,8 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                        Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t F,
                        Py_ssize_t OW, Py_ssize_t ih0, Py_ssize_t sw, Py_ssize_t dh,
                        Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t groups,
-                       const Py_ssize_t* runs, Py_ssize_t nruns) noexcept nogil:
+                       const Py_ssize_t* runs, Py_ssize_t nruns,
+                       const float* wpk) noexcept nogil:
     # One output row: x points at image n, out at output row (n, oh), ih0 = oh*sh - pad_top.
     # The row is cut into runs of consecutive pixels whose windows clip the same kw taps [lo, hi)
     # (the interior is one run, each border a few short ones: lo and hi only decrease along the
@@ -458,6 +544,8 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
             aoff[nseg] = ((kh - kh_lo) * dh * W + kw * dw) * C
             boff[nseg] = (kh * KW + kw) * cin_g * F
             lens[nseg] = cin_g
+            if wpk != NULL:
+                lens[nseg] = cin_g // 2
     for kh in range(nkh):
         mrg_a[kh] = kh * dh * W * C
         mrg_b[kh] = kh * KW * C * F
@@ -485,6 +573,37 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                         _dw(p, V, x + base + f0, C, w + f0, aoff + lo * nkh, boff + lo * nkh,
                             <int>((hi - lo) * nkh), out + ow * F + f0, F)
                     f0 += V
+                ow += p
+        ngroups = 0
+    if ngroups > 1:
+        # grouped: pixels outer, groups inner, so that x is swept in order and a tile's input
+        # pixels stay in L1 across the groups
+        P = fc_pmax(fc_width(fw, sz), sz)
+        for r in range(nruns):
+            ow = runs[3 * r]
+            run_end = runs[3 * r + 3]
+            lo = runs[3 * r + 1]
+            hi = runs[3 * r + 2]
+            first = lo * nkh
+            nseg = <int>((hi - lo) * nkh)
+            while ow < run_end:
+                p = <int>_min(P, run_end - ow)
+                base = (rowbase + ow * sw - pad_left) * C
+                for g in range(ngroups):
+                    if floating is float:
+                        if wpk != NULL:
+                            # packed kernel: boff / C*F == tap, [tap][group][cin_g/2][16]
+                            fc_pair8(p, x + base + g * cin_g, sw * C, wpk + g * cin_g * 8,
+                                     aoff + first, boff + first, lens + first, nseg,
+                                     out + ow * F + g * 8, F)
+                            continue
+                    f0 = 0
+                    while f0 < fw:
+                        V = fc_width(fw - f0, sz)
+                        _gemm(p, V, x + base + g * cin_g, sw * C, 1, w + g * cout_g + f0, F,
+                              aoff + first, boff + first, lens + first, nseg,
+                              out + ow * F + g * cout_g + f0, F, 0)
+                        f0 += V
                 ow += p
         ngroups = 0
     for g in range(ngroups):
@@ -541,14 +660,19 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
     if runs == NULL:
         raise MemoryError()
     cdef Py_ssize_t nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
+    cdef float* wpk = NULL
+    if floating is float:
+        if _use_pair(sizeof(floating), cin_g, F // groups, groups):
+            wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
     try:
         for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
             n = r // OH
             oh = r % OH
             _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, KH, KW, cin_g, F,
-                         OW, oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns)
+                         OW, oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk)
     finally:
         free(runs)
+        free(wpk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +685,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t W, Py_ssize_t ih, Py_ssize_t sh, Py_ssize_t sw,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
                           Py_ssize_t pad_left, Py_ssize_t groups,
-                          const Py_ssize_t* phases) noexcept nogil:
+                          const Py_ssize_t* phases, const float* wpk) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
     # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
@@ -609,7 +733,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
             for a in range(nkh):
                 aoff[b * nkh + a] = (ohs[a] * OW + ow0s[b]) * F
                 boff[b * nkh + a] = (khs[a] * KW + kws[b]) * cout_g * C
-                lens[b * nkh + a] = cout_g
+                lens[b * nkh + a] = cout_g // 2 if wpk != NULL else cout_g
         if depthwise and KW == 3 and dw == 1 and sw == 1:
             # candidate taps kw = 0, 1, 2 read output pixels ow0 - kw: in kw-reversed order,
             # consecutive pixels, as fc_dw3 wants (list index 2*nkh + a: kw = 2 of kernel row a)
@@ -646,6 +770,13 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
                     while j < run_end:
                         p = <int>_min(P, run_end - j)
+                        if floating is float:
+                            if wpk != NULL:
+                                fc_pair8(p, dy + j * F + g * cout_g, F, wpk + g * cout_g * 8,
+                                         aoff + first, boff + first, lens + first, nseg,
+                                         dx + (q + j * sw) * C + g * 8, sw * C)
+                                j += p
+                                continue
                         if depthwise:
                             _dw(p, V, dy + j * F + c0, F, wt + c0, aoff + first, boff + first,
                                 nseg, dx + (q + j * sw) * C + c0, sw * C)
@@ -743,14 +874,20 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
     if phases == NULL:
         raise MemoryError()
     _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
+    cdef float* wpk = NULL
+    if floating is float:
+        if _use_pair(sizeof(floating), cout_g, C // groups, groups):
+            wpk = _pack_pair(wp, KH * KW, cout_g, groups, C)
     try:
         for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
             n = r // H
             ih = r % H
             _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW,
-                            cout_g, C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases)
+                            cout_g, C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases,
+                            wpk)
     finally:
         free(phases)
+        free(wpk)
 
 
 # ---------------------------------------------------------------------------------------------
