@@ -41,8 +41,26 @@ def _conv_fwd(spec, x, k):
     return _conv(spec, x, k), (x, k)
 
 
+_SECOND_ORDER = (
+    "fastconv computes first-order gradients only: a gradient of fastconv's gradient (e.g. a "
+    "Hessian or a gradient penalty) is not supported. Use keras.layers.Conv2D."
+)
+
+
+@jax.custom_jvp
+def _first_order_only(*args):
+    """Identity on the gradient callbacks' inputs; differentiating it raises (a bare
+    pure_callback would say "use jax.custom_jvp", which misleads a user)."""
+    return args
+
+
+@_first_order_only.defjvp
+def _(primals, tangents):
+    raise NotImplementedError(_SECOND_ORDER)
+
+
 def _conv_bwd(spec, residuals, dy):
-    x, k = residuals
+    x, k, dy = _first_order_only(*residuals, dy)
     dtype = np.dtype(x.dtype)
     dx = _callback(lambda g, b: host.grad_input(g, b, spec, x.shape, dtype),
                    x.shape, dtype, dy, k)

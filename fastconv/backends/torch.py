@@ -79,6 +79,17 @@ def _backward(ctx, dy):
 _conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _second_order(ctx, *grads):
+    raise NotImplementedError(
+        "fastconv computes first-order gradients only: a gradient of fastconv's gradient (e.g. "
+        "a Hessian or a gradient penalty) is not supported. Use keras.layers.Conv2D."
+    )
+
+
+for _op in (_grad_input, _grad_kernel):
+    _op.register_autograd(_second_order, setup_context=lambda ctx, inputs, output: None)
+
+
 def conv(inputs, kernel, spec):
     x = keras.ops.convert_to_tensor(inputs)
     k = keras.ops.convert_to_tensor(kernel)
