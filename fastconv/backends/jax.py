@@ -25,6 +25,16 @@ def _on_accelerator(*arrays):
     return False
 
 
+@functools.lru_cache(maxsize=1024)
+def _host(direction, spec, dtype, shape=None):
+    """One callable per (direction, spec, dtype, shape). JAX caches a compiled callback by its
+    callable: a fresh lambda per call would recompile every eager call (~40 ms)."""
+    fn = getattr(host, direction)
+    if direction == "forward":
+        return lambda a, b: fn(a, b, spec, dtype)
+    return lambda a, b: fn(a, b, spec, shape, dtype)
+
+
 def _callback(fn, shape, dtype, *args):
     return jax.pure_callback(fn, jax.ShapeDtypeStruct(tuple(shape), dtype), *args,
                              vmap_method="sequential")
@@ -33,8 +43,8 @@ def _callback(fn, shape, dtype, *args):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec, x, k):
     dtype = np.dtype(x.dtype)
-    return _callback(lambda a, b: host.forward(a, b, spec, dtype),
-                     spec.output_shape(x.shape, k.shape), dtype, x, k)
+    return _callback(_host("forward", spec, dtype), spec.output_shape(x.shape, k.shape), dtype,
+                     x, k)
 
 
 def _conv_fwd(spec, x, k):
@@ -62,10 +72,8 @@ def _(primals, tangents):
 def _conv_bwd(spec, residuals, dy):
     x, k, dy = _first_order_only(*residuals, dy)
     dtype = np.dtype(x.dtype)
-    dx = _callback(lambda g, b: host.grad_input(g, b, spec, x.shape, dtype),
-                   x.shape, dtype, dy, k)
-    dk = _callback(lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
-                   k.shape, dtype, x, dy)
+    dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
+    dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
     return dx, dk
 
 
@@ -83,5 +91,12 @@ def conv(inputs, kernel, spec):
     # ones follow Keras' promotion.
     result = (keras.backend.standardize_dtype(x.dtype) if x.dtype == k.dtype
               else keras.backend.result_type(x.dtype, k.dtype))
+    return _conv_cast(spec, result, x, k)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _conv_cast(spec, result, x, k):
+    # Jitted so that an eager call dispatches a cached executable instead of tracing the
+    # custom_vjp anew each time; inside the trainer's jit it simply inlines.
     dtype = host.host_dtype(result)
     return _conv(spec, x.astype(dtype), k.astype(dtype)).astype(result)
