@@ -271,6 +271,70 @@ cdef extern from *:
       }
       FC_PAIR(1) FC_PAIR(2) FC_PAIR(3) FC_PAIR(4) FC_PAIR(5) FC_PAIR(6) FC_PAIR(7) FC_PAIR(8)
       FC_PAIR(9) FC_PAIR(10) FC_PAIR(11) FC_PAIR(12)
+      /* Kernel gradient of such convolutions (8 inputs and 8 outputs a group), GB groups a tile:
+         acc[g][ip] lane 2*o + h = dW[2*ip + h][8g + o] += x[pix][8g + 2*ip + h] * dy[pix][8g + o],
+         the x operand a 64-bit broadcast of a channel pair, the dy operand its 8 values doubled (one
+         permute a group and pixel). out = dW + ... with rows ldo apart. */
+      typedef int fc_v16i __attribute__((vector_size(64)));
+      #define FC_PAIRK(GB) \
+      static void fc_pairk_##GB(const float* __restrict A, ptrdiff_t ak, const float* __restrict B, \
+              ptrdiff_t ldb, const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, \
+              int nseg, float* __restrict out, ptrdiff_t ldo, int accumulate) \
+      { \
+          const fc_v16i dup = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7}; \
+          fc_v16f acc[GB][4]; \
+          for (int g = 0; g < GB; g++) for (int ip = 0; ip < 4; ip++) { \
+              float t[16]; \
+              for (int o = 0; o < 8; o++) for (int h = 0; h < 2; h++) \
+                  t[2 * o + h] = accumulate ? out[(2 * ip + h) * ldo + 8 * g + o] : 0.0f; \
+              memcpy(&acc[g][ip], t, 64); \
+          } \
+          for (int s = 0; s < nseg; s++) { \
+              const float* __restrict a = A + aoff[s]; \
+              const float* __restrict b = B + boff[s]; \
+              const ptrdiff_t L = len[s]; \
+              for (ptrdiff_t k = 0; k < L; k++) { \
+                  fc_v16f dd[GB]; \
+                  for (int g = 0; g + 1 < GB; g += 2) { \
+                      fc_v16f v; \
+                      memcpy(&v, b + 8 * g, 64); \
+                      dd[g] = __builtin_shuffle(v, dup); \
+                      dd[g + 1] = __builtin_shuffle(v, dup + 8); \
+                  } \
+                  if (GB % 2) { \
+                      fc_v16f v = {0}; \
+                      memcpy(&v, b + 8 * (GB - 1), 32); \
+                      dd[GB - 1] = __builtin_shuffle(v, dup); \
+                  } \
+                  for (int g = 0; g < GB; g++) { \
+                      const fc_v16f dv = dd[g]; \
+                      for (int ip = 0; ip < 4; ip++) { \
+                          double d; \
+                          memcpy(&d, a + 8 * g + 2 * ip, 8); \
+                          fc_v8d pv = {d, d, d, d, d, d, d, d}; \
+                          acc[g][ip] += (fc_v16f)pv * dv; \
+                      } \
+                  } \
+                  a += ak; \
+                  b += ldb; \
+              } \
+          } \
+          for (int g = 0; g < GB; g++) for (int ip = 0; ip < 4; ip++) { \
+              float t[16]; \
+              memcpy(t, &acc[g][ip], 64); \
+              for (int o = 0; o < 8; o++) for (int h = 0; h < 2; h++) \
+                  out[(2 * ip + h) * ldo + 8 * g + o] = t[2 * o + h]; \
+          } \
+      }
+      FC_PAIRK(1) FC_PAIRK(2) FC_PAIRK(3) FC_PAIRK(4)
+      typedef void (*fc_pairk_t)(const float*, ptrdiff_t, const float*, ptrdiff_t, const ptrdiff_t*,
+          const ptrdiff_t*, const ptrdiff_t*, int, float*, ptrdiff_t, int);
+      static const fc_pairk_t fc_pairk_table[5] = {0, fc_pairk_1, fc_pairk_2, fc_pairk_3, fc_pairk_4};
+      static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
+              float* out, ptrdiff_t ldo, int accumulate) {
+          fc_pairk_table[GB](A, ak, B, ldb, aoff, boff, len, nseg, out, ldo, accumulate);
+      }
       typedef void (*fc_pair8_t)(const float*, ptrdiff_t, const float*, const ptrdiff_t*,
           const ptrdiff_t*, const ptrdiff_t*, int, float*, ptrdiff_t);
       static const fc_pair8_t fc_pair8_table[13] = {0, fc_pair8_1, fc_pair8_2, fc_pair8_3,
@@ -283,6 +347,9 @@ cdef extern from *:
       }
     #else
       #define FC_PAIR_OK 0
+      static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
+              float* out, ptrdiff_t ldo, int accumulate) {}
       static inline void fc_pair8(int P, const float* A, ptrdiff_t aps, const float* B,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ops) {}
@@ -378,6 +445,9 @@ cdef extern from *:
     void fc_pair8(int P, const float* A, Py_ssize_t aps, const float* B, const Py_ssize_t* aoff,
                   const Py_ssize_t* boff, const Py_ssize_t* lens, int nseg, float* out,
                   Py_ssize_t ops) noexcept nogil
+    void fc_pairk(int GB, const float* A, Py_ssize_t ak, const float* B, Py_ssize_t ldb,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
+                  int nseg, float* out, Py_ssize_t ldo, int accumulate) noexcept nogil
 
 cdef enum:
     STACK_TAPS = 64    # segment lists live on the stack up to this many kernel taps, else malloc
@@ -941,7 +1011,12 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     boff[nseg] = (r * OW + ow_lo) * F + fo
                     lens[nseg] = ow_hi - ow_lo
                     nseg += 1
-            if depthwise:
+            if V == 0:
+                # fc_pairk: P groups of 8 x 8 from group g on
+                if floating is float:
+                    fc_pairk(P, x, sw * C, dy, F, aoff, boff, lens, nseg,
+                             dwp + tap * cin_g * F + fo, F, not first)
+            elif depthwise:
                 _dwk(V, x, sw * C, dy, F, aoff, boff, lens, nseg, dwp + tap * F + fo, not first)
             else:
                 _gemm(P, V, x, 1, sw * C, dy, F, aoff, boff, lens, nseg,
@@ -966,10 +1041,25 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
     if N * OH * OW == 0 or KH * KW * cin_g * F == 0:
         dw[...] = 0
         return
-    # the task list (tap, group, i0, f0, V << 8 | P): count, then fill
+    cdef bint pairk = (floating is float and _use_pair(sz, cin_g, cout_g, groups)
+                       and cin_g == 8)
+    # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
+    # groups from `group` on
     for t in range(2):
         ntasks = 0
         for tap in range(KH * KW):
+            if pairk:
+                g = 0
+                while g < groups:
+                    if t == 1:
+                        tasks[5 * ntasks] = tap
+                        tasks[5 * ntasks + 1] = g
+                        tasks[5 * ntasks + 2] = 0
+                        tasks[5 * ntasks + 3] = 0
+                        tasks[5 * ntasks + 4] = _min(4, groups - g)
+                    ntasks += 1
+                    g += 4
+                continue
             for g in range(1 if depthwise else groups):
                 f0 = 0
                 while f0 < (F if depthwise else cout_g):
