@@ -64,15 +64,19 @@ cdef extern from *:
     #define FC_PMAX 12
 
     /* Rows of a tile (pixels, or kernel rows for grad_kernel) for tiles V elements of size sz wide. */
+    /* P rows of nvec accumulators, nvec kernel vectors and one broadcast must fit the register file
+       (else gcc spills the accumulators): 6 x 4 zmm with AVX-512, 6 x 2 ymm with AVX2 (the classic
+       6 x 16 float tile), 6 x 2 xmm with SSE2. */
     static inline int fc_pmax(int V, int sz) {
         int nvec = (V * sz + FC_VB - 1) / FC_VB;
-        int p = FC_ACC / nvec;
+        int p = (FC_NREG - 1 - nvec) / nvec;
         return p > FC_PMAX ? FC_PMAX : (p < 1 ? 1 : p);
     }
-    /* The widest power-of-2 tile width <= rem that takes at most 4 vector registers a row. */
+    /* The widest power-of-2 tile width <= rem that takes at most 4 (32 registers) or 2 (16
+       registers) vectors a row. */
     static inline int fc_width(ptrdiff_t rem, int sz) {
         int V = 64;
-        while (V > 1 && (V > rem || V * sz > 4 * FC_VB)) V >>= 1;
+        while (V > 1 && (V > rem || V * sz > (FC_NREG == 32 ? 4 : 2) * FC_VB)) V >>= 1;
         return V;
     }
     /* Depthwise 3-tap rows (fc_dw3): at most 2 vectors a row, and P + 3 rows of them in registers. */
