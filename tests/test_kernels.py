@@ -33,6 +33,17 @@ CASES = [
     (2, 6, 6, 64, 3, 3, 48, 8, (1, 1), (1, 1), "same"),
     (1, 5, 7, 40, 1, 1, 33, 1, (1, 1), (1, 1), "valid"),
     (2, 6, 6, 20, 2, 2, 20, 20, (2, 2), (1, 1), "same"),  # even kernel, stride 2, depthwise
+    # Wide enough for the vector tiles (6 pixels x 64 channels), their tails and special paths:
+    (2, 9, 11, 32, 3, 3, 32, 4, (1, 1), (1, 1), "same"),  # 8 channels per group (pair tiles)
+    (2, 9, 11, 32, 3, 3, 32, 4, (2, 2), (1, 1), "same"),
+    (2, 10, 11, 48, 3, 3, 24, 4, (1, 1), (2, 2), "same"),  # 12 in / 6 out per group
+    (2, 9, 14, 64, 3, 3, 72, 1, (1, 1), (1, 1), "same"),  # dense, merged kw taps
+    (1, 11, 13, 61, 3, 3, 47, 1, (1, 1), (1, 1), "valid"),  # odd channel counts
+    (2, 15, 17, 3, 7, 7, 64, 1, (2, 2), (1, 1), "same"),  # stem: 3 input channels
+    (2, 13, 21, 128, 3, 3, 128, 128, (1, 1), (1, 1), "same"),  # depthwise, sliding tile
+    (2, 13, 21, 37, 5, 5, 37, 37, (2, 1), (1, 2), "same"),  # depthwise, odd, 5x5
+    (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
+    (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
 ]
 
 
@@ -94,6 +105,29 @@ def configs(draw):
 @given(case=configs(), variant=st.sampled_from(VARIANTS))
 def test_random_configurations(case, variant):
     _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, np.float64)
+
+
+@st.composite
+def wide_configs(draw):
+    """Channel counts around the vector widths (8, 16, 64) so tiles and their tails all run."""
+    groups = draw(st.sampled_from([1, 1, 2, 4, 8]))
+    cin_g = draw(st.sampled_from([1, 3, 7, 8, 9, 16, 17, 24]))
+    fg = draw(st.sampled_from([1, 2, 5, 8, 15, 16, 33, 64, 70]))
+    k = draw(st.integers(1, 4))
+    strides = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    h = draw(st.integers((k - 1) * dilation[0] + 1, 14))
+    w = draw(st.integers((k - 1) * dilation[1] + 1, 20))
+    padding = draw(st.sampled_from(["valid", "same"]))
+    return (draw(st.integers(1, 2)), h, w, groups * cin_g, k, k, groups * fg, groups, strides,
+            dilation, padding)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=wide_configs(), variant=st.sampled_from(VARIANTS),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_random_wide_configurations(case, variant, dtype):
+    _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, dtype)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11]], ids=str)
