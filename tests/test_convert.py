@@ -21,7 +21,7 @@ from conftest import BACKEND, only_numpy, to_numpy
 import keras  # noqa: E402  (after conftest: torch before keras)
 
 import fastconv  # noqa: E402
-from fastconv.backends import numpy as host  # noqa: E402
+from fastconv import _dispatch  # noqa: E402
 from reference import assert_close, conv as ref_conv, grads as ref_grads  # noqa: E402
 
 if BACKEND == "tensorflow":
@@ -88,17 +88,18 @@ def autodiff(fn, *arrays):
 
 
 class CountingKernels:
-    """Counts calls of the host kernels every bridge goes through: proof that fastconv ran."""
+    """Counts calls of the compiled forward kernel (looked up at each call by the host side of
+    every bridge): proof that fastconv ran."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = host.forward
+        real = _dispatch.kernels.forward
 
         def forward(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(host, "forward", forward)
+        monkeypatch.setattr(_dispatch.kernels, "forward", forward)
 
 
 @pytest.fixture
@@ -151,7 +152,8 @@ def test_depthwise_matches_reference_and_keras(case, kernel_calls):
     channel_axis = -1 if layer.data_format == "channels_last" else 1
     expected = expected + np.expand_dims(bias, [a for a in range(4) if a != channel_axis % 4])
     assert_close(out, expected, name="depthwise forward")
-    assert kernel_calls.calls == 1, "fastconv's kernels did not serve the layer"
+    if len(x):  # (JAX skips a callback whose result is empty)
+        assert kernel_calls.calls == 1, "fastconv's kernels did not serve the layer"
 
     if not len(x):
         return  # Keras' own DepthwiseConv2D fails on an empty batch (TF, JAX): nothing to compare
@@ -494,17 +496,17 @@ def check_application(name, size=APP_SIZE):
               "converted_fastconv": [count(converted, fastconv.Conv2D),
                                      count(converted, fastconv.DepthwiseConv2D)]}
     expected = to_numpy(model(x)).astype(np.float64)
-    calls, real = [0], host.forward
+    calls, real = [0], _dispatch.kernels.forward
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    host.forward = counting
+    _dispatch.kernels.forward = counting
     try:
         out = to_numpy(converted(x))
     finally:
-        host.forward = real
+        _dispatch.kernels.forward = real
     result["expected_max"] = float(np.abs(expected).max())
     result["predict_err"] = float(np.abs(out - expected).max() / np.abs(expected).max())
     result["kernel_calls"] = calls[0]
