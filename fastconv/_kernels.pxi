@@ -91,6 +91,13 @@ cdef extern from *:
         return p > FC_PMAX ? FC_PMAX : (p < 1 ? 1 : p);
     }
     static inline int fc_log2(int V) { int l = 0; while ((1 << l) < V) l++; return l; }
+    /* fc_dwk3: 9 accumulators, a dy vector and a load a vector of channels: one vector with 16
+       registers, two with 32 */
+    static inline int fc_dwk3_width(ptrdiff_t rem, int sz) {
+        int V = 32;
+        while (V > 1 && (V > rem || V * sz > (FC_NREG == 32 ? 2 : 1) * FC_VB)) V >>= 1;
+        return V;
+    }
 
     #if defined(__GNUC__)
       /* elements per vector for a tile V wide: the native width, or V when narrower */
@@ -204,6 +211,79 @@ cdef extern from *:
             vec r = acc[0][j] + acc[1][j]; \
             FC_STORE(out + j * VW, r); \
         } \
+    }
+
+    /* Depthwise kernel gradient of a kernel with 3 columns (unit stride and dilation along w), for
+       a block of 3 kernel rows: all 9 taps' accumulators stay in registers while each output row
+       slides along, so dy is read once for 9 taps. Segment s is one output row: dyr[s] points at
+       dy[n, oh, 0, c0], xr[3s + h] at x[n, ih_h, 0, c0] with pixel stride xs[3s + h] (a kernel row
+       outside the image points at zeros with stride 0). For kernel column k, output pixel ow reads
+       input pixel iw = ow - pad + k (taps outside the row are skipped).
+       out[h*ldh + k*F + v] = (out if accumulate) + sum_s sum_ow x(h, iw)[v] * dy[ow][v], h < nh. */
+    static const float fc_zeros_f[64] = {0};
+    static const double fc_zeros_d[64] = {0};
+    #define FC_DWK3(T, SUF, V) \
+    static void fc_dwk3_##SUF##_##V(const T* const* xr, const ptrdiff_t* xs, \
+            const T* const* dyr, ptrdiff_t F, int nseg, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
+            T* __restrict out, ptrdiff_t ldh, int nh, int accumulate) \
+    { \
+        FC_VEC(T, V) \
+        vec acc[3][3][NV]; \
+        for (int h = 0; h < 3; h++) for (int k = 0; k < 3; k++) for (int j = 0; j < NV; j++) { \
+            if (accumulate && h < nh) FC_LOAD(acc[h][k][j], out + h * ldh + k * F + j * VW); \
+            else FC_ZERO(acc[h][k][j]); \
+        } \
+        ptrdiff_t a = pad < 0 ? 0 : (pad > OW ? OW : pad); \
+        ptrdiff_t b = W - 2 + pad; \
+        if (b > OW) b = OW; \
+        if (b < a) b = a; \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict d = dyr[s]; \
+            const T* __restrict x0 = xr[3 * s]; \
+            const T* __restrict x1 = xr[3 * s + 1]; \
+            const T* __restrict x2 = xr[3 * s + 2]; \
+            const ptrdiff_t s0 = xs[3 * s], s1 = xs[3 * s + 1], s2 = xs[3 * s + 2]; \
+            for (ptrdiff_t ow = 0; ow < OW; ow++) { \
+                if (ow == a) { \
+                    /* interior: every tap inside the row */ \
+                    const T* __restrict p0 = x0 + (a - pad) * s0; \
+                    const T* __restrict p1 = x1 + (a - pad) * s1; \
+                    const T* __restrict p2 = x2 + (a - pad) * s2; \
+                    const T* __restrict q = d + a * F; \
+                    for (ptrdiff_t i = a; i < b; i++) { \
+                        for (int j = 0; j < NV; j++) { \
+                            vec dv, v; \
+                            FC_LOAD(dv, q + j * VW); \
+                            FC_LOAD(v, p0 + j * VW); acc[0][0][j] += v * dv; \
+                            FC_LOAD(v, p0 + s0 + j * VW); acc[0][1][j] += v * dv; \
+                            FC_LOAD(v, p0 + 2 * s0 + j * VW); acc[0][2][j] += v * dv; \
+                            FC_LOAD(v, p1 + j * VW); acc[1][0][j] += v * dv; \
+                            FC_LOAD(v, p1 + s1 + j * VW); acc[1][1][j] += v * dv; \
+                            FC_LOAD(v, p1 + 2 * s1 + j * VW); acc[1][2][j] += v * dv; \
+                            FC_LOAD(v, p2 + j * VW); acc[2][0][j] += v * dv; \
+                            FC_LOAD(v, p2 + s2 + j * VW); acc[2][1][j] += v * dv; \
+                            FC_LOAD(v, p2 + 2 * s2 + j * VW); acc[2][2][j] += v * dv; \
+                        } \
+                        p0 += s0; p1 += s1; p2 += s2; q += F; \
+                    } \
+                    ow = b; \
+                    if (ow >= OW) break; \
+                } \
+                for (int j = 0; j < NV; j++) { \
+                    vec dv, v; \
+                    FC_LOAD(dv, d + ow * F + j * VW); \
+                    for (int k = 0; k < 3; k++) { \
+                        const ptrdiff_t iw = ow - pad + k; \
+                        if (iw < 0 || iw >= W) continue; \
+                        FC_LOAD(v, x0 + iw * s0 + j * VW); acc[0][k][j] += v * dv; \
+                        FC_LOAD(v, x1 + iw * s1 + j * VW); acc[1][k][j] += v * dv; \
+                        FC_LOAD(v, x2 + iw * s2 + j * VW); acc[2][k][j] += v * dv; \
+                    } \
+                } \
+            } \
+        } \
+        for (int h = 0; h < nh; h++) for (int k = 0; k < 3; k++) for (int j = 0; j < NV; j++) \
+            FC_STORE(out + h * ldh + k * F + j * VW, acc[h][k][j]); \
     }
 
     /* Depthwise tile over 3 consecutive taps of a kernel row with unit stride and dilation: pixel p
@@ -377,6 +457,18 @@ cdef extern from *:
     FC_VS(FC_DW3, T, SUF) \
     FC_DWK(T, SUF, 1) FC_DWK(T, SUF, 2) FC_DWK(T, SUF, 4) FC_DWK(T, SUF, 8) \
     FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
+    FC_DWK3(T, SUF, 1) FC_DWK3(T, SUF, 2) FC_DWK3(T, SUF, 4) FC_DWK3(T, SUF, 8) \
+    FC_DWK3(T, SUF, 16) FC_DWK3(T, SUF, 32) \
+    typedef void (*fc_dwk3_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
+        ptrdiff_t, int, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, int, int); \
+    static const fc_dwk3_##SUF##_t fc_dwk3_table_##SUF[6] = {fc_dwk3_##SUF##_1, \
+        fc_dwk3_##SUF##_2, fc_dwk3_##SUF##_4, fc_dwk3_##SUF##_8, fc_dwk3_##SUF##_16, \
+        fc_dwk3_##SUF##_32}; \
+    static inline void fc_dwk3_##SUF(int V, const T* const* xr, const ptrdiff_t* xs, \
+            const T* const* dyr, ptrdiff_t F, int nseg, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
+            T* out, ptrdiff_t ldh, int nh, int accumulate) { \
+        fc_dwk3_table_##SUF[fc_log2(V)](xr, xs, dyr, F, nseg, OW, W, pad, out, ldh, nh, accumulate); \
+    } \
     typedef void (*fc_gemm_##SUF##_t)(const T*, ptrdiff_t, ptrdiff_t, const T*, ptrdiff_t, \
         const ptrdiff_t*, const ptrdiff_t*, const ptrdiff_t*, int, T*, ptrdiff_t, int); \
     typedef void (*fc_dw_##SUF##_t)(const T*, ptrdiff_t, const T*, const ptrdiff_t*, \
@@ -438,6 +530,15 @@ cdef extern from *:
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
                   int nseg, double* out, int accumulate) noexcept nogil
     int fc_dw3_width(Py_ssize_t rem, int sz) noexcept nogil
+    int fc_dwk3_width(Py_ssize_t rem, int sz) noexcept nogil
+    const float* fc_zeros_f
+    const double* fc_zeros_d
+    void fc_dwk3_f(int V, const float* const* xr, const Py_ssize_t* xs, const float* const* dyr,
+                   Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad, float* out,
+                   Py_ssize_t ldh, int nh, int accumulate) noexcept nogil
+    void fc_dwk3_d(int V, const double* const* xr, const Py_ssize_t* xs, const double* const* dyr,
+                   Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
+                   double* out, Py_ssize_t ldh, int nh, int accumulate) noexcept nogil
     int fc_dw3_pmax(int V, int sz) noexcept nogil
     void fc_dw3_f(int P, int V, const float* A, Py_ssize_t aps, const float* B, Py_ssize_t ldt,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
@@ -978,8 +1079,12 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                              Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t groups,
                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dwl,
                              Py_ssize_t pad_top, Py_ssize_t pad_left,
-                             Py_ssize_t chunk) noexcept nogil:
+                             Py_ssize_t chunk, Py_ssize_t KH, bint dk3) noexcept nogil:
     cdef Py_ssize_t aoff[MAX_CHUNK]
+    cdef const floating* xr[3 * MAX_CHUNK]
+    cdef Py_ssize_t xs[3 * MAX_CHUNK]
+    cdef const floating* dyr[MAX_CHUNK]
+    cdef Py_ssize_t h, nh
     cdef Py_ssize_t boff[MAX_CHUNK]
     cdef Py_ssize_t lens[MAX_CHUNK]
     cdef Py_ssize_t cout_g = F // groups
@@ -999,6 +1104,37 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
             P = <int>(tasks[5 * t + 4] & 255)
             kh = tap // KW
             kw = tap % KW
+            if dk3:
+                # fc_dwk3: kernel rows kh .. kh + 2, all 3 columns, channels f0 .. f0 + V
+                nh = <int>_min(3, KH - kh)
+                nseg = 0
+                for r in range(r0, _min(R, r0 + chunk)):
+                    n = r // OH
+                    oh = r % OH
+                    xo = 0
+                    for h in range(3):
+                        ih = oh * sh - pad_top + (kh + h) * dh
+                        if h < nh and ih >= 0 and ih < H:
+                            xr[3 * nseg + h] = x + (n * H + ih) * W * C + f0
+                            xs[3 * nseg + h] = C
+                            xo += 1
+                        else:
+                            if floating is float:
+                                xr[3 * nseg + h] = fc_zeros_f
+                            else:
+                                xr[3 * nseg + h] = fc_zeros_d
+                            xs[3 * nseg + h] = 0
+                    if xo == 0:
+                        continue
+                    dyr[nseg] = dy + r * OW * F + f0
+                    nseg += 1
+                if floating is float:
+                    fc_dwk3_f(V, xr, xs, dyr, F, nseg, OW, W, pad_left, dwp + tap * F + f0,
+                              KW * F, nh, not first)
+                else:
+                    fc_dwk3_d(V, xr, xs, dyr, F, nseg, OW, W, pad_left, dwp + tap * F + f0,
+                              KW * F, nh, not first)
+                continue
             ow_lo = _max(0, _cdiv(pad_left - kw * dwl, sw))
             ow_hi = _min(OW, _fdiv(W - 1 + pad_left - kw * dwl, sw) + 1)
             xo = f0 if depthwise else g * cin_g + i0
@@ -1047,11 +1183,27 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
         return
     cdef bint pairk = (floating is float and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
+    # depthwise, 3 kernel columns, unit stride and dilation along w: fc_dwk3 tasks (first
+    # kernel row of a block of 3, channels f0 .. f0 + V)
+    cdef bint dk3 = depthwise and KW == 3 and sw == 1 and dwl == 1
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
     # groups from `group` on
     for t in range(2):
         ntasks = 0
-        for tap in range(KH * KW):
+        if dk3:
+            for tap in range(0, KH * KW, 3 * KW):
+                f0 = 0
+                while f0 < F:
+                    V = fc_dwk3_width(F - f0, sz)
+                    if t == 1:
+                        tasks[5 * ntasks] = tap
+                        tasks[5 * ntasks + 1] = 0
+                        tasks[5 * ntasks + 2] = 0
+                        tasks[5 * ntasks + 3] = f0
+                        tasks[5 * ntasks + 4] = (V << 8) | 1
+                    ntasks += 1
+                    f0 += V
+        for tap in range(0 if not dk3 else KH * KW, KH * KW):
             if pairk:
                 g = 0
                 while g < groups:
@@ -1094,6 +1246,6 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
         for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
             _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
                                N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
-                               pad_top, pad_left, chunk)
+                               pad_top, pad_left, chunk, KH, dk3)
     finally:
         free(tasks)
