@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from fastconv import _export
+from fastconv.backends import numpy as host
 from fastconv.geometry import ConvSpec
 
 
@@ -33,9 +34,7 @@ class Conv(keras.Operation):
 
     def compute_output_spec(self, inputs, kernel):
         shape = self.spec.output_shape(inputs.shape, kernel.shape)
-        dtype = (inputs.dtype if inputs.dtype == kernel.dtype  # as keras.ops.conv
-                 else keras.backend.result_type(inputs.dtype, kernel.dtype))
-        return keras.KerasTensor(shape, dtype=dtype)
+        return keras.KerasTensor(shape, dtype=host.result_dtype(inputs.dtype, kernel.dtype))
 
 
 def _check_numeric(value, name):

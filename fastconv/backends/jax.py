@@ -87,11 +87,7 @@ def conv(inputs, kernel, spec):
         return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
                               spec.dilation_rate)
     spec.output_shape(x.shape, k.shape)  # validate before anything is traced or run
-    # Like keras.ops.conv on JAX: equal dtypes are kept (float64 under jax_enable_x64); mixed
-    # ones follow Keras' promotion.
-    result = (keras.backend.standardize_dtype(x.dtype) if x.dtype == k.dtype
-              else keras.backend.result_type(x.dtype, k.dtype))
-    return _conv_cast(spec, result, x, k)
+    return _conv_cast(spec, host.result_dtype(x.dtype, k.dtype), x, k)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

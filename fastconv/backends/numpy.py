@@ -6,9 +6,19 @@ fastconv.geometry, and run the compiled kernels in float32 (or float64 when aske
 allocated arrays. Bridges for the other backends only move tensors to and from these functions.
 """
 
+import keras
 import numpy as np
 
 from fastconv import _dispatch
+
+
+def result_dtype(x_dtype, k_dtype):
+    """The dtype of a convolution's result, as keras.ops.conv gives it: on tensorflow, jax and
+    torch equal input dtypes are kept (float64, int64 too), mixed ones follow Keras' promotion;
+    Keras' numpy backend always promotes (float64 inputs give float32)."""
+    if x_dtype == k_dtype and keras.backend.backend() != "numpy":
+        return keras.backend.standardize_dtype(x_dtype)
+    return keras.backend.result_type(x_dtype, k_dtype)
 
 
 def host_dtype(dtype):
@@ -77,9 +87,7 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
 
 def conv(inputs, kernel, spec):
     """The numpy backend: Keras' own hands convolutions to JAX; here the kernels serve them."""
-    import keras
-
     inputs, kernel = np.asarray(inputs), np.asarray(kernel)
-    result = keras.backend.result_type(inputs.dtype, kernel.dtype)
+    result = result_dtype(inputs.dtype, kernel.dtype)
     out = forward(inputs, kernel, spec, host_dtype(result))
     return out.astype(result, copy=False)

@@ -56,7 +56,7 @@ def conv(inputs, kernel, spec):
         return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
                               spec.dilation_rate)
     out_shape = spec.output_shape(x.shape.as_list(), k.shape.as_list())
-    result = keras.backend.result_type(x.dtype, k.dtype)
+    result = host.result_dtype(x.dtype, k.dtype)
     dtype = host.host_dtype(result)
 
     @tf.custom_gradient

@@ -97,10 +97,7 @@ def conv(inputs, kernel, spec):
         return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
                               spec.dilation_rate)
     spec.output_shape(tuple(x.shape), tuple(k.shape))  # validate before any kernel runs
-    # Like keras.ops.conv on torch: equal dtypes are kept (float64 and int64 too); mixed ones
-    # follow Keras' promotion (where Keras' own conv raises).
-    result = (keras.backend.standardize_dtype(x.dtype) if x.dtype == k.dtype
-              else keras.backend.result_type(x.dtype, k.dtype))
+    result = host.result_dtype(x.dtype, k.dtype)
     dtype = torch.float64 if result == "float64" else torch.float32
     y = _conv2d(x.to(dtype), k.to(dtype), list(spec.strides), spec.padding, spec.data_format,
                 list(spec.dilation_rate))
