@@ -439,6 +439,78 @@ cdef extern from *:
               float* out, ptrdiff_t ops) {}
     #endif
 
+    /* Few output channels (CC <= 4), long reduction (grad_input of a stem: 3 input channels, 64
+       outputs): the reduction runs along the vector (F in blocks of native width), P pixels x CC
+       channels of accumulators, each summed across its lanes (in a fixed order) at the end. B is
+       the kernel as [tap][CC][F] (HWIO). out[p*ops + c] =
+           sum_s sum_{f < F} A[aoff[s] + p*aps + f] * B[boff[s] + c*F + f];  F % lanes == 0. */
+    #if defined(__GNUC__)
+      #define FC_RED_OK 1
+      #define FC_RED(T, SUF, P, CC) \
+      static void fc_red_##SUF##_##P##_##CC(const T* __restrict A, ptrdiff_t aps, \
+              const T* __restrict B, ptrdiff_t F, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
+              int nseg, T* __restrict out, ptrdiff_t ops) \
+      { \
+          typedef T vec __attribute__((vector_size(FC_VB))); \
+          enum { VW = FC_VB / sizeof(T) }; \
+          vec acc[P][CC]; \
+          for (int p = 0; p < P; p++) for (int c = 0; c < CC; c++) acc[p][c] = (vec){0}; \
+          for (int s = 0; s < nseg; s++) { \
+              const T* __restrict a = A + aoff[s]; \
+              const T* __restrict b = B + boff[s]; \
+              for (ptrdiff_t f = 0; f < F; f += VW) { \
+                  vec wv[CC]; \
+                  for (int c = 0; c < CC; c++) memcpy(&wv[c], b + c * F + f, sizeof(vec)); \
+                  for (int p = 0; p < P; p++) { \
+                      vec d; \
+                      memcpy(&d, a + p * aps + f, sizeof(vec)); \
+                      for (int c = 0; c < CC; c++) acc[p][c] += d * wv[c]; \
+                  } \
+              } \
+          } \
+          for (int p = 0; p < P; p++) for (int c = 0; c < CC; c++) { \
+              T t[VW]; \
+              memcpy(t, &acc[p][c], sizeof(vec)); \
+              T r = 0; \
+              for (int l = 0; l < VW; l++) r += t[l]; \
+              out[p * ops + c] = r; \
+          } \
+      }
+      #define FC_REDP(T, SUF, CC) FC_RED(T, SUF, 1, CC) FC_RED(T, SUF, 2, CC) \
+          FC_RED(T, SUF, 3, CC) FC_RED(T, SUF, 4, CC) FC_RED(T, SUF, 5, CC) FC_RED(T, SUF, 6, CC) \
+          FC_RED(T, SUF, 7, CC) FC_RED(T, SUF, 8, CC)
+      #define FC_REDROW(SUF, CC) {0, fc_red_##SUF##_1_##CC, fc_red_##SUF##_2_##CC, \
+          fc_red_##SUF##_3_##CC, fc_red_##SUF##_4_##CC, fc_red_##SUF##_5_##CC, \
+          fc_red_##SUF##_6_##CC, fc_red_##SUF##_7_##CC, fc_red_##SUF##_8_##CC}
+      #define FC_REDTYPE(T, SUF) \
+      FC_REDP(T, SUF, 1) FC_REDP(T, SUF, 2) FC_REDP(T, SUF, 3) FC_REDP(T, SUF, 4) \
+      typedef void (*fc_red_##SUF##_t)(const T*, ptrdiff_t, const T*, ptrdiff_t, const ptrdiff_t*, \
+          const ptrdiff_t*, int, T*, ptrdiff_t); \
+      static const fc_red_##SUF##_t fc_red_table_##SUF[4][9] = {FC_REDROW(SUF, 1), \
+          FC_REDROW(SUF, 2), FC_REDROW(SUF, 3), FC_REDROW(SUF, 4)}; \
+      static inline void fc_red_##SUF(int P, int CC, const T* A, ptrdiff_t aps, const T* B, \
+              ptrdiff_t F, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, T* out, \
+              ptrdiff_t ops) { \
+          fc_red_table_##SUF[CC - 1][P](A, aps, B, F, aoff, boff, nseg, out, ops); \
+      }
+      FC_REDTYPE(float, f)
+      FC_REDTYPE(double, d)
+    #else
+      #define FC_RED_OK 0
+      static inline void fc_red_f(int P, int CC, const float* A, ptrdiff_t aps, const float* B,
+              ptrdiff_t F, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out,
+              ptrdiff_t ops) {}
+      static inline void fc_red_d(int P, int CC, const double* A, ptrdiff_t aps, const double* B,
+              ptrdiff_t F, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, double* out,
+              ptrdiff_t ops) {}
+    #endif
+    /* pixels a fc_red tile: P x CC accumulators, CC kernel vectors and a dy vector in registers */
+    static inline int fc_red_pmax(int CC) {
+        int p = (FC_NREG - 1 - CC) / CC;
+        return p > 8 ? 8 : (p < 1 ? 1 : p);
+    }
+    static inline int fc_red_lanes(int sz) { return FC_VB / sz; }
+
     #define FC_PS(M, T, SUF, V) M(T, SUF, 1, V) M(T, SUF, 2, V) M(T, SUF, 3, V) M(T, SUF, 4, V) \
         M(T, SUF, 5, V) M(T, SUF, 6, V) M(T, SUF, 7, V) M(T, SUF, 8, V) M(T, SUF, 9, V) \
         M(T, SUF, 10, V) M(T, SUF, 11, V) M(T, SUF, 12, V)
@@ -547,6 +619,15 @@ cdef extern from *:
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, double* out,
                   Py_ssize_t ops) noexcept nogil
     bint FC_PAIR_OK
+    bint FC_RED_OK
+    int fc_red_pmax(int CC) noexcept nogil
+    int fc_red_lanes(int sz) noexcept nogil
+    void fc_red_f(int P, int CC, const float* A, Py_ssize_t aps, const float* B, Py_ssize_t F,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
+                  Py_ssize_t ops) noexcept nogil
+    void fc_red_d(int P, int CC, const double* A, Py_ssize_t aps, const double* B, Py_ssize_t F,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, double* out,
+                  Py_ssize_t ops) noexcept nogil
     void fc_pair8(int P, const float* A, Py_ssize_t aps, const float* B, const Py_ssize_t* aoff,
                   const Py_ssize_t* boff, const Py_ssize_t* lens, int nseg, float* out,
                   Py_ssize_t ops) noexcept nogil
@@ -860,7 +941,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t W, Py_ssize_t ih, Py_ssize_t sh, Py_ssize_t sw,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
                           Py_ssize_t pad_left, Py_ssize_t groups,
-                          const Py_ssize_t* phases, const float* wpk) noexcept nogil:
+                          const Py_ssize_t* phases, const float* wpk,
+                          const floating* wred) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
     # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
@@ -909,6 +991,25 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 aoff[b * nkh + a] = (ohs[a] * OW + ow0s[b]) * F
                 boff[b * nkh + a] = (khs[a] * KW + kws[b]) * cout_g * C
                 lens[b * nkh + a] = cout_g // 2 if wpk != NULL else cout_g
+        if wred != NULL:
+            # few input channels: fc_red tiles reduce along F in the vector; wred is the kernel
+            # as [tap][C][F], so boff (tap * F * C) indexes it too
+            P = fc_red_pmax(<int>C)
+            for r in range(nruns):
+                j = runs[3 * r]
+                run_end = runs[3 * r + 3]
+                first = runs[3 * r + 1] * nkh
+                nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
+                while j < run_end:
+                    p = <int>_min(P, run_end - j)
+                    if floating is float:
+                        fc_red_f(p, <int>C, dy + j * F, F, wred, F, aoff + first, boff + first,
+                                 nseg, dx + (q + j * sw) * C, sw * C)
+                    else:
+                        fc_red_d(p, <int>C, dy + j * F, F, wred, F, aoff + first, boff + first,
+                                 nseg, dx + (q + j * sw) * C, sw * C)
+                    j += p
+            continue
         if depthwise and KW == 3 and dw == 1 and sw == 1:
             # candidate taps kw = 0, 1, 2 read output pixels ow0 - kw: in kw-reversed order,
             # consecutive pixels, as fc_dw3 wants (list index 2*nkh + a: kw = 2 of kernel row a)
@@ -1053,16 +1154,31 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
     if floating is float:
         if _use_pair(sizeof(floating), cout_g, C // groups, groups):
             wpk = _pack_pair(wp, KH * KW, cout_g, groups, C)
+    # few input channels and a long reduction: fc_red tiles on the kernel as [tap][C][F]
+    cdef floating* wred = NULL
+    cdef Py_ssize_t tap, ci, fi
+    if (FC_RED_OK and groups == 1 and C <= 4 and F >= 4 * fc_red_lanes(sizeof(floating))
+            and F % fc_red_lanes(sizeof(floating)) == 0):
+        wred = <floating*>malloc(KH * KW * C * F * sizeof(floating))
+        if wred == NULL:
+            free(phases)
+            free(wpk)
+            raise MemoryError()
+        for tap in range(KH * KW):
+            for ci in range(C):
+                for fi in range(F):
+                    wred[(tap * C + ci) * F + fi] = wp[(tap * F + fi) * C + ci]
     try:
         for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
             n = r // H
             ih = r % H
             _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW,
                             cout_g, C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases,
-                            wpk)
+                            wpk, wred)
     finally:
         free(phases)
         free(wpk)
+        free(wred)
 
 
 # ---------------------------------------------------------------------------------------------
