@@ -5,13 +5,44 @@ import keras
 from fastconv import _export, ops
 
 
+class _Fastconv:
+    """What fastconv's layers change in their Keras parents: the convolution, and the few steps
+    around it that Keras' own call gets wrong on some backend."""
+
+    def _init_backend(self):
+        if keras.backend.backend() == "tensorflow":
+            # The TensorFlow bridge calls the host through tf.numpy_function, which XLA cannot
+            # compile; on JAX the trainer's jit works and must stay on.
+            self.supports_jit = False
+
+    def _cast(self, inputs):
+        # Keras casts float inputs to the compute dtype; ints and bools are cast here too, so
+        # every input dtype behaves the same on every backend.
+        if keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype:
+            inputs = keras.ops.cast(inputs, self.compute_dtype)
+        return inputs
+
+    def _bias_and_activation(self, outputs):
+        if self.use_bias:
+            shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
+            bias = keras.ops.reshape(self.bias, shape)
+            if keras.backend.backend() == "tensorflow":
+                # keras.ops.add on TF turns a (1, F, 1, 1) bias into bias_add(..., "NHWC")
+                # whenever the output width is also F, putting the bias on the width axis
+                # (Keras' own Conv2D has that bug, channels_first); tf's `+` goes by shape.
+                outputs = outputs + bias
+            else:
+                outputs = keras.ops.add(outputs, bias)  # Keras' dtype rules (numpy backend)
+        return outputs if self.activation is None else self.activation(outputs)
+
+
 @keras.saving.register_keras_serializable(package="fastconv")
-class Conv2D(keras.layers.Conv2D):
+class Conv2D(_Fastconv, keras.layers.Conv2D):
     """A drop-in replacement for `keras.layers.Conv2D`: same arguments, defaults, errors,
     weights (HWIO kernel) and config; the convolution runs in fastconv's CPU kernels.
 
-    Keras does everything else (argument handling, weights, LoRA, bias, activation, config),
-    so a fastconv layer and a Keras layer holding the same weights compute the same function.
+    Keras does everything else (argument handling, weights, LoRA, config), so a fastconv layer
+    and a Keras layer holding the same weights compute the same function.
     """
 
     def __init__(self, *args, **kwargs):
@@ -23,26 +54,11 @@ class Conv2D(keras.layers.Conv2D):
         if not isinstance(padding, str):
             raise TypeError(f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
         super().__init__(*args, **kwargs)
-        if keras.backend.backend() == "tensorflow":
-            # The TensorFlow bridge calls the host through tf.numpy_function, which XLA cannot
-            # compile; on JAX the trainer's jit works and must stay on.
-            self.supports_jit = False
+        self._init_backend()
 
     def call(self, inputs):
-        # Keras casts float inputs to the compute dtype; ints and bools are cast here too, so
-        # every input dtype behaves the same on every backend.
-        if keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype:
-            inputs = keras.ops.cast(inputs, self.compute_dtype)
-        if (self.use_bias and self.data_format == "channels_first"
-                and keras.backend.backend() == "tensorflow"):
-            # Keras' BaseConv adds the bias with keras.ops.add, which on TensorFlow turns a
-            # (1, F, 1, 1) bias into tf.nn.bias_add(..., "NHWC") whenever the output width is
-            # also F: the bias lands on the width axis (keras.layers.Conv2D's own bug on TF).
-            # tf.add (the `+` operator) broadcasts by shape.
-            outputs = self.convolution_op(inputs, self.kernel)
-            outputs = outputs + keras.ops.reshape(self.bias, (1, self.filters, 1, 1))
-            return outputs if self.activation is None else self.activation(outputs)
-        return super().call(inputs)
+        inputs = self._cast(inputs)
+        return self._bias_and_activation(self.convolution_op(inputs, self.kernel))
 
     def convolution_op(self, inputs, kernel):
         return ops.conv(
@@ -56,7 +72,7 @@ class Conv2D(keras.layers.Conv2D):
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
-class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
     """A drop-in replacement for `keras.layers.DepthwiseConv2D`: same arguments, kernel layout
     `(KH, KW, C, depth_multiplier)`, weights and config; the convolution runs in fastconv's CPU
     kernels, forward and backward.
@@ -68,12 +84,10 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if keras.backend.backend() == "tensorflow":
-            self.supports_jit = False  # see Conv2D
+        self._init_backend()
 
     def call(self, inputs):
-        if keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype:
-            inputs = keras.ops.cast(inputs, self.compute_dtype)
+        inputs = self._cast(inputs)
         if _export.use_keras_convolution(inputs):
             return super().call(inputs)  # tracing for export: Keras' own depthwise conv
         kh, kw, channels, multiplier = self.kernel.shape
@@ -86,12 +100,4 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             data_format=self.data_format,
             dilation_rate=self.dilation_rate,
         )
-        if self.use_bias:
-            if self.data_format == "channels_last":
-                bias_shape = (1, 1, 1, channels * multiplier)
-            else:
-                bias_shape = (1, channels * multiplier, 1, 1)
-            outputs = keras.ops.add(outputs, keras.ops.reshape(self.bias, bias_shape))
-        if self.activation is not None:
-            return self.activation(outputs)
-        return outputs
+        return self._bias_and_activation(outputs)

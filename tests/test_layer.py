@@ -437,3 +437,16 @@ class KerasLayerTest(testing.TestCase):
         layer.build(x.shape)
         layer.set_weights([kernel])
         self.assertAllClose(layer(x), reference.conv(x, kernel, padding=padding), atol=1e-4)
+
+
+def test_depthwise_channels_first_bias_when_the_output_width_equals_channels():
+    """The same trap for fastconv.DepthwiseConv2D: output channels (C * M = 6) = output width."""
+    layer = fastconv.DepthwiseConv2D(3, depth_multiplier=2, padding="same",
+                                     data_format="channels_first",
+                                     bias_initializer=keras.initializers.RandomNormal(seed=1))
+    x = np.random.default_rng(5).standard_normal((2, 3, 4, 6)).astype("float32")
+    out = to_numpy(layer(x))
+    kernel, bias = (to_numpy(w) for w in layer.weights)
+    grouped = kernel.reshape(3, 3, 1, 6)  # output channel c * M + m reads input channel c
+    expected = reference.conv(x, grouped, padding="same", data_format="channels_first")
+    reference.assert_close(out, expected + bias.reshape(1, 6, 1, 1), 1e-4)
