@@ -7,6 +7,9 @@ import pytest
 # process (see the Makefile's `test` target). Torch goes before TensorFlow (the other order can
 # crash here).
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+# XLA compiles every new shape of Keras' own JAX convolution (also behind Keras' numpy backend);
+# unoptimised compilation is several times faster and just as exact for these small tests.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 if BACKEND == "torch":
     import torch  # noqa: F401
 import keras  # noqa: E402
