@@ -62,6 +62,14 @@ cdef extern from *:
       #define FC_NREG 16
     #endif
     #define FC_PMAX 12
+    #ifndef FC_DWROW_NV
+      #define FC_DWROW_NV 1
+    #endif
+    #ifndef FC_DWROW_PIX
+      #define FC_DWROW_PIX 8  /* output pixels a fc_dwrow call: their 3 input rows stay in L1 */
+    #endif
+    /* fc_dwrow keeps 9 kernel vectors, 9 input vectors and 3 partial sums live: 32 registers */
+    #define FC_DWROW_OK (FC_NREG == 32)
 
     /* Rows of a tile (pixels, or kernel rows for grad_kernel) for tiles V elements of size sz wide. */
     /* P rows of nvec accumulators, nvec kernel vectors and one broadcast must fit the register file
@@ -93,6 +101,11 @@ cdef extern from *:
     static inline int fc_log2(int V) { int l = 0; while ((1 << l) < V) l++; return l; }
     /* fc_dwk3: 9 accumulators, a dy vector and a load a vector of channels: one vector with 16
        registers, two with 32 */
+    static inline int fc_dwrow_width(ptrdiff_t rem, int sz) {
+        int V = 32;
+        while (V > 1 && (V > rem || V * sz > FC_DWROW_NV * FC_VB)) V >>= 1;
+        return V;
+    }
     static inline int fc_dwk3_width(ptrdiff_t rem, int sz) {
         int V = 32;
         while (V > 1 && (V > rem || V * sz > (FC_NREG == 32 ? 2 : 1) * FC_VB)) V >>= 1;
@@ -284,6 +297,76 @@ cdef extern from *:
         } \
         for (int h = 0; h < nh; h++) for (int k = 0; k < 3; k++) for (int j = 0; j < NV; j++) \
             FC_STORE(out + h * ldh + k * F + j * VW, acc[h][k][j]); \
+    }
+
+    /* Depthwise forward of a 3x3 kernel with unit stride and dilation along w: one whole output
+       row for V channels, the 9 kernel vectors in registers, the 3 input rows slid along (each
+       input vector loaded once). xr[h] points at x[n, ih_h, 0, c0] with pixel stride xs[h] (zeros
+       with stride 0 for a row outside the image); w at w[0, 0, 0, c0] (taps F apart); out at
+       out[n, oh, 0, c0]. Output pixel ow reads input pixel iw = ow - pad + k at kernel column k. */
+    #define FC_DWROW(T, SUF, V) \
+    static void fc_dwrow_##SUF##_##V(const T* const* xr, const ptrdiff_t* xs, \
+            const T* __restrict w, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
+            T* __restrict out, ptrdiff_t o0, ptrdiff_t o1) \
+    { \
+        FC_VEC(T, V) \
+        vec wv[3][3][NV]; \
+        for (int h = 0; h < 3; h++) for (int k = 0; k < 3; k++) for (int j = 0; j < NV; j++) \
+            FC_LOAD(wv[h][k][j], w + (h * 3 + k) * F + j * VW); \
+        const T* __restrict x0 = xr[0]; \
+        const T* __restrict x1 = xr[1]; \
+        const T* __restrict x2 = xr[2]; \
+        const ptrdiff_t s0 = xs[0], s1 = xs[1], s2 = xs[2]; \
+        ptrdiff_t a = pad < 0 ? 0 : (pad > OW ? OW : pad); \
+        ptrdiff_t b = W - 2 + pad; \
+        if (b > OW) b = OW; \
+        if (b < a) b = a; \
+        if (a < o0) a = o0; \
+        if (a > o1) a = o1; \
+        if (b > o1) b = o1; \
+        if (b < a) b = a; \
+        for (ptrdiff_t ow = o0; ow < o1; ow++) { \
+            if (ow == a && b > a) { \
+                for (int j = 0; j < NV; j++) { \
+                    const T* __restrict p0 = x0 + (a - pad) * s0 + j * VW; \
+                    const T* __restrict p1 = x1 + (a - pad) * s1 + j * VW; \
+                    const T* __restrict p2 = x2 + (a - pad) * s2 + j * VW; \
+                    T* __restrict q = out + a * F + j * VW; \
+                    vec u0, u1, v0, v1, z0, z1; \
+                    FC_LOAD(u0, p0); FC_LOAD(u1, p0 + s0); \
+                    FC_LOAD(v0, p1); FC_LOAD(v1, p1 + s1); \
+                    FC_LOAD(z0, p2); FC_LOAD(z1, p2 + s2); \
+                    for (ptrdiff_t i = a; i < b; i++) { \
+                        vec u2, v2, z2; \
+                        FC_LOAD(u2, p0 + 2 * s0); \
+                        FC_LOAD(v2, p1 + 2 * s1); \
+                        FC_LOAD(z2, p2 + 2 * s2); \
+                        vec r0 = u0 * wv[0][0][j] + u1 * wv[0][1][j] + u2 * wv[0][2][j]; \
+                        vec r1 = v0 * wv[1][0][j] + v1 * wv[1][1][j] + v2 * wv[1][2][j]; \
+                        vec r2 = z0 * wv[2][0][j] + z1 * wv[2][1][j] + z2 * wv[2][2][j]; \
+                        vec r = (r0 + r1) + r2; \
+                        FC_STORE(q, r); \
+                        u0 = u1; u1 = u2; v0 = v1; v1 = v2; z0 = z1; z1 = z2; \
+                        p0 += s0; p1 += s1; p2 += s2; q += F; \
+                    } \
+                } \
+                ow = b; \
+                if (ow >= o1) break; \
+            } \
+            for (int j = 0; j < NV; j++) { \
+                vec r0, r1, r2, v; \
+                FC_ZERO(r0); FC_ZERO(r1); FC_ZERO(r2); \
+                for (int k = 0; k < 3; k++) { \
+                    const ptrdiff_t iw = ow - pad + k; \
+                    if (iw < 0 || iw >= W) continue; \
+                    FC_LOAD(v, x0 + iw * s0 + j * VW); r0 += v * wv[0][k][j]; \
+                    FC_LOAD(v, x1 + iw * s1 + j * VW); r1 += v * wv[1][k][j]; \
+                    FC_LOAD(v, x2 + iw * s2 + j * VW); r2 += v * wv[2][k][j]; \
+                } \
+                v = (r0 + r1) + r2; \
+                FC_STORE(out + ow * F + j * VW, v); \
+            } \
+        } \
     }
 
     /* Depthwise tile over 3 consecutive taps of a kernel row with unit stride and dilation: pixel p
@@ -531,6 +614,18 @@ cdef extern from *:
     FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
     FC_DWK3(T, SUF, 1) FC_DWK3(T, SUF, 2) FC_DWK3(T, SUF, 4) FC_DWK3(T, SUF, 8) \
     FC_DWK3(T, SUF, 16) FC_DWK3(T, SUF, 32) \
+    FC_DWROW(T, SUF, 1) FC_DWROW(T, SUF, 2) FC_DWROW(T, SUF, 4) FC_DWROW(T, SUF, 8) \
+    FC_DWROW(T, SUF, 16) FC_DWROW(T, SUF, 32) \
+    typedef void (*fc_dwrow_##SUF##_t)(const T* const*, const ptrdiff_t*, const T*, ptrdiff_t, \
+        ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, ptrdiff_t); \
+    static const fc_dwrow_##SUF##_t fc_dwrow_table_##SUF[6] = {fc_dwrow_##SUF##_1, \
+        fc_dwrow_##SUF##_2, fc_dwrow_##SUF##_4, fc_dwrow_##SUF##_8, fc_dwrow_##SUF##_16, \
+        fc_dwrow_##SUF##_32}; \
+    static inline void fc_dwrow_##SUF(int V, const T* const* xr, const ptrdiff_t* xs, const T* w, \
+            ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, T* out, ptrdiff_t o0, \
+            ptrdiff_t o1) { \
+        fc_dwrow_table_##SUF[fc_log2(V)](xr, xs, w, F, OW, W, pad, out, o0, o1); \
+    } \
     typedef void (*fc_dwk3_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
         ptrdiff_t, int, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, int, int); \
     static const fc_dwk3_##SUF##_t fc_dwk3_table_##SUF[6] = {fc_dwk3_##SUF##_1, \
@@ -603,6 +698,15 @@ cdef extern from *:
                   int nseg, double* out, int accumulate) noexcept nogil
     int fc_dw3_width(Py_ssize_t rem, int sz) noexcept nogil
     int fc_dwk3_width(Py_ssize_t rem, int sz) noexcept nogil
+    int fc_dwrow_width(Py_ssize_t rem, int sz) noexcept nogil
+    int FC_DWROW_PIX
+    bint FC_DWROW_OK
+    void fc_dwrow_f(int V, const float* const* xr, const Py_ssize_t* xs, const float* w,
+                    Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
+                    float* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
+    void fc_dwrow_d(int V, const double* const* xr, const Py_ssize_t* xs, const double* w,
+                    Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
+                    double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
     const float* fc_zeros_f
     const double* fc_zeros_d
     void fc_dwk3_f(int V, const float* const* xr, const Py_ssize_t* xs, const float* const* dyr,
@@ -784,7 +888,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef bint merged = dw == 1 and groups == 1 and not depthwise
     cdef int sz = sizeof(floating)
-    cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first
+    cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first, ih
     cdef Py_ssize_t ngroups = 1 if depthwise else groups
     cdef int nseg, nkh, V, P, p
     # kernel rows that land inside the image, once per row
@@ -806,7 +910,39 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
         mrg_a[kh] = kh * dh * W * C
         mrg_b[kh] = kh * KW * C * F
     fw = F if depthwise else cout_g
-    if depthwise and KW == 3 and dw == 1 and sw == 1:
+    cdef const floating* xr[3]
+    cdef const floating* xb[3]
+    cdef Py_ssize_t xs[3]
+    if FC_DWROW_OK and depthwise and KH == 3 and KW == 3 and dw == 1 and sw == 1:
+        # fc_dwrow: whole rows, 3 input rows slid along, the 9 kernel vectors in registers
+        for kh in range(3):
+            ih = ih0 + kh * dh
+            if ih >= 0 and ih < H:
+                xr[kh] = x + ih * W * C
+                xs[kh] = C
+            else:
+                if floating is float:
+                    xr[kh] = fc_zeros_f
+                else:
+                    xr[kh] = fc_zeros_d
+                xs[kh] = 0
+        # blocks of pixels outer, channels inner: x and out are swept in order
+        ow = 0
+        while ow < OW:
+            run_end = _min(OW, ow + FC_DWROW_PIX)
+            f0 = 0
+            while f0 < F:
+                V = fc_dwrow_width(F - f0, sz)
+                for kh in range(3):
+                    xb[kh] = xr[kh] + f0 if xs[kh] else xr[kh]
+                if floating is float:
+                    fc_dwrow_f(V, xb, xs, w + f0, F, OW, W, pad_left, out + f0, ow, run_end)
+                else:
+                    fc_dwrow_d(V, xb, xs, w + f0, F, OW, W, pad_left, out + f0, ow, run_end)
+                f0 += V
+            ow = run_end
+        ngroups = 0
+    elif depthwise and KW == 3 and dw == 1 and sw == 1:
         # kw-major list: the first nkh segments are the kw = 0 taps of each kernel row
         # tiles of pixels outer, channels inner: x and out are read and written in order
         V = fc_dw3_width(F, sz)

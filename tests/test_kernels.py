@@ -44,6 +44,8 @@ CASES = [
     (2, 13, 21, 37, 5, 5, 37, 37, (2, 1), (1, 2), "same"),  # depthwise, odd, 5x5
     (2, 9, 10, 13, 4, 3, 13, 13, (1, 1), (2, 1), "same"),  # depthwise 4x3: 3-column tiles, tails
     (1, 7, 8, 19, 2, 3, 19, 19, (2, 1), (1, 1), "valid"),  # depthwise 2x3, stride h 2
+    (2, 9, 2, 21, 3, 3, 21, 21, (2, 1), (2, 1), "same"),  # depthwise 3x3 rows: W < 3, tails
+    (1, 6, 9, 35, 3, 3, 35, 35, (1, 1), (1, 1), "valid"),  # depthwise 3x3 rows, no padding
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
 ]
