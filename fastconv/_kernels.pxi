@@ -1078,7 +1078,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
                           Py_ssize_t pad_left, Py_ssize_t groups,
                           const Py_ssize_t* phases, const float* wpk,
-                          const floating* wred) noexcept nogil:
+                          const floating* wred, const floating* wflip) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
     # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
@@ -1104,8 +1104,43 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef Py_ssize_t cw = C if depthwise else cin_g
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
-    cdef Py_ssize_t nkh = 0, nkw, nruns, r, first
+    cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh
     cdef int nseg, V, P, p
+    cdef const floating* xr[3]
+    cdef const floating* xb[3]
+    cdef Py_ssize_t xs[3]
+    if wflip != NULL:
+        # depthwise 3x3, unit strides and dilation along w: a 3x3 correlation of dy with the
+        # flipped kernel wflip, computed by fc_dwrow (row h reads dy row oh = ih + pad_top -
+        # (2 - h)*dh; output pixel iw reads dy pixel iw - (2 - pad_left) + k)
+        for kh in range(3):
+            oh = ih + pad_top - (2 - kh) * dh
+            if oh >= 0 and oh < OH:
+                xr[kh] = dy + oh * OW * F
+                xs[kh] = F
+            else:
+                if floating is float:
+                    xr[kh] = fc_zeros_f
+                else:
+                    xr[kh] = fc_zeros_d
+                xs[kh] = 0
+        j = 0
+        while j < W:
+            run_end = _min(W, j + FC_DWROW_PIX)
+            c0 = 0
+            while c0 < C:
+                V = fc_dwrow_width(C - c0, sz)
+                for kh in range(3):
+                    xb[kh] = xr[kh] + c0 if xs[kh] else xr[kh]
+                if floating is float:
+                    fc_dwrow_f(V, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
+                else:
+                    fc_dwrow_d(V, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
+                c0 += V
+            j = run_end
+        if seg != stack:
+            free(seg)
+        return
     for kh in range(KH):
         th = ih + pad_top - kh * dh
         if th < 0 or th % sh != 0:
@@ -1304,17 +1339,31 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
             for ci in range(C):
                 for fi in range(F):
                     wred[(tap * C + ci) * F + fi] = wp[(tap * F + fi) * C + ci]
+    # depthwise 3x3 with unit strides and dilation along w: fc_dwrow on the flipped kernel
+    cdef floating* wflip = NULL
+    if (FC_DWROW_OK and groups == C and cout_g == 1 and F == C and KH == 3 and KW == 3
+            and sh == 1 and sw == 1 and dw == 1):
+        wflip = <floating*>malloc(9 * C * sizeof(floating))
+        if wflip == NULL:
+            free(phases)
+            free(wpk)
+            free(wred)
+            raise MemoryError()
+        for tap in range(9):
+            for ci in range(C):
+                wflip[tap * C + ci] = wp[(8 - tap) * C + ci]
     try:
         for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
             n = r // H
             ih = r % H
             _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW,
                             cout_g, C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases,
-                            wpk, wred)
+                            wpk, wred, wflip)
     finally:
         free(phases)
         free(wpk)
         free(wred)
+        free(wflip)
 
 
 # ---------------------------------------------------------------------------------------------
