@@ -68,8 +68,10 @@ cdef extern from *:
     #ifndef FC_DWROW_PIX
       #define FC_DWROW_PIX 8  /* output pixels a fc_dwrow call: their 3 input rows stay in L1 */
     #endif
-    /* fc_dwrow keeps 9 kernel vectors, 9 input vectors and 3 partial sums live: 32 registers */
-    #define FC_DWROW_OK (FC_NREG == 32)
+    /* fc_dwrow keeps 9 kernel vectors, 9 input vectors and 3 partial sums live: it fits 32
+       registers; with AVX2's 16 some kernel vectors become memory operands and it still wins
+       (fwd 18 -> 25, grad_input 16 -> 24 GFLOP/s); with SSE2 it does not (19 -> 18) */
+    #define FC_DWROW_OK (FC_VB >= 32)
 
     /* Rows of a tile (pixels, or kernel rows for grad_kernel) for tiles V elements of size sz wide. */
     /* P rows of nvec accumulators, nvec kernel vectors and one broadcast must fit the register file
