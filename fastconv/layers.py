@@ -22,6 +22,10 @@ class _Fastconv:
             inputs = keras.ops.cast(inputs, self.compute_dtype)
         return inputs
 
+    def _conv(self, inputs, kernel):
+        return ops.conv(inputs, kernel, strides=self.strides, padding=self.padding,
+                        data_format=self.data_format, dilation_rate=self.dilation_rate)
+
     def _bias_and_activation(self, outputs):
         if self.use_bias:
             shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
@@ -61,14 +65,7 @@ class Conv2D(_Fastconv, keras.layers.Conv2D):
         return self._bias_and_activation(self.convolution_op(inputs, self.kernel))
 
     def convolution_op(self, inputs, kernel):
-        return ops.conv(
-            inputs,
-            kernel,
-            strides=self.strides,
-            padding=self.padding,
-            data_format=self.data_format,
-            dilation_rate=self.dilation_rate,
-        )
+        return self._conv(inputs, kernel)
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
@@ -92,12 +89,4 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
             return super().call(inputs)  # tracing for export: Keras' own depthwise conv
         kh, kw, channels, multiplier = self.kernel.shape
         kernel = keras.ops.reshape(self.kernel, (kh, kw, 1, channels * multiplier))
-        outputs = ops.conv(
-            inputs,
-            kernel,
-            strides=self.strides,
-            padding=self.padding,
-            data_format=self.data_format,
-            dilation_rate=self.dilation_rate,
-        )
-        return self._bias_and_activation(outputs)
+        return self._bias_and_activation(self._conv(inputs, kernel))

@@ -30,7 +30,7 @@ class Conv(keras.Operation):
         self.spec = spec
 
     def call(self, inputs, kernel):
-        return _bridge().conv(inputs, kernel, self.spec)
+        return _run(inputs, kernel, self.spec)
 
     def compute_output_spec(self, inputs, kernel):
         shape = self.spec.output_shape(inputs.shape, kernel.shape)
@@ -75,8 +75,18 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
     _check_numeric(kernel, "kernel")
     if isinstance(inputs, keras.KerasTensor) or isinstance(kernel, keras.KerasTensor):
         return Conv(spec).symbolic_call(inputs, kernel)
-    if _export.use_keras_convolution(inputs, kernel):
-        # Tracing for an exported artifact, which must not call back into fastconv.
-        return keras.ops.conv(inputs, kernel, spec.strides, spec.padding, spec.data_format,
+    return _run(inputs, kernel, spec)
+
+
+def _run(inputs, kernel, spec):
+    """Convert, step aside where fastconv must not run, validate, then hand over to the bridge."""
+    bridge = _bridge()
+    x = keras.ops.convert_to_tensor(inputs)
+    k = keras.ops.convert_to_tensor(kernel)
+    if _export.use_keras_convolution(x, k) or bridge.on_accelerator(x, k):
+        # Tracing for an exported artifact (which must not call back into fastconv), or data
+        # on an accelerator (fastconv never copies it to the host behind the user's back).
+        return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
                               spec.dilation_rate)
-    return _bridge().conv(inputs, kernel, spec)
+    spec.output_shape(tuple(x.shape), tuple(k.shape))  # every check before any kernel runs
+    return bridge.conv(x, k, spec, host.result_dtype(x.dtype, k.dtype))

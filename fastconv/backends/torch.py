@@ -2,7 +2,6 @@
 torch.compile traces them, and register_autograd. CPU tensors reach the kernels without a copy.
 """
 
-import keras
 import numpy as np
 import torch
 
@@ -90,14 +89,11 @@ for _op in (_grad_input, _grad_kernel):
     _op.register_autograd(_second_order, setup_context=lambda ctx, inputs, output: None)
 
 
-def conv(inputs, kernel, spec):
-    x = keras.ops.convert_to_tensor(inputs)
-    k = keras.ops.convert_to_tensor(kernel)
-    if x.device.type != "cpu" or k.device.type != "cpu":
-        return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
-                              spec.dilation_rate)
-    spec.output_shape(tuple(x.shape), tuple(k.shape))  # validate before any kernel runs
-    result = host.result_dtype(x.dtype, k.dtype)
+def on_accelerator(x, k):
+    return x.device.type != "cpu" or k.device.type != "cpu"
+
+
+def conv(x, k, spec, result):
     dtype = torch.float64 if result == "float64" else torch.float32
     y = _conv2d(x.to(dtype), k.to(dtype), list(spec.strides), spec.padding, spec.data_format,
                 list(spec.dilation_rate))
