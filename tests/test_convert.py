@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BACKEND, only_numpy, to_numpy
+from conftest import BACKEND, autodiff, only_numpy, to_numpy
 
 import keras  # noqa: E402  (after conftest: torch before keras)
 
@@ -67,24 +67,6 @@ def depthwise_reference_grads(x, w, dy, strides, padding, dilation, data_format)
             dx[..., i:i + 1] += gx
             dw[:, :, i:i + 1, j:j + 1] = gw
     return _from_nhwc(dx, data_format), dw
-
-
-def autodiff(fn, *arrays):
-    """Gradients of the scalar fn(*tensors) wrt each argument, by the backend's autodiff."""
-    if BACKEND == "tensorflow":
-        ts = [tf.constant(a) for a in arrays]
-        with tf.GradientTape() as tape:
-            tape.watch(ts)
-            loss = fn(*ts)
-        grads = tape.gradient(loss, ts)
-    elif BACKEND == "jax":
-        grads = jax.grad(fn, argnums=tuple(range(len(arrays))))(*[jnp.asarray(a) for a in arrays])
-    else:
-        ts = [torch.tensor(a, requires_grad=True) for a in arrays]
-        fn(*ts).backward()
-        grads = [t.grad for t in ts]
-    assert all(g is not None for g in grads), "a gradient is None"
-    return [np.asarray(to_numpy(g)) for g in grads]
 
 
 class CountingKernels:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import fastconv
 import reference
-from conftest import BACKEND, to_numpy
+from conftest import BACKEND, autodiff, to_numpy
 
 import keras  # noqa: E402  (conftest imported torch first where needed)
 
@@ -75,26 +75,6 @@ def keras_comparable(groups, strides, dilation, data_format="channels_last"):
     if BACKEND == "tensorflow" and max(strides) > 1 and max(dilation) > 1:
         return False  # tf.nn.convolution refuses strides and dilation together
     return True
-
-
-def autodiff(fn, *arrays):
-    """Gradients of the scalar fn(*tensors) wrt each of its arguments, by the backend's autodiff."""
-    if BACKEND == "tensorflow":
-        ts = [tf.constant(a) for a in arrays]
-        with tf.GradientTape() as tape:
-            tape.watch(ts)
-            loss = fn(*ts)
-        grads = tape.gradient(loss, ts)
-    elif BACKEND == "jax":
-        # jitted, as Keras' JAX trainer does (and one compilation beats many eager ones)
-        grads = jax.jit(jax.grad(fn, argnums=tuple(range(len(arrays)))))(
-            *[jnp.asarray(a) for a in arrays])
-    else:
-        ts = [torch.tensor(a, requires_grad=True) for a in arrays]
-        fn(*ts).backward()
-        grads = [t.grad for t in ts]
-    assert all(g is not None for g in grads), "a gradient is None"
-    return [np.asarray(to_numpy(g)) for g in grads]
 
 
 def make_case(case, dtype, data_format, seed=0):
