@@ -1036,11 +1036,21 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
         free(seg)
 
 
+cdef inline void _add_bias(floating* row, const floating* bias, Py_ssize_t OW,
+                           Py_ssize_t F) noexcept nogil:
+    cdef Py_ssize_t i, f
+    for i in range(OW):
+        for f in range(F):
+            row[i * F + f] += bias[f]
+
+
 def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             const floating[:, :, :, ::1] w,   # IN  (KH, KW, C // groups, F)
             floating[:, :, :, ::1] out,       # OUT (N, OH, OW, F)
             int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
-            int n_threads):
+            int n_threads, const floating[::1] bias=None):   # IN (F,) or None
+    # The bias is added to each output row right after it is computed, while the row is still
+    # in cache: a separate pass over the output would read and write it all once more.
     cdef Py_ssize_t N = out.shape[0], OH = out.shape[1], OW = out.shape[2], F = out.shape[3]
     cdef Py_ssize_t H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], cin_g = w.shape[2]
@@ -1055,6 +1065,9 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
         raise MemoryError()
     cdef Py_ssize_t nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
     cdef float* wpk = NULL
+    cdef const floating* bp = NULL
+    if bias is not None:
+        bp = &bias[0]
     if floating is float:
         if _use_pair(sizeof(floating), cin_g, F // groups, groups):
             wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
@@ -1064,6 +1077,8 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             oh = r % OH
             _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, KH, KW, cin_g, F,
                          OW, oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk)
+            if bp != NULL:
+                _add_bias(op + r * OW * F, bp, OW, F)
     finally:
         free(runs)
         free(wpk)

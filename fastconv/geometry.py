@@ -123,6 +123,16 @@ class ConvSpec:
     def channels_last(self):
         return self.data_format == "channels_last"
 
+    @property
+    def reduce_axes(self):
+        """The axes of an output summed for the bias gradient: all but the channels."""
+        return (0, 1, 2) if self.channels_last else (0, 2, 3)
+
+    @property
+    def bias_shape(self):
+        """The shape that broadcasts a (filters,) bias against an output."""
+        return (1, 1, 1, -1) if self.channels_last else (1, -1, 1, 1)
+
     def to_nhwc(self, shape):
         """An input/output shape in this spec's data_format, reordered to (N, H, W, C)."""
         if self.channels_last:
@@ -166,6 +176,14 @@ class ConvSpec:
         oh, pad_top = _output_size(h, kh, self.strides[0], self.dilation_rate[0], self.padding)
         ow, pad_left = _output_size(w, kw, self.strides[1], self.dilation_rate[1], self.padding)
         return Geometry(n, h, w, c, kh, kw, cin_g, f, groups, oh, ow, pad_top, pad_left)
+
+
+def check_bias(bias_shape, kernel_shape):
+    if tuple(bias_shape) != (kernel_shape[3],):
+        raise ValueError(
+            "`bias` must have shape (filters,) = (kernel.shape[3],). "
+            f"Received: bias.shape={tuple(bias_shape)}, kernel.shape={tuple(kernel_shape)}"
+        )
 
 
 def check_ranks(input_shape, kernel_shape):

@@ -3,6 +3,7 @@
 import keras
 
 from fastconv import _export, ops
+from fastconv.geometry import ConvSpec
 
 
 class _Fastconv:
@@ -22,21 +23,17 @@ class _Fastconv:
             inputs = keras.ops.cast(inputs, self.compute_dtype)
         return inputs
 
-    def _conv(self, inputs, kernel):
-        return ops.conv(inputs, kernel, strides=self.strides, padding=self.padding,
-                        data_format=self.data_format, dilation_rate=self.dilation_rate)
+    def _spec(self):
+        return ConvSpec.make(self.strides, self.padding, self.data_format, self.dilation_rate)
 
-    def _bias_and_activation(self, outputs):
-        if self.use_bias:
-            shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
-            bias = keras.ops.reshape(self.bias, shape)
-            if keras.backend.backend() == "tensorflow":
-                # keras.ops.add on TF turns a (1, F, 1, 1) bias into bias_add(..., "NHWC")
-                # whenever the output width is also F, putting the bias on the width axis
-                # (Keras' own Conv2D has that bug, channels_first); tf's `+` goes by shape.
-                outputs = outputs + bias
-            else:
-                outputs = keras.ops.add(outputs, bias)  # Keras' dtype rules (numpy backend)
+    def _conv(self, inputs, kernel):
+        return ops.conv_bias(inputs, kernel, None, self._spec())
+
+    def _conv_bias_activation(self, inputs, kernel):
+        # The kernels add the bias while each output row is still in cache; Keras adds it in a
+        # separate pass over the whole output.
+        outputs = ops.conv_bias(inputs, kernel, self.bias if self.use_bias else None,
+                                self._spec())
         return outputs if self.activation is None else self.activation(outputs)
 
 
@@ -62,7 +59,13 @@ class Conv2D(_Fastconv, keras.layers.Conv2D):
 
     def call(self, inputs):
         inputs = self._cast(inputs)
-        return self._bias_and_activation(self.convolution_op(inputs, self.kernel))
+        if type(self).convolution_op is not Conv2D.convolution_op:
+            # A subclass' own convolution_op is honoured, as keras.layers.Conv2D does.
+            outputs = self.convolution_op(inputs, self.kernel)
+            if self.use_bias:
+                outputs = ops._add_bias(outputs, self.bias, self._spec())
+            return outputs if self.activation is None else self.activation(outputs)
+        return self._conv_bias_activation(inputs, self.kernel)
 
     def convolution_op(self, inputs, kernel):
         return self._conv(inputs, kernel)
@@ -89,4 +92,4 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
             return super().call(inputs)  # tracing for export: Keras' own depthwise conv
         kh, kw, channels, multiplier = self.kernel.shape
         kernel = keras.ops.reshape(self.kernel, (kh, kw, 1, channels * multiplier))
-        return self._bias_and_activation(self._conv(inputs, kernel))
+        return self._conv_bias_activation(inputs, kernel)

@@ -7,7 +7,7 @@ import numpy as np
 
 from fastconv import _export
 from fastconv.backends import numpy as host
-from fastconv.geometry import ConvSpec
+from fastconv.geometry import ConvSpec, check_bias
 
 
 def _bridge():
@@ -29,10 +29,10 @@ class Conv(keras.Operation):
         super().__init__(name=name)
         self.spec = spec
 
-    def call(self, inputs, kernel):
-        return _run(inputs, kernel, self.spec)
+    def call(self, inputs, kernel, bias=None):
+        return _run(inputs, kernel, self.spec, bias)
 
-    def compute_output_spec(self, inputs, kernel):
+    def compute_output_spec(self, inputs, kernel, bias=None):
         shape = self.spec.output_shape(inputs.shape, kernel.shape)
         return keras.KerasTensor(shape, dtype=host.result_dtype(inputs.dtype, kernel.dtype))
 
@@ -71,22 +71,42 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
     Differentiable on the tensorflow, jax and torch backends.
     """
     spec = ConvSpec.make(strides, padding, data_format, dilation_rate)
+    return conv_bias(inputs, kernel, None, spec)
+
+
+def conv_bias(inputs, kernel, bias, spec):
+    """`conv(...) + bias` (bias of shape (filters,), or None) for fastconv's layers: the kernels
+    add the bias while each output row is in cache, and the bridges sum its gradient."""
     _check_numeric(inputs, "inputs")
     _check_numeric(kernel, "kernel")
     if isinstance(inputs, keras.KerasTensor) or isinstance(kernel, keras.KerasTensor):
-        return Conv(spec).symbolic_call(inputs, kernel)
-    return _run(inputs, kernel, spec)
+        return Conv(spec).symbolic_call(inputs, kernel, bias)
+    return _run(inputs, kernel, spec, bias)
 
 
-def _run(inputs, kernel, spec):
+def _add_bias(outputs, bias, spec):
+    bias = keras.ops.reshape(bias, spec.bias_shape)
+    if keras.backend.backend() == "tensorflow":
+        # keras.ops.add on TF turns a (1, F, 1, 1) bias into bias_add(..., "NHWC") whenever the
+        # output width is also F, putting the bias on the width axis (Keras' own Conv2D has that
+        # bug, channels_first); tf's `+` goes by shape.
+        return outputs + bias
+    return keras.ops.add(outputs, bias)
+
+
+def _run(inputs, kernel, spec, bias=None):
     """Convert, step aside where fastconv must not run, validate, then hand over to the bridge."""
     bridge = _bridge()
     x = keras.ops.convert_to_tensor(inputs)
     k = keras.ops.convert_to_tensor(kernel)
+    b = None if bias is None else keras.ops.convert_to_tensor(bias)
     if _export.use_keras_convolution(x, k) or bridge.on_accelerator(x, k):
         # Tracing for an exported artifact (which must not call back into fastconv), or data
         # on an accelerator (fastconv never copies it to the host behind the user's back).
-        return keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
-                              spec.dilation_rate)
+        y = keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
+                           spec.dilation_rate)
+        return y if b is None else _add_bias(y, b, spec)
     spec.output_shape(tuple(x.shape), tuple(k.shape))  # every check before any kernel runs
-    return bridge.conv(x, k, spec, host.result_dtype(x.dtype, k.dtype))
+    if b is not None:
+        check_bias(tuple(b.shape), tuple(k.shape))
+    return bridge.conv(x, k, b, spec, host.result_dtype(x.dtype, k.dtype))

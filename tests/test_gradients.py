@@ -478,8 +478,10 @@ def test_torch_backward_and_needs_input_grad():
 @only_torch
 def test_torch_opcheck():
     x, k = _torch_problem()
-    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, k, *TORCH_ARGS))
-    y = torch.ops.fastconv.conv2d(x.detach(), k.detach(), *TORCH_ARGS)
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, k, None, *TORCH_ARGS))
+    b = torch.randn((6,), requires_grad=True)
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, k, b, *TORCH_ARGS))
+    y = torch.ops.fastconv.conv2d(x.detach(), k.detach(), None, *TORCH_ARGS)
     dy = torch.randn(y.shape)
     xd, kd = x.detach(), k.detach()
     torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default,
@@ -498,8 +500,11 @@ def test_torch_gradcheck_op():
     g = torch.Generator().manual_seed(11)
     x = torch.randn((1, 5, 4, 4), generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn((3, 2, 2, 4), generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn((4,), generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, k: torch.ops.fastconv.conv2d(x, k, *TORCH_ARGS), (x, k))
+        lambda x, k: torch.ops.fastconv.conv2d(x, k, None, *TORCH_ARGS), (x, k))
+    assert torch.autograd.gradcheck(
+        lambda x, k, b: torch.ops.fastconv.conv2d(x, k, b, *TORCH_ARGS), (x, k, b))
 
 
 @only_torch
@@ -509,7 +514,7 @@ def test_torch_compile_function():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def loss_fn(x, k):
-        y = torch.ops.fastconv.conv2d(x, k, *TORCH_ARGS)
+        y = torch.ops.fastconv.conv2d(x, k, None, *TORCH_ARGS)
         return (torch.tanh(y) * dy).sum()
 
     loss = loss_fn(x, k)

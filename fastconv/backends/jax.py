@@ -29,7 +29,7 @@ def _host(direction, spec, dtype, shape=None):
     callable: a fresh lambda per call would recompile every eager call (~40 ms)."""
     fn = getattr(host, direction)
     if direction == "forward":
-        return lambda a, b: fn(a, b, spec, dtype)
+        return lambda a, w, c=None: fn(a, w, spec, dtype, c)
     return lambda a, b: fn(a, b, spec, shape, dtype)
 
 
@@ -39,14 +39,14 @@ def _callback(fn, shape, dtype, *args):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv(spec, x, k):
+def _conv(spec, x, k, b):
     dtype = np.dtype(x.dtype)
     return _callback(_host("forward", spec, dtype), spec.output_shape(x.shape, k.shape), dtype,
-                     x, k)
+                     x, k, *([] if b is None else [b]))
 
 
-def _conv_fwd(spec, x, k):
-    return _conv(spec, x, k), (x, k)
+def _conv_fwd(spec, x, k, b):
+    return _conv(spec, x, k, b), (x, k, b)
 
 
 _SECOND_ORDER = (
@@ -68,23 +68,25 @@ def _(primals, tangents):
 
 
 def _conv_bwd(spec, residuals, dy):
-    x, k, dy = _first_order_only(*residuals, dy)
+    x, k, b = residuals
+    x, k, dy = _first_order_only(x, k, dy)
     dtype = np.dtype(x.dtype)
     dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
     dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
-    return dx, dk
+    return dx, dk, (None if b is None else dy.sum(axis=spec.reduce_axes))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv(x, k, spec, result):
-    return _conv_cast(spec, result, x, k)
+def conv(x, k, b, spec, result):
+    return _conv_cast(spec, result, x, k, b)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _conv_cast(spec, result, x, k):
+def _conv_cast(spec, result, x, k, b):
     # Jitted so that an eager call dispatches a cached executable instead of tracing the
     # custom_vjp anew each time; inside the trainer's jit it simply inlines.
     dtype = host.host_dtype(result)
-    return _conv(spec, x.astype(dtype), k.astype(dtype)).astype(result)
+    b = None if b is None else b.astype(dtype)
+    return _conv(spec, x.astype(dtype), k.astype(dtype), b).astype(result)

@@ -48,13 +48,17 @@ def _args(spec, g):
             g.pad_top, g.pad_left, g.groups, threads)
 
 
-def forward(x, kernel, spec, dtype=np.float32):
-    """The convolution of x with kernel, computed in `dtype` (float32 or float64)."""
+def forward(x, kernel, spec, dtype=np.float32, bias=None):
+    """The convolution of x with kernel (plus bias, shape (filters,), if given), computed in
+    `dtype` (float32 or float64)."""
     x, kernel = np.asarray(x), np.asarray(kernel)
     g = spec.geometry(x.shape, kernel.shape)
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, dtype=dtype).reshape(g.f)
     out = np.empty(g.output_shape_nhwc, dtype)
     _dispatch.kernels.forward(
-        _nhwc(x, spec, dtype), np.ascontiguousarray(kernel, dtype=dtype), out, *_args(spec, g)
+        _nhwc(x, spec, dtype), np.ascontiguousarray(kernel, dtype=dtype), out, *_args(spec, g),
+        bias,
     )
     return _from_nhwc(out, spec)
 
@@ -89,6 +93,6 @@ def on_accelerator(x, k):
     return False
 
 
-def conv(x, k, spec, result):
+def conv(x, k, b, spec, result):
     """The numpy backend: Keras' own hands convolutions to JAX; here the kernels serve them."""
-    return forward(x, k, spec, host_dtype(result)).astype(result, copy=False)
+    return forward(x, k, spec, host_dtype(result), b).astype(result, copy=False)

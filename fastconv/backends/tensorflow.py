@@ -48,25 +48,26 @@ def _first_order_only(fn, args, dtype, shape):
     return op(*args)
 
 
-def conv(x, k, spec, result):
+def conv(x, k, b, spec, result):
     out_shape = spec.output_shape(x.shape.as_list(), k.shape.as_list())
     dtype = host.host_dtype(result)
 
     @tf.custom_gradient
-    def _conv(x, k):
-        y = _numpy_function(lambda a, b: host.forward(a, b, spec, dtype), [x, k], dtype,
-                            out_shape)
+    def _conv(x, k, *b):
+        y = _numpy_function(lambda a, w, *c: host.forward(a, w, spec, dtype, *c), [x, k, *b],
+                            dtype, out_shape)
 
         def grad(dy):
             dx = _first_order_only(
-                lambda g, b, s: host.grad_input(g, b, spec, tuple(s), dtype),
+                lambda g, w, s: host.grad_input(g, w, spec, tuple(s), dtype),
                 [dy, k, tf.shape(x)], dtype, x.shape)
             dk = _first_order_only(
                 lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
                 [x, dy], dtype, k.shape)
-            return dx, dk
+            return (dx, dk, *(tf.reduce_sum(dy, axis=spec.reduce_axes) for _ in b))
 
         return y, grad
 
-    y = _conv(tf.cast(x, dtype), tf.cast(k, dtype))
+    biases = [] if b is None else [tf.cast(b, dtype)]
+    y = _conv(tf.cast(x, dtype), tf.cast(k, dtype), *biases)
     return tf.cast(y, result)

@@ -1,6 +1,10 @@
-"""torch bridge: custom ops (fastconv::conv2d and its two gradients) with register_fake, so that
-torch.compile traces them, and register_autograd. CPU tensors reach the kernels without a copy.
+"""torch bridge. Eagerly, a torch.autograd.Function calls the host (a custom op's dispatch costs
+about 20 us a call, more than a small layer's kernel). Under torch.compile the same computation
+runs as custom ops (fastconv::conv2d and its two gradients) with register_fake, so that the
+compiler can trace them, and register_autograd. CPU tensors reach the kernels without a copy.
 """
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,67 +19,110 @@ def _spec(strides, padding, data_format, dilation):
     return ConvSpec(tuple(strides), padding, data_format, tuple(dilation))
 
 
+def _args(spec):
+    return list(spec.strides), spec.padding, spec.data_format, list(spec.dilation_rate)
+
+
 def _numpy(t):
-    return t.detach().numpy()
+    return None if t is None else t.detach().numpy()
+
+
+def _forward(x, k, b, spec):
+    return torch.from_numpy(host.forward(_numpy(x), _numpy(k), spec, _DTYPES[x.dtype], _numpy(b)))
+
+
+def _grad_input(dy, k, input_shape, spec):
+    return torch.from_numpy(
+        host.grad_input(_numpy(dy), _numpy(k), spec, tuple(input_shape), _DTYPES[dy.dtype]))
+
+
+def _grad_kernel(x, dy, kernel_shape, spec):
+    return torch.from_numpy(
+        host.grad_kernel(_numpy(x), _numpy(dy), spec, tuple(kernel_shape), _DTYPES[x.dtype]))
+
+
+def _gradients(ctx, x, k, has_bias, dy, spec, direct):
+    """(dx, dk, db) as needed. `direct` calls the host; otherwise the gradient custom ops run,
+    which a compiler can trace and whose own gradient raises (second order)."""
+    dy = dy.contiguous()
+    needs = ctx.needs_input_grad
+    dx = dk = db = None
+    if needs[0]:
+        dx = (_grad_input(dy, k, x.shape, spec) if direct
+              else _grad_input_op(dy, k, list(x.shape), *_args(spec)))
+    if needs[1]:
+        dk = (_grad_kernel(x, dy, k.shape, spec) if direct
+              else _grad_kernel_op(x, dy, list(k.shape), *_args(spec)))
+    if has_bias and needs[2]:
+        db = dy.sum(dim=spec.reduce_axes)
+    return dx, dk, db
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k, b, spec):
+        ctx.save_for_backward(x, k)
+        ctx.spec, ctx.has_bias = spec, b is not None
+        return _forward(x, k, b, spec)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, k = ctx.saved_tensors
+        # Grad mode is on during backward only with create_graph=True: then the custom ops run,
+        # so that differentiating the gradient raises instead of silently giving zero.
+        direct = not torch.is_grad_enabled()
+        return (*_gradients(ctx, x, k, ctx.has_bias, dy, ctx.spec, direct), None)
 
 
 @torch.library.custom_op("fastconv::conv2d", mutates_args=())
-def _conv2d(x: torch.Tensor, k: torch.Tensor, strides: list[int], padding: str,
-            data_format: str, dilation: list[int]) -> torch.Tensor:
-    spec = _spec(strides, padding, data_format, dilation)
-    return torch.from_numpy(host.forward(_numpy(x), _numpy(k), spec, _DTYPES[x.dtype]))
+def _conv2d_op(x: torch.Tensor, k: torch.Tensor, b: Optional[torch.Tensor], strides: list[int],
+               padding: str, data_format: str, dilation: list[int]) -> torch.Tensor:
+    return _forward(x, k, b, _spec(strides, padding, data_format, dilation))
 
 
-@_conv2d.register_fake
-def _(x, k, strides, padding, data_format, dilation):
+@_conv2d_op.register_fake
+def _(x, k, b, strides, padding, data_format, dilation):
     spec = _spec(strides, padding, data_format, dilation)
     return x.new_empty(spec.output_shape(tuple(x.shape), tuple(k.shape)))
 
 
 @torch.library.custom_op("fastconv::conv2d_grad_input", mutates_args=())
-def _grad_input(dy: torch.Tensor, k: torch.Tensor, input_shape: list[int], strides: list[int],
-                padding: str, data_format: str, dilation: list[int]) -> torch.Tensor:
-    spec = _spec(strides, padding, data_format, dilation)
-    return torch.from_numpy(
-        host.grad_input(_numpy(dy), _numpy(k), spec, tuple(input_shape), _DTYPES[dy.dtype]))
+def _grad_input_op(dy: torch.Tensor, k: torch.Tensor, input_shape: list[int],
+                   strides: list[int], padding: str, data_format: str,
+                   dilation: list[int]) -> torch.Tensor:
+    return _grad_input(dy, k, input_shape, _spec(strides, padding, data_format, dilation))
 
 
-@_grad_input.register_fake
+@_grad_input_op.register_fake
 def _(dy, k, input_shape, strides, padding, data_format, dilation):
     return dy.new_empty(input_shape)
 
 
 @torch.library.custom_op("fastconv::conv2d_grad_kernel", mutates_args=())
-def _grad_kernel(x: torch.Tensor, dy: torch.Tensor, kernel_shape: list[int], strides: list[int],
-                 padding: str, data_format: str, dilation: list[int]) -> torch.Tensor:
-    spec = _spec(strides, padding, data_format, dilation)
-    return torch.from_numpy(
-        host.grad_kernel(_numpy(x), _numpy(dy), spec, tuple(kernel_shape), _DTYPES[x.dtype]))
+def _grad_kernel_op(x: torch.Tensor, dy: torch.Tensor, kernel_shape: list[int],
+                    strides: list[int], padding: str, data_format: str,
+                    dilation: list[int]) -> torch.Tensor:
+    return _grad_kernel(x, dy, kernel_shape, _spec(strides, padding, data_format, dilation))
 
 
-@_grad_kernel.register_fake
+@_grad_kernel_op.register_fake
 def _(x, dy, kernel_shape, strides, padding, data_format, dilation):
     return x.new_empty(kernel_shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, k, *args = inputs
+    x, k, b, *args = inputs
     ctx.save_for_backward(x, k)
-    ctx.args = args
+    ctx.has_bias, ctx.args = b is not None, args
 
 
 def _backward(ctx, dy):
     x, k = ctx.saved_tensors
-    dy = dy.contiguous()
-    dx = dk = None
-    if ctx.needs_input_grad[0]:
-        dx = _grad_input(dy, k, list(x.shape), *ctx.args)
-    if ctx.needs_input_grad[1]:
-        dk = _grad_kernel(x, dy, list(k.shape), *ctx.args)
-    return dx, dk, None, None, None, None
+    grads = _gradients(ctx, x, k, ctx.has_bias, dy, _spec(*ctx.args), direct=False)
+    return (*grads, None, None, None, None)
 
 
-_conv2d.register_autograd(_backward, setup_context=_setup_context)
+_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _second_order(ctx, *grads):
@@ -85,7 +132,7 @@ def _second_order(ctx, *grads):
     )
 
 
-for _op in (_grad_input, _grad_kernel):
+for _op in (_grad_input_op, _grad_kernel_op):
     _op.register_autograd(_second_order, setup_context=lambda ctx, inputs, output: None)
 
 
@@ -93,8 +140,12 @@ def on_accelerator(x, k):
     return x.device.type != "cpu" or k.device.type != "cpu"
 
 
-def conv(x, k, spec, result):
+def conv(x, k, b, spec, result):
     dtype = torch.float64 if result == "float64" else torch.float32
-    y = _conv2d(x.to(dtype), k.to(dtype), list(spec.strides), spec.padding, spec.data_format,
-                list(spec.dilation_rate))
+    x, k = x.to(dtype), k.to(dtype)
+    b = None if b is None else b.to(dtype)
+    if torch.compiler.is_compiling():
+        y = _conv2d_op(x, k, b, *_args(spec))
+    else:
+        y = _Conv2d.apply(x, k, b, spec)
     return y.to(getattr(torch, result))
