@@ -37,6 +37,19 @@ def _from_nhwc(array, spec):
     return array if spec.channels_last else array.transpose(0, 3, 1, 2)
 
 
+# TensorFlow's CPU tensors need 64-byte alignment; a result that has it becomes a tf.Tensor
+# without a copy (tf.numpy_function in a graph, dlpack eagerly). numpy only promises 16.
+_ALIGN = 64
+
+
+def _empty(shape, dtype):
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buffer = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -buffer.ctypes.data % _ALIGN
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
 # Below this many multiply-adds per thread, waking another OpenMP thread costs more than it
 # saves (and on a busy machine a spinning team can stall for milliseconds).
 _MACS_PER_THREAD = 1 << 20
@@ -55,7 +68,7 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
     g = spec.geometry(x.shape, kernel.shape)
     if bias is not None:
         bias = np.ascontiguousarray(bias, dtype=dtype).reshape(g.f)
-    out = np.empty(g.output_shape_nhwc, dtype)
+    out = _empty(g.output_shape_nhwc, dtype)
     _dispatch.kernels.forward(
         _nhwc(x, spec, dtype), np.ascontiguousarray(kernel, dtype=dtype), out, *_args(spec, g),
         bias,
@@ -71,7 +84,7 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     # in the same layout, so one kernel tap routine serves both directions.
     wt = kernel.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups)
     wt = wt.transpose(0, 1, 4, 3, 2).reshape(g.kh, g.kw, g.f // g.groups, g.c)
-    dx = np.empty(g.input_shape_nhwc, dtype)
+    dx = _empty(g.input_shape_nhwc, dtype)
     _dispatch.kernels.grad_input(
         _nhwc(dy, spec, dtype), np.ascontiguousarray(wt, dtype=dtype), dx, *_args(spec, g)
     )
@@ -82,7 +95,7 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
     """d(loss)/d(kernel) given dy = d(loss)/d(outputs)."""
     x = np.asarray(x)
     g = spec.geometry(x.shape, kernel_shape)
-    dw = np.empty(g.kernel_shape, dtype)
+    dw = _empty(g.kernel_shape, dtype)
     _dispatch.kernels.grad_kernel(
         _nhwc(x, spec, dtype), _nhwc(dy, spec, dtype), dw, *_args(spec, g)
     )

@@ -6,6 +6,7 @@ sizes stay unknown). A bare numpy_function's gradient is silently None: here eve
 defined, and a second-order one raises.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from fastconv.backends import numpy as host
@@ -23,6 +24,15 @@ def on_accelerator(*tensors):
 
 
 def _numpy_function(fn, args, dtype, shape):
+    """fn (a host function) on tensors. Eagerly it is called directly on zero-copy views of the
+    tensors and its result becomes a tensor without a copy (dlpack; host results are 64-byte
+    aligned, as TensorFlow requires): tf.numpy_function would copy every input and the result,
+    which costs more than a small layer's kernel. In a graph, tf.numpy_function."""
+    if tf.executing_eagerly():
+        out = fn(*(np.from_dlpack(a) for a in args))
+        if out.flags.c_contiguous and out.ctypes.data % 64 == 0:
+            return tf.experimental.dlpack.from_dlpack(out.__dlpack__())
+        return tf.convert_to_tensor(out)
     out = tf.numpy_function(fn, args, tf.as_dtype(dtype), stateful=False)
     out.set_shape(shape)
     return out
