@@ -5,6 +5,7 @@ and the value, in Keras' words ("... Received: strides=(0, 1)").
 """
 
 import dataclasses
+import functools
 import numbers
 
 _PADDINGS = ("valid", "same")
@@ -166,6 +167,9 @@ class ConvSpec:
 
     def geometry(self, input_shape, kernel_shape):
         """Validate fully known shapes and return every size the kernels need."""
+        return _geometry(self, tuple(input_shape), tuple(kernel_shape))
+
+    def _geometry(self, input_shape, kernel_shape):
         check_ranks(input_shape, kernel_shape)
         n, h, w, c = (int(v) for v in self.to_nhwc(input_shape))
         kh, kw, cin_g, f = (int(v) for v in kernel_shape)
@@ -176,6 +180,12 @@ class ConvSpec:
         oh, pad_top = _output_size(h, kh, self.strides[0], self.dilation_rate[0], self.padding)
         ow, pad_left = _output_size(w, kw, self.strides[1], self.dilation_rate[1], self.padding)
         return Geometry(n, h, w, c, kh, kw, cin_g, f, groups, oh, ow, pad_top, pad_left)
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(spec, input_shape, kernel_shape):
+    # Layers call with the same shapes step after step: validate and compute once per shape.
+    return spec._geometry(input_shape, kernel_shape)
 
 
 def check_bias(bias_shape, kernel_shape):

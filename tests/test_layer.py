@@ -450,3 +450,20 @@ def test_depthwise_channels_first_bias_when_the_output_width_equals_channels():
     grouped = kernel.reshape(3, 3, 1, 6)  # output channel c * M + m reads input channel c
     expected = reference.conv(x, grouped, padding="same", data_format="channels_first")
     reference.assert_close(out, expected + bias.reshape(1, 6, 1, 1), 1e-4)
+
+
+def test_a_subclass_convolution_op_is_honoured():
+    """Like keras.layers.Conv2D, call() goes through an overridden convolution_op (then bias
+    and activation as usual)."""
+
+    class Doubled(fastconv.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            return 2.0 * super().convolution_op(inputs, kernel)
+
+    layer = Doubled(3, 3, padding="same", activation="relu",
+                    bias_initializer=keras.initializers.RandomNormal(seed=2))
+    x = np.random.default_rng(6).standard_normal((2, 5, 6, 2)).astype("float32")
+    out = to_numpy(layer(x))
+    kernel, bias = (to_numpy(w) for w in layer.weights)
+    expected = np.maximum(2.0 * reference.conv(x, kernel, padding="same") + bias, 0.0)
+    reference.assert_close(out, expected, 1e-4)

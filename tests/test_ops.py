@@ -344,3 +344,26 @@ def test_compiled_call_matches_reference():
     x2 = x[:1, :5]  # another shape through the same compiled function
     reference.assert_close(to_numpy(compiled(x2, k)),
                            reference.conv(x2, k, (2, 1), "same", (1, 2)))
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[7]], ids=str)
+def test_conv_bias_adds_the_bias_in_the_kernel(case, data_format):
+    """ops.conv_bias (what the layers call): the kernels add the bias per output row."""
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    x, k = _arrays(case, data_format, seed=3)
+    b = np.random.default_rng(4).standard_normal(f).astype(np.float32)
+    spec = fastconv.geometry.ConvSpec.make(strides, padding, data_format, dilation)
+    out = to_numpy(fastconv.ops.conv_bias(keras.ops.convert_to_tensor(x),
+                                          keras.ops.convert_to_tensor(k),
+                                          keras.ops.convert_to_tensor(b), spec))
+    expected = reference.conv(x, k, strides, padding, dilation, data_format)
+    reference.assert_close(out, expected + b.reshape(spec.bias_shape), 1e-4)
+
+
+def test_conv_bias_checks_the_bias_shape():
+    x, k = _arrays(CASES[0], "channels_last")
+    spec = fastconv.geometry.ConvSpec.make(1, "valid", "channels_last", 1)
+    with pytest.raises(ValueError, match=r"bias.shape=\(5,\)"):
+        fastconv.ops.conv_bias(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(k),
+                               keras.ops.convert_to_tensor(np.zeros(5, np.float32)), spec)

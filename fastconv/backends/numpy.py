@@ -6,6 +6,8 @@ fastconv.geometry, and run the compiled kernels in float32 (or float64 when aske
 allocated arrays. Bridges for the other backends only move tensors to and from these functions.
 """
 
+import math
+
 import keras
 import numpy as np
 
@@ -44,7 +46,7 @@ _ALIGN = 64
 
 def _empty(shape, dtype):
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     buffer = np.empty(nbytes + _ALIGN, np.uint8)
     start = -buffer.ctypes.data % _ALIGN
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
