@@ -15,7 +15,7 @@
 # on the regrouped kernel, one stride phase at a time; grad_kernel is a GEMM over N*Ho*Wo per tap,
 # in a fixed chunking of output rows.
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.stdlib cimport malloc, free
 
 ctypedef fused floating:
@@ -703,6 +703,7 @@ cdef extern from *:
     int fc_dwrow_width(Py_ssize_t rem, int sz) noexcept nogil
     int FC_DWROW_PIX
     bint FC_DWROW_OK
+    int FC_VB
     void fc_dwrow_f(int V, const float* const* xr, const Py_ssize_t* xs, const float* w,
                     Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
                     float* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
@@ -1044,6 +1045,43 @@ cdef inline void _add_bias(floating* row, const floating* bias, Py_ssize_t OW,
             row[i * F + f] += bias[f]
 
 
+cdef Py_ssize_t _padded(Py_ssize_t n, int sz) noexcept nogil:
+    # Channels a group are computed in tiles of power-of-2 widths: a remainder (beyond whole
+    # vectors) of several powers of 2 costs one tile pass each (47 = 32+8+4+2+1: 6 vector-widths
+    # of work for 3). Padded with zero channels up to a single power of 2 (47 -> 48, 9 -> 16), it
+    # costs one. Counts up to 4 keep their own small-channel paths.
+    cdef Py_ssize_t vw = FC_VB // sz, tail = n % vw, p = 1
+    if n <= 4 or (tail & (tail - 1)) == 0:
+        return n
+    while p < tail:
+        p *= 2
+    return n - tail + p
+
+
+cdef floating* _pad_groups(const floating* a, Py_ssize_t rows, Py_ssize_t groups, Py_ssize_t n,
+                           Py_ssize_t np_) noexcept nogil:
+    # (rows, groups, n) -> (rows, groups, np_) with zero channels n .. np_ in each group
+    cdef floating* p = <floating*>malloc(rows * groups * np_ * sizeof(floating))
+    cdef Py_ssize_t i, j
+    if p == NULL:
+        return NULL
+    for i in range(rows * groups):
+        for j in range(np_):
+            p[i * np_ + j] = a[i * n + j] if j < n else 0
+    return p
+
+
+cdef inline void _unpad(const floating* src, Py_ssize_t np_, floating* dst, Py_ssize_t n,
+                        Py_ssize_t rows, Py_ssize_t groups, const floating* bias) noexcept nogil:
+    # the inverse of _pad_groups, adding bias (groups * n,) when given
+    cdef Py_ssize_t i, j
+    for i in range(rows * groups):
+        for j in range(n):
+            dst[i * n + j] = src[i * np_ + j]
+    if bias != NULL:
+        _add_bias(dst, bias, rows, groups * n)
+
+
 def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             const floating[:, :, :, ::1] w,   # IN  (KH, KW, C // groups, F)
             floating[:, :, :, ::1] out,       # OUT (N, OH, OW, F)
@@ -1068,6 +1106,32 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
     cdef const floating* bp = NULL
     if bias is not None:
         bp = &bias[0]
+    cdef Py_ssize_t cg = F // groups
+    cdef Py_ssize_t Fp = groups * _padded(cg, sizeof(floating))
+    cdef floating* wpad = NULL
+    cdef floating* rows = NULL
+    if Fp != F and not (cin_g == 1 and cg == 1):
+        wpad = _pad_groups(wp, KH * KW * cin_g, groups, cg, Fp // groups)
+        rows = <floating*>malloc(n_threads * OW * Fp * sizeof(floating))
+        if wpad == NULL or rows == NULL:
+            free(runs)
+            free(wpad)
+            free(rows)
+            raise MemoryError()
+        try:
+            for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
+                n = r // OH
+                oh = r % OH
+                _forward_row(xp + n * H * W * C, wpad, rows + threadid() * OW * Fp, H, W, C,
+                             KH, KW, cin_g, Fp, OW, oh * sh - pad_top, sw, dh, dw, pad_left,
+                             groups, runs, nruns, NULL)
+                _unpad(rows + threadid() * OW * Fp, Fp // groups, op + r * OW * F, cg, OW,
+                       groups, bp)
+        finally:
+            free(runs)
+            free(wpad)
+            free(rows)
+        return
     if floating is float:
         if _use_pair(sizeof(floating), cin_g, F // groups, groups):
             wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
@@ -1338,6 +1402,32 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
     if phases == NULL:
         raise MemoryError()
     _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
+    cdef Py_ssize_t cg = C // groups
+    cdef Py_ssize_t Cp = groups * _padded(cg, sizeof(floating))
+    cdef floating* wpad = NULL
+    cdef floating* rows = NULL
+    if Cp != C and not (cg == 1 and cout_g == 1):
+        wpad = _pad_groups(wp, KH * KW * cout_g, groups, cg, Cp // groups)
+        rows = <floating*>malloc(n_threads * W * Cp * sizeof(floating))
+        if wpad == NULL or rows == NULL:
+            free(phases)
+            free(wpad)
+            free(rows)
+            raise MemoryError()
+        try:
+            for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
+                n = r // H
+                ih = r % H
+                _grad_input_row(gp + n * OH * OW * F, wpad, rows + threadid() * W * Cp, OH, OW,
+                                F, KH, KW, cout_g, Cp, W, ih, sh, sw, dh, dw, pad_top,
+                                pad_left, groups, phases, NULL, NULL, NULL)
+                _unpad(rows + threadid() * W * Cp, Cp // groups, dp + r * W * C, cg, W, groups,
+                       NULL)
+        finally:
+            free(phases)
+            free(wpad)
+            free(rows)
+        return
     cdef float* wpk = NULL
     if floating is float:
         if _use_pair(sizeof(floating), cout_g, C // groups, groups):
@@ -1499,6 +1589,19 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
     if N * OH * OW == 0 or KH * KW * cin_g * F == 0:
         dw[...] = 0
         return
+    # odd channel counts: dy and dw with zero-padded channels, as in forward (_padded)
+    cdef Py_ssize_t F0 = F
+    cdef floating* gpad = NULL
+    cdef floating* dpad = NULL
+    if _padded(cout_g, sz) != cout_g and not depthwise:
+        cout_g = _padded(cout_g, sz)
+        F = groups * cout_g
+        gpad = _pad_groups(&dy[0, 0, 0, 0], N * OH * OW, groups, F0 // groups, cout_g)
+        dpad = <floating*>malloc(KH * KW * cin_g * F * sizeof(floating))
+        if gpad == NULL or dpad == NULL:
+            free(gpad)
+            free(dpad)
+            raise MemoryError()
     cdef bint pairk = (floating is float and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
     # depthwise, 3 kernel columns, unit stride and dilation along w: fc_dwk3 tasks (first
@@ -1553,17 +1656,23 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
         if t == 0:
             tasks = <Py_ssize_t*>malloc(5 * ntasks * sizeof(Py_ssize_t))
             if tasks == NULL:
+                free(gpad)
+                free(dpad)
                 raise MemoryError()
     # output rows per chunk: about 256 KiB of dy, never depending on the thread count
     chunk = _max(1, _min(MAX_CHUNK, (256 * 1024) // _max(1, OW * F * sz)))
     nt = _max(1, _min(n_threads, ntasks))
     cdef const floating* xp = &x[0, 0, 0, 0]
-    cdef const floating* gp = &dy[0, 0, 0, 0]
-    cdef floating* dp = &dw[0, 0, 0, 0]
+    cdef const floating* gp = &dy[0, 0, 0, 0] if gpad == NULL else gpad
+    cdef floating* dp = &dw[0, 0, 0, 0] if dpad == NULL else dpad
     try:
         for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
             _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
                                N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
                                pad_top, pad_left, chunk, KH, dk3)
+        if dpad != NULL:
+            _unpad(dpad, cout_g, &dw[0, 0, 0, 0], F0 // groups, KH * KW * cin_g, groups, NULL)
     finally:
         free(tasks)
+        free(gpad)
+        free(dpad)

@@ -63,6 +63,8 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
     _dispatch.kernels = kernels
     try:
         out = host.forward(x, k, spec, dtype)
+        bias = rng.standard_normal(f).astype(dtype)
+        out_bias = host.forward(x, k, spec, dtype, bias)
         dy = rng.standard_normal(out.shape).astype(dtype)
         dx = host.grad_input(dy, k, spec, x.shape, dtype)
         dk = host.grad_kernel(x, dy, spec, k.shape, dtype)
@@ -72,6 +74,7 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
     ref_dx, ref_dk = reference.grads(x, k, dy, strides, padding, dilation, data_format)
     assert out.dtype == dtype and dx.dtype == dtype and dk.dtype == dtype
     reference.assert_close(out, expected, rtol, "forward")
+    reference.assert_close(out_bias, expected + bias.reshape(spec.bias_shape), rtol, "+ bias")
     reference.assert_close(dx, ref_dx, rtol, "grad_input")
     reference.assert_close(dk, ref_dk, rtol, "grad_kernel")
 
@@ -134,7 +137,7 @@ def test_random_wide_configurations(case, variant, dtype):
     _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, dtype)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11]], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18]], ids=str)
 def test_bit_identical_for_any_thread_count(case, monkeypatch):
     monkeypatch.setattr(host, "_MACS_PER_THREAD", 1)  # small cases must still use every thread
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
