@@ -63,7 +63,7 @@ class Conv2D(_Fastconv, keras.layers.Conv2D):
             # A subclass' own convolution_op is honoured, as keras.layers.Conv2D does.
             outputs = self.convolution_op(inputs, self.kernel)
             if self.use_bias:
-                outputs = ops._add_bias(outputs, self.bias, self._spec())
+                outputs = ops.add_bias(outputs, self.bias, self._spec())
             return outputs if self.activation is None else self.activation(outputs)
         return self._conv_bias_activation(inputs, self.kernel)
 

@@ -84,7 +84,8 @@ def conv_bias(inputs, kernel, bias, spec):
     return _run(inputs, kernel, spec, bias)
 
 
-def _add_bias(outputs, bias, spec):
+def add_bias(outputs, bias, spec):
+    """outputs + bias (shape (filters,)) along the channel axis, where the kernels cannot add it."""
     bias = keras.ops.reshape(bias, spec.bias_shape)
     if keras.backend.backend() == "tensorflow":
         # keras.ops.add on TF turns a (1, F, 1, 1) bias into bias_add(..., "NHWC") whenever the
@@ -105,7 +106,7 @@ def _run(inputs, kernel, spec, bias=None):
         # on an accelerator (fastconv never copies it to the host behind the user's back).
         y = keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
                            spec.dilation_rate)
-        return y if b is None else _add_bias(y, b, spec)
+        return y if b is None else add_bias(y, b, spec)
     spec.output_shape(tuple(x.shape), tuple(k.shape))  # every check before any kernel runs
     if b is not None:
         check_bias(tuple(b.shape), tuple(k.shape))
