@@ -1110,7 +1110,9 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
     cdef Py_ssize_t Fp = groups * _padded(cg, sizeof(floating))
     cdef floating* wpad = NULL
     cdef floating* rows = NULL
-    if Fp != F and not (cin_g == 1 and cg == 1):
+    cdef floating* dst
+    if Fp != F:
+        # zero-padded channels (_padded), each row computed in a per-thread buffer
         wpad = _pad_groups(wp, KH * KW * cin_g, groups, cg, Fp // groups)
         rows = <floating*>malloc(n_threads * OW * Fp * sizeof(floating))
         if wpad == NULL or rows == NULL:
@@ -1118,34 +1120,26 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             free(wpad)
             free(rows)
             raise MemoryError()
-        try:
-            for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
-                n = r // OH
-                oh = r % OH
-                _forward_row(xp + n * H * W * C, wpad, rows + threadid() * OW * Fp, H, W, C,
-                             KH, KW, cin_g, Fp, OW, oh * sh - pad_top, sw, dh, dw, pad_left,
-                             groups, runs, nruns, NULL)
-                _unpad(rows + threadid() * OW * Fp, Fp // groups, op + r * OW * F, cg, OW,
-                       groups, bp)
-        finally:
-            free(runs)
-            free(wpad)
-            free(rows)
-        return
-    if floating is float:
+        wp = wpad
+    elif floating is float:
         if _use_pair(sizeof(floating), cin_g, F // groups, groups):
             wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
     try:
         for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
             n = r // OH
             oh = r % OH
-            _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, KH, KW, cin_g, F,
-                         OW, oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk)
-            if bp != NULL:
-                _add_bias(op + r * OW * F, bp, OW, F)
+            dst = rows + threadid() * OW * Fp if rows != NULL else op + r * OW * F
+            _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
+                         oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk)
+            if rows != NULL:
+                _unpad(dst, Fp // groups, op + r * OW * F, cg, OW, groups, bp)
+            elif bp != NULL:
+                _add_bias(dst, bp, OW, F)
     finally:
         free(runs)
         free(wpk)
+        free(wpad)
+        free(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1402,32 +1396,6 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
     if phases == NULL:
         raise MemoryError()
     _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
-    cdef Py_ssize_t cg = C // groups
-    cdef Py_ssize_t Cp = groups * _padded(cg, sizeof(floating))
-    cdef floating* wpad = NULL
-    cdef floating* rows = NULL
-    if Cp != C and not (cg == 1 and cout_g == 1):
-        wpad = _pad_groups(wp, KH * KW * cout_g, groups, cg, Cp // groups)
-        rows = <floating*>malloc(n_threads * W * Cp * sizeof(floating))
-        if wpad == NULL or rows == NULL:
-            free(phases)
-            free(wpad)
-            free(rows)
-            raise MemoryError()
-        try:
-            for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
-                n = r // H
-                ih = r % H
-                _grad_input_row(gp + n * OH * OW * F, wpad, rows + threadid() * W * Cp, OH, OW,
-                                F, KH, KW, cout_g, Cp, W, ih, sh, sw, dh, dw, pad_top,
-                                pad_left, groups, phases, NULL, NULL, NULL)
-                _unpad(rows + threadid() * W * Cp, Cp // groups, dp + r * W * C, cg, W, groups,
-                       NULL)
-        finally:
-            free(phases)
-            free(wpad)
-            free(rows)
-        return
     cdef float* wpk = NULL
     if floating is float:
         if _use_pair(sizeof(floating), cout_g, C // groups, groups):
@@ -1459,18 +1427,42 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
         for tap in range(9):
             for ci in range(C):
                 wflip[tap * C + ci] = wp[(8 - tap) * C + ci]
+    # zero-padded channels (_padded), each row computed in a per-thread buffer; never together
+    # with the special paths above (they need C <= 4, 1 or 8 channels a group)
+    cdef Py_ssize_t cg = C // groups
+    cdef Py_ssize_t Cp = groups * _padded(cg, sizeof(floating))
+    cdef floating* wpad = NULL
+    cdef floating* rows = NULL
+    cdef floating* dst
+    if Cp != C:
+        wpad = _pad_groups(wp, KH * KW * cout_g, groups, cg, Cp // groups)
+        rows = <floating*>malloc(n_threads * W * Cp * sizeof(floating))
+        if wpad == NULL or rows == NULL:
+            free(phases)
+            free(wpk)
+            free(wred)
+            free(wflip)
+            free(wpad)
+            free(rows)
+            raise MemoryError()
+        wp = wpad
     try:
         for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
             n = r // H
             ih = r % H
-            _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW,
-                            cout_g, C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases,
-                            wpk, wred, wflip)
+            dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
+            _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
+                            ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
+                            wflip)
+            if rows != NULL:
+                _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
     finally:
         free(phases)
         free(wpk)
         free(wred)
         free(wflip)
+        free(wpad)
+        free(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1593,7 +1585,7 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
     cdef Py_ssize_t F0 = F
     cdef floating* gpad = NULL
     cdef floating* dpad = NULL
-    if _padded(cout_g, sz) != cout_g and not depthwise:
+    if _padded(cout_g, sz) != cout_g:
         cout_g = _padded(cout_g, sz)
         F = groups * cout_g
         gpad = _pad_groups(&dy[0, 0, 0, 0], N * OH * OW, groups, F0 // groups, cout_g)

@@ -41,14 +41,14 @@ def _from_nhwc(array, spec):
 
 # TensorFlow's CPU tensors need 64-byte alignment; a result that has it becomes a tf.Tensor
 # without a copy (tf.numpy_function in a graph, dlpack eagerly). numpy only promises 16.
-_ALIGN = 64
+ALIGN = 64
 
 
 def _empty(shape, dtype):
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    buffer = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -buffer.ctypes.data % _ALIGN
+    buffer = np.empty(nbytes + ALIGN, np.uint8)
+    start = -buffer.ctypes.data % ALIGN
     return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
