@@ -6,12 +6,11 @@ fastconv.geometry, and run the compiled kernels in float32 (or float64 when aske
 allocated arrays. Bridges for the other backends only move tensors to and from these functions.
 """
 
-import math
 
 import keras
 import numpy as np
 
-from fastconv import _dispatch
+from fastconv import _dispatch, _memory
 
 
 def result_dtype(x_dtype, k_dtype):
@@ -39,17 +38,8 @@ def _from_nhwc(array, spec):
     return array if spec.channels_last else array.transpose(0, 3, 1, 2)
 
 
-# TensorFlow's CPU tensors need 64-byte alignment; a result that has it becomes a tf.Tensor
-# without a copy (tf.numpy_function in a graph, dlpack eagerly). numpy only promises 16.
-ALIGN = 64
-
-
-def _empty(shape, dtype):
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    buffer = np.empty(nbytes + ALIGN, np.uint8)
-    start = -buffer.ctypes.data % ALIGN
-    return buffer[start:start + nbytes].view(dtype).reshape(shape)
+ALIGN = _memory.ALIGN
+_empty = _memory.empty
 
 
 # Below this many multiply-adds per thread, waking another OpenMP thread costs more than it
