@@ -346,6 +346,24 @@ def test_compiled_call_matches_reference():
                            reference.conv(x2, k, (2, 1), "same", (1, 2)))
 
 
+def test_eager_results_keep_their_memory_while_alive():
+    # Eager results are the host's buffers, handed over without a copy (dlpack on TF and JAX,
+    # from_numpy on torch, the array itself on numpy); a buffer is reused only once no tensor
+    # holds it.
+    from fastconv import _memory
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 66, 66, 32), dtype=np.float32)
+    k = rng.standard_normal((3, 3, 32, 64), dtype=np.float32)
+    first = fastconv.ops.conv(x, k)
+    assert 4 * np.prod(first.shape) >= _memory._POOLED  # 2 MB: from the pool
+    expected = to_numpy(first).copy()
+    for i in range(3):
+        later = fastconv.ops.conv(x + i + 1, k)
+        del later
+    np.testing.assert_array_equal(to_numpy(first), expected)
+    reference.assert_close(expected, reference.conv(x, k, (1, 1), "valid", (1, 1)))
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[7]], ids=str)
 def test_conv_bias_adds_the_bias_in_the_kernel(case, data_format):

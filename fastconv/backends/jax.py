@@ -80,7 +80,16 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv(x, k, b, spec, result):
-    return _conv_cast(spec, result, x, k, b)
+    if any(isinstance(a, jax.core.Tracer) for a in (x, k, b)):
+        return _conv_cast(spec, result, x, k, b)
+    # Eager (concrete CPU arrays, nothing to differentiate): the host runs on zero-copy views
+    # and its result becomes a jax.Array without a copy. A jitted call with a pure_callback
+    # costs ~100 us more per call and copies the result into XLA's buffer (~0.4 ms per 6 MB).
+    out = host.conv(np.asarray(x), np.asarray(k), None if b is None else np.asarray(b), spec,
+                    result)
+    if out.flags.c_contiguous and out.ctypes.data % host.ALIGN == 0:
+        return jax.dlpack.from_dlpack(out)
+    return jax.numpy.asarray(out)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
