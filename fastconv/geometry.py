@@ -82,6 +82,22 @@ class Geometry:
     def kernel_shape(self):
         return (self.kh, self.kw, self.cin_g, self.f)
 
+    @functools.lru_cache(maxsize=1024)
+    def pixel_rows(self, threads, max_width=256):
+        """(rows, width) to cut the n*h*w pixels into, if this is a 1x1 convolution that maps
+        each input pixel to one output pixel (stride 1 or a single-pixel axis): such a
+        convolution is one matrix product over all pixels, and rows wider than the image's
+        (7 pixels in a 7x7 map) let each pass over the kernel serve more pixels: measured on
+        8x7x7, 320 -> 1280 channels, 206 -> 289 GFLOP/s; 512 -> 2048, 91 -> 142. None where
+        the image's own rows are kept: width is the largest divisor of n*h*w up to max_width
+        that leaves two rows a thread."""
+        if (self.kh, self.kw, self.oh, self.ow) != (1, 1, self.h, self.w):
+            return None
+        pixels = self.n * self.h * self.w
+        limit = min(max_width, pixels // (2 * threads))
+        width = max((d for d in range(self.w + 1, limit + 1) if pixels % d == 0), default=None)
+        return None if width is None else (pixels // width, width)
+
     @property
     def macs(self):
         """Multiply-adds of one direction (forward, grad wrt input or wrt kernel)."""

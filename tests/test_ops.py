@@ -37,6 +37,9 @@ CASES = [
     (1, 5, 7, 7, 1, 1, 5, 1, (1, 1), (1, 1), "valid"),  # odd channels, 1x1 kernel
     (2, 6, 5, 12, 3, 3, 12, 6, (3, 3), (1, 1), "same"),  # stride larger than kernel
     (0, 5, 5, 4, 3, 3, 4, 2, (1, 1), (1, 1), "same"),  # empty batch
+    # 1x1, stride 1: the pixels re-cut into wider rows (Geometry.pixel_rows)
+    (3, 5, 5, 6, 1, 1, 10, 1, (1, 1), (1, 1), "same"),
+    (2, 4, 6, 8, 1, 1, 12, 2, (1, 1), (1, 1), "valid"),
 ]
 # ops may combine strides > 1 with dilation > 1 (the layer may not): reference only on TF.
 MIXED = [

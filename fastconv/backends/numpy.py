@@ -53,6 +53,12 @@ def _args(spec, g):
             g.pad_top, g.pad_left, g.groups, threads)
 
 
+def _rows(g, threads, array):
+    """An NHWC array's pixels as (1, rows, width, channels) where g.pixel_rows re-cuts them."""
+    cut = g.pixel_rows(threads)
+    return (array,) if cut is None else (array.reshape(1, *cut, array.shape[3]),)
+
+
 def forward(x, kernel, spec, dtype=np.float32, bias=None):
     """The convolution of x with kernel (plus bias, shape (filters,), if given), computed in
     `dtype` (float32 or float64)."""
@@ -61,9 +67,10 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
     if bias is not None:
         bias = np.ascontiguousarray(bias, dtype=dtype).reshape(g.f)
     out = _empty(g.output_shape_nhwc, dtype)
+    args = _args(spec, g)
     _dispatch.kernels.forward(
-        _nhwc(x, spec, dtype), np.ascontiguousarray(kernel, dtype=dtype), out, *_args(spec, g),
-        bias,
+        *_rows(g, args[-1], _nhwc(x, spec, dtype)), np.ascontiguousarray(kernel, dtype=dtype),
+        *_rows(g, args[-1], out), *args, bias,
     )
     return _from_nhwc(out, spec)
 
@@ -77,8 +84,10 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     wt = kernel.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups)
     wt = wt.transpose(0, 1, 4, 3, 2).reshape(g.kh, g.kw, g.f // g.groups, g.c)
     dx = _empty(g.input_shape_nhwc, dtype)
+    args = _args(spec, g)
     _dispatch.kernels.grad_input(
-        _nhwc(dy, spec, dtype), np.ascontiguousarray(wt, dtype=dtype), dx, *_args(spec, g)
+        *_rows(g, args[-1], _nhwc(dy, spec, dtype)), np.ascontiguousarray(wt, dtype=dtype),
+        *_rows(g, args[-1], dx), *args,
     )
     return _from_nhwc(dx, spec)
 
