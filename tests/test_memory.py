@@ -29,7 +29,7 @@ def test_results_are_aligned_writable_and_contiguous(shape, dtype):
     a = _memory.empty(shape, dtype)
     assert a.shape == shape and a.dtype == dtype
     assert a.flags.c_contiguous and a.flags.writeable
-    assert address(a) % _memory.ALIGN == 0
+    assert a.size == 0 or address(a) % _memory.ALIGN == 0  # (an empty array has no data)
     a[...] = 1  # the whole buffer is ours
     assert a.sum() == a.size
 
