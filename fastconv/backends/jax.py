@@ -24,25 +24,28 @@ def on_accelerator(*arrays):
 
 
 @functools.lru_cache(maxsize=1024)
-def _host(direction, spec, dtype, shape=None):
-    """One callable per (direction, spec, dtype, shape). JAX caches a compiled callback by its
+def _host(direction, spec, dtype, input_shape=None, kernel_shape=None):
+    """One callable per (direction, spec, dtype, shapes). JAX caches a compiled callback by its
     callable: a fresh lambda per call would recompile every eager call (~40 ms)."""
-    fn = getattr(host, direction)
     if direction == "forward":
-        return lambda a, w, c=None: fn(a, w, spec, dtype, c)
-    return lambda a, b: fn(a, b, spec, shape, dtype)
+        return lambda a, w, c=None: (host.forward(a, w, spec, dtype, c),)
+    # both gradients in one callback: each callback costs ~0.1 ms of dispatch
+    return lambda a, w, g: (host.grad_input(g, w, spec, input_shape, dtype),
+                            host.grad_kernel(a, g, spec, kernel_shape, dtype))
 
 
-def _callback(fn, shape, dtype, *args):
-    return jax.pure_callback(fn, jax.ShapeDtypeStruct(tuple(shape), dtype), *args,
-                             vmap_method="sequential")
+def _callback(fn, dtype, shapes, *args):
+    """fn(*args) on the host; its results have these shapes (a tuple of them for several)."""
+    results = tuple(jax.ShapeDtypeStruct(s, dtype) for s in shapes)
+    return jax.pure_callback(fn, results, *args, vmap_method="sequential")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec, x, k, b):
     dtype = np.dtype(x.dtype)
-    return _callback(_host("forward", spec, dtype), spec.output_shape(x.shape, k.shape), dtype,
+    (y,) = _callback(_host("forward", spec, dtype), dtype, [spec.output_shape(x.shape, k.shape)],
                      x, k, *([] if b is None else [b]))
+    return y
 
 
 def _conv_fwd(spec, x, k, b):
@@ -71,8 +74,8 @@ def _conv_bwd(spec, residuals, dy):
     x, k, b = residuals
     x, k, dy = _first_order_only(x, k, dy)
     dtype = np.dtype(x.dtype)
-    dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
-    dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
+    shapes = (tuple(x.shape), tuple(k.shape))
+    dx, dk = _callback(_host("backward", spec, dtype, *shapes), dtype, shapes, x, k, dy)
     return dx, dk, (None if b is None else dy.sum(axis=spec.reduce_axes))
 
 
@@ -87,7 +90,9 @@ def conv(x, k, b, spec, result):
     # costs ~100 us more per call and copies the result into XLA's buffer (~0.4 ms per 6 MB).
     out = host.conv(np.asarray(x), np.asarray(k), None if b is None else np.asarray(b), spec,
                     result)
-    if out.flags.c_contiguous and out.ctypes.data % host.ALIGN == 0:
+    # (numpy cannot export bfloat16 through dlpack; the kernels' own dtypes it can)
+    if (out.dtype in (np.float32, np.float64) and out.flags.c_contiguous
+            and out.ctypes.data % host.ALIGN == 0):
         return jax.dlpack.from_dlpack(out)
     return jax.numpy.asarray(out)
 
