@@ -551,3 +551,33 @@ def test_torch_compile_model():
     for got, want in zip(compiled_grads, eager_grads):
         assert np.abs(want.numpy()).max() > 0
         reference.assert_close(got, want, 1e-5, "grad")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.jit's dead-code elimination")
+def test_jit_skips_a_gradient_nobody_uses(monkeypatch):
+    # Training never needs the first layer's input gradient, nor a frozen layer's kernel
+    # gradient: each gradient is its own callback, which jit drops when its result is unused.
+    import jax
+    import jax.numpy as jnp
+
+    from fastconv.backends import numpy as host
+
+    calls = []
+
+    def counted(name, original):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return run
+
+    for name in ("grad_input", "grad_kernel"):
+        monkeypatch.setattr(host, name, counted(name, getattr(host, name)))
+    # shapes no other test uses: nothing compiled before holds the unpatched functions
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 11, 13, 5), np.float32))
+    k = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 5, 7), np.float32))
+    loss = lambda x, k: jnp.sum(fastconv.ops.conv(x, k) ** 2)  # noqa: E731
+    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=1))(x, k))
+    assert calls == ["grad_kernel"]
+    calls.clear()
+    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=0))(x, k))
+    assert calls == ["grad_input"]
