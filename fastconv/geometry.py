@@ -83,15 +83,14 @@ class Geometry:
         return (self.kh, self.kw, self.cin_g, self.f)
 
     @functools.lru_cache(maxsize=1024)
-    def pixel_rows(self, threads, max_width=256):
-        """(rows, width) to cut the n*h*w pixels into, if this is a 1x1 convolution that maps
-        each input pixel to one output pixel (stride 1 or a single-pixel axis): such a
-        convolution is one matrix product over all pixels, and rows wider than the image's
-        (7 pixels in a 7x7 map) let each pass over the kernel serve more pixels: measured on
-        8x7x7, 320 -> 1280 channels, 206 -> 289 GFLOP/s; 512 -> 2048, 91 -> 142. None where
-        the image's own rows are kept: width is the largest divisor of n*h*w up to max_width
-        that leaves two rows a thread."""
-        if (self.kh, self.kw, self.oh, self.ow) != (1, 1, self.h, self.w):
+    def pixel_rows(self, strides, threads, max_width=256):
+        """(rows, width) to cut the n*h*w pixels into, for a 1x1 convolution with stride 1 (one
+        matrix product over all pixels), or None: rows wider than the image's (7 pixels in a
+        7x7 map) let each pass over the kernel serve more pixels. Measured, 2 threads: 8x7x7,
+        320 -> 1280 channels, 206 -> 289 GFLOP/s; 512 -> 2048, 91 -> 142. width is the largest
+        divisor of n*h*w up to max_width that leaves two rows a thread (None if no wider row
+        than the image's qualifies)."""
+        if (self.kh, self.kw) != (1, 1) or tuple(strides) != (1, 1):
             return None
         pixels = self.n * self.h * self.w
         limit = min(max_width, pixels // (2 * threads))

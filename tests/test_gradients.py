@@ -53,6 +53,7 @@ CASES = [
     (2, 4, 5, 3, 7, 6, 4, 1, (1, 2), (1, 1), "same"),  # even kernel wider than the input
     (1, 5, 7, 10, 1, 1, 7, 1, (1, 1), (1, 1), "valid"),  # 1x1 kernel
     (3, 5, 5, 6, 1, 1, 10, 2, (1, 1), (1, 1), "same"),  # 1x1: pixels re-cut into rows of 25
+    (2, 8, 1, 4, 1, 1, 6, 1, (1, 2), (1, 1), "valid"),  # 1x1, stride 2 on a 1-pixel axis
     (0, 5, 5, 4, 3, 3, 4, 2, (1, 1), (1, 1), "same"),  # empty batch
 ]
 

@@ -40,6 +40,8 @@ CASES = [
     # 1x1, stride 1: the pixels re-cut into wider rows (Geometry.pixel_rows)
     (3, 5, 5, 6, 1, 1, 10, 1, (1, 1), (1, 1), "same"),
     (2, 4, 6, 8, 1, 1, 12, 2, (1, 1), (1, 1), "valid"),
+    (2, 8, 1, 4, 1, 1, 6, 1, (1, 2), (1, 1), "valid"),  # stride 2 on a 1-pixel axis
+    (2, 1, 8, 4, 1, 1, 6, 1, (3, 1), (1, 1), "same"),
 ]
 # ops may combine strides > 1 with dilation > 1 (the layer may not): reference only on TF.
 MIXED = [

@@ -6,7 +6,6 @@ fastconv.geometry, and run the compiled kernels in float32 (or float64 when aske
 allocated arrays. Bridges for the other backends only move tensors to and from these functions.
 """
 
-
 import keras
 import numpy as np
 
@@ -53,10 +52,11 @@ def _args(spec, g):
             g.pad_top, g.pad_left, g.groups, threads)
 
 
-def _rows(g, threads, array):
-    """An NHWC array's pixels as (1, rows, width, channels) where g.pixel_rows re-cuts them."""
-    cut = g.pixel_rows(threads)
-    return (array,) if cut is None else (array.reshape(1, *cut, array.shape[3]),)
+def _rows(spec, g, threads, array):
+    """An NHWC array, or its pixels as (1, rows, width, channels) where g.pixel_rows re-cuts
+    them."""
+    cut = g.pixel_rows(spec.strides, threads)
+    return array if cut is None else array.reshape(1, *cut, array.shape[3])
 
 
 def forward(x, kernel, spec, dtype=np.float32, bias=None):
@@ -69,8 +69,8 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
     out = _empty(g.output_shape_nhwc, dtype)
     args = _args(spec, g)
     _dispatch.kernels.forward(
-        *_rows(g, args[-1], _nhwc(x, spec, dtype)), np.ascontiguousarray(kernel, dtype=dtype),
-        *_rows(g, args[-1], out), *args, bias,
+        _rows(spec, g, args[-1], _nhwc(x, spec, dtype)),
+        np.ascontiguousarray(kernel, dtype=dtype), _rows(spec, g, args[-1], out), *args, bias,
     )
     return _from_nhwc(out, spec)
 
@@ -86,8 +86,8 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     dx = _empty(g.input_shape_nhwc, dtype)
     args = _args(spec, g)
     _dispatch.kernels.grad_input(
-        *_rows(g, args[-1], _nhwc(dy, spec, dtype)), np.ascontiguousarray(wt, dtype=dtype),
-        *_rows(g, args[-1], dx), *args,
+        _rows(spec, g, args[-1], _nhwc(dy, spec, dtype)), np.ascontiguousarray(wt, dtype=dtype),
+        _rows(spec, g, args[-1], dx), *args,
     )
     return _from_nhwc(dx, spec)
 
