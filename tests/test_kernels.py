@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import reference
 from conftest import only_numpy
+import fastconv
 from fastconv import _dispatch
 from fastconv.backends import numpy as host
 from fastconv.geometry import ConvSpec
@@ -187,3 +188,24 @@ def test_odd_arrays_give_the_right_answer():
     for x in (readonly, strided, fortran, base, base.astype(np.float16)):
         reference.assert_close(host.forward(x, k, spec), expected, 1e-3 if x.dtype == np.float16
                                else 1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 33, 4, 17), (3, 64, 8, 8), (0, 4, 2, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layout_transposes(variant, dtype, shape, threads, monkeypatch):
+    # channels_first inputs go NCHW -> NHWC, and results NHWC -> NCHW for TF and JAX
+    monkeypatch.setattr(_dispatch, "kernels", _dispatch.load(variant))
+    fastconv.set_num_threads(threads)
+    monkeypatch.setattr(host, "_ELEMENTS_PER_THREAD", 1)
+    try:
+        a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+        spec = ConvSpec.make(1, "valid", "channels_first", 1)
+        nhwc = host._nhwc(a, spec, dtype)
+        np.testing.assert_array_equal(nhwc, a.transpose(0, 2, 3, 1))
+        back = host.contiguous(host._from_nhwc(nhwc, spec))
+        assert back.flags.c_contiguous
+        np.testing.assert_array_equal(back, a)
+    finally:
+        fastconv.set_num_threads(None)

@@ -29,8 +29,8 @@ def _host(direction, spec, dtype, shape=None):
     callable: a fresh lambda per call would recompile every eager call (~40 ms)."""
     fn = getattr(host, direction)
     if direction == "forward":
-        return lambda a, w, c=None: fn(a, w, spec, dtype, c)
-    return lambda a, b: fn(a, b, spec, shape, dtype)
+        return lambda a, w, c=None: host.contiguous(fn(a, w, spec, dtype, c))
+    return lambda a, b: host.contiguous(fn(a, b, spec, shape, dtype))
 
 
 def _callback(fn, shape, dtype, *args):
@@ -87,8 +87,8 @@ def conv(x, k, b, spec, result):
     # Eager (concrete CPU arrays, nothing to differentiate): the host runs on zero-copy views
     # and its result becomes a jax.Array without a copy. A jitted call with a pure_callback
     # costs ~100 us more per call and copies the result into XLA's buffer (~0.4 ms per 6 MB).
-    out = host.conv(np.asarray(x), np.asarray(k), None if b is None else np.asarray(b), spec,
-                    result)
+    out = host.contiguous(host.conv(np.asarray(x), np.asarray(k),
+                                    None if b is None else np.asarray(b), spec, result))
     # (numpy cannot export bfloat16 through dlpack; the kernels' own dtypes it can)
     if (out.dtype in (np.float32, np.float64) and out.flags.c_contiguous
             and out.ctypes.data % host.ALIGN == 0):

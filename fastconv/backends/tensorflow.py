@@ -29,11 +29,12 @@ def _numpy_function(fn, args, dtype, shape):
     aligned, as TensorFlow requires): tf.numpy_function would copy every input and the result,
     which costs more than a small layer's kernel. In a graph, tf.numpy_function."""
     if tf.executing_eagerly():
-        out = fn(*(np.from_dlpack(a) for a in args))
-        if out.flags.c_contiguous and out.ctypes.data % host.ALIGN == 0:
+        out = host.contiguous(fn(*(np.from_dlpack(a) for a in args)))
+        if out.ctypes.data % host.ALIGN == 0:
             return tf.experimental.dlpack.from_dlpack(out.__dlpack__())
         return tf.convert_to_tensor(out)
-    out = tf.numpy_function(fn, args, tf.as_dtype(dtype), stateful=False)
+    out = tf.numpy_function(lambda *a: host.contiguous(fn(*a)), args, tf.as_dtype(dtype),
+                            stateful=False)
     out.set_shape(shape)
     return out
 
