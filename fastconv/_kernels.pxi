@@ -868,7 +868,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                        Py_ssize_t OW, Py_ssize_t ih0, Py_ssize_t sw, Py_ssize_t dh,
                        Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t groups,
                        const Py_ssize_t* runs, Py_ssize_t nruns,
-                       const float* wpk) noexcept nogil:
+                       const float* wpk, Py_ssize_t ldw) noexcept nogil:
     # One output row: x points at image n, out at output row (n, oh), ih0 = oh*sh - pad_top.
     # The row is cut into runs of consecutive pixels whose windows clip the same kw taps [lo, hi)
     # (the interior is one run, each border a few short ones: lo and hi only decrease along the
@@ -905,7 +905,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
         for kh in range(kh_lo, kh_hi):
             nseg = <int>(kw * nkh + kh - kh_lo)
             aoff[nseg] = ((kh - kh_lo) * dh * W + kw * dw) * C
-            boff[nseg] = (kh * KW + kw) * cin_g * F
+            boff[nseg] = (kh * KW + kw) * cin_g * ldw
             lens[nseg] = cin_g
             if wpk != NULL:
                 lens[nseg] = cin_g // 2
@@ -995,8 +995,9 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                     f0 = 0
                     while f0 < fw:
                         V = fc_width(fw - f0, sz)
-                        _gemm(p, V, x + base + g * cin_g, sw * C, 1, w + g * cout_g + f0, F,
-                              aoff + first, boff + first, lens + first, nseg,
+                        _gemm(p, V, x + base + g * cin_g, sw * C, 1,
+                              w + (g * cout_g if ldw == F else g * T * cin_g * cout_g) + f0,
+                              ldw, aoff + first, boff + first, lens + first, nseg,
                               out + ow * F + g * cout_g + f0, F, 0)
                         f0 += V
                 ow += p
@@ -1058,6 +1059,20 @@ cdef Py_ssize_t _padded(Py_ssize_t n, int sz) noexcept nogil:
     return n - tail + p
 
 
+cdef floating* _group_major(const floating* a, Py_ssize_t rows, Py_ssize_t groups,
+                            Py_ssize_t n) noexcept nogil:
+    # (rows, groups, n) -> (groups, rows, n)
+    cdef floating* p = <floating*>malloc(rows * groups * n * sizeof(floating))
+    cdef Py_ssize_t i, g, j
+    if p == NULL:
+        return NULL
+    for g in range(groups):
+        for i in range(rows):
+            for j in range(n):
+                p[(g * rows + i) * n + j] = a[(i * groups + g) * n + j]
+    return p
+
+
 cdef floating* _pad_groups(const floating* a, Py_ssize_t rows, Py_ssize_t groups, Py_ssize_t n,
                            Py_ssize_t np_) noexcept nogil:
     # (rows, groups, n) -> (rows, groups, np_) with zero channels n .. np_ in each group
@@ -1108,6 +1123,7 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
         bp = &bias[0]
     cdef Py_ssize_t cg = F // groups
     cdef Py_ssize_t Fp = groups * _padded(cg, sizeof(floating))
+    cdef Py_ssize_t ldw = Fp
     cdef floating* wpad = NULL
     cdef floating* rows = NULL
     cdef floating* dst
@@ -1121,16 +1137,26 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             free(rows)
             raise MemoryError()
         wp = wpad
-    elif floating is float:
-        if _use_pair(sizeof(floating), cin_g, F // groups, groups):
-            wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
+    elif floating is float and _use_pair(sizeof(floating), cin_g, F // groups, groups):
+        wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
+    elif groups > 1 and cin_g > 1:
+        # group-major weights: a group's taps as one contiguous block. Interleaved, its rows
+        # lie 4*F bytes apart and crowd a few L1 sets (grouped8 fwd, AVX2 build: 110 -> 150
+        # GFLOP/s; the same layout for grad_input measured no gain)
+        wpad = _group_major(wp, KH * KW * cin_g, groups, cg)
+        if wpad == NULL:
+            free(runs)
+            raise MemoryError()
+        wp = wpad
+        ldw = cg
     try:
         for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
             n = r // OH
             oh = r % OH
             dst = rows + threadid() * OW * Fp if rows != NULL else op + r * OW * F
             _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
-                         oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk)
+                         oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk,
+                         ldw)
             if rows != NULL:
                 _unpad(dst, Fp // groups, op + r * OW * F, cg, OW, groups, bp)
             elif bp != NULL:
