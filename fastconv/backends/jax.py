@@ -90,8 +90,7 @@ def conv(x, k, b, spec, result):
     out = host.contiguous(host.conv(np.asarray(x), np.asarray(k),
                                     None if b is None else np.asarray(b), spec, result))
     # (numpy cannot export bfloat16 through dlpack; the kernels' own dtypes it can)
-    if (out.dtype in (np.float32, np.float64) and out.flags.c_contiguous
-            and out.ctypes.data % host.ALIGN == 0):
+    if out.dtype in (np.float32, np.float64) and out.ctypes.data % host.ALIGN == 0:
         return jax.dlpack.from_dlpack(out)
     return jax.numpy.asarray(out)
 

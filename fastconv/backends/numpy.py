@@ -33,8 +33,8 @@ def _transposed(array, a, shape):
     out = _empty(shape, array.dtype)
     if out.size == 0:
         return out
-    threads = max(1, min(_dispatch.get_num_threads(), array.size // _ELEMENTS_PER_THREAD))
-    _dispatch.kernels.transpose(array.reshape(n, a, -1), out.reshape(n, -1, a), threads)
+    _dispatch.kernels.transpose(array.reshape(n, a, -1), out.reshape(n, -1, a),
+                                _threads(array.size, _ELEMENTS_PER_THREAD))
     return out
 
 
@@ -46,8 +46,7 @@ def _nhwc(array, spec, dtype):
     array = np.ascontiguousarray(array, dtype=dtype)
     if spec.channels_last:
         return array
-    n, c, h, w = array.shape
-    return _transposed(array, c, (n, h, w, c))
+    return _transposed(array, array.shape[1], spec.to_nhwc(array.shape))
 
 
 def _from_nhwc(array, spec):
@@ -76,17 +75,20 @@ _empty = _memory.empty
 _MACS_PER_THREAD = 1 << 20
 
 
+def _threads(work, per_thread):
+    return max(1, min(_dispatch.get_num_threads(), work // per_thread))
+
+
 def _args(spec, g):
-    threads = max(1, min(_dispatch.get_num_threads(), g.macs // _MACS_PER_THREAD))
     return (spec.strides[0], spec.strides[1], spec.dilation_rate[0], spec.dilation_rate[1],
-            g.pad_top, g.pad_left, g.groups, threads)
+            g.pad_top, g.pad_left, g.groups, _threads(g.macs, _MACS_PER_THREAD))
 
 
-def _rows(spec, g, threads, array):
-    """An NHWC array, or its pixels as (1, rows, width, channels) where g.pixel_rows re-cuts
-    them."""
-    cut = g.pixel_rows(spec.strides, threads)
-    return array if cut is None else array.reshape(1, *cut, array.shape[3])
+def _recut(spec, g, args, *arrays):
+    """The NHWC arrays as they are, or their pixels as (1, rows, width, channels) where
+    g.pixel_rows re-cuts them (args: _args(spec, g), whose last item is the thread count)."""
+    cut = g.pixel_rows(spec.strides, args[-1])
+    return arrays if cut is None else tuple(a.reshape(1, *cut, a.shape[3]) for a in arrays)
 
 
 def forward(x, kernel, spec, dtype=np.float32, bias=None):
@@ -98,10 +100,8 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
         bias = np.ascontiguousarray(bias, dtype=dtype).reshape(g.f)
     out = _empty(g.output_shape_nhwc, dtype)
     args = _args(spec, g)
-    _dispatch.kernels.forward(
-        _rows(spec, g, args[-1], _nhwc(x, spec, dtype)),
-        np.ascontiguousarray(kernel, dtype=dtype), _rows(spec, g, args[-1], out), *args, bias,
-    )
+    xv, outv = _recut(spec, g, args, _nhwc(x, spec, dtype), out)
+    _dispatch.kernels.forward(xv, np.ascontiguousarray(kernel, dtype=dtype), outv, *args, bias)
     return _from_nhwc(out, spec)
 
 
@@ -115,10 +115,8 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     wt = wt.transpose(0, 1, 4, 3, 2).reshape(g.kh, g.kw, g.f // g.groups, g.c)
     dx = _empty(g.input_shape_nhwc, dtype)
     args = _args(spec, g)
-    _dispatch.kernels.grad_input(
-        _rows(spec, g, args[-1], _nhwc(dy, spec, dtype)), np.ascontiguousarray(wt, dtype=dtype),
-        _rows(spec, g, args[-1], dx), *args,
-    )
+    dyv, dxv = _recut(spec, g, args, _nhwc(dy, spec, dtype), dx)
+    _dispatch.kernels.grad_input(dyv, np.ascontiguousarray(wt, dtype=dtype), dxv, *args)
     return _from_nhwc(dx, spec)
 
 
