@@ -95,12 +95,19 @@ def add_bias(outputs, bias, spec):
     return keras.ops.add(outputs, bias)
 
 
+def _tensor(value):
+    # Keras' numpy backend copies every array it converts, a whole input per layer call; the
+    # kernels only read their inputs, so an array is used as it is.
+    if isinstance(value, np.ndarray) and keras.backend.backend() == "numpy":
+        return value
+    return keras.ops.convert_to_tensor(value)
+
+
 def _run(inputs, kernel, spec, bias=None):
     """Convert, step aside where fastconv must not run, validate, then hand over to the bridge."""
     bridge = _bridge()
-    x = keras.ops.convert_to_tensor(inputs)
-    k = keras.ops.convert_to_tensor(kernel)
-    b = None if bias is None else keras.ops.convert_to_tensor(bias)
+    x, k = _tensor(inputs), _tensor(kernel)
+    b = None if bias is None else _tensor(bias)
     if _export.use_keras_convolution(x, k) or bridge.on_accelerator(x, k):
         # Tracing for an exported artifact (which must not call back into fastconv), or data
         # on an accelerator (fastconv never copies it to the host behind the user's back).

@@ -369,6 +369,22 @@ def test_eager_results_keep_their_memory_while_alive():
     np.testing.assert_array_equal(to_numpy(first), expected)
     reference.assert_close(expected, reference.conv(x, k, (1, 1), "valid", (1, 1)))
 
+@pytest.mark.skipif(keras.backend.backend() != "numpy", reason="numpy backend only")
+def test_numpy_inputs_are_read_in_place(monkeypatch):
+    # Keras' numpy backend copies every array it converts: fastconv reads arrays as they are.
+    copies = []
+    convert = keras.ops.convert_to_tensor
+    monkeypatch.setattr(keras.ops, "convert_to_tensor", lambda v, *a, **kw: copies.append(v) or
+                        convert(v, *a, **kw))
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 6, 6, 4), dtype=np.float32)
+    k = rng.standard_normal((3, 3, 4, 5), dtype=np.float32)
+    x.flags.writeable = False
+    out = fastconv.ops.conv(x, k)
+    assert copies == []
+    reference.assert_close(out, reference.conv(x, k, (1, 1), "valid", (1, 1)))
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[7]], ids=str)
 def test_conv_bias_adds_the_bias_in_the_kernel(case, data_format):
