@@ -1429,7 +1429,7 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
     # few input channels and a long reduction: fc_red tiles on the kernel as [tap][C][F]
     cdef floating* wred = NULL
     cdef Py_ssize_t tap, ci, fi
-    if (FC_RED_OK and groups == 1 and C <= 4 and F >= 4 * fc_red_lanes(sizeof(floating))
+    if (FC_RED_OK and groups == 1 and C <= 4 and F >= 2 * fc_red_lanes(sizeof(floating))
             and F % fc_red_lanes(sizeof(floating)) == 0):
         wred = <floating*>malloc(KH * KW * C * F * sizeof(floating))
         if wred == NULL:
@@ -1721,3 +1721,55 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
         for i in range(i0, i1):
             for j in range(j0, j1):
                 d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
+
+
+
+cdef void _blocks(floating* x, floating* blocks, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
+                  Py_ssize_t C, Py_ssize_t HB, Py_ssize_t WB, Py_ssize_t s, Py_ssize_t pad_top,
+                  Py_ssize_t pad_left, bint to_blocks, int n_threads) noexcept nogil:
+    # blocks[n, i, j, (a*s + b)*C + c] = x[n, i*s + a - pad_top, j*s + b - pad_left, c]: each
+    # s x s block of the zero-padded input is one pixel of s*s*C channels. to_blocks: blocks
+    # from x (zeros outside x); else x from blocks (block pixels outside x dropped).
+    cdef Py_ssize_t r, n, i, a, b, j, c, ih, iw
+    cdef floating* xp
+    cdef floating* bp
+    for r in prange(N * HB * s, schedule="static", num_threads=n_threads):
+        n = r // (HB * s)
+        i = r // s % HB
+        a = r % s
+        ih = i * s + a - pad_top
+        for j in range(WB):
+            for b in range(s):
+                iw = j * s + b - pad_left
+                bp = blocks + ((n * HB + i) * WB + j) * s * s * C + (a * s + b) * C
+                if ih < 0 or ih >= H or iw < 0 or iw >= W:
+                    if to_blocks:
+                        for c in range(C):
+                            bp[c] = 0
+                    continue
+                xp = x + ((n * H + ih) * W + iw) * C
+                if to_blocks:
+                    for c in range(C):
+                        bp[c] = xp[c]
+                else:
+                    for c in range(C):
+                        xp[c] = bp[c]
+
+
+def space_to_depth(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
+                   floating[:, :, :, ::1] blocks,    # OUT (N, H', W', s*s*C)
+                   int s, int pad_top, int pad_left, int n_threads):
+    if blocks.size:
+        # x is only read in this direction
+        _blocks(<floating*>&x[0, 0, 0, 0], &blocks[0, 0, 0, 0], x.shape[0], x.shape[1],
+                x.shape[2], x.shape[3], blocks.shape[1], blocks.shape[2], s, pad_top, pad_left,
+                True, n_threads)
+
+
+def depth_to_space(const floating[:, :, :, ::1] blocks,   # IN  (N, H', W', s*s*C)
+                   floating[:, :, :, ::1] x,              # OUT (N, H, W, C); pixels no block covers stay
+                   int s, int pad_top, int pad_left, int n_threads):
+    if x.size:
+        _blocks(&x[0, 0, 0, 0], <floating*>&blocks[0, 0, 0, 0], x.shape[0], x.shape[1],
+                x.shape[2], x.shape[3], blocks.shape[1], blocks.shape[2], s, pad_top, pad_left,
+                False, n_threads)

@@ -49,6 +49,11 @@ CASES = [
     (1, 6, 9, 35, 3, 3, 35, 35, (1, 1), (1, 1), "valid"),  # depthwise 3x3 rows, no padding
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
+    # Gradients on s x s blocks (Geometry.blocks): few input channels, stride >= 2
+    (2, 9, 10, 3, 4, 4, 8, 1, (4, 4), (1, 1), "valid"),  # blocks miss the last rows/columns
+    (1, 9, 9, 1, 3, 3, 5, 1, (3, 3), (1, 1), "same"),
+    (2, 11, 10, 4, 5, 3, 16, 1, (2, 2), (1, 1), "same"),  # kernel 5x3
+    (1, 8, 9, 3, 1, 1, 8, 1, (2, 2), (1, 1), "valid"),  # kernel smaller than the stride: not
 ]
 
 
@@ -138,7 +143,24 @@ def test_random_wide_configurations(case, variant, dtype):
     _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, dtype)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18]], ids=str)
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] <= 4 and c[8][0] >= 2], ids=str)
+def test_gradients_on_blocks(case, data_format, monkeypatch):
+    # few input channels and stride >= 2: both gradients go through space_to_depth blocks,
+    # unless grouped, dilated, strided unequally, or the kernel is smaller than the stride
+    calls = []
+    for name in ("space_to_depth", "depth_to_space"):
+        original = getattr(_dispatch.kernels, name)
+        monkeypatch.setattr(_dispatch.kernels, name,
+                            lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    _check(_dispatch.kernels, case, np.float32, data_format)
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    blocked = (groups == 1 and dilation == (1, 1) and strides[0] == strides[1]
+               and min(kh, kw) >= strides[0])
+    assert sorted(calls) == (["depth_to_space", "space_to_depth"] if blocked else [])
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[19]], ids=str)
 def test_bit_identical_for_any_thread_count(case, monkeypatch):
     monkeypatch.setattr(host, "_MACS_PER_THREAD", 1)  # small cases must still use every thread
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case

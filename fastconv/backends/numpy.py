@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from fastconv import _dispatch, _memory
+from fastconv.geometry import ConvSpec
 
 
 def result_dtype(x_dtype, k_dtype):
@@ -109,6 +110,17 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     """d(loss)/d(inputs) given dy = d(loss)/d(outputs)."""
     kernel = np.asarray(kernel)
     g = spec.geometry(input_shape, kernel.shape)
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is not None:
+        s, gb, covers = blocks
+        dxb = grad_input(_nhwc(dy, spec, dtype), _kernel_blocks(kernel, s, gb), _UNIT,
+                         gb.input_shape_nhwc, dtype)
+        dx = _empty(g.input_shape_nhwc, dtype)
+        if not covers:
+            dx.fill(0)
+        _dispatch.kernels.depth_to_space(dxb, dx, s, g.pad_top, g.pad_left,
+                                         _threads(dx.size, _ELEMENTS_PER_THREAD))
+        return _from_nhwc(dx, spec)
     # Regroup (KH, KW, C/G, G*F/G) -> (KH, KW, F/G, G*C/G): the transposed convolution's kernel
     # in the same layout, so one kernel tap routine serves both directions.
     wt = kernel.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups)
@@ -124,11 +136,40 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
     """d(loss)/d(kernel) given dy = d(loss)/d(outputs)."""
     x = np.asarray(x)
     g = spec.geometry(x.shape, kernel_shape)
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is not None:
+        s, gb, _ = blocks
+        xb = _empty(gb.input_shape_nhwc, dtype)
+        _dispatch.kernels.space_to_depth(_nhwc(x, spec, dtype), xb, s, g.pad_top, g.pad_left,
+                                         _threads(xb.size, _ELEMENTS_PER_THREAD))
+        dwb = grad_kernel(xb, _nhwc(dy, spec, dtype), _UNIT, gb.kernel_shape, dtype)
+        return _kernel_from_blocks(dwb, s, g)
     dw = _empty(g.kernel_shape, dtype)
     _dispatch.kernels.grad_kernel(
         _nhwc(x, spec, dtype), _nhwc(dy, spec, dtype), dw, *_args(spec, g)
     )
     return dw
+
+
+# A stride-1 "valid" convolution on channels_last arrays: the blocked form of Geometry.blocks.
+_UNIT = ConvSpec()
+
+
+def _kernel_blocks(kernel, s, gb):
+    """A (KH, KW, C, F) kernel as the blocked convolution's (KBH, KBW, s*s*C, F) one:
+    kb[p, q, (a*s + b)*C + c] = kernel[p*s + a, q*s + b, c], zero beyond the kernel."""
+    kh, kw, c, f = kernel.shape
+    padded = np.zeros((gb.kh * s, gb.kw * s, c, f), kernel.dtype)
+    padded[:kh, :kw] = kernel
+    return padded.reshape(gb.kh, s, gb.kw, s, c, f).transpose(0, 2, 1, 3, 4, 5).reshape(
+        gb.kernel_shape)
+
+
+def _kernel_from_blocks(kb, s, g):
+    """The inverse of _kernel_blocks: the (KH, KW, C, F) kernel gradient in a blocked one."""
+    kbh, kbw = kb.shape[:2]
+    full = kb.reshape(kbh, kbw, s, s, g.c, g.f).transpose(0, 2, 1, 3, 4, 5)
+    return np.ascontiguousarray(full.reshape(kbh * s, kbw * s, g.c, g.f)[:g.kh, :g.kw])
 
 
 def on_accelerator(x, k):
