@@ -911,7 +911,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                 lens[nseg] = cin_g // 2
     for kh in range(nkh):
         mrg_a[kh] = kh * dh * W * C
-        mrg_b[kh] = kh * KW * C * F
+        mrg_b[kh] = kh * KW * C * ldw   # merged: ldw is F, or the width of column blocks
     fw = F if depthwise else cout_g
     cdef const floating* xr[3]
     cdef const floating* xb[3]
@@ -1002,11 +1002,14 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                         f0 += V
                 ow += p
         ngroups = 0
+    cdef const floating* wblk
     for g in range(ngroups):
         f0 = 0
         while f0 < fw:
             V = fc_width(fw - f0, sz)
             P = fc_pmax(V, sz)
+            # merged, ldw != F: the weights in column blocks (_column_blocks)
+            wblk = w + f0 if ldw == F else w + f0 // ldw * T * C * ldw + f0 % ldw
             for r in range(nruns):
                 ow = runs[3 * r]
                 run_end = runs[3 * r + 3]
@@ -1026,7 +1029,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                             nseg, out + ow * F + f0, F)
                     elif merged:
                         _gemm(p, V, x + base + lo * C, sw * C, 1,
-                              w + (kh_lo * KW + lo) * C * F + f0, F, mrg_a, mrg_b, mrg_l,
+                              wblk + (kh_lo * KW + lo) * C * ldw, ldw, mrg_a, mrg_b, mrg_l,
                               nkh if hi > lo else 0, out + ow * F + f0, F, 0)
                     else:
                         _gemm(p, V, x + base + g * cin_g, sw * C, 1, w + g * cout_g + f0, F,
@@ -1059,17 +1062,20 @@ cdef Py_ssize_t _padded(Py_ssize_t n, int sz) noexcept nogil:
     return n - tail + p
 
 
-cdef floating* _group_major(const floating* a, Py_ssize_t rows, Py_ssize_t groups,
-                            Py_ssize_t n) noexcept nogil:
-    # (rows, groups, n) -> (groups, rows, n)
-    cdef floating* p = <floating*>malloc(rows * groups * n * sizeof(floating))
-    cdef Py_ssize_t i, g, j
+cdef floating* _column_blocks(const floating* a, Py_ssize_t rows, Py_ssize_t n,
+                              Py_ssize_t vb) noexcept nogil:
+    # (rows, n) -> (ceil(n / vb), rows, vb): column blocks of width vb, the last one padded
+    # with zeros; column j is at (j // vb) * rows * vb + j % vb, rows vb apart. With vb the
+    # channels of a group: the group-major layout of grouped weights
+    cdef Py_ssize_t nb = (n + vb - 1) // vb
+    cdef floating* p = <floating*>malloc(nb * rows * vb * sizeof(floating))
+    cdef Py_ssize_t i, j, b
     if p == NULL:
         return NULL
-    for g in range(groups):
+    for b in range(nb):
         for i in range(rows):
-            for j in range(n):
-                p[(g * rows + i) * n + j] = a[(i * groups + g) * n + j]
+            for j in range(vb):
+                p[(b * rows + i) * vb + j] = a[i * n + b * vb + j] if b * vb + j < n else 0
     return p
 
 
@@ -1143,12 +1149,22 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
         # group-major weights: a group's taps as one contiguous block. Interleaved, its rows
         # lie 4*F bytes apart and crowd a few L1 sets (grouped8 fwd, AVX2 build: 110 -> 150
         # GFLOP/s; the same layout for grad_input measured no gain)
-        wpad = _group_major(wp, KH * KW * cin_g, groups, cg)
+        wpad = _column_blocks(wp, KH * KW * cin_g, F, cg)
         if wpad == NULL:
             free(runs)
             raise MemoryError()
         wp = wpad
         ldw = cg
+    elif groups == 1 and cin_g > 1 and dw == 1 and F > fc_width(F, sizeof(floating)):
+        # column blocks as wide as a tile: a tile's weight rows are F*4 bytes apart, 2 KB for
+        # 512 filters, and all land in a few L1 (and L2) sets; packed, one tile's weights are
+        # one contiguous stream
+        ldw = fc_width(F, sizeof(floating))
+        wpad = _column_blocks(wp, KH * KW * cin_g, F, ldw)
+        if wpad == NULL:
+            free(runs)
+            raise MemoryError()
+        wp = wpad
     try:
         for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
             n = r // OH
@@ -1179,7 +1195,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
                           Py_ssize_t pad_left, Py_ssize_t groups,
                           const Py_ssize_t* phases, const float* wpk,
-                          const floating* wred, const floating* wflip) noexcept nogil:
+                          const floating* wred, const floating* wflip,
+                          Py_ssize_t ldw) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
     # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
@@ -1261,7 +1278,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
         for b in range(nkw):
             for a in range(nkh):
                 aoff[b * nkh + a] = (ohs[a] * OW + ow0s[b]) * F
-                boff[b * nkh + a] = (khs[a] * KW + kws[b]) * cout_g * C
+                boff[b * nkh + a] = (khs[a] * KW + kws[b]) * cout_g * ldw
                 lens[b * nkh + a] = cout_g // 2 if wpk != NULL else cout_g
         if wred != NULL:
             # few input channels: fc_red tiles reduce along F in the vector; wred is the kernel
@@ -1328,6 +1345,12 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                         if depthwise:
                             _dw(p, V, dy + j * F + c0, F, wt + c0, aoff + first, boff + first,
                                 nseg, dx + (q + j * sw) * C + c0, sw * C)
+                        elif ldw != C:
+                            # dense, the kernel in column blocks of width ldw (_column_blocks)
+                            _gemm(p, V, dy + j * F, F, 1,
+                                  wt + c0 // ldw * KH * KW * F * ldw + c0 % ldw, ldw,
+                                  aoff + first, boff + first, lens + first, nseg,
+                                  dx + (q + j * sw) * C + c0, sw * C, 0)
                         else:
                             _gemm(p, V, dy + j * F + g * cout_g, F, 1, wt + g * cin_g + c0, C,
                                   aoff + first, boff + first, lens + first, nseg,
@@ -1472,6 +1495,17 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
             free(rows)
             raise MemoryError()
         wp = wpad
+    # dense, more channels than a tile: the kernel in column blocks, as in forward
+    cdef Py_ssize_t ldw = Cp
+    if groups == 1 and wred == NULL and Cp == C and C > fc_width(C, sizeof(floating)):
+        ldw = fc_width(C, sizeof(floating))
+        wpad = _column_blocks(wp, KH * KW * F, C, ldw)
+        if wpad == NULL:
+            free(phases)
+            free(wpk)
+            free(wflip)
+            raise MemoryError()
+        wp = wpad
     try:
         for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
             n = r // H
@@ -1479,7 +1513,7 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
             dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
             _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
                             ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
-                            wflip)
+                            wflip, ldw)
             if rows != NULL:
                 _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
     finally:

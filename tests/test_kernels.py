@@ -49,6 +49,9 @@ CASES = [
     (1, 6, 9, 35, 3, 3, 35, 35, (1, 1), (1, 1), "valid"),  # depthwise 3x3 rows, no padding
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
+    # Dense kernels in column blocks (_column_blocks): more channels than a tile, tails
+    (2, 7, 8, 80, 3, 3, 136, 1, (1, 1), (1, 1), "same"),
+    (2, 9, 9, 144, 3, 3, 80, 1, (2, 2), (1, 1), "same"),
     # Gradients on s x s blocks (Geometry.blocks): few input channels, stride >= 2
     (2, 9, 10, 3, 4, 4, 8, 1, (4, 4), (1, 1), "valid"),  # blocks miss the last rows/columns
     (1, 9, 9, 1, 3, 3, 5, 1, (3, 3), (1, 1), "same"),
