@@ -186,6 +186,9 @@ class ConvSpec:
 
     def output_shape(self, input_shape, kernel_shape):
         """The output shape (in this spec's data_format); None stays None for unknown sizes."""
+        return _output_shape(self, tuple(input_shape), tuple(kernel_shape))
+
+    def _output_shape(self, input_shape, kernel_shape):
         check_ranks(input_shape, kernel_shape)
         n, h, w, c = self.to_nhwc(input_shape)
         kh, kw, cin_g, f = kernel_shape
@@ -219,10 +222,15 @@ class ConvSpec:
         return Geometry(n, h, w, c, kh, kw, cin_g, f, groups, oh, ow, pad_top, pad_left)
 
 
+# Layers call with the same shapes step after step: validate and compute once per shape.
 @functools.lru_cache(maxsize=4096)
 def _geometry(spec, input_shape, kernel_shape):
-    # Layers call with the same shapes step after step: validate and compute once per shape.
     return spec._geometry(input_shape, kernel_shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_shape(spec, input_shape, kernel_shape):
+    return spec._output_shape(input_shape, kernel_shape)
 
 
 def check_bias(bias_shape, kernel_shape):

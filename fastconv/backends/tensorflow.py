@@ -94,8 +94,12 @@ def conv(x, k, b, spec, result):
 
         return forward(x, k, *b), grad
 
-    args = [tf.cast(x, dtype), tf.cast(k, dtype)] + ([] if b is None else [tf.cast(b, dtype)])
+    args = [_cast(x, dtype), _cast(k, dtype)] + ([] if b is None else [_cast(b, dtype)])
     # decorated per call (the gradient needs this call's spec), and only when it is recorded:
     # tf.custom_gradient inspects the function's signature, ~0.1 ms
-    return tf.cast(tf.custom_gradient(_conv)(*args) if _recorded(args) else forward(*args),
-                   result)
+    return _cast(tf.custom_gradient(_conv)(*args) if _recorded(args) else forward(*args), result)
+
+
+def _cast(t, dtype):
+    # tf.cast costs ~10 us even when the dtype is already right (variables are read by it)
+    return t if isinstance(t, tf.Tensor) and t.dtype == dtype else tf.cast(t, dtype)
