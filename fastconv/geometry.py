@@ -186,7 +186,11 @@ class ConvSpec:
 
     def output_shape(self, input_shape, kernel_shape):
         """The output shape (in this spec's data_format); None stays None for unknown sizes."""
-        return _output_shape(self, tuple(input_shape), tuple(kernel_shape))
+        input_shape, kernel_shape = tuple(input_shape), tuple(kernel_shape)
+        try:
+            return _output_shape(self, input_shape, kernel_shape)
+        except TypeError:  # torch.compile's symbolic sizes cannot be hashed
+            return self._output_shape(input_shape, kernel_shape)
 
     def _output_shape(self, input_shape, kernel_shape):
         check_ranks(input_shape, kernel_shape)

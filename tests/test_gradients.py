@@ -79,6 +79,14 @@ def keras_comparable(groups, strides, dilation, data_format="channels_last"):
     return True
 
 
+def torch_backward_fails(case):
+    """torch 2.13's own conv2d backward raises "slow_conv2d: grad_weight must be contiguous"
+    for one image, one filter and a kernel larger than 1x1 (found by hypothesis): Keras' conv
+    cannot be differentiated there, fastconv's can."""
+    n, h, w, c, kh, kw, f = case[:7]
+    return BACKEND == "torch" and n == 1 and f == 1 and kh * kw > 1
+
+
 def make_case(case, dtype, data_format, seed=0):
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
     rng = np.random.default_rng(seed)
@@ -104,7 +112,8 @@ def check_ops_gradients(case, dtype, data_format, seed=0):
     ref_dx, ref_dk = reference.grads(x, k, dy, strides, args["padding"], dilation, data_format)
     reference.assert_close(dx, ref_dx, rtol, "d/dinputs vs reference")
     reference.assert_close(dk, ref_dk, rtol, "d/dkernel vs reference")
-    if keras_comparable(groups, strides, dilation, data_format) and x.shape[0] > 0:
+    if (keras_comparable(groups, strides, dilation, data_format) and x.shape[0] > 0
+            and not torch_backward_fails(case)):
         kdx, kdk = autodiff(loss(keras.ops.conv), x, k)
         reference.assert_close(dx, kdx, rtol, "d/dinputs vs Keras")
         reference.assert_close(dk, kdk, rtol, "d/dkernel vs Keras")
