@@ -1757,7 +1757,6 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
                 d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
 
 
-
 cdef void _blocks(floating* x, floating* blocks, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                   Py_ssize_t C, Py_ssize_t HB, Py_ssize_t WB, Py_ssize_t s, Py_ssize_t pad_top,
                   Py_ssize_t pad_left, bint to_blocks, int n_threads) noexcept nogil:
@@ -1801,8 +1800,9 @@ def space_to_depth(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
 
 
 def depth_to_space(const floating[:, :, :, ::1] blocks,   # IN  (N, H', W', s*s*C)
-                   floating[:, :, :, ::1] x,              # OUT (N, H, W, C); pixels no block covers stay
+                   floating[:, :, :, ::1] x,              # OUT (N, H, W, C)
                    int s, int pad_top, int pad_left, int n_threads):
+    # x's pixels that no block covers are left as they are
     if x.size:
         _blocks(&x[0, 0, 0, 0], <floating*>&blocks[0, 0, 0, 0], x.shape[0], x.shape[1],
                 x.shape[2], x.shape[3], blocks.shape[1], blocks.shape[2], s, pad_top, pad_left,
