@@ -52,6 +52,7 @@ CASES = [
     # Dense kernels in column blocks (_column_blocks): more channels than a tile, tails
     (2, 7, 8, 80, 3, 3, 136, 1, (1, 1), (1, 1), "same"),
     (2, 9, 9, 144, 3, 3, 80, 1, (2, 2), (1, 1), "same"),
+    (1, 3, 3, 80, 3, 3, 136, 1, (1, 1), (1, 1), "same"),  # too few pixels to pack
     # Gradients on s x s blocks (Geometry.blocks): few input channels, stride >= 2
     (2, 9, 10, 3, 4, 4, 8, 1, (4, 4), (1, 1), "valid"),  # blocks miss the last rows/columns
     (1, 9, 9, 1, 3, 3, 5, 1, (3, 3), (1, 1), "same"),
