@@ -1232,6 +1232,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef const floating* xr[3]
     cdef const floating* xb[3]
     cdef Py_ssize_t xs[3]
+    cdef const floating* wblk
     if wflip != NULL:
         # depthwise 3x3, unit strides and dilation along w: a 3x3 correlation of dy with the
         # flipped kernel wflip, computed by fc_dwrow (row h reads dy row oh = ih + pad_top -
@@ -1333,6 +1334,11 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
             while c0 < cw:
                 V = fc_width(cw - c0, sz)
                 P = fc_pmax(V, sz)
+                # ldw != C: dense, the kernel in column blocks of width ldw (_column_blocks)
+                if ldw == C:
+                    wblk = wt + g * cin_g + c0
+                else:
+                    wblk = wt + c0 // ldw * KH * KW * F * ldw + c0 % ldw
                 for r in range(nruns):
                     j = runs[3 * r]
                     run_end = runs[3 * r + 3]
@@ -1350,14 +1356,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                         if depthwise:
                             _dw(p, V, dy + j * F + c0, F, wt + c0, aoff + first, boff + first,
                                 nseg, dx + (q + j * sw) * C + c0, sw * C)
-                        elif ldw != C:
-                            # dense, the kernel in column blocks of width ldw (_column_blocks)
-                            _gemm(p, V, dy + j * F, F, 1,
-                                  wt + c0 // ldw * KH * KW * F * ldw + c0 % ldw, ldw,
-                                  aoff + first, boff + first, lens + first, nseg,
-                                  dx + (q + j * sw) * C + c0, sw * C, 0)
                         else:
-                            _gemm(p, V, dy + j * F + g * cout_g, F, 1, wt + g * cin_g + c0, C,
+                            _gemm(p, V, dy + j * F + g * cout_g, F, 1, wblk, ldw,
                                   aoff + first, boff + first, lens + first, nseg,
                                   dx + (q + j * sw) * C + g * cin_g + c0, sw * C, 0)
                         j += p
