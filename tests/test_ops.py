@@ -351,6 +351,25 @@ def test_compiled_call_matches_reference():
                            reference.conv(x2, k, (2, 1), "same", (1, 2)))
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs only")
+def test_graph_optimizer_sees_the_result_shape():
+    # Grappler re-infers shapes from the ops' registrations, where a numpy_function's result is
+    # unknown; with it unknown, TF leaves e.g. Keras' swish after a fastconv layer unfused
+    import tensorflow as tf
+    from tensorflow.python.grappler import item
+
+    fn = tf.function(lambda a, b: fastconv.ops.conv(a, b, 1, "same"))
+    graph = fn.get_concrete_function(tf.TensorSpec((None, 7, 6, 4)),
+                                     tf.TensorSpec((3, 3, 4, 5))).graph
+    meta = tf.compat.v1.train.export_meta_graph(graph_def=graph.as_graph_def(), graph=graph)
+    name = graph.outputs[0].op.name
+    meta.collection_def["train_op"].node_list.value.append(name)
+    (result,) = item.Item(meta).GetOpProperties()[name]
+    shape = result.shape
+    assert not shape.unknown_rank
+    assert [d.size for d in shape.dim][1:] == [7, 6, 5]
+
+
 def test_eager_results_keep_their_memory_while_alive():
     # Eager results are the host's buffers, handed over without a copy (dlpack on TF and JAX,
     # from_numpy on torch, the array itself on numpy); a buffer is reused only once no tensor
