@@ -89,15 +89,16 @@ cdef extern from *:
         while (V > 1 && (V > rem || V * sz > (FC_NREG == 32 ? 4 : 2) * FC_VB)) V >>= 1;
         return V;
     }
-    /* Depthwise 3-tap rows (fc_dw3): at most 2 vectors a row, and P + 3 rows of them in registers. */
-    static inline int fc_dw3_width(ptrdiff_t rem, int sz) {
-        int V = 64;
-        while (V > 1 && (V > rem || V * sz > 2 * FC_VB)) V >>= 1;
+    /* Depthwise rows of NT consecutive taps (fc_dwt, NT = 3 or 5): P accumulator rows, the NT kernel
+       rows and a load in registers; 2 vectors a row where that leaves >= 4 pixels, else 1. */
+    static inline int fc_dwt_width(ptrdiff_t rem, int sz, int nt) {
+        int V = 64, nv = (FC_NREG - 1) / 2 - nt >= 4 ? 2 : 1;
+        while (V > 1 && (V > rem || V * sz > nv * FC_VB)) V >>= 1;
         return V;
     }
-    static inline int fc_dw3_pmax(int V, int sz) {
+    static inline int fc_dwt_pmax(int V, int sz, int nt) {
         int nvec = (V * sz + FC_VB - 1) / FC_VB;
-        int p = (FC_NREG - 1) / nvec - 3;
+        int p = (FC_NREG - 1) / nvec - nt;
         return p > FC_PMAX ? FC_PMAX : (p < 1 ? 1 : p);
     }
     static inline int fc_log2(int V) { int l = 0; while ((1 << l) < V) l++; return l; }
@@ -371,11 +372,13 @@ cdef extern from *:
         } \
     }
 
-    /* Depthwise tile over 3 consecutive taps of a kernel row with unit stride and dilation: pixel p
-       of the tile reads input pixels p, p+1, p+2, so each input vector is loaded once and used for
-       up to 3 outputs. out[p*ops + v] = sum_s sum_{t<3} A[aoff[s] + (p+t)*aps + v] * B[boff[s] + t*ldt + v]. */
-    #define FC_DW3(T, SUF, P, V) \
-    static void fc_dw3_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, \
+    /* Depthwise tile over NT consecutive taps of a kernel row with unit stride and dilation: pixel p
+       of the tile reads input pixels p .. p+NT-1, so each input vector is loaded once and used for
+       up to NT outputs. out[p*ops + v] = sum_s sum_{t<NT} A[aoff[s] + (p+t)*aps + v] * B[boff[s] + t*ldt + v]. */
+    #define FC_DW3(T, SUF, P, V) FC_DWT(T, SUF, P, V, 3)
+    #define FC_DW5(T, SUF, P, V) FC_DWT(T, SUF, P, V, 5)
+    #define FC_DWT(T, SUF, P, V, NT) \
+    static void fc_dw##NT##_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, \
             const T* __restrict B, ptrdiff_t ldt, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
             int nseg, T* __restrict out, ptrdiff_t ops) \
     { \
@@ -385,14 +388,14 @@ cdef extern from *:
         for (int s = 0; s < nseg; s++) { \
             const T* __restrict a = A + aoff[s]; \
             const T* __restrict b = B + boff[s]; \
-            vec bv[3][NV]; \
-            for (int t = 0; t < 3; t++) for (int j = 0; j < NV; j++) FC_LOAD(bv[t][j], b + t * ldt + j * VW); \
+            vec bv[NT][NV]; \
+            for (int t = 0; t < NT; t++) for (int j = 0; j < NV; j++) FC_LOAD(bv[t][j], b + t * ldt + j * VW); \
             FC_UNROLL \
-            for (int i = 0; i < P + 2; i++) for (int j = 0; j < NV; j++) { \
+            for (int i = 0; i < P + NT - 1; i++) for (int j = 0; j < NV; j++) { \
                 vec av; \
                 FC_LOAD(av, a + i * aps + j * VW); \
                 FC_UNROLL \
-                for (int t = 0; t < 3; t++) \
+                for (int t = 0; t < NT; t++) \
                     if (i - t >= 0 && i - t < P) acc[i - t][j] += av * bv[t][j]; \
             } \
         } \
@@ -612,6 +615,7 @@ cdef extern from *:
     FC_VS(FC_GEMM, T, SUF) \
     FC_VS(FC_DW, T, SUF) \
     FC_VS(FC_DW3, T, SUF) \
+    FC_VS(FC_DW5, T, SUF) \
     FC_DWK(T, SUF, 1) FC_DWK(T, SUF, 2) FC_DWK(T, SUF, 4) FC_DWK(T, SUF, 8) \
     FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
     FC_DWK3(T, SUF, 1) FC_DWK3(T, SUF, 2) FC_DWK3(T, SUF, 4) FC_DWK3(T, SUF, 8) \
@@ -645,10 +649,12 @@ cdef extern from *:
     typedef void (*fc_dw3_##SUF##_t)(const T*, ptrdiff_t, const T*, ptrdiff_t, const ptrdiff_t*, \
         const ptrdiff_t*, int, T*, ptrdiff_t); \
     static const fc_dw3_##SUF##_t fc_dw3_table_##SUF[7][13] = FC_TABLE(fc_dw3, SUF); \
-    static inline void fc_dw3_##SUF(int P, int V, const T* A, ptrdiff_t aps, const T* B, \
+    static const fc_dw3_##SUF##_t fc_dw5_table_##SUF[7][13] = FC_TABLE(fc_dw5, SUF); \
+    static inline void fc_dwt_##SUF(int NT, int P, int V, const T* A, ptrdiff_t aps, const T* B, \
             ptrdiff_t ldt, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, T* out, \
             ptrdiff_t ops) { \
-        fc_dw3_table_##SUF[fc_log2(V)][P](A, aps, B, ldt, aoff, boff, nseg, out, ops); \
+        (NT == 5 ? fc_dw5_table_##SUF : fc_dw3_table_##SUF)[fc_log2(V)][P]( \
+            A, aps, B, ldt, aoff, boff, nseg, out, ops); \
     } \
     typedef void (*fc_dwk_##SUF##_t)(const T*, ptrdiff_t, const T*, ptrdiff_t, const ptrdiff_t*, \
         const ptrdiff_t*, const ptrdiff_t*, int, T*, int); \
@@ -698,7 +704,7 @@ cdef extern from *:
     void fc_dwk_d(int V, const double* A, Py_ssize_t ak, const double* B, Py_ssize_t ldb,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
                   int nseg, double* out, int accumulate) noexcept nogil
-    int fc_dw3_width(Py_ssize_t rem, int sz) noexcept nogil
+    int fc_dwt_width(Py_ssize_t rem, int sz, int nt) noexcept nogil
     int fc_dwk3_width(Py_ssize_t rem, int sz) noexcept nogil
     int fc_dwrow_width(Py_ssize_t rem, int sz) noexcept nogil
     int FC_DWROW_PIX
@@ -718,13 +724,13 @@ cdef extern from *:
     void fc_dwk3_d(int V, const double* const* xr, const Py_ssize_t* xs, const double* const* dyr,
                    Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
                    double* out, Py_ssize_t ldh, int nh, int accumulate) noexcept nogil
-    int fc_dw3_pmax(int V, int sz) noexcept nogil
-    void fc_dw3_f(int P, int V, const float* A, Py_ssize_t aps, const float* B, Py_ssize_t ldt,
-                  const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
-                  Py_ssize_t ops) noexcept nogil
-    void fc_dw3_d(int P, int V, const double* A, Py_ssize_t aps, const double* B, Py_ssize_t ldt,
-                  const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, double* out,
-                  Py_ssize_t ops) noexcept nogil
+    int fc_dwt_pmax(int V, int sz, int nt) noexcept nogil
+    void fc_dwt_f(int NT, int P, int V, const float* A, Py_ssize_t aps, const float* B,
+                  Py_ssize_t ldt, const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg,
+                  float* out, Py_ssize_t ops) noexcept nogil
+    void fc_dwt_d(int NT, int P, int V, const double* A, Py_ssize_t aps, const double* B,
+                  Py_ssize_t ldt, const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg,
+                  double* out, Py_ssize_t ops) noexcept nogil
     bint FC_PAIR_OK
     bint FC_RED_OK
     int fc_red_pmax(int CC) noexcept nogil
@@ -770,13 +776,14 @@ cdef inline void _dw(int P, int V, const floating* A, Py_ssize_t aps, const floa
         fc_dw_d(P, V, A, aps, B, aoff, boff, nseg, out, ops)
 
 
-cdef inline void _dw3(int P, int V, const floating* A, Py_ssize_t aps, const floating* B,
-                      Py_ssize_t ldt, const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg,
-                      floating* out, Py_ssize_t ops) noexcept nogil:
+cdef inline void _dwt(int NT, int P, int V, const floating* A, Py_ssize_t aps,
+                      const floating* B, Py_ssize_t ldt, const Py_ssize_t* aoff,
+                      const Py_ssize_t* boff, int nseg, floating* out,
+                      Py_ssize_t ops) noexcept nogil:
     if floating is float:
-        fc_dw3_f(P, V, A, aps, B, ldt, aoff, boff, nseg, out, ops)
+        fc_dwt_f(NT, P, V, A, aps, B, ldt, aoff, boff, nseg, out, ops)
     else:
-        fc_dw3_d(P, V, A, aps, B, ldt, aoff, boff, nseg, out, ops)
+        fc_dwt_d(NT, P, V, A, aps, B, ldt, aoff, boff, nseg, out, ops)
 
 
 cdef inline void _dwk(int V, const floating* A, Py_ssize_t ak, const floating* B, Py_ssize_t ldb,
@@ -949,11 +956,11 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                 f0 += V
             ow = run_end
         ngroups = 0
-    elif depthwise and KW == 3 and dw == 1 and sw == 1:
+    elif depthwise and (KW == 3 or KW == 5) and dw == 1 and sw == 1:
         # kw-major list: the first nkh segments are the kw = 0 taps of each kernel row
         # tiles of pixels outer, channels inner: x and out are read and written in order
-        V = fc_dw3_width(F, sz)
-        P = fc_dw3_pmax(V, sz)
+        V = fc_dwt_width(F, sz, <int>KW)
+        P = fc_dwt_pmax(V, sz, <int>KW)
         for r in range(nruns):
             ow = runs[3 * r]
             run_end = runs[3 * r + 3]
@@ -964,9 +971,9 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                 base = (rowbase + ow * sw - pad_left) * C
                 f0 = 0
                 while f0 < F:
-                    V = fc_dw3_width(F - f0, sz)
-                    if lo == 0 and hi == 3:
-                        _dw3(p, V, x + base + f0, C, w + f0, F, aoff, boff, nkh,
+                    V = fc_dwt_width(F - f0, sz, <int>KW)
+                    if lo == 0 and hi == KW:
+                        _dwt(<int>KW, p, V, x + base + f0, C, w + f0, F, aoff, boff, nkh,
                              out + ow * F + f0, F)
                     else:
                         _dw(p, V, x + base + f0, C, w + f0, aoff + lo * nkh, boff + lo * nkh,
@@ -1305,13 +1312,14 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                                  nseg, dx + (q + j * sw) * C, sw * C)
                     j += p
             continue
-        if depthwise and KW == 3 and dw == 1 and sw == 1:
-            # candidate taps kw = 0, 1, 2 read output pixels ow0 - kw: in kw-reversed order,
-            # consecutive pixels, as fc_dw3 wants (list index 2*nkh + a: kw = 2 of kernel row a)
+        if depthwise and (KW == 3 or KW == 5) and dw == 1 and sw == 1:
+            # candidate taps kw = 0 .. KW-1 read output pixels ow0 - kw: in kw-reversed order,
+            # consecutive pixels, as fc_dwt wants (list index (KW-1)*nkh + a: the last kw of
+            # kernel row a)
             c0 = 0
             while c0 < C:
-                V = fc_dw3_width(C - c0, sz)
-                P = fc_dw3_pmax(V, sz)
+                V = fc_dwt_width(C - c0, sz, <int>KW)
+                P = fc_dwt_pmax(V, sz, <int>KW)
                 for r in range(nruns):
                     j = runs[3 * r]
                     run_end = runs[3 * r + 3]
@@ -1319,9 +1327,10 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     hi = runs[3 * r + 2]
                     while j < run_end:
                         p = <int>_min(P, run_end - j)
-                        if lo == 0 and hi == 3:
-                            _dw3(p, V, dy + j * F + c0, F, wt + c0, -C, aoff + 2 * nkh,
-                                 boff + 2 * nkh, <int>nkh, dx + (q + j * sw) * C + c0, sw * C)
+                        if lo == 0 and hi == KW:
+                            _dwt(<int>KW, p, V, dy + j * F + c0, F, wt + c0, -C,
+                                 aoff + (KW - 1) * nkh, boff + (KW - 1) * nkh, <int>nkh,
+                                 dx + (q + j * sw) * C + c0, sw * C)
                         else:
                             _dw(p, V, dy + j * F + c0, F, wt + c0, aoff + lo * nkh,
                                 boff + lo * nkh, <int>((hi - lo) * nkh),

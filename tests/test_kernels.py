@@ -47,6 +47,10 @@ CASES = [
     (1, 7, 8, 19, 2, 3, 19, 19, (2, 1), (1, 1), "valid"),  # depthwise 2x3, stride h 2
     (2, 9, 2, 21, 3, 3, 21, 21, (2, 1), (2, 1), "same"),  # depthwise 3x3 rows: W < 3, tails
     (1, 6, 9, 35, 3, 3, 35, 35, (1, 1), (1, 1), "valid"),  # depthwise 3x3 rows, no padding
+    # depthwise rows of 5 taps (fc_dwt, NT = 5): interior tiles, border runs, channel tails
+    (2, 9, 27, 37, 5, 5, 37, 37, (1, 1), (1, 1), "same"),
+    (1, 7, 30, 72, 3, 5, 72, 72, (2, 1), (2, 1), "valid"),  # 2 vectors, stride and dilation h
+    (2, 6, 4, 16, 5, 5, 16, 16, (1, 1), (1, 1), "same"),  # W < 5: no interior run
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
     # Dense kernels in column blocks (_column_blocks): more channels than a tile, tails
