@@ -31,10 +31,11 @@ _lock = threading.Lock()
 
 
 class _Owner:
-    """The `base` of a pooled result and of every view of it: numpy stops its base chain at a
-    non-array object, so this dies exactly when the last array over the buffer does."""
+    """The `base` of a pooled result (or of a `writable` view, which `keep`s the tensor it views)
+    and of every view of it: numpy stops its base chain at a non-array object, so this dies
+    exactly when the last array over the buffer does."""
 
-    __slots__ = ("__array_interface__", "__weakref__")
+    __slots__ = ("__array_interface__", "__weakref__", "keep")
 
 
 def _aligned(buffer, nbytes):
@@ -59,11 +60,45 @@ def _release(nbytes, buffer):
         _lock.release()
 
 
+# per thread: TensorFlow runs the bridges' functions on several threads at once
+_local = threading.local()
+
+
+class into:
+    """Within `with into(array):` on this thread, the first `empty` of array's shape and dtype
+    returns array itself: a bridge lets the kernels write a result straight into memory that its
+    framework allocated."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __enter__(self):
+        self.outer = getattr(_local, "into", None)
+        _local.into = self.array
+
+    def __exit__(self, *exc):
+        _local.into = self.outer
+
+
+def writable(array, keep):
+    """A writable view of a read-only C-contiguous array (e.g. np.from_dlpack of a framework
+    tensor), which keeps `keep` alive."""
+    owner = _Owner()
+    owner.__array_interface__ = dict(array.__array_interface__, data=(array.ctypes.data, False),
+                                     strides=None)
+    owner.keep = keep
+    return np.asarray(owner)
+
+
 def empty(shape, dtype):
     """An uninitialised C-contiguous array, 64-byte aligned, that may reuse a freed result's
-    memory."""
+    memory (or be the array of an enclosing `into`)."""
     global _free_bytes
     dtype = np.dtype(dtype)
+    target = getattr(_local, "into", None)
+    if target is not None and target.shape == tuple(shape) and target.dtype == dtype:
+        _local.into = None
+        return target
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _POOLED:
         return _aligned(np.empty(nbytes + ALIGN, np.uint8), nbytes).view(dtype).reshape(shape)

@@ -70,3 +70,29 @@ def test_the_pool_keeps_at_most_its_limit_dropping_the_oldest(monkeypatch):
     del other  # newest: the older buffers make way for it
     assert list(_memory._free) == [2 * nbytes]
     assert _memory.pooled_bytes() <= _memory._KEEP
+
+
+def test_into_hands_out_its_array_once_for_its_shape_and_dtype():
+    target = np.zeros((2, 3, 4, 5), np.float32)
+    with _memory.into(target):
+        other_dtype = _memory.empty((2, 3, 4, 5), np.float64)
+        other_shape = _memory.empty((2, 4, 3, 5), np.float32)
+        first = _memory.empty([2, 3, 4, 5], np.float32)
+        second = _memory.empty((2, 3, 4, 5), np.float32)
+    after = _memory.empty((2, 3, 4, 5), np.float32)
+    assert first is target
+    assert all(a is not target for a in (other_dtype, other_shape, second, after))
+
+
+def test_writable_views_the_same_memory_and_keeps_its_owner():
+    class Owner:
+        pass
+
+    data = np.arange(12.0).reshape(3, 4)
+    data.flags.writeable = False
+    keep = Owner()
+    view = _memory.writable(data, keep)
+    assert view.flags.writeable and address(view) == address(data)
+    assert view.base.keep is keep
+    view[1] = -1
+    assert (data[1] == -1).all()

@@ -352,6 +352,34 @@ def test_compiled_call_matches_reference():
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs only")
+@pytest.mark.parametrize("x_shape, data_format, dtype", [
+    ((3, 5, 5, 5), "channels_first", np.float32),  # NHWC and NCHW shapes alike: a copy at the end
+    ((2, 4, 7, 6), "channels_first", np.float32),
+    ((0, 6, 7, 4), "channels_last", np.float32),
+    ((2, 6, 7, 4), "channels_last", np.float64),
+])
+def test_graph_results_in_tensorflow_memory(x_shape, data_format, dtype):
+    # in a graph the forward result is written into a tensor TensorFlow allocated (so that the
+    # ops after it may reuse its buffer): here also read twice, and with a dynamic batch size
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    c = x_shape[1] if data_format == "channels_first" else x_shape[3]
+    k = rng.standard_normal((3, 3, c, 5)).astype(dtype)
+
+    @tf.function(input_signature=[tf.TensorSpec((None,) + x_shape[1:], dtype)])
+    def fn(a):
+        y = fastconv.ops.conv(a, k, 1, "same", data_format)
+        return y, tf.nn.relu(y * 2.0 + 1.0)
+
+    y, z = fn(x)
+    expected = reference.conv(x, k, padding="same", data_format=data_format)
+    reference.assert_close(y.numpy(), expected)
+    reference.assert_close(z.numpy(), np.maximum(expected * 2.0 + 1.0, 0))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs only")
 def test_graph_optimizer_sees_the_result_shape():
     # Grappler re-infers shapes from the ops' registrations, where a numpy_function's result is
     # unknown; with it unknown, TF leaves e.g. Keras' swish after a fastconv layer unfused
