@@ -5,7 +5,8 @@
   flag; fastconv._dispatch picks the best one the running CPU supports.
 OpenMP is used when a probe program compiles and links with -fopenmp; otherwise (or with
 FASTCONV_NO_OPENMP=1) the build is serial. FASTCONV_NATIVE=1 adds -march=native to the baseline
-(opt-in only: such a wheel runs on this CPU alone).
+(opt-in only: such a wheel runs on this CPU alone). With JAX installed, also fastconv._xla_ffi
+(C++), the forward convolution as an XLA custom call.
 """
 
 import os
@@ -83,10 +84,29 @@ def extensions():
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
             )
         )
-    return cythonize(exts, language_level=3, compiler_directives={
+    exts = cythonize(exts, language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True,
         "initializedcheck": False,
     })
+    return exts + _xla_ffi()
+
+
+def _xla_ffi():
+    """The XLA FFI custom call (fastconv/_xla_ffi.cc), built against the headers of the jaxlib
+    installed at build time; without JAX, or if it does not compile, the JAX bridge uses
+    jax.pure_callback alone."""
+    try:
+        import jax.ffi
+
+        include = jax.ffi.include_dir()
+    except Exception:  # noqa: BLE001 - no (usable) JAX: nothing to build against
+        print("fastconv: JAX not found at build time: no XLA custom call", file=sys.stderr)
+        return []
+    if not os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
+        return []
+    return [Extension("fastconv._xla_ffi", ["fastconv/_xla_ffi.cc"], include_dirs=[include],
+                      language="c++", extra_compile_args=["-std=c++17", "-O2"],
+                      optional=True)]
 
 
 setup(ext_modules=extensions())

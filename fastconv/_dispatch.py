@@ -79,6 +79,8 @@ def _default_threads():
 
 
 _num_threads = _default_threads()
+# called with the new count by set_num_threads (for compiled code that reads it at run time)
+thread_listeners = []
 
 
 def get_num_threads():
@@ -90,12 +92,11 @@ def set_num_threads(n=None):
     """Use `n` threads in fastconv's kernels; None restores the default (all usable cores,
     or OMP_NUM_THREADS)."""
     global _num_threads
-    if n is None:
-        _num_threads = _default_threads()
-        return
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
         raise ValueError(f"`n` must be a positive int. Received: n={n!r}")
-    _num_threads = n
+    _num_threads = _default_threads() if n is None else n
+    for listener in thread_listeners:
+        listener(get_num_threads())
 
 
 def show_config():

@@ -17,6 +17,7 @@
 
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport malloc, free
+from cpython.pycapsule cimport PyCapsule_New
 
 ctypedef fused floating:
     float
@@ -1119,25 +1120,47 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             floating[:, :, :, ::1] out,       # OUT (N, OH, OW, F)
             int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
             int n_threads, const floating[::1] bias=None):   # IN (F,) or None
-    # The bias is added to each output row right after it is computed, while the row is still
-    # in cache: a separate pass over the output would read and write it all once more.
-    cdef Py_ssize_t N = out.shape[0], OH = out.shape[1], OW = out.shape[2], F = out.shape[3]
-    cdef Py_ssize_t H = x.shape[1], W = x.shape[2], C = x.shape[3]
-    cdef Py_ssize_t KH = w.shape[0], KW = w.shape[1], cin_g = w.shape[2]
+    if out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3] == 0:
+        return
+    if _forward(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0, 0],
+                w.shape[0], w.shape[1], w.shape[2], &out[0, 0, 0, 0], out.shape[1],
+                out.shape[2], out.shape[3], sh, sw, dh, dw, pad_top, pad_left, groups, n_threads,
+                NULL if bias is None else &bias[0]) != 0:
+        raise MemoryError()
+
+
+cdef int _forward_f32(const float* x, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                      const float* w, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g, float* out,
+                      Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F, int sh, int sw, int dh, int dw,
+                      int pad_top, int pad_left, int groups, int n_threads,
+                      const float* bias) noexcept nogil:
+    return _forward(x, N, H, W, C, w, KH, KW, cin_g, out, OH, OW, F, sh, sw, dh, dw, pad_top,
+                    pad_left, groups, n_threads, bias)
+
+
+def ffi_forward():
+    """`forward` in float32 as a C function in a capsule, for fastconv._xla_ffi (XLA calls it
+    on its own buffers, without Python): the arguments of _forward_f32, all in order."""
+    return PyCapsule_New(<void*>_forward_f32, b"fastconv.forward_f32", NULL)
+
+
+cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                  const floating* wp, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g,
+                  floating* op, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
+                  int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
+                  int n_threads, const floating* bp) noexcept nogil:
+    # x (N, H, W, C), w (KH, KW, cin_g, F), out (N, OH, OW, F), bias (F,) or NULL; returns -1
+    # when out of memory. The bias is added to each output row right after it is computed,
+    # while the row is still in cache: a separate pass over the output would read and write it
+    # all once more.
     cdef Py_ssize_t r, n, oh
     if N * OH * OW * F == 0:
-        return
-    cdef const floating* xp = &x[0, 0, 0, 0]
-    cdef const floating* wp = &w[0, 0, 0, 0]
-    cdef floating* op = &out[0, 0, 0, 0]
+        return 0
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
     if runs == NULL:
-        raise MemoryError()
+        return -1
     cdef Py_ssize_t nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
     cdef float* wpk = NULL
-    cdef const floating* bp = NULL
-    if bias is not None:
-        bp = &bias[0]
     cdef Py_ssize_t cg = F // groups
     cdef Py_ssize_t Fp = groups * _padded(cg, sizeof(floating))
     cdef Py_ssize_t ldw = Fp
@@ -1152,7 +1175,7 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             free(runs)
             free(wpad)
             free(rows)
-            raise MemoryError()
+            return -1
         wp = wpad
     elif floating is float and _use_pair(sizeof(floating), cin_g, F // groups, groups):
         wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
@@ -1163,7 +1186,7 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
         wpad = _column_blocks(wp, KH * KW * cin_g, F, cg, n_threads)
         if wpad == NULL:
             free(runs)
-            raise MemoryError()
+            return -1
         wp = wpad
         ldw = cg
     elif (groups == 1 and cin_g > 1 and dw == 1 and F > fc_width(F, sizeof(floating))
@@ -1175,25 +1198,23 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
         wpad = _column_blocks(wp, KH * KW * cin_g, F, ldw, n_threads)
         if wpad == NULL:
             free(runs)
-            raise MemoryError()
+            return -1
         wp = wpad
-    try:
-        for r in prange(N * OH, nogil=True, schedule="static", num_threads=n_threads):
-            n = r // OH
-            oh = r % OH
-            dst = rows + threadid() * OW * Fp if rows != NULL else op + r * OW * F
-            _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
-                         oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk,
-                         ldw)
-            if rows != NULL:
-                _unpad(dst, Fp // groups, op + r * OW * F, cg, OW, groups, bp)
-            elif bp != NULL:
-                _add_bias(dst, bp, OW, F)
-    finally:
-        free(runs)
-        free(wpk)
-        free(wpad)
-        free(rows)
+    for r in prange(N * OH, schedule="static", num_threads=n_threads):
+        n = r // OH
+        oh = r % OH
+        dst = rows + threadid() * OW * Fp if rows != NULL else op + r * OW * F
+        _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
+                     oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk, ldw)
+        if rows != NULL:
+            _unpad(dst, Fp // groups, op + r * OW * F, cg, OW, groups, bp)
+        elif bp != NULL:
+            _add_bias(dst, bp, OW, F)
+    free(runs)
+    free(wpk)
+    free(wpad)
+    free(rows)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

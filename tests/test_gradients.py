@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import fastconv
 import reference
+from fastconv.geometry import ConvSpec
 from conftest import BACKEND, autodiff, to_numpy
 
 import keras  # noqa: E402  (conftest imported torch first where needed)
@@ -591,3 +592,63 @@ def test_jit_skips_a_gradient_nobody_uses(monkeypatch):
     calls.clear()
     jax.block_until_ready(jax.jit(jax.grad(loss, argnums=0))(x, k))
     assert calls == ["grad_input"]
+
+
+def _ffi():
+    try:
+        from fastconv import _xla_ffi
+    except ImportError:
+        return None
+    return _xla_ffi
+
+
+# (x shape, kernel shape, strides, padding, dilation, bias)
+FFI_CASES = [
+    ((2, 9, 11, 8), (3, 3, 8, 16), (1, 1), "same", (1, 1), True),
+    ((2, 9, 11, 8), (3, 3, 2, 8), (2, 1), "valid", (1, 2), False),  # groups 4, strides, dilation
+    ((2, 7, 7, 6), (3, 3, 1, 6), (1, 1), "same", (1, 1), True),  # depthwise
+    ((3, 7, 7, 16), (1, 1, 16, 40), (1, 1), "valid", (1, 1), True),  # 1x1: pixels re-cut
+    ((0, 5, 6, 4), (3, 3, 4, 5), (1, 1), "same", (1, 1), False),  # empty batch
+]
+
+
+@only_jax
+@pytest.mark.skipif(_ffi() is None, reason="fastconv._xla_ffi was not built")
+@pytest.mark.parametrize("case", FFI_CASES)
+def test_jax_jit_runs_the_xla_custom_call(case):
+    # under jax.jit, float32 channels_last forward convolutions run as an XLA custom call on
+    # XLA's buffers (no pure_callback): the same results, bias included
+    x_shape, k_shape, strides, padding, dilation, with_bias = case
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    k = rng.standard_normal(k_shape).astype(np.float32)
+    b = rng.standard_normal(k_shape[3]).astype(np.float32) if with_bias else None
+    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
+    if with_bias:
+        fn = jax.jit(lambda x, k, b: fastconv.ops.conv_bias(x, k, b, spec))
+    else:
+        fn = jax.jit(lambda x, k, b: fastconv.ops.conv(x, k, strides, padding, "channels_last",
+                                                       dilation))
+    before = _ffi().calls()
+    out = np.asarray(fn(x, k, b))
+    assert _ffi().calls() == before + (x.size > 0)  # (XLA skips a call with an empty result)
+    expected = reference.conv(x, k, strides, padding, dilation)
+    if with_bias:
+        expected = expected + b
+    reference.assert_close(out, expected, 1e-4)
+
+
+@only_jax
+@pytest.mark.skipif(_ffi() is None, reason="fastconv._xla_ffi was not built")
+def test_jax_custom_call_follows_set_num_threads_after_compiling():
+    x, k, _, args = _jax_problem()
+    fn = jax.jit(lambda x, k: fastconv.ops.conv(x, k, **args))
+    two = np.asarray(fn(x, k))
+    fastconv.set_num_threads(1)
+    try:
+        before = _ffi().calls()
+        one = np.asarray(fn(x, k))
+        assert _ffi().calls() == before + 1
+    finally:
+        fastconv.set_num_threads()
+    np.testing.assert_array_equal(one, two)  # bit-identical on any thread count
