@@ -17,6 +17,7 @@
 
 from cython.parallel cimport prange, threadid
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 from cpython.pycapsule cimport PyCapsule_New
 
 ctypedef fused floating:
@@ -1463,22 +1464,50 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
                floating[:, :, :, ::1] dx,         # OUT (N, H, W, C)
                int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
                int n_threads):
-    cdef Py_ssize_t N = dx.shape[0], H = dx.shape[1], W = dx.shape[2], C = dx.shape[3]
-    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], F = dy.shape[3]
-    cdef Py_ssize_t KH = wt.shape[0], KW = wt.shape[1], cout_g = wt.shape[2]
-    cdef Py_ssize_t r, n, ih
-    if N * H * W * C == 0:
+    if dx.shape[0] * dx.shape[1] * dx.shape[2] * dx.shape[3] == 0:
         return
-    if OH * OW * F == 0:
+    if dy.shape[1] * dy.shape[2] * dy.shape[3] == 0:
         dx[...] = 0
         return
-    cdef const floating* gp = &dy[0, 0, 0, 0]
-    cdef const floating* wp = &wt[0, 0, 0, 0]
-    cdef floating* dp = &dx[0, 0, 0, 0]
+    if _grad_input(&dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &wt[0, 0, 0, 0],
+                   wt.shape[0], wt.shape[1], wt.shape[2], &dx[0, 0, 0, 0], dx.shape[0],
+                   dx.shape[1], dx.shape[2], dx.shape[3], sh, sw, dh, dw, pad_top, pad_left,
+                   groups, n_threads) != 0:
+        raise MemoryError()
+
+
+cdef int _grad_input_f32(const float* dy, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
+                         const float* wt, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g,
+                         float* dx, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                         int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
+                         int n_threads) noexcept nogil:
+    if N * H * W * C == 0:
+        return 0
+    if OH * OW * F == 0:
+        memset(dx, 0, N * H * W * C * sizeof(float))
+        return 0
+    return _grad_input(dy, OH, OW, F, wt, KH, KW, cout_g, dx, N, H, W, C, sh, sw, dh, dw,
+                       pad_top, pad_left, groups, n_threads)
+
+
+def ffi_grad_input():
+    """`grad_input` in float32 as a C function in a capsule (see ffi_forward): the arguments
+    of _grad_input_f32, all in order."""
+    return PyCapsule_New(<void*>_grad_input_f32, b"fastconv.grad_input_f32", NULL)
+
+
+cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
+                     const floating* wp, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g,
+                     floating* dp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                     int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
+                     int n_threads) noexcept nogil:
+    # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C), none empty;
+    # returns -1 when out of memory
+    cdef Py_ssize_t r, n, ih
     cdef Py_ssize_t* phases = <Py_ssize_t*>malloc(_min(sw, W) * _phase_size(KW) *
                                                   sizeof(Py_ssize_t))
     if phases == NULL:
-        raise MemoryError()
+        return -1
     _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
     cdef float* wpk = NULL
     if floating is float:
@@ -1493,7 +1522,7 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
         if wred == NULL:
             free(phases)
             free(wpk)
-            raise MemoryError()
+            return -1
         for tap in range(KH * KW):
             for ci in range(C):
                 for fi in range(F):
@@ -1507,7 +1536,7 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
             free(phases)
             free(wpk)
             free(wred)
-            raise MemoryError()
+            return -1
         for tap in range(9):
             for ci in range(C):
                 wflip[tap * C + ci] = wp[(8 - tap) * C + ci]
@@ -1528,7 +1557,7 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
             free(wflip)
             free(wpad)
             free(rows)
-            raise MemoryError()
+            return -1
         wp = wpad
     # dense, more channels than a tile: the kernel in column blocks, as in forward
     cdef Py_ssize_t ldw = Cp
@@ -1540,25 +1569,24 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
             free(phases)
             free(wpk)
             free(wflip)
-            raise MemoryError()
+            return -1
         wp = wpad
-    try:
-        for r in prange(N * H, nogil=True, schedule="static", num_threads=n_threads):
-            n = r // H
-            ih = r % H
-            dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
-            _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
-                            ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
-                            wflip, ldw)
-            if rows != NULL:
-                _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
-    finally:
-        free(phases)
-        free(wpk)
-        free(wred)
-        free(wflip)
-        free(wpad)
-        free(rows)
+    for r in prange(N * H, schedule="static", num_threads=n_threads):
+        n = r // H
+        ih = r % H
+        dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
+        _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
+                        ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
+                        wflip, ldw)
+        if rows != NULL:
+            _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
+    free(phases)
+    free(wpk)
+    free(wred)
+    free(wflip)
+    free(wpad)
+    free(rows)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1665,18 +1693,51 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
                 floating[:, :, :, ::1] dw,         # OUT (KH, KW, C // groups, F)
                 int sh, int sw, int dh, int dwl, int pad_top, int pad_left, int groups,
                 int n_threads):
-    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
-    cdef Py_ssize_t OH = dy.shape[1], OW = dy.shape[2], F = dy.shape[3]
-    cdef Py_ssize_t KH = dw.shape[0], KW = dw.shape[1], cin_g = dw.shape[2]
+    if dw.shape[0] * dw.shape[1] * dw.shape[2] * dw.shape[3] == 0:
+        return
+    if x.shape[0] * dy.shape[1] * dy.shape[2] == 0:
+        dw[...] = 0
+        return
+    if _grad_kernel(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3],
+                    &dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &dw[0, 0, 0, 0],
+                    dw.shape[0], dw.shape[1], dw.shape[2], sh, sw, dh, dwl, pad_top, pad_left,
+                    groups, n_threads) != 0:
+        raise MemoryError()
+
+
+cdef int _grad_kernel_f32(const float* x, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
+                          Py_ssize_t C, const float* dy, Py_ssize_t OH, Py_ssize_t OW,
+                          Py_ssize_t F, float* dw, Py_ssize_t KH, Py_ssize_t KW,
+                          Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
+                          int pad_left, int groups, int n_threads) noexcept nogil:
+    if KH * KW * cin_g * F == 0:
+        return 0
+    if N * OH * OW == 0:
+        memset(dw, 0, KH * KW * cin_g * F * sizeof(float))
+        return 0
+    return _grad_kernel(x, N, H, W, C, dy, OH, OW, F, dw, KH, KW, cin_g, sh, sw, dh, dwl,
+                        pad_top, pad_left, groups, n_threads)
+
+
+def ffi_grad_kernel():
+    """`grad_kernel` in float32 as a C function in a capsule (see ffi_forward): the arguments
+    of _grad_kernel_f32, all in order."""
+    return PyCapsule_New(<void*>_grad_kernel_f32, b"fastconv.grad_kernel_f32", NULL)
+
+
+cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
+                      Py_ssize_t C, const floating* gp0, Py_ssize_t OH, Py_ssize_t OW,
+                      Py_ssize_t F, floating* dp0, Py_ssize_t KH, Py_ssize_t KW,
+                      Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
+                      int pad_left, int groups, int n_threads) noexcept nogil:
+    # x (N, H, W, C), dy (N, OH, OW, F), dw (KH, KW, cin_g, F), none empty; returns -1 when
+    # out of memory
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t ntasks = 0, tap, g, i0, f0, t, nt, chunk
     cdef int V, P
     cdef Py_ssize_t* tasks = NULL
-    if N * OH * OW == 0 or KH * KW * cin_g * F == 0:
-        dw[...] = 0
-        return
     # odd channel counts: dy and dw with zero-padded channels, as in forward (_padded)
     cdef Py_ssize_t F0 = F
     cdef floating* gpad = NULL
@@ -1684,12 +1745,12 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
     if _padded(cout_g, sz) != cout_g:
         cout_g = _padded(cout_g, sz)
         F = groups * cout_g
-        gpad = _pad_groups(&dy[0, 0, 0, 0], N * OH * OW, groups, F0 // groups, cout_g)
+        gpad = _pad_groups(gp0, N * OH * OW, groups, F0 // groups, cout_g)
         dpad = <floating*>malloc(KH * KW * cin_g * F * sizeof(floating))
         if gpad == NULL or dpad == NULL:
             free(gpad)
             free(dpad)
-            raise MemoryError()
+            return -1
     cdef bint pairk = (floating is float and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
     # depthwise, 3 kernel columns, unit stride and dilation along w: fc_dwk3 tasks (first
@@ -1700,7 +1761,8 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
     for t in range(2):
         ntasks = 0
         if dk3:
-            for tap in range(0, KH * KW, 3 * KW):
+            tap = 0
+            while tap < KH * KW:  # (a C loop: range with a variable step is Python's)
                 f0 = 0
                 while f0 < F:
                     V = fc_dwk3_width(F - f0, sz)
@@ -1712,6 +1774,7 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
                         tasks[5 * ntasks + 4] = (V << 8) | 1
                     ntasks += 1
                     f0 += V
+                tap += 3 * KW
         for tap in range(0 if not dk3 else KH * KW, KH * KW):
             if pairk:
                 g = 0
@@ -1746,24 +1809,23 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
             if tasks == NULL:
                 free(gpad)
                 free(dpad)
-                raise MemoryError()
+                return -1
     # output rows per chunk: about 256 KiB of dy, never depending on the thread count
     chunk = _max(1, _min(MAX_CHUNK, (256 * 1024) // _max(1, OW * F * sz)))
     nt = _max(1, _min(n_threads, ntasks))
-    cdef const floating* xp = &x[0, 0, 0, 0]
-    cdef const floating* gp = &dy[0, 0, 0, 0] if gpad == NULL else gpad
-    cdef floating* dp = &dw[0, 0, 0, 0] if dpad == NULL else dpad
-    try:
-        for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
-            _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
-                               N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
-                               pad_top, pad_left, chunk, KH, dk3)
-        if dpad != NULL:
-            _unpad(dpad, cout_g, &dw[0, 0, 0, 0], F0 // groups, KH * KW * cin_g, groups, NULL)
-    finally:
-        free(tasks)
-        free(gpad)
-        free(dpad)
+    cdef const floating* xp = xp0
+    cdef const floating* gp = gp0 if gpad == NULL else gpad
+    cdef floating* dp = dp0 if dpad == NULL else dpad
+    for t in prange(nt, schedule="static", num_threads=nt):
+        _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
+                           N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
+                           pad_top, pad_left, chunk, KH, dk3)
+    if dpad != NULL:
+        _unpad(dpad, cout_g, dp0, F0 // groups, KH * KW * cin_g, groups, NULL)
+    free(tasks)
+    free(gpad)
+    free(dpad)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

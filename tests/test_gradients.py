@@ -583,10 +583,12 @@ def test_jit_skips_a_gradient_nobody_uses(monkeypatch):
 
     for name in ("grad_input", "grad_kernel"):
         monkeypatch.setattr(host, name, counted(name, getattr(host, name)))
+    # channels_first: pure_callbacks (float32 channels_last runs as XLA custom calls, below);
     # shapes no other test uses: nothing compiled before holds the unpatched functions
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 11, 13, 5), np.float32))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 11, 13), np.float32))
     k = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 5, 7), np.float32))
-    loss = lambda x, k: jnp.sum(fastconv.ops.conv(x, k) ** 2)  # noqa: E731
+    loss = lambda x, k: jnp.sum(  # noqa: E731
+        fastconv.ops.conv(x, k, data_format="channels_first") ** 2)
     jax.block_until_ready(jax.jit(jax.grad(loss, argnums=1))(x, k))
     assert calls == ["grad_kernel"]
     calls.clear()
@@ -636,6 +638,16 @@ def test_jax_jit_runs_the_xla_custom_call(case):
     if with_bias:
         expected = expected + b
     reference.assert_close(out, expected, 1e-4)
+    # and the gradients: each its own custom call, dropped by jit when unused
+    dy = rng.standard_normal(expected.shape).astype(np.float32)
+    loss = lambda x, k: jnp.sum(fn(x, k, b) * dy)  # noqa: E731
+    ref_dx, ref_dk = reference.grads(x, k, dy, strides, padding, dilation)
+    for argnum, ref in ((0, ref_dx), (1, ref_dk)):
+        before = _ffi().calls()
+        grad = np.asarray(jax.jit(jax.grad(loss, argnums=argnum))(x, k))
+        # only this gradient (the loss is linear: jit drops the forward too), if not empty
+        assert _ffi().calls() == before + (ref.size > 0)
+        reference.assert_close(grad, ref, 1e-4)
 
 
 @only_jax

@@ -1,7 +1,8 @@
-"""JAX bridge: jax.pure_callback for each direction, joined by jax.custom_vjp.
+"""JAX bridge: each direction an XLA custom call (fastconv._xla_ffi: float32, channels_last)
+or a jax.pure_callback, joined by jax.custom_vjp.
 
 Works eagerly and under jax.jit (Keras' JAX trainer jits the train step), jax.grad and jax.vmap
-(one callback per mapped element). Callbacks receive read-only arrays; the kernels take them as
+(one call per mapped element). Callbacks receive read-only arrays; the kernels take them as
 const. float64 needs jax_enable_x64, as everywhere in JAX.
 """
 
@@ -40,14 +41,15 @@ def _callback(fn, shape, dtype, *args):
 
 
 def _register_ffi():
-    """The forward as an XLA custom call (fastconv._xla_ffi), if it was built: XLA runs the
-    kernels on its own buffers, where a pure_callback copies the inputs and the result (about a
-    third of ResNet50's prediction time at batch 8). None where it is not available."""
+    """The convolution and its gradients as XLA custom calls (fastconv._xla_ffi), if it was
+    built: XLA runs the kernels on its own buffers, where a pure_callback copies the inputs and
+    the result (a third of ResNet50's prediction time at batch 8). None where not available."""
     try:
         from fastconv import _xla_ffi
     except ImportError:
         return None
-    jax.ffi.register_ffi_target("fastconv_forward", _xla_ffi.forward_handler(), platform="cpu")
+    for name, handler in _xla_ffi.handlers().items():
+        jax.ffi.register_ffi_target(name, handler, platform="cpu")
     _xla_ffi.set_threads(_dispatch.get_num_threads())
     _dispatch.thread_listeners.append(_xla_ffi.set_threads)
     return _xla_ffi
@@ -56,28 +58,68 @@ def _register_ffi():
 _FFI = _register_ffi()
 
 
-def _ffi_forward(spec, x, k, b, dtype, shape):
-    """The forward through the custom call, or None where only the callback serves: float32,
-    channels_last, kernels that export it."""
-    capsule = getattr(_dispatch.kernels, "ffi_forward", None)
-    if _FFI is None or capsule is None or dtype != np.float32 or not spec.channels_last:
-        return None
-    _FFI.set_forward(capsule())
-    g = spec.geometry(x.shape, k.shape)
+def _ffi_ready(dtype, spec):
+    """Whether the custom calls serve this convolution (float32, channels_last, kernels that
+    export them), handing them the kernels _dispatch loaded."""
+    kernels = _dispatch.kernels
+    if (_FFI is None or dtype != np.float32 or not spec.channels_last
+            or not hasattr(kernels, "ffi_forward")):
+        return False
+    _FFI.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel())
+    return True
+
+
+def _ffi_call(name, shape, dtype, args, spec, g, **extra):
     sh, sw, dh, dw, pad_top, pad_left, groups, threads = host._args(spec, g)
-    cut = g.pixel_rows(spec.strides, threads)  # 1x1 kernels: pixels as (1, rows, width)
-    if cut is not None:
-        x = x.reshape(1, *cut, x.shape[3])
-    call = jax.ffi.ffi_call(
-        "fastconv_forward",
-        jax.ShapeDtypeStruct(tuple(shape) if cut is None else (1, *cut, shape[3]), dtype),
-        vmap_method="sequential")
-    out = call(x, k, jax.numpy.zeros((0,), dtype) if b is None else b,
-               sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
-               pad_top=np.int64(pad_top), pad_left=np.int64(pad_left),
-               groups=np.int64(groups), max_threads=np.int64(threads),
-               has_bias=np.int64(b is not None))
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(tuple(shape), dtype),
+                            vmap_method="sequential")
+    return call(*args, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
+                pad_top=np.int64(pad_top), pad_left=np.int64(pad_left),
+                groups=np.int64(groups), max_threads=np.int64(threads),
+                **{k: np.int64(v) for k, v in extra.items()})
+
+
+def _pixel_rows(spec, g, array, shape):
+    """host._recut for jax: a 1x1 convolution's array and its result's shape as (1, rows,
+    width, channels) pixels, else as they are."""
+    cut = g.pixel_rows(spec.strides, host._args(spec, g)[-1])
+    if cut is None:
+        return array, tuple(shape)
+    return array.reshape(1, *cut, array.shape[3]), (1, *cut, shape[3])
+
+
+def _ffi_forward(spec, x, k, b, dtype, shape):
+    """The forward through the custom call, or None where only the callback serves."""
+    if not _ffi_ready(dtype, spec):
+        return None
+    g = spec.geometry(x.shape, k.shape)
+    x, out_shape = _pixel_rows(spec, g, x, shape)
+    bias = jax.numpy.zeros((0,), dtype) if b is None else b
+    out = _ffi_call("fastconv_forward", out_shape, dtype, (x, k, bias), spec, g,
+                    has_bias=b is not None)
     return out.reshape(shape)
+
+
+def _ffi_grad_input(spec, dy, k, x_shape, dtype):
+    if not _ffi_ready(dtype, spec):
+        return None
+    g = spec.geometry(x_shape, k.shape)
+    if g.blocks(spec.strides, spec.dilation_rate) is not None:
+        return None  # space-to-depth blocks: the host's path
+    # the kernel regrouped to (KH, KW, F/G, C), as host.grad_input does
+    wt = k.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups).transpose(0, 1, 4, 3, 2)
+    wt = wt.reshape(g.kh, g.kw, g.f // g.groups, g.c)
+    dy, dx_shape = _pixel_rows(spec, g, dy, x_shape)
+    return _ffi_call("fastconv_grad_input", dx_shape, dtype, (dy, wt), spec, g).reshape(x_shape)
+
+
+def _ffi_grad_kernel(spec, x, dy, k_shape, dtype):
+    if not _ffi_ready(dtype, spec):
+        return None
+    g = spec.geometry(x.shape, k_shape)
+    if g.blocks(spec.strides, spec.dilation_rate) is not None:
+        return None
+    return _ffi_call("fastconv_grad_kernel", k_shape, dtype, (x, dy), spec, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -113,13 +155,17 @@ def _(primals, tangents):
 
 
 def _conv_bwd(spec, residuals, dy):
-    # One callback per gradient (each costs ~0.1 ms), not one for both: jit drops a callback
-    # whose result is unused (the first layer's dx, a frozen layer's dk), measured.
+    # One call per gradient, not one for both: jit drops a call whose result is unused (the
+    # first layer's dx, a frozen layer's dk), measured.
     x, k, b = residuals
     x, k, dy = _first_order_only(x, k, dy)
     dtype = np.dtype(x.dtype)
-    dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
-    dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
+    dx = _ffi_grad_input(spec, dy, k, tuple(x.shape), dtype)
+    if dx is None:
+        dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
+    dk = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype)
+    if dk is None:
+        dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
     return dx, dk, (None if b is None else dy.sum(axis=spec.reduce_axes))
 
 
