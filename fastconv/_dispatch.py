@@ -100,7 +100,14 @@ def set_num_threads(n=None):
 
 
 def show_config():
-    """Print the kernel build in use, whether OpenMP is on, and the thread count."""
+    """Print the kernel build in use, whether OpenMP is on, the thread count, and whether the
+    XLA custom call for JAX was built."""
     print(f"fastconv kernels: {variant} (available here: {', '.join(available_variants())})")
     print(f"OpenMP: {'on' if kernels.OPENMP else 'off (serial build)'}")
     print(f"threads: {get_num_threads()}")
+    try:
+        importlib.import_module("fastconv._xla_ffi")
+        ffi = "built (JAX runs the kernels as XLA custom calls under jax.jit)"
+    except ImportError:
+        ffi = "not built (JAX uses jax.pure_callback)"
+    print(f"XLA custom call: {ffi}")
