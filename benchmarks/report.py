@@ -329,7 +329,7 @@ def markdown(results):
              f"after {meta['warmup']} warm-up calls (calls slower than {meta['time_cap']:g} s / "
              f"{meta['reps']} got fewer rounds, ≥ 3). fwd = eager `layer(x)`; train = gradient of "
              "sum(layer(x)·dy) wrt input, kernel and bias with the backend's autodiff "
-             "(tf.GradientTape eager, jax.jit(jax.grad) over `stateless_call`, "
+             "(tf.GradientTape eager, jax.jit(jax.value_and_grad) over `stateless_call`, "
              "torch.autograd.grad). GFLOP/s with BENCHMARKS.md's FLOPs (train = 3× fwd); "
              "frac = fastconv's GFLOP/s / the float32 matmul rate (numpy 2048³) measured in the "
              "same process; speedup = keras time / fastconv time in the same process; "

@@ -59,11 +59,10 @@ _FFI = _register_ffi()
 
 
 def _ffi_ready(dtype, spec):
-    """Whether the custom calls serve this convolution (float32, channels_last, kernels that
-    export them), handing them the kernels _dispatch loaded."""
+    """Whether the custom calls serve this convolution (float32, kernels that export them),
+    handing them the kernels _dispatch loaded."""
     kernels = _dispatch.kernels
-    if (_FFI is None or dtype != np.float32 or not spec.channels_last
-            or not hasattr(kernels, "ffi_forward")):
+    if _FFI is None or dtype != np.float32 or not hasattr(kernels, "ffi_forward"):
         return False
     _FFI.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel())
     return True
@@ -77,6 +76,16 @@ def _ffi_call(name, shape, dtype, args, spec, g, **extra):
                 pad_top=np.int64(pad_top), pad_left=np.int64(pad_left),
                 groups=np.int64(groups), max_threads=np.int64(threads),
                 **{k: np.int64(v) for k, v in extra.items()})
+
+
+def _nhwc(spec, a):
+    # channels_first: the kernels take NHWC; XLA transposes (measured faster than a
+    # pure_callback, which copies and transposes on the host)
+    return a if spec.channels_last else a.transpose(0, 2, 3, 1)
+
+
+def _from_nhwc(spec, a):
+    return a if spec.channels_last else a.transpose(0, 3, 1, 2)
 
 
 def _pixel_rows(spec, g, array, shape):
@@ -93,11 +102,11 @@ def _ffi_forward(spec, x, k, b, dtype, shape):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x.shape, k.shape)
-    x, out_shape = _pixel_rows(spec, g, x, shape)
+    x, out_shape = _pixel_rows(spec, g, _nhwc(spec, x), spec.to_nhwc(shape))
     bias = jax.numpy.zeros((0,), dtype) if b is None else b
     out = _ffi_call("fastconv_forward", out_shape, dtype, (x, k, bias), spec, g,
                     has_bias=b is not None)
-    return out.reshape(shape)
+    return _from_nhwc(spec, out.reshape(spec.to_nhwc(shape)))
 
 
 def _ffi_grad_input(spec, dy, k, x_shape, dtype):
@@ -109,8 +118,9 @@ def _ffi_grad_input(spec, dy, k, x_shape, dtype):
     # the kernel regrouped to (KH, KW, F/G, C), as host.grad_input does
     wt = k.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups).transpose(0, 1, 4, 3, 2)
     wt = wt.reshape(g.kh, g.kw, g.f // g.groups, g.c)
-    dy, dx_shape = _pixel_rows(spec, g, dy, x_shape)
-    return _ffi_call("fastconv_grad_input", dx_shape, dtype, (dy, wt), spec, g).reshape(x_shape)
+    dy, dx_shape = _pixel_rows(spec, g, _nhwc(spec, dy), spec.to_nhwc(x_shape))
+    dx = _ffi_call("fastconv_grad_input", dx_shape, dtype, (dy, wt), spec, g)
+    return _from_nhwc(spec, dx.reshape(spec.to_nhwc(x_shape)))
 
 
 def _ffi_grad_kernel(spec, x, dy, k_shape, dtype):
@@ -119,7 +129,8 @@ def _ffi_grad_kernel(spec, x, dy, k_shape, dtype):
     g = spec.geometry(x.shape, k_shape)
     if g.blocks(spec.strides, spec.dilation_rate) is not None:
         return None
-    return _ffi_call("fastconv_grad_kernel", k_shape, dtype, (x, dy), spec, g)
+    return _ffi_call("fastconv_grad_kernel", k_shape, dtype, (_nhwc(spec, x), _nhwc(spec, dy)),
+                     spec, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
