@@ -1,5 +1,5 @@
-"""JAX bridge: each direction an XLA custom call (fastconv._xla_ffi: float32, channels_last)
-or a jax.pure_callback, joined by jax.custom_vjp.
+"""JAX bridge: each direction an XLA custom call (fastconv._xla_ffi, float32) or a
+jax.pure_callback, joined by jax.custom_vjp.
 
 Works eagerly and under jax.jit (Keras' JAX trainer jits the train step), jax.grad and jax.vmap
 (one call per mapped element). Callbacks receive read-only arrays; the kernels take them as
@@ -79,8 +79,9 @@ def _ffi_call(name, shape, dtype, args, spec, g, **extra):
 
 
 def _nhwc(spec, a):
-    # channels_first: the kernels take NHWC; XLA transposes (measured faster than a
-    # pure_callback, which copies and transposes on the host)
+    # channels_first: the kernels take NHWC, XLA transposes around the custom call (a
+    # pure_callback copies and transposes on the host: resnet3x3_cf's training step took 2.2x
+    # channels_last's time that way, 1.2x this way)
     return a if spec.channels_last else a.transpose(0, 2, 3, 1)
 
 
@@ -142,6 +143,7 @@ def _conv(spec, x, k, b):
         return out
     return _callback(_host("forward", spec, dtype), shape, dtype,
                      x, k, *([] if b is None else [b]))
+
 
 def _conv_fwd(spec, x, k, b):
     return _conv(spec, x, k, b), (x, k, b)
