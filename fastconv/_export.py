@@ -1,7 +1,7 @@
 """When fastconv steps aside: tracing a model for an exported, standalone artifact.
 
-fastconv's convolutions call back into this Python process (tf.numpy_function, jax.pure_callback,
-a torch custom op). An exported artifact (TF SavedModel, jax2tf, ONNX, torch.export, LiteRT) must
+fastconv's convolutions run in this Python process (tf.numpy_function, XLA custom calls or
+jax.pure_callback, a torch custom op). An exported artifact (TF SavedModel, jax2tf, ONNX, torch.export, LiteRT) must
 run where fastconv is not installed, so while a model is traced *for export* the fastconv layers
 compute with Keras' own convolution instead; the weights are the same, so is the function.
 
