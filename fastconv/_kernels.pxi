@@ -1121,8 +1121,7 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             floating[:, :, :, ::1] out,       # OUT (N, OH, OW, F)
             int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
             int n_threads, const floating[::1] bias=None):   # IN (F,) or None
-    if out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3] == 0:
-        return
+    # (&a[0, 0, 0, 0] of an empty array is its data pointer, never read: _forward returns)
     if _forward(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0, 0],
                 w.shape[0], w.shape[1], w.shape[2], &out[0, 0, 0, 0], out.shape[1],
                 out.shape[2], out.shape[3], sh, sw, dh, dw, pad_top, pad_left, groups, n_threads,
@@ -1464,11 +1463,6 @@ def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
                floating[:, :, :, ::1] dx,         # OUT (N, H, W, C)
                int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
                int n_threads):
-    if dx.shape[0] * dx.shape[1] * dx.shape[2] * dx.shape[3] == 0:
-        return
-    if dy.shape[1] * dy.shape[2] * dy.shape[3] == 0:
-        dx[...] = 0
-        return
     if _grad_input(&dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &wt[0, 0, 0, 0],
                    wt.shape[0], wt.shape[1], wt.shape[2], &dx[0, 0, 0, 0], dx.shape[0],
                    dx.shape[1], dx.shape[2], dx.shape[3], sh, sw, dh, dw, pad_top, pad_left,
@@ -1481,11 +1475,6 @@ cdef int _grad_input_f32(const float* dy, Py_ssize_t OH, Py_ssize_t OW, Py_ssize
                          float* dx, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                          int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
                          int n_threads) noexcept nogil:
-    if N * H * W * C == 0:
-        return 0
-    if OH * OW * F == 0:
-        memset(dx, 0, N * H * W * C * sizeof(float))
-        return 0
     return _grad_input(dy, OH, OW, F, wt, KH, KW, cout_g, dx, N, H, W, C, sh, sw, dh, dw,
                        pad_top, pad_left, groups, n_threads)
 
@@ -1501,9 +1490,14 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
                      floating* dp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                      int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
                      int n_threads) noexcept nogil:
-    # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C), none empty;
-    # returns -1 when out of memory
+    # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C); returns -1 when
+    # out of memory
     cdef Py_ssize_t r, n, ih
+    if N * H * W * C == 0:
+        return 0
+    if OH * OW * F == 0:
+        memset(dp, 0, N * H * W * C * sizeof(floating))
+        return 0
     cdef Py_ssize_t* phases = <Py_ssize_t*>malloc(_min(sw, W) * _phase_size(KW) *
                                                   sizeof(Py_ssize_t))
     if phases == NULL:
@@ -1693,11 +1687,6 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
                 floating[:, :, :, ::1] dw,         # OUT (KH, KW, C // groups, F)
                 int sh, int sw, int dh, int dwl, int pad_top, int pad_left, int groups,
                 int n_threads):
-    if dw.shape[0] * dw.shape[1] * dw.shape[2] * dw.shape[3] == 0:
-        return
-    if x.shape[0] * dy.shape[1] * dy.shape[2] == 0:
-        dw[...] = 0
-        return
     if _grad_kernel(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3],
                     &dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &dw[0, 0, 0, 0],
                     dw.shape[0], dw.shape[1], dw.shape[2], sh, sw, dh, dwl, pad_top, pad_left,
@@ -1710,11 +1699,6 @@ cdef int _grad_kernel_f32(const float* x, Py_ssize_t N, Py_ssize_t H, Py_ssize_t
                           Py_ssize_t F, float* dw, Py_ssize_t KH, Py_ssize_t KW,
                           Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
                           int pad_left, int groups, int n_threads) noexcept nogil:
-    if KH * KW * cin_g * F == 0:
-        return 0
-    if N * OH * OW == 0:
-        memset(dw, 0, KH * KW * cin_g * F * sizeof(float))
-        return 0
     return _grad_kernel(x, N, H, W, C, dy, OH, OW, F, dw, KH, KW, cin_g, sh, sw, dh, dwl,
                         pad_top, pad_left, groups, n_threads)
 
@@ -1730,8 +1714,12 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                       Py_ssize_t F, floating* dp0, Py_ssize_t KH, Py_ssize_t KW,
                       Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
                       int pad_left, int groups, int n_threads) noexcept nogil:
-    # x (N, H, W, C), dy (N, OH, OW, F), dw (KH, KW, cin_g, F), none empty; returns -1 when
-    # out of memory
+    # x (N, H, W, C), dy (N, OH, OW, F), dw (KH, KW, cin_g, F); returns -1 when out of memory
+    if KH * KW * cin_g * F == 0:
+        return 0
+    if N * OH * OW == 0:
+        memset(dp0, 0, KH * KW * cin_g * F * sizeof(floating))
+        return 0
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef int sz = sizeof(floating)
