@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import fastconv
 import reference
 from fastconv.geometry import ConvSpec
-from conftest import BACKEND, autodiff, to_numpy
+from conftest import BACKEND, autodiff, keras_conv_runs, to_numpy
 
 import keras  # noqa: E402  (conftest imported torch first where needed)
 
@@ -71,13 +71,7 @@ def skip_dtype(dtype):
 
 def keras_comparable(groups, strides, dilation, data_format="channels_last"):
     """Whether Keras' own conv may run here for this configuration."""
-    if BACKEND == "tensorflow" and data_format == "channels_first":
-        return False  # TF's CPU Conv2D supports NHWC only: Keras' own layer raises there
-    if BACKEND == "tensorflow" and groups > 1:
-        return False  # TF's grouped CPU conv goes through XLA and corrupts the heap here
-    if BACKEND == "tensorflow" and max(strides) > 1 and max(dilation) > 1:
-        return False  # tf.nn.convolution refuses strides and dilation together
-    return True
+    return keras_conv_runs(data_format, groups, strides, dilation, gradients=True)
 
 
 def torch_backward_fails(case):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import fastconv
 import reference
-from conftest import to_numpy
+from conftest import keras_conv_runs, to_numpy
 
 BACKEND = keras.backend.backend()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,15 +50,6 @@ MIXED = [
 ]
 
 
-def _keras_can_run(n, groups, strides, dilation):
-    """Whether keras.ops.conv itself can serve as a second opinion on this backend."""
-    if BACKEND != "tensorflow":
-        return True
-    # TF: grouped conv goes through XLA (heap corruption here); no strides with dilation;
-    # keras' TF conv fails on an empty batch.
-    return groups == 1 and (max(strides) == 1 or max(dilation) == 1) and n > 0
-
-
 def _arrays(case, data_format, seed=0, dtype=np.float32):
     n, h, w, c, kh, kw, f, groups, *_ = case
     rng = np.random.default_rng(seed)
@@ -79,7 +70,7 @@ def _check(case, data_format, seed=0, padding_as=None):
     out = to_numpy(out)
     expected = reference.conv(x, k, strides, padding, dilation, data_format)
     reference.assert_close(out, expected, 1e-4, "fastconv vs reference")
-    if _keras_can_run(n, groups, strides, dilation):
+    if keras_conv_runs(data_format, groups, strides, dilation, n):
         theirs = to_numpy(keras.ops.conv(x, k, strides, padding, data_format, dilation))
         reference.assert_close(out, theirs, 1e-4, "fastconv vs keras.ops.conv")
     return out
