@@ -508,6 +508,17 @@ def markdown(results):
         L.append(cfg.rstrip())
         L.append("```")
         L.append("")
+    failed = [(b, c, r["keras_error"]) for b in backends
+              for c, r in results["runs"][b].get("cases", {}).items() if r.get("keras_error")]
+    if failed:
+        L.append("## Cases keras.layers.Conv2D cannot run here")
+        L.append("")
+        L.append("fastconv was timed alone (its error column: against Keras' layer on the "
+                 "channels_last twin of the case, where there is one).")
+        L.append("")
+        for b, c, e in failed:
+            L.append(f"- {b} {c}: {e}")
+        L.append("")
     errors = [(b, c, e) for b in backends for c, e in results["runs"][b].get("errors", {}).items()]
     if errors:
         L.append("## Errors")
