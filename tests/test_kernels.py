@@ -51,6 +51,10 @@ CASES = [
     (2, 9, 27, 37, 5, 5, 37, 37, (1, 1), (1, 1), "same"),
     (1, 7, 30, 72, 3, 5, 72, 72, (2, 1), (2, 1), "valid"),  # 2 vectors, stride and dilation h
     (2, 6, 4, 16, 5, 5, 16, 16, (1, 1), (1, 1), "same"),  # W < 5: no interior run
+    (1, 4, 150, 24, 3, 3, 24, 24, (1, 1), (1, 1), "same"),  # 3x3 rows longer than a block
+    # depthwise, pixel tiles outer (strided, dilated): several tiles a row, channel tails
+    (2, 7, 40, 40, 3, 3, 40, 40, (2, 2), (1, 1), "same"),
+    (1, 9, 30, 27, 3, 3, 27, 27, (1, 1), (1, 2), "same"),
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
     # Dense kernels in column blocks (_column_blocks): more channels than a tile, tails
