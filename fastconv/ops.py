@@ -108,11 +108,19 @@ def _run(inputs, kernel, spec, bias=None):
     bridge = _bridge()
     x, k = _tensor(inputs), _tensor(kernel)
     b = None if bias is None else _tensor(bias)
-    if _export.use_keras_convolution(x, k) or bridge.on_accelerator(x, k):
+    exporting = _export.use_keras_convolution(x, k)
+    if exporting or bridge.on_accelerator(x, k):
         # Tracing for an exported artifact (which must not call back into fastconv), or data
         # on an accelerator (fastconv never copies it to the host behind the user's back).
-        y = keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
-                           spec.dilation_rate)
+        if exporting and not spec.channels_last and keras.backend.backend() == "tensorflow":
+            # TF's CPU Conv2D takes NHWC only where TF runs without oneDNN (AMD CPUs, for
+            # one): an NCHW convolution in the artifact would fail there when served
+            y = keras.ops.transpose(keras.ops.conv(
+                keras.ops.transpose(x, (0, 2, 3, 1)), k, spec.strides, spec.padding,
+                "channels_last", spec.dilation_rate), (0, 3, 1, 2))
+        else:
+            y = keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
+                               spec.dilation_rate)
         return y if b is None else add_bias(y, b, spec)
     spec.output_shape(tuple(x.shape), tuple(k.shape))  # every check before any kernel runs
     if b is not None:

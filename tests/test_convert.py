@@ -653,6 +653,22 @@ def test_export_serves_without_fastconv(how, tmp_path, kernel_calls):
     assert kernel_calls.calls == calls + 3
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TF SavedModel of a channels_first model")
+def test_export_channels_first_serves_on_any_cpu(tmp_path, kernel_calls):
+    # TF's CPU Conv2D is NHWC-only without oneDNN: the artifact must not hold an NCHW Conv2D
+    keras.utils.set_random_seed(16)
+    inp = keras.Input((3, 9, 10))
+    h = keras.layers.Conv2D(5, 3, padding="same", data_format="channels_first")(inp)
+    h = keras.layers.Conv2D(4, 2, strides=2, data_format="channels_first")(h)
+    model = fastconv.convert(keras.Model(inp, keras.layers.Flatten()(h)))
+    x = _images((2, 3, 9, 10), seed=17)
+    expected = to_numpy(model(x))
+    assert kernel_calls.calls == 2
+    model.export(str(tmp_path / "artifact"), format="tf_saved_model", verbose=False)
+    assert_close(_serve_without_fastconv(tmp_path / "artifact", x, tmp_path), expected,
+                 name="served channels_first artifact")
+
+
 def test_keras_convolution_context(kernel_calls):
     model = _export_model()
     x = _images((2, 12, 12, 3), seed=15)
