@@ -318,8 +318,7 @@ def run_case(case, args, rec):
     try:
         y_k = to_numpy(sync(k_layer(x)))
     except Exception as e:  # noqa: BLE001 - Keras' own layer cannot run this case here
-        # (e.g. TF's CPU Conv2D is NHWC-only without oneDNN): fastconv is timed alone, and
-        # checked against the float64 numpy reference instead
+        # (e.g. TF's CPU Conv2D is NHWC-only without oneDNN): fastconv is timed alone
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Keras colours the message
         lines = [ln for ln in text.splitlines() if ln.strip()] or [""]
         why = next((ln for ln in lines if "[Op:" in ln), lines[0])  # TF's own reason, if any
