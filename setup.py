@@ -6,7 +6,8 @@
 OpenMP is used when a probe program compiles and links with -fopenmp; otherwise (or with
 FASTCONV_NO_OPENMP=1) the build is serial. FASTCONV_NATIVE=1 adds -march=native to the baseline
 (opt-in only: such a wheel runs on this CPU alone). With JAX installed, also fastconv._xla_ffi
-(C++), the forward convolution as an XLA custom call.
+(C++), the convolution and its gradients as XLA custom calls; with TensorFlow, fastconv._tf_ops
+(C++), the same as TensorFlow ops.
 """
 
 import os
@@ -97,7 +98,7 @@ def extensions():
         "boundscheck": False, "wraparound": False, "cdivision": True,
         "initializedcheck": False,
     })
-    return exts + _xla_ffi()
+    return exts + _xla_ffi() + _tf_ops()
 
 
 def _xla_ffi():
@@ -114,7 +115,29 @@ def _xla_ffi():
     if not os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
         return []
     return [Extension("fastconv._xla_ffi", ["fastconv/_xla_ffi.cc"], include_dirs=[include],
+                      depends=["fastconv/_kernel_api.h"],
                       language="c++", extra_compile_args=["-std=c++17", "-O2"],
+                      optional=True)]
+
+
+def _tf_ops():
+    """The TensorFlow ops (fastconv/_tf_ops.cc), built against the TensorFlow installed at build
+    time; without TensorFlow, or if it does not compile, the TensorFlow bridge uses
+    tf.numpy_function alone (and so it does if another TensorFlow is installed later)."""
+    try:
+        import tensorflow as tf
+
+        compile_flags = tf.sysconfig.get_compile_flags()
+        link_flags = tf.sysconfig.get_link_flags()
+        lib_dir = tf.sysconfig.get_lib()
+    except Exception:  # noqa: BLE001 - no (usable) TensorFlow: nothing to build against
+        print("fastconv: TensorFlow not found at build time: no TensorFlow ops", file=sys.stderr)
+        return []
+    return [Extension("fastconv._tf_ops", ["fastconv/_tf_ops.cc"], language="c++",
+                      depends=["fastconv/_kernel_api.h"],
+                      extra_compile_args=compile_flags + ["-O2", "-w"],
+                      # libtensorflow_framework is found where it was at build time
+                      extra_link_args=link_flags + [f"-Wl,-rpath,{lib_dir}"],
                       optional=True)]
 
 

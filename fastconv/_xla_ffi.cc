@@ -8,10 +8,7 @@
 // the bridge passes their float32 entry points in (set_kernels) before the first call. Shapes and
 // padding are checked and computed in Python when the call is traced; this only reads them.
 
-#include <Python.h>
-
-#include <atomic>
-#include <cstdint>
+#include "_kernel_api.h"
 
 #include "xla/ffi/api/ffi.h"
 
@@ -19,34 +16,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// fastconv._kernels_*._forward_f32 (see ffi_forward there)
-using ForwardF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w,
-                           Py_ssize_t c, const float* k, Py_ssize_t kh, Py_ssize_t kw,
-                           Py_ssize_t cin_g, float* out, Py_ssize_t oh, Py_ssize_t ow,
-                           Py_ssize_t f, int sh, int sw, int dh, int dw, int pad_top,
-                           int pad_left, int groups, int n_threads, const float* bias);
-
-// fastconv._kernels_*._grad_input_f32 and _grad_kernel_f32 (ffi_grad_input, ffi_grad_kernel)
-using GradInputF32 = int (*)(const float* dy, Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t f,
-                             const float* wt, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t cout_g,
-                             float* dx, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, Py_ssize_t c,
-                             int sh, int sw, int dh, int dw, int pad_top, int pad_left,
-                             int groups, int n_threads);
-using GradKernelF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w,
-                              Py_ssize_t c, const float* dy, Py_ssize_t oh, Py_ssize_t ow,
-                              Py_ssize_t f, float* dk, Py_ssize_t kh, Py_ssize_t kw,
-                              Py_ssize_t cin_g, int sh, int sw, int dh, int dw, int pad_top,
-                              int pad_left, int groups, int n_threads);
-
-ForwardF32 forward_f32 = nullptr;
-GradInputF32 grad_input_f32 = nullptr;
-GradKernelF32 grad_kernel_f32 = nullptr;
-int num_threads = 1;  // fastconv.set_num_threads, passed on at run time (set_threads)
-std::atomic<long long> calls{0};  // for tests: proof that the custom call ran
-
-int threads(int64_t max_threads) {
-  return static_cast<int>(max_threads < num_threads ? max_threads : num_threads);
-}
+using fastconv::forward_f32;
+using fastconv::grad_input_f32;
+using fastconv::grad_kernel_f32;
+using fastconv::threads;
 
 ffi::Error Done(int status) {
   if (status != 0) {
@@ -66,7 +39,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer
                    int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
                    int64_t max_threads, int64_t has_bias) {
   if (forward_f32 == nullptr) return Unset();
-  calls++;
+  fastconv::calls++;
   auto xd = x.dimensions();
   auto kd = k.dimensions();
   auto od = out->dimensions();
@@ -84,7 +57,7 @@ ffi::Error GradInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wt,
                      int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
                      int64_t max_threads) {
   if (grad_input_f32 == nullptr) return Unset();
-  calls++;
+  fastconv::calls++;
   auto gd = dy.dimensions();
   auto wd = wt.dimensions();
   auto xd = dx->dimensions();
@@ -102,7 +75,7 @@ ffi::Error GradKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
                       int64_t max_threads) {
   if (grad_kernel_f32 == nullptr) return Unset();
-  calls++;
+  fastconv::calls++;
   auto xd = x.dimensions();
   auto gd = dy.dimensions();
   auto kd = dk->dimensions();
@@ -149,30 +122,6 @@ XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
 FASTCONV_GRAD_HANDLER(fastconv_grad_input, GradInput)
 FASTCONV_GRAD_HANDLER(fastconv_grad_kernel, GradKernel)
 
-static PyObject* set_kernels(PyObject*, PyObject* args) {
-  PyObject *fwd, *gin, *gk;
-  if (!PyArg_ParseTuple(args, "OOO", &fwd, &gin, &gk)) return nullptr;
-  void* f = PyCapsule_GetPointer(fwd, "fastconv.forward_f32");
-  void* g = f ? PyCapsule_GetPointer(gin, "fastconv.grad_input_f32") : nullptr;
-  void* k = g ? PyCapsule_GetPointer(gk, "fastconv.grad_kernel_f32") : nullptr;
-  if (k == nullptr) return nullptr;
-  forward_f32 = reinterpret_cast<ForwardF32>(f);
-  grad_input_f32 = reinterpret_cast<GradInputF32>(g);
-  grad_kernel_f32 = reinterpret_cast<GradKernelF32>(k);
-  Py_RETURN_NONE;
-}
-
-static PyObject* set_threads(PyObject*, PyObject* n) {
-  long value = PyLong_AsLong(n);
-  if (value == -1 && PyErr_Occurred()) {
-    return nullptr;
-  }
-  num_threads = value < 1 ? 1 : static_cast<int>(value);
-  Py_RETURN_NONE;
-}
-
-static PyObject* get_calls(PyObject*, PyObject*) { return PyLong_FromLongLong(calls.load()); }
-
 static PyObject* handlers(PyObject*, PyObject*) {
   return Py_BuildValue(
       "{s:N,s:N,s:N}",
@@ -184,11 +133,7 @@ static PyObject* handlers(PyObject*, PyObject*) {
 }
 
 static PyMethodDef methods[] = {
-    {"set_kernels", set_kernels, METH_VARARGS,
-     "set_kernels(forward, grad_input, grad_kernel): the float32 kernels to call (capsules from "
-     "a kernels module's ffi_forward(), ffi_grad_input(), ffi_grad_kernel())"},
-    {"set_threads", set_threads, METH_O, "set_threads(n): the kernels' thread count"},
-    {"calls", get_calls, METH_NOARGS, "How many forward custom calls ran in this process"},
+    FASTCONV_KERNEL_API_METHODS,
     {"handlers", handlers, METH_NOARGS,
      "{target name: XLA FFI handler capsule}, for jax.ffi.register_ffi_target"},
     {nullptr, nullptr, 0, nullptr}};

@@ -90,11 +90,19 @@ class CountingKernels:
 
 
 def _ffi_calls():
+    """Kernel calls made by the C++ bridges: XLA custom calls, fastconv's TensorFlow ops."""
+    total = 0
     try:
         from fastconv import _xla_ffi
+
+        total += _xla_ffi.calls()
     except ImportError:
-        return 0
-    return _xla_ffi.calls()
+        pass
+    if BACKEND == "tensorflow":
+        from fastconv.backends import tensorflow as bridge
+
+        total += 0 if bridge._OPS is None else bridge._OPS.calls()
+    return total
 
 
 @pytest.fixture

@@ -374,6 +374,99 @@ def test_tf_layer_variables_gradient_in_tf_function():
     reference.assert_close(db.numpy(), dy.sum((0, 1, 2)), 1e-4, "db")
 
 
+# The C++ bridges' cases (TensorFlow ops, XLA custom calls):
+# (x shape, kernel shape, strides, padding, dilation, bias, data_format)
+FFI_CASES = [
+    ((2, 9, 11, 8), (3, 3, 8, 16), (1, 1), "same", (1, 1), True, "channels_last"),
+    ((2, 9, 11, 8), (3, 3, 2, 8), (2, 1), "valid", (1, 2), False, "channels_last"),  # groups 4
+    ((2, 7, 7, 6), (3, 3, 1, 6), (1, 1), "same", (1, 1), True, "channels_last"),  # depthwise
+    ((3, 7, 7, 16), (1, 1, 16, 40), (1, 1), "valid", (1, 1), True, "channels_last"),  # re-cut
+    ((0, 5, 6, 4), (3, 3, 4, 5), (1, 1), "same", (1, 1), False, "channels_last"),  # empty
+    ((2, 8, 9, 11), (3, 3, 8, 6), (2, 2), "same", (1, 1), True, "channels_first"),
+    ((3, 16, 7, 7), (1, 1, 16, 12), (1, 1), "valid", (1, 1), False, "channels_first"),
+]
+
+
+def _bridge_problem(case, seed):
+    """x, kernel, bias (or None), spec, the reference result (bias included) and a dy of one of
+    FFI_CASES."""
+    x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    k = rng.standard_normal(k_shape).astype(np.float32)
+    b = rng.standard_normal(k_shape[3]).astype(np.float32) if with_bias else None
+    spec = ConvSpec.make(strides, padding, data_format, dilation)
+    expected = reference.conv(x, k, strides, padding, dilation, data_format)
+    if with_bias:
+        expected = expected + (b if data_format == "channels_last" else b[:, None, None])
+    dy = rng.standard_normal(expected.shape).astype(np.float32)
+    return x, k, b, spec, expected, dy
+
+
+def _tf_ops():
+    from fastconv.backends import tensorflow as bridge
+
+    return bridge._OPS
+
+
+@only_tf
+@pytest.mark.parametrize("case", FFI_CASES)
+def test_tf_function_runs_the_native_ops(case):
+    # in a graph, float32 convolutions and both gradients run as fastconv's TensorFlow ops on
+    # TensorFlow's tensors (no numpy_function): the same results, bias included, with a known
+    # or an unknown batch size
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
+    x, k, b, spec, expected, dy = _bridge_problem(case, 14)
+
+    def conv(x, k):
+        if with_bias:
+            return fastconv.ops.conv_bias(x, k, b, spec)
+        return fastconv.ops.conv(x, k, strides, padding, data_format, dilation)
+
+    ref_dx, ref_dk = reference.grads(x, k, dy, strides, padding, dilation, data_format)
+    for batch in (x_shape[0], None):
+        signature = [tf.TensorSpec((batch, *x_shape[1:])), tf.TensorSpec(k_shape)]
+        before = _tf_ops().calls()
+        out = tf.function(conv, input_signature=signature)(x, k).numpy()
+        assert _tf_ops().calls() == before + 1
+        reference.assert_close(out, expected, 1e-4)
+        for i, ref in enumerate((ref_dx, ref_dk)):
+            @tf.function(input_signature=signature)
+            def grad(x, k):
+                with tf.GradientTape() as tape:
+                    tape.watch([x, k])
+                    loss = tf.reduce_sum(conv(x, k) * dy)
+                return tape.gradient(loss, [x, k][i])
+
+            before = _tf_ops().calls()
+            value = grad(x, k).numpy()
+            # only this gradient, the rest pruned; with an unknown batch size the forward too,
+            # whose result's shape the gradient of reduce_sum reads
+            assert _tf_ops().calls() == before + (1 if batch is not None else 2)
+            reference.assert_close(value, ref, 1e-4)
+
+
+@only_tf
+def test_tf_native_ops_follow_set_num_threads():
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((4, 24, 24, 32)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    fn = tf.function(lambda x, k: fastconv.ops.conv(x, k, padding="same"))
+    two = fn(x, k).numpy()
+    fastconv.set_num_threads(1)
+    try:
+        before = _tf_ops().calls()
+        one = fn(x, k).numpy()
+        assert _tf_ops().calls() == before + 1
+    finally:
+        fastconv.set_num_threads()
+    np.testing.assert_array_equal(one, two)  # bit-identical on any thread count
+
+
 # ----------------------------------------------------------------------------------------------
 # JAX mechanics
 
@@ -598,16 +691,6 @@ def _ffi():
     return _xla_ffi
 
 
-# (x shape, kernel shape, strides, padding, dilation, bias, data_format)
-FFI_CASES = [
-    ((2, 9, 11, 8), (3, 3, 8, 16), (1, 1), "same", (1, 1), True, "channels_last"),
-    ((2, 9, 11, 8), (3, 3, 2, 8), (2, 1), "valid", (1, 2), False, "channels_last"),  # groups 4
-    ((2, 7, 7, 6), (3, 3, 1, 6), (1, 1), "same", (1, 1), True, "channels_last"),  # depthwise
-    ((3, 7, 7, 16), (1, 1, 16, 40), (1, 1), "valid", (1, 1), True, "channels_last"),  # re-cut
-    ((0, 5, 6, 4), (3, 3, 4, 5), (1, 1), "same", (1, 1), False, "channels_last"),  # empty
-    ((2, 8, 9, 11), (3, 3, 8, 6), (2, 2), "same", (1, 1), True, "channels_first"),
-    ((3, 16, 7, 7), (1, 1, 16, 12), (1, 1), "valid", (1, 1), False, "channels_first"),
-]
 
 
 @only_jax
@@ -617,11 +700,7 @@ def test_jax_jit_runs_the_xla_custom_call(case):
     # under jax.jit, float32 channels_last forward convolutions run as an XLA custom call on
     # XLA's buffers (no pure_callback): the same results, bias included
     x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
-    rng = np.random.default_rng(13)
-    x = rng.standard_normal(x_shape).astype(np.float32)
-    k = rng.standard_normal(k_shape).astype(np.float32)
-    b = rng.standard_normal(k_shape[3]).astype(np.float32) if with_bias else None
-    spec = ConvSpec.make(strides, padding, data_format, dilation)
+    x, k, b, spec, expected, dy = _bridge_problem(case, 13)
     if with_bias:
         fn = jax.jit(lambda x, k, b: fastconv.ops.conv_bias(x, k, b, spec))
     else:
@@ -630,12 +709,8 @@ def test_jax_jit_runs_the_xla_custom_call(case):
     before = _ffi().calls()
     out = np.asarray(fn(x, k, b))
     assert _ffi().calls() == before + (x.size > 0)  # (XLA skips a call with an empty result)
-    expected = reference.conv(x, k, strides, padding, dilation, data_format)
-    if with_bias:
-        expected = expected + (b if data_format == "channels_last" else b[:, None, None])
     reference.assert_close(out, expected, 1e-4)
     # and the gradients: each its own custom call, dropped by jit when unused
-    dy = rng.standard_normal(expected.shape).astype(np.float32)
     loss = lambda x, k: jnp.sum(fn(x, k, b) * dy)  # noqa: E731
     ref_dx, ref_dk = reference.grads(x, k, dy, strides, padding, dilation, data_format)
     for argnum, ref in ((0, ref_dx), (1, ref_dk)):

@@ -90,12 +90,10 @@ def _from_nhwc(spec, a):
 
 
 def _pixel_rows(spec, g, array, shape):
-    """host._recut for jax: a 1x1 convolution's array and its result's shape as (1, rows,
-    width, channels) pixels, else as they are."""
-    cut = g.pixel_rows(spec.strides, host._args(spec, g)[-1])
-    if cut is None:
-        return array, tuple(shape)
-    return array.reshape(1, *cut, array.shape[3]), (1, *cut, shape[3])
+    """host._recut for jax: the array and its result's shape, re-cut by host.recut_shape."""
+    threads = host._args(spec, g)[-1]
+    return (array.reshape(host.recut_shape(spec, g, threads, array.shape)),
+            host.recut_shape(spec, g, threads, shape))
 
 
 def _ffi_forward(spec, x, k, b, dtype, shape):
@@ -116,9 +114,7 @@ def _ffi_grad_input(spec, dy, k, x_shape, dtype):
     g = spec.geometry(x_shape, k.shape)
     if g.blocks(spec.strides, spec.dilation_rate) is not None:
         return None  # space-to-depth blocks: the host's path
-    # the kernel regrouped to (KH, KW, F/G, C), as host.grad_input does
-    wt = k.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups).transpose(0, 1, 4, 3, 2)
-    wt = wt.reshape(g.kh, g.kw, g.f // g.groups, g.c)
+    wt = host.regrouped_kernel(k, g, jax.numpy.reshape, jax.numpy.transpose)
     dy, dx_shape = _pixel_rows(spec, g, _nhwc(spec, dy), spec.to_nhwc(x_shape))
     dx = _ffi_call("fastconv_grad_input", dx_shape, dtype, (dy, wt), spec, g)
     return _from_nhwc(spec, dx.reshape(spec.to_nhwc(x_shape)))

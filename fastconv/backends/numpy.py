@@ -85,11 +85,17 @@ def _args(spec, g):
             g.pad_top, g.pad_left, g.groups, _threads(g.macs, _MACS_PER_THREAD))
 
 
+def recut_shape(spec, g, threads, shape):
+    """An NHWC shape as it is, or as (1, rows, width, channels) where g.pixel_rows re-cuts a
+    1x1 convolution's pixels for `threads` threads."""
+    cut = g.pixel_rows(spec.strides, threads)
+    return tuple(shape) if cut is None else (1, *cut, shape[3])
+
+
 def _recut(spec, g, args, *arrays):
-    """The NHWC arrays as they are, or their pixels as (1, rows, width, channels) where
-    g.pixel_rows re-cuts them (args: _args(spec, g), whose last item is the thread count)."""
-    cut = g.pixel_rows(spec.strides, args[-1])
-    return arrays if cut is None else tuple(a.reshape(1, *cut, a.shape[3]) for a in arrays)
+    """The NHWC arrays, re-cut by recut_shape (args: _args(spec, g), whose last item is the
+    thread count)."""
+    return tuple(a.reshape(recut_shape(spec, g, args[-1], a.shape)) for a in arrays)
 
 
 def forward(x, kernel, spec, dtype=np.float32, bias=None):
@@ -104,6 +110,14 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
     xv, outv = _recut(spec, g, args, _nhwc(x, spec, dtype), out)
     _dispatch.kernels.forward(xv, np.ascontiguousarray(kernel, dtype=dtype), outv, *args, bias)
     return _from_nhwc(out, spec)
+
+
+def regrouped_kernel(kernel, g, reshape, transpose):
+    """A (KH, KW, C/G, F) kernel regrouped to (KH, KW, F/G, C): the transposed convolution's
+    kernel in the same layout, which grad_input's kernels take; `reshape` and `transpose` of
+    the caller's array library (the bridges regroup in their framework's graph)."""
+    wt = reshape(kernel, (g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups))
+    return reshape(transpose(wt, (0, 1, 4, 3, 2)), (g.kh, g.kw, g.f // g.groups, g.c))
 
 
 def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
@@ -129,9 +143,8 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
         taps = np.ascontiguousarray(kernel, dtype=dtype).reshape(g.kh * g.kw, g.c, g.f)
         wt = _transposed(taps, g.c, (g.kh * g.kw, g.f, g.c)).reshape(g.kh, g.kw, g.f, g.c)
     else:
-        wt = kernel.reshape(g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups)
-        wt = np.ascontiguousarray(wt.transpose(0, 1, 4, 3, 2).reshape(
-            g.kh, g.kw, g.f // g.groups, g.c), dtype=dtype)
+        wt = np.ascontiguousarray(regrouped_kernel(kernel, g, np.reshape, np.transpose),
+                                  dtype=dtype)
     dx = _empty(g.input_shape_nhwc, dtype)
     args = _args(spec, g)
     dyv, dxv = _recut(spec, g, args, _nhwc(dy, spec, dtype), dx)

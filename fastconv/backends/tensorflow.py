@@ -1,15 +1,18 @@
-"""TensorFlow bridge: tf.numpy_function for each direction, joined by tf.custom_gradient.
+"""TensorFlow bridge: the convolution and each gradient an op, joined by tf.custom_gradient.
 
-Works eagerly and inside tf.function (Keras' TF trainer); not under XLA, so the layer sets
-supports_jit = False on this backend. Every result carries its static shape, for the graph
-optimizer too (unknown spatial sizes stay unknown). A bare numpy_function's gradient is silently
-None: here every gradient is defined, and a second-order one raises.
+In a graph (tf.function, Keras' trainer), float32 convolutions run as fastconv._tf_ops, native
+TensorFlow ops that call the kernels on TensorFlow's tensors; the rest (and builds without
+them) as tf.numpy_function. Eagerly the kernels are called directly on the tensors' memory.
+Not under XLA, so the layer sets supports_jit = False on this backend. Every result carries its
+static shape, for the graph optimizer too (unknown spatial sizes stay unknown). A bare
+numpy_function's gradient is silently None: here every gradient is defined, and a second-order
+one raises.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from fastconv import _memory
+from fastconv import _dispatch, _memory
 from fastconv.backends import numpy as host
 
 try:
@@ -84,11 +87,120 @@ def _into_tf_buffer(fn, args, dtype, shape):
     return tf.ensure_shape(tf.py_function(call, [*args, buffer], tf.as_dtype(dtype)), shape)
 
 
-def _first_order_only(fn, args, dtype, shape):
-    """`_numpy_function` for a gradient: differentiating it raises. The raising gradient must be
-    attached to the op's *inputs* (dy, kernel, x): a numpy_function is not differentiable, so a
-    wrapper around its output alone is never reached and the second-order gradient is silently
-    None."""
+def _load_ops():
+    """fastconv._tf_ops (the convolution and its gradients as TensorFlow ops), or None if it
+    was not built or does not load (e.g. built against another TensorFlow)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("fastconv._tf_ops")
+    if found is None:
+        return None
+    try:
+        # first: loading registers the ops and makes their Python wrappers (the module import
+        # then finds the library loaded, with the same state)
+        wrappers = tf.load_op_library(found.origin)
+        from fastconv import _tf_ops
+    except (ImportError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError):
+        return None
+    if not hasattr(wrappers, "fastconv_forward"):
+        return None  # imported as a module before TensorFlow loaded it: no wrappers were made
+    _tf_ops.set_threads(_dispatch.get_num_threads())
+    _dispatch.thread_listeners.append(_tf_ops.set_threads)
+    _tf_ops.ops = wrappers
+    return _tf_ops
+
+
+_OPS = _load_ops()
+
+
+def _native_serves(dtype, nhwc_shape, k_shape):
+    """Whether the native ops serve a call: in a graph, float32, known spatial sizes, the ops
+    built and the kernels exporting float32 entry points (which it hands to the ops)."""
+    kernels = _dispatch.kernels
+    if (_OPS is None or dtype != np.float32 or tf.executing_eagerly()
+            or not hasattr(kernels, "ffi_forward")
+            or None in list(nhwc_shape)[1:] or None in list(k_shape)):
+        return False
+    _OPS.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel())
+    return True
+
+
+def _geometry_attrs(spec, g, batch_known):
+    sh, sw, dh, dw, pad_top, pad_left, groups, threads = host._args(spec, g)
+    # an unknown batch size: as many threads as set (the work per call is not known)
+    return dict(sh=sh, sw=sw, dh=dh, dw=dw, pad_top=pad_top, pad_left=pad_left, groups=groups,
+                max_threads=threads if batch_known else 1 << 30)
+
+
+def _nhwc(spec, t):
+    return t if spec.channels_last else tf.transpose(t, (0, 2, 3, 1))
+
+
+def _from_nhwc(spec, t):
+    return t if spec.channels_last else tf.transpose(t, (0, 3, 1, 2))
+
+
+def _prepare(spec, x_shape, k_shape):
+    """(g, batch_known) for a native op; g with batch 1 if the batch is unknown."""
+    n, h, w, c = spec.to_nhwc(list(x_shape))
+    g = spec.geometry(spec.from_nhwc((1 if n is None else n, h, w, c)), tuple(k_shape))
+    return g, n is not None
+
+
+def _recut(spec, g, batch_known, t, shape):
+    """t (NHWC) and the NHWC result shape, re-cut as the host does, when the batch is known."""
+    if not batch_known:
+        return t, shape
+    threads = host._args(spec, g)[-1]
+    return (tf.reshape(t, host.recut_shape(spec, g, threads, t.shape)),
+            host.recut_shape(spec, g, threads, shape))
+
+
+def _native_forward(spec, x, k, b, dtype):
+    if not _native_serves(dtype, spec.to_nhwc(x.shape.as_list()), k.shape):
+        return None
+    g, known = _prepare(spec, x.shape, k.shape)
+    out_nhwc = (None, g.oh, g.ow, g.f)
+    xin, (_, oh, ow, f) = _recut(spec, g, known, _nhwc(spec, x), out_nhwc)
+    bias = tf.zeros((0,), tf.float32) if b is None else b
+    out = _OPS.ops.fastconv_forward(xin, k, bias, oh=oh, ow=ow, f=f,
+                                    **_geometry_attrs(spec, g, known))
+    if known:
+        out = tf.reshape(out, (g.n, g.oh, g.ow, g.f))
+    return _from_nhwc(spec, out)
+
+
+def _native_grad_input(spec, dy, k, x_shape, dtype):
+    if not _native_serves(dtype, spec.to_nhwc(list(x_shape)), k.shape):
+        return None
+    g, known = _prepare(spec, x_shape, k.shape)
+    if g.blocks(spec.strides, spec.dilation_rate) is not None:
+        return None  # space-to-depth blocks: the host's path
+    wt = host.regrouped_kernel(k, g, tf.reshape, tf.transpose)
+    dyin, (_, h, w, c) = _recut(spec, g, known, _nhwc(spec, dy), (None, g.h, g.w, g.c))
+    dx = _OPS.ops.fastconv_grad_input(dyin, wt, h=h, w=w, c=c,
+                                      **_geometry_attrs(spec, g, known))
+    if known:
+        dx = tf.reshape(dx, g.input_shape_nhwc)
+    return _from_nhwc(spec, dx)
+
+
+def _native_grad_kernel(spec, x, dy, k_shape, dtype):
+    if not _native_serves(dtype, spec.to_nhwc(x.shape.as_list()), k_shape):
+        return None
+    g, known = _prepare(spec, x.shape, k_shape)
+    if g.blocks(spec.strides, spec.dilation_rate) is not None:
+        return None
+    return _OPS.ops.fastconv_grad_kernel(_nhwc(spec, x), _nhwc(spec, dy),
+                                         kernel_shape=list(g.kernel_shape),
+                                         **_geometry_attrs(spec, g, known))
+
+
+def _first_order_only(compute, args):
+    """compute(*args) (a gradient's op) such that differentiating it raises. The raising
+    gradient must be attached to the op's *inputs* (dy, kernel, x): a numpy_function is not
+    differentiable, so a wrapper around its output alone is never reached and the second-order
+    gradient is silently None."""
 
     def op(*args):
         def grad(*_):
@@ -98,29 +210,42 @@ def _first_order_only(fn, args, dtype, shape):
                 "keras.layers.Conv2D."
             )
 
-        return _numpy_function(fn, list(args), dtype, shape), grad
+        return compute(*args), grad
 
     if _recorded(args):
         return tf.custom_gradient(op)(*args)
-    return _numpy_function(fn, list(args), dtype, shape)
+    return compute(*args)
 
 
 def conv(x, k, b, spec, result):
     out_shape = spec.output_shape(x.shape.as_list(), k.shape.as_list())
     dtype = host.host_dtype(result)
 
-    def forward(*args):
-        return _numpy_function(lambda a, w, *c: host.forward(a, w, spec, dtype, *c), list(args),
-                               dtype, out_shape, prunable=False)
+    def forward(x, k, *b):
+        out = _native_forward(spec, x, k, b[0] if b else None, dtype)
+        if out is not None:
+            return out
+        return _numpy_function(lambda a, w, *c: host.forward(a, w, spec, dtype, *c),
+                               [x, k, *b], dtype, out_shape, prunable=False)
+
+    def grad_input(dy, k):
+        dx = _native_grad_input(spec, dy, k, x.shape, dtype)
+        if dx is not None:
+            return dx
+        return _numpy_function(lambda g, w, s: host.grad_input(g, w, spec, tuple(s), dtype),
+                               [dy, k, tf.shape(x)], dtype, x.shape)
+
+    def grad_kernel(x, dy):
+        dk = _native_grad_kernel(spec, x, dy, k.shape, dtype)
+        if dk is not None:
+            return dk
+        return _numpy_function(lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
+                               [x, dy], dtype, k.shape)
 
     def _conv(x, k, *b):
         def grad(dy):
-            dx = _first_order_only(
-                lambda g, w, s: host.grad_input(g, w, spec, tuple(s), dtype),
-                [dy, k, tf.shape(x)], dtype, x.shape)
-            dk = _first_order_only(
-                lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
-                [x, dy], dtype, k.shape)
+            dx = _first_order_only(grad_input, [dy, k])
+            dk = _first_order_only(grad_kernel, [x, dy])
             return (dx, dk, *(tf.reduce_sum(dy, axis=spec.reduce_axes) for _ in b))
 
         return forward(x, k, *b), grad

@@ -1,0 +1,78 @@
+// The float32 entry points of fastconv's Cython kernels as C function pointers, for the C++
+// bridges (fastconv._xla_ffi for JAX, fastconv._tf_ops for TensorFlow) that call the kernels on
+// their framework's own buffers. The kernels live in the Cython build that fastconv._dispatch
+// picked at import; the bridge passes their capsules in (set_kernels) before the first call.
+// Each bridge includes this once: the state below is its own.
+
+#include <Python.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace fastconv {
+namespace {  // each bridge's own copy
+
+// fastconv._kernels_*._forward_f32 (see ffi_forward there)
+using ForwardF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w,
+                           Py_ssize_t c, const float* k, Py_ssize_t kh, Py_ssize_t kw,
+                           Py_ssize_t cin_g, float* out, Py_ssize_t oh, Py_ssize_t ow,
+                           Py_ssize_t f, int sh, int sw, int dh, int dw, int pad_top,
+                           int pad_left, int groups, int n_threads, const float* bias);
+
+// fastconv._kernels_*._grad_input_f32 and _grad_kernel_f32 (ffi_grad_input, ffi_grad_kernel)
+using GradInputF32 = int (*)(const float* dy, Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t f,
+                             const float* wt, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t cout_g,
+                             float* dx, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, Py_ssize_t c,
+                             int sh, int sw, int dh, int dw, int pad_top, int pad_left,
+                             int groups, int n_threads);
+using GradKernelF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w,
+                              Py_ssize_t c, const float* dy, Py_ssize_t oh, Py_ssize_t ow,
+                              Py_ssize_t f, float* dk, Py_ssize_t kh, Py_ssize_t kw,
+                              Py_ssize_t cin_g, int sh, int sw, int dh, int dw, int pad_top,
+                              int pad_left, int groups, int n_threads);
+
+ForwardF32 forward_f32 = nullptr;
+GradInputF32 grad_input_f32 = nullptr;
+GradKernelF32 grad_kernel_f32 = nullptr;
+int num_threads = 1;  // fastconv.set_num_threads, passed on at run time (set_threads)
+std::atomic<long long> calls{0};  // for tests: proof that the bridge ran the kernels
+
+// The thread count for a call the work is worth max_threads for.
+int threads(int64_t max_threads) {
+  return static_cast<int>(max_threads < num_threads ? max_threads : num_threads);
+}
+
+PyObject* set_kernels(PyObject*, PyObject* args) {
+  PyObject *fwd, *gin, *gk;
+  if (!PyArg_ParseTuple(args, "OOO", &fwd, &gin, &gk)) return nullptr;
+  void* f = PyCapsule_GetPointer(fwd, "fastconv.forward_f32");
+  void* g = f ? PyCapsule_GetPointer(gin, "fastconv.grad_input_f32") : nullptr;
+  void* k = g ? PyCapsule_GetPointer(gk, "fastconv.grad_kernel_f32") : nullptr;
+  if (k == nullptr) return nullptr;
+  forward_f32 = reinterpret_cast<ForwardF32>(f);
+  grad_input_f32 = reinterpret_cast<GradInputF32>(g);
+  grad_kernel_f32 = reinterpret_cast<GradKernelF32>(k);
+  Py_RETURN_NONE;
+}
+
+PyObject* set_threads(PyObject*, PyObject* n) {
+  long value = PyLong_AsLong(n);
+  if (value == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  num_threads = value < 1 ? 1 : static_cast<int>(value);
+  Py_RETURN_NONE;
+}
+
+PyObject* get_calls(PyObject*, PyObject*) { return PyLong_FromLongLong(calls.load()); }
+
+}  // namespace
+}  // namespace fastconv
+
+// The module methods every bridge has; a bridge lists them first in its method table.
+#define FASTCONV_KERNEL_API_METHODS                                                           \
+  {"set_kernels", fastconv::set_kernels, METH_VARARGS,                                        \
+   "set_kernels(forward, grad_input, grad_kernel): the float32 kernels to call (capsules "    \
+   "from a kernels module's ffi_forward(), ffi_grad_input(), ffi_grad_kernel())"},            \
+      {"set_threads", fastconv::set_threads, METH_O, "set_threads(n): the kernels' thread count"}, \
+      {"calls", fastconv::get_calls, METH_NOARGS, "How many kernel calls this bridge made in this process"}
