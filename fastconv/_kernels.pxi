@@ -985,6 +985,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef bint merged = dw == 1 and groups == 1 and not depthwise
+    cdef bint dwt
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first, ih
     cdef Py_ssize_t ngroups = 1 if depthwise else groups
@@ -1040,49 +1041,36 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
                 f0 += V
             ow = run_end
         ngroups = 0
-    elif depthwise and (KW == 3 or KW == 5) and dw == 1 and sw == 1:
-        # kw-major list: the first nkh segments are the kw = 0 taps of each kernel row
-        # tiles of pixels outer, channels inner: x and out are read and written in order
-        V = fc_dwt_width(F, sz, <int>KW)
-        P = fc_dwt_pmax(V, sz, <int>KW)
+    elif depthwise:
+        # tiles of pixels outer, channels inner: x and out are swept in order. With channels
+        # outer, every channel vector walked the input rows again, from L2 or memory: 8x112x112x64
+        # stride 2 ran at 3 GFLOP/s on one thread. With KW 3 or 5 and unit stride and dilation
+        # along w, a run's interior tiles (all KW taps inside the image) take _dwt and its tile
+        # sizes; the rest _dw (kw-major list: a run's taps are one contiguous slice).
+        dwt = (KW == 3 or KW == 5) and dw == 1 and sw == 1
+        if dwt:
+            P = fc_dwt_pmax(fc_dwt_width(F, sz, <int>KW), sz, <int>KW)
+        else:
+            P = fc_pmax(fc_width(F, sz), sz)  # also fits the narrower vectors of a channel tail
         for r in range(nruns):
             ow = runs[3 * r]
             run_end = runs[3 * r + 3]
             lo = runs[3 * r + 1]
             hi = runs[3 * r + 2]
+            first = lo * nkh
+            nseg = <int>((hi - lo) * nkh)
             while ow < run_end:
                 p = <int>_min(P, run_end - ow)
                 base = (rowbase + ow * sw - pad_left) * C
                 f0 = 0
                 while f0 < F:
-                    V = fc_dwt_width(F - f0, sz, <int>KW)
-                    if lo == 0 and hi == KW:
+                    V = fc_dwt_width(F - f0, sz, <int>KW) if dwt else fc_width(F - f0, sz)
+                    if dwt and lo == 0 and hi == KW:
                         _dwt(<int>KW, p, V, x + base + f0, C, w + f0, F, aoff, boff, nkh,
                              out + ow * F + f0, F)
                     else:
-                        _dw(p, V, x + base + f0, C, w + f0, aoff + lo * nkh, boff + lo * nkh,
-                            <int>((hi - lo) * nkh), out + ow * F + f0, F)
-                    f0 += V
-                ow += p
-        ngroups = 0
-    elif depthwise:
-        # tiles of pixels outer, channels inner, as above: x and out are swept in order. With
-        # channels outer, every channel vector walked the input rows again, from L2 or memory:
-        # 8x112x112x64 stride 2 ran at 3 GFLOP/s on one thread
-        P = fc_pmax(fc_width(F, sz), sz)  # also fits the narrower vectors of a channel tail
-        for r in range(nruns):
-            ow = runs[3 * r]
-            run_end = runs[3 * r + 3]
-            first = runs[3 * r + 1] * nkh
-            nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
-            while ow < run_end:
-                p = <int>_min(P, run_end - ow)
-                base = (rowbase + ow * sw - pad_left) * C
-                f0 = 0
-                while f0 < F:
-                    V = fc_width(F - f0, sz)
-                    _dw(p, V, x + base + f0, sw * C, w + f0, aoff + first, boff + first, nseg,
-                        out + ow * F + f0, F)
+                        _dw(p, V, x + base + f0, sw * C, w + f0, aoff + first, boff + first,
+                            nseg, out + ow * F + f0, F)
                     f0 += V
                 ow += p
         ngroups = 0
