@@ -449,6 +449,34 @@ def test_tf_function_runs_the_native_ops(case):
 
 
 @only_tf
+@pytest.mark.parametrize("case", FFI_CASES[:3])
+def test_tf_function_without_the_native_ops(case, monkeypatch):
+    # a build without fastconv._tf_ops (no TensorFlow at build time, or another version now):
+    # graphs run the kernels through tf.numpy_function, with the same results
+    from fastconv.backends import tensorflow as bridge
+
+    monkeypatch.setattr(bridge, "_OPS", None)
+    x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
+    x, k, b, spec, expected, dy = _bridge_problem(case, 16)
+
+    @tf.function
+    def step(x, k):
+        with tf.GradientTape() as tape:
+            tape.watch([x, k])
+            y = fastconv.ops.conv_bias(x, k, b, spec)
+            loss = tf.reduce_sum(y * dy)
+        return (y, *tape.gradient(loss, [x, k]))
+
+    y, dx, dk = step(tf.constant(x), tf.constant(k))
+    ops = {op.type for op in step.get_concrete_function(x, k).graph.get_operations()}
+    assert not any(t.startswith("Fastconv") for t in ops)
+    ref_dx, ref_dk = reference.grads(x, k, dy, strides, padding, dilation, data_format)
+    reference.assert_close(y.numpy(), expected, 1e-4)
+    reference.assert_close(dx.numpy(), ref_dx, 1e-4, "dx")
+    reference.assert_close(dk.numpy(), ref_dk, 1e-4, "dk")
+
+
+@only_tf
 def test_tf_native_ops_follow_set_num_threads():
     if _tf_ops() is None:
         pytest.skip("fastconv._tf_ops was not built")
