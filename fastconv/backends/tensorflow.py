@@ -113,16 +113,22 @@ def _load_ops():
 _OPS = _load_ops()
 
 
-def _native_serves(dtype, nhwc_shape, k_shape):
-    """Whether the native ops serve a call: in a graph, float32, known spatial sizes, the ops
-    built and the kernels exporting float32 entry points (which it hands to the ops)."""
+def _native_geometry(spec, dtype, x_shape, k_shape, gradient=False):
+    """(g, batch_known) where the native ops serve a call, else None: in a graph, float32,
+    known spatial sizes, the ops built and the kernels exporting float32 entry points (which
+    are handed to the ops here); for a gradient, not the space-to-depth blocks (the host's
+    path). g has batch 1 where the batch is unknown."""
     kernels = _dispatch.kernels
+    n, h, w, c = spec.to_nhwc(list(x_shape))
     if (_OPS is None or dtype != np.float32 or tf.executing_eagerly()
             or not hasattr(kernels, "ffi_forward")
-            or None in list(nhwc_shape)[1:] or None in list(k_shape)):
-        return False
+            or None in (h, w, c) or None in list(k_shape)):
+        return None
+    g = spec.geometry(spec.from_nhwc((1 if n is None else n, h, w, c)), tuple(k_shape))
+    if gradient and g.blocks(spec.strides, spec.dilation_rate) is not None:
+        return None
     _OPS.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel())
-    return True
+    return g, n is not None
 
 
 def _geometry_attrs(spec, g, batch_known):
@@ -140,13 +146,6 @@ def _from_nhwc(spec, t):
     return t if spec.channels_last else tf.transpose(t, (0, 3, 1, 2))
 
 
-def _prepare(spec, x_shape, k_shape):
-    """(g, batch_known) for a native op; g with batch 1 if the batch is unknown."""
-    n, h, w, c = spec.to_nhwc(list(x_shape))
-    g = spec.geometry(spec.from_nhwc((1 if n is None else n, h, w, c)), tuple(k_shape))
-    return g, n is not None
-
-
 def _recut(spec, g, batch_known, t, shape):
     """t (NHWC) and the NHWC result shape, re-cut as the host does, when the batch is known."""
     if not batch_known:
@@ -157,40 +156,38 @@ def _recut(spec, g, batch_known, t, shape):
 
 
 def _native_forward(spec, x, k, b, dtype):
-    if not _native_serves(dtype, spec.to_nhwc(x.shape.as_list()), k.shape):
+    found = _native_geometry(spec, dtype, x.shape, k.shape)
+    if found is None:
         return None
-    g, known = _prepare(spec, x.shape, k.shape)
-    out_nhwc = (None, g.oh, g.ow, g.f)
-    xin, (_, oh, ow, f) = _recut(spec, g, known, _nhwc(spec, x), out_nhwc)
+    g, known = found
+    xin, (_, oh, ow, f) = _recut(spec, g, known, _nhwc(spec, x), (None, g.oh, g.ow, g.f))
     bias = tf.zeros((0,), tf.float32) if b is None else b
     out = _OPS.ops.fastconv_forward(xin, k, bias, oh=oh, ow=ow, f=f,
                                     **_geometry_attrs(spec, g, known))
-    if known:
-        out = tf.reshape(out, (g.n, g.oh, g.ow, g.f))
+    if known and out.shape != g.output_shape_nhwc:
+        out = tf.reshape(out, g.output_shape_nhwc)  # undo the re-cut
     return _from_nhwc(spec, out)
 
 
 def _native_grad_input(spec, dy, k, x_shape, dtype):
-    if not _native_serves(dtype, spec.to_nhwc(list(x_shape)), k.shape):
+    found = _native_geometry(spec, dtype, x_shape, k.shape, gradient=True)
+    if found is None:
         return None
-    g, known = _prepare(spec, x_shape, k.shape)
-    if g.blocks(spec.strides, spec.dilation_rate) is not None:
-        return None  # space-to-depth blocks: the host's path
+    g, known = found
     wt = host.regrouped_kernel(k, g, tf.reshape, tf.transpose)
     dyin, (_, h, w, c) = _recut(spec, g, known, _nhwc(spec, dy), (None, g.h, g.w, g.c))
     dx = _OPS.ops.fastconv_grad_input(dyin, wt, h=h, w=w, c=c,
                                       **_geometry_attrs(spec, g, known))
-    if known:
-        dx = tf.reshape(dx, g.input_shape_nhwc)
+    if known and dx.shape != g.input_shape_nhwc:
+        dx = tf.reshape(dx, g.input_shape_nhwc)  # undo the re-cut
     return _from_nhwc(spec, dx)
 
 
 def _native_grad_kernel(spec, x, dy, k_shape, dtype):
-    if not _native_serves(dtype, spec.to_nhwc(x.shape.as_list()), k_shape):
+    found = _native_geometry(spec, dtype, x.shape, k_shape, gradient=True)
+    if found is None:
         return None
-    g, known = _prepare(spec, x.shape, k_shape)
-    if g.blocks(spec.strides, spec.dilation_rate) is not None:
-        return None
+    g, known = found
     return _OPS.ops.fastconv_grad_kernel(_nhwc(spec, x), _nhwc(spec, dy),
                                          kernel_shape=list(g.kernel_shape),
                                          **_geometry_attrs(spec, g, known))
