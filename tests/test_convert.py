@@ -543,17 +543,24 @@ def check_application(name, size=APP_SIZE):
     return result
 
 
-@pytest.fixture(scope="module", params=APPS)
-def app(request, tmp_path_factory):
-    if BACKEND != "jax":
-        return request.param, check_application(request.param)
+@pytest.fixture(scope="module")
+def jax_apps(tmp_path_factory):
+    """On JAX, all applications checked in one child process: one JAX start-up, and the small
+    XLA programs that build weights of shapes the models share compiled once."""
     out = tmp_path_factory.mktemp("app") / "result.json"
     env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_backend_optimization_level=0")
-    done = subprocess.run([sys.executable, __file__, request.param, str(out)], env=env,
-                          capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, __file__, str(out), *APPS], env=env,
+                          capture_output=True, text=True, timeout=900,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     assert done.returncode == 0, done.stderr[-3000:]
-    return request.param, json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module", params=APPS)
+def app(request):
+    if BACKEND != "jax":
+        return request.param, check_application(request.param)
+    return request.param, request.getfixturevalue("jax_apps")[request.param]
 
 
 def test_application_converts_and_predicts_like_keras(app):
@@ -690,6 +697,7 @@ def test_keras_convolution_context(kernel_calls):
     assert kernel_calls.calls == calls + 3
 
 
-if __name__ == "__main__":  # the JAX child of the `app` fixture: python test_convert.py NAME OUT
-    with open(sys.argv[2], "w") as f:
-        json.dump(check_application(sys.argv[1]), f)
+if __name__ == "__main__":  # the JAX child of `jax_apps`: python test_convert.py OUT NAME...
+    results = {name: check_application(name) for name in sys.argv[2:]}
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f)
