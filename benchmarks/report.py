@@ -327,10 +327,11 @@ def markdown(results):
     L.append("")
     L.append(f"Each backend ran in its own process; median of ≥ {meta['reps']} interleaved calls "
              f"after {meta['warmup']} warm-up calls (calls slower than {meta['time_cap']:g} s / "
-             f"{meta['reps']} got fewer rounds, ≥ 3). fwd = eager `layer(x)`; train = gradient of "
-             "sum(layer(x)·dy) wrt input, kernel and bias with the backend's autodiff "
-             "(tf.GradientTape eager, jax.jit(jax.value_and_grad) over `stateless_call`, "
-             "torch.autograd.grad). GFLOP/s with BENCHMARKS.md's FLOPs (train = 3× fwd); "
+             f"{meta['reps']} got fewer rounds, ≥ 3). fwd = eager `layer(x)`; train = the forward and "
+             "its gradients wrt input, kernel and bias for an output gradient dy (those of "
+             "sum(layer(x)·dy)) with the backend's autodiff (tf.GradientTape eager with "
+             "output_gradients, jax.jit(jax.vjp) over `stateless_call`, torch.autograd.grad "
+             "with grad_outputs). GFLOP/s with BENCHMARKS.md's FLOPs (train = 3× fwd); "
              "frac = fastconv's GFLOP/s / the float32 matmul rate (numpy 2048³) measured in the "
              "same process; speedup = keras time / fastconv time in the same process; "
              "2T vs 1T = fastconv's time on 1 thread / on all threads (2 here).")

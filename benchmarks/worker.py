@@ -16,10 +16,11 @@ What is timed, per case: `keras.layers.Conv2D` and `fastconv.Conv2D` holding ide
 plus fastconv on one thread (`fastconv.set_num_threads(1)`; the default is all cores), called in
 interleaved rounds after warm-up, median over at least --reps calls each.
   fwd:   eager `layer(x)` (JAX: + block_until_ready)
-  train: gradients of the scalar loss sum(layer(x) * dy) wrt input, kernel and bias with the
-         backend's own autodiff: tf.GradientTape (eager), jax.jit(jax.value_and_grad(...))
-         over `layer.stateless_call` (the value keeps the forward in the jitted step),
-         torch.autograd.grad. The numpy backend is forward only.
+  train: the forward and its gradients wrt input, kernel and bias for the output gradient dy
+         (those of sum(layer(x) * dy)) with the backend's own autodiff: tf.GradientTape
+         (eager, output_gradients=dy), jax.jit(jax.vjp(...)) over `layer.stateless_call`
+         (returning the output keeps the forward in the jitted step), torch.autograd.grad
+         (grad_outputs=dy). The numpy backend is forward only.
 On torch, `torch.nn.functional.conv2d` on NCHW tensors ("torch_direct": what a torch user gets)
 is timed too, forward. On small layers the host function alone (`fastconv.backends.numpy.forward`
 on numpy arrays, "host") is timed as well, so the bridge's own overhead shows.
@@ -210,32 +211,35 @@ def forward_fn(layer, x, threads=None):
 
 
 def train_fn(layer, x, dy, threads=None):
-    """fn() -> (dx, dkernel, dbias) of sum(layer(x) * dy), with the backend's autodiff."""
+    """fn() -> (dx, dkernel, dbias): the forward and its vector-Jacobian product with dy (the
+    gradients of sum(layer(x) * dy)), with the backend's autodiff. The output gradient is handed
+    to it, not built from a loss: eagerly on TensorFlow the loss's multiply and sum and their
+    gradients cost 10-12 ms at 4x56x56x128 here, more than fastconv's whole step."""
     if BACKEND == "tensorflow":
         def grads():
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                loss = tf.reduce_sum(layer(x) * dy)
-            return tape.gradient(loss, [x, layer.kernel, layer.bias])
+                y = layer(x)
+            return tape.gradient(y, [x, layer.kernel, layer.bias], output_gradients=dy)
     elif BACKEND == "jax":
         params = [v.value for v in layer.trainable_variables]
         assert [v.path for v in layer.trainable_variables] == [layer.kernel.path, layer.bias.path]
 
-        def loss(params, xx):
-            y, _ = layer.stateless_call(params, [], xx)
-            return jnp.sum(y * dy)
+        def step(params, xx):
+            y, vjp = jax.vjp(lambda p, a: layer.stateless_call(p, [], a)[0], params, xx)
+            return y, vjp(dy)
 
-        # value_and_grad: the loss is linear in the output, so with jax.grad alone jit would
-        # drop the forward convolution (for Keras and fastconv alike) and time 2 of the 3
-        g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        # y is returned: jit would otherwise drop the forward convolution (for Keras and
+        # fastconv alike) and time 2 of the 3
+        g = jax.jit(step)
 
         def grads():
             _, ((dk, db), dx) = jax.block_until_ready(g(params, x))
             return dx, dk, db
     elif BACKEND == "torch":
         def grads():
-            loss = (layer(x) * dy).sum()
-            return torch.autograd.grad(loss, [x, layer.kernel.value, layer.bias.value])
+            y = layer(x)
+            return torch.autograd.grad(y, [x, layer.kernel.value, layer.bias.value], dy)
     else:
         return None
 
