@@ -246,6 +246,28 @@ def test_depthwise_integer_input_is_cast():
     assert_close(out, expected)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_depthwise_dtype_policies(policy):
+    """The kernel is reshaped per call outside keras.ops (TensorFlow): it must still be the
+    variable autocast to the compute dtype, as Keras' own layer reads it."""
+    x = np.random.default_rng(3).normal(size=(2, 7, 6, 4))
+    kwargs = dict(kernel_size=3, depth_multiplier=2, padding="same", dtype=policy)
+    fast, ref = fastconv.DepthwiseConv2D(**kwargs), keras.layers.DepthwiseConv2D(**kwargs)
+    fast.build(x.shape)
+    ref.build(x.shape)
+    weights = [np.random.default_rng(4).normal(size=w.shape).astype("float32")
+               for w in ref.get_weights()]
+    fast.set_weights(weights)
+    ref.set_weights(weights)
+    out, theirs = fast(x), ref(x)
+    compute = keras.dtype_policies.get(policy).compute_dtype
+    assert keras.backend.standardize_dtype(out.dtype) == compute
+    assert theirs.dtype == out.dtype
+    rtol = 1e-4 if policy == "float32" else 1e-2
+    out = to_numpy(keras.ops.cast(out, "float32"))
+    assert_close(out, to_numpy(keras.ops.cast(theirs, "float32")), rtol=rtol)
+
+
 # ------------------------------------------------------------------------------------------------
 # convert / revert on user models
 
