@@ -1971,6 +1971,44 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
     fc_wake_end(woke)
 
 
+
+def channel_sums(const floating[:, ::1] a,   # IN  (R, F)
+                 floating[::1] out,          # OUT (F,)
+                 int n_threads):
+    # out[f] = sum over r of a[r, f]: the bias gradient of channels_last dy. TensorFlow's own
+    # reduce_sum took 1-3 ms here for a 6 MB dy (4x28x28x512) inside a training step. Partial
+    # sums over blocks of 64 rows, added in block order: the result does not depend on the
+    # thread count.
+    cdef Py_ssize_t R = a.shape[0], F = a.shape[1]
+    cdef Py_ssize_t nb = (R + 63) // 64, b, r, f
+    cdef floating* part
+    cdef floating* acc
+    if F == 0:
+        return
+    if R == 0:
+        memset(&out[0], 0, F * sizeof(floating))
+        return
+    cdef const floating* s = &a[0, 0]
+    part = <floating*>malloc(nb * F * sizeof(floating))
+    if part == NULL:
+        raise MemoryError()
+    cdef int woke = fc_wake_begin(n_threads)
+    for b in prange(nb, nogil=True, schedule="static", num_threads=n_threads):
+        fc_note_thread()
+        acc = part + b * F
+        for f in range(F):
+            acc[f] = s[b * 64 * F + f]
+        for r in range(b * 64 + 1, _min(R, b * 64 + 64)):
+            for f in range(F):
+                acc[f] = acc[f] + s[r * F + f]
+    fc_wake_end(woke)
+    for f in range(F):
+        out[f] = part[f]
+    for b in range(1, nb):
+        for f in range(F):
+            out[f] = out[f] + part[b * F + f]
+    free(part)
+
 cdef void _blocks(floating* x, floating* blocks, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                   Py_ssize_t C, Py_ssize_t HB, Py_ssize_t WB, Py_ssize_t s, Py_ssize_t pad_top,
                   Py_ssize_t pad_left, bint to_blocks, int n_threads) noexcept nogil:

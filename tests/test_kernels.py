@@ -243,3 +243,22 @@ def test_layout_transposes(variant, dtype, shape, threads, monkeypatch):
         np.testing.assert_array_equal(back, a)
     finally:
         fastconv.set_num_threads(None)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (63, 5), (64, 16), (65, 3), (3137, 47), (0, 4), (4, 0)])
+def test_channel_sums(variant, dtype, shape):
+    # the bias gradient of channels_last dy: column sums, the same for any thread count
+    kernels = _dispatch.load(variant)
+    a = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.full(shape[1], np.nan, dtype)
+        kernels.channel_sums(a, out, threads)
+        outs.append(out)
+    np.testing.assert_allclose(outs[0], a.astype(np.float64).sum(axis=0),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-10)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])

@@ -171,6 +171,17 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
     return dw
 
 
+
+def bias_grad(dy, spec, dtype=np.float32):
+    """d(loss)/d(bias) given dy = d(loss)/d(outputs): dy summed over all but its channels."""
+    dy = np.ascontiguousarray(dy, dtype=dtype)
+    if not spec.channels_last:
+        return dy.sum(axis=spec.reduce_axes)  # numpy sums contiguous rows (H*W) fast
+    rows = dy.reshape(-1, dy.shape[3])
+    db = _empty((rows.shape[1],), dtype)
+    _dispatch.kernels.channel_sums(rows, db, _threads(rows.size, _ELEMENTS_PER_THREAD))
+    return db
+
 # A stride-1 "valid" convolution on channels_last arrays: the blocked form of Geometry.blocks.
 _UNIT = ConvSpec()
 
