@@ -515,6 +515,8 @@ cdef extern from *:
        A[aoff[s] + p*aps + 2k + h] * B[boff[s] + 16k + 2o + h]. */
     #if defined(__GNUC__) && FC_VB == 64
       #define FC_PAIR_OK 1
+      #define FC_PAIRK_OK 1
+      #define FC_PAIR_PMAX 12
       typedef float fc_v16f __attribute__((vector_size(64)));
       typedef double fc_v8d __attribute__((vector_size(64)));
       #define FC_PAIR(P) \
@@ -621,8 +623,64 @@ cdef extern from *:
               float* out, ptrdiff_t ops) {
           fc_pair8_table[P](A, aps, B, aoff, boff, len, nseg, out, ops);
       }
+    #elif defined(__GNUC__) && FC_VB == 32
+      /* The same packed kernel with AVX2: a pixel's 16 lanes are two 8-lane vectors (outputs
+         0-3 and 4-7, 2 channels each), so a k pair takes 2 kernel loads, one broadcast and 2 FMAs
+         a pixel, 6 pixels a tile (12 accumulators). The plain 12 x 8 tile took a broadcast per
+         FMA and spilled its row pointers (grouped32 fwd ~25 GFLOP/s on one thread). */
+      #define FC_PAIR_OK 1
+      #define FC_PAIRK_OK 0
+      #define FC_PAIR_PMAX 6
+      typedef float fc_v8f __attribute__((vector_size(32)));
+      typedef double fc_v4d __attribute__((vector_size(32)));
+      #define FC_PAIR(P) \
+      static void fc_pair8_##P(const float* __restrict A, ptrdiff_t aps, const float* __restrict B, \
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg, \
+              float* __restrict out, ptrdiff_t ops) \
+      { \
+          fc_v8f acc[P][2]; \
+          FC_UNROLL for (int p = 0; p < P; p++) { acc[p][0] = (fc_v8f){0}; acc[p][1] = (fc_v8f){0}; } \
+          for (int s = 0; s < nseg; s++) { \
+              const float* __restrict a = A + aoff[s]; \
+              const float* __restrict b = B + boff[s]; \
+              const ptrdiff_t L = len[s]; \
+              for (ptrdiff_t k = 0; k < L; k++) { \
+                  fc_v8f b0, b1; \
+                  memcpy(&b0, b + 16 * k, 32); \
+                  memcpy(&b1, b + 16 * k + 8, 32); \
+                  for (int p = 0; p < P; p++) { \
+                      double d; \
+                      memcpy(&d, a + p * aps + 2 * k, 8); \
+                      fc_v4d dv = {d, d, d, d}; \
+                      acc[p][0] += (fc_v8f)dv * b0; \
+                      acc[p][1] += (fc_v8f)dv * b1; \
+                  } \
+              } \
+          } \
+          FC_UNROLL for (int p = 0; p < P; p++) { \
+              float t[16]; \
+              memcpy(t, &acc[p][0], 32); \
+              memcpy(t + 8, &acc[p][1], 32); \
+              FC_UNROLL for (int o = 0; o < 8; o++) out[p * ops + o] = t[2 * o] + t[2 * o + 1]; \
+          } \
+      }
+      FC_PAIR(1) FC_PAIR(2) FC_PAIR(3) FC_PAIR(4) FC_PAIR(5) FC_PAIR(6)
+      typedef void (*fc_pair8_t)(const float*, ptrdiff_t, const float*, const ptrdiff_t*,
+          const ptrdiff_t*, const ptrdiff_t*, int, float*, ptrdiff_t);
+      static const fc_pair8_t fc_pair8_table[7] = {0, fc_pair8_1, fc_pair8_2, fc_pair8_3,
+          fc_pair8_4, fc_pair8_5, fc_pair8_6};
+      static inline void fc_pair8(int P, const float* A, ptrdiff_t aps, const float* B,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
+              float* out, ptrdiff_t ops) {
+          fc_pair8_table[P](A, aps, B, aoff, boff, len, nseg, out, ops);
+      }
+      static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
+              float* out, ptrdiff_t ldo, int accumulate) {}
     #else
       #define FC_PAIR_OK 0
+      #define FC_PAIRK_OK 0
+      #define FC_PAIR_PMAX 1
       static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ldo, int accumulate) {}
@@ -837,6 +895,8 @@ cdef extern from *:
                   Py_ssize_t ldt, const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg,
                   double* out, Py_ssize_t ops) noexcept nogil
     bint FC_PAIR_OK
+    bint FC_PAIRK_OK
+    int FC_PAIR_PMAX
     bint FC_RED_OK
     int fc_red_pmax(int CC) noexcept nogil
     int fc_red_lanes(int sz) noexcept nogil
@@ -1098,7 +1158,7 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
     if ngroups > 1:
         # grouped: pixels outer, groups inner, so that x is swept in order and a tile's input
         # pixels stay in L1 across the groups
-        P = fc_pmax(fc_width(fw, sz), sz)
+        P = FC_PAIR_PMAX if wpk != NULL else fc_pmax(fc_width(fw, sz), sz)
         for r in range(nruns):
             ow = runs[3 * r]
             run_end = runs[3 * r + 3]
@@ -1478,7 +1538,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
             c0 = 0
             while c0 < cw:
                 V = fc_width(cw - c0, sz)
-                P = fc_pmax(V, sz)
+                P = FC_PAIR_PMAX if wpk != NULL else fc_pmax(V, sz)
                 # ldw != C: dense, the kernel in column blocks of width ldw (_column_blocks)
                 if ldw == C:
                     wblk = wt + g * cin_g + c0
@@ -1857,7 +1917,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             free(gpad)
             free(dpad)
             return -1
-    cdef bint pairk = (floating is float and _use_pair(sz, cin_g, cout_g, groups)
+    cdef bint pairk = (floating is float and FC_PAIRK_OK and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
     # depthwise, 3 kernel columns, unit stride and dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
