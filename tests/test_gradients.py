@@ -763,3 +763,35 @@ def test_jax_custom_call_follows_set_num_threads_after_compiling():
     finally:
         fastconv.set_num_threads()
     np.testing.assert_array_equal(one, two)  # bit-identical on any thread count
+
+
+@pytest.mark.skipif(BACKEND == "numpy", reason="numpy has no autodiff")
+def test_stacked_channels_first_gradients():
+    """Two channels_first convolutions with a relu between: on torch the first result (and the
+    gradient reaching it) is NCHW with NHWC memory, which the host takes without a copy; every
+    gradient must still match the float64 reference."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 9, 8)).astype(np.float32)
+    w1 = rng.standard_normal((3, 3, 6, 10)).astype(np.float32)
+    w2 = rng.standard_normal((3, 3, 10, 4)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, 9, 8)).astype(np.float32)
+
+    def conv(a, w):
+        return fastconv.ops.conv(a, w, padding="same", data_format="channels_first")
+
+    def loss(x, w1, w2):
+        return keras.ops.sum(conv(keras.ops.relu(conv(x, w1)), w2) * keras.ops.convert_to_tensor(dy))
+
+    if BACKEND == "torch":
+        import torch
+
+        y = conv(torch.tensor(x), torch.tensor(w1))
+        assert y.permute(0, 2, 3, 1).is_contiguous()  # the layout this test is about
+    gx, gw1, gw2 = autodiff(loss, x, w1, w2)
+    y1 = reference.conv(x, w1, padding="same", data_format="channels_first")
+    a = np.maximum(y1, 0)
+    da, dw2 = reference.grads(a, w2, dy, padding="same", data_format="channels_first")
+    dx, dw1 = reference.grads(x, w1, da * (y1 > 0), padding="same", data_format="channels_first")
+    reference.assert_close(gx, dx, name="dx")
+    reference.assert_close(gw1, dw1, name="dw1")
+    reference.assert_close(gw2, dw2, name="dw2")

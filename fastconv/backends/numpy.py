@@ -44,6 +44,13 @@ _ELEMENTS_PER_THREAD = 1 << 16
 
 
 def _nhwc(array, spec, dtype):
+    if not spec.channels_last:
+        nhwc = np.asarray(array).transpose(0, 2, 3, 1)
+        if nhwc.flags.c_contiguous and nhwc.dtype == dtype:
+            # NCHW whose memory is NHWC (torch's channels_last format, e.g. a fastconv result
+            # passed on, or its gradient): no copy. Copied to NCHW and transposed back, it cost
+            # two passes over the array.
+            return nhwc
     array = np.ascontiguousarray(array, dtype=dtype)
     if spec.channels_last:
         return array

@@ -44,7 +44,9 @@ def _grad_kernel(x, dy, kernel_shape, spec):
 def _gradients(ctx, x, k, has_bias, dy, spec, direct):
     """(dx, dk, db) as needed. `direct` calls the host; otherwise the gradient custom ops run,
     which a compiler can trace and whose own gradient raises (second order)."""
-    dy = dy.contiguous()
+    if spec.channels_last or not dy.permute(0, 2, 3, 1).is_contiguous():
+        # else NCHW with NHWC memory (as channels_first results are): the host takes it as is
+        dy = dy.contiguous()
     needs = ctx.needs_input_grad
     dx = dk = db = None
     if needs[0]:
