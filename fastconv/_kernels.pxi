@@ -629,6 +629,8 @@ cdef extern from *:
          a pixel, 6 pixels a tile (12 accumulators). The plain 12 x 8 tile took a broadcast per
          FMA and spilled its row pointers (grouped32 fwd ~25 GFLOP/s on one thread). */
       #define FC_PAIR_OK 1
+      /* fc_pairk stays AVX-512 only: with AVX2 (one group a tile, dy doubled by two permutes
+         a pixel) it measured 4-17% slower than the plain 8 x 8 grad_kernel tile */
       #define FC_PAIRK_OK 0
       #define FC_PAIR_PMAX 6
       typedef float fc_v8f __attribute__((vector_size(32)));
@@ -2031,7 +2033,6 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
     fc_wake_end(woke)
 
 
-
 def channel_sums(const floating[:, ::1] a,   # IN  (R, F)
                  floating[::1] out,          # OUT (F,)
                  int n_threads):
@@ -2068,6 +2069,7 @@ def channel_sums(const floating[:, ::1] a,   # IN  (R, F)
         for f in range(F):
             out[f] = out[f] + part[b * F + f]
     free(part)
+
 
 cdef void _blocks(floating* x, floating* blocks, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                   Py_ssize_t C, Py_ssize_t HB, Py_ssize_t WB, Py_ssize_t s, Py_ssize_t pad_top,

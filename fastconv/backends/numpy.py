@@ -178,7 +178,6 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
     return dw
 
 
-
 def bias_grad(dy, spec, dtype=np.float32):
     """d(loss)/d(bias) given dy = d(loss)/d(outputs): dy summed over all but its channels."""
     dy = np.ascontiguousarray(dy, dtype=dtype)
@@ -188,6 +187,7 @@ def bias_grad(dy, spec, dtype=np.float32):
     db = _empty((rows.shape[1],), dtype)
     _dispatch.kernels.channel_sums(rows, db, _threads(rows.size, _ELEMENTS_PER_THREAD))
     return db
+
 
 # A stride-1 "valid" convolution on channels_last arrays: the blocked form of Geometry.blocks.
 _UNIT = ConvSpec()
