@@ -239,18 +239,18 @@ def conv(x, k, b, spec, result):
         return _numpy_function(lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
                                [x, dy], dtype, k.shape)
 
-    def bias_grad(dy):
+    def bias_grad(dy, b):
         if tf.executing_eagerly():
             # TensorFlow's reduce_sum took 1-3 ms of a training step for a 6 MB dy here
             return _numpy_function(lambda g: host.bias_grad(g, spec, dtype), [dy], dtype,
-                                   (out_shape[3 if spec.channels_last else 1],))
+                                   b.shape)
         return tf.reduce_sum(dy, axis=spec.reduce_axes)
 
     def _conv(x, k, *b):
         def grad(dy):
             dx = _first_order_only(grad_input, [dy, k])
             dk = _first_order_only(grad_kernel, [x, dy])
-            return (dx, dk, *(bias_grad(dy) for _ in b))
+            return (dx, dk, *(bias_grad(dy, c) for c in b))
 
         return forward(x, k, *b), grad
 
