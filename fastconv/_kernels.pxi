@@ -140,11 +140,13 @@ cdef extern from *:
     #ifndef FC_DWROW_NV
       #define FC_DWROW_NV 1
     #endif
-    /* Output pixels a fc_dwrow call. 8 was measured best on an Intel Xeon with AVX-512 (their 3
-       input rows stay in L1). On AMD Zen 3 (AVX2) whole rows are faster: a block of 8 pixels of
-       128 channels is one 4 KB page, where the hardware prefetchers stop; blocks of 64 (2
-       threads): 4x56x56x128 fwd 10.9 -> 15.8 GFLOP/s, grad_input 21 -> 28; 4x56x56x96 fwd
-       27 -> 39; software prefetching of the next block of 8 gained nothing. */
+    /* Output pixels a fc_dwrow call, 64 on AMD CPUs (set at import, _dispatch.py). 8 was
+       measured best on an Intel Xeon with AVX-512 (their 3 input rows stay in L1). On AMD whole
+       rows are faster: a block of 8 pixels of 128 channels is one 4 KB page, where the hardware
+       prefetchers stop. Blocks of 64 (2 threads), Zen 3 AVX2: 4x56x56x128 fwd 10.9 -> 15.8
+       GFLOP/s, grad_input 21 -> 28; 4x56x56x96 fwd 27 -> 39 (software prefetching of the next
+       block of 8 gained nothing); Zen 4 AVX-512: 8x56x56x144 fwd 2.73 -> 2.01 ms, 8x112x112x32
+       1.59 -> 1.35 ms. */
     #ifndef FC_DWROW_PIX
       #if defined(__AVX512F__)
         #define FC_DWROW_PIX 8
@@ -152,10 +154,19 @@ cdef extern from *:
         #define FC_DWROW_PIX 64
       #endif
     #endif
+    static int fc_dwrow_pix = FC_DWROW_PIX;
     /* fc_dwrow keeps 9 kernel vectors, 9 input vectors and 3 partial sums live: it fits 32
        registers; with AVX2's 16 some kernel vectors become memory operands and it still wins
        (fwd 18 -> 25, grad_input 16 -> 24 GFLOP/s); with SSE2 it does not (19 -> 18) */
     #define FC_DWROW_OK (FC_VB >= 32)
+    /* Stride 2 (fc_dwrow with S = 2, fc_dwrowt): with 16 registers rows of 7 output pixels ran
+       slower than the pixel tiles of fc_dw (AVX2 build, 8x15x15x576: fwd 0.10 -> 0.14 ms,
+       grad_input 0.39 -> 0.47), rows of 14 even or faster (8x29x29x192 fwd 0.13 -> 0.14,
+       grad_input 0.75 -> 0.59), long ones faster (8x113x113x96 fwd 5.5 -> 3.7, grad_input 5.8
+       -> 4.1). With 32 registers (Zen 4) all of them were even or faster. */
+    #ifndef FC_DWROW2_MIN_OW
+      #define FC_DWROW2_MIN_OW (FC_NREG == 32 ? 1 : 8)
+    #endif
 
     /* Rows of a tile (pixels, or kernel rows for grad_kernel) for tiles V elements of size sz wide. */
     /* P rows of nvec accumulators, nvec kernel vectors and one broadcast must fit the register file
@@ -405,13 +416,14 @@ cdef extern from *:
             } \
     }
 
-    /* Depthwise forward of a 3x3 kernel with unit stride and dilation along w: one whole output
-       row for V channels, the 9 kernel vectors in registers, the 3 input rows slid along (each
-       input vector loaded once). xr[h] points at x[n, ih_h, 0, c0] with pixel stride xs[h] (zeros
-       with stride 0 for a row outside the image); w at w[0, 0, 0, c0] (taps F apart); out at
-       out[n, oh, 0, c0]. Output pixel ow reads input pixel iw = ow - pad + k at kernel column k. */
-    #define FC_DWROW(T, SUF, V) \
-    static void fc_dwrow_##SUF##_##V(const T* const* xr, const ptrdiff_t* xs, \
+    /* Depthwise forward of a 3x3 kernel with stride S (1 or 2) and unit dilation along w: one
+       whole output row for V channels, the 9 kernel vectors in registers, the 3 input rows slid
+       along (each input vector loaded once). xr[h] points at x[n, ih_h, 0, c0] with pixel stride
+       xs[h] (zeros with stride 0 for a row outside the image); w at w[0, 0, 0, c0] (taps F apart);
+       out at out[n, oh, 0, c0]. Output pixel ow reads input pixel iw = S*ow - pad + k at kernel
+       column k. */
+    #define FC_DWROW(T, SUF, V, S) \
+    static void fc_dwrow_##SUF##_##V##_##S(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict w, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
             T* __restrict out, ptrdiff_t o0, ptrdiff_t o1) \
     { \
@@ -423,8 +435,10 @@ cdef extern from *:
         const T* __restrict x1 = xr[1]; \
         const T* __restrict x2 = xr[2]; \
         const ptrdiff_t s0 = xs[0], s1 = xs[1], s2 = xs[2]; \
-        ptrdiff_t a = pad < 0 ? 0 : (pad > OW ? OW : pad); \
-        ptrdiff_t b = W - 2 + pad; \
+        /* [a, b): the pixels whose 3 taps are all inside the row */ \
+        ptrdiff_t a = pad <= 0 ? 0 : (pad + S - 1) / S; \
+        ptrdiff_t b = W - 3 + pad < 0 ? 0 : (W - 3 + pad) / S + 1; \
+        if (a > OW) a = OW; \
         if (b > OW) b = OW; \
         if (b < a) b = a; \
         if (a < o0) a = o0; \
@@ -434,16 +448,18 @@ cdef extern from *:
         for (ptrdiff_t ow = o0; ow < o1; ow++) { \
             if (ow == a && b > a) { \
                 for (int j = 0; j < NV; j++) { \
-                    const T* __restrict p0 = x0 + (a - pad) * s0 + j * VW; \
-                    const T* __restrict p1 = x1 + (a - pad) * s1 + j * VW; \
-                    const T* __restrict p2 = x2 + (a - pad) * s2 + j * VW; \
+                    const T* __restrict p0 = x0 + (S * a - pad) * s0 + j * VW; \
+                    const T* __restrict p1 = x1 + (S * a - pad) * s1 + j * VW; \
+                    const T* __restrict p2 = x2 + (S * a - pad) * s2 + j * VW; \
                     T* __restrict q = out + a * F + j * VW; \
                     vec u0, u1, v0, v1, z0, z1; \
-                    FC_LOAD(u0, p0); FC_LOAD(u1, p0 + s0); \
-                    FC_LOAD(v0, p1); FC_LOAD(v1, p1 + s1); \
-                    FC_LOAD(z0, p2); FC_LOAD(z1, p2 + s2); \
+                    FC_LOAD(u0, p0); FC_LOAD(v0, p1); FC_LOAD(z0, p2); \
+                    if (S == 1) { FC_LOAD(u1, p0 + s0); FC_LOAD(v1, p1 + s1); FC_LOAD(z1, p2 + s2); } \
                     for (ptrdiff_t i = a; i < b; i++) { \
                         vec u2, v2, z2; \
+                        if (S == 2) { \
+                            FC_LOAD(u1, p0 + s0); FC_LOAD(v1, p1 + s1); FC_LOAD(z1, p2 + s2); \
+                        } \
                         FC_LOAD(u2, p0 + 2 * s0); \
                         FC_LOAD(v2, p1 + 2 * s1); \
                         FC_LOAD(z2, p2 + 2 * s2); \
@@ -452,8 +468,9 @@ cdef extern from *:
                         vec r2 = z0 * wv[2][0][j] + z1 * wv[2][1][j] + z2 * wv[2][2][j]; \
                         vec r = (r0 + r1) + r2; \
                         FC_STORE(q, r); \
-                        u0 = u1; u1 = u2; v0 = v1; v1 = v2; z0 = z1; z1 = z2; \
-                        p0 += s0; p1 += s1; p2 += s2; q += F; \
+                        if (S == 1) { u0 = u1; u1 = u2; v0 = v1; v1 = v2; z0 = z1; z1 = z2; } \
+                        else { u0 = u2; v0 = v2; z0 = z2; } \
+                        p0 += S * s0; p1 += S * s1; p2 += S * s2; q += F; \
                     } \
                 } \
                 ow = b; \
@@ -463,7 +480,7 @@ cdef extern from *:
                 vec r0, r1, r2, v; \
                 FC_ZERO(r0); FC_ZERO(r1); FC_ZERO(r2); \
                 for (int k = 0; k < 3; k++) { \
-                    const ptrdiff_t iw = ow - pad + k; \
+                    const ptrdiff_t iw = S * ow - pad + k; \
                     if (iw < 0 || iw >= W) continue; \
                     FC_LOAD(v, x0 + iw * s0 + j * VW); r0 += v * wv[0][k][j]; \
                     FC_LOAD(v, x1 + iw * s1 + j * VW); r1 += v * wv[1][k][j]; \
@@ -471,6 +488,77 @@ cdef extern from *:
                 } \
                 v = (r0 + r1) + r2; \
                 FC_STORE(out + ow * F + j * VW, v); \
+            } \
+        } \
+    }
+
+    /* The input gradient of a depthwise 3x3 kernel with stride 2 and unit dilation along w, one
+       whole input row for V channels: dyr[h] points at dy[n, oh_h, 0, c0] (pixel stride ds[h]),
+       wr[h] at the kernel row kh_h of the taps into this row (tap stride wst[h]); a row without
+       taps is zeros with strides 0. Input pixel iw (t = iw + pad) reads dy pixel (t - k) / 2 at
+       kernel column k where t - k is even: t = 2m takes dy[m] and dy[m - 1], t = 2m + 1 dy[m], so
+       each pair of input pixels loads one new dy vector a row. */
+    #define FC_DWROWT(T, SUF, V) \
+    static void fc_dwrowt_##SUF##_##V(const T* const* dyr, const ptrdiff_t* ds, \
+            const T* const* wr, const ptrdiff_t* wst, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, \
+            ptrdiff_t pad, T* __restrict out, ptrdiff_t o0, ptrdiff_t o1) \
+    { \
+        FC_VEC(T, V) \
+        vec wv[3][3][NV]; \
+        for (int h = 0; h < 3; h++) for (int k = 0; k < 3; k++) for (int j = 0; j < NV; j++) \
+            FC_LOAD(wv[h][k][j], wr[h] + k * wst[h] + j * VW); \
+        const T* __restrict d0 = dyr[0]; \
+        const T* __restrict d1 = dyr[1]; \
+        const T* __restrict d2 = dyr[2]; \
+        const ptrdiff_t s0 = ds[0], s1 = ds[1], s2 = ds[2]; \
+        /* [a, b): pairs of pixels (t even, t + 1) with all taps inside dy: t in [2, 2*OW - 1] */ \
+        ptrdiff_t a = 2 - pad, b = 2 * OW - pad; \
+        if (a < o0) a = o0; \
+        if ((a + pad) & 1) a++; \
+        if (b > W) b = W; \
+        if (b > o1) b = o1; \
+        if (b < a) b = a; \
+        b = a + (b - a) / 2 * 2; \
+        for (ptrdiff_t iw = o0; iw < o1; iw++) { \
+            if (iw == a && b > a) { \
+                for (int j = 0; j < NV; j++) { \
+                    const ptrdiff_t m = (a + pad) / 2; \
+                    const T* __restrict p0 = d0 + m * s0 + j * VW; \
+                    const T* __restrict p1 = d1 + m * s1 + j * VW; \
+                    const T* __restrict p2 = d2 + m * s2 + j * VW; \
+                    T* __restrict q = out + a * F + j * VW; \
+                    vec u0, v0, z0; \
+                    FC_LOAD(u0, p0 - s0); FC_LOAD(v0, p1 - s1); FC_LOAD(z0, p2 - s2); \
+                    for (ptrdiff_t i = a; i < b; i += 2) { \
+                        vec u1, v1, z1; \
+                        FC_LOAD(u1, p0); FC_LOAD(v1, p1); FC_LOAD(z1, p2); \
+                        vec e = (u1 * wv[0][0][j] + u0 * wv[0][2][j]) \
+                              + (v1 * wv[1][0][j] + v0 * wv[1][2][j]) \
+                              + (z1 * wv[2][0][j] + z0 * wv[2][2][j]); \
+                        vec o = (u1 * wv[0][1][j] + v1 * wv[1][1][j]) + z1 * wv[2][1][j]; \
+                        FC_STORE(q, e); \
+                        FC_STORE(q + F, o); \
+                        u0 = u1; v0 = v1; z0 = z1; \
+                        p0 += s0; p1 += s1; p2 += s2; q += 2 * F; \
+                    } \
+                } \
+                iw = b; \
+                if (iw >= o1) break; \
+            } \
+            const ptrdiff_t t = iw + pad; \
+            for (int j = 0; j < NV; j++) { \
+                vec r0, r1, r2, v; \
+                FC_ZERO(r0); FC_ZERO(r1); FC_ZERO(r2); \
+                for (int k = 0; k < 3; k++) { \
+                    if (t - k < 0 || ((t - k) & 1)) continue; \
+                    const ptrdiff_t ow = (t - k) / 2; \
+                    if (ow >= OW) continue; \
+                    FC_LOAD(v, d0 + ow * s0 + j * VW); r0 += v * wv[0][k][j]; \
+                    FC_LOAD(v, d1 + ow * s1 + j * VW); r1 += v * wv[1][k][j]; \
+                    FC_LOAD(v, d2 + ow * s2 + j * VW); r2 += v * wv[2][k][j]; \
+                } \
+                v = (r0 + r1) + r2; \
+                FC_STORE(out + iw * F + j * VW, v); \
             } \
         } \
     }
@@ -785,17 +873,33 @@ cdef extern from *:
     FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
     FC_DWK3(T, SUF, 1) FC_DWK3(T, SUF, 2) FC_DWK3(T, SUF, 4) FC_DWK3(T, SUF, 8) \
     FC_DWK3(T, SUF, 16) FC_DWK3(T, SUF, 32) \
-    FC_DWROW(T, SUF, 1) FC_DWROW(T, SUF, 2) FC_DWROW(T, SUF, 4) FC_DWROW(T, SUF, 8) \
-    FC_DWROW(T, SUF, 16) FC_DWROW(T, SUF, 32) \
+    FC_DWROW(T, SUF, 1, 1) FC_DWROW(T, SUF, 2, 1) FC_DWROW(T, SUF, 4, 1) \
+    FC_DWROW(T, SUF, 8, 1) FC_DWROW(T, SUF, 16, 1) FC_DWROW(T, SUF, 32, 1) \
+    FC_DWROW(T, SUF, 1, 2) FC_DWROW(T, SUF, 2, 2) FC_DWROW(T, SUF, 4, 2) \
+    FC_DWROW(T, SUF, 8, 2) FC_DWROW(T, SUF, 16, 2) FC_DWROW(T, SUF, 32, 2) \
     typedef void (*fc_dwrow_##SUF##_t)(const T* const*, const ptrdiff_t*, const T*, ptrdiff_t, \
         ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, ptrdiff_t); \
-    static const fc_dwrow_##SUF##_t fc_dwrow_table_##SUF[6] = {fc_dwrow_##SUF##_1, \
-        fc_dwrow_##SUF##_2, fc_dwrow_##SUF##_4, fc_dwrow_##SUF##_8, fc_dwrow_##SUF##_16, \
-        fc_dwrow_##SUF##_32}; \
-    static inline void fc_dwrow_##SUF(int V, const T* const* xr, const ptrdiff_t* xs, const T* w, \
-            ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, T* out, ptrdiff_t o0, \
-            ptrdiff_t o1) { \
-        fc_dwrow_table_##SUF[fc_log2(V)](xr, xs, w, F, OW, W, pad, out, o0, o1); \
+    static const fc_dwrow_##SUF##_t fc_dwrow_table_##SUF[2][6] = { \
+        {fc_dwrow_##SUF##_1_1, fc_dwrow_##SUF##_2_1, fc_dwrow_##SUF##_4_1, \
+         fc_dwrow_##SUF##_8_1, fc_dwrow_##SUF##_16_1, fc_dwrow_##SUF##_32_1}, \
+        {fc_dwrow_##SUF##_1_2, fc_dwrow_##SUF##_2_2, fc_dwrow_##SUF##_4_2, \
+         fc_dwrow_##SUF##_8_2, fc_dwrow_##SUF##_16_2, fc_dwrow_##SUF##_32_2}}; \
+    static inline void fc_dwrow_##SUF(int V, int S, const T* const* xr, const ptrdiff_t* xs, \
+            const T* w, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, T* out, \
+            ptrdiff_t o0, ptrdiff_t o1) { \
+        fc_dwrow_table_##SUF[S - 1][fc_log2(V)](xr, xs, w, F, OW, W, pad, out, o0, o1); \
+    } \
+    FC_DWROWT(T, SUF, 1) FC_DWROWT(T, SUF, 2) FC_DWROWT(T, SUF, 4) FC_DWROWT(T, SUF, 8) \
+    FC_DWROWT(T, SUF, 16) FC_DWROWT(T, SUF, 32) \
+    typedef void (*fc_dwrowt_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
+        const ptrdiff_t*, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, ptrdiff_t); \
+    static const fc_dwrowt_##SUF##_t fc_dwrowt_table_##SUF[6] = {fc_dwrowt_##SUF##_1, \
+        fc_dwrowt_##SUF##_2, fc_dwrowt_##SUF##_4, fc_dwrowt_##SUF##_8, fc_dwrowt_##SUF##_16, \
+        fc_dwrowt_##SUF##_32}; \
+    static inline void fc_dwrowt_##SUF(int V, const T* const* dyr, const ptrdiff_t* ds, \
+            const T* const* wr, const ptrdiff_t* wst, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, \
+            ptrdiff_t pad, T* out, ptrdiff_t o0, ptrdiff_t o1) { \
+        fc_dwrowt_table_##SUF[fc_log2(V)](dyr, ds, wr, wst, F, OW, W, pad, out, o0, o1); \
     } \
     typedef void (*fc_dwk3_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
         ptrdiff_t, int, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, int, int); \
@@ -872,17 +976,28 @@ cdef extern from *:
     int fc_dwt_width(Py_ssize_t rem, int sz, int nt) noexcept nogil
     int fc_dwk3_width(Py_ssize_t rem, int sz) noexcept nogil
     int fc_dwrow_width(Py_ssize_t rem, int sz) noexcept nogil
+    int fc_dwrow_pix
     int FC_DWROW_PIX
     bint FC_DWROW_OK
+    int FC_DWROW2_MIN_OW
     int FC_VB
-    void fc_dwrow_f(int V, const float* const* xr, const Py_ssize_t* xs, const float* w,
+    void fc_dwrow_f(int V, int S, const float* const* xr, const Py_ssize_t* xs, const float* w,
                     Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
                     float* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
-    void fc_dwrow_d(int V, const double* const* xr, const Py_ssize_t* xs, const double* w,
+    void fc_dwrow_d(int V, int S, const double* const* xr, const Py_ssize_t* xs, const double* w,
                     Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
                     double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
+    void fc_dwrowt_f(int V, const float* const* dyr, const Py_ssize_t* ds,
+                     const float* const* wr, const Py_ssize_t* wst, Py_ssize_t F, Py_ssize_t OW,
+                     Py_ssize_t W, Py_ssize_t pad, float* out, Py_ssize_t o0,
+                     Py_ssize_t o1) noexcept nogil
+    void fc_dwrowt_d(int V, const double* const* dyr, const Py_ssize_t* ds,
+                     const double* const* wr, const Py_ssize_t* wst, Py_ssize_t F, Py_ssize_t OW,
+                     Py_ssize_t W, Py_ssize_t pad, double* out, Py_ssize_t o0,
+                     Py_ssize_t o1) noexcept nogil
     const float* fc_zeros_f
     const double* fc_zeros_d
+
     void fc_dwk3_f(int V, const float* const* xr, const Py_ssize_t* xs, const float* const* dyr,
                    Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad, float* out,
                    Py_ssize_t ldh, int nh, int accumulate) noexcept nogil
@@ -914,6 +1029,18 @@ cdef extern from *:
     void fc_pairk(int GB, const float* A, Py_ssize_t ak, const float* B, Py_ssize_t ldb,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
                   int nseg, float* out, Py_ssize_t ldo, int accumulate) noexcept nogil
+
+
+DWROW_PIXELS = FC_DWROW_PIX   # the build's default
+
+
+def set_dwrow_pixels(int n):
+    """Output pixels a depthwise 3x3 row-kernel call (a tuning for the CPU, see fc_dwrow_pix)."""
+    global fc_dwrow_pix
+    if n < 1:
+        raise ValueError(f"`n` must be a positive int. Received: n={n!r}")
+    fc_dwrow_pix = n
+
 
 cdef enum:
     STACK_TAPS = 64    # segment lists live on the stack up to this many kernel taps, else malloc
@@ -1095,7 +1222,8 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
     cdef const floating* xr[3]
     cdef const floating* xb[3]
     cdef Py_ssize_t xs[3]
-    if FC_DWROW_OK and depthwise and KH == 3 and KW == 3 and dw == 1 and sw == 1:
+    if (FC_DWROW_OK and depthwise and KH == 3 and KW == 3 and dw == 1
+            and (sw == 1 or (sw == 2 and OW >= FC_DWROW2_MIN_OW))):
         # fc_dwrow: whole rows, 3 input rows slid along, the 9 kernel vectors in registers
         for kh in range(3):
             ih = ih0 + kh * dh
@@ -1111,16 +1239,18 @@ cdef void _forward_row(const floating* x, const floating* w, floating* out,
         # blocks of pixels outer, channels inner: x and out are swept in order
         ow = 0
         while ow < OW:
-            run_end = _min(OW, ow + FC_DWROW_PIX)
+            run_end = _min(OW, ow + fc_dwrow_pix)
             f0 = 0
             while f0 < F:
                 V = fc_dwrow_width(F - f0, sz)
                 for kh in range(3):
                     xb[kh] = xr[kh] + f0 if xs[kh] else xr[kh]
                 if floating is float:
-                    fc_dwrow_f(V, xb, xs, w + f0, F, OW, W, pad_left, out + f0, ow, run_end)
+                    fc_dwrow_f(V, <int>sw, xb, xs, w + f0, F, OW, W, pad_left, out + f0, ow,
+                               run_end)
                 else:
-                    fc_dwrow_d(V, xb, xs, w + f0, F, OW, W, pad_left, out + f0, ow, run_end)
+                    fc_dwrow_d(V, <int>sw, xb, xs, w + f0, F, OW, W, pad_left, out + f0, ow,
+                               run_end)
                 f0 += V
             ow = run_end
         ngroups = 0
@@ -1405,7 +1535,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pad_top,
                           Py_ssize_t pad_left, Py_ssize_t groups,
                           const Py_ssize_t* phases, const float* wpk,
-                          const floating* wred, const floating* wflip,
+                          const floating* wred, const floating* wflip, bint dwrow2,
                           Py_ssize_t ldw) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
@@ -1437,6 +1567,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef const floating* xr[3]
     cdef const floating* xb[3]
     cdef Py_ssize_t xs[3]
+    cdef const floating* wr[3]
+    cdef const floating* wb[3]
+    cdef Py_ssize_t ws[3]
     cdef const floating* wblk
     if wflip != NULL:
         # depthwise 3x3, unit strides and dilation along w: a 3x3 correlation of dy with the
@@ -1455,16 +1588,53 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 xs[kh] = 0
         j = 0
         while j < W:
-            run_end = _min(W, j + FC_DWROW_PIX)
+            run_end = _min(W, j + fc_dwrow_pix)
             c0 = 0
             while c0 < C:
                 V = fc_dwrow_width(C - c0, sz)
                 for kh in range(3):
                     xb[kh] = xr[kh] + c0 if xs[kh] else xr[kh]
                 if floating is float:
-                    fc_dwrow_f(V, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
+                    fc_dwrow_f(V, 1, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
                 else:
-                    fc_dwrow_d(V, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
+                    fc_dwrow_d(V, 1, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
+                c0 += V
+            j = run_end
+        if seg != stack:
+            free(seg)
+        return
+    if dwrow2:
+        # depthwise 3x3, stride 2 and unit dilation along w: fc_dwrowt slides along the dy rows
+        # of this row's kernel rows (any vertical stride and dilation), in blocks of input pixels
+        for kh in range(3):
+            th = ih + pad_top - kh * dh
+            if th >= 0 and th % sh == 0 and th // sh < OH:
+                xr[kh] = dy + th // sh * OW * F
+                xs[kh] = F
+                wr[kh] = wt + kh * 3 * C
+                ws[kh] = C
+            else:
+                if floating is float:
+                    xr[kh] = fc_zeros_f
+                    wr[kh] = fc_zeros_f
+                else:
+                    xr[kh] = fc_zeros_d
+                    wr[kh] = fc_zeros_d
+                xs[kh] = 0
+                ws[kh] = 0
+        j = 0
+        while j < W:
+            run_end = _min(W, j + 2 * fc_dwrow_pix)
+            c0 = 0
+            while c0 < C:
+                V = fc_dwrow_width(C - c0, sz)
+                for kh in range(3):
+                    xb[kh] = xr[kh] + c0 if xs[kh] else xr[kh]
+                    wb[kh] = wr[kh] + c0 if ws[kh] else wr[kh]
+                if floating is float:
+                    fc_dwrowt_f(V, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j, run_end)
+                else:
+                    fc_dwrowt_d(V, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j, run_end)
                 c0 += V
             j = run_end
         if seg != stack:
@@ -1711,6 +1881,10 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         for tap in range(9):
             for ci in range(C):
                 wflip[tap * C + ci] = wp[(8 - tap) * C + ci]
+    # depthwise 3x3 with stride 2 and unit dilation along w: fc_dwrowt (rows too short for it
+    # with 16 registers go through the phases below, as in forward)
+    cdef bint dwrow2 = (FC_DWROW_OK and groups == C and cout_g == 1 and F == C and KH == 3
+                        and KW == 3 and sw == 2 and dw == 1 and OW >= FC_DWROW2_MIN_OW)
     # zero-padded channels (_padded), each row computed in a per-thread buffer; never together
     # with the special paths above (they need C <= 4, 1 or 8 channels a group)
     cdef Py_ssize_t cg = C // groups
@@ -1750,7 +1924,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
         _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
                         ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
-                        wflip, ldw)
+                        wflip, dwrow2, ldw)
         if rows != NULL:
             _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
     fc_wake_end(woke)

@@ -52,8 +52,16 @@ CASES = [
     (1, 7, 30, 72, 3, 5, 72, 72, (2, 1), (2, 1), "valid"),  # 2 vectors, stride and dilation h
     (2, 6, 4, 16, 5, 5, 16, 16, (1, 1), (1, 1), "same"),  # W < 5: no interior run
     (1, 4, 150, 24, 3, 3, 24, 24, (1, 1), (1, 1), "same"),  # 3x3 rows longer than a block
+    # depthwise 3x3 rows with stride 2 along w: odd and even widths (left padding 1 and 0),
+    # channel tails, rows longer than a pixel block, W = 3 and W < 3 (no interior)
+    (2, 9, 17, 37, 3, 3, 37, 37, (2, 2), (1, 1), "same"),
+    (1, 6, 16, 21, 3, 3, 21, 21, (1, 2), (2, 1), "same"),
+    (1, 5, 141, 8, 3, 3, 8, 8, (2, 2), (1, 1), "valid"),
+    (2, 4, 3, 16, 3, 3, 16, 16, (2, 2), (1, 1), "same"),
+    (1, 4, 2, 16, 3, 3, 16, 16, (1, 2), (1, 1), "same"),
+    (1, 9, 19, 24, 3, 3, 24, 24, (2, 2), (2, 1), "same"),  # dilation h 2: rows with no taps
     # depthwise, pixel tiles outer (strided, dilated): several tiles a row, channel tails
-    (2, 7, 40, 40, 3, 3, 40, 40, (2, 2), (1, 1), "same"),
+    (2, 7, 40, 40, 3, 3, 40, 40, (2, 2), (1, 2), "same"),
     (1, 9, 30, 27, 3, 3, 27, 27, (1, 1), (1, 2), "same"),
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
@@ -102,6 +110,28 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernels_match_reference(variant, dtype, case):
     _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, dtype)
+
+
+ROW_CASES = [c for c in CASES if c[4:6] == (3, 3) and c[6] == c[7] == c[3]
+             and c[9][1] == 1 and c[8][1] <= 2]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pixels", [1, 5, 8, 64])
+@pytest.mark.parametrize("case", ROW_CASES, ids=str)
+def test_depthwise_row_blocks(variant, pixels, case):
+    # the depthwise 3x3 row kernel cuts rows into blocks of `pixels` (tuned per CPU vendor)
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    kernels.set_dwrow_pixels(pixels)
+    try:
+        _check(kernels, case, np.float32)
+    finally:
+        _dispatch._tune(kernels)
+
+
+def test_depthwise_row_blocks_rejects_zero():
+    with pytest.raises(ValueError, match="n=0"):
+        _dispatch.kernels.set_dwrow_pixels(0)
 
 
 @pytest.mark.parametrize("case", CASES[:8], ids=str)
