@@ -337,17 +337,18 @@ cdef extern from *:
         } \
     }
 
-    /* Depthwise kernel gradient of a kernel with 3 columns (unit stride and dilation along w), for
-       a block of 3 kernel rows: all 9 taps' accumulators stay in registers while each output row
-       slides along, so dy is read once for 9 taps. Segment s is one output row: dyr[s] points at
-       dy[n, oh, 0, c0], xr[3s + h] at x[n, ih_h, 0, c0] with pixel stride xs[3s + h] (a kernel row
-       outside the image points at zeros with stride 0). For kernel column k, output pixel ow reads
-       input pixel iw = ow - pad + k (taps outside the row are skipped).
+    /* Depthwise kernel gradient of a kernel with 3 columns (stride S = 1 or 2 and unit dilation
+       along w), for a block of 3 kernel rows: all 9 taps' accumulators stay in registers while
+       each output row slides along, so dy is read once for 9 taps. Segment s is one output row:
+       dyr[s] points at dy[n, oh, 0, c0], xr[3s + h] at x[n, ih_h, 0, c0] with pixel stride
+       xs[3s + h] (a kernel row outside the image points at zeros with stride 0). For kernel
+       column k, output pixel ow reads input pixel iw = S*ow - pad + k (taps outside the row are
+       skipped).
        out[h*ldh + k*F + v] = (out if accumulate) + sum_s sum_ow x(h, iw)[v] * dy[ow][v], h < nh. */
     static const float fc_zeros_f[64] = {0};
     static const double fc_zeros_d[64] = {0};
-    #define FC_DWK3(T, SUF, V) \
-    static void fc_dwk3_##SUF##_##V(const T* const* xr, const ptrdiff_t* xs, \
+    #define FC_DWK3(T, SUF, V, S) \
+    static void fc_dwk3_##SUF##_##V##_##S(const T* const* xr, const ptrdiff_t* xs, \
             const T* const* dyr, ptrdiff_t F, int nseg, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
             T* __restrict out, ptrdiff_t ldh, int nh, int accumulate) \
     { \
@@ -355,8 +356,9 @@ cdef extern from *:
         vec acc[3][3][NV]; \
         FC_UNROLL for (int h = 0; h < 3; h++) FC_UNROLL for (int k = 0; k < 3; k++) \
             FC_UNROLL for (int j = 0; j < NV; j++) FC_ZERO(acc[h][k][j]); \
-        ptrdiff_t a = pad < 0 ? 0 : (pad > OW ? OW : pad); \
-        ptrdiff_t b = W - 2 + pad; \
+        ptrdiff_t a = pad <= 0 ? 0 : (pad + S - 1) / S; \
+        ptrdiff_t b = W - 3 + pad < 0 ? 0 : (W - 3 + pad) / S + 1; \
+        if (a > OW) a = OW; \
         if (b > OW) b = OW; \
         if (b < a) b = a; \
         for (int s = 0; s < nseg; s++) { \
@@ -368,9 +370,9 @@ cdef extern from *:
             for (ptrdiff_t ow = 0; ow < OW; ow++) { \
                 if (ow == a) { \
                     /* interior: every tap inside the row */ \
-                    const T* __restrict p0 = x0 + (a - pad) * s0; \
-                    const T* __restrict p1 = x1 + (a - pad) * s1; \
-                    const T* __restrict p2 = x2 + (a - pad) * s2; \
+                    const T* __restrict p0 = x0 + (S * a - pad) * s0; \
+                    const T* __restrict p1 = x1 + (S * a - pad) * s1; \
+                    const T* __restrict p2 = x2 + (S * a - pad) * s2; \
                     const T* __restrict q = d + a * F; \
                     for (ptrdiff_t i = a; i < b; i++) { \
                         for (int j = 0; j < NV; j++) { \
@@ -386,7 +388,7 @@ cdef extern from *:
                             FC_LOAD(v, p2 + s2 + j * VW); acc[2][1][j] += v * dv; \
                             FC_LOAD(v, p2 + 2 * s2 + j * VW); acc[2][2][j] += v * dv; \
                         } \
-                        p0 += s0; p1 += s1; p2 += s2; q += F; \
+                        p0 += S * s0; p1 += S * s1; p2 += S * s2; q += F; \
                     } \
                     ow = b; \
                     if (ow >= OW) break; \
@@ -395,7 +397,7 @@ cdef extern from *:
                     vec dv, v; \
                     FC_LOAD(dv, d + ow * F + j * VW); \
                     for (int k = 0; k < 3; k++) { \
-                        const ptrdiff_t iw = ow - pad + k; \
+                        const ptrdiff_t iw = S * ow - pad + k; \
                         if (iw < 0 || iw >= W) continue; \
                         FC_LOAD(v, x0 + iw * s0 + j * VW); acc[0][k][j] += v * dv; \
                         FC_LOAD(v, x1 + iw * s1 + j * VW); acc[1][k][j] += v * dv; \
@@ -871,8 +873,10 @@ cdef extern from *:
     FC_VS(FC_DW5, T, SUF) \
     FC_DWK(T, SUF, 1) FC_DWK(T, SUF, 2) FC_DWK(T, SUF, 4) FC_DWK(T, SUF, 8) \
     FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
-    FC_DWK3(T, SUF, 1) FC_DWK3(T, SUF, 2) FC_DWK3(T, SUF, 4) FC_DWK3(T, SUF, 8) \
-    FC_DWK3(T, SUF, 16) FC_DWK3(T, SUF, 32) \
+    FC_DWK3(T, SUF, 1, 1) FC_DWK3(T, SUF, 2, 1) FC_DWK3(T, SUF, 4, 1) FC_DWK3(T, SUF, 8, 1) \
+    FC_DWK3(T, SUF, 16, 1) FC_DWK3(T, SUF, 32, 1) \
+    FC_DWK3(T, SUF, 1, 2) FC_DWK3(T, SUF, 2, 2) FC_DWK3(T, SUF, 4, 2) FC_DWK3(T, SUF, 8, 2) \
+    FC_DWK3(T, SUF, 16, 2) FC_DWK3(T, SUF, 32, 2) \
     FC_DWROW(T, SUF, 1, 1) FC_DWROW(T, SUF, 2, 1) FC_DWROW(T, SUF, 4, 1) \
     FC_DWROW(T, SUF, 8, 1) FC_DWROW(T, SUF, 16, 1) FC_DWROW(T, SUF, 32, 1) \
     FC_DWROW(T, SUF, 1, 2) FC_DWROW(T, SUF, 2, 2) FC_DWROW(T, SUF, 4, 2) \
@@ -903,13 +907,16 @@ cdef extern from *:
     } \
     typedef void (*fc_dwk3_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
         ptrdiff_t, int, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, int, int); \
-    static const fc_dwk3_##SUF##_t fc_dwk3_table_##SUF[6] = {fc_dwk3_##SUF##_1, \
-        fc_dwk3_##SUF##_2, fc_dwk3_##SUF##_4, fc_dwk3_##SUF##_8, fc_dwk3_##SUF##_16, \
-        fc_dwk3_##SUF##_32}; \
-    static inline void fc_dwk3_##SUF(int V, const T* const* xr, const ptrdiff_t* xs, \
+    static const fc_dwk3_##SUF##_t fc_dwk3_table_##SUF[2][6] = { \
+        {fc_dwk3_##SUF##_1_1, fc_dwk3_##SUF##_2_1, fc_dwk3_##SUF##_4_1, fc_dwk3_##SUF##_8_1, \
+         fc_dwk3_##SUF##_16_1, fc_dwk3_##SUF##_32_1}, \
+        {fc_dwk3_##SUF##_1_2, fc_dwk3_##SUF##_2_2, fc_dwk3_##SUF##_4_2, fc_dwk3_##SUF##_8_2, \
+         fc_dwk3_##SUF##_16_2, fc_dwk3_##SUF##_32_2}}; \
+    static inline void fc_dwk3_##SUF(int V, int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* const* dyr, ptrdiff_t F, int nseg, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
             T* out, ptrdiff_t ldh, int nh, int accumulate) { \
-        fc_dwk3_table_##SUF[fc_log2(V)](xr, xs, dyr, F, nseg, OW, W, pad, out, ldh, nh, accumulate); \
+        fc_dwk3_table_##SUF[S - 1][fc_log2(V)](xr, xs, dyr, F, nseg, OW, W, pad, out, ldh, nh, \
+                                               accumulate); \
     } \
     typedef void (*fc_gemm_##SUF##_t)(const T*, ptrdiff_t, ptrdiff_t, const T*, ptrdiff_t, \
         const ptrdiff_t*, const ptrdiff_t*, const ptrdiff_t*, int, T*, ptrdiff_t, int); \
@@ -998,12 +1005,14 @@ cdef extern from *:
     const float* fc_zeros_f
     const double* fc_zeros_d
 
-    void fc_dwk3_f(int V, const float* const* xr, const Py_ssize_t* xs, const float* const* dyr,
-                   Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad, float* out,
-                   Py_ssize_t ldh, int nh, int accumulate) noexcept nogil
-    void fc_dwk3_d(int V, const double* const* xr, const Py_ssize_t* xs, const double* const* dyr,
-                   Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
-                   double* out, Py_ssize_t ldh, int nh, int accumulate) noexcept nogil
+    void fc_dwk3_f(int V, int S, const float* const* xr, const Py_ssize_t* xs,
+                   const float* const* dyr, Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W,
+                   Py_ssize_t pad, float* out, Py_ssize_t ldh, int nh,
+                   int accumulate) noexcept nogil
+    void fc_dwk3_d(int V, int S, const double* const* xr, const Py_ssize_t* xs,
+                   const double* const* dyr, Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W,
+                   Py_ssize_t pad, double* out, Py_ssize_t ldh, int nh,
+                   int accumulate) noexcept nogil
     int fc_dwt_pmax(int V, int sz, int nt) noexcept nogil
     void fc_dwt_f(int NT, int P, int V, const float* A, Py_ssize_t aps, const float* B,
                   Py_ssize_t ldt, const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg,
@@ -2001,11 +2010,11 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     dyr[nseg] = dy + r * OW * F + f0
                     nseg += 1
                 if floating is float:
-                    fc_dwk3_f(V, xr, xs, dyr, F, nseg, OW, W, pad_left, dwp + tap * F + f0,
-                              KW * F, nh, not first)
+                    fc_dwk3_f(V, <int>sw, xr, xs, dyr, F, nseg, OW, W, pad_left,
+                              dwp + tap * F + f0, KW * F, nh, not first)
                 else:
-                    fc_dwk3_d(V, xr, xs, dyr, F, nseg, OW, W, pad_left, dwp + tap * F + f0,
-                              KW * F, nh, not first)
+                    fc_dwk3_d(V, <int>sw, xr, xs, dyr, F, nseg, OW, W, pad_left,
+                              dwp + tap * F + f0, KW * F, nh, not first)
                 continue
             ow_lo = _max(0, _cdiv(pad_left - kw * dwl, sw))
             ow_hi = _min(OW, _fdiv(W - 1 + pad_left - kw * dwl, sw) + 1)
@@ -2095,9 +2104,9 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             return -1
     cdef bint pairk = (floating is float and FC_PAIRK_OK and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
-    # depthwise, 3 kernel columns, unit stride and dilation along w: fc_dwk3 tasks (first
+    # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
-    cdef bint dk3 = depthwise and KW == 3 and sw == 1 and dwl == 1
+    cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
     # groups from `group` on
     for t in range(2):
