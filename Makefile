@@ -1,10 +1,11 @@
 # `make demo`: set everything up and run the demo. `make test`: the test suite on all four
-# backends, one pytest process each. `make bench`: the benchmark suite.
+# backends, one pytest process each, two at a time. `make bench`: the benchmark suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BACKENDS ?= numpy tensorflow jax torch
 BENCH_ARGS ?=
+TEST_LANES ?= 2
 DEMO_ARGS ?=
 
 .PHONY: install demo test bench clean
@@ -22,13 +23,9 @@ install: $(VENV)/.deps
 demo: install
 	$(PY) -m fastconv.demo $(DEMO_ARGS)
 
+# one `pytest tests` process per backend, in TEST_LANES concurrent lanes (tests/run_backends.py)
 test: install
-	@failed=""; for b in $(BACKENDS); do \
-	  echo "=== KERAS_BACKEND=$$b"; \
-	  KERAS_BACKEND=$$b $(VENV)/bin/pytest tests || failed="$$failed $$b"; \
-	done; \
-	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi; \
-	echo "all backends passed: $(BACKENDS)"
+	$(PY) tests/run_backends.py --lanes $(TEST_LANES) $(BACKENDS)
 
 bench: install
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
