@@ -347,6 +347,18 @@ cdef extern from *:
        out[h*ldh + k*F + v] = (out if accumulate) + sum_s sum_ow x(h, iw)[v] * dy[ow][v], h < nh. */
     static const float fc_zeros_f[64] = {0};
     static const double fc_zeros_d[64] = {0};
+    /* [a, b): the output pixels of a row (OW of them, stride S, unit dilation, padding pad)
+       whose 3 taps all lie inside the W input pixels */
+    static inline void fc_interior3(ptrdiff_t W, ptrdiff_t OW, ptrdiff_t pad, ptrdiff_t S,
+                                    ptrdiff_t* a, ptrdiff_t* b) {
+        ptrdiff_t lo = pad <= 0 ? 0 : (pad + S - 1) / S;
+        ptrdiff_t hi = W - 3 + pad < 0 ? 0 : (W - 3 + pad) / S + 1;
+        if (lo > OW) lo = OW;
+        if (hi > OW) hi = OW;
+        if (hi < lo) hi = lo;
+        *a = lo;
+        *b = hi;
+    }
     #define FC_DWK3(T, SUF, V, S) \
     static void fc_dwk3_##SUF##_##V##_##S(const T* const* xr, const ptrdiff_t* xs, \
             const T* const* dyr, ptrdiff_t F, int nseg, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
@@ -356,11 +368,8 @@ cdef extern from *:
         vec acc[3][3][NV]; \
         FC_UNROLL for (int h = 0; h < 3; h++) FC_UNROLL for (int k = 0; k < 3; k++) \
             FC_UNROLL for (int j = 0; j < NV; j++) FC_ZERO(acc[h][k][j]); \
-        ptrdiff_t a = pad <= 0 ? 0 : (pad + S - 1) / S; \
-        ptrdiff_t b = W - 3 + pad < 0 ? 0 : (W - 3 + pad) / S + 1; \
-        if (a > OW) a = OW; \
-        if (b > OW) b = OW; \
-        if (b < a) b = a; \
+        ptrdiff_t a, b; \
+        fc_interior3(W, OW, pad, S, &a, &b); \
         for (int s = 0; s < nseg; s++) { \
             const T* __restrict d = dyr[s]; \
             const T* __restrict x0 = xr[3 * s]; \
@@ -437,12 +446,8 @@ cdef extern from *:
         const T* __restrict x1 = xr[1]; \
         const T* __restrict x2 = xr[2]; \
         const ptrdiff_t s0 = xs[0], s1 = xs[1], s2 = xs[2]; \
-        /* [a, b): the pixels whose 3 taps are all inside the row */ \
-        ptrdiff_t a = pad <= 0 ? 0 : (pad + S - 1) / S; \
-        ptrdiff_t b = W - 3 + pad < 0 ? 0 : (W - 3 + pad) / S + 1; \
-        if (a > OW) a = OW; \
-        if (b > OW) b = OW; \
-        if (b < a) b = a; \
+        ptrdiff_t a, b; \
+        fc_interior3(W, OW, pad, S, &a, &b); \
         if (a < o0) a = o0; \
         if (a > o1) a = o1; \
         if (b > o1) b = o1; \
@@ -1004,7 +1009,6 @@ cdef extern from *:
                      Py_ssize_t o1) noexcept nogil
     const float* fc_zeros_f
     const double* fc_zeros_d
-
     void fc_dwk3_f(int V, int S, const float* const* xr, const Py_ssize_t* xs,
                    const float* const* dyr, Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W,
                    Py_ssize_t pad, float* out, Py_ssize_t ldh, int nh,
@@ -1580,43 +1584,15 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef const floating* wb[3]
     cdef Py_ssize_t ws[3]
     cdef const floating* wblk
-    if wflip != NULL:
-        # depthwise 3x3, unit strides and dilation along w: a 3x3 correlation of dy with the
-        # flipped kernel wflip, computed by fc_dwrow (row h reads dy row oh = ih + pad_top -
-        # (2 - h)*dh; output pixel iw reads dy pixel iw - (2 - pad_left) + k)
+    cdef Py_ssize_t block
+    if wflip != NULL or dwrow2:
+        # depthwise 3x3 with unit dilation along w, whole rows in blocks of pixels. Unit strides
+        # (wflip): a 3x3 correlation of dy with the flipped kernel wflip, computed by fc_dwrow
+        # (row h reads dy row oh = ih + pad_top - (2 - h)*dh; input pixel iw reads dy pixel
+        # iw - (2 - pad_left) + k). Stride 2 along w (dwrow2): fc_dwrowt slides along the dy rows
+        # of this row's kernel rows h (any vertical stride and dilation).
         for kh in range(3):
-            oh = ih + pad_top - (2 - kh) * dh
-            if oh >= 0 and oh < OH:
-                xr[kh] = dy + oh * OW * F
-                xs[kh] = F
-            else:
-                if floating is float:
-                    xr[kh] = fc_zeros_f
-                else:
-                    xr[kh] = fc_zeros_d
-                xs[kh] = 0
-        j = 0
-        while j < W:
-            run_end = _min(W, j + fc_dwrow_pix)
-            c0 = 0
-            while c0 < C:
-                V = fc_dwrow_width(C - c0, sz)
-                for kh in range(3):
-                    xb[kh] = xr[kh] + c0 if xs[kh] else xr[kh]
-                if floating is float:
-                    fc_dwrow_f(V, 1, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
-                else:
-                    fc_dwrow_d(V, 1, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j, run_end)
-                c0 += V
-            j = run_end
-        if seg != stack:
-            free(seg)
-        return
-    if dwrow2:
-        # depthwise 3x3, stride 2 and unit dilation along w: fc_dwrowt slides along the dy rows
-        # of this row's kernel rows (any vertical stride and dilation), in blocks of input pixels
-        for kh in range(3):
-            th = ih + pad_top - kh * dh
+            th = ih + pad_top - (2 - kh if wflip != NULL else kh) * dh
             if th >= 0 and th % sh == 0 and th // sh < OH:
                 xr[kh] = dy + th // sh * OW * F
                 xs[kh] = F
@@ -1631,16 +1607,24 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     wr[kh] = fc_zeros_d
                 xs[kh] = 0
                 ws[kh] = 0
+        block = fc_dwrow_pix if wflip != NULL else 2 * fc_dwrow_pix  # input pixels
         j = 0
         while j < W:
-            run_end = _min(W, j + 2 * fc_dwrow_pix)
+            run_end = _min(W, j + block)
             c0 = 0
             while c0 < C:
                 V = fc_dwrow_width(C - c0, sz)
                 for kh in range(3):
                     xb[kh] = xr[kh] + c0 if xs[kh] else xr[kh]
                     wb[kh] = wr[kh] + c0 if ws[kh] else wr[kh]
-                if floating is float:
+                if wflip != NULL:
+                    if floating is float:
+                        fc_dwrow_f(V, 1, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j,
+                                   run_end)
+                    else:
+                        fc_dwrow_d(V, 1, xb, xs, wflip + c0, C, W, OW, 2 - pad_left, dx + c0, j,
+                                   run_end)
+                elif floating is float:
                     fc_dwrowt_f(V, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j, run_end)
                 else:
                     fc_dwrowt_d(V, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j, run_end)
