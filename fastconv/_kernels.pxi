@@ -1482,6 +1482,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     # while the row is still in cache: a separate pass over the output would read and write it
     # all once more.
     cdef Py_ssize_t r, n, oh
+    cdef bint biased
     if N * OH * OW * F == 0:
         return 0
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
@@ -1534,14 +1535,13 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         n = r // OH
         oh = r % OH
         dst = rows + threadid() * OW * Fp if rows != NULL else op + r * OW * F
+        # a padded row buffer gets the bias as it is unpadded
+        biased = _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
+                              oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk,
+                              ldw, bp if rows == NULL else NULL)
         if rows != NULL:
-            _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
-                         oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk, ldw,
-                         NULL)
             _unpad(dst, Fp // groups, op + r * OW * F, cg, OW, groups, bp)
-        elif (not _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
-                               oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk,
-                               ldw, bp) and bp != NULL):
+        elif bp != NULL and not biased:
             _add_bias(dst, bp, OW, F)
     fc_wake_end(woke)
     free(runs)
