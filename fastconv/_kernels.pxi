@@ -2198,6 +2198,46 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
 # ---------------------------------------------------------------------------------------------
 # layout: channels_first <-> channels_last
 
+cdef extern from *:
+    """
+    /* An 8 x 8 float block transposed in registers (d[j*ds + i] = s[i*ss + j]): three rounds of
+       two-source shuffles. The scalar tile loop moved ~4 bytes a cycle and took 4-5x a memcpy. */
+    #if defined(__GNUC__) && defined(__AVX__)
+      #define FC_TR8_OK 1
+      typedef float fc_t8f __attribute__((vector_size(32)));
+      typedef int fc_t8i __attribute__((vector_size(32)));
+      static inline void fc_tr8(const float* s, ptrdiff_t ss, float* d, ptrdiff_t ds) {
+          const fc_t8i lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+          const fc_t8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+          const fc_t8i lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
+          fc_t8f r[8], t[8], u[8];
+          for (int i = 0; i < 8; i++) memcpy(&r[i], s + i * ss, 32);
+          for (int i = 0; i < 8; i += 2) {
+              t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+              t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+          }
+          for (int h = 0; h < 8; h += 4) {
+              u[h] = __builtin_shuffle(t[h], t[h + 2], lo2);
+              u[h + 1] = __builtin_shuffle(t[h], t[h + 2], hi2);
+              u[h + 2] = __builtin_shuffle(t[h + 1], t[h + 3], lo2);
+              u[h + 3] = __builtin_shuffle(t[h + 1], t[h + 3], hi2);
+          }
+          for (int j = 0; j < 4; j++) {
+              fc_t8f a = __builtin_shuffle(u[j], u[j + 4], lo3);
+              fc_t8f b = __builtin_shuffle(u[j], u[j + 4], hi3);
+              memcpy(d + j * ds, &a, 32);
+              memcpy(d + (j + 4) * ds, &b, 32);
+          }
+      }
+    #else
+      #define FC_TR8_OK 0
+      static inline void fc_tr8(const float* s, ptrdiff_t ss, float* d, ptrdiff_t ds) {}
+    #endif
+    """
+    bint FC_TR8_OK
+    void fc_tr8(const float* s, Py_ssize_t ss, float* d, Py_ssize_t ds) noexcept nogil
+
+
 def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
               floating[:, :, ::1] dst,         # OUT (N, B, A)
               int n_threads):
@@ -2206,7 +2246,7 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
     # numpy's strided copy is single-threaded and runs 3-4x slower on the NHWC -> NCHW side.
     cdef Py_ssize_t N = src.shape[0], A = src.shape[1], B = src.shape[2]
     cdef Py_ssize_t TA = (A + 31) // 32, TB = (B + 31) // 32
-    cdef Py_ssize_t t, n, i0, j0, i, j, i1, j1
+    cdef Py_ssize_t t, n, i0, j0, i, j, i1, j1, ib, jb
     if N * A * B == 0:
         return
     cdef const floating* s = &src[0, 0, 0]
@@ -2219,7 +2259,19 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
         j0 = t % TB * 32
         i1 = _min(A, i0 + 32)
         j1 = _min(B, j0 + 32)
-        for i in range(i0, i1):
+        ib = i0
+        jb = j0
+        if floating is float and FC_TR8_OK:
+            # whole 8 x 8 blocks in registers, the rest of the tile (an L) element by element
+            ib = i0 + (i1 - i0) // 8 * 8
+            jb = j0 + (j1 - j0) // 8 * 8
+            for i in range(i0, ib, 8):
+                for j in range(j0, jb, 8):
+                    fc_tr8(s + (n * A + i) * B + j, B, d + (n * B + j) * A + i, A)
+            for i in range(i0, ib):
+                for j in range(jb, j1):
+                    d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
+        for i in range(ib, i1):
             for j in range(j0, j1):
                 d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
     fc_wake_end(woke)
