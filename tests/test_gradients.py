@@ -384,6 +384,7 @@ FFI_CASES = [
     ((0, 5, 6, 4), (3, 3, 4, 5), (1, 1), "same", (1, 1), False, "channels_last"),  # empty
     ((2, 8, 9, 11), (3, 3, 8, 6), (2, 2), "same", (1, 1), True, "channels_first"),
     ((3, 16, 7, 7), (1, 1, 16, 12), (1, 1), "valid", (1, 1), False, "channels_first"),
+    ((0, 4, 5, 6), (3, 3, 4, 5), (1, 1), "same", (1, 1), True, "channels_first"),  # empty
 ]
 
 
