@@ -1334,6 +1334,9 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
             nseg = <int>((hi - lo) * nkh)
             while ow < run_end:
                 p = <int>_min(P, run_end - ow)
+                if wpk != NULL:
+                    # balanced: 28 pixels as 10+9+9, not 12+12+4
+                    p = <int>_cdiv(run_end - ow, _cdiv(run_end - ow, P))
                 base = (rowbase + ow * sw - pad_left) * C
                 for g in range(ngroups):
                     if floating is float:
@@ -1743,6 +1746,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                         p = <int>_min(P, run_end - j)
                         if floating is float:
                             if wpk != NULL:
+                                p = <int>_cdiv(run_end - j, _cdiv(run_end - j, P))  # balanced
                                 fc_pair8(p, dy + j * F + g * cout_g, F, wpk + g * cout_g * 8,
                                          aoff + first, boff + first, lens + first, nseg,
                                          dx + (q + j * sw) * C + g * 8, sw * C)
