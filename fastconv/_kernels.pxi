@@ -1333,10 +1333,8 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
             first = lo * nkh
             nseg = <int>((hi - lo) * nkh)
             while ow < run_end:
-                p = <int>_min(P, run_end - ow)
-                if wpk != NULL:
-                    # balanced: 28 pixels as 10+9+9, not 12+12+4
-                    p = <int>_cdiv(run_end - ow, _cdiv(run_end - ow, P))
+                # balanced: 28 pixels as 10+9+9, not 12+12+4
+                p = <int>_cdiv(run_end - ow, _cdiv(run_end - ow, P))
                 base = (rowbase + ow * sw - pad_left) * C
                 for g in range(ngroups):
                     if floating is float:
@@ -1376,7 +1374,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                     for kh in range(nkh):
                         mrg_l[kh] = (hi - lo) * C
                 while ow < run_end:
-                    p = <int>_min(P, run_end - ow)
+                    p = <int>_cdiv(run_end - ow, _cdiv(run_end - ow, P))  # balanced tiles
                     base = (rowbase + ow * sw - pad_left) * C
                     if merged:
                         _gemm(p, V, x + base + lo * C, sw * C, 1,
