@@ -1741,10 +1741,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     first = runs[3 * r + 1] * nkh
                     nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
                     while j < run_end:
-                        p = <int>_min(P, run_end - j)
+                        p = <int>_cdiv(run_end - j, _cdiv(run_end - j, P))  # balanced tiles
                         if floating is float:
                             if wpk != NULL:
-                                p = <int>_cdiv(run_end - j, _cdiv(run_end - j, P))  # balanced
                                 fc_pair8(p, dy + j * F + g * cout_g, F, wpk + g * cout_g * 8,
                                          aoff + first, boff + first, lens + first, nseg,
                                          dx + (q + j * sw) * C + g * 8, sw * C)
