@@ -796,3 +796,35 @@ def test_stacked_channels_first_gradients():
     reference.assert_close(gx, dx, name="dx")
     reference.assert_close(gw1, dw1, name="dw1")
     reference.assert_close(gw2, dw2, name="dw2")
+
+
+@pytest.mark.skipif(BACKEND == "numpy", reason="numpy has no autodiff")
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_stacked_bias_gradients(data_format):
+    """Bias gradients through two convolutions with a relu between, whatever memory layout dy
+    reaches each with (on torch: contiguous, or NCHW with NHWC memory, summed by the kernels;
+    an empty batch too), against the float64 reference."""
+    spec = ConvSpec.make(1, "same", data_format, 1)
+    cf = data_format == "channels_first"
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((3, 3, 6, 10)).astype(np.float32)
+    w2 = rng.standard_normal((3, 3, 10, 4)).astype(np.float32)
+    b1 = rng.standard_normal(10).astype(np.float32)
+    b2 = rng.standard_normal(4).astype(np.float32)
+    for n in (2, 0):
+        x = rng.standard_normal((n, 6, 9, 8) if cf else (n, 9, 8, 6)).astype(np.float32)
+        dy = rng.standard_normal((n, 4, 9, 8) if cf else (n, 9, 8, 4)).astype(np.float32)
+
+        def loss(x, b1, b2):
+            a = keras.ops.relu(fastconv.ops.conv_bias(x, w1, b1, spec))
+            y = fastconv.ops.conv_bias(a, w2, b2, spec)
+            return keras.ops.sum(y * keras.ops.convert_to_tensor(dy))
+
+        _, g1, g2 = autodiff(loss, x, b1, b2)
+        axes = (0, 2, 3) if cf else (0, 1, 2)
+        shape = (1, -1, 1, 1) if cf else (1, 1, 1, -1)
+        y1 = reference.conv(x, w1, padding="same", data_format=data_format) + b1.reshape(shape)
+        da, _ = reference.grads(np.maximum(y1, 0), w2, dy, padding="same",
+                                data_format=data_format)
+        reference.assert_close(g2, dy.astype(np.float64).sum(axis=axes), name="db2")
+        reference.assert_close(g1, (da * (y1 > 0)).sum(axis=axes), name="db1")

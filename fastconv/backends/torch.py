@@ -13,6 +13,7 @@ from fastconv.backends import numpy as host
 from fastconv.geometry import ConvSpec
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_NHWC = ConvSpec()
 
 
 def _spec(strides, padding, data_format, dilation):
@@ -56,8 +57,18 @@ def _gradients(ctx, x, k, has_bias, dy, spec, direct):
         dk = (_grad_kernel(x, dy, k.shape, spec) if direct
               else _grad_kernel_op(x, dy, list(k.shape), *_args(spec)))
     if has_bias and needs[2]:
-        db = dy.sum(dim=spec.reduce_axes)
+        db = _bias_grad(dy, spec) if direct else dy.sum(dim=spec.reduce_axes)
     return dx, dk, db
+
+
+def _bias_grad(dy, spec):
+    # By the kernels where dy's memory is NHWC: torch's sum wakes torch's own OpenMP team, whose
+    # workers then spin beside the kernels' next call (A/B, 2 cores: training steps 2-13% faster,
+    # grouped32 7.1-7.4 -> 6.2-6.7 ms)
+    nhwc = dy if spec.channels_last else dy.permute(0, 2, 3, 1)
+    if not nhwc.is_contiguous():
+        return dy.sum(dim=spec.reduce_axes)
+    return torch.from_numpy(host.bias_grad(_numpy(nhwc), _NHWC, _DTYPES[dy.dtype]))
 
 
 class _Conv2d(torch.autograd.Function):
