@@ -2202,7 +2202,9 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
 cdef extern from *:
     """
     /* An 8 x 8 float block transposed in registers (d[j*ds + i] = s[i*ss + j]): three rounds of
-       two-source shuffles. The scalar tile loop moved ~4 bytes a cycle and took 4-5x a memcpy. */
+       two-source shuffles. Warm, 4x256x784 both ways: 0.29 / 0.20 ms element by element, 0.11 /
+       0.09 this way, a memcpy 0.09. (An earlier try, 16x16 blocks in 64x64 tiles, measured no
+       better than element by element; with a cold input the access pattern limits both.) */
     #if defined(__GNUC__) && defined(__AVX__)
       #define FC_TR8_OK 1
       typedef float fc_t8f __attribute__((vector_size(32)));
