@@ -1150,6 +1150,12 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return -((-a) // b)
 
 
+cdef inline int _tile(Py_ssize_t n, int P) noexcept nogil:
+    # the next tile of n > 0 pixels left in a run, at most P, the run's tiles evened out: 28
+    # pixels as 10+9+9, not 12+12+4 (grouped32 forward 9% faster, measured)
+    return <int>_cdiv(n, _cdiv(n, P))
+
+
 cdef inline Py_ssize_t _fdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     # floor(a / b) for b > 0 and any a
     if a >= 0:
@@ -1333,8 +1339,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
             first = lo * nkh
             nseg = <int>((hi - lo) * nkh)
             while ow < run_end:
-                # balanced: 28 pixels as 10+9+9, not 12+12+4
-                p = <int>_cdiv(run_end - ow, _cdiv(run_end - ow, P))
+                p = _tile(run_end - ow, P)
                 base = (rowbase + ow * sw - pad_left) * C
                 for g in range(ngroups):
                     if floating is float:
@@ -1374,7 +1379,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                     for kh in range(nkh):
                         mrg_l[kh] = (hi - lo) * C
                 while ow < run_end:
-                    p = <int>_cdiv(run_end - ow, _cdiv(run_end - ow, P))  # balanced tiles
+                    p = _tile(run_end - ow, P)
                     base = (rowbase + ow * sw - pad_left) * C
                     if merged:
                         _gemm(p, V, x + base + lo * C, sw * C, 1,
@@ -1741,7 +1746,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     first = runs[3 * r + 1] * nkh
                     nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
                     while j < run_end:
-                        p = <int>_cdiv(run_end - j, _cdiv(run_end - j, P))  # balanced tiles
+                        p = _tile(run_end - j, P)
                         if floating is float:
                             if wpk != NULL:
                                 fc_pair8(p, dy + j * F + g * cout_g, F, wpk + g * cout_g * 8,
