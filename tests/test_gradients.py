@@ -385,6 +385,10 @@ FFI_CASES = [
     ((2, 8, 9, 11), (3, 3, 8, 6), (2, 2), "same", (1, 1), True, "channels_first"),
     ((3, 16, 7, 7), (1, 1, 16, 12), (1, 1), "valid", (1, 1), False, "channels_first"),
     ((0, 4, 5, 6), (3, 3, 4, 5), (1, 1), "same", (1, 1), True, "channels_first"),  # empty
+    # gradients on space-to-depth blocks (Geometry.blocks), built in the graph around the ops
+    ((2, 15, 17, 3), (7, 7, 3, 8), (2, 2), "same", (1, 1), True, "channels_last"),  # a stem
+    ((2, 3, 9, 10), (4, 4, 3, 5), (4, 4), "valid", (1, 1), False, "channels_first"),  # misses
+    ((0, 9, 9, 2), (3, 3, 2, 4), (2, 2), "same", (1, 1), False, "channels_last"),  # empty
 ]
 
 
@@ -697,11 +701,14 @@ def test_jit_skips_a_gradient_nobody_uses(monkeypatch):
             return original(*args, **kwargs)
         return run
 
+    from fastconv.backends import jax as bridge
+
     for name in ("grad_input", "grad_kernel"):
         monkeypatch.setattr(host, name, counted(name, getattr(host, name)))
-    # 3 input channels and stride 2: the gradients' space-to-depth path, which runs on the host
-    # through pure_callbacks (the other gradients run as XLA custom calls, tested below);
-    # shapes no other test uses: nothing compiled before holds the unpatched functions
+    # without the XLA custom calls (tested below), the gradients run on the host through
+    # pure_callbacks; 3 input channels and stride 2: the space-to-depth path; shapes no other
+    # test uses: nothing compiled before holds the unpatched functions
+    monkeypatch.setattr(bridge, "_FFI", None)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 11, 13, 3), np.float32))
     k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 7), np.float32))
     loss = lambda x, k: jnp.sum(fastconv.ops.conv(x, k, strides=2) ** 2)  # noqa: E731

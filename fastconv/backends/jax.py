@@ -108,26 +108,49 @@ def _ffi_forward(spec, x, k, b, dtype, shape):
     return _from_nhwc(spec, out.reshape(spec.to_nhwc(shape)))
 
 
+# Geometry.blocks' arrays built by XLA (the host's helpers with jax.numpy)
+_JNP_OPS = dict(pad=jax.numpy.pad, reshape=jax.numpy.reshape, transpose=jax.numpy.transpose)
+
+
 def _ffi_grad_input(spec, dy, k, x_shape, dtype):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x_shape, k.shape)
-    if g.blocks(spec.strides, spec.dilation_rate) is not None:
-        return None  # space-to-depth blocks: the host's path
+    dy = _nhwc(spec, dy)
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is None:
+        return _from_nhwc(spec, _grad_input_call(spec, g, dy, k, dtype))
+    s, gb, _ = blocks
+    dxb = _grad_input_call(host.UNIT, gb, dy, host.kernel_blocks(k, s, gb, **_JNP_OPS),
+                           dtype)
+    return _from_nhwc(spec, host.input_from_blocks(dxb, s, g, gb, **_JNP_OPS))
+
+
+def _grad_input_call(spec, g, dy, k, dtype):
+    """The grad_input custom call on an NHWC dy."""
     wt = host.regrouped_kernel(k, g, jax.numpy.reshape, jax.numpy.transpose)
-    dy, dx_shape = _pixel_rows(spec, g, _nhwc(spec, dy), spec.to_nhwc(x_shape))
+    dy, dx_shape = _pixel_rows(spec, g, dy, g.input_shape_nhwc)
     dx = _ffi_call("fastconv_grad_input", dx_shape, dtype, (dy, wt), spec, g)
-    return _from_nhwc(spec, dx.reshape(spec.to_nhwc(x_shape)))
+    return dx.reshape(g.input_shape_nhwc)
 
 
 def _ffi_grad_kernel(spec, x, dy, k_shape, dtype):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x.shape, k_shape)
-    if g.blocks(spec.strides, spec.dilation_rate) is not None:
-        return None
-    return _ffi_call("fastconv_grad_kernel", k_shape, dtype, (_nhwc(spec, x), _nhwc(spec, dy)),
-                     spec, g)
+    x, dy = _nhwc(spec, x), _nhwc(spec, dy)
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is None:
+        return _grad_kernel_call(spec, g, x, dy, dtype)
+    s, gb, _ = blocks
+    dkb = _grad_kernel_call(host.UNIT, gb, host.input_blocks(x, s, g, gb, **_JNP_OPS), dy,
+                             dtype)
+    return host.kernel_from_blocks(dkb, s, g, jax.numpy.reshape, jax.numpy.transpose)
+
+
+def _grad_kernel_call(spec, g, x, dy, dtype):
+    """The grad_kernel custom call on NHWC x and dy."""
+    return _ffi_call("fastconv_grad_kernel", g.kernel_shape, dtype, (x, dy), spec, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -134,7 +134,7 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     blocks = g.blocks(spec.strides, spec.dilation_rate)
     if blocks is not None:
         s, gb, covers = blocks
-        dxb = grad_input(_nhwc(dy, spec, dtype), _kernel_blocks(kernel, s, gb), _UNIT,
+        dxb = grad_input(_nhwc(dy, spec, dtype), _kernel_blocks(kernel, s, gb), UNIT,
                          gb.input_shape_nhwc, dtype)
         dx = _empty(g.input_shape_nhwc, dtype)
         if not covers:
@@ -169,7 +169,7 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
         xb = _empty(gb.input_shape_nhwc, dtype)
         _dispatch.kernels.space_to_depth(_nhwc(x, spec, dtype), xb, s, g.pad_top, g.pad_left,
                                          _threads(xb.size, _ELEMENTS_PER_THREAD))
-        dwb = grad_kernel(xb, _nhwc(dy, spec, dtype), _UNIT, gb.kernel_shape, dtype)
+        dwb = grad_kernel(xb, _nhwc(dy, spec, dtype), UNIT, gb.kernel_shape, dtype)
         return _kernel_from_blocks(dwb, s, g)
     dw = _empty(g.kernel_shape, dtype)
     _dispatch.kernels.grad_kernel(
@@ -190,24 +190,58 @@ def bias_grad(dy, spec, dtype=np.float32):
 
 
 # A stride-1 "valid" convolution on channels_last arrays: the blocked form of Geometry.blocks.
-_UNIT = ConvSpec()
+UNIT = ConvSpec()
+
+# The blocked convolution's arrays (Geometry.blocks), in the ops of the caller's array library
+# (numpy here; the TensorFlow and JAX bridges build them in their graphs, where the gradients
+# then run as the native ops on the blocked geometry). The blocked layout is
+# xb[n, i, j, (a*s + b)*C + c] = padded x[n, i*s + a, j*s + b, c] and
+# kb[p, q, (a*s + b)*C + c] = kernel[p*s + a, q*s + b, c] (zero beyond the kernel), as the
+# kernels' space_to_depth / depth_to_space lay it out.
+
+
+def kernel_blocks(kernel, s, gb, pad, reshape, transpose):
+    """A (KH, KW, C, F) kernel as the blocked convolution's (KBH, KBW, s*s*C, F) one."""
+    kh, kw, c, f = kernel.shape
+    padded = pad(kernel, ((0, gb.kh * s - kh), (0, gb.kw * s - kw), (0, 0), (0, 0)))
+    blocks = transpose(reshape(padded, (gb.kh, s, gb.kw, s, c, f)), (0, 2, 1, 3, 4, 5))
+    return reshape(blocks, gb.kernel_shape)
+
+
+def kernel_from_blocks(kb, s, g, reshape, transpose):
+    """The inverse of kernel_blocks: the (KH, KW, C, F) kernel gradient in a blocked one."""
+    kbh, kbw = kb.shape[:2]
+    full = transpose(reshape(kb, (kbh, kbw, s, s, g.c, g.f)), (0, 2, 1, 3, 4, 5))
+    return reshape(full, (kbh * s, kbw * s, g.c, g.f))[:g.kh, :g.kw]
+
+
+def input_blocks(x, s, g, gb, pad, reshape, transpose):
+    """An NHWC input as the blocked convolution's (N, HB, WB, s*s*C) input: the zero-padded
+    input cut into s x s blocks (rows and columns past the last block dropped)."""
+    h, w = min(g.h, gb.h * s - g.pad_top), min(g.w, gb.w * s - g.pad_left)
+    x = pad(x[:, :h, :w], ((0, 0), (g.pad_top, gb.h * s - g.pad_top - h),
+                           (g.pad_left, gb.w * s - g.pad_left - w), (0, 0)))
+    blocks = transpose(reshape(x, (-1, gb.h, s, gb.w, s, g.c)), (0, 1, 3, 2, 4, 5))
+    return reshape(blocks, (-1, gb.h, gb.w, s * s * g.c))
+
+
+def input_from_blocks(xb, s, g, gb, pad, reshape, transpose):
+    """The inverse of input_blocks for a gradient: an NHWC (N, H, W, C) one from the blocked
+    one, zero where no block reaches."""
+    full = transpose(reshape(xb, (-1, gb.h, gb.w, s, s, g.c)), (0, 1, 3, 2, 4, 5))
+    full = reshape(full, (-1, gb.h * s, gb.w * s, g.c))
+    h, w = min(g.h, gb.h * s - g.pad_top), min(g.w, gb.w * s - g.pad_left)
+    inside = full[:, g.pad_top:g.pad_top + h, g.pad_left:g.pad_left + w]
+    return pad(inside, ((0, 0), (0, g.h - h), (0, g.w - w), (0, 0)))
 
 
 def _kernel_blocks(kernel, s, gb):
-    """A (KH, KW, C, F) kernel as the blocked convolution's (KBH, KBW, s*s*C, F) one:
-    kb[p, q, (a*s + b)*C + c] = kernel[p*s + a, q*s + b, c], zero beyond the kernel."""
-    kh, kw, c, f = kernel.shape
-    padded = np.zeros((gb.kh * s, gb.kw * s, c, f), kernel.dtype)
-    padded[:kh, :kw] = kernel
-    return padded.reshape(gb.kh, s, gb.kw, s, c, f).transpose(0, 2, 1, 3, 4, 5).reshape(
-        gb.kernel_shape)
+    return np.ascontiguousarray(kernel_blocks(np.asarray(kernel), s, gb, np.pad, np.reshape,
+                                              np.transpose))
 
 
 def _kernel_from_blocks(kb, s, g):
-    """The inverse of _kernel_blocks: the (KH, KW, C, F) kernel gradient in a blocked one."""
-    kbh, kbw = kb.shape[:2]
-    full = kb.reshape(kbh, kbw, s, s, g.c, g.f).transpose(0, 2, 1, 3, 4, 5)
-    return np.ascontiguousarray(full.reshape(kbh * s, kbw * s, g.c, g.f)[:g.kh, :g.kw])
+    return np.ascontiguousarray(kernel_from_blocks(kb, s, g, np.reshape, np.transpose))
 
 
 def on_accelerator(x, k):

@@ -113,11 +113,10 @@ def _load_ops():
 _OPS = _load_ops()
 
 
-def _native_geometry(spec, dtype, x_shape, k_shape, gradient=False):
+def _native_geometry(spec, dtype, x_shape, k_shape):
     """(g, batch_known) where the native ops serve a call, else None: in a graph, float32,
     known spatial sizes, the ops built and the kernels exporting float32 entry points (which
-    are handed to the ops here); for a gradient, not the space-to-depth blocks (the host's
-    path). g has batch 1 where the batch is unknown."""
+    are handed to the ops here). g has batch 1 where the batch is unknown."""
     kernels = _dispatch.kernels
     n, h, w, c = spec.to_nhwc(list(x_shape))
     if (_OPS is None or dtype != np.float32 or tf.executing_eagerly()
@@ -125,10 +124,12 @@ def _native_geometry(spec, dtype, x_shape, k_shape, gradient=False):
             or None in (h, w, c) or None in list(k_shape)):
         return None
     g = spec.geometry(spec.from_nhwc((1 if n is None else n, h, w, c)), tuple(k_shape))
-    if gradient and g.blocks(spec.strides, spec.dilation_rate) is not None:
-        return None
     _OPS.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel())
     return g, n is not None
+
+
+# Geometry.blocks' arrays built in the graph (the host's helpers with TensorFlow's ops)
+_TF_OPS = dict(pad=tf.pad, reshape=tf.reshape, transpose=tf.transpose)
 
 
 def _geometry_attrs(spec, g, batch_known):
@@ -170,26 +171,47 @@ def _native_forward(spec, x, k, b, dtype):
 
 
 def _native_grad_input(spec, dy, k, x_shape, dtype):
-    found = _native_geometry(spec, dtype, x_shape, k.shape, gradient=True)
+    found = _native_geometry(spec, dtype, x_shape, k.shape)
     if found is None:
         return None
     g, known = found
+    dy = _nhwc(spec, dy)
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is None:
+        return _from_nhwc(spec, _grad_input_op(spec, g, known, dy, k))
+    s, gb, _ = blocks
+    dxb = _grad_input_op(host.UNIT, gb, known, dy, host.kernel_blocks(k, s, gb, **_TF_OPS))
+    return _from_nhwc(spec, host.input_from_blocks(dxb, s, g, gb, **_TF_OPS))
+
+
+def _grad_input_op(spec, g, known, dy, k):
+    """The native grad_input on an NHWC dy."""
     wt = host.regrouped_kernel(k, g, tf.reshape, tf.transpose)
-    dyin, (_, h, w, c) = _recut(spec, g, known, _nhwc(spec, dy), (None, g.h, g.w, g.c))
+    dyin, (_, h, w, c) = _recut(spec, g, known, dy, (None, g.h, g.w, g.c))
     dx = _OPS.ops.fastconv_grad_input(dyin, wt, h=h, w=w, c=c,
                                       **_geometry_attrs(spec, g, known))
     if known and dx.shape != g.input_shape_nhwc:
         dx = tf.reshape(dx, g.input_shape_nhwc)  # undo the re-cut
-    return _from_nhwc(spec, dx)
+    return dx
 
 
 def _native_grad_kernel(spec, x, dy, k_shape, dtype):
-    found = _native_geometry(spec, dtype, x.shape, k_shape, gradient=True)
+    found = _native_geometry(spec, dtype, x.shape, k_shape)
     if found is None:
         return None
     g, known = found
-    return _OPS.ops.fastconv_grad_kernel(_nhwc(spec, x), _nhwc(spec, dy),
-                                         kernel_shape=list(g.kernel_shape),
+    x, dy = _nhwc(spec, x), _nhwc(spec, dy)
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is None:
+        return _grad_kernel_op(spec, g, known, x, dy)
+    s, gb, _ = blocks
+    dkb = _grad_kernel_op(host.UNIT, gb, known, host.input_blocks(x, s, g, gb, **_TF_OPS), dy)
+    return host.kernel_from_blocks(dkb, s, g, tf.reshape, tf.transpose)
+
+
+def _grad_kernel_op(spec, g, known, x, dy):
+    """The native grad_kernel on NHWC x and dy."""
+    return _OPS.ops.fastconv_grad_kernel(x, dy, kernel_shape=list(g.kernel_shape),
                                          **_geometry_attrs(spec, g, known))
 
 
