@@ -109,6 +109,15 @@ REGISTER_OP("FastconvGradKernel")
       return absl::OkStatus();
     });
 
+REGISTER_OP("FastconvBiasGrad")
+    .Input("dy: float")
+    .Output("db: float")
+    .Attr("max_threads: int")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Vector(c->Dim(c->input(0), 3)));
+      return absl::OkStatus();
+    });
+
 namespace {
 
 class Forward : public OpKernel {
@@ -193,11 +202,36 @@ class GradKernel : public OpKernel {
   std::vector<int64_t> shape_;
 };
 
+// dy (N, OH, OW, F) -> db (F,): dy summed over all but its channels
+class BiasGrad : public OpKernel {
+ public:
+  explicit BiasGrad(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_threads", &max_threads_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::channel_sums_f32))) return;
+    fastconv::calls++;
+    const Tensor& dy = ctx->input(0);
+    const int64_t f = dy.dim_size(3);
+    Tensor* db = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({f}), &db));
+    Done(ctx, fastconv::channel_sums_f32(dy.flat<float>().data(),
+                                         f ? dy.NumElements() / f : 0, f,
+                                         db->flat<float>().data(),
+                                         fastconv::threads(max_threads_)));
+  }
+
+ private:
+  int64_t max_threads_;
+};
+
 }  // namespace
 
 REGISTER_KERNEL_BUILDER(Name("FastconvForward").Device(tensorflow::DEVICE_CPU), Forward);
 REGISTER_KERNEL_BUILDER(Name("FastconvGradInput").Device(tensorflow::DEVICE_CPU), GradInput);
 REGISTER_KERNEL_BUILDER(Name("FastconvGradKernel").Device(tensorflow::DEVICE_CPU), GradKernel);
+REGISTER_KERNEL_BUILDER(Name("FastconvBiasGrad").Device(tensorflow::DEVICE_CPU), BiasGrad);
 
 static PyMethodDef methods[] = {FASTCONV_KERNEL_API_METHODS, {nullptr, nullptr, 0, nullptr}};
 

@@ -481,6 +481,40 @@ def test_tf_function_without_the_native_ops(case, monkeypatch):
     reference.assert_close(dk.numpy(), ref_dk, 1e-4, "dk")
 
 
+def _bias_problem(shape, seed):
+    """x, kernel, bias, spec and dy of a channels_last 3x3 "same" convolution with a bias."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    k = rng.standard_normal((3, 3, shape[3], 5)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    dy = rng.standard_normal((*shape[:3], 5)).astype(np.float32)
+    return x, k, b, ConvSpec.make(1, "same", "channels_last", 1), dy
+
+
+@only_tf
+@pytest.mark.parametrize("shape", [(2, 9, 11, 8), (0, 5, 6, 4)])
+def test_tf_bias_gradient_runs_the_native_op(shape):
+    # in a graph, a channels_last bias gradient is fastconv's op (the kernels' channel sums),
+    # not TensorFlow's reduce_sum: one call when only the bias gradient is asked for
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    x, k, b, spec, dy = _bias_problem(shape, 21)
+    for batch in (shape[0], None):
+        @tf.function(input_signature=[tf.TensorSpec((batch, *shape[1:])), tf.TensorSpec((5,))])
+        def grad(x, b):
+            with tf.GradientTape() as tape:
+                tape.watch(b)
+                loss = tf.reduce_sum(fastconv.ops.conv_bias(x, k, b, spec) * dy)
+            return tape.gradient(loss, b)
+
+        before = _tf_ops().calls()
+        value = grad(x, b).numpy()
+        # with an unknown batch size the forward runs too (the gradient of reduce_sum reads
+        # its result's shape)
+        assert _tf_ops().calls() == before + (1 if batch is not None else 2)
+        reference.assert_close(value, dy.sum((0, 1, 2)), 1e-4, "db")
+
+
 @only_tf
 def test_tf_native_ops_follow_set_num_threads():
     if _tf_ops() is None:
@@ -755,6 +789,20 @@ def test_jax_jit_runs_the_xla_custom_call(case):
         # only this gradient (the loss is linear: jit drops the forward too), if not empty
         assert _ffi().calls() == before + (ref.size > 0)
         reference.assert_close(grad, ref, 1e-4)
+
+
+@only_jax
+@pytest.mark.skipif(_ffi() is None, reason="fastconv._xla_ffi was not built")
+@pytest.mark.parametrize("shape", [(2, 9, 11, 8), (0, 5, 6, 4)])
+def test_jax_bias_gradient_runs_the_custom_call(shape):
+    # under jit, a channels_last bias gradient is fastconv's custom call (the kernels' channel
+    # sums), not XLA's reduction; alone, the forward is dropped
+    x, k, b, spec, dy = _bias_problem(shape, 22)
+    grad = jax.jit(jax.grad(lambda b: jnp.sum(fastconv.ops.conv_bias(x, k, b, spec) * dy)))
+    before = _ffi().calls()
+    value = np.asarray(grad(b))
+    assert _ffi().calls() == before + 1
+    reference.assert_close(value, dy.sum((0, 1, 2)), 1e-4, "db")
 
 
 @only_jax

@@ -64,7 +64,8 @@ def _ffi_ready(dtype, spec):
     kernels = _dispatch.kernels
     if _FFI is None or dtype != np.float32 or not hasattr(kernels, "ffi_forward"):
         return False
-    _FFI.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel())
+    _FFI.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel(),
+                     kernels.ffi_channel_sums())
     return True
 
 
@@ -153,6 +154,16 @@ def _grad_kernel_call(spec, g, x, dy, dtype):
     return _ffi_call("fastconv_grad_kernel", g.kernel_shape, dtype, (x, dy), spec, g)
 
 
+def _ffi_bias_grad(spec, dy, dtype):
+    """The bias gradient of a channels_last dy by the kernels' channel sums (XLA's reduction
+    over (0, 1, 2) took 2-4x as long), or None where the custom calls do not serve."""
+    if not spec.channels_last or not _ffi_ready(dtype, spec):
+        return None
+    return jax.ffi.ffi_call("fastconv_bias_grad", jax.ShapeDtypeStruct(dy.shape[3:], dtype),
+                            vmap_method="sequential")(
+        dy, max_threads=np.int64(host._threads(dy.size, host._ELEMENTS_PER_THREAD)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec, x, k, b):
     dtype = np.dtype(x.dtype)
@@ -198,7 +209,10 @@ def _conv_bwd(spec, residuals, dy):
     dk = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype)
     if dk is None:
         dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
-    return dx, dk, (None if b is None else dy.sum(axis=spec.reduce_axes))
+    db = None if b is None else _ffi_bias_grad(spec, dy, dtype)
+    if b is not None and db is None:
+        db = dy.sum(axis=spec.reduce_axes)
+    return dx, dk, db
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
