@@ -143,8 +143,8 @@ def _in_place(layer, mapping):
 
 
 def _after_swap(model):
-    # Functions traced with the old layers must be traced again; XLA cannot compile the host
-    # callbacks fastconv uses on TensorFlow.
+    # Functions traced with the old layers must be traced again; XLA cannot compile fastconv's
+    # TensorFlow ops (or its host callbacks).
     model.train_function = model.test_function = model.predict_function = None
     if getattr(model, "compiled", False) and model._jit_compile:
         from keras.src.trainers.trainer import model_supports_jit

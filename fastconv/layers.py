@@ -13,8 +13,8 @@ class _Fastconv:
 
     def _init_backend(self):
         if keras.backend.backend() == "tensorflow":
-            # The TensorFlow bridge calls the host through tf.numpy_function, which XLA cannot
-            # compile; on JAX the trainer's jit works and must stay on.
+            # On TensorFlow the convolution is fastconv's own ops (or a tf.numpy_function),
+            # which XLA cannot compile; on JAX the trainer's jit works and must stay on.
             self.supports_jit = False
 
     def _cast(self, inputs):
