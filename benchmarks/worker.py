@@ -341,6 +341,16 @@ def run_case(case, args, rec):
     fwd = {"fastconv": forward_fn(f_layer, x, threads)}
     if y_k is not None:
         fwd["keras"] = forward_fn(k_layer, x)
+    twin = None
+    if case.data_format == "channels_first":
+        # fastconv on the channels_last twin (same weights, transposed data), interleaved with
+        # the channels_first calls: their time ratio, measured side by side in this process
+        twin = fastconv.Conv2D.from_config({**f_layer.get_config(),
+                                            "data_format": "channels_last"})
+        twin.build(spec.to_nhwc(case.input_shape))
+        twin.set_weights([kernel, bias])
+        x_cl = to_backend(x_np.transpose(0, 2, 3, 1).copy())
+        fwd["fastconv_cl"] = forward_fn(twin, x_cl, threads)
     if threads > 1:
         fwd["fastconv_1t"] = forward_fn(f_layer, x, 1)
     if BACKEND == "torch":
@@ -361,6 +371,10 @@ def run_case(case, args, rec):
             train["keras"] = train_fn(k_layer, xg, dy)
         if threads > 1:
             train["fastconv_1t"] = train_fn(f_layer, xg, dy, 1)
+        if twin is not None:
+            train["fastconv_cl"] = train_fn(
+                twin, to_backend(x_np.transpose(0, 2, 3, 1).copy(), requires_grad=True),
+                to_backend(dy_np.transpose(0, 2, 3, 1).copy()), threads)
         if y_k is not None:
             g_k = [to_numpy(g) for g in train["keras"]()]
             g_f = [to_numpy(g) for g in train["fastconv"]()]
