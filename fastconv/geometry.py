@@ -116,8 +116,14 @@ class Geometry:
         hb, wb = self.oh + kbh - 1, self.ow + kbw - 1
         blocked = Geometry(self.n, hb, wb, s * s * self.c, kbh, kbw, s * s * self.c, self.f, 1,
                            self.oh, self.ow, 0, 0)
-        covers = s * hb >= self.pad_top + self.h and s * wb >= self.pad_left + self.w
+        covers = self.block_extent(s, blocked) == (self.h, self.w)
         return s, blocked, covers
+
+    def block_extent(self, s, blocked):
+        """(rows, columns) of the input inside the s x s blocks of `blocked` (from `blocks`):
+        the rest is never read (a stride beyond the kernel's reach) and gets no gradient."""
+        return (min(self.h, s * blocked.h - self.pad_top),
+                min(self.w, s * blocked.w - self.pad_left))
 
     @property
     def macs(self):

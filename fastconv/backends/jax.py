@@ -209,9 +209,11 @@ def _conv_bwd(spec, residuals, dy):
     dk = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype)
     if dk is None:
         dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
-    db = None if b is None else _ffi_bias_grad(spec, dy, dtype)
-    if b is not None and db is None:
-        db = dy.sum(axis=spec.reduce_axes)
+    db = None
+    if b is not None:
+        db = _ffi_bias_grad(spec, dy, dtype)
+        if db is None:
+            db = dy.sum(axis=spec.reduce_axes)
     return dx, dk, db
 
 

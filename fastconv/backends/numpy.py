@@ -218,7 +218,7 @@ def kernel_from_blocks(kb, s, g, reshape, transpose):
 def input_blocks(x, s, g, gb, pad, reshape, transpose):
     """An NHWC input as the blocked convolution's (N, HB, WB, s*s*C) input: the zero-padded
     input cut into s x s blocks (rows and columns past the last block dropped)."""
-    h, w = min(g.h, gb.h * s - g.pad_top), min(g.w, gb.w * s - g.pad_left)
+    h, w = g.block_extent(s, gb)
     x = pad(x[:, :h, :w], ((0, 0), (g.pad_top, gb.h * s - g.pad_top - h),
                            (g.pad_left, gb.w * s - g.pad_left - w), (0, 0)))
     blocks = transpose(reshape(x, (-1, gb.h, s, gb.w, s, g.c)), (0, 1, 3, 2, 4, 5))
@@ -230,7 +230,7 @@ def input_from_blocks(xb, s, g, gb, pad, reshape, transpose):
     one, zero where no block reaches."""
     full = transpose(reshape(xb, (-1, gb.h, gb.w, s, s, g.c)), (0, 1, 3, 2, 4, 5))
     full = reshape(full, (-1, gb.h * s, gb.w * s, g.c))
-    h, w = min(g.h, gb.h * s - g.pad_top), min(g.w, gb.w * s - g.pad_left)
+    h, w = g.block_extent(s, gb)
     inside = full[:, g.pad_top:g.pad_top + h, g.pad_left:g.pad_left + w]
     return pad(inside, ((0, 0), (0, g.h - h), (0, g.w - w), (0, 0)))
 
