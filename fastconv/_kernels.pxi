@@ -56,59 +56,72 @@ cdef extern from *:
       #include <unistd.h>
       #include <sys/syscall.h>
       #define FC_MAX_WORKERS 64
-      static pid_t fc_workers[FC_MAX_WORKERS];
-      static cpu_set_t fc_saved[FC_MAX_WORKERS];
-      static int fc_moved[FC_MAX_WORKERS];
+      /* libgomp gives each thread that starts regions (a master) its own workers: TensorFlow
+         and XLA call the kernels from several threads at once, each with its own team. So what
+         is known of a team lives with its master (thread-local), and a master moves only its
+         own workers. (With one table for all teams, a master could narrow another team's
+         worker to the CPU that team's master ran on; and one team's region reset the idle
+         clock of all.) */
+      typedef struct {
+          pid_t workers[FC_MAX_WORKERS];
+          cpu_set_t saved[FC_MAX_WORKERS];
+          int moved[FC_MAX_WORKERS];
+          double region_end;
+      } fc_team_t;
+      static __thread fc_team_t fc_own_team;
       static __thread pid_t fc_self;
-      static double fc_region_end;
-      static int fc_busy;
+      static inline fc_team_t* fc_team(void) { return &fc_own_team; }
       static double fc_now(void) {
           struct timespec ts;
           clock_gettime(CLOCK_MONOTONIC, &ts);
           return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
       }
-      /* in a region: which thread (by kernel id) is worker t */
-      static inline void fc_note_thread(void) {
+      /* in a region: which thread (by kernel id) is worker t of the master's team */
+      static inline void fc_note_thread(fc_team_t* team) {
           int t = omp_get_thread_num();
           if (t <= 0 || t >= FC_MAX_WORKERS) return;
           if (!fc_self) fc_self = (pid_t)syscall(SYS_gettid);
-          fc_workers[t] = fc_self;
+          team->workers[t] = fc_self;
       }
       /* before a region of n threads; returns what fc_wake_end must undo */
-      static int fc_wake_begin(int n) {
-          if (n < 2 || fc_now() - fc_region_end < 5e-4) return 0;
-          if (__sync_lock_test_and_set(&fc_busy, 1)) return 0;  /* another team is at it */
+      static int fc_wake_begin(fc_team_t* team, int n) {
+          if (n < 2 || fc_now() - team->region_end < 5e-4) return 0;
           int cpu = sched_getcpu(), moved = 0;
           pid_t pid = getpid();
           for (int t = 1; t < n && t < FC_MAX_WORKERS && cpu >= 0; t++) {
-              pid_t tid = fc_workers[t];
-              fc_moved[t] = 0;
+              pid_t tid = team->workers[t];
+              team->moved[t] = 0;
               /* a thread of this process (not a reused id), not bound to one CPU */
               if (tid <= 0 || syscall(SYS_tgkill, pid, tid, 0) != 0) continue;
-              if (sched_getaffinity(tid, sizeof(cpu_set_t), &fc_saved[t]) != 0) continue;
-              cpu_set_t others = fc_saved[t];
+              if (sched_getaffinity(tid, sizeof(cpu_set_t), &team->saved[t]) != 0) continue;
+              cpu_set_t others = team->saved[t];
               CPU_CLR(cpu, &others);
-              if (CPU_COUNT(&fc_saved[t]) < 2 || CPU_COUNT(&others) == 0) continue;
-              if (sched_setaffinity(tid, sizeof(cpu_set_t), &others) == 0) fc_moved[t] = moved = 1;
+              if (CPU_COUNT(&team->saved[t]) < 2 || CPU_COUNT(&others) == 0) continue;
+              if (sched_setaffinity(tid, sizeof(cpu_set_t), &others) == 0)
+                  team->moved[t] = moved = 1;
           }
-          if (!moved) __sync_lock_release(&fc_busy);
           return moved ? n : 0;
       }
-      static void fc_wake_end(int moved) {
+      static void fc_wake_end(fc_team_t* team, int moved) {
           for (int t = 1; t < moved && t < FC_MAX_WORKERS; t++)
-              if (fc_moved[t]) sched_setaffinity(fc_workers[t], sizeof(cpu_set_t), &fc_saved[t]);
-          if (moved) __sync_lock_release(&fc_busy);
-          fc_region_end = fc_now();
+              if (team->moved[t])
+                  sched_setaffinity(team->workers[t], sizeof(cpu_set_t), &team->saved[t]);
+          team->region_end = fc_now();
       }
     #else
-      static inline void fc_note_thread(void) {}
-      static inline int fc_wake_begin(int n) { (void)n; return 0; }
-      static inline void fc_wake_end(int moved) { (void)moved; }
+      typedef int fc_team_t;
+      static inline fc_team_t* fc_team(void) { return NULL; }
+      static inline void fc_note_thread(fc_team_t* team) { (void)team; }
+      static inline int fc_wake_begin(fc_team_t* team, int n) { (void)team; (void)n; return 0; }
+      static inline void fc_wake_end(fc_team_t* team, int moved) { (void)team; (void)moved; }
     #endif
     """
-    void fc_note_thread() noexcept nogil
-    int fc_wake_begin(int n) noexcept nogil
-    void fc_wake_end(int moved) noexcept nogil
+    ctypedef struct fc_team_t:
+        pass
+    fc_team_t* fc_team() noexcept nogil
+    void fc_note_thread(fc_team_t* team) noexcept nogil
+    int fc_wake_begin(fc_team_t* team, int n) noexcept nogil
+    void fc_wake_end(fc_team_t* team, int moved) noexcept nogil
 
 OPENMP = bool(FASTCONV_OPENMP)
 
@@ -1427,13 +1440,14 @@ cdef floating* _column_blocks(const floating* a, Py_ssize_t rows, Py_ssize_t n,
     cdef Py_ssize_t i, j, b
     if p == NULL:
         return NULL
-    cdef int woke = fc_wake_begin(n_threads)
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, n_threads)
     for i in prange(rows, schedule="static", num_threads=n_threads):
-        fc_note_thread()
+        fc_note_thread(team)
         for b in range(nb):
             for j in range(vb):
                 p[(b * rows + i) * vb + j] = a[i * n + b * vb + j] if b * vb + j < n else 0
-    fc_wake_end(woke)
+    fc_wake_end(team, woke)
     return p
 
 
@@ -1546,9 +1560,10 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             free(runs)
             return -1
         wp = wpad
-    cdef int woke = fc_wake_begin(n_threads)
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, n_threads)
     for r in prange(N * OH, schedule="static", num_threads=n_threads):
-        fc_note_thread()
+        fc_note_thread(team)
         n = r // OH
         oh = r % OH
         dst = rows + threadid() * OW * Fp if rows != NULL else op + r * OW * F
@@ -1560,7 +1575,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             _unpad(dst, Fp // groups, op + r * OW * F, cg, OW, groups, bp)
         elif bp != NULL and not biased:
             _add_bias(dst, bp, OW, F)
-    fc_wake_end(woke)
+    fc_wake_end(team, woke)
     free(runs)
     free(wpk)
     free(wpad)
@@ -1940,9 +1955,10 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
             free(wflip)
             return -1
         wp = wpad
-    cdef int woke = fc_wake_begin(n_threads)
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, n_threads)
     for r in prange(N * H, schedule="static", num_threads=n_threads):
-        fc_note_thread()
+        fc_note_thread(team)
         n = r // H
         ih = r % H
         dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
@@ -1951,7 +1967,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
                         wflip, dwrow2, ldw)
         if rows != NULL:
             _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
-    fc_wake_end(woke)
+    fc_wake_end(team, woke)
     free(phases)
     free(wpk)
     free(wred)
@@ -2186,13 +2202,14 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef const floating* xp = xp0
     cdef const floating* gp = gp0 if gpad == NULL else gpad
     cdef floating* dp = dp0 if dpad == NULL else dpad
-    cdef int woke = fc_wake_begin(nt)
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, nt)
     for t in prange(nt, schedule="static", num_threads=nt):
-        fc_note_thread()
+        fc_note_thread(team)
         _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
                            N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
                            pad_top, pad_left, chunk, KH, dk3)
-    fc_wake_end(woke)
+    fc_wake_end(team, woke)
     if dpad != NULL:
         _unpad(dpad, cout_g, dp0, F0 // groups, KH * KW * cin_g, groups, NULL)
     free(tasks)
@@ -2259,9 +2276,10 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
         return
     cdef const floating* s = &src[0, 0, 0]
     cdef floating* d = &dst[0, 0, 0]
-    cdef int woke = fc_wake_begin(n_threads)
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, n_threads)
     for t in prange(N * TA * TB, nogil=True, schedule="static", num_threads=n_threads):
-        fc_note_thread()
+        fc_note_thread(team)
         n = t // (TA * TB)
         i0 = (t // TB) % TA * 32
         j0 = t % TB * 32
@@ -2282,7 +2300,7 @@ def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
         for i in range(ib, i1):
             for j in range(j0, j1):
                 d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
-    fc_wake_end(woke)
+    fc_wake_end(team, woke)
 
 
 def channel_sums(const floating[:, ::1] a,   # IN  (R, F)
@@ -2321,16 +2339,17 @@ cdef int _channel_sums(const floating* s, Py_ssize_t R, Py_ssize_t F, floating* 
     part = <floating*>malloc(nb * F * sizeof(floating))
     if part == NULL:
         return -1
-    cdef int woke = fc_wake_begin(n_threads)
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, n_threads)
     for b in prange(nb, schedule="static", num_threads=n_threads):
-        fc_note_thread()
+        fc_note_thread(team)
         acc = part + b * F
         for f in range(F):
             acc[f] = s[b * 64 * F + f]
         for r in range(b * 64 + 1, _min(R, b * 64 + 64)):
             for f in range(F):
                 acc[f] = acc[f] + s[r * F + f]
-    fc_wake_end(woke)
+    fc_wake_end(team, woke)
     for f in range(F):
         out[f] = part[f]
     for b in range(1, nb):
@@ -2349,9 +2368,10 @@ cdef void _blocks(floating* x, floating* blocks, Py_ssize_t N, Py_ssize_t H, Py_
     cdef Py_ssize_t r, n, i, a, b, j, c, ih, iw
     cdef floating* xp
     cdef floating* bp
-    cdef int woke = fc_wake_begin(n_threads)
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, n_threads)
     for r in prange(N * HB * s, schedule="static", num_threads=n_threads):
-        fc_note_thread()
+        fc_note_thread(team)
         n = r // (HB * s)
         i = r // s % HB
         a = r % s
@@ -2372,7 +2392,7 @@ cdef void _blocks(floating* x, floating* blocks, Py_ssize_t N, Py_ssize_t H, Py_
                 else:
                     for c in range(C):
                         xp[c] = bp[c]
-    fc_wake_end(woke)
+    fc_wake_end(team, woke)
 
 
 def space_to_depth(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
