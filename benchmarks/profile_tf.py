@@ -9,8 +9,8 @@ converted twin, times their `train_on_batch` (or `predict_on_batch`) interleaved
 --steps steps of each with TensorFlow's profiler and prints the time TensorFlow's executor spent
 in each op type, per step (the "tf_Compute" events; ops that run at the same time on the 2
 cores both count, so the sums exceed the step's wall time). The convolution rows are
-_MklNative* (oneDNN) for Keras and Fastconv* for the converted model; the rest (BatchNormalization's
-Mul/Sum/Mean, activations) is the same graph in both. The profiles stay in --logdir for
+TensorFlow's (_MklNative* with oneDNN) for Keras and Fastconv* for the converted model; the rest
+(BatchNormalization's Mul/Sum/Mean, activations) is the same graph in both. The profiles stay in --logdir for
 TensorBoard (each run replaces the last).
 """
 
