@@ -14,7 +14,8 @@ Progress lines go to stderr as `@@progress <json>`.
 
 What is timed, per case: `keras.layers.Conv2D` and `fastconv.Conv2D` holding identical weights,
 plus fastconv on one thread (`fastconv.set_num_threads(1)`; the default is all cores), called in
-interleaved rounds after warm-up, median over at least --reps calls each.
+interleaved rounds (in an order that rotates) after warm-up, median over at least --reps calls
+each.
   fwd:   eager `layer(x)` (JAX: + block_until_ready)
   train: the forward and its gradients wrt input, kernel and bias for the output gradient dy
          (those of sum(layer(x) * dy)) with the backend's own autodiff: tf.GradientTape
@@ -98,7 +99,11 @@ def _timed(fn):
 
 
 def measure(variants, reps, warmup, time_cap):
-    """Median time of each of `variants` ({name: fn}), interleaved rounds after warm-up."""
+    """Median time of each of `variants` ({name: fn}), interleaved rounds after warm-up. The
+    order rotates from round to round, so that no variant always runs after the same one (and
+    its caches): in a fixed order, two fastconv variants of a TensorFlow model's step that time
+    the same when their order alternates (OpenMP wake-up on and off) differed by 4-7%, the one
+    right after Keras' step being the slower."""
     est = {}
     for name, fn in variants.items():
         t = _timed(fn)  # the first call may compile (XLA, jit): never an estimate
@@ -116,10 +121,12 @@ def measure(variants, reps, warmup, time_cap):
     inner = {name: 1 if est[name] * reps > time_cap else math.ceil(reps / rounds)
              for name in variants}
     times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    names = list(variants)
+    for r in range(rounds):
+        start = r % len(names)
+        for name in names[start:] + names[:start]:
             for _ in range(inner[name]):
-                times[name].append(_timed(fn))
+                times[name].append(_timed(variants[name]))
     return {name: {"median": float(np.median(ts)), "min": float(np.min(ts)), "n": len(ts),
                    "times": [float(t) for t in ts]}
             for name, ts in times.items()}
