@@ -356,8 +356,8 @@ def run_case(case, args, rec):
                                             "data_format": "channels_last"})
         twin.build(spec.to_nhwc(case.input_shape))
         twin.set_weights([kernel, bias])
-        x_cl = to_backend(x_np.transpose(0, 2, 3, 1).copy())
-        fwd["fastconv_cl"] = forward_fn(twin, x_cl, threads)
+        x_cl = np.ascontiguousarray(x_np.transpose(0, 2, 3, 1))
+        fwd["fastconv_cl"] = forward_fn(twin, to_backend(x_cl), threads)
     if threads > 1:
         fwd["fastconv_1t"] = forward_fn(f_layer, x, 1)
     if BACKEND == "torch":
@@ -380,7 +380,7 @@ def run_case(case, args, rec):
             train["fastconv_1t"] = train_fn(f_layer, xg, dy, 1)
         if twin is not None:
             train["fastconv_cl"] = train_fn(
-                twin, to_backend(x_np.transpose(0, 2, 3, 1).copy(), requires_grad=True),
+                twin, to_backend(x_cl, requires_grad=True),
                 to_backend(dy_np.transpose(0, 2, 3, 1).copy()), threads)
         if y_k is not None:
             g_k = [to_numpy(g) for g in train["keras"]()]

@@ -117,14 +117,9 @@ def _ffi_grad_input(spec, dy, k, x_shape, dtype):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x_shape, k.shape)
-    dy = _nhwc(spec, dy)
-    blocks = g.blocks(spec.strides, spec.dilation_rate)
-    if blocks is None:
-        return _from_nhwc(spec, _grad_input_call(spec, g, dy, k, dtype))
-    s, gb, _ = blocks
-    dxb = _grad_input_call(host.UNIT, gb, dy, host.kernel_blocks(k, s, gb, **_JNP_OPS),
-                           dtype)
-    return _from_nhwc(spec, host.input_from_blocks(dxb, s, g, gb, **_JNP_OPS))
+    dx = host.blocked_grad_input(spec, g, _nhwc(spec, dy), k,
+                                 lambda *a: _grad_input_call(*a, dtype), _JNP_OPS)
+    return _from_nhwc(spec, dx)
 
 
 def _grad_input_call(spec, g, dy, k, dtype):
@@ -139,14 +134,8 @@ def _ffi_grad_kernel(spec, x, dy, k_shape, dtype):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x.shape, k_shape)
-    x, dy = _nhwc(spec, x), _nhwc(spec, dy)
-    blocks = g.blocks(spec.strides, spec.dilation_rate)
-    if blocks is None:
-        return _grad_kernel_call(spec, g, x, dy, dtype)
-    s, gb, _ = blocks
-    dkb = _grad_kernel_call(host.UNIT, gb, host.input_blocks(x, s, g, gb, **_JNP_OPS), dy,
-                             dtype)
-    return host.kernel_from_blocks(dkb, s, g, jax.numpy.reshape, jax.numpy.transpose)
+    return host.blocked_grad_kernel(spec, g, _nhwc(spec, x), _nhwc(spec, dy),
+                                    lambda *a: _grad_kernel_call(*a, dtype), _JNP_OPS)
 
 
 def _grad_kernel_call(spec, g, x, dy, dtype):

@@ -235,6 +235,28 @@ def input_from_blocks(xb, s, g, gb, pad, reshape, transpose):
     return pad(inside, ((0, 0), (0, g.h - h), (0, g.w - w), (0, 0)))
 
 
+def blocked_grad_input(spec, g, dy, k, call, ops):
+    """The gradient wrt the input for an NHWC dy by `call(spec, g, dy, k)` (a bridge's native
+    grad_input on NHWC arrays), on the space-to-depth blocks where Geometry.blocks has them;
+    ops: the caller's pad, reshape and transpose."""
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is None:
+        return call(spec, g, dy, k)
+    s, gb, _ = blocks
+    return input_from_blocks(call(UNIT, gb, dy, kernel_blocks(k, s, gb, **ops)), s, g, gb, **ops)
+
+
+def blocked_grad_kernel(spec, g, x, dy, call, ops):
+    """The gradient wrt the kernel for NHWC x and dy by `call(spec, g, x, dy)`, as
+    blocked_grad_input."""
+    blocks = g.blocks(spec.strides, spec.dilation_rate)
+    if blocks is None:
+        return call(spec, g, x, dy)
+    s, gb, _ = blocks
+    return kernel_from_blocks(call(UNIT, gb, input_blocks(x, s, g, gb, **ops), dy), s, g,
+                              ops["reshape"], ops["transpose"])
+
+
 def _kernel_blocks(kernel, s, gb):
     return np.ascontiguousarray(kernel_blocks(np.asarray(kernel), s, gb, np.pad, np.reshape,
                                               np.transpose))

@@ -183,16 +183,12 @@ def _native_grad_input(spec, dy, k, x_shape, dtype):
     if found is None:
         return None
     g, known = found
-    dy = _nhwc(spec, dy)
-    blocks = g.blocks(spec.strides, spec.dilation_rate)
-    if blocks is None:
-        return _from_nhwc(spec, _grad_input_op(spec, g, known, dy, k))
-    s, gb, _ = blocks
-    dxb = _grad_input_op(host.UNIT, gb, known, dy, host.kernel_blocks(k, s, gb, **_TF_OPS))
-    return _from_nhwc(spec, host.input_from_blocks(dxb, s, g, gb, **_TF_OPS))
+    dx = host.blocked_grad_input(spec, g, _nhwc(spec, dy), k,
+                                 lambda *a: _grad_input_op(*a, known=known), _TF_OPS)
+    return _from_nhwc(spec, dx)
 
 
-def _grad_input_op(spec, g, known, dy, k):
+def _grad_input_op(spec, g, dy, k, known):
     """The native grad_input on an NHWC dy."""
     wt = host.regrouped_kernel(k, g, tf.reshape, tf.transpose)
     dyin, (_, h, w, c) = _recut(spec, g, known, dy, (None, g.h, g.w, g.c))
@@ -208,16 +204,11 @@ def _native_grad_kernel(spec, x, dy, k_shape, dtype):
     if found is None:
         return None
     g, known = found
-    x, dy = _nhwc(spec, x), _nhwc(spec, dy)
-    blocks = g.blocks(spec.strides, spec.dilation_rate)
-    if blocks is None:
-        return _grad_kernel_op(spec, g, known, x, dy)
-    s, gb, _ = blocks
-    dkb = _grad_kernel_op(host.UNIT, gb, known, host.input_blocks(x, s, g, gb, **_TF_OPS), dy)
-    return host.kernel_from_blocks(dkb, s, g, tf.reshape, tf.transpose)
+    return host.blocked_grad_kernel(spec, g, _nhwc(spec, x), _nhwc(spec, dy),
+                                    lambda *a: _grad_kernel_op(*a, known=known), _TF_OPS)
 
 
-def _grad_kernel_op(spec, g, known, x, dy):
+def _grad_kernel_op(spec, g, x, dy, known):
     """The native grad_kernel on NHWC x and dy."""
     return _OPS.ops.fastconv_grad_kernel(x, dy, kernel_shape=list(g.kernel_shape),
                                          **_geometry_attrs(spec, g, known))
