@@ -1984,6 +1984,18 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
 # of tasks and, for every chunk of output rows in turn (fixed chunk size, so that the chunk of
 # x and dy stays in cache), adds the chunk's sum to its tasks' dW tiles.
 
+cdef inline void _sum_rows(const floating* a, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t c0,
+                           Py_ssize_t c1, floating* out, bint first) noexcept nogil:
+    # out[c0:c1] (+)= the sum of a[i, c0:c1] over rows i (ld apart)
+    cdef Py_ssize_t i, c
+    if first:
+        for c in range(c0, c1):
+            out[c] = 0
+    for i in range(rows):
+        for c in range(c0, c1):
+            out[c] += a[i * ld + c]
+
+
 cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dwp,
                              const Py_ssize_t* tasks, Py_ssize_t t0, Py_ssize_t t1,
                              Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
@@ -1991,7 +2003,8 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                              Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t groups,
                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dwl,
                              Py_ssize_t pad_top, Py_ssize_t pad_left,
-                             Py_ssize_t chunk, Py_ssize_t KH, bint dk3) noexcept nogil:
+                             Py_ssize_t chunk, Py_ssize_t KH, bint dk3,
+                             floating* db) noexcept nogil:
     cdef Py_ssize_t aoff[MAX_CHUNK]
     cdef const floating* xr[3 * MAX_CHUNK]
     cdef Py_ssize_t xs[3 * MAX_CHUNK]
@@ -2002,7 +2015,7 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef Py_ssize_t R = N * OH
-    cdef Py_ssize_t r0, r, t, tap, kh, kw, g, i0, f0, n, oh, ih, ow_lo, ow_hi, xo, fo
+    cdef Py_ssize_t r0, r, t, tap, kh, kw, g, i0, f0, n, oh, ih, ow_lo, ow_hi, xo, fo, c0, c1
     cdef int P, V, nseg, first
     r0 = 0
     while r0 < R:
@@ -2016,6 +2029,12 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
             P = <int>(tasks[5 * t + 4] & 255)
             kh = tap // KW
             kw = tap % KW
+            if db != NULL and tap == 0 and i0 == 0:
+                # the bias gradient of the task's output channels (each has one such task), from
+                # the chunk of dy that its tasks read: one pass over dy fewer than a separate sum
+                c0 = g * cout_g if V == 0 else (f0 if depthwise or dk3 else g * cout_g + f0)
+                c1 = c0 + (P * cout_g if V == 0 else V)
+                _sum_rows(dy + r0 * OW * F, _min(R - r0, chunk) * OW, F, c0, c1, db, first)
             if dk3:
                 # fc_dwk3: kernel rows kh .. kh + 2, all 3 columns, channels f0 .. f0 + V
                 nh = <int>_min(3, KH - kh)
@@ -2080,11 +2099,11 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
                 const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
                 floating[:, :, :, ::1] dw,         # OUT (KH, KW, C // groups, F)
                 int sh, int sw, int dh, int dwl, int pad_top, int pad_left, int groups,
-                int n_threads):
+                int n_threads, floating[::1] db=None):   # OUT (F,) dy's channel sums, or None
     if _grad_kernel(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3],
                     &dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &dw[0, 0, 0, 0],
                     dw.shape[0], dw.shape[1], dw.shape[2], sh, sw, dh, dwl, pad_top, pad_left,
-                    groups, n_threads) != 0:
+                    groups, n_threads, NULL if db is None else &db[0]) != 0:
         raise MemoryError()
 
 
@@ -2094,7 +2113,7 @@ cdef int _grad_kernel_f32(const float* x, Py_ssize_t N, Py_ssize_t H, Py_ssize_t
                           Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
                           int pad_left, int groups, int n_threads) noexcept nogil:
     return _grad_kernel(x, N, H, W, C, dy, OH, OW, F, dw, KH, KW, cin_g, sh, sw, dh, dwl,
-                        pad_top, pad_left, groups, n_threads)
+                        pad_top, pad_left, groups, n_threads, NULL)
 
 
 def ffi_grad_kernel():
@@ -2107,8 +2126,11 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                       Py_ssize_t C, const floating* gp0, Py_ssize_t OH, Py_ssize_t OW,
                       Py_ssize_t F, floating* dp0, Py_ssize_t KH, Py_ssize_t KW,
                       Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
-                      int pad_left, int groups, int n_threads) noexcept nogil:
-    # x (N, H, W, C), dy (N, OH, OW, F), dw (KH, KW, cin_g, F); returns -1 when out of memory
+                      int pad_left, int groups, int n_threads, floating* db0) noexcept nogil:
+    # x (N, H, W, C), dy (N, OH, OW, F), dw (KH, KW, cin_g, F), db (F,) dy's channel sums or
+    # NULL; returns -1 when out of memory
+    if db0 != NULL and (KH * KW * cin_g * F == 0 or N * OH * OW == 0):
+        memset(db0, 0, F * sizeof(floating))
     if KH * KW * cin_g * F == 0:
         return 0
     if N * OH * OW == 0:
@@ -2124,14 +2146,18 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef Py_ssize_t F0 = F
     cdef floating* gpad = NULL
     cdef floating* dpad = NULL
+    cdef floating* bpad = NULL
     if _padded(cout_g, sz) != cout_g:
         cout_g = _padded(cout_g, sz)
         F = groups * cout_g
         gpad = _pad_groups(gp0, N * OH * OW, groups, F0 // groups, cout_g)
         dpad = <floating*>malloc(KH * KW * cin_g * F * sizeof(floating))
-        if gpad == NULL or dpad == NULL:
+        if db0 != NULL:
+            bpad = <floating*>malloc(F * sizeof(floating))
+        if gpad == NULL or dpad == NULL or (db0 != NULL and bpad == NULL):
             free(gpad)
             free(dpad)
+            free(bpad)
             return -1
     cdef bint pairk = (floating is float and FC_PAIRK_OK and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
@@ -2191,6 +2217,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             if tasks == NULL:
                 free(gpad)
                 free(dpad)
+                free(bpad)
                 return -1
     # output rows per chunk (a pass over the tasks): about 96 KiB of dy, but at least 112
     # pixels, so that each task's reduction is long enough for its tile's load and store; never
@@ -2202,19 +2229,23 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef const floating* xp = xp0
     cdef const floating* gp = gp0 if gpad == NULL else gpad
     cdef floating* dp = dp0 if dpad == NULL else dpad
+    cdef floating* bp = db0 if bpad == NULL else bpad
     cdef fc_team_t* team = fc_team()
     cdef int woke = fc_wake_begin(team, nt)
     for t in prange(nt, schedule="static", num_threads=nt):
         fc_note_thread(team)
         _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
                            N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
-                           pad_top, pad_left, chunk, KH, dk3)
+                           pad_top, pad_left, chunk, KH, dk3, bp)
     fc_wake_end(team, woke)
     if dpad != NULL:
         _unpad(dpad, cout_g, dp0, F0 // groups, KH * KW * cin_g, groups, NULL)
+    if bpad != NULL:
+        _unpad(bpad, cout_g, db0, F0 // groups, 1, groups, NULL)
     free(tasks)
     free(gpad)
     free(dpad)
+    free(bpad)
     return 0
 
 

@@ -94,6 +94,7 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
         dy = rng.standard_normal(out.shape).astype(dtype)
         dx = host.grad_input(dy, k, spec, x.shape, dtype)
         dk = host.grad_kernel(x, dy, spec, k.shape, dtype)
+        dk_fused, db_fused = host.grad_kernel(x, dy, spec, k.shape, dtype, bias=True)
     finally:
         _dispatch.kernels = saved
     expected = reference.conv(x, k, strides, padding, dilation, data_format)
@@ -103,6 +104,11 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
     reference.assert_close(out_bias, expected + bias.reshape(spec.bias_shape), rtol, "+ bias")
     reference.assert_close(dx, ref_dx, rtol, "grad_input")
     reference.assert_close(dk, ref_dk, rtol, "grad_kernel")
+    # with the bias gradient taken on the way: the same dk, and dy's channel sums
+    np.testing.assert_array_equal(dk_fused, dk)
+    assert db_fused.dtype == dtype and db_fused.shape == (f,)
+    reference.assert_close(db_fused, dy.astype(np.float64).sum(axis=spec.reduce_axes), rtol,
+                           "grad_kernel's bias gradient")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -199,7 +205,8 @@ def test_gradients_on_blocks(case, data_format, monkeypatch):
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
     blocked = (groups == 1 and dilation == (1, 1) and strides[0] == strides[1]
                and min(kh, kw) >= strides[0])
-    assert sorted(calls) == (["depth_to_space", "space_to_depth"] if blocked else [])
+    # (_check takes grad_kernel twice: without and with the bias gradient)
+    assert sorted(calls) == (["depth_to_space"] + ["space_to_depth"] * 2 if blocked else [])
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[19]], ids=str)

@@ -159,23 +159,27 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     return _from_nhwc(dx, spec)
 
 
-def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32):
-    """d(loss)/d(kernel) given dy = d(loss)/d(outputs)."""
+def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32, bias=False):
+    """d(loss)/d(kernel) given dy = d(loss)/d(outputs); with `bias`, also d(loss)/d(bias) (dy's
+    channel sums, taken by the kernels from the dy they read anyway): (dw, db)."""
     x = np.asarray(x)
     g = spec.geometry(x.shape, kernel_shape)
+    dy = _nhwc(dy, spec, dtype)
+    db = _empty((g.f,), dtype) if bias else None
     blocks = g.blocks(spec.strides, spec.dilation_rate)
     if blocks is not None:
         s, gb, _ = blocks
         xb = _empty(gb.input_shape_nhwc, dtype)
         _dispatch.kernels.space_to_depth(_nhwc(x, spec, dtype), xb, s, g.pad_top, g.pad_left,
                                          _threads(xb.size, _ELEMENTS_PER_THREAD))
-        dwb = grad_kernel(xb, _nhwc(dy, spec, dtype), UNIT, gb.kernel_shape, dtype)
-        return _kernel_from_blocks(dwb, s, g)
-    dw = _empty(g.kernel_shape, dtype)
-    _dispatch.kernels.grad_kernel(
-        _nhwc(x, spec, dtype), _nhwc(dy, spec, dtype), dw, *_args(spec, g)
-    )
-    return dw
+        dwb = grad_kernel(xb, dy, UNIT, gb.kernel_shape, dtype, bias)
+        if bias:
+            dwb, db = dwb
+        dw = _kernel_from_blocks(dwb, s, g)
+    else:
+        dw = _empty(g.kernel_shape, dtype)
+        _dispatch.kernels.grad_kernel(_nhwc(x, spec, dtype), dy, dw, *_args(spec, g), db)
+    return (dw, db) if bias else dw
 
 
 def bias_grad(dy, spec, dtype=np.float32):

@@ -42,6 +42,12 @@ def _grad_kernel(x, dy, kernel_shape, spec):
         host.grad_kernel(_numpy(x), _numpy(dy), spec, tuple(kernel_shape), _DTYPES[x.dtype]))
 
 
+def _grad_kernel_bias(x, dy, kernel_shape, spec):
+    dk, db = host.grad_kernel(_numpy(x), _numpy(dy), spec, tuple(kernel_shape),
+                              _DTYPES[x.dtype], bias=True)
+    return torch.from_numpy(dk), torch.from_numpy(db)
+
+
 def _gradients(ctx, x, k, has_bias, dy, spec, direct):
     """(dx, dk, db) as needed. `direct` calls the host; otherwise the gradient custom ops run,
     which a compiler can trace and whose own gradient raises (second order)."""
@@ -53,10 +59,15 @@ def _gradients(ctx, x, k, has_bias, dy, spec, direct):
     if needs[0]:
         dx = (_grad_input(dy, k, x.shape, spec) if direct
               else _grad_input_op(dy, k, list(x.shape), *_args(spec)))
+    bias = has_bias and needs[2]
+    if needs[1] and bias and direct:
+        # one pass over dy for both (the kernels sum dy's channels from the chunks they read)
+        dk, db = _grad_kernel_bias(x, dy, k.shape, spec)
+        return dx, dk, db
     if needs[1]:
         dk = (_grad_kernel(x, dy, k.shape, spec) if direct
               else _grad_kernel_op(x, dy, list(k.shape), *_args(spec)))
-    if has_bias and needs[2]:
+    if bias:
         db = _bias_grad(dy, spec) if direct else dy.sum(dim=spec.reduce_axes)
     return dx, dk, db
 
