@@ -2111,15 +2111,16 @@ cdef int _grad_kernel_f32(const float* x, Py_ssize_t N, Py_ssize_t H, Py_ssize_t
                           Py_ssize_t C, const float* dy, Py_ssize_t OH, Py_ssize_t OW,
                           Py_ssize_t F, float* dw, Py_ssize_t KH, Py_ssize_t KW,
                           Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
-                          int pad_left, int groups, int n_threads) noexcept nogil:
+                          int pad_left, int groups, int n_threads,
+                          float* db) noexcept nogil:
     return _grad_kernel(x, N, H, W, C, dy, OH, OW, F, dw, KH, KW, cin_g, sh, sw, dh, dwl,
-                        pad_top, pad_left, groups, n_threads, NULL)
+                        pad_top, pad_left, groups, n_threads, db)
 
 
 def ffi_grad_kernel():
     """`grad_kernel` in float32 as a C function in a capsule (see ffi_forward): the arguments
-    of _grad_kernel_f32, all in order."""
-    return PyCapsule_New(<void*>_grad_kernel_f32, b"fastconv.grad_kernel_f32", NULL)
+    of _grad_kernel_f32, all in order (the last, db, NULL for no bias gradient)."""
+    return PyCapsule_New(<void*>_grad_kernel_f32, b"fastconv.grad_kernel_db_f32", NULL)
 
 
 cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,

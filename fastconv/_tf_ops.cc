@@ -70,6 +70,15 @@ absl::Status ShapeFromAttrs(InferenceContext* c, int like, const char* a, const 
   return absl::OkStatus();
 }
 
+// dk of the kernel_shape attribute and, for an op with two outputs, db (F,)
+absl::Status KernelShapes(InferenceContext* c) {
+  std::vector<int64_t> shape;
+  TF_RETURN_IF_ERROR(c->GetAttr("kernel_shape", &shape));
+  c->set_output(0, c->MakeShape({shape[0], shape[1], shape[2], shape[3]}));
+  if (c->num_outputs() > 1) c->set_output(1, c->Vector(shape[3]));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 // x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,) -> (N, OH, OW, F)
@@ -102,12 +111,18 @@ REGISTER_OP("FastconvGradKernel")
     .Output("dk: float")
     .FASTCONV_GEOMETRY_ATTRS
     .Attr("kernel_shape: list(int)")
-    .SetShapeFn([](InferenceContext* c) {
-      std::vector<int64_t> shape;
-      TF_RETURN_IF_ERROR(c->GetAttr("kernel_shape", &shape));
-      c->set_output(0, c->MakeShape({shape[0], shape[1], shape[2], shape[3]}));
-      return absl::OkStatus();
-    });
+    .SetShapeFn(KernelShapes);
+
+// x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F), db (F,): with the bias
+// gradient summed from the dy that grad_kernel reads anyway
+REGISTER_OP("FastconvGradKernelBias")
+    .Input("x: float")
+    .Input("dy: float")
+    .Output("dk: float")
+    .Output("db: float")
+    .FASTCONV_GEOMETRY_ATTRS
+    .Attr("kernel_shape: list(int)")
+    .SetShapeFn(KernelShapes);
 
 REGISTER_OP("FastconvBiasGrad")
     .Input("dy: float")
@@ -176,6 +191,8 @@ class GradInput : public OpKernel {
   int64_t h_, w_, c_;
 };
 
+// FastconvGradKernel, or with kBias FastconvGradKernelBias
+template <bool kBias>
 class GradKernel : public OpKernel {
  public:
   explicit GradKernel(OpKernelConstruction* ctx) : OpKernel(ctx), g_(ctx) {
@@ -188,13 +205,15 @@ class GradKernel : public OpKernel {
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
     Tensor* dk = nullptr;
+    Tensor* db = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape(shape_), &dk));
+    if (kBias) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({shape_[3]}), &db));
     Done(ctx, fastconv::grad_kernel_f32(
                   x.flat<float>().data(), x.dim_size(0), x.dim_size(1), x.dim_size(2),
                   x.dim_size(3), dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2),
                   dy.dim_size(3), dk->flat<float>().data(), shape_[0], shape_[1], shape_[2],
                   g_.sh, g_.sw, g_.dh, g_.dw, g_.pad_top, g_.pad_left, g_.groups,
-                  fastconv::threads(g_.max_threads)));
+                  fastconv::threads(g_.max_threads), kBias ? db->flat<float>().data() : nullptr));
   }
 
  private:
@@ -230,7 +249,10 @@ class BiasGrad : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("FastconvForward").Device(tensorflow::DEVICE_CPU), Forward);
 REGISTER_KERNEL_BUILDER(Name("FastconvGradInput").Device(tensorflow::DEVICE_CPU), GradInput);
-REGISTER_KERNEL_BUILDER(Name("FastconvGradKernel").Device(tensorflow::DEVICE_CPU), GradKernel);
+REGISTER_KERNEL_BUILDER(Name("FastconvGradKernel").Device(tensorflow::DEVICE_CPU),
+                        GradKernel<false>);
+REGISTER_KERNEL_BUILDER(Name("FastconvGradKernelBias").Device(tensorflow::DEVICE_CPU),
+                        GradKernel<true>);
 REGISTER_KERNEL_BUILDER(Name("FastconvBiasGrad").Device(tensorflow::DEVICE_CPU), BiasGrad);
 
 static PyMethodDef methods[] = {FASTCONV_KERNEL_API_METHODS, {nullptr, nullptr, 0, nullptr}};

@@ -69,11 +69,12 @@ ffi::Error GradInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wt,
       threads(max_threads)));
 }
 
-// x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F)
-ffi::Error GradKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t dh,
-                      int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
-                      int64_t max_threads) {
+// x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F), and db (F,) dy's channel
+// sums (the bias gradient) unless db is null
+ffi::Error GradKernelInto(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dk, float* db, int64_t sh, int64_t sw,
+                          int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left,
+                          int64_t groups, int64_t max_threads) {
   if (grad_kernel_f32 == nullptr) return Unset();
   fastconv::calls++;
   auto xd = x.dimensions();
@@ -83,21 +84,33 @@ ffi::Error GradKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       x.typed_data(), xd[0], xd[1], xd[2], xd[3], dy.typed_data(), gd[1], gd[2], gd[3],
       dk->typed_data(), kd[0], kd[1], kd[2], static_cast<int>(sh), static_cast<int>(sw),
       static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(pad_top),
-      static_cast<int>(pad_left), static_cast<int>(groups), threads(max_threads)));
+      static_cast<int>(pad_left), static_cast<int>(groups), threads(max_threads), db));
 }
 
-// dy (N, OH, OW, F) -> db (F,): dy summed over all but its channels
-ffi::Error BiasGrad(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> db,
-                    int64_t max_threads) {
-  if (fastconv::channel_sums_f32 == nullptr) return Unset();
-  fastconv::calls++;
-  const int64_t f = db->dimensions()[0];
-  return Done(fastconv::channel_sums_f32(dy.typed_data(),
-                                         f ? static_cast<int64_t>(dy.element_count()) / f : 0,
-                                         f, db->typed_data(), threads(max_threads)));
+ffi::Error GradKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t dh,
+                      int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
+                      int64_t max_threads) {
+  return GradKernelInto(x, dy, dk, nullptr, sh, sw, dh, dw, pad_top, pad_left, groups,
+                        max_threads);
+}
+
+ffi::Error GradKernelBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db,
+                          int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pad_top,
+                          int64_t pad_left, int64_t groups, int64_t max_threads) {
+  return GradKernelInto(x, dy, dk, db->typed_data(), sh, sw, dh, dw, pad_top, pad_left,
+                        groups, max_threads);
 }
 
 }  // namespace
+
+// The attributes every direction takes: what fastconv.backends.numpy._args computes
+// (max_threads: the most threads the work is worth).
+#define FASTCONV_FFI_GEOMETRY_ATTRS                                                        \
+  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("dh").Attr<int64_t>("dw")       \
+      .Attr<int64_t>("pad_top").Attr<int64_t>("pad_left").Attr<int64_t>("groups")        \
+      .Attr<int64_t>("max_threads")
 
 XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
                        ffi::Ffi::Bind()
@@ -105,14 +118,7 @@ XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
                            .Arg<ffi::Buffer<ffi::F32>>()
                            .Arg<ffi::Buffer<ffi::F32>>()
                            .Ret<ffi::Buffer<ffi::F32>>()
-                           .Attr<int64_t>("sh")
-                           .Attr<int64_t>("sw")
-                           .Attr<int64_t>("dh")
-                           .Attr<int64_t>("dw")
-                           .Attr<int64_t>("pad_top")
-                           .Attr<int64_t>("pad_left")
-                           .Attr<int64_t>("groups")
-                           .Attr<int64_t>("max_threads")  // the most the work is worth
+                           FASTCONV_FFI_GEOMETRY_ATTRS
                            .Attr<int64_t>("has_bias"));
 
 #define FASTCONV_GRAD_HANDLER(name, fn)                     \
@@ -121,23 +127,18 @@ XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
                              .Arg<ffi::Buffer<ffi::F32>>()  \
                              .Arg<ffi::Buffer<ffi::F32>>()  \
                              .Ret<ffi::Buffer<ffi::F32>>()  \
-                             .Attr<int64_t>("sh")           \
-                             .Attr<int64_t>("sw")           \
-                             .Attr<int64_t>("dh")           \
-                             .Attr<int64_t>("dw")           \
-                             .Attr<int64_t>("pad_top")      \
-                             .Attr<int64_t>("pad_left")     \
-                             .Attr<int64_t>("groups")       \
-                             .Attr<int64_t>("max_threads"));
+                             FASTCONV_FFI_GEOMETRY_ATTRS);
 
 FASTCONV_GRAD_HANDLER(fastconv_grad_input, GradInput)
 FASTCONV_GRAD_HANDLER(fastconv_grad_kernel, GradKernel)
 
-XLA_FFI_DEFINE_HANDLER(fastconv_bias_grad, BiasGrad,
+XLA_FFI_DEFINE_HANDLER(fastconv_grad_kernel_bias, GradKernelBias,
                        ffi::Ffi::Bind()
                            .Arg<ffi::Buffer<ffi::F32>>()
+                           .Arg<ffi::Buffer<ffi::F32>>()
                            .Ret<ffi::Buffer<ffi::F32>>()
-                           .Attr<int64_t>("max_threads"));
+                           .Ret<ffi::Buffer<ffi::F32>>()
+                           FASTCONV_FFI_GEOMETRY_ATTRS);
 
 static PyObject* handlers(PyObject*, PyObject*) {
   return Py_BuildValue(
@@ -147,8 +148,8 @@ static PyObject* handlers(PyObject*, PyObject*) {
       PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_input), nullptr, nullptr),
       "fastconv_grad_kernel",
       PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_kernel), nullptr, nullptr),
-      "fastconv_bias_grad",
-      PyCapsule_New(reinterpret_cast<void*>(fastconv_bias_grad), nullptr, nullptr));
+      "fastconv_grad_kernel_bias",
+      PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_kernel_bias), nullptr, nullptr));
 }
 
 static PyMethodDef methods[] = {

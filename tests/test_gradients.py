@@ -453,6 +453,42 @@ def test_tf_function_runs_the_native_ops(case):
             reference.assert_close(value, ref, 1e-4)
 
 
+BIAS_CASES = [c for c in FFI_CASES if c[5]]
+
+
+def _all_gradients_reference(case, x, k, spec, dy):
+    x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
+    ref_dx, ref_dk = reference.grads(x, k, dy, strides, padding, dilation, data_format)
+    return ref_dx, ref_dk, dy.astype(np.float64).sum(axis=spec.reduce_axes)
+
+
+@only_tf
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_tf_function_bias_gradient_rides_on_grad_kernel(case):
+    # a training step's three gradients in a graph: grad_input's op and grad_kernel's op with
+    # the bias gradient (its second output), two native calls, all three right
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    x_shape, k_shape = case[:2]
+    x, k, b, spec, expected, dy = _bridge_problem(case, 16)
+    refs = _all_gradients_reference(case, x, k, spec, dy)
+    for batch in (x_shape[0], None):
+        @tf.function(input_signature=[tf.TensorSpec((batch, *x_shape[1:])),
+                                      tf.TensorSpec(k_shape), tf.TensorSpec(b.shape)])
+        def grads(x, k, b):
+            with tf.GradientTape() as tape:
+                tape.watch([x, k, b])
+                loss = tf.reduce_sum(fastconv.ops.conv_bias(x, k, b, spec) * dy)
+            return tape.gradient(loss, [x, k, b])
+
+        before = _tf_ops().calls()
+        values = [v.numpy() for v in grads(x, k, b)]
+        # (with an unknown batch size the forward too, as above)
+        assert _tf_ops().calls() == before + (2 if batch is not None else 3)
+        for value, ref, name in zip(values, refs, ("dx", "dk", "db")):
+            reference.assert_close(value, ref, 1e-4, name)
+
+
 @only_tf
 @pytest.mark.parametrize("case", FFI_CASES[:3])
 def test_tf_function_without_the_native_ops(case, monkeypatch):
@@ -494,8 +530,9 @@ def _bias_problem(shape, seed):
 @only_tf
 @pytest.mark.parametrize("shape", [(2, 9, 11, 8), (0, 5, 6, 4)])
 def test_tf_bias_gradient_runs_the_native_op(shape):
-    # in a graph, a channels_last bias gradient is fastconv's op (the kernels' channel sums),
-    # not TensorFlow's reduce_sum: one call when only the bias gradient is asked for
+    # in a graph, a channels_last bias gradient is fastconv's op (the kernels' channel sums,
+    # taken by grad_kernel's op), not TensorFlow's reduce_sum: one call when only the bias
+    # gradient is asked for
     if _tf_ops() is None:
         pytest.skip("fastconv._tf_ops was not built")
     x, k, b, spec, dy = _bias_problem(shape, 21)
@@ -793,10 +830,27 @@ def test_jax_jit_runs_the_xla_custom_call(case):
 
 @only_jax
 @pytest.mark.skipif(_ffi() is None, reason="fastconv._xla_ffi was not built")
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_jax_jit_bias_gradient_rides_on_grad_kernel(case):
+    # a training step's three gradients under jit: grad_input's custom call and grad_kernel's
+    # with the bias gradient (its second result), all three right
+    x, k, b, spec, expected, dy = _bridge_problem(case, 17)
+    refs = _all_gradients_reference(case, x, k, spec, dy)
+    loss = lambda x, k, b: jnp.sum(fastconv.ops.conv_bias(x, k, b, spec) * dy)  # noqa: E731
+    before = _ffi().calls()
+    values = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b)
+    # (XLA skips a call with an empty result: dx of an empty batch)
+    assert _ffi().calls() == before + 1 + (x.size > 0)
+    for value, ref, name in zip(values, refs, ("dx", "dk", "db")):
+        reference.assert_close(np.asarray(value), ref, 1e-4, name)
+
+
+@only_jax
+@pytest.mark.skipif(_ffi() is None, reason="fastconv._xla_ffi was not built")
 @pytest.mark.parametrize("shape", [(2, 9, 11, 8), (0, 5, 6, 4)])
 def test_jax_bias_gradient_runs_the_custom_call(shape):
     # under jit, a channels_last bias gradient is fastconv's custom call (the kernels' channel
-    # sums), not XLA's reduction; alone, the forward is dropped
+    # sums, taken by grad_kernel's call), not XLA's reduction; alone, the forward is dropped
     x, k, b, spec, dy = _bias_problem(shape, 22)
     grad = jax.jit(jax.grad(lambda b: jnp.sum(fastconv.ops.conv_bias(x, k, b, spec) * dy)))
     before = _ffi().calls()

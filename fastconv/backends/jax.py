@@ -70,8 +70,11 @@ def _ffi_ready(dtype, spec):
 
 
 def _ffi_call(name, shape, dtype, args, spec, g, **extra):
+    """The custom call `name`; shape: its result's, or a tuple of shapes for several."""
     sh, sw, dh, dw, pad_top, pad_left, groups, threads = host._args(spec, g)
-    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(tuple(shape), dtype),
+    several = isinstance(shape[0], tuple)
+    results = [jax.ShapeDtypeStruct(tuple(s), dtype) for s in (shape if several else [shape])]
+    call = jax.ffi.ffi_call(name, results if several else results[0],
                             vmap_method="sequential")
     return call(*args, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
                 pad_top=np.int64(pad_top), pad_left=np.int64(pad_left),
@@ -130,27 +133,24 @@ def _grad_input_call(spec, g, dy, k, dtype):
     return dx.reshape(g.input_shape_nhwc)
 
 
-def _ffi_grad_kernel(spec, x, dy, k_shape, dtype):
+def _ffi_grad_kernel(spec, x, dy, k_shape, dtype, bias=False):
+    """The gradient wrt the kernel through the custom call, with `bias` (dk, db), or None
+    where only the callback serves."""
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x.shape, k_shape)
     return host.blocked_grad_kernel(spec, g, _nhwc(spec, x), _nhwc(spec, dy),
-                                    lambda *a: _grad_kernel_call(*a, dtype), _JNP_OPS)
+                                    lambda *a: _grad_kernel_call(*a, dtype, bias), _JNP_OPS,
+                                    bias)
 
 
-def _grad_kernel_call(spec, g, x, dy, dtype):
-    """The grad_kernel custom call on NHWC x and dy."""
-    return _ffi_call("fastconv_grad_kernel", g.kernel_shape, dtype, (x, dy), spec, g)
-
-
-def _ffi_bias_grad(spec, dy, dtype):
-    """The bias gradient of a channels_last dy by the kernels' channel sums (XLA's reduction
-    over (0, 1, 2) took 2-4x as long), or None where the custom calls do not serve."""
-    if not spec.channels_last or not _ffi_ready(dtype, spec):
-        return None
-    return jax.ffi.ffi_call("fastconv_bias_grad", jax.ShapeDtypeStruct(dy.shape[3:], dtype),
-                            vmap_method="sequential")(
-        dy, max_threads=np.int64(host._threads(dy.size, host._ELEMENTS_PER_THREAD)))
+def _grad_kernel_call(spec, g, x, dy, dtype, bias=False):
+    """The grad_kernel custom call on NHWC x and dy; with `bias` (dk, db) from one pass over
+    dy."""
+    if not bias:
+        return _ffi_call("fastconv_grad_kernel", g.kernel_shape, dtype, (x, dy), spec, g)
+    return _ffi_call("fastconv_grad_kernel_bias", (g.kernel_shape, (g.f,)), dtype, (x, dy),
+                     spec, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -187,23 +187,25 @@ def _(primals, tangents):
 
 
 def _conv_bwd(spec, residuals, dy):
-    # One call per gradient, not one for both: jit drops a call whose result is unused (the
-    # first layer's dx, a frozen layer's dk), measured.
+    # dx and dk from separate calls, not one: jit drops a call whose result is unused (the
+    # first layer's dx, a frozen layer's dk), measured. The bias gradient does ride on
+    # grad_kernel's call: one pass over dy fewer in every training step, against a kernel
+    # gradient computed for nothing where only the bias trains (rare for a convolution).
     x, k, b = residuals
     x, k, dy = _first_order_only(x, k, dy)
     dtype = np.dtype(x.dtype)
     dx = _ffi_grad_input(spec, dy, k, tuple(x.shape), dtype)
     if dx is None:
         dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
+    if b is not None:
+        # the bias gradient from the dy that grad_kernel reads anyway
+        fused = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype, bias=True)
+        if fused is not None:
+            return (dx, *fused)
     dk = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype)
     if dk is None:
         dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
-    db = None
-    if b is not None:
-        db = _ffi_bias_grad(spec, dy, dtype)
-        if db is None:
-            db = dy.sum(axis=spec.reduce_axes)
-    return dx, dk, db
+    return dx, dk, None if b is None else dy.sum(axis=spec.reduce_axes)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

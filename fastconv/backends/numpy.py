@@ -250,15 +250,18 @@ def blocked_grad_input(spec, g, dy, k, call, ops):
     return input_from_blocks(call(UNIT, gb, dy, kernel_blocks(k, s, gb, **ops)), s, g, gb, **ops)
 
 
-def blocked_grad_kernel(spec, g, x, dy, call, ops):
+def blocked_grad_kernel(spec, g, x, dy, call, ops, bias=False):
     """The gradient wrt the kernel for NHWC x and dy by `call(spec, g, x, dy)`, as
-    blocked_grad_input."""
+    blocked_grad_input; with `bias`, call returns (dk, db) and so does this (dy, and so db, is
+    the same on the blocks)."""
     blocks = g.blocks(spec.strides, spec.dilation_rate)
     if blocks is None:
         return call(spec, g, x, dy)
     s, gb, _ = blocks
-    return kernel_from_blocks(call(UNIT, gb, input_blocks(x, s, g, gb, **ops), dy), s, g,
-                              ops["reshape"], ops["transpose"])
+    dk = call(UNIT, gb, input_blocks(x, s, g, gb, **ops), dy)
+    dk, db = dk if bias else (dk, None)
+    dk = kernel_from_blocks(dk, s, g, ops["reshape"], ops["transpose"])
+    return (dk, db) if bias else dk
 
 
 def _kernel_blocks(kernel, s, gb):

@@ -48,10 +48,7 @@ def _numpy_function(fn, args, dtype, shape, prunable=True):
     which costs more than a small layer's kernel. In a graph, tf.numpy_function, or with
     prunable=False, `_into_tf_buffer`."""
     if tf.executing_eagerly():
-        out = host.contiguous(fn(*(np.from_dlpack(a) for a in args)))
-        if out.ctypes.data % host.ALIGN == 0:
-            return tf.experimental.dlpack.from_dlpack(out.__dlpack__())
-        return tf.convert_to_tensor(out)
+        return _tensor(fn(*(np.from_dlpack(a) for a in args)))
     if not prunable and None not in list(shape)[1:]:
         return _into_tf_buffer(fn, args, dtype, shape)
     out = tf.numpy_function(lambda *a: host.contiguous(fn(*a)), args, tf.as_dtype(dtype),
@@ -60,6 +57,14 @@ def _numpy_function(fn, args, dtype, shape, prunable=True):
     # without it Keras' swish, x * sigmoid(1.0 * x), is neither simplified nor fused into
     # _MklSwish after a fastconv layer (EfficientNetB0 predict 158 -> 141 ms)
     return tf.ensure_shape(out, shape)
+
+
+def _tensor(out):
+    """A host result as an eager tensor, without a copy where it is 64-byte aligned."""
+    out = host.contiguous(out)
+    if out.ctypes.data % host.ALIGN == 0:
+        return tf.experimental.dlpack.from_dlpack(out.__dlpack__())
+    return tf.convert_to_tensor(out)
 
 
 def _into_tf_buffer(fn, args, dtype, shape):
@@ -199,19 +204,22 @@ def _grad_input_op(spec, g, dy, k, known):
     return dx
 
 
-def _native_grad_kernel(spec, x, dy, k_shape, dtype):
+def _native_grad_kernel(spec, x, dy, k_shape, dtype, bias=False):
+    """The native gradient wrt the kernel, with `bias` (dk, db), or None where it does not
+    serve."""
     found = _native_geometry(spec, dtype, x.shape, k_shape)
     if found is None:
         return None
     g, known = found
     return host.blocked_grad_kernel(spec, g, _nhwc(spec, x), _nhwc(spec, dy),
-                                    lambda *a: _grad_kernel_op(*a, known=known), _TF_OPS)
+                                    lambda *a: _grad_kernel_op(*a, known=known, bias=bias),
+                                    _TF_OPS, bias)
 
 
-def _grad_kernel_op(spec, g, x, dy, known):
-    """The native grad_kernel on NHWC x and dy."""
-    return _OPS.ops.fastconv_grad_kernel(x, dy, kernel_shape=list(g.kernel_shape),
-                                         **_geometry_attrs(spec, g, known))
+def _grad_kernel_op(spec, g, x, dy, known, bias=False):
+    """The native grad_kernel on NHWC x and dy; with `bias` (dk, db), from one pass over dy."""
+    op = _OPS.ops.fastconv_grad_kernel_bias if bias else _OPS.ops.fastconv_grad_kernel
+    return op(x, dy, kernel_shape=list(g.kernel_shape), **_geometry_attrs(spec, g, known))
 
 
 def _native_bias_grad(spec, dy, dtype):
@@ -270,6 +278,14 @@ def conv(x, k, b, spec, result):
         return _numpy_function(lambda a, g: host.grad_kernel(a, g, spec, k.shape, dtype),
                                [x, dy], dtype, k.shape)
 
+    def grad_kernel_bias(x, dy):
+        # (dk, db) from one call, where _fused_bias_grad says it serves
+        if tf.executing_eagerly():
+            dk, db = host.grad_kernel(np.from_dlpack(x), np.from_dlpack(dy), spec, k.shape,
+                                      dtype, bias=True)
+            return _tensor(dk), _tensor(db)
+        return _native_grad_kernel(spec, x, dy, k.shape, dtype, bias=True)
+
     def bias_grad(dy, b):
         if tf.executing_eagerly():
             # TensorFlow's reduce_sum took 1-3 ms of a training step for a 6 MB dy here
@@ -281,6 +297,11 @@ def conv(x, k, b, spec, result):
     def _conv(x, k, *b):
         def grad(dy):
             dx = _first_order_only(grad_input, [dy, k])
+            if b and (tf.executing_eagerly()
+                      or _native_geometry(spec, dtype, x.shape, k.shape) is not None):
+                # the bias gradient from the dy that grad_kernel reads anyway
+                dk, db = _first_order_only(grad_kernel_bias, [x, dy])
+                return dx, dk, db
             dk = _first_order_only(grad_kernel, [x, dy])
             return (dx, dk, *(bias_grad(dy, c) for c in b))
 
