@@ -1986,14 +1986,20 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
 
 cdef inline void _sum_rows(const floating* a, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t c0,
                            Py_ssize_t c1, floating* out, bint first) noexcept nogil:
-    # out[c0:c1] (+)= the sum of a[i, c0:c1] over rows i (ld apart)
-    cdef Py_ssize_t i, c
-    if first:
-        for c in range(c0, c1):
-            out[c] = 0
-    for i in range(rows):
-        for c in range(c0, c1):
-            out[c] += a[i * ld + c]
+    # out[c0:c1] (+)= the sum of a[i, c0:c1] over rows i (ld apart), summed apart first (in
+    # pieces of 256 channels) and then added: a long float32 sum in two levels, as
+    # _channel_sums' blocks, not one running total
+    cdef floating acc[256]
+    cdef Py_ssize_t i, c, p, p1
+    for p in range(c0, c1, 256):
+        p1 = _min(c1, p + 256)
+        for c in range(p, p1):
+            acc[c - p] = 0
+        for i in range(rows):
+            for c in range(p, p1):
+                acc[c - p] += a[i * ld + c]
+        for c in range(p, p1):
+            out[c] = acc[c - p] if first else out[c] + acc[c - p]
 
 
 cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dwp,
