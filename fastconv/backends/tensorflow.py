@@ -279,18 +279,15 @@ def conv(x, k, b, spec, result):
                                [x, dy], dtype, k.shape)
 
     def grad_kernel_bias(x, dy):
-        # (dk, db) from one call, where _fused_bias_grad says it serves
+        # (dk, db) from one call: eagerly on the host, in a graph where the native ops serve
         if tf.executing_eagerly():
             dk, db = host.grad_kernel(np.from_dlpack(x), np.from_dlpack(dy), spec, k.shape,
                                       dtype, bias=True)
             return _tensor(dk), _tensor(db)
         return _native_grad_kernel(spec, x, dy, k.shape, dtype, bias=True)
 
-    def bias_grad(dy, b):
-        if tf.executing_eagerly():
-            # TensorFlow's reduce_sum took 1-3 ms of a training step for a 6 MB dy here
-            return _numpy_function(lambda g: host.bias_grad(g, spec, dtype), [dy], dtype,
-                                   b.shape)
+    def bias_grad(dy):
+        # in a graph where the native grad_kernel does not serve (else grad_kernel_bias)
         db = _native_bias_grad(spec, dy, dtype)
         return tf.reduce_sum(dy, axis=spec.reduce_axes) if db is None else db
 
@@ -303,7 +300,7 @@ def conv(x, k, b, spec, result):
                 dk, db = _first_order_only(grad_kernel_bias, [x, dy])
                 return dx, dk, db
             dk = _first_order_only(grad_kernel, [x, dy])
-            return (dx, dk, *(bias_grad(dy, c) for c in b))
+            return (dx, dk, *(bias_grad(dy) for _ in b))
 
         return forward(x, k, *b), grad
 
