@@ -103,6 +103,18 @@ ffi::Error GradKernelBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                         groups, max_threads);
 }
 
+// dy (N, OH, OW, F) -> db (F,): dy summed over all but its channels (a bias trained under a
+// frozen kernel; else the bias gradient comes with GradKernelBias)
+ffi::Error BiasGrad(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> db,
+                    int64_t max_threads) {
+  if (fastconv::channel_sums_f32 == nullptr) return Unset();
+  fastconv::calls++;
+  const int64_t f = db->dimensions()[0];
+  return Done(fastconv::channel_sums_f32(dy.typed_data(),
+                                         f ? static_cast<int64_t>(dy.element_count()) / f : 0,
+                                         f, db->typed_data(), threads(max_threads)));
+}
+
 }  // namespace
 
 // The attributes every direction takes: what fastconv.backends.numpy._args computes
@@ -140,16 +152,24 @@ XLA_FFI_DEFINE_HANDLER(fastconv_grad_kernel_bias, GradKernelBias,
                            .Ret<ffi::Buffer<ffi::F32>>()
                            FASTCONV_FFI_GEOMETRY_ATTRS);
 
+XLA_FFI_DEFINE_HANDLER(fastconv_bias_grad, BiasGrad,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::Buffer<ffi::F32>>()
+                           .Ret<ffi::Buffer<ffi::F32>>()
+                           .Attr<int64_t>("max_threads"));
+
 static PyObject* handlers(PyObject*, PyObject*) {
   return Py_BuildValue(
-      "{s:N,s:N,s:N,s:N}",
+      "{s:N,s:N,s:N,s:N,s:N}",
       "fastconv_forward", PyCapsule_New(reinterpret_cast<void*>(fastconv_forward), nullptr, nullptr),
       "fastconv_grad_input",
       PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_input), nullptr, nullptr),
       "fastconv_grad_kernel",
       PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_kernel), nullptr, nullptr),
       "fastconv_grad_kernel_bias",
-      PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_kernel_bias), nullptr, nullptr));
+      PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_kernel_bias), nullptr, nullptr),
+      "fastconv_bias_grad",
+      PyCapsule_New(reinterpret_cast<void*>(fastconv_bias_grad), nullptr, nullptr));
 }
 
 static PyMethodDef methods[] = {

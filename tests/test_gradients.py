@@ -843,14 +843,20 @@ def test_jax_jit_bias_gradient_rides_on_grad_kernel(case):
     assert _ffi().calls() == before + 1 + (x.size > 0)
     for value, ref, name in zip(values, refs, ("dx", "dk", "db")):
         reference.assert_close(np.asarray(value), ref, 1e-4, name)
+    # kernel and bias (a frozen first layer): the one fused call
+    before = _ffi().calls()
+    dk, db = jax.jit(jax.grad(loss, argnums=(1, 2)))(x, k, b)
+    assert _ffi().calls() == before + 1
+    reference.assert_close(np.asarray(db), refs[2], 1e-4, "db")
 
 
 @only_jax
 @pytest.mark.skipif(_ffi() is None, reason="fastconv._xla_ffi was not built")
 @pytest.mark.parametrize("shape", [(2, 9, 11, 8), (0, 5, 6, 4)])
 def test_jax_bias_gradient_runs_the_custom_call(shape):
-    # under jit, a channels_last bias gradient is fastconv's custom call (the kernels' channel
-    # sums, taken by grad_kernel's call), not XLA's reduction; alone, the forward is dropped
+    # under jit, a channels_last bias gradient alone (a bias trained under a frozen kernel) is
+    # fastconv's channel-sums custom call, not XLA's reduction nor grad_kernel's call; the
+    # forward is dropped
     x, k, b, spec, dy = _bias_problem(shape, 22)
     grad = jax.jit(jax.grad(lambda b: jnp.sum(fastconv.ops.conv_bias(x, k, b, spec) * dy)))
     before = _ffi().calls()

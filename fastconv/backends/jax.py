@@ -10,6 +10,7 @@ import functools
 
 import jax
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from fastconv import _dispatch
 from fastconv.backends import numpy as host
@@ -153,6 +154,17 @@ def _grad_kernel_call(spec, g, x, dy, dtype, bias=False):
                      spec, g)
 
 
+def _ffi_bias_grad(spec, dy, dtype):
+    """The bias gradient of a channels_last dy by the kernels' channel sums (XLA's reduction
+    over (0, 1, 2) took 2-4x as long), or None where the custom calls do not serve. For a bias
+    trained under a frozen kernel; else it comes with grad_kernel's call."""
+    if not spec.channels_last or not _ffi_ready(dtype, spec):
+        return None
+    return jax.ffi.ffi_call("fastconv_bias_grad", jax.ShapeDtypeStruct(dy.shape[3:], dtype),
+                            vmap_method="sequential")(
+        dy, max_threads=np.int64(host._threads(dy.size, host._ELEMENTS_PER_THREAD)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv(spec, x, k, b):
     dtype = np.dtype(x.dtype)
@@ -165,7 +177,12 @@ def _conv(spec, x, k, b):
 
 
 def _conv_fwd(spec, x, k, b):
-    return _conv(spec, x, k, b), (x, k, b)
+    # symbolic_zeros: x, k and b (unless None) come as CustomVJPPrimal(value, perturbed); the
+    # bias gradient rides on grad_kernel's call only where both are differentiated (a
+    # trained bias under a frozen kernel gets its own sum, and no kernel gradient)
+    fused = () if b is not None and k.perturbed and b.perturbed else None
+    x, k, b = x.value, k.value, None if b is None else b.value
+    return _conv(spec, x, k, b), (x, k, b, fused)
 
 
 _SECOND_ORDER = (
@@ -188,16 +205,17 @@ def _(primals, tangents):
 
 def _conv_bwd(spec, residuals, dy):
     # dx and dk from separate calls, not one: jit drops a call whose result is unused (the
-    # first layer's dx, a frozen layer's dk), measured. The bias gradient does ride on
-    # grad_kernel's call: one pass over dy fewer in every training step, against a kernel
-    # gradient computed for nothing where only the bias trains (rare for a convolution).
-    x, k, b = residuals
+    # first layer's dx, a frozen layer's dk), measured. The bias gradient rides on
+    # grad_kernel's call where both are differentiated (_conv_fwd): one pass over dy fewer.
+    x, k, b, fused = residuals
+    if isinstance(dy, SymbolicZero):
+        return None, None, None  # (zero cotangents)
     x, k, dy = _first_order_only(x, k, dy)
     dtype = np.dtype(x.dtype)
     dx = _ffi_grad_input(spec, dy, k, tuple(x.shape), dtype)
     if dx is None:
         dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
-    if b is not None:
+    if fused is not None:
         # the bias gradient from the dy that grad_kernel reads anyway
         fused = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype, bias=True)
         if fused is not None:
@@ -205,10 +223,15 @@ def _conv_bwd(spec, residuals, dy):
     dk = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype)
     if dk is None:
         dk = _callback(_host("grad_kernel", spec, dtype, tuple(k.shape)), k.shape, dtype, x, dy)
-    return dx, dk, None if b is None else dy.sum(axis=spec.reduce_axes)
+    db = None
+    if b is not None:
+        db = _ffi_bias_grad(spec, dy, dtype)
+        if db is None:
+            db = dy.sum(axis=spec.reduce_axes)
+    return dx, dk, db
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 
 def conv(x, k, b, spec, result):
