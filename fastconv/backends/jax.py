@@ -180,9 +180,9 @@ def _conv_fwd(spec, x, k, b):
     # symbolic_zeros: x, k and b (unless None) come as CustomVJPPrimal(value, perturbed); the
     # bias gradient rides on grad_kernel's call only where both are differentiated (a
     # trained bias under a frozen kernel gets its own sum, and no kernel gradient)
-    fused = () if b is not None and k.perturbed and b.perturbed else None
+    both = () if b is not None and k.perturbed and b.perturbed else None  # (static: a pytree)
     x, k, b = x.value, k.value, None if b is None else b.value
-    return _conv(spec, x, k, b), (x, k, b, fused)
+    return _conv(spec, x, k, b), (x, k, b, both)
 
 
 _SECOND_ORDER = (
@@ -207,7 +207,7 @@ def _conv_bwd(spec, residuals, dy):
     # dx and dk from separate calls, not one: jit drops a call whose result is unused (the
     # first layer's dx, a frozen layer's dk), measured. The bias gradient rides on
     # grad_kernel's call where both are differentiated (_conv_fwd): one pass over dy fewer.
-    x, k, b, fused = residuals
+    x, k, b, both = residuals
     if isinstance(dy, SymbolicZero):
         return None, None, None  # (zero cotangents)
     x, k, dy = _first_order_only(x, k, dy)
@@ -215,7 +215,7 @@ def _conv_bwd(spec, residuals, dy):
     dx = _ffi_grad_input(spec, dy, k, tuple(x.shape), dtype)
     if dx is None:
         dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
-    if fused is not None:
+    if both is not None:
         # the bias gradient from the dy that grad_kernel reads anyway
         fused = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype, bias=True)
         if fused is not None:
