@@ -165,7 +165,6 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32, bias=False):
     x = np.asarray(x)
     g = spec.geometry(x.shape, kernel_shape)
     dy = _nhwc(dy, spec, dtype)
-    db = _empty((g.f,), dtype) if bias else None
     blocks = g.blocks(spec.strides, spec.dilation_rate)
     if blocks is not None:
         s, gb, _ = blocks
@@ -173,11 +172,11 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32, bias=False):
         _dispatch.kernels.space_to_depth(_nhwc(x, spec, dtype), xb, s, g.pad_top, g.pad_left,
                                          _threads(xb.size, _ELEMENTS_PER_THREAD))
         dwb = grad_kernel(xb, dy, UNIT, gb.kernel_shape, dtype, bias)
-        if bias:
-            dwb, db = dwb
+        dwb, db = dwb if bias else (dwb, None)
         dw = _kernel_from_blocks(dwb, s, g)
     else:
         dw = _empty(g.kernel_shape, dtype)
+        db = _empty((g.f,), dtype) if bias else None
         _dispatch.kernels.grad_kernel(_nhwc(x, spec, dtype), dy, dw, *_args(spec, g), db)
     return (dw, db) if bias else dw
 

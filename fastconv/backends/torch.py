@@ -37,15 +37,11 @@ def _grad_input(dy, k, input_shape, spec):
         host.grad_input(_numpy(dy), _numpy(k), spec, tuple(input_shape), _DTYPES[dy.dtype]))
 
 
-def _grad_kernel(x, dy, kernel_shape, spec):
-    return torch.from_numpy(
-        host.grad_kernel(_numpy(x), _numpy(dy), spec, tuple(kernel_shape), _DTYPES[x.dtype]))
-
-
-def _grad_kernel_bias(x, dy, kernel_shape, spec):
-    dk, db = host.grad_kernel(_numpy(x), _numpy(dy), spec, tuple(kernel_shape),
-                              _DTYPES[x.dtype], bias=True)
-    return torch.from_numpy(dk), torch.from_numpy(db)
+def _grad_kernel(x, dy, kernel_shape, spec, bias=False):
+    """dk, or with `bias` (dk, db) from one call."""
+    out = host.grad_kernel(_numpy(x), _numpy(dy), spec, tuple(kernel_shape), _DTYPES[x.dtype],
+                           bias=bias)
+    return tuple(map(torch.from_numpy, out)) if bias else torch.from_numpy(out)
 
 
 def _gradients(ctx, x, k, has_bias, dy, spec, direct):
@@ -62,7 +58,7 @@ def _gradients(ctx, x, k, has_bias, dy, spec, direct):
     bias = has_bias and needs[2]
     if needs[1] and bias and direct:
         # one pass over dy for both (the kernels sum dy's channels from the chunks they read)
-        dk, db = _grad_kernel_bias(x, dy, k.shape, spec)
+        dk, db = _grad_kernel(x, dy, k.shape, spec, bias=True)
         return dx, dk, db
     if needs[1]:
         dk = (_grad_kernel(x, dy, k.shape, spec) if direct
