@@ -133,6 +133,18 @@ REGISTER_OP("FastconvBiasGrad")
       return absl::OkStatus();
     });
 
+// src (N, A, B) -> dst (N, B, A): NCHW <-> NHWC around the ops for channels_first
+REGISTER_OP("FastconvTranspose")
+    .Input("src: float")
+    .Output("dst: float")
+    .Attr("max_threads: int")
+    .SetShapeFn([](InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle src;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &src));
+      c->set_output(0, c->MakeShape({c->Dim(src, 0), c->Dim(src, 2), c->Dim(src, 1)}));
+      return absl::OkStatus();
+    });
+
 namespace {
 
 class Forward : public OpKernel {
@@ -245,6 +257,28 @@ class BiasGrad : public OpKernel {
   int64_t max_threads_;
 };
 
+class Transpose : public OpKernel {
+ public:
+  explicit Transpose(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_threads", &max_threads_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::transpose_f32))) return;
+    const Tensor& src = ctx->input(0);
+    Tensor* dst = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, TensorShape({src.dim_size(0), src.dim_size(2), src.dim_size(1)}),
+                            &dst));
+    Done(ctx, fastconv::transpose_f32(src.flat<float>().data(), src.dim_size(0),
+                                      src.dim_size(1), src.dim_size(2), dst->flat<float>().data(),
+                                      fastconv::threads(max_threads_)));
+  }
+
+ private:
+  int64_t max_threads_;
+};
+
 }  // namespace
 
 REGISTER_KERNEL_BUILDER(Name("FastconvForward").Device(tensorflow::DEVICE_CPU), Forward);
@@ -254,6 +288,7 @@ REGISTER_KERNEL_BUILDER(Name("FastconvGradKernel").Device(tensorflow::DEVICE_CPU
 REGISTER_KERNEL_BUILDER(Name("FastconvGradKernelBias").Device(tensorflow::DEVICE_CPU),
                         GradKernel<true>);
 REGISTER_KERNEL_BUILDER(Name("FastconvBiasGrad").Device(tensorflow::DEVICE_CPU), BiasGrad);
+REGISTER_KERNEL_BUILDER(Name("FastconvTranspose").Device(tensorflow::DEVICE_CPU), Transpose);
 
 static PyMethodDef methods[] = {FASTCONV_KERNEL_API_METHODS, {nullptr, nullptr, 0, nullptr}};
 

@@ -115,6 +115,15 @@ ffi::Error BiasGrad(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> db,
                                          f, db->typed_data(), threads(max_threads)));
 }
 
+// src (N, A, B) -> dst (N, B, A): NCHW <-> NHWC around the custom calls for channels_first
+ffi::Error Transpose(ffi::BufferR3<ffi::F32> src, ffi::ResultBufferR3<ffi::F32> dst,
+                     int64_t max_threads) {
+  if (fastconv::transpose_f32 == nullptr) return Unset();
+  auto d = src.dimensions();
+  return Done(fastconv::transpose_f32(src.typed_data(), d[0], d[1], d[2], dst->typed_data(),
+                                      threads(max_threads)));
+}
+
 }  // namespace
 
 // The attributes every direction takes: what fastconv.backends.numpy._args computes
@@ -158,9 +167,15 @@ XLA_FFI_DEFINE_HANDLER(fastconv_bias_grad, BiasGrad,
                            .Ret<ffi::Buffer<ffi::F32>>()
                            .Attr<int64_t>("max_threads"));
 
+XLA_FFI_DEFINE_HANDLER(fastconv_transpose, Transpose,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::BufferR3<ffi::F32>>()
+                           .Ret<ffi::BufferR3<ffi::F32>>()
+                           .Attr<int64_t>("max_threads"));
+
 static PyObject* handlers(PyObject*, PyObject*) {
   return Py_BuildValue(
-      "{s:N,s:N,s:N,s:N,s:N}",
+      "{s:N,s:N,s:N,s:N,s:N,s:N}",
       "fastconv_forward", PyCapsule_New(reinterpret_cast<void*>(fastconv_forward), nullptr, nullptr),
       "fastconv_grad_input",
       PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_input), nullptr, nullptr),
@@ -169,7 +184,9 @@ static PyObject* handlers(PyObject*, PyObject*) {
       "fastconv_grad_kernel_bias",
       PyCapsule_New(reinterpret_cast<void*>(fastconv_grad_kernel_bias), nullptr, nullptr),
       "fastconv_bias_grad",
-      PyCapsule_New(reinterpret_cast<void*>(fastconv_bias_grad), nullptr, nullptr));
+      PyCapsule_New(reinterpret_cast<void*>(fastconv_bias_grad), nullptr, nullptr),
+      "fastconv_transpose",
+      PyCapsule_New(reinterpret_cast<void*>(fastconv_transpose), nullptr, nullptr));
 }
 
 static PyMethodDef methods[] = {

@@ -168,6 +168,11 @@ class ConvSpec:
         return self.data_format == "channels_last"
 
     @property
+    def nhwc(self):
+        """This spec with channels_last: what a bridge runs between its own layout changes."""
+        return dataclasses.replace(self, data_format="channels_last")
+
+    @property
     def reduce_axes(self):
         """The axes of an output summed for the bias gradient: all but the channels."""
         return (0, 1, 2) if self.channels_last else (0, 2, 3)

@@ -489,6 +489,58 @@ def test_tf_function_bias_gradient_rides_on_grad_kernel(case):
             reference.assert_close(value, ref, 1e-4, name)
 
 
+CHANNELS_FIRST_CASES = [c for c in FFI_CASES if c[6] == "channels_first" and c[0][0] > 0]
+
+
+def _channels_first_step(case, seed):
+    """x, kernel, bias (or None), the reference result, a loss(x, k, b) of the convolution and
+    dy, and the reference gradients wrt x, k (and b)."""
+    x, k, b, spec, expected, dy = _bridge_problem(case, seed)
+    x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
+
+    def conv(x, k, b):
+        if b is not None:
+            return fastconv.ops.conv_bias(x, k, b, spec)
+        return fastconv.ops.conv(x, k, strides, padding, data_format, dilation)
+
+    def loss(x, k, b):
+        return keras.ops.sum(conv(x, k, b) * keras.ops.convert_to_tensor(dy))
+
+    refs = _all_gradients_reference(case, x, k, spec, dy)
+    return x, k, b, conv, loss, expected, refs[:3 if with_bias else 2]
+
+
+@only_tf
+@pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
+def test_tf_function_channels_first_transposed_once_each(case):
+    # channels_first in a graph: the channels_last ops between fastconv's transpose ops, x
+    # transposed once (its NHWC copy serves the forward and grad_kernel), dy once for both
+    # gradients, the result and dx once each
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    x, k, b, conv, loss, expected, refs = _channels_first_step(case, 18)
+    bias = None if b is None else tf.constant(b)
+    for batch in (x.shape[0], None):
+        signature = [tf.TensorSpec((batch, *x.shape[1:])), tf.TensorSpec(k.shape)]
+        forward = tf.function(lambda x, k: conv(x, k, bias), input_signature=signature)
+        ops = forward.get_concrete_function().graph.get_operations()
+        assert sum(op.type == "FastconvTranspose" for op in ops) == 2
+        reference.assert_close(forward(x, k).numpy(), expected, 1e-4)
+
+        @tf.function(input_signature=signature)
+        def grads(x, k):
+            wrt = [x, k] + ([] if bias is None else [bias])
+            with tf.GradientTape() as tape:
+                tape.watch(wrt)
+                value = loss(x, k, bias)
+            return tape.gradient(value, wrt)
+
+        ops = grads.get_concrete_function().graph.get_operations()
+        assert sum(op.type == "FastconvTranspose" for op in ops) == 4
+        for value, ref, name in zip(grads(x, k), refs, ("dx", "dk", "db")):
+            reference.assert_close(value.numpy(), ref, 1e-4, name)
+
+
 @only_tf
 @pytest.mark.parametrize("case", FFI_CASES[:3])
 def test_tf_function_without_the_native_ops(case, monkeypatch):
@@ -848,6 +900,28 @@ def test_jax_jit_bias_gradient_rides_on_grad_kernel(case):
     dk, db = jax.jit(jax.grad(loss, argnums=(1, 2)))(x, k, b)
     assert _ffi().calls() == before + 1
     reference.assert_close(np.asarray(db), refs[2], 1e-4, "db")
+
+
+def _jax_transposes(fn, *args):
+    """How many of fastconv's transpose custom calls XLA kept in fn's compiled program."""
+    return fn.lower(*args).compile().as_text().count('custom_call_target="fastconv_transpose"')
+
+
+@only_jax
+@pytest.mark.skipif(_ffi() is None, reason="fastconv._xla_ffi was not built")
+@pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
+def test_jax_jit_channels_first_transposed_once_each(case):
+    # channels_first under jit: the channels_last custom calls between fastconv's transpose
+    # custom calls (XLA's own transpose took 3-9x as long), x transposed once (its NHWC copy
+    # serves the forward and grad_kernel), dy once for both gradients, the result and dx once
+    x, k, b, conv, loss, expected, refs = _channels_first_step(case, 18)
+    forward = jax.jit(conv)
+    assert _jax_transposes(forward, x, k, b) == 2
+    reference.assert_close(np.asarray(forward(x, k, b)), expected, 1e-4)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1) if b is None else (0, 1, 2)))
+    assert _jax_transposes(grads, x, k, b) == 3
+    for value, ref, name in zip(grads(x, k, b), refs, ("dx", "dk", "db")):
+        reference.assert_close(np.asarray(value), ref, 1e-4, name)
 
 
 @only_jax

@@ -60,13 +60,15 @@ _FFI = _register_ffi()
 
 
 def _ffi_ready(dtype, spec):
-    """Whether the custom calls serve this convolution (float32, kernels that export them),
-    handing them the kernels _dispatch loaded."""
+    """Whether the custom calls serve this convolution (float32, channels_last, kernels that
+    export them), handing them the kernels _dispatch loaded. (channels_first is served as
+    channels_last between _to_nhwc and _to_nchw: conv.)"""
     kernels = _dispatch.kernels
-    if _FFI is None or dtype != np.float32 or not hasattr(kernels, "ffi_forward"):
+    if (_FFI is None or dtype != np.float32 or not spec.channels_last
+            or not hasattr(kernels, "ffi_forward")):
         return False
     _FFI.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel(),
-                     kernels.ffi_channel_sums())
+                     kernels.ffi_channel_sums(), kernels.ffi_transpose())
     return True
 
 
@@ -83,15 +85,33 @@ def _ffi_call(name, shape, dtype, args, spec, g, **extra):
                 **{k: np.int64(v) for k, v in extra.items()})
 
 
-def _nhwc(spec, a):
-    # channels_first: the kernels take NHWC, XLA transposes around the custom call (a
-    # pure_callback copies and transposes on the host: resnet3x3_cf's training step took 2.2x
-    # channels_last's time that way, 1.2x this way)
-    return a if spec.channels_last else a.transpose(0, 2, 3, 1)
+def _swap(a):
+    """a (N, A, B) -> (N, B, A) by the kernels' own transpose, a custom call. XLA's transpose
+    took 3-9x as long: around the convolution's custom calls it made channels_first cost up
+    to 4.4x channels_last's time (depthwise forward under jit; grouped32 training 1.7x)."""
+    n, rows, cols = a.shape
+    return jax.ffi.ffi_call("fastconv_transpose", jax.ShapeDtypeStruct((n, cols, rows), a.dtype),
+                            vmap_method="sequential")(
+        a, max_threads=np.int64(host._threads(a.size, host._ELEMENTS_PER_THREAD)))
 
 
-def _from_nhwc(spec, a):
-    return a if spec.channels_last else a.transpose(0, 3, 1, 2)
+# channels_first runs as the channels_last convolution between these two (each the other's
+# gradient): x is transposed once (its NHWC copy is what the gradient wrt the kernel keeps),
+# dy once for both gradients, the result and dx once each
+@jax.custom_vjp
+def _to_nhwc(a):
+    n, c, h, w = a.shape
+    return _swap(a.reshape(n, c, h * w)).reshape(n, h, w, c)
+
+
+@jax.custom_vjp
+def _to_nchw(a):
+    n, h, w, c = a.shape
+    return _swap(a.reshape(n, h * w, c)).reshape(n, c, h, w)
+
+
+_to_nhwc.defvjp(lambda a: (_to_nhwc(a), None), lambda _, g: (_to_nchw(g),))
+_to_nchw.defvjp(lambda a: (_to_nchw(a), None), lambda _, g: (_to_nhwc(g),))
 
 
 def _pixel_rows(spec, g, array, shape):
@@ -106,11 +126,11 @@ def _ffi_forward(spec, x, k, b, dtype, shape):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x.shape, k.shape)
-    x, out_shape = _pixel_rows(spec, g, _nhwc(spec, x), spec.to_nhwc(shape))
+    x, out_shape = _pixel_rows(spec, g, x, shape)
     bias = jax.numpy.zeros((0,), dtype) if b is None else b
     out = _ffi_call("fastconv_forward", out_shape, dtype, (x, k, bias), spec, g,
                     has_bias=b is not None)
-    return _from_nhwc(spec, out.reshape(spec.to_nhwc(shape)))
+    return out.reshape(shape)
 
 
 # Geometry.blocks' arrays built by XLA (the host's helpers with jax.numpy)
@@ -121,9 +141,8 @@ def _ffi_grad_input(spec, dy, k, x_shape, dtype):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x_shape, k.shape)
-    dx = host.blocked_grad_input(spec, g, _nhwc(spec, dy), k,
-                                 lambda *a: _grad_input_call(*a, dtype), _JNP_OPS)
-    return _from_nhwc(spec, dx)
+    return host.blocked_grad_input(spec, g, dy, k, lambda *a: _grad_input_call(*a, dtype),
+                                   _JNP_OPS)
 
 
 def _grad_input_call(spec, g, dy, k, dtype):
@@ -140,7 +159,7 @@ def _ffi_grad_kernel(spec, x, dy, k_shape, dtype, bias=False):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x.shape, k_shape)
-    return host.blocked_grad_kernel(spec, g, _nhwc(spec, x), _nhwc(spec, dy),
+    return host.blocked_grad_kernel(spec, g, x, dy,
                                     lambda *a: _grad_kernel_call(*a, dtype, bias), _JNP_OPS,
                                     bias)
 
@@ -158,7 +177,7 @@ def _ffi_bias_grad(spec, dy, dtype):
     """The bias gradient of a channels_last dy by the kernels' channel sums (XLA's reduction
     over (0, 1, 2) took 2-4x as long), or None where the custom calls do not serve. For a bias
     trained under a frozen kernel; else it comes with grad_kernel's call."""
-    if not spec.channels_last or not _ffi_ready(dtype, spec):
+    if not _ffi_ready(dtype, spec):
         return None
     return jax.ffi.ffi_call("fastconv_bias_grad", jax.ShapeDtypeStruct(dy.shape[3:], dtype),
                             vmap_method="sequential")(
@@ -253,5 +272,7 @@ def _conv_cast(spec, result, x, k, b):
     # Jitted so that an eager call dispatches a cached executable instead of tracing the
     # custom_vjp anew each time; inside the trainer's jit it simply inlines.
     dtype = host.host_dtype(result)
-    b = None if b is None else b.astype(dtype)
-    return _conv(spec, x.astype(dtype), k.astype(dtype), b).astype(result)
+    x, k, b = x.astype(dtype), k.astype(dtype), None if b is None else b.astype(dtype)
+    if not spec.channels_last and _ffi_ready(dtype, spec.nhwc):
+        return _to_nchw(_conv(spec.nhwc, _to_nhwc(x), k, b)).astype(result)
+    return _conv(spec, x, k, b).astype(result)
