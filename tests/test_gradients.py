@@ -374,6 +374,43 @@ def test_tf_layer_variables_gradient_in_tf_function():
     reference.assert_close(db.numpy(), dy.sum((0, 1, 2)), 1e-4, "db")
 
 
+@only_tf
+@pytest.mark.parametrize("route", ["record_operation", "custom_gradient"])
+def test_tf_eager_tape_gradients(route, monkeypatch):
+    """Eagerly the convolution is recorded on the tape by record_operation (tf.custom_gradient
+    without its Identity op), or by tf.custom_gradient where that private API is missing: the
+    layer's variables and the input get their gradients either way, also from a persistent tape
+    asked twice and through a float16 result's cast."""
+    from fastconv.backends import tensorflow as bridge
+
+    if route == "custom_gradient":
+        monkeypatch.setattr(bridge, "record_operation", None)
+    else:
+        assert bridge.record_operation is not None  # (this TensorFlow has it)
+
+        def unused(*args):
+            raise AssertionError("tf.custom_gradient called eagerly")
+
+        monkeypatch.setattr(tf, "custom_gradient", unused)
+    rng = np.random.default_rng(6)
+    layer = fastconv.Conv2D(5, 3, padding="same", groups=1)
+    x = tf.constant(rng.standard_normal((2, 7, 6, 4)).astype("float32"))
+    layer.build(x.shape)
+    dy = rng.standard_normal((2, 7, 6, 5)).astype("float32")
+    ref_dx, ref_dk = reference.grads(x.numpy(), layer.kernel.numpy(), dy, (1, 1), "same")
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = layer(x)
+        half = tf.reduce_sum(tf.cast(layer(x), "float16") * tf.constant(dy, "float16"))
+    for _ in range(2):
+        dx, dk, db = tape.gradient(y, [x, layer.kernel, layer.bias], output_gradients=dy)
+        reference.assert_close(dx.numpy(), ref_dx, 1e-4, "dx")
+        reference.assert_close(dk.numpy(), ref_dk, 1e-4, "dk")
+        reference.assert_close(db.numpy(), dy.sum((0, 1, 2)), 1e-4, "db")
+    dk16 = tape.gradient(half, layer.kernel)
+    reference.assert_close(dk16.numpy(), ref_dk, 2e-2, "dk via float16")
+
+
 # The C++ bridges' cases (TensorFlow ops, XLA custom calls):
 # (x shape, kernel shape, strides, padding, dilation, bias, data_format)
 FFI_CASES = [
