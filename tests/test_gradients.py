@@ -579,6 +579,31 @@ def test_tf_function_channels_first_transposed_once_each(case):
 
 
 @only_tf
+@pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
+def test_tf_eager_channels_first_transposed_once_each(case, monkeypatch):
+    # eagerly, under a tape, channels_first runs between the host's transposes as in a graph:
+    # four (x, the result, dy, dx), where the host's channels_first path took six (x and dy
+    # again for the kernel gradient)
+    from fastconv.backends import numpy as host
+
+    x, k, b, conv, loss, expected, refs = _channels_first_step(case, 19)
+    calls = []  # activations (4-D; the gradient's kernel regrouping is a transpose too)
+    transposed = host._transposed
+    monkeypatch.setattr(host, "_transposed",
+                        lambda a, *rest: calls.append(a.ndim == 4) or transposed(a, *rest))
+    x, k = tf.constant(x), tf.Variable(k)
+    bias = None if b is None else tf.Variable(b)
+    wrt = [x, k] + ([] if bias is None else [bias])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = loss(x, k, bias)
+    grads = tape.gradient(value, wrt)
+    assert sum(calls) == 4
+    for value, ref, name in zip(grads, refs, ("dx", "dk", "db")):
+        reference.assert_close(value.numpy(), ref, 1e-4, name)
+
+
+@only_tf
 @pytest.mark.parametrize("case", FFI_CASES[:3])
 def test_tf_function_without_the_native_ops(case, monkeypatch):
     # a build without fastconv._tf_ops (no TensorFlow at build time, or another version now):

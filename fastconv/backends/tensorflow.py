@@ -147,13 +147,23 @@ def _ops_ready():
     return True
 
 
-def _swap(t, rows):
-    """t (N, rows * r, ...) seen as (N, rows, r) and transposed to (N, r, rows) by the kernels'
-    own transpose, an op. TensorFlow's transpose took 5-15x as long."""
+def _swap(t, rows, dims, inverse):
+    """t, each sample seen as (rows, r), transposed to (r, rows) and shaped (N, *dims) by the
+    kernels' own transpose (TensorFlow's took 5-15x as long): in a graph an op, eagerly on the
+    host into its pooled buffers (the op's fresh tensors took up to 2x as long there), recorded
+    for the tape with `inverse` as its gradient."""
+    src_shape = (-1, rows, t.shape[1:].num_elements() // rows)
+    if tf.executing_eagerly():
+        if record_operation is None and _recorded([t]):
+            return tf.reshape(tf.transpose(tf.reshape(t, src_shape), (0, 2, 1)), (-1, *dims))
+        out = _tensor(host._transposed(np.from_dlpack(t), rows, (t.shape[0], *dims)))
+        if _recorded([t]):
+            record_operation("FastconvTranspose", [out], [t], lambda g: [inverse(g)])
+        return out
     size = t.shape.num_elements()
     threads = 1 << 30 if size is None else host._threads(size, host._ELEMENTS_PER_THREAD)
-    return _OPS.ops.fastconv_transpose(tf.reshape(t, (-1, rows, t.shape[1:].num_elements() // rows)),
-                                       max_threads=threads)
+    out = _OPS.ops.fastconv_transpose(tf.reshape(t, src_shape), max_threads=threads)
+    return tf.reshape(out, (-1, *dims))
 
 
 # channels_first runs as the channels_last convolution between these two (each the other's
@@ -161,12 +171,12 @@ def _swap(t, rows):
 # dy once for both gradients, the result and dx once each
 def _to_nhwc(t):
     _, c, h, w = t.shape
-    return tf.reshape(_swap(t, c), (-1, h, w, c))
+    return _swap(t, c, (h, w, c), _to_nchw)
 
 
 def _to_nchw(t):
     _, h, w, c = t.shape
-    return tf.reshape(_swap(t, h * w), (-1, c, h, w))
+    return _swap(t, h * w, (c, h, w), _to_nhwc)
 
 
 @tf.RegisterGradient("FastconvTranspose")
@@ -174,12 +184,13 @@ def _swap_grad(op, grad):
     return _OPS.ops.fastconv_transpose(grad, max_threads=op.get_attr("max_threads"))
 
 
-def _swaps_serve(spec, dtype, x_shape):
+def _swaps_serve(spec, dtype, x_shape, recorded):
     """Whether a channels_first call runs as channels_last between _to_nhwc and _to_nchw: in
-    graphs. Eagerly the host transposes into its pooled buffers, where the op's fresh tensors
-    took up to 2x as long (depthwise 4x128x56x56: forward 2.3x channels_last's time, 1.6x)."""
-    return (not spec.channels_last and dtype == np.float32 and None not in x_shape[1:]
-            and _ops_ready())
+    graphs, and eagerly when recorded (the host's own channels_first path transposes x and dy
+    again inside each gradient; an inference call has the same two transposes either way)."""
+    if spec.channels_last or dtype != np.float32 or None in x_shape[1:]:
+        return False
+    return recorded if tf.executing_eagerly() else _ops_ready()
 
 
 # Geometry.blocks' arrays built in the graph (the host's helpers with TensorFlow's ops)
@@ -287,9 +298,6 @@ def _first_order_only(compute, args):
 
 def conv(x, k, b, spec, result):
     dtype = host.host_dtype(result)
-    if _swaps_serve(spec, dtype, x.shape.as_list()):
-        y = conv(_to_nhwc(_cast(x, dtype)), k, b, spec.nhwc, "float32")
-        return _cast(_to_nchw(y), result)
     out_shape = spec.output_shape(x.shape.as_list(), k.shape.as_list())
 
     def forward(x, k, *b):
@@ -340,7 +348,12 @@ def conv(x, k, b, spec, result):
         return forward(x, k, *b), lambda dy: gradients(dy, x, k, *b)
 
     args = [_cast(x, dtype), _cast(k, dtype)] + ([] if b is None else [_cast(b, dtype)])
-    if not _recorded(args):
+    recorded = _recorded(args)
+    if _swaps_serve(spec, dtype, x.shape.as_list(), recorded):
+        y = conv(_to_nhwc(args[0]), args[1], None if b is None else args[2], spec.nhwc,
+                 "float32")
+        return _cast(_to_nchw(y), result)
+    if not recorded:
         return _cast(forward(*args), result)
     if tf.executing_eagerly() and record_operation is not None:
         # what tf.custom_gradient does eagerly, without its Identity op on the result (a fresh
@@ -355,5 +368,9 @@ def conv(x, k, b, spec, result):
 
 
 def _cast(t, dtype):
-    # tf.cast costs ~10 us even when the dtype is already right (variables are read by it)
-    return t if isinstance(t, tf.Tensor) and t.dtype == dtype else tf.cast(t, dtype)
+    # tf.cast costs ~10 us even when the dtype is already right; a variable is read first
+    # (tf.cast hands a tf.Variable of the right dtype back as it is, which the tape checks
+    # cannot take)
+    if not isinstance(t, tf.Tensor):
+        t = tf.convert_to_tensor(t)
+    return t if t.dtype == dtype else tf.cast(t, dtype)
