@@ -452,6 +452,14 @@ def _tf_ops():
 
 
 @only_tf
+def test_tf_ops_were_built():
+    # (as test_jax_custom_calls_were_built: a compile error must not pass as a silent fallback
+    # to tf.numpy_function)
+    assert _tf_ops() is not None, ("fastconv._tf_ops was not built for this TensorFlow or does "
+                                   "not load: reinstall fastconv and read the compiler's output")
+
+
+@only_tf
 @pytest.mark.parametrize("case", FFI_CASES)
 def test_tf_function_runs_the_native_ops(case):
     # in a graph, float32 convolutions and both gradients run as fastconv's TensorFlow ops on
@@ -910,6 +918,17 @@ def _ffi():
     except ImportError:
         return None
     return _xla_ffi
+
+
+@only_jax
+def test_jax_custom_calls_were_built():
+    # setup.py builds the C++ bridges with optional=True: a compile error there only prints a
+    # warning, JAX falls back to pure_callback (copies, far slower) and the custom-call tests
+    # skip. Where this jaxlib has the FFI headers the extension must exist.
+    if not os.path.exists(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "ffi.h")):
+        pytest.skip("this jaxlib ships no XLA FFI headers")
+    assert _ffi() is not None, ("fastconv._xla_ffi was not built or does not import: reinstall "
+                                "fastconv and read the compiler's output")
 
 
 
