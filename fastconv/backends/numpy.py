@@ -6,6 +6,8 @@ fastconv.geometry, and run the compiled kernels in float32 (or float64 when aske
 allocated arrays. Bridges for the other backends only move tensors to and from these functions.
 """
 
+import functools
+
 import keras
 import numpy as np
 
@@ -17,7 +19,13 @@ def result_dtype(x_dtype, k_dtype):
     """The dtype of a convolution's result, as keras.ops.conv gives it: on tensorflow, jax and
     torch equal input dtypes are kept (float64, int64 too), mixed ones follow Keras' promotion;
     Keras' numpy backend always promotes (float64 inputs give float32)."""
-    if x_dtype == k_dtype and keras.backend.backend() != "numpy":
+    return _result_dtype(keras.backend.backend(), x_dtype, k_dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _result_dtype(backend, x_dtype, k_dtype):
+    # cached: Keras' dtype standardisation took ~30 us a call, a tenth of a small layer's
+    if x_dtype == k_dtype and backend != "numpy":
         return keras.backend.standardize_dtype(x_dtype)
     return keras.backend.result_type(x_dtype, k_dtype)
 

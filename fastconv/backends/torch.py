@@ -166,6 +166,8 @@ def conv(x, k, b, spec, result):
     b = None if b is None else b.to(dtype)
     if torch.compiler.is_compiling():
         y = _conv2d_op(x, k, b, *_args(spec))
-    else:
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, k, b)):
         y = _Conv2d.apply(x, k, b, spec)
+    else:
+        y = _forward(x, k, b, spec)  # (an autograd.Function costs ~40 us even when not needed)
     return y.to(getattr(torch, result))
