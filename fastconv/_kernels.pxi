@@ -168,6 +168,12 @@ cdef extern from *:
       #endif
     #endif
     static int fc_dwrow_pix = FC_DWROW_PIX;
+    #ifndef FC_DWKPIX_P1
+      #define FC_DWKPIX_P1 4
+    #endif
+    #ifndef FC_DWKPIX_P2
+      #define FC_DWKPIX_P2 2
+    #endif
     /* fc_dwrow keeps 9 kernel vectors, 9 input vectors and 3 partial sums live: it fits 32
        registers; with AVX2's 16 some kernel vectors become memory operands and it still wins
        (fwd 18 -> 25, grad_input 16 -> 24 GFLOP/s); with SSE2 it does not (19 -> 18) */
@@ -595,6 +601,70 @@ cdef extern from *:
         } \
     }
 
+    /* The kernel gradient of a depthwise 3x3 kernel, pixel-major (the fc_dwpix order): one dy
+       row d (dy[n, oh, 0, 0], pixels F apart) against the input rows xr[h] (NULL: outside the
+       image), in tiles of P pixels, all Fv channels of a pixel before the next. The sums go to
+       acc[(h*3 + k)*Fv + c] (and dy's channel sums to accb[c], or not with NULL) in memory, an
+       L1-resident block: a load and a store per tap and tile instead of registers held over
+       the row, the price of reading x and dy as sequential streams. Zen 3, AVX2, 2 threads,
+       from DRAM, 30 calls alternating, fc_dwk3 -> fc_dwkpix: 4x56x56x128 1.61 -> 1.09 ms,
+       8x112x112x32 2.36 -> 1.26, 8x56x56x144 5.19 -> 3.01, 8x14x14x576 1.03 -> 0.64, 8x7x7x960
+       0.49 -> 0.41, stride 2 8x112x112x64 1.94 -> 1.15, 8x56x56x144 even. P = 4 / 2 (stride 1 /
+       2) against 3 / 1 and 6 / 3: within the noise or better. */
+    #define FC_DWKPIX(T, SUF, S, P) \
+    static void fc_dwkpix_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
+            const T* __restrict d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, \
+            ptrdiff_t pad, T* __restrict acc, T* __restrict accb) \
+    { \
+        FC_VEC(T, FC_VB / sizeof(T)) \
+        const int full = xr[0] && xr[1] && xr[2]; \
+        for (ptrdiff_t ow = 0; ow < OW; ) { \
+            const ptrdiff_t iw = S * ow - pad; \
+            const T* __restrict q = d + ow * F; \
+            if (full && iw >= 0 && ow + P <= OW && iw + S * (P - 1) + 3 <= W) { \
+                for (ptrdiff_t c = 0; c < Fv; c += VW) { \
+                    vec dv[P], xin[S * (P - 1) + 3], a; \
+                    FC_UNROLL for (int p = 0; p < P; p++) FC_LOAD(dv[p], q + p * F + c); \
+                    if (accb) { \
+                        FC_LOAD(a, accb + c); \
+                        FC_UNROLL for (int p = 0; p < P; p++) a += dv[p]; \
+                        FC_STORE(accb + c, a); \
+                    } \
+                    FC_UNROLL for (int h = 0; h < 3; h++) { \
+                        const T* __restrict ph = xr[h] + iw * xs[h] + c; \
+                        FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) \
+                            FC_LOAD(xin[i], ph + i * xs[h]); \
+                        FC_UNROLL for (int kk = 0; kk < 3; kk++) { \
+                            T* __restrict o = acc + (h * 3 + kk) * Fv + c; \
+                            FC_LOAD(a, o); \
+                            FC_UNROLL for (int p = 0; p < P; p++) a += xin[S * p + kk] * dv[p]; \
+                            FC_STORE(o, a); \
+                        } \
+                    } \
+                } \
+                ow += P; \
+            } else { \
+                for (ptrdiff_t c = 0; c < Fv; c += VW) { \
+                    vec dv, v, a; \
+                    FC_LOAD(dv, q + c); \
+                    if (accb) { FC_LOAD(a, accb + c); a += dv; FC_STORE(accb + c, a); } \
+                    for (int h = 0; h < 3; h++) { \
+                        if (!xr[h]) continue; \
+                        for (int kk = 0; kk < 3; kk++) { \
+                            if (iw + kk < 0 || iw + kk >= W) continue; \
+                            T* __restrict o = acc + (h * 3 + kk) * Fv + c; \
+                            FC_LOAD(v, xr[h] + (iw + kk) * xs[h] + c); \
+                            FC_LOAD(a, o); \
+                            a += v * dv; \
+                            FC_STORE(o, a); \
+                        } \
+                    } \
+                } \
+                ow++; \
+            } \
+        } \
+    }
+
     /* The input gradient of a depthwise 3x3 kernel with stride 2 and unit dilation along w, one
        whole input row for V channels: dyr[h] points at dy[n, oh_h, 0, c0] (pixel stride ds[h]),
        wr[h] at the kernel row kh_h of the taps into this row (tap stride wst[h]); a row without
@@ -1012,6 +1082,13 @@ cdef extern from *:
         (S == 1 ? fc_dwpix_##SUF##_1_3 : fc_dwpix_##SUF##_2_1)(xr, xs, w, bias, F, Fv, W, pad, \
                                                                out, o0, o1); \
     } \
+    FC_DWKPIX(T, SUF, 1, FC_DWKPIX_P1) FC_DWKPIX(T, SUF, 2, FC_DWKPIX_P2) \
+    static inline void fc_dwkpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
+            const T* d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
+            T* acc, T* accb) { \
+        if (S == 1) fc_dwkpix_##SUF##_1(xr, xs, d, F, Fv, OW, W, pad, acc, accb); \
+        else fc_dwkpix_##SUF##_2(xr, xs, d, F, Fv, OW, W, pad, acc, accb); \
+    } \
     FC_DWROWT(T, SUF, 1) FC_DWROWT(T, SUF, 2) FC_DWROWT(T, SUF, 4) FC_DWROWT(T, SUF, 8) \
     FC_DWROWT(T, SUF, 16) FC_DWROWT(T, SUF, 32) \
     typedef void (*fc_dwrowt_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
@@ -1119,6 +1196,12 @@ cdef extern from *:
     void fc_dwpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* w,
                     const double* bias, Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t W, Py_ssize_t pad,
                     double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
+    void fc_dwkpix_f(int S, const float* const* xr, const Py_ssize_t* xs, const float* d,
+                     Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
+                     float* acc, float* accb) noexcept nogil
+    void fc_dwkpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* d,
+                     Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
+                     double* acc, double* accb) noexcept nogil
     void fc_dwrowt_f(int V, const float* const* dyr, const Py_ssize_t* ds,
                      const float* const* wr, const Py_ssize_t* wst, Py_ssize_t F, Py_ssize_t OW,
                      Py_ssize_t W, Py_ssize_t pad, float* out, Py_ssize_t o0,
@@ -1178,6 +1261,7 @@ def set_dwrow_pixels(int n):
 cdef enum:
     STACK_TAPS = 64    # segment lists live on the stack up to this many kernel taps, else malloc
     MAX_CHUNK = 64     # grad_kernel: output rows per chunk of its reduction, at most
+    DWK_PARTS = 16     # grad_kernel, depthwise 3x3: blocks of rows, each with its own sums
     # dense weights are packed in column blocks (_column_blocks) from this many pixels on:
     # packing reads and writes all the weights once (3x3 512 -> 512: ~0.6 ms on 2 threads);
     # unpacked, one 7x7 image took 3.9 ms (60 GFLOP/s), a single pixel 0.03 ms
@@ -2233,6 +2317,32 @@ def ffi_grad_kernel():
     return PyCapsule_New(<void*>_grad_kernel_f32, b"fastconv.grad_kernel_db_f32", NULL)
 
 
+cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssize_t r0,
+                    Py_ssize_t r1, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                    Py_ssize_t OW, Py_ssize_t Fv, int sh, int sw, int dh, int pad_top,
+                    int pad_left, bint with_bias) noexcept nogil:
+    # fc_dwkpix over the output rows [r0, r1): the 9 taps' sums of channels [0, Fv) to
+    # acc[tap*Fv + c], dy's channel sums to acc[9*Fv + c] (with_bias)
+    cdef const floating* xr[3]
+    cdef Py_ssize_t xs[3]
+    cdef Py_ssize_t r, n, oh, ih
+    cdef int h
+    memset(acc, 0, 10 * Fv * sizeof(floating))
+    for r in range(r0, r1):
+        n = r // OH
+        oh = r % OH
+        for h in range(3):
+            ih = oh * sh - pad_top + h * dh
+            xr[h] = x + (n * H + ih) * W * C if ih >= 0 and ih < H else NULL
+            xs[h] = C
+        if floating is float:
+            fc_dwkpix_f(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc,
+                        acc + 9 * Fv if with_bias else NULL)
+        else:
+            fc_dwkpix_d(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc,
+                        acc + 9 * Fv if with_bias else NULL)
+
+
 cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                       Py_ssize_t C, const floating* gp0, Py_ssize_t OH, Py_ssize_t OW,
                       Py_ssize_t F, floating* dp0, Py_ssize_t KH, Py_ssize_t KW,
@@ -2252,6 +2362,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t ntasks = 0, tap, g, i0, f0, t, nt, chunk
     cdef int V, P
+    cdef floating s
     cdef Py_ssize_t* tasks = NULL
     # odd channel counts: dy and dw with zero-padded channels, as in forward (_padded)
     cdef Py_ssize_t F0 = F
@@ -2275,6 +2386,12 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
+    # depthwise 3x3: the channels that fill whole vectors by fc_dwkpix (pixel-major), in
+    # NPARTS blocks of rows, each with its own sums, added in order: bit-identical on any
+    # thread count. fc_dwk3 tasks keep the rest.
+    cdef Py_ssize_t Fv = F - F % (FC_VB // sz) if dk3 and KH == 3 and FC_DWROW_OK else 0
+    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
+    cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
     # groups from `group` on
     for t in range(2):
@@ -2282,7 +2399,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         if dk3:
             tap = 0
             while tap < KH * KW:  # (a C loop: range with a variable step is Python's)
-                f0 = 0
+                f0 = Fv
                 while f0 < F:
                     V = fc_dwk3_width(F - f0, sz)
                     if t == 1:
@@ -2324,7 +2441,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                         i0 += P
                     f0 += V
         if t == 0:
-            tasks = <Py_ssize_t*>malloc(5 * ntasks * sizeof(Py_ssize_t))
+            tasks = <Py_ssize_t*>malloc(_max(1, 5 * ntasks) * sizeof(Py_ssize_t))
             if tasks == NULL:
                 free(gpad)
                 free(dpad)
@@ -2342,13 +2459,40 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef floating* dp = dp0 if dpad == NULL else dpad
     cdef floating* bp = db0 if bpad == NULL else bpad
     cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, nt)
-    for t in prange(nt, schedule="static", num_threads=nt):
-        fc_note_thread(team)
-        _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
-                           N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
-                           pad_top, pad_left, chunk, KH, dk3, bp)
-    fc_wake_end(team, woke)
+    cdef int woke
+    if Fv:
+        parts = <floating*>malloc(nparts * 10 * Fv * sizeof(floating))
+        if parts == NULL:
+            free(tasks)
+            free(gpad)
+            free(dpad)
+            free(bpad)
+            return -1
+        woke = fc_wake_begin(team, n_threads)
+        for part in prange(nparts, schedule="static", num_threads=n_threads):
+            fc_note_thread(team)
+            _dwk_part(xp, gp, parts + part * 10 * Fv, part * N * OH // nparts,
+                      (part + 1) * N * OH // nparts, H, W, C, OH, OW, Fv, sh, sw, dh, pad_top,
+                      pad_left, bp != NULL)
+        fc_wake_end(team, woke)
+        for tap in range(10 if bp != NULL else 9):
+            for c in range(Fv):
+                s = parts[tap * Fv + c]
+                for part in range(1, nparts):
+                    s = s + parts[(part * 10 + tap) * Fv + c]
+                if tap < 9:
+                    dp[tap * F + c] = s
+                else:
+                    bp[c] = s
+        free(parts)
+    if ntasks:
+        woke = fc_wake_begin(team, nt)
+        for t in prange(nt, schedule="static", num_threads=nt):
+            fc_note_thread(team)
+            _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
+                               N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
+                               pad_top, pad_left, chunk, KH, dk3, bp)
+        fc_wake_end(team, woke)
     if dpad != NULL:
         _unpad(dpad, cout_g, dp0, F0 // groups, KH * KW * cin_g, groups, NULL)
     if bpad != NULL:
