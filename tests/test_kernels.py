@@ -209,7 +209,10 @@ def test_gradients_on_blocks(case, data_format, monkeypatch):
     assert sorted(calls) == (["depth_to_space"] + ["space_to_depth"] * 2 if blocked else [])
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[19]], ids=str)
+# (CASES[3] and [30]: depthwise 3x3, whose kernel gradient sums blocks of rows separately (the
+# pixel-major channels) and in tasks over channels (a tail of 5 channels in [30]))
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[19], CASES[30]],
+                         ids=str)
 def test_bit_identical_for_any_thread_count(case, monkeypatch):
     monkeypatch.setattr(host, "_MACS_PER_THREAD", 1)  # small cases must still use every thread
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
