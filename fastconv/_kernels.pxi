@@ -168,12 +168,6 @@ cdef extern from *:
       #endif
     #endif
     static int fc_dwrow_pix = FC_DWROW_PIX;
-    #ifndef FC_DWKPIX_P1
-      #define FC_DWKPIX_P1 4
-    #endif
-    #ifndef FC_DWKPIX_P2
-      #define FC_DWKPIX_P2 2
-    #endif
     /* fc_dwrow keeps 9 kernel vectors, 9 input vectors and 3 partial sums live: it fits 32
        registers; with AVX2's 16 some kernel vectors become memory operands and it still wins
        (fwd 18 -> 25, grad_input 16 -> 24 GFLOP/s); with SSE2 it does not (19 -> 18) */
@@ -1082,7 +1076,7 @@ cdef extern from *:
         (S == 1 ? fc_dwpix_##SUF##_1_3 : fc_dwpix_##SUF##_2_1)(xr, xs, w, bias, F, Fv, W, pad, \
                                                                out, o0, o1); \
     } \
-    FC_DWKPIX(T, SUF, 1, FC_DWKPIX_P1) FC_DWKPIX(T, SUF, 2, FC_DWKPIX_P2) \
+    FC_DWKPIX(T, SUF, 1, 4) FC_DWKPIX(T, SUF, 2, 2) \
     static inline void fc_dwkpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
             T* acc, T* accb) { \
@@ -1457,7 +1451,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
     cdef bint merged = dw == 1 and groups == 1 and not depthwise
     cdef bint dwt
     cdef int sz = sizeof(floating)
-    cdef Py_ssize_t kh, kw, ow, run_end, g, f0, f1, fw, rowbase, lo, hi, lo2, hi2, base, r, first, ih
+    cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first, ih
     cdef Py_ssize_t ngroups = 1 if depthwise else groups
     cdef int nseg, nkh, V, P, p
     # kernel rows that land inside the image, once per row
@@ -1480,12 +1474,11 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         mrg_b[kh] = kh * KW * C * ldw   # merged: ldw is F, or the width of column blocks
     fw = F if depthwise else cout_g
     cdef const floating* xr[3]
-    cdef const floating* xb[3]
     cdef Py_ssize_t xs[3]
     cdef bint biased = False
     if (FC_DWROW_OK and depthwise and KH == 3 and KW == 3 and dw == 1
             and (sw == 1 or (sw == 2 and OW >= FC_DWROW2_MIN_OW))):
-        # fc_dwrow: whole rows, 3 input rows slid along, the 9 kernel vectors in registers
+        # whole rows (_dwrow): pixel-major by fc_dwpix, a channel tail by fc_dwrow
         for kh in range(3):
             ih = ih0 + kh * dh
             if ih >= 0 and ih < H:
@@ -1823,10 +1816,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef const floating* wb[3]
     cdef Py_ssize_t ws[3]
     cdef const floating* wblk
-    cdef Py_ssize_t block
     if wflip != NULL or dwrow2:
-        # depthwise 3x3 with unit dilation along w, whole rows in blocks of pixels. Unit strides
-        # (wflip): a 3x3 correlation of dy with the flipped kernel wflip, computed by fc_dwrow
+        # depthwise 3x3 with unit dilation along w, whole rows. Unit strides
+        # (wflip): a 3x3 correlation of dy with the flipped kernel wflip, computed by _dwrow
         # (row h reads dy row oh = ih + pad_top - (2 - h)*dh; input pixel iw reads dy pixel
         # iw - (2 - pad_left) + k). Stride 2 along w (dwrow2): fc_dwrowt slides along the dy rows
         # of this row's kernel rows h (any vertical stride and dilation).
