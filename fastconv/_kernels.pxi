@@ -2379,7 +2379,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
     # depthwise 3x3: the channels that fill whole vectors by fc_dwkpix (pixel-major), in
-    # NPARTS blocks of rows, each with its own sums, added in order: bit-identical on any
+    # DWK_PARTS blocks of rows, each with its own sums, added in order: bit-identical on any
     # thread count. fc_dwk3 tasks keep the rest.
     cdef Py_ssize_t Fv = F - F % (FC_VB // sz) if dk3 and KH == 3 and FC_DWROW_OK else 0
     cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
