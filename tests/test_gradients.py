@@ -534,6 +534,60 @@ def test_tf_function_bias_gradient_rides_on_grad_kernel(case):
             reference.assert_close(value, ref, 1e-4, name)
 
 
+@only_tf
+def test_tf_ops_reuse_freed_outputs_and_overwrite_them_in_full():
+    # large outputs (>= 1 MB) come from a cache of freed ones: a stride-2 1x1 convolution's dx
+    # is zero at odd rows and columns, so its buffer, just freed by a forward output of the same
+    # size full of 7680s, must be written everywhere, not only where taps land
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    ops = _tf_ops()
+    limit = ops.output_cache()[1]
+    assert limit == 512 << 20  # FASTCONV_TF_OUTPUT_CACHE_MB's default
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 64, 64)).astype(np.float32)
+    full_bytes = x.nbytes  # 2 MB
+    k = rng.standard_normal((1, 1, 64, 32)).astype(np.float32)
+    dy = rng.standard_normal((2, 32, 32, 32)).astype(np.float32)
+    forward = tf.function(lambda x, k: fastconv.ops.conv(x, k, 1, "valid"))
+
+    @tf.function
+    def grad_x(x, k):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(fastconv.ops.conv(x, k, 2, "valid") * dy)
+        return tape.gradient(loss, x)
+
+    ref_dx = reference.grads(x, k, dy, (2, 2), "valid", (1, 1), "channels_last")[0]
+    for round in range(3):
+        full = forward(np.full_like(x, 2.0), np.full((1, 1, 64, 64), 60.0, np.float32))
+        low = float(tf.reduce_min(full))
+        del full  # back to the cache (but in the first, tracing call under pytest)
+        kept, _, reuses = ops.output_cache()
+        dx = grad_x(x, k).numpy()
+        reference.assert_close(dx, ref_dx, 1e-4)
+        if round:
+            assert low == 7680.0 and kept >= full_bytes
+            assert ops.output_cache()[2] == reuses + 1
+    try:
+        ops.set_output_cache(0)
+        assert ops.output_cache()[0] == 0  # the kept buffers freed at once
+        reference.assert_close(grad_x(x, k).numpy(), ref_dx, 1e-4)
+        assert ops.output_cache()[0] == 0
+    finally:
+        ops.set_output_cache(limit)
+
+
+@only_tf
+@pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
+def test_tf_output_cache_size_is_checked(value):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", FASTCONV_TF_OUTPUT_CACHE_MB=value)
+    proc = subprocess.run([sys.executable, "-c", "import fastconv.backends.tensorflow"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"ValueError: FASTCONV_TF_OUTPUT_CACHE_MB={value!r}" in proc.stderr, proc.stderr[-2000:]
+
+
 CHANNELS_FIRST_CASES = [c for c in FFI_CASES if c[6] == "channels_first" and c[0][0] > 0]
 
 
