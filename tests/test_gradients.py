@@ -541,35 +541,40 @@ def test_tf_ops_reuse_freed_outputs_and_overwrite_them_in_full():
     # size full of 7680s, must be written everywhere, not only where taps land
     if _tf_ops() is None:
         pytest.skip("fastconv._tf_ops was not built")
+    from fastconv.backends import tensorflow as bridge
+
     ops = _tf_ops()
     limit = ops.output_cache()[1]
-    assert limit == 512 << 20  # FASTCONV_TF_OUTPUT_CACHE_MB's default
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 64, 64, 64)).astype(np.float32)
-    full_bytes = x.nbytes  # 2 MB
-    k = rng.standard_normal((1, 1, 64, 32)).astype(np.float32)
-    dy = rng.standard_normal((2, 32, 32, 32)).astype(np.float32)
-    forward = tf.function(lambda x, k: fastconv.ops.conv(x, k, 1, "valid"))
-
-    @tf.function
-    def grad_x(x, k):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(fastconv.ops.conv(x, k, 2, "valid") * dy)
-        return tape.gradient(loss, x)
-
-    ref_dx = reference.grads(x, k, dy, (2, 2), "valid", (1, 1), "channels_last")[0]
-    for round in range(3):
-        full = forward(np.full_like(x, 2.0), np.full((1, 1, 64, 64), 60.0, np.float32))
-        low = float(tf.reduce_min(full))
-        del full  # back to the cache (but in the first, tracing call under pytest)
-        kept, _, reuses = ops.output_cache()
-        dx = grad_x(x, k).numpy()
-        reference.assert_close(dx, ref_dx, 1e-4)
-        if round:
-            assert low == 7680.0 and kept >= full_bytes
-            assert ops.output_cache()[2] == reuses + 1
+    assert limit == bridge._output_cache_limit()  # 512 MB unless FASTCONV_TF_OUTPUT_CACHE_MB
+    if "FASTCONV_TF_OUTPUT_CACHE_MB" not in os.environ:
+        assert limit == 512 << 20
+    ops.set_output_cache(64 << 20)
     try:
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((2, 64, 64, 64)).astype(np.float32)
+        full_bytes = x.nbytes  # 2 MB
+        k = rng.standard_normal((1, 1, 64, 32)).astype(np.float32)
+        dy = rng.standard_normal((2, 32, 32, 32)).astype(np.float32)
+        forward = tf.function(lambda x, k: fastconv.ops.conv(x, k, 1, "valid"))
+
+        @tf.function
+        def grad_x(x, k):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(fastconv.ops.conv(x, k, 2, "valid") * dy)
+            return tape.gradient(loss, x)
+
+        ref_dx = reference.grads(x, k, dy, (2, 2), "valid", (1, 1), "channels_last")[0]
+        for i in range(3):
+            full = forward(np.full_like(x, 2.0), np.full((1, 1, 64, 64), 60.0, np.float32))
+            low = float(tf.reduce_min(full))
+            del full  # back to the cache (not after the first, tracing call: pytest keeps it)
+            kept, _, reuses = ops.output_cache()
+            dx = grad_x(x, k).numpy()
+            reference.assert_close(dx, ref_dx, 1e-4)
+            if i:
+                assert low == 7680.0 and kept >= full_bytes
+                assert ops.output_cache()[2] == reuses + 1
         ops.set_output_cache(0)
         assert ops.output_cache()[0] == 0  # the kept buffers freed at once
         reference.assert_close(grad_x(x, k).numpy(), ref_dx, 1e-4)
@@ -586,6 +591,19 @@ def test_tf_output_cache_size_is_checked(value):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"ValueError: FASTCONV_TF_OUTPUT_CACHE_MB={value!r}" in proc.stderr, proc.stderr[-2000:]
+
+
+@only_tf
+@pytest.mark.parametrize("value", ["0", "100"])
+def test_tf_output_cache_size_from_the_environment(value):
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", FASTCONV_TF_OUTPUT_CACHE_MB=value)
+    code = ("from fastconv.backends import tensorflow as b; "
+            "print('limit', b._OPS.output_cache()[1])")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert f"limit {int(value) << 20}" in proc.stdout, proc.stderr[-2000:]
 
 
 CHANNELS_FIRST_CASES = [c for c in FFI_CASES if c[6] == "channels_first" and c[0][0] > 0]
