@@ -66,7 +66,7 @@ bool Ready(OpKernelContext* ctx, const void* fn) {
 
 // Large outputs come from buffers the ops' earlier outputs left behind. TensorFlow's default CPU
 // allocator takes each large tensor from the C heap afresh, which maps it anew (glibc maps
-// anything over its mmap threshold, up to 32 MB) and faults it in one 4 KB page at a time, ~1 us
+// anything over its mmap threshold, up to 32 MB) and faults it in one 4 KB page at a time, 1-6 us
 // a page on these VMs: 28 thousand faults in a converted MobileNetV2's predict step at batch 8,
 // 9.6 thousand with this. A model asks for the same few sizes every step, so a freed output is
 // kept (up to limit bytes, the oldest freed first) for the next output of exactly its size: the
