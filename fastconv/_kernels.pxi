@@ -731,8 +731,14 @@ cdef extern from *:
     }
 
     /* Depthwise tile over NT consecutive taps of a kernel row with unit stride and dilation: pixel p
-       of the tile reads input pixels p .. p+NT-1, so each input vector is loaded once and used for
-       up to NT outputs. out[p*ops + v] = sum_s sum_{t<NT} A[aoff[s] + (p+t)*aps + v] * B[boff[s] + t*ldt + v]. */
+       of the tile reads input pixels p .. p+NT-1. out[p*ops + v] = sum_s sum_{t<NT}
+       A[aoff[s] + (p+t)*aps + v] * B[boff[s] + t*ldt + v]. Taps outer, pixels inner: the P FMAs
+       of a tap are independent. Input vectors outer (each loaded once, used for up to NT outputs)
+       made every step's FMAs wait for the previous step's, one FMA latency per input vector
+       (P + NT - 1 of them a kernel row); taps outer reload inputs from L1 and ran faster (AVX2
+       build, Zen 3, 5x5, 1 thread: 4x28x28x240 1.21 -> 0.95 ms, 8x7x7x1152 1.06 -> 0.83,
+       8x14x14x672 1.63 -> 1.55; 2 threads 1.02-1.15x). Each accumulator adds its terms in the
+       same order as before: results are bit-identical. */
     #define FC_DW3(T, SUF, P, V) FC_DWT(T, SUF, P, V, 3)
     #define FC_DW5(T, SUF, P, V) FC_DWT(T, SUF, P, V, 5)
     #define FC_DWT(T, SUF, P, V, NT) \
@@ -747,15 +753,16 @@ cdef extern from *:
         for (int s = 0; s < nseg; s++) { \
             const T* __restrict a = A + aoff[s]; \
             const T* __restrict b = B + boff[s]; \
-            vec bv[NT][NV]; \
-            for (int t = 0; t < NT; t++) for (int j = 0; j < NV; j++) FC_LOAD(bv[t][j], b + t * ldt + j * VW); \
             FC_UNROLL \
-            for (int i = 0; i < P + NT - 1; i++) for (int j = 0; j < NV; j++) { \
-                vec av; \
-                FC_LOAD(av, a + i * aps + j * VW); \
+            for (int t = 0; t < NT; t++) for (int j = 0; j < NV; j++) { \
+                vec bv; \
+                FC_LOAD(bv, b + t * ldt + j * VW); \
                 FC_UNROLL \
-                for (int t = 0; t < NT; t++) \
-                    if (i - t >= 0 && i - t < P) acc[i - t][j] += av * bv[t][j]; \
+                for (int p = 0; p < P; p++) { \
+                    vec av; \
+                    FC_LOAD(av, a + (p + t) * aps + j * VW); \
+                    acc[p][j] += av * bv; \
+                } \
             } \
         } \
         FC_UNROLL for (int p = 0; p < P; p++) FC_UNROLL for (int j = 0; j < NV; j++) \
