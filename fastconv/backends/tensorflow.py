@@ -102,7 +102,7 @@ def _into_tf_buffer(fn, args, dtype, shape):
 def _output_cache_limit():
     """Bytes of freed large outputs the ops keep for reuse (see ReuseAllocator in _tf_ops.cc):
     FASTCONV_TF_OUTPUT_CACHE_MB, 512 by default (MobileNetV2's training step at batch 8 keeps
-    ~300 MB), 0 to take every output from TensorFlow's allocator."""
+    ~300 MB), 0 to keep none (each freed output goes back to the heap at once)."""
     value = os.environ.get("FASTCONV_TF_OUTPUT_CACHE_MB", "512")
     try:
         megabytes = int(value)
