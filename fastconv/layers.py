@@ -97,11 +97,13 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
 
 
 def _reshape(variable, shape):
-    """keras.ops.reshape(variable, shape), for a kernel reshaped at every call. On TensorFlow,
-    eagerly, Keras' costs 350-470 us a call here (as much as a small depthwise layer's kernel);
-    tf.reshape of the variable's value (autocast as Keras does) with a numpy shape 70-120 us."""
+    """keras.ops.reshape(variable, shape), for a kernel reshaped at every call, on the
+    variable's value (autocast as Keras does). On TensorFlow, eagerly, Keras' costs 350-470 us a
+    call here (as much as a small depthwise layer's kernel), tf.reshape with a numpy shape
+    70-120 us; on torch, JAX and numpy the array's own reshape skips Keras' symbolic-tensor
+    check (a tree walk over the arguments)."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         return tf.reshape(variable.value, np.asarray(shape, np.int32))
-    return keras.ops.reshape(variable, shape)
+    return variable.value.reshape(tuple(shape))

@@ -248,7 +248,7 @@ def test_depthwise_integer_input_is_cast():
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
 def test_depthwise_dtype_policies(policy):
-    """The kernel is reshaped per call outside keras.ops (TensorFlow): it must still be the
+    """The kernel is reshaped per call outside keras.ops (every backend): it must still be the
     variable autocast to the compute dtype, as Keras' own layer reads it."""
     x = np.random.default_rng(3).normal(size=(2, 7, 6, 4))
     kwargs = dict(kernel_size=3, depth_multiplier=2, padding="same", dtype=policy)
