@@ -130,7 +130,10 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
 def regrouped_kernel(kernel, g, reshape, transpose):
     """A (KH, KW, C/G, F) kernel regrouped to (KH, KW, F/G, C): the transposed convolution's
     kernel in the same layout, which grad_input's kernels take; `reshape` and `transpose` of
-    the caller's array library (the bridges regroup in their framework's graph)."""
+    the caller's array library (the bridges regroup in their framework's graph). One input and
+    one output channel a group (depthwise): the same memory order, a reshape."""
+    if g.cin_g == 1 and g.f == g.groups:
+        return reshape(kernel, (g.kh, g.kw, 1, g.c))
     wt = reshape(kernel, (g.kh, g.kw, g.cin_g, g.groups, g.f // g.groups))
     return reshape(transpose(wt, (0, 1, 4, 3, 2)), (g.kh, g.kw, g.f // g.groups, g.c))
 

@@ -266,17 +266,12 @@ def _grad_input_op(spec, g, dy, k, known):
 
 
 def _regrouped_kernel(g, k):
-    """host.regrouped_kernel in the graph. Where it moves data, by the kernels' transpose op:
-    tf.transpose (_MklTranspose) of every kernel cost a MobileNetV2 training step 10.7 ms of
-    its 470 (AVX-512 Xeon, 2 threads). One input and one output channel a group (depthwise):
-    the same memory order, a reshape."""
-    if g.cin_g == 1 and g.f == g.groups:
-        return tf.reshape(k, (g.kh, g.kw, 1, g.c))
+    """host.regrouped_kernel in the graph; with groups == 1 each tap's (C, F) matrix transposed
+    by the kernels' transpose op (_swap): tf.transpose (_MklTranspose) of every kernel cost a
+    MobileNetV2 training step 10.7 ms of its 470 (AVX-512 Xeon, 2 threads)."""
     if g.groups == 1:
-        taps = tf.reshape(k, (g.kh * g.kw, g.c, g.f))
-        size = g.kh * g.kw * g.c * g.f
-        wt = _OPS.ops.fastconv_transpose(
-            taps, max_threads=host._threads(size, host._ELEMENTS_PER_THREAD))
+        # (only in graphs, where the op's registered gradient serves: no eager `inverse`)
+        wt = _swap(tf.reshape(k, (g.kh * g.kw, g.c, g.f)), g.c, (g.f, g.c), None)
         return tf.reshape(wt, (g.kh, g.kw, g.f, g.c))
     return host.regrouped_kernel(k, g, tf.reshape, tf.transpose)
 
