@@ -191,16 +191,23 @@ absl::Status KernelShapes(InferenceContext* c) {
 
 }  // namespace
 
-// x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,) -> (N, OH, OW, F)
+// x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,), scale (F,) or (0,)
+// -> (N, OH, OW, F): act(conv * scale + bias), act 0: none, 1: a clip to [lo, hi], 2: swish (an
+// inference BatchNormalization and an activation fused into the convolution by the TensorFlow
+// bridge)
 REGISTER_OP("FastconvForward")
     .Input("x: float")
     .Input("kernel: float")
     .Input("bias: float")
+    .Input("scale: float")
     .Output("y: float")
     .FASTCONV_GEOMETRY_ATTRS
     .Attr("oh: int")
     .Attr("ow: int")
     .Attr("f: int")
+    .Attr("act: int = 0")
+    .Attr("lo: float = 0")
+    .Attr("hi: float = 0")
     .SetShapeFn([](InferenceContext* c) { return ShapeFromAttrs(c, 0, "oh", "ow", "f"); });
 
 // dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)
@@ -263,6 +270,9 @@ class Forward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("oh", &oh_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("ow", &ow_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("f", &f_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("act", &act_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("lo", &lo_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("hi", &hi_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -271,6 +281,7 @@ class Forward : public OpKernel {
     const Tensor& x = ctx->input(0);
     const Tensor& k = ctx->input(1);
     const Tensor& bias = ctx->input(2);
+    const Tensor& scale = ctx->input(3);
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({x.dim_size(0), oh_, ow_, f_}), &out));
     Done(ctx, fastconv::forward_f32(
@@ -278,12 +289,16 @@ class Forward : public OpKernel {
                   x.dim_size(3), k.flat<float>().data(), k.dim_size(0), k.dim_size(1),
                   k.dim_size(2), out->flat<float>().data(), oh_, ow_, f_, g_.sh, g_.sw, g_.dh,
                   g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads),
-                  bias.NumElements() ? bias.flat<float>().data() : nullptr));
+                  bias.NumElements() ? bias.flat<float>().data() : nullptr,
+                  scale.NumElements() ? scale.flat<float>().data() : nullptr,
+                  static_cast<int>(act_), lo_, hi_));
   }
 
  private:
   Geometry g_;
   int64_t oh_, ow_, f_;
+  int64_t act_;
+  float lo_, hi_;
 };
 
 class GradInput : public OpKernel {

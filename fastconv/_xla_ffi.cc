@@ -48,7 +48,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer
       out->typed_data(), od[1], od[2], od[3], static_cast<int>(sh), static_cast<int>(sw),
       static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(pad_top),
       static_cast<int>(pad_left), static_cast<int>(groups), threads(max_threads),
-      has_bias ? bias.typed_data() : nullptr));
+      has_bias ? bias.typed_data() : nullptr, nullptr, 0, 0.0f, 0.0f));
 }
 
 // dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)

@@ -2,10 +2,12 @@
 fastconv's twins (and back), and `fastconv.export`: a standalone artifact of such a model.
 
 Only the exact classes `keras.layers.Conv2D` and `keras.layers.DepthwiseConv2D` are swapped (for
-`fastconv.Conv2D` / `fastconv.DepthwiseConv2D`, and back); subclasses of them (e.g.
-SeparableConv2D's relatives, user subclasses with their own `call`) and every other layer stay what
-they are. A twin is its Keras class plus an overridden convolution: same config, same weights, same
-function.
+`fastconv.Conv2D` / `fastconv.DepthwiseConv2D`, and back), and the layers a convolution may compute
+in its epilogue (`keras.layers.BatchNormalization`, `ReLU`, `Activation`, for fastconv.layers'
+twins, which fold into the convolution before them in TensorFlow inference graphs); subclasses of
+them (e.g. SeparableConv2D's relatives, user subclasses with their own `call`) and every other layer
+stay what they are. A twin is its Keras class plus an overridden call: same config, same weights,
+same function.
 
 - Sequential and Functional models (nested ones included) are cloned with
   `keras.models.clone_model(..., recursive=True)`: the result is a new model with the same layer
@@ -20,10 +22,14 @@ import warnings
 
 import keras
 
-from fastconv import _export
-from fastconv.layers import Conv2D, DepthwiseConv2D
+from fastconv import _export, layers
 
-_TO_FASTCONV = {keras.layers.Conv2D: Conv2D, keras.layers.DepthwiseConv2D: DepthwiseConv2D}
+_CONVOLUTIONS = {keras.layers.Conv2D: layers.Conv2D,
+                 keras.layers.DepthwiseConv2D: layers.DepthwiseConv2D}
+# the layers a convolution may compute in its epilogue (inference, TensorFlow)
+_EPILOGUES = {keras.layers.BatchNormalization: layers.BatchNormalization,
+              keras.layers.ReLU: layers.ReLU, keras.layers.Activation: layers.Activation}
+_TO_FASTCONV = {**_CONVOLUTIONS, **_EPILOGUES}
 _TO_KERAS = {twin: original for original, twin in _TO_FASTCONV.items()}
 
 keras_convolution = _export.keras_convolution
@@ -36,6 +42,8 @@ def convert(model):
     Sequential/Functional models are cloned (the original is unchanged, the compile config is
     carried over); subclassed models are converted in place and returned. Layers fastconv does not
     serve (Conv1D, Conv3D, SeparableConv2D, Conv2DTranspose, ...) are kept as they are.
+    BatchNormalization, ReLU and Activation layers become fastconv.layers' twins (Keras' layers
+    that fold into the convolution before them in TensorFlow inference graphs).
     """
     return _swap(model, _TO_FASTCONV, "convert")
 
@@ -133,10 +141,12 @@ def _in_place(layer, mapping):
         target = mapping.get(type(sub))
         if target is not None:
             sub.__class__ = target
-            # The only state a twin sets in __init__ (on TensorFlow, no XLA for host callbacks).
-            sub.supports_jit = not (
-                target in _TO_KERAS and keras.backend.backend() == "tensorflow"
-            )  # target in _TO_KERAS: target is a fastconv twin
+            if target in _CONVOLUTIONS or target in _CONVOLUTIONS.values():
+                # The only state a twin sets in __init__ (on TensorFlow, no XLA for host
+                # callbacks).
+                sub.supports_jit = not (
+                    target in _TO_KERAS and keras.backend.backend() == "tensorflow"
+                )  # target in _TO_KERAS: target is a fastconv twin
             changed = True
     if changed and isinstance(layer, keras.Model):
         _after_swap(layer)

@@ -35,7 +35,11 @@ class _Fastconv:
         # separate pass over the whole output.
         outputs = ops.conv_bias(inputs, kernel, self.bias if self.use_bias else None,
                                 self._spec())
-        return outputs if self.activation is None else self.activation(outputs)
+        if self.activation is None:
+            return outputs
+        act = _activation(self.activation)
+        fused = None if act is None else ops.epilogue(outputs, activation=act)
+        return self.activation(outputs) if fused is None else fused
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
@@ -94,6 +98,75 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
         kh, kw, channels, multiplier = self.kernel.shape
         return self._conv_bias_activation(
             inputs, _reshape(self.kernel, (kh, kw, 1, channels * multiplier)))
+
+
+def _activation(activation, negative_slope=0.0, max_value=None, threshold=0.0):
+    """The activation as the kernels' epilogue computes it (("clip", lo, hi): ReLU, ReLU6;
+    ("swish",): swish / silu), or None."""
+    if negative_slope != 0 or threshold != 0:
+        return None
+    if activation is keras.activations.relu:
+        return ("clip", 0.0, float("inf") if max_value is None else float(max_value))
+    if activation is keras.activations.relu6 and max_value is None:
+        return ("clip", 0.0, 6.0)
+    if activation in (keras.activations.swish, keras.activations.silu) and max_value is None:
+        return ("swish",)
+    return None
+
+
+@keras.saving.register_keras_serializable(package="fastconv")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` (same arguments, config, weights and function) that, in
+    inference on the TensorFlow backend, is computed by the fastconv convolution whose result it
+    normalizes: with its moving statistics it is an affine map a channel, which the kernels
+    apply to each output row while it is in cache. Elsewhere (training, other backends, other
+    inputs, a gradient tape recording) it is Keras' own. `fastconv.convert` swaps it in."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable):
+            fused = self._folded(inputs)
+            if fused is not None:
+                return fused
+        return super().call(inputs, training=training, mask=mask)
+
+    def _folded(self, inputs):
+        if (keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4
+                or self.axis not in (-1, 3)):
+            return None
+        import tensorflow as tf
+
+        # tf.nn.batch_normalization's arithmetic (Keras' on TensorFlow), folded
+        scale = tf.math.rsqrt(self.moving_variance.value + self.epsilon)
+        if self.scale:
+            scale = scale * self.gamma.value
+        shift = -self.moving_mean.value * scale
+        if self.center:
+            shift = self.beta.value + shift
+        return ops.epilogue(inputs, scale=scale, shift=shift)
+
+
+@keras.saving.register_keras_serializable(package="fastconv")
+class ReLU(keras.layers.ReLU):
+    """`keras.layers.ReLU` that a fastconv convolution before it computes in inference on the
+    TensorFlow backend, as for `fastconv.layers.BatchNormalization`."""
+
+    def call(self, inputs):
+        act = _activation(keras.activations.relu, self.negative_slope, self.max_value,
+                          self.threshold)
+        fused = None if act is None else ops.epilogue(inputs, activation=act)
+        return super().call(inputs) if fused is None else fused
+
+
+@keras.saving.register_keras_serializable(package="fastconv")
+class Activation(keras.layers.Activation):
+    """`keras.layers.Activation` that a fastconv convolution before it computes in inference
+    on the TensorFlow backend where it is "relu", "relu6", "swish" or "silu", as for
+    `fastconv.layers.BatchNormalization`."""
+
+    def call(self, inputs):
+        act = _activation(self.activation)
+        fused = None if act is None else ops.epilogue(inputs, activation=act)
+        return super().call(inputs) if fused is None else fused
 
 
 def _reshape(variable, shape):

@@ -84,6 +84,18 @@ def conv_bias(inputs, kernel, bias, spec):
     return _run(inputs, kernel, spec, bias)
 
 
+def epilogue(outputs, scale=None, shift=None, activation=None):
+    """`outputs` (a fastconv convolution's result) computed again with `outputs * scale + shift`
+    (per channel) or an activation (("clip", lo, hi) or ("swish",)) done by the convolution
+    itself, or None where the backend cannot (only TensorFlow graphs in inference can: see
+    fastconv.backends.tensorflow.fused)."""
+    if keras.backend.backend() != "tensorflow" or isinstance(outputs, keras.KerasTensor):
+        return None
+    from fastconv.backends import tensorflow as bridge
+
+    return bridge.fused(outputs, scale, shift, activation)
+
+
 def add_bias(outputs, bias, spec):
     """outputs + bias (shape (filters,)) along the channel axis, where the kernels cannot add it."""
     bias = keras.ops.reshape(bias, spec.bias_shape)

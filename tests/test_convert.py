@@ -351,16 +351,17 @@ def test_convert_functional_model(kernel_calls):
     old, new = _all_layers(model), _all_layers(converted)
     assert sorted(old) == sorted(new), "layer names (paths) must be kept"
     swapped = {keras.layers.Conv2D: fastconv.Conv2D,
-               keras.layers.DepthwiseConv2D: fastconv.DepthwiseConv2D}
+               keras.layers.DepthwiseConv2D: fastconv.DepthwiseConv2D,
+               keras.layers.BatchNormalization: fastconv.layers.BatchNormalization}
     for path, layer in old.items():
         assert type(layer) is before[path], f"the original's {path} was modified"
         assert type(new[path]) is swapped.get(type(layer), type(layer)), path
         for a, b in zip(layer.weights, new[path].weights):
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=path)
         assert len(layer.weights) == len(new[path].weights), path
-    expected_twins = 6 + (BACKEND != "tensorflow")
+    expected_twins = 6 + (BACKEND != "tensorflow")  # convolutions; and 1 normalization
     assert sum(type(layer).__module__.startswith("fastconv") for layer in new.values()) \
-        == expected_twins
+        == expected_twins + 1
     assert isinstance(new["mine"], MyConv2D) and isinstance(new["sep"],
                                                                   keras.layers.SeparableConv2D)
 

@@ -123,6 +123,45 @@ ROW_CASES = [c for c in CASES if c[4:6] == (3, 3) and c[6] == c[7] == c[3]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [(1, -0.5, 1.5), (2, 0, 0)], ids=["clip", "swish"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] > 0][::3], ids=str)
+def test_forward_epilogue(variant, dtype, act, case):
+    """forward's epilogue, act(conv * scale + bias) (an inference BatchNormalization and an
+    activation fused by the TensorFlow bridge), on every kernel path and build."""
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    k = rng.standard_normal((kh, kw, c // groups, f)).astype(dtype)
+    scale, bias = rng.standard_normal((2, f)).astype(dtype)
+    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
+    g = spec.geometry(x.shape, k.shape)
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    out = np.full(g.output_shape_nhwc, np.nan, dtype)
+    kernels.forward(x, k, out, *host._args(spec, g), bias, scale, *act)
+    u = reference.conv(x, k, strides, padding, dilation) * scale + bias
+    expected = np.clip(u, act[1], act[2]) if act[0] == 1 else u / (1 + np.exp(-u))
+    reference.assert_close(out, expected, 1e-4 if dtype == np.float32 else 1e-10, "epilogue")
+
+
+def test_swish_epilogue_extremes():
+    """The float32 swish's exp over its whole range: tiny, huge, infinite and NaN inputs."""
+    u = np.array([-1e30, -200, -88.8, -88.6, -88, -87.5, -20, -1e-30, 0, 1e-30, 3, 20, 88, 89,
+                  1e30, np.inf, np.nan], np.float32)
+    x = u.reshape(1, 1, -1, 1)
+    out = np.empty_like(x)
+    _dispatch.kernels.forward(x, np.ones((1, 1, 1, 1), np.float32), out, 1, 1, 1, 1, 0, 0, 1, 1,
+                              None, None, 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = u.astype(np.float64) / (1 + np.exp(-u.astype(np.float64)))
+    got = out.ravel()
+    finite = np.isfinite(expected)
+    # (below u = -88.72 the kernel gives -0 where the exact value is below 1e-36)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=2e-6, atol=1e-36)
+    assert np.isnan(got[-1]) and got[-2] == np.inf
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("pixels", [1, 5, 8, 64])
 @pytest.mark.parametrize("case", ROW_CASES, ids=str)
 def test_depthwise_row_blocks(variant, pixels, case):
