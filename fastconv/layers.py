@@ -130,8 +130,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return super().call(inputs, training=training, mask=mask)
 
     def _folded(self, inputs):
-        if (keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4
-                or self.axis not in (-1, 3)):
+        if len(inputs.shape) != 4 or self.axis not in (-1, 3) or not ops.fusable(inputs):
             return None
         import tensorflow as tf
 

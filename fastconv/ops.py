@@ -89,11 +89,21 @@ def epilogue(outputs, scale=None, shift=None, activation=None):
     (per channel) or an activation (("clip", lo, hi) or ("swish",)) done by the convolution
     itself, or None where the backend cannot (only TensorFlow graphs in inference can: see
     fastconv.backends.tensorflow.fused)."""
-    if keras.backend.backend() != "tensorflow" or isinstance(outputs, keras.KerasTensor):
+    if not fusable(outputs):
         return None
     from fastconv.backends import tensorflow as bridge
 
     return bridge.fused(outputs, scale, shift, activation)
+
+
+def fusable(outputs):
+    """Whether `epilogue` can fold into the convolution that made `outputs` (before a layer
+    computes what it would fold)."""
+    if keras.backend.backend() != "tensorflow" or isinstance(outputs, keras.KerasTensor):
+        return False
+    from fastconv.backends import tensorflow as bridge
+
+    return bridge.fusable_source(outputs) is not None
 
 
 def add_bias(outputs, bias, spec):

@@ -316,19 +316,11 @@ _GEOMETRY_ATTRS = ("sh", "sw", "dh", "dw", "pad_top", "pad_left", "groups", "max
 _ACT = {"clip": 1, "swish": 2}  # FastconvForward's `act`
 
 
-def fused(t, scale=None, shift=None, activation=None):
-    """t, the result of a fastconv convolution in a graph, computed again with t * scale + shift
-    (scale, shift: (F,) tensors) or an activation (("clip", lo, hi) or ("swish",)) fused into
-    the convolution's op, or None where that cannot be done (eagerly, t is not a convolution's
-    float32 result, a gradient tape is recording, the op already has an activation, or
-    something already uses t). The op
-    that made t stays in the graph and runs only if something else uses t: TensorFlow prunes
-    unused stateless ops from a function's graph. (A use of t made after this call therefore
-    runs the convolution a second time: the results stay right.)"""
-    if (tf.executing_eagerly() or _OPS is None or t.dtype != tf.float32
-            or PossibleTapeGradientTypes([t]) != 0):
-        return None
-    if t.consumers():
+def fusable_source(t):
+    """(the FastconvForward op that made t, the shape tensor of the Reshape between them or
+    None) where `fused` can fold into that op, else None."""
+    if (tf.executing_eagerly() or _OPS is None or not isinstance(t, tf.Tensor)
+            or t.dtype != tf.float32 or PossibleTapeGradientTypes([t]) != 0 or t.consumers()):
         return None
     reshape = None
     op = t.op
@@ -340,6 +332,22 @@ def fused(t, scale=None, shift=None, activation=None):
         op = op.inputs[0].op
     if op.type != "FastconvForward" or op.get_attr("act"):
         return None
+    return op, reshape
+
+
+def fused(t, scale=None, shift=None, activation=None):
+    """t, the result of a fastconv convolution in a graph, computed again with t * scale + shift
+    (scale, shift: (F,) tensors) or an activation (("clip", lo, hi) or ("swish",)) fused into
+    the convolution's op, or None where that cannot be done (eagerly, t is not a convolution's
+    float32 result, a gradient tape is recording, the op already has an activation, or
+    something already uses t). The op
+    that made t stays in the graph and runs only if something else uses t: TensorFlow prunes
+    unused stateless ops from a function's graph. (A use of t made after this call therefore
+    runs the convolution a second time: the results stay right.)"""
+    source = fusable_source(t)
+    if source is None:
+        return None
+    op, reshape = source
     x, k, b, s = op.inputs
     attrs = {name: op.get_attr(name) for name in _GEOMETRY_ATTRS}
     if scale is not None:
