@@ -119,48 +119,27 @@ class BatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` (same arguments, config, weights and function) that, in
     inference on the TensorFlow backend, is computed by the fastconv convolution whose result it
     normalizes: with its moving statistics it is an affine map a channel, which the kernels
-    apply to each output row while it is in cache. In training on TensorFlow it is one
-    FusedBatchNormV3 op (`_fused_training`). Elsewhere (other backends, other inputs, a
-    gradient tape recording in inference) it is Keras' own. `fastconv.convert` swaps it in."""
+    apply to each output row while it is in cache. On TensorFlow in training and on torch it is
+    the framework's own fused batch normalization (`ops.batch_norm`). Elsewhere (JAX, whose
+    compiler fuses Keras' ops, numpy, other inputs) it is Keras' own. `fastconv.convert` swaps
+    it in."""
 
     def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable):
-            fused = self._folded(inputs)
-        else:
-            fused = None if mask is not None else self._fused_training(inputs)
+        training = bool(training and self.trainable)
+        fused = None if training else self._folded(inputs)
+        if fused is None and mask is None and self._plain(inputs):
+            fused = ops.batch_norm(self, inputs, training)
         if fused is not None:
             return fused
         return super().call(inputs, training=training, mask=mask)
 
-    def _fused_training(self, inputs):
-        """Keras' training-mode normalization (batch statistics, moving averages updated) as
-        TensorFlow's FusedBatchNormV3 op, forward and gradient one pass each over the tensor:
-        Keras' own is a dozen ops over the whole tensor each way (Mean, SquaredDifference, Mul,
-        Sub, AddV2, Tile, Sum, ...), ~330 ms of op time in a MobileNetV2 training step (batch
-        8, 2 threads) that converted to fastconv spent 211 ms in its convolutions. None where
-        it does not apply (not TensorFlow, not NHWC float32, renorm, synchronized)."""
-        if (keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4
-                or self.axis not in (-1, 3) or self.renorm or self.synchronized
-                or keras.backend.standardize_dtype(inputs.dtype) != "float32"
-                or inputs.shape[0] == 0 or self.compute_dtype != "float32"):
-            return None
-        import tensorflow as tf
-
-        channels = inputs.shape[-1]
-        gamma = self.gamma.value if self.scale else tf.ones((channels,), tf.float32)
-        beta = self.beta.value if self.center else tf.zeros((channels,), tf.float32)
-        empty = tf.zeros((0,), tf.float32)
-        outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty,
-            epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
-            is_training=True)[:3]
-        # the op's variance has Bessel's correction (n / (n - 1)); Keras' is the batch's own
-        n = tf.cast(tf.size(inputs) // channels, tf.float32)
-        variance = variance * (tf.maximum(n - 1, 1) / n)
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(
-            self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        return outputs
+    def _plain(self, inputs):
+        # what the frameworks' fused batch normalizations serve: NHWC float32, not renorm or
+        # synchronized (multi-device) statistics, a batch
+        return (len(inputs.shape) == 4 and self.axis in (-1, 3) and not self.renorm
+                and not self.synchronized and self.compute_dtype == "float32"
+                and keras.backend.standardize_dtype(inputs.dtype) == "float32"
+                and inputs.shape[0] != 0)
 
     def _folded(self, inputs):
         if len(inputs.shape) != 4 or self.axis not in (-1, 3) or not ops.fusable(inputs):

@@ -96,6 +96,25 @@ def epilogue(outputs, scale=None, shift=None, activation=None):
     return bridge.fused(outputs, scale, shift, activation)
 
 
+def batch_norm(layer, inputs, training):
+    """The BatchNormalization `layer` (a fastconv.layers twin) on NHWC float32 `inputs` by the
+    backend's own fused batch normalization, the moving statistics updated as Keras does in
+    training; None where the backend has none (JAX, whose compiler fuses Keras' ops; numpy)."""
+    if isinstance(inputs, keras.KerasTensor):
+        return None
+    bridge = _bridge()
+    result = bridge.batch_norm(layer, inputs, training) if hasattr(bridge, "batch_norm") else None
+    if result is None:
+        return None
+    outputs, mean, variance = result
+    if training:  # Keras' BatchNormalization.call
+        momentum = layer.momentum
+        layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
+        layer.moving_variance.assign(layer.moving_variance * momentum
+                                     + variance * (1.0 - momentum))
+    return outputs
+
+
 def fusable(outputs):
     """Whether `epilogue` can fold into the convolution that made `outputs` (before a layer
     computes what it would fold)."""

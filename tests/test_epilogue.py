@@ -220,38 +220,56 @@ def test_tf_tape_keeps_layers_apart():
         assert_close(a, b, name=v.path)
 
 
-@only_tf
+def _bn_step(layer, x, dy, training, compiled):
+    """(loss, gradients wrt x and the trainable weights, moving statistics, graph or None) of
+    sum(layer(x) * dy), on TensorFlow (compiled: in a tf.function) or torch."""
+    if BACKEND == "tensorflow":
+        x, dy = tf.constant(x), tf.constant(dy)
+
+        def step(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                loss = tf.reduce_sum(layer(t, training=training) * dy)
+            return loss, tape.gradient(loss, [t, *layer.trainable_weights])
+        graph = None
+        if compiled:
+            step = tf.function(step)
+            graph = step.get_concrete_function(x).graph
+        loss, grads = step(x)
+    else:
+        import torch
+
+        x, dy = torch.tensor(x, requires_grad=True), torch.tensor(dy)
+        loss = (layer(x, training=training) * dy).sum()
+        grads = torch.autograd.grad(loss, [x, *[v.value for v in layer.trainable_weights]])
+        graph = None
+    return (to_numpy(loss), [to_numpy(g) for g in grads],
+            [to_numpy(v) for v in layer.non_trainable_weights], graph)
+
+
+@pytest.mark.skipif(BACKEND not in ("tensorflow", "torch"),
+                    reason="the twin is Keras' own on JAX and numpy")
 @pytest.mark.parametrize("kwargs", [{}, {"center": False, "scale": False, "epsilon": 1e-6},
                                     {"momentum": 0.5}])
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_batchnorm_training_matches_keras(kwargs, compiled):
-    """A training step of the BatchNormalization twin (on TensorFlow one FusedBatchNormV3 op):
-    Keras' outputs, gradients and moving statistics, eagerly and in a tf.function."""
+def test_batchnorm_fused_matches_keras(kwargs, training, compiled):
+    """The BatchNormalization twin on its own (TensorFlow in training: one FusedBatchNormV3
+    op; torch: torch's batch_norm): Keras' outputs, gradients and moving statistics."""
     rng = np.random.default_rng(3)
-    x = tf.constant((rng.normal(size=(3, 5, 4, 6)) * 2 + 1).astype("float32"))
-    dy = tf.constant(rng.normal(size=x.shape).astype("float32"))
+    x = (rng.normal(size=(3, 5, 4, 6)) * 2 + 1).astype("float32")
+    dy = rng.normal(size=x.shape).astype("float32")
     ours, theirs = layers.BatchNormalization(**kwargs), keras.layers.BatchNormalization(**kwargs)
     ours.build(x.shape), theirs.build(x.shape)
     _bn_weights(theirs, rng)
     ours.set_weights(theirs.get_weights())
-    results = []
-    for layer in (ours, theirs):
-        def step(t, layer=layer):
-            with tf.GradientTape() as tape:
-                tape.watch(t)
-                loss = tf.reduce_sum(layer(t, training=True) * dy)
-            return loss, tape.gradient(loss, [t, *layer.trainable_weights])
-        if compiled:
-            step = tf.function(step)
-        graph = step.get_concrete_function(x).graph if compiled else None
-        loss, grads = step(x)
-        results.append((loss, grads, [to_numpy(v) for v in layer.non_trainable_weights], graph))
-    (loss, grads, stats, graph), (ref_loss, ref_grads, ref_stats, _) = results
-    if compiled:
+    loss, grads, stats, graph = _bn_step(ours, x, dy, training, compiled)
+    ref_loss, ref_grads, ref_stats, _ = _bn_step(theirs, x, dy, training, compiled)
+    if graph is not None and training:
         assert [op for op in graph.get_operations() if "FusedBatchNorm" in op.type]
     assert_close(loss, ref_loss, name="loss")
     assert len(grads) == len(ref_grads)
     for a, b in zip(grads, ref_grads):
-        assert_close(to_numpy(a), to_numpy(b), name="gradient")
+        assert_close(a, b, name="gradient")
     for a, b in zip(stats, ref_stats):
         assert_close(a, b, rtol=1e-5, name="moving statistics")

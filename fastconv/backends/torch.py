@@ -156,6 +156,31 @@ for _op in (_grad_input_op, _grad_kernel_op):
     _op.register_autograd(_second_order, setup_context=lambda ctx, inputs, output: None)
 
 
+def batch_norm(layer, x, training):
+    """ops.batch_norm on torch: (outputs, batch mean, batch variance) in training, (outputs,
+    None, None) in inference, by torch's batch_norm (on the channels-last view of x: no copy),
+    one pass forward and one backward; Keras' own on torch is six passes each way (mean,
+    square, mean, subtract, scale, shift)."""
+    import torch.nn.functional as F
+
+    channels = x.shape[-1]
+    weight = layer.gamma.value if layer.scale else None
+    bias = layer.beta.value if layer.center else None
+    if training:
+        # momentum 1: torch overwrites these with the batch's mean and unbiased variance
+        mean = torch.zeros(channels, dtype=x.dtype, device=x.device)
+        variance = torch.ones(channels, dtype=x.dtype, device=x.device)
+    else:
+        mean, variance = layer.moving_mean.value, layer.moving_variance.value
+    y = F.batch_norm(x.permute(0, 3, 1, 2), mean, variance, weight, bias, training=training,
+                     momentum=1.0, eps=layer.epsilon)
+    y = y.permute(0, 2, 3, 1)
+    if not training:
+        return y, None, None
+    n = x.numel() // channels
+    return y, mean, variance * (max(n - 1, 1) / n)  # torch's variance is unbiased, Keras' not
+
+
 def on_accelerator(x, k):
     return x.device.type != "cpu" or k.device.type != "cpu"
 
