@@ -340,10 +340,10 @@ def fused(t, scale=None, shift=None, activation=None):
     (scale, shift: (F,) tensors) or an activation (("clip", lo, hi) or ("swish",)) fused into
     the convolution's op, or None where that cannot be done (eagerly, t is not a convolution's
     float32 result, a gradient tape is recording, the op already has an activation, or
-    something already uses t). The op
-    that made t stays in the graph and runs only if something else uses t: TensorFlow prunes
-    unused stateless ops from a function's graph. (A use of t made after this call therefore
-    runs the convolution a second time: the results stay right.)"""
+    something already uses t). The op that made t stays in the graph and runs only if something
+    else uses t: TensorFlow prunes unused stateless ops from a function's graph. (A use of t
+    made after this call therefore runs the convolution a second time: the results stay
+    right.)"""
     source = fusable_source(t)
     if source is None:
         return None
@@ -365,11 +365,11 @@ def fused(t, scale=None, shift=None, activation=None):
 
 def batch_norm(layer, x, training):
     """ops.batch_norm on TensorFlow: (outputs, batch mean, batch variance) in training, by
-    FusedBatchNormV3 op, forward and gradient one pass each over the tensor: Keras' own is a
-    dozen ops over the whole tensor each way (Mean, SquaredDifference, Mul, Sub, AddV2, Tile,
-    Sum, ...), ~330 ms of op time in a MobileNetV2 training step (batch 8, 2 threads) whose
-    converted convolutions took 211 ms. In inference (where it does not fold into a
-    convolution) Keras' own: None."""
+    TensorFlow's FusedBatchNormV3 op (oneDNN's kernels), forward and gradient one pass each over
+    the tensor: Keras' own is a dozen ops over the whole tensor each way (Mean,
+    SquaredDifference, Mul, Sub, AddV2, Tile, Sum, ...), ~330 ms of op time in a MobileNetV2
+    training step (batch 8, 2 threads) whose converted convolutions took 211 ms. In inference
+    (where it does not fold into a convolution) Keras' own: None."""
     if not training:
         return None
     channels = x.shape[-1]
