@@ -4,7 +4,9 @@ fastconv's twins (and back), and `fastconv.export`: a standalone artifact of suc
 Only the exact classes `keras.layers.Conv2D` and `keras.layers.DepthwiseConv2D` are swapped (for
 `fastconv.Conv2D` / `fastconv.DepthwiseConv2D`, and back), and the layers a convolution may compute
 in its epilogue (`keras.layers.BatchNormalization`, `ReLU`, `Activation`, for fastconv.layers'
-twins, which fold into the convolution before them in TensorFlow inference graphs); subclasses of
+twins, which fold into the convolution before them in TensorFlow inference graphs; the
+BatchNormalization twin also runs as the framework's fused batch normalization in TensorFlow
+training and on torch); subclasses of
 them (e.g. SeparableConv2D's relatives, user subclasses with their own `call`) and every other layer
 stay what they are. A twin is its Keras class plus an overridden call: same config, same weights,
 same function.
@@ -43,7 +45,9 @@ def convert(model):
     carried over); subclassed models are converted in place and returned. Layers fastconv does not
     serve (Conv1D, Conv3D, SeparableConv2D, Conv2DTranspose, ...) are kept as they are.
     BatchNormalization, ReLU and Activation layers become fastconv.layers' twins (Keras' layers
-    that fold into the convolution before them in TensorFlow inference graphs).
+    that fold into the convolution before them in TensorFlow inference graphs; the
+    BatchNormalization twin runs as the framework's fused batch norm in TensorFlow training and
+    on torch).
     """
     return _swap(model, _TO_FASTCONV, "convert")
 
