@@ -6,9 +6,8 @@ Only the exact classes `keras.layers.Conv2D` and `keras.layers.DepthwiseConv2D` 
 in its epilogue (`keras.layers.BatchNormalization`, `ReLU`, `Activation`, for fastconv.layers'
 twins, which fold into the convolution before them in TensorFlow inference graphs; the
 BatchNormalization twin also runs as the framework's fused batch normalization in TensorFlow
-training and on torch); subclasses of
-them (e.g. SeparableConv2D's relatives, user subclasses with their own `call`) and every other layer
-stay what they are. A twin is its Keras class plus an overridden call: same config, same weights,
+training and on torch); subclasses of them (e.g. SeparableConv2D's relatives, user subclasses with
+their own `call`) and every other layer stay what they are. A twin is its Keras class plus an overridden call: same config, same weights,
 same function.
 
 - Sequential and Functional models (nested ones included) are cloned with
@@ -145,12 +144,12 @@ def _in_place(layer, mapping):
         target = mapping.get(type(sub))
         if target is not None:
             sub.__class__ = target
-            if target in _CONVOLUTIONS or target in _CONVOLUTIONS.values():
-                # The only state a twin sets in __init__ (on TensorFlow, no XLA for host
-                # callbacks).
-                sub.supports_jit = not (
-                    target in _TO_KERAS and keras.backend.backend() == "tensorflow"
-                )  # target in _TO_KERAS: target is a fastconv twin
+            # The only state a convolution twin sets in __init__ (on TensorFlow, no XLA for
+            # host callbacks); Keras' own convolutions support it.
+            if target in _CONVOLUTIONS.values():
+                sub.supports_jit = keras.backend.backend() != "tensorflow"
+            elif target in _CONVOLUTIONS:
+                sub.supports_jit = True
             changed = True
     if changed and isinstance(layer, keras.Model):
         _after_swap(layer)

@@ -37,8 +37,7 @@ class _Fastconv:
                                 self._spec())
         if self.activation is None:
             return outputs
-        act = _activation(self.activation)
-        fused = None if act is None else ops.epilogue(outputs, activation=act)
+        fused = ops.epilogue(outputs, activation=_activation(self.activation))
         return self.activation(outputs) if fused is None else fused
 
 
@@ -133,16 +132,19 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return fused
         return super().call(inputs, training=training, mask=mask)
 
+    def _channels_last(self, inputs):
+        return len(inputs.shape) == 4 and self.axis in (-1, 3)
+
     def _plain(self, inputs):
         # what the frameworks' fused batch normalizations serve: NHWC float32, not renorm or
         # synchronized (multi-device) statistics, a batch
-        return (len(inputs.shape) == 4 and self.axis in (-1, 3) and not self.renorm
-                and not self.synchronized and self.compute_dtype == "float32"
+        return (self._channels_last(inputs) and not self.renorm and not self.synchronized
+                and self.compute_dtype == "float32"
                 and keras.backend.standardize_dtype(inputs.dtype) == "float32"
                 and inputs.shape[0] != 0)
 
     def _folded(self, inputs):
-        if len(inputs.shape) != 4 or self.axis not in (-1, 3) or not ops.fusable(inputs):
+        if not self._channels_last(inputs) or not ops.fusable(inputs):
             return None
         import tensorflow as tf
 
@@ -162,9 +164,8 @@ class ReLU(keras.layers.ReLU):
     TensorFlow backend, as for `fastconv.layers.BatchNormalization`."""
 
     def call(self, inputs):
-        act = _activation(keras.activations.relu, self.negative_slope, self.max_value,
-                          self.threshold)
-        fused = None if act is None else ops.epilogue(inputs, activation=act)
+        fused = ops.epilogue(inputs, activation=_activation(
+            keras.activations.relu, self.negative_slope, self.max_value, self.threshold))
         return super().call(inputs) if fused is None else fused
 
 
@@ -175,8 +176,7 @@ class Activation(keras.layers.Activation):
     `fastconv.layers.BatchNormalization`."""
 
     def call(self, inputs):
-        act = _activation(self.activation)
-        fused = None if act is None else ops.epilogue(inputs, activation=act)
+        fused = ops.epilogue(inputs, activation=_activation(self.activation))
         return super().call(inputs) if fused is None else fused
 
 

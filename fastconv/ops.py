@@ -88,8 +88,9 @@ def epilogue(outputs, scale=None, shift=None, activation=None):
     """`outputs` (a fastconv convolution's result) computed again with `outputs * scale + shift`
     (per channel) or an activation (("clip", lo, hi) or ("swish",)) done by the convolution
     itself, or None where the backend cannot (only TensorFlow graphs in inference can: see
-    fastconv.backends.tensorflow.fused)."""
-    if not fusable(outputs):
+    fastconv.backends.tensorflow.fused). Nothing to fold (no scale, no activation): None."""
+    if ((scale is None and activation is None) or keras.backend.backend() != "tensorflow"
+            or isinstance(outputs, keras.KerasTensor)):
         return None
     from fastconv.backends import tensorflow as bridge
 

@@ -309,8 +309,8 @@ def _native_bias_grad(spec, dy, dtype):
 # channel) and a ReLU / ReLU6 / swish after a convolution, computed by the convolution's op while
 # each output row is in cache. Separately, each is a pass over the whole tensor in memory: Mul, AddV2
 # and Relu6 took 36 of 84 ms of a converted MobileNetV2's predict step (AVX-512 Xeon, 2 threads).
-_GEOMETRY_ATTRS = ("sh", "sw", "dh", "dw", "pad_top", "pad_left", "groups", "max_threads",
-                   "oh", "ow", "f")
+_GEOMETRY_ATTRS = ("sh", "sw", "dh", "dw", "pad_top", "pad_left", "groups", "max_threads")
+_SIZE_ATTRS = ("oh", "ow", "f")  # FastconvForward's output sizes
 
 
 _ACT = {"clip": 1, "swish": 2}  # FastconvForward's `act`
@@ -349,7 +349,7 @@ def fused(t, scale=None, shift=None, activation=None):
         return None
     op, reshape = source
     x, k, b, s = op.inputs
-    attrs = {name: op.get_attr(name) for name in _GEOMETRY_ATTRS}
+    attrs = {name: op.get_attr(name) for name in _GEOMETRY_ATTRS + _SIZE_ATTRS}
     if scale is not None:
         # (conv * s + b) * scale + shift, with s and b each possibly absent (0 elements)
         s_new = scale if s.shape[0] == 0 else s * scale
@@ -398,8 +398,8 @@ def _forward_grad(op, dy):
     gradients of a graph that holds one (tf.gradients, or a tape around a tf.function call).
     Unfused convolutions get theirs from conv's tf.custom_gradient."""
     x, k, b, s = op.inputs
-    geometry = {name: op.get_attr(name) for name in _GEOMETRY_ATTRS[:8]}
-    sizes = {name: op.get_attr(name) for name in ("oh", "ow", "f")}
+    geometry = {name: op.get_attr(name) for name in _GEOMETRY_ATTRS}
+    sizes = {name: op.get_attr(name) for name in _SIZE_ATTRS}
     none = tf.zeros((0,), tf.float32)
     act = op.get_attr("act")
     if act == _ACT["clip"]:
