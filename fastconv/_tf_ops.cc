@@ -17,12 +17,15 @@
 
 #include <list>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <utility>
 
 #include "tensorflow/core/framework/allocator.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
 namespace {
@@ -38,6 +41,11 @@ using tensorflow::shape_inference::InferenceContext;
 #define FASTCONV_GEOMETRY_ATTRS                                                          \
   Attr("sh: int").Attr("sw: int").Attr("dh: int").Attr("dw: int").Attr("pad_top: int") \
       .Attr("pad_left: int").Attr("groups: int").Attr("max_threads: int")
+
+// The forward ops' result size and epilogue (see FastconvForward)
+#define FASTCONV_FORWARD_ATTRS                                                           \
+  FASTCONV_GEOMETRY_ATTRS.Attr("oh: int").Attr("ow: int").Attr("f: int")               \
+      .Attr("act: int = 0").Attr("lo: float = 0").Attr("hi: float = 0")
 
 struct Geometry {
   int sh, sw, dh, dw, pad_top, pad_left, groups;
@@ -201,13 +209,24 @@ REGISTER_OP("FastconvForward")
     .Input("bias: float")
     .Input("scale: float")
     .Output("y: float")
-    .FASTCONV_GEOMETRY_ATTRS
-    .Attr("oh: int")
-    .Attr("ow: int")
-    .Attr("f: int")
-    .Attr("act: int = 0")
-    .Attr("lo: float = 0")
-    .Attr("hi: float = 0")
+    .FASTCONV_FORWARD_ATTRS
+    .SetShapeFn([](InferenceContext* c) { return ShapeFromAttrs(c, 0, "oh", "ow", "f"); });
+
+// FastconvForward on the layer's variables themselves, for eager inference calls: each eager op
+// here cost 30-60 us, and 100-150 us after a large layer's kernel had pushed TensorFlow's code
+// and data out of the caches, and reading a variable is one (ReadVariableOp; a depthwise
+// kernel's reshape another). kernel: a variable (KH, KW, ., .) holding KH * KW * (C // groups)
+// * F floats in the (KH, KW, C // groups, F) order (a DepthwiseConv2D kernel (KH, KW, C, M) is
+// that order); bias: none or one variable of F floats. view: empty, or the (N, H, W, OH, OW)
+// the kernels see x and the result as (a 1x1 convolution's pixels re-cut for the threads).
+REGISTER_OP("FastconvForwardVariables")
+    .Input("x: float")
+    .Input("kernel: resource")
+    .Input("bias: nbias * resource")
+    .Output("y: float")
+    .Attr("nbias: int >= 0")
+    .FASTCONV_FORWARD_ATTRS
+    .Attr("view: list(int) = []")
     .SetShapeFn([](InferenceContext* c) { return ShapeFromAttrs(c, 0, "oh", "ow", "f"); });
 
 // dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)
@@ -264,9 +283,10 @@ REGISTER_OP("FastconvTranspose")
 
 namespace {
 
-class Forward : public OpKernel {
+// FastconvForward and FastconvForwardVariables: the attributes both take, and the kernel call.
+class ForwardBase : public OpKernel {
  public:
-  explicit Forward(OpKernelConstruction* ctx) : OpKernel(ctx), g_(ctx) {
+  explicit ForwardBase(OpKernelConstruction* ctx) : OpKernel(ctx), g_(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("oh", &oh_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("ow", &ow_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("f", &f_));
@@ -275,30 +295,100 @@ class Forward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("hi", &hi_));
   }
 
-  void Compute(OpKernelContext* ctx) override {
-    if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::forward_f32))) return;
-    fastconv::calls++;
-    const Tensor& x = ctx->input(0);
-    const Tensor& k = ctx->input(1);
-    const Tensor& bias = ctx->input(2);
-    const Tensor& scale = ctx->input(3);
+ protected:
+  // out (N, oh, ow, f) from x seen as (n, h, w, C) (its own shape, or a re-cut view) and the
+  // kernel's floats in (kh, kw, C // groups, f) order; bias and scale (f,) or nullptr
+  void Run(OpKernelContext* ctx, const Tensor& x, const int64_t* view, const float* k,
+           int64_t kh, int64_t kw, const float* bias, const float* scale) {
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({x.dim_size(0), oh_, ow_, f_}), &out));
+    const int64_t c = x.dim_size(3);
     Done(ctx, fastconv::forward_f32(
-                  x.flat<float>().data(), x.dim_size(0), x.dim_size(1), x.dim_size(2),
-                  x.dim_size(3), k.flat<float>().data(), k.dim_size(0), k.dim_size(1),
-                  k.dim_size(2), out->flat<float>().data(), oh_, ow_, f_, g_.sh, g_.sw, g_.dh,
-                  g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads),
-                  bias.NumElements() ? bias.flat<float>().data() : nullptr,
-                  scale.NumElements() ? scale.flat<float>().data() : nullptr,
+                  x.flat<float>().data(), view ? view[0] : x.dim_size(0),
+                  view ? view[1] : x.dim_size(1), view ? view[2] : x.dim_size(2), c, k, kh, kw,
+                  c / g_.groups, out->flat<float>().data(), view ? view[3] : oh_,
+                  view ? view[4] : ow_, f_, g_.sh, g_.sw, g_.dh, g_.dw, g_.pad_top, g_.pad_left,
+                  g_.groups, fastconv::threads(g_.max_threads), bias, scale,
                   static_cast<int>(act_), lo_, hi_));
   }
 
- private:
   Geometry g_;
   int64_t oh_, ow_, f_;
   int64_t act_;
   float lo_, hi_;
+};
+
+class Forward : public ForwardBase {
+ public:
+  explicit Forward(OpKernelConstruction* ctx) : ForwardBase(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::forward_f32))) return;
+    fastconv::calls++;
+    const Tensor& k = ctx->input(1);
+    const Tensor& bias = ctx->input(2);
+    const Tensor& scale = ctx->input(3);
+    Run(ctx, ctx->input(0), nullptr, k.flat<float>().data(), k.dim_size(0), k.dim_size(1),
+        bias.NumElements() ? bias.flat<float>().data() : nullptr,
+        scale.NumElements() ? scale.flat<float>().data() : nullptr);
+  }
+};
+
+// Variable `input` of the op, read-locked for as long as this lives.
+class LockedVariable {
+ public:
+  LockedVariable(OpKernelContext* ctx, int input)
+      : status_(tensorflow::LookupResource(ctx, tensorflow::HandleFromInput(ctx, input), &var_)) {
+    if (status_.ok()) lock_.emplace(*var_->mu());
+  }
+  const absl::Status& status() const { return status_; }
+  const Tensor& tensor() const { return *var_->tensor(); }
+  // its floats, if it holds `elements` of them (else an error in ctx, and nullptr)
+  const float* Floats(OpKernelContext* ctx, int64_t elements) const {
+    const Tensor& t = tensor();
+    if (t.IsInitialized() && t.dtype() == tensorflow::DT_FLOAT && t.NumElements() == elements)
+      return t.flat<float>().data();
+    ctx->SetStatus(absl::InvalidArgumentError(absl::StrCat(
+        "fastconv: variable ", var_->DebugString(), " does not hold ", elements, " floats")));
+    return nullptr;
+  }
+
+ private:
+  tensorflow::core::RefCountPtr<tensorflow::Var> var_;
+  absl::Status status_;
+  std::optional<tensorflow::tf_shared_lock> lock_;
+};
+
+class ForwardVariables : public ForwardBase {
+ public:
+  explicit ForwardVariables(OpKernelConstruction* ctx) : ForwardBase(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("view", &view_));
+    OP_REQUIRES(ctx, view_.empty() || view_.size() == 5,
+                absl::InvalidArgumentError("fastconv: view takes 5 sizes"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::forward_f32))) return;
+    fastconv::calls++;
+    const Tensor& x = ctx->input(0);
+    LockedVariable kernel(ctx, 1);
+    OP_REQUIRES_OK(ctx, kernel.status());
+    const Tensor& k = kernel.tensor();
+    const int64_t kh = k.dims() == 4 ? k.dim_size(0) : 0, kw = k.dims() == 4 ? k.dim_size(1) : 0;
+    const float* kp = kernel.Floats(ctx, kh * kw * (x.dim_size(3) / g_.groups) * f_);
+    if (kp == nullptr) return;
+    std::optional<LockedVariable> bias;
+    const float* bp = nullptr;
+    if (ctx->num_inputs() > 2) {
+      bias.emplace(ctx, 2);
+      OP_REQUIRES_OK(ctx, bias->status());
+      if ((bp = bias->Floats(ctx, f_)) == nullptr) return;
+    }
+    Run(ctx, x, view_.empty() ? nullptr : view_.data(), kp, kh, kw, bp, nullptr);
+  }
+
+ private:
+  std::vector<int64_t> view_;
 };
 
 class GradInput : public OpKernel {
@@ -406,6 +496,8 @@ class Transpose : public OpKernel {
 }  // namespace
 
 REGISTER_KERNEL_BUILDER(Name("FastconvForward").Device(tensorflow::DEVICE_CPU), Forward);
+REGISTER_KERNEL_BUILDER(Name("FastconvForwardVariables").Device(tensorflow::DEVICE_CPU),
+                        ForwardVariables);
 REGISTER_KERNEL_BUILDER(Name("FastconvGradInput").Device(tensorflow::DEVICE_CPU), GradInput);
 REGISTER_KERNEL_BUILDER(Name("FastconvGradKernel").Device(tensorflow::DEVICE_CPU),
                         GradKernel<false>);

@@ -84,6 +84,19 @@ def conv_bias(inputs, kernel, bias, spec):
     return _run(inputs, kernel, spec, bias)
 
 
+def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None):
+    """conv_bias on a layer's variables (`kernel` seen as `kernel_shape`, `bias` or None) with
+    `activation` (as `epilogue` takes it) computed by the kernels, where the backend has a
+    faster path for that than the general one (TensorFlow, eager inference calls: see
+    fastconv.backends.tensorflow.forward_variables); else None."""
+    if (keras.backend.backend() != "tensorflow" or isinstance(inputs, keras.KerasTensor)
+            or _export.use_keras_convolution(inputs)):
+        return None
+    from fastconv.backends import tensorflow as bridge
+
+    return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation)
+
+
 def epilogue(outputs, scale=None, shift=None, activation=None):
     """`outputs` (a fastconv convolution's result) computed again with `outputs * scale + shift`
     (per channel) or an activation (("clip", lo, hi) or ("swish",)) done by the convolution

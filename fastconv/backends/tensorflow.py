@@ -9,6 +9,7 @@ numpy_function's gradient is silently None: here every gradient is defined, and 
 one raises.
 """
 
+import math
 import os
 
 import numpy as np
@@ -16,7 +17,7 @@ import tensorflow as tf
 
 from fastconv import _dispatch, _memory
 from fastconv.backends import numpy as host
-from fastconv.geometry import Geometry
+from fastconv.geometry import Geometry, check_bias
 
 try:
     from tensorflow.python.ops.gradients_util import PossibleTapeGradientTypes
@@ -28,6 +29,12 @@ try:
     from tensorflow.python.eager.record import record_operation
 except ImportError:  # not public API: without it, tf.custom_gradient records eager calls too
     record_operation = None
+
+try:
+    from tensorflow.python.eager.record import could_possibly_record
+    from tensorflow.python.ops.resource_variable_ops import ResourceVariable, variable_accessed
+except ImportError:  # not public API: without them, eager calls take the general path
+    could_possibly_record = None
 
 
 def _recorded(tensors):
@@ -158,12 +165,25 @@ def _native_geometry(spec, dtype, x_shape, k_shape):
 def _ops_ready():
     """Whether the native ops can run here (in a graph, built, and the kernels exporting
     float32 entry points, which are handed to them)."""
+    return _OPS is not None and not tf.executing_eagerly() and _hand_kernels()
+
+
+def _hand_kernels():
+    """Hand the float32 entry points of the kernel build in use (which tests may switch) to the
+    ops; False if it exports none."""
+    global _handed
     kernels = _dispatch.kernels
-    if _OPS is None or tf.executing_eagerly() or not hasattr(kernels, "ffi_forward"):
+    if kernels is _handed:
+        return True
+    if not hasattr(kernels, "ffi_forward"):
         return False
     _OPS.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel(),
                      kernels.ffi_channel_sums(), kernels.ffi_transpose())
+    _handed = kernels
     return True
+
+
+_handed = None  # the kernel build whose entry points the ops have
 
 
 def _swap(t, rows, dims, inverse):
@@ -382,6 +402,49 @@ def batch_norm(layer, x, training):
     # the op's variance has Bessel's correction (n / (n - 1)); Keras' is the batch's own
     n = tf.cast(tf.size(x) // channels, tf.float32)
     return outputs, mean, variance * (tf.maximum(n - 1, 1) / n)
+
+
+def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
+    """A layer's convolution in an eager call that nothing records (inference), as one
+    FastconvForwardVariables op that reads the kernel (seen as `kernel_shape`) and bias
+    variables itself, with `activation` (as `fused` takes it) done by the kernels; or None
+    where that does not serve: not eager, a tape or accumulator active, not float32
+    channels_last on the CPU, a kernel or bias that is not a plain variable (a LoRA kernel is a
+    sum), or the ops not built. Eagerly every op costs 30-150 us here (the most right after a
+    large kernel has pushed TensorFlow's code out of the caches), and the general path runs
+    three or four (reading each variable, a depthwise kernel's reshape, the result's
+    conversion)."""
+    if (_OPS is None or not tf.executing_eagerly() or not spec.channels_last
+            or not isinstance(x, tf.Tensor) or x.dtype != tf.float32 or x.shape.rank != 4
+            or could_possibly_record is None or could_possibly_record()
+            or not _hand_kernels()):
+        return None
+    variables = [getattr(v, "_value", v) for v in (kernel, bias) if v is not None]
+    if any(type(v) is not ResourceVariable or v.dtype != tf.float32 for v in variables):
+        return None  # a keras.Variable's own tf.Variable, else the general path
+    handles = [v.handle for v in variables]
+    if on_accelerator(x, *handles) or PossibleTapeGradientTypes([x, *handles]) != 0:
+        return None
+    spec.output_shape(tuple(x.shape), tuple(kernel_shape))  # every check before the kernel
+    if bias is not None:
+        check_bias(tuple(variables[1].shape), tuple(kernel_shape))
+    if variables[0].shape.num_elements() != math.prod(kernel_shape):
+        return None
+    g = spec.geometry(tuple(x.shape), tuple(kernel_shape))
+    attrs = _geometry_attrs(spec, g, True)
+    view = host.recut_shape(spec, g, attrs["max_threads"], g.input_shape_nhwc)
+    attrs["view"] = [] if view == g.input_shape_nhwc else [*view[:3], *view[1:3]]
+    # every attribute given, as floats where floats: the op wrapper's defaults (lo=0, an int)
+    # send an eager call to its slow path (~70 us)
+    attrs.update(act=0, lo=0.0, hi=0.0)
+    if activation is not None:
+        attrs["act"] = _ACT[activation[0]]
+        if activation[0] == "clip":
+            attrs.update(lo=float(activation[1]), hi=float(activation[2]))
+    for v in variables:
+        variable_accessed(v)  # what reading it tells TensorFlow's variable watchers
+    return _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], oh=g.oh, ow=g.ow,
+                                               f=g.f, **attrs)
 
 
 def _fused_geometry(op):

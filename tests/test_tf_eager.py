@@ -1,0 +1,198 @@
+"""Eager inference calls on TensorFlow: fastconv's layers run one FastconvForwardVariables op that
+reads their kernel and bias variables itself (fastconv.backends.tensorflow.forward_variables),
+and the general path wherever that cannot serve. One pytest process per backend (conftest.py):
+these run in the tensorflow one."""
+
+import numpy as np
+import pytest
+
+from conftest import BACKEND
+
+import keras  # noqa: E402  (after conftest)
+
+import fastconv  # noqa: E402
+from fastconv import _dispatch  # noqa: E402
+from reference import assert_close, conv as ref_conv  # noqa: E402
+
+pytestmark = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's eager path")
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    from fastconv.backends import tensorflow as bridge
+
+ACTIVATIONS = {
+    None: lambda z: z,
+    "relu": lambda z: np.maximum(z, 0),
+    "relu6": lambda z: np.clip(z, 0, 6),
+    "silu": lambda z: z / (1 + np.exp(-z)),  # keras.activations.swish
+    "tanh": np.tanh,  # not computed by the kernels: applied after the op
+}
+
+
+class Calls:
+    """Kernel calls by the variables op and by the host (the general eager path)."""
+
+    def __init__(self, monkeypatch):
+        self.host = 0
+        self.start = bridge._OPS.calls()
+        real = _dispatch.kernels.forward
+
+        def forward(*args, **kwargs):
+            self.host += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_dispatch.kernels, "forward", forward)
+
+    @property
+    def op(self):
+        return bridge._OPS.calls() - self.start
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    if bridge._OPS is None:
+        pytest.skip("fastconv._tf_ops not built")
+    return Calls(monkeypatch)
+
+
+def _reference(layer, x):
+    """The layer's function in float64 from its weights: the kernel regrouped for a depthwise
+    layer, the bias and activation added."""
+    weights = layer.get_weights()
+    kernel = weights[0]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw, c, m = kernel.shape
+        kernel = kernel.reshape(kh, kw, 1, c * m)
+    z = ref_conv(x, kernel, layer.strides, layer.padding, layer.dilation_rate)
+    if layer.use_bias:
+        z = z + np.asarray(weights[1], np.float64)
+    name = None if layer.activation is keras.activations.linear else layer.activation.__name__
+    return ACTIVATIONS[name](z)
+
+
+def _layer(cls, x_shape, seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    layer = cls(**kwargs, bias_initializer="random_normal") if kwargs.get(
+        "use_bias", True) else cls(**kwargs)
+    layer.build(x_shape)
+    return layer
+
+
+CASES = [
+    (fastconv.Conv2D, (2, 9, 11, 6), dict(filters=5, kernel_size=3)),
+    (fastconv.Conv2D, (2, 9, 11, 6), dict(filters=6, kernel_size=3, groups=3, strides=2,
+                                          padding="same", activation="relu")),
+    (fastconv.Conv2D, (2, 13, 10, 6), dict(filters=4, kernel_size=3, dilation_rate=2,
+                                           activation="relu6")),
+    (fastconv.Conv2D, (2, 9, 11, 6), dict(filters=4, kernel_size=2, strides=2, use_bias=False,
+                                          activation="tanh")),
+    # 1x1 over 8x20x20 pixels: the kernels see them re-cut into wider rows (the op's view)
+    (fastconv.Conv2D, (8, 20, 20, 6), dict(filters=7, kernel_size=1, activation="swish")),
+    (fastconv.DepthwiseConv2D, (2, 9, 11, 6), dict(kernel_size=3, padding="same")),
+    (fastconv.DepthwiseConv2D, (2, 9, 11, 6), dict(kernel_size=3, depth_multiplier=2,
+                                                   activation="relu")),
+    (fastconv.DepthwiseConv2D, (2, 12, 12, 5), dict(kernel_size=5, strides=2, padding="same",
+                                                    use_bias=False)),
+]
+
+
+@pytest.mark.parametrize("cls, x_shape, kwargs", CASES)
+def test_eager_inference_is_one_op_on_the_variables(calls, cls, x_shape, kwargs):
+    x = np.random.default_rng(1).normal(size=x_shape).astype("float32")
+    layer = _layer(cls, x_shape, **kwargs)
+    out = layer(tf.constant(x))
+    assert (calls.op, calls.host) == (1, 0)
+    assert_close(out.numpy(), _reference(layer, x), rtol=1e-4)
+
+
+def test_eager_inference_sees_new_weights(calls):
+    """The op reads the variables at each call: assignments (set_weights, assign) show."""
+    x = np.random.default_rng(2).normal(size=(2, 8, 8, 4)).astype("float32")
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3)
+    layer(x)
+    rng = np.random.default_rng(3)
+    layer.set_weights([rng.normal(size=w.shape) for w in layer.get_weights()])
+    assert_close(layer(x).numpy(), _reference(layer, x), rtol=1e-4)
+    layer.kernel.assign(layer.kernel * 2.0)
+    layer.bias.assign_add(np.ones(3, np.float32))
+    assert_close(layer(x).numpy(), _reference(layer, x), rtol=1e-4)
+    assert (calls.op, calls.host) == (3, 0)
+
+
+def test_eager_inference_odd_inputs(calls):
+    """An empty batch gives an empty result; ints and float64 are cast first (to float32)."""
+    layer = _layer(fastconv.DepthwiseConv2D, (None, 7, 7, 3), kernel_size=3)
+    assert tuple(layer(tf.zeros((0, 7, 7, 3))).shape) == (0, 5, 5, 3)
+    x = np.arange(2 * 7 * 7 * 3).reshape(2, 7, 7, 3) % 5
+    for value in (x, x.astype("float64")):
+        out = layer(tf.constant(value))
+        assert out.dtype == tf.float32
+        assert_close(out.numpy(), _reference(layer, x), rtol=1e-4)
+    assert calls.host == 0
+
+
+def _general(calls, layer, x):
+    start = calls.op
+    out = layer(x)
+    assert calls.op == start  # not the variables op
+    return out
+
+
+def test_recorded_calls_take_the_general_path(calls):
+    """Under a tape the variables must be read as TensorFlow sees reads (the tape watches
+    trainable variables as they are read): the general path, with its gradients."""
+    x = tf.constant(np.random.default_rng(4).normal(size=(2, 8, 8, 4)).astype("float32"))
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, activation="relu")
+    theirs = keras.layers.Conv2D(3, 3, activation="relu")
+    theirs.build(x.shape)
+    theirs.set_weights(layer.get_weights())
+    grads = []
+    for lay in (layer, theirs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(lay(x) ** 2)
+        grads.append(tape.gradient(y, [x, *lay.trainable_variables]))
+    assert calls.op == 0
+    for ours, ref in zip(*grads):
+        assert ours is not None
+        assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
+
+
+def test_general_path_where_the_op_does_not_serve(calls):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 8, 8, 4)).astype("float32")
+    # a LoRA kernel is a sum of variables, not a variable
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3)
+    layer.enable_lora(2)
+    layer.lora_kernel_b.assign(rng.normal(size=layer.lora_kernel_b.shape))
+    kernel = layer.get_weights()[0] + np.asarray(layer.lora_kernel_a) @ np.asarray(
+        layer.lora_kernel_b) * (layer.lora_alpha / layer.lora_rank)
+    ref = ref_conv(x, kernel) + layer.get_weights()[1]
+    assert_close(_general(calls, layer, x).numpy(), ref, rtol=1e-4)
+    # channels_first
+    layer = _layer(fastconv.Conv2D, (2, 4, 8, 8), filters=3, kernel_size=3,
+                   data_format="channels_first")
+    xf = x.transpose(0, 3, 1, 2)
+    ref = ref_conv(xf, layer.get_weights()[0], data_format="channels_first")
+    ref = ref + layer.get_weights()[1][:, None, None]
+    assert_close(_general(calls, layer, xf).numpy(), ref, rtol=1e-4)
+    # tracing for export: Keras' own convolution
+    layer = _layer(fastconv.DepthwiseConv2D, x.shape, kernel_size=3)
+    host = calls.host
+    with fastconv.keras_convolution():
+        out = _general(calls, layer, x)
+    assert calls.host == host
+    assert_close(out.numpy(), _reference(layer, x), rtol=1e-4)
+    # float16 compute dtype
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, dtype="mixed_float16")
+    out = _general(calls, layer, x)
+    assert out.dtype == tf.float16
+    assert_close(out.numpy().astype(np.float64), _reference(layer, x), rtol=5e-3)
+
+
+def test_bad_input_fails_before_the_kernel(calls):
+    layer = _layer(fastconv.Conv2D, (None, 8, 8, 4), filters=3, kernel_size=5)
+    with pytest.raises(ValueError, match="(?i)input"):
+        layer(tf.zeros((1, 3, 3, 4)))  # smaller than the kernel
+    assert (calls.op, calls.host) == (0, 0)
