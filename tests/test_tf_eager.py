@@ -169,24 +169,30 @@ def test_general_path_where_the_op_does_not_serve(calls):
     kernel = layer.get_weights()[0] + np.asarray(layer.lora_kernel_a) @ np.asarray(
         layer.lora_kernel_b) * (layer.lora_alpha / layer.lora_rank)
     ref = ref_conv(x, kernel) + layer.get_weights()[1]
-    assert_close(_general(calls, layer, x).numpy(), ref, rtol=1e-4)
+    assert_close(_general(calls, layer, tf.constant(x)).numpy(), ref, rtol=1e-4)
     # channels_first
     layer = _layer(fastconv.Conv2D, (2, 4, 8, 8), filters=3, kernel_size=3,
                    data_format="channels_first")
     xf = x.transpose(0, 3, 1, 2)
     ref = ref_conv(xf, layer.get_weights()[0], data_format="channels_first")
     ref = ref + layer.get_weights()[1][:, None, None]
-    assert_close(_general(calls, layer, xf).numpy(), ref, rtol=1e-4)
+    assert_close(_general(calls, layer, tf.constant(xf)).numpy(), ref, rtol=1e-4)
     # tracing for export: Keras' own convolution
     layer = _layer(fastconv.DepthwiseConv2D, x.shape, kernel_size=3)
     host = calls.host
     with fastconv.keras_convolution():
-        out = _general(calls, layer, x)
+        out = _general(calls, layer, tf.constant(x))
     assert calls.host == host
     assert_close(out.numpy(), _reference(layer, x), rtol=1e-4)
+    # stateless_call: the values it is given, not the variables
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3)
+    values = [rng.normal(size=v.shape).astype("float32") for v in layer.trainable_variables]
+    out, _ = layer.stateless_call(values, [], tf.constant(x))
+    assert calls.op == 0
+    assert_close(out.numpy(), ref_conv(x, values[0]) + values[1], rtol=1e-4)
     # float16 compute dtype
     layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, dtype="mixed_float16")
-    out = _general(calls, layer, x)
+    out = _general(calls, layer, tf.constant(x))
     assert out.dtype == tf.float16
     assert_close(out.numpy().astype(np.float64), _reference(layer, x), rtol=5e-3)
 

@@ -419,9 +419,11 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
             or could_possibly_record is None or could_possibly_record()
             or not _hand_kernels()):
         return None
-    variables = [getattr(v, "_value", v) for v in (kernel, bias) if v is not None]
+    # a keras.Variable's value is its tf.Variable, unless a StatelessScope gives another value
+    # (stateless_call) or autocasting a cast: those take the general path
+    variables = [getattr(v, "value", v) for v in (kernel, bias) if v is not None]
     if any(type(v) is not ResourceVariable or v.dtype != tf.float32 for v in variables):
-        return None  # a keras.Variable's own tf.Variable, else the general path
+        return None
     handles = [v.handle for v in variables]
     if on_accelerator(x, *handles) or PossibleTapeGradientTypes([x, *handles]) != 0:
         return None
