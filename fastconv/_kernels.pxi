@@ -250,9 +250,11 @@ cdef extern from *:
         memcpy(&s, &e, sizeof s);
         return u / (1.0f + p * s);
     }
-    /* forward's epilogue on a float output row (_epilogue): row = act(row * scale + bias), act 1
-       a clip to [lo, hi], 2 swish. One simple loop each, as gcc vectorises them (written as one
-       loop with the tests inside, the swish stayed scalar: EfficientNetB0 predict 96 -> 148 ms) */
+    /* forward's activations (its `act`): the one definition (Cython and Python read these) */
+    enum { FC_ACT_NONE = 0, FC_ACT_CLIP = 1 /* to [lo, hi]: ReLU, ReLU6 */, FC_ACT_SWISH = 2 };
+    /* forward's epilogue on a float output row (_epilogue): row = act(row * scale + bias). One
+       simple loop each, as gcc vectorises them (written as one loop with the tests inside, the
+       swish stayed scalar: EfficientNetB0 predict 96 -> 148 ms) */
     static void fc_epilogue_f(float* __restrict row, ptrdiff_t n, ptrdiff_t F,
                               const float* __restrict scale, const float* __restrict bias,
                               int act, float lo, float hi) {
@@ -261,10 +263,12 @@ cdef extern from *:
             if (scale && bias) for (ptrdiff_t f = 0; f < F; f++) r[f] = r[f] * scale[f] + bias[f];
             else if (scale) for (ptrdiff_t f = 0; f < F; f++) r[f] *= scale[f];
             else if (bias) for (ptrdiff_t f = 0; f < F; f++) r[f] += bias[f];
-            if (act == 1) for (ptrdiff_t f = 0; f < F; f++) {
+            if (act == FC_ACT_CLIP) for (ptrdiff_t f = 0; f < F; f++) {
                 float v = r[f] < lo ? lo : r[f];
                 r[f] = v > hi ? hi : v;
-            } else if (act == 2) for (ptrdiff_t f = 0; f < F; f++) r[f] = fc_swish_f(r[f]);
+            } else if (act == FC_ACT_SWISH) {
+                for (ptrdiff_t f = 0; f < F; f++) r[f] = fc_swish_f(r[f]);
+            }
         }
     }
 
@@ -1657,10 +1661,14 @@ cdef inline void _add_bias(floating* row, const floating* bias, Py_ssize_t OW,
             row[i * F + f] += bias[f]
 
 
-cdef enum:
-    ACT_NONE = 0
-    ACT_CLIP = 1    # to [lo, hi]: ReLU, ReLU6
-    ACT_SWISH = 2   # u * sigmoid(u)
+cdef extern from *:
+    enum:
+        FC_ACT_NONE
+        FC_ACT_CLIP
+        FC_ACT_SWISH
+
+# forward's `act` codes, for the bridges that build ops taking them
+ACT_NONE, ACT_CLIP, ACT_SWISH = FC_ACT_NONE, FC_ACT_CLIP, FC_ACT_SWISH
 
 
 cdef void _epilogue(floating* row, Py_ssize_t OW, Py_ssize_t F, const floating* scale,
@@ -1679,10 +1687,10 @@ cdef void _epilogue(floating* row, Py_ssize_t OW, Py_ssize_t F, const floating* 
                 v = v * scale[f]
             if bias != NULL:
                 v = v + bias[f]
-            if act == ACT_CLIP:
+            if act == FC_ACT_CLIP:
                 v = lo if v < lo else v
                 v = hi if v > hi else v
-            elif act == ACT_SWISH:
+            elif act == FC_ACT_SWISH:
                 v = v / (1 + exp(-v))
             row[i * F + f] = v
 
@@ -1751,8 +1759,8 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
             int n_threads, const floating[::1] bias=None,    # IN (F,) or None
             const floating[::1] scale=None,                  # IN (F,) or None
-            int act=ACT_NONE, double lo=0, double hi=0):
-    # out = act(conv * scale + bias), act: 0 none, 1 a clip to [lo, hi], 2 swish
+            int act=FC_ACT_NONE, double lo=0, double hi=0):
+    # out = act(conv * scale + bias), act: ACT_NONE, ACT_CLIP (to [lo, hi]) or ACT_SWISH
     # (&a[0, 0, 0, 0] of an empty array is its data pointer, never read: _forward returns)
     if _forward(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0, 0],
                 w.shape[0], w.shape[1], w.shape[2], &out[0, 0, 0, 0], out.shape[1],
@@ -1791,7 +1799,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     # an activation `act` (_epilogue; the TensorFlow bridge fuses them into its op).
     cdef Py_ssize_t r, n, oh
     cdef bint biased
-    cdef bint fused = scale != NULL or act != ACT_NONE
+    cdef bint fused = scale != NULL or act != FC_ACT_NONE
     cdef const floating* row_bias = NULL if fused else bp
     if N * OH * OW * F == 0:
         return 0

@@ -200,9 +200,9 @@ absl::Status KernelShapes(InferenceContext* c) {
 }  // namespace
 
 // x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,), scale (F,) or (0,)
-// -> (N, OH, OW, F): act(conv * scale + bias), act 0: none, 1: a clip to [lo, hi], 2: swish (an
-// inference BatchNormalization and an activation fused into the convolution by the TensorFlow
-// bridge)
+// -> (N, OH, OW, F): act(conv * scale + bias), act one of the kernels' FC_ACT_* (none, a clip to
+// [lo, hi], swish): an inference BatchNormalization and an activation fused into the convolution
+// by the TensorFlow bridge
 REGISTER_OP("FastconvForward")
     .Input("x: float")
     .Input("kernel: float")

@@ -124,7 +124,8 @@ ROW_CASES = [c for c in CASES if c[4:6] == (3, 3) and c[6] == c[7] == c[3]
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("act", [(1, -0.5, 1.5), (2, 0, 0)], ids=["clip", "swish"])
+@pytest.mark.parametrize("act", [("ACT_CLIP", -0.5, 1.5), ("ACT_SWISH", 0, 0)],
+                         ids=["clip", "swish"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] > 0][::3], ids=str)
 def test_forward_epilogue(variant, dtype, act, case):
     """forward's epilogue, act(conv * scale + bias) (an inference BatchNormalization and an
@@ -138,9 +139,10 @@ def test_forward_epilogue(variant, dtype, act, case):
     g = spec.geometry(x.shape, k.shape)
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     out = np.full(g.output_shape_nhwc, np.nan, dtype)
-    kernels.forward(x, k, out, *host._args(spec, g), bias, scale, *act)
+    kernels.forward(x, k, out, *host._args(spec, g), bias, scale, getattr(kernels, act[0]),
+                    *act[1:])
     u = reference.conv(x, k, strides, padding, dilation) * scale + bias
-    expected = np.clip(u, act[1], act[2]) if act[0] == 1 else u / (1 + np.exp(-u))
+    expected = np.clip(u, act[1], act[2]) if act[0] == "ACT_CLIP" else u / (1 + np.exp(-u))
     reference.assert_close(out, expected, 1e-4 if dtype == np.float32 else 1e-10, "epilogue")
 
 
@@ -151,7 +153,7 @@ def test_swish_epilogue_extremes():
     x = u.reshape(1, 1, -1, 1)
     out = np.empty_like(x)
     _dispatch.kernels.forward(x, np.ones((1, 1, 1, 1), np.float32), out, 1, 1, 1, 1, 0, 0, 1, 1,
-                              None, None, 2)
+                              None, None, _dispatch.kernels.ACT_SWISH)
     with np.errstate(over="ignore", invalid="ignore"):
         expected = u.astype(np.float64) / (1 + np.exp(-u.astype(np.float64)))
     got = out.ravel()

@@ -333,7 +333,8 @@ _GEOMETRY_ATTRS = ("sh", "sw", "dh", "dw", "pad_top", "pad_left", "groups", "max
 _SIZE_ATTRS = ("oh", "ow", "f")  # FastconvForward's output sizes
 
 
-_ACT = {"clip": 1, "swish": 2}  # FastconvForward's `act`
+# FastconvForward's `act` (the kernels' codes: every build has the same)
+_ACT = {"clip": _dispatch.kernels.ACT_CLIP, "swish": _dispatch.kernels.ACT_SWISH}
 
 
 def fusable_source(t):
