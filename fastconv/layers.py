@@ -163,7 +163,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 and inputs.shape[0] != 0)
 
     def _folded(self, inputs):
-        if not self._channels_last(inputs) or not ops.fusable(inputs):
+        if not self._channels_last(inputs) or not ops.fusable(inputs, self):
             return None
         import tensorflow as tf
 
@@ -174,7 +174,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         shift = -self.moving_mean.value * scale
         if self.center:
             shift = self.beta.value + shift
-        return ops.epilogue(inputs, scale=scale, shift=shift)
+        return ops.epilogue(inputs, scale=scale, shift=shift)  # (self checked: fusable above)
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
@@ -184,7 +184,8 @@ class ReLU(keras.layers.ReLU):
 
     def call(self, inputs):
         fused = ops.epilogue(inputs, activation=_activation(
-            keras.activations.relu, self.negative_slope, self.max_value, self.threshold))
+            keras.activations.relu, self.negative_slope, self.max_value, self.threshold),
+            layer=self)
         return super().call(inputs) if fused is None else fused
 
 
@@ -195,7 +196,7 @@ class Activation(keras.layers.Activation):
     `fastconv.layers.BatchNormalization`."""
 
     def call(self, inputs):
-        fused = ops.epilogue(inputs, activation=_activation(self.activation))
+        fused = ops.epilogue(inputs, activation=_activation(self.activation), layer=self)
         return super().call(inputs) if fused is None else fused
 
 

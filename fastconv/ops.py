@@ -97,13 +97,13 @@ def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None):
     return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation)
 
 
-def epilogue(outputs, scale=None, shift=None, activation=None):
+def epilogue(outputs, scale=None, shift=None, activation=None, layer=None):
     """`outputs` (a fastconv convolution's result) computed again with `outputs * scale + shift`
     (per channel) or an activation (("clip", lo, hi) or ("swish",)) done by the convolution
     itself, or None where the backend cannot (only TensorFlow graphs in inference can: see
-    fastconv.backends.tensorflow.fused). Nothing to fold (no scale, no activation): None."""
-    if ((scale is None and activation is None) or keras.backend.backend() != "tensorflow"
-            or isinstance(outputs, keras.KerasTensor)):
+    fastconv.backends.tensorflow.fused) or `fusable(outputs, layer)` says no. Nothing to fold
+    (no scale, no activation): None."""
+    if (scale is None and activation is None) or not fusable(outputs, layer):
         return None
     from fastconv.backends import tensorflow as bridge
 
@@ -129,14 +129,31 @@ def batch_norm(layer, inputs, training):
     return outputs
 
 
-def fusable(outputs):
-    """Whether `epilogue` can fold into the convolution that made `outputs` (before a layer
-    computes what it would fold)."""
+def fusable(outputs, layer=None):
+    """Whether `epilogue` can fold into the convolution that made `outputs`: a TensorFlow graph
+    in inference, and `outputs` not used by anything else yet; nor, where `layer` (the layer
+    that would fold) was called in functional models, by any other layer there."""
     if keras.backend.backend() != "tensorflow" or isinstance(outputs, keras.KerasTensor):
         return False
     from fastconv.backends import tensorflow as bridge
 
-    return bridge.fusable_source(outputs) is not None
+    return bridge.fusable_source(outputs) is not None and not (
+        layer is not None and _input_shared(layer))
+
+
+def _input_shared(layer):
+    """Whether another layer also takes the input of `layer`, in the functional graphs that
+    call it. TensorFlow graphs are built one layer at a time: the fold makes a new op for the
+    convolution, and a user of the input called later would still need the original op, which
+    then runs too (the convolution twice)."""
+    for node in layer._inbound_nodes:
+        for tensor in node.input_tensors[:1]:
+            producer = tensor._keras_history.operation
+            users = [n for n in getattr(producer, "_outbound_nodes", ())
+                     if any(t is tensor for t in n.input_tensors)]
+            if len(users) > 1:
+                return True
+    return False
 
 
 def add_bias(outputs, bias, spec):

@@ -363,8 +363,8 @@ def fused(t, scale=None, shift=None, activation=None):
     float32 result, a gradient tape is recording, the op already has an activation, or
     something already uses t). The op that made t stays in the graph and runs only if something
     else uses t: TensorFlow prunes unused stateless ops from a function's graph. (A use of t
-    made after this call therefore runs the convolution a second time: the results stay
-    right.)"""
+    made after this call therefore runs the convolution a second time, with right results:
+    ops.fusable's layer check keeps functional models from that.)"""
     source = fusable_source(t)
     if source is None:
         return None
