@@ -333,8 +333,15 @@ _GEOMETRY_ATTRS = ("sh", "sw", "dh", "dw", "pad_top", "pad_left", "groups", "max
 _SIZE_ATTRS = ("oh", "ow", "f")  # FastconvForward's output sizes
 
 
-# FastconvForward's `act` (the kernels' codes: every build has the same)
-_ACT = {"clip": _dispatch.kernels.ACT_CLIP, "swish": _dispatch.kernels.ACT_SWISH}
+def _act_attrs(activation):
+    """The forward ops' act, lo and hi for an activation (None, ("clip", lo, hi) or
+    ("swish",)): the kernels' codes (every build has the same), and floats for the float
+    attributes (an int sends an eager call to the op wrapper's slow path, ~70 us)."""
+    kernels = _dispatch.kernels
+    name, *bounds = activation or (None,)
+    act = {None: kernels.ACT_NONE, "clip": kernels.ACT_CLIP, "swish": kernels.ACT_SWISH}[name]
+    lo, hi = map(float, bounds) if name == "clip" else (0.0, 0.0)
+    return dict(act=act, lo=lo, hi=hi)
 
 
 def fusable_source(t):
@@ -377,9 +384,7 @@ def fused(t, scale=None, shift=None, activation=None):
         b_new = shift if b.shape[0] == 0 else b * scale + shift
         s, b = s_new, b_new
     if activation is not None:
-        attrs["act"] = _ACT[activation[0]]
-        if activation[0] == "clip":
-            attrs.update(lo=float(activation[1]), hi=float(activation[2]))
+        attrs.update(_act_attrs(activation))
     out = _OPS.ops.fastconv_forward(x, k, b, s, **attrs)
     return out if reshape is None else tf.reshape(out, reshape)
 
@@ -437,17 +442,10 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
     attrs = _geometry_attrs(spec, g, True)
     view = host.recut_shape(spec, g, attrs["max_threads"], g.input_shape_nhwc)
     attrs["view"] = [] if view == g.input_shape_nhwc else [*view[:3], *view[1:3]]
-    # every attribute given, as floats where floats: the op wrapper's defaults (lo=0, an int)
-    # send an eager call to its slow path (~70 us)
-    attrs.update(act=0, lo=0.0, hi=0.0)
-    if activation is not None:
-        attrs["act"] = _ACT[activation[0]]
-        if activation[0] == "clip":
-            attrs.update(lo=float(activation[1]), hi=float(activation[2]))
     for v in variables:
         variable_accessed(v)  # what reading it tells TensorFlow's variable watchers
     return _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], oh=g.oh, ow=g.ow,
-                                               f=g.f, **attrs)
+                                               f=g.f, **attrs, **_act_attrs(activation))
 
 
 def _fused_geometry(op):
@@ -468,10 +466,10 @@ def _forward_grad(op, dy):
     sizes = {name: op.get_attr(name) for name in _SIZE_ATTRS}
     none = tf.zeros((0,), tf.float32)
     act = op.get_attr("act")
-    if act == _ACT["clip"]:
+    if act == _dispatch.kernels.ACT_CLIP:
         y = op.outputs[0]
         dy = tf.where((y > op.get_attr("lo")) & (y < op.get_attr("hi")), dy, tf.zeros_like(dy))
-    elif act == _ACT["swish"]:
+    elif act == _dispatch.kernels.ACT_SWISH:
         u = _OPS.ops.fastconv_forward(x, k, b, s, **sizes, **geometry)  # before the swish
         sig = tf.sigmoid(u)
         dy = dy * (sig * (1 + u * (1 - sig)))
