@@ -173,6 +173,11 @@ PyObject* OutputCache(PyObject*, PyObject*) {
                        static_cast<Py_ssize_t>(reuses));
 }
 
+// One kernel call at a time: TensorFlow runs independent ops at once (a ResNet block's shortcut
+// beside its first convolution; a layer's two gradients), each of whose kernel calls would
+// start its own team of all the threads.
+std::mutex turns;
+
 void Done(OpKernelContext* ctx, int status) {
   if (status != 0) ctx->SetStatus(absl::ResourceExhaustedError("fastconv: out of memory"));
 }
@@ -303,6 +308,7 @@ class ForwardBase : public OpKernel {
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({x.dim_size(0), oh_, ow_, f_}), &out));
     const int64_t c = x.dim_size(3);
+    const std::lock_guard<std::mutex> turn(turns);
     Done(ctx, fastconv::forward_f32(
                   x.flat<float>().data(), view ? view[0] : x.dim_size(0),
                   view ? view[1] : x.dim_size(1), view ? view[2] : x.dim_size(2), c, k, kh, kw,
@@ -406,6 +412,7 @@ class GradInput : public OpKernel {
     const Tensor& wt = ctx->input(1);
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({dy.dim_size(0), h_, w_, c_}), &dx));
+    const std::lock_guard<std::mutex> turn(turns);
     Done(ctx, fastconv::grad_input_f32(
                   dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2), dy.dim_size(3),
                   wt.flat<float>().data(), wt.dim_size(0), wt.dim_size(1), wt.dim_size(2),
@@ -435,6 +442,7 @@ class GradKernel : public OpKernel {
     Tensor* db = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape(shape_), &dk));
     if (kBias) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({shape_[3]}), &db));
+    const std::lock_guard<std::mutex> turn(turns);
     Done(ctx, fastconv::grad_kernel_f32(
                   x.flat<float>().data(), x.dim_size(0), x.dim_size(1), x.dim_size(2),
                   x.dim_size(3), dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2),
@@ -462,6 +470,7 @@ class BiasGrad : public OpKernel {
     const int64_t f = dy.dim_size(3);
     Tensor* db = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({f}), &db));
+    const std::lock_guard<std::mutex> turn(turns);
     Done(ctx, fastconv::channel_sums_f32(dy.flat<float>().data(),
                                          f ? dy.NumElements() / f : 0, f,
                                          db->flat<float>().data(),
@@ -484,6 +493,7 @@ class Transpose : public OpKernel {
     Tensor* dst = nullptr;
     OP_REQUIRES_OK(
         ctx, Output(ctx, 0, TensorShape({src.dim_size(0), src.dim_size(2), src.dim_size(1)}), &dst));
+    const std::lock_guard<std::mutex> turn(turns);
     Done(ctx, fastconv::transpose_f32(src.flat<float>().data(), src.dim_size(0),
                                       src.dim_size(1), src.dim_size(2), dst->flat<float>().data(),
                                       fastconv::threads(max_threads_)));

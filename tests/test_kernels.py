@@ -146,6 +146,41 @@ def test_forward_epilogue(variant, dtype, act, case):
     reference.assert_close(out, expected, 1e-4 if dtype == np.float32 else 1e-10, "epilogue")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1 and c[9][1] == 1 and c[0] > 0],
+                         ids=str)
+def test_forward_column_blocks_outer(variant, dtype, case):
+    """Dense forward with column blocks outer and rows inner (what large weights get, here
+    forced on every size): the same result as rows outer, and the reference's; with the bias
+    and an epilogue, which it adds in a pass of its own."""
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    k = rng.standard_normal((kh, kw, c, f)).astype(dtype)
+    scale, bias = rng.standard_normal((2, f)).astype(dtype)
+    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
+    g = spec.geometry(x.shape, k.shape)
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    outs = []
+    try:
+        for threshold in (1 << 62, 0):
+            kernels.set_block_major_bytes(threshold)
+            for extra in ((bias,), (bias, scale, kernels.ACT_CLIP, -0.5, 1.5)):
+                out = np.full(g.output_shape_nhwc, np.nan, dtype)
+                kernels.forward(x, k, out, *host._args(spec, g), *extra)
+                outs.append(out)
+    finally:
+        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+    u = reference.conv(x, k, strides, padding, dilation)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    reference.assert_close(outs[2], u + bias, rtol, "columns outer, bias")
+    reference.assert_close(outs[3], np.clip(u * scale + bias, -0.5, 1.5), rtol,
+                           "columns outer, epilogue")
+    np.testing.assert_array_equal(outs[2], outs[0])
+    np.testing.assert_array_equal(outs[3], outs[1])
+
+
 def test_swish_epilogue_extremes():
     """The float32 swish's exp over its whole range: tiny, huge, infinite and NaN inputs."""
     u = np.array([-1e30, -200, -88.8, -88.6, -88, -87.5, -20, -1e-30, 0, 1e-30, 3, 20, 88, 89,
