@@ -148,7 +148,8 @@ def _input_shared(layer):
     then runs too (the convolution twice)."""
     for node in layer._inbound_nodes:
         for tensor in node.input_tensors[:1]:
-            producer = tensor._keras_history.operation
+            history = getattr(tensor, "_keras_history", None)  # absent: no recorded graph
+            producer = getattr(history, "operation", None)
             users = [n for n in getattr(producer, "_outbound_nodes", ())
                      if any(t is tensor for t in n.input_tensors)]
             if len(users) > 1:
