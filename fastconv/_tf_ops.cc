@@ -178,8 +178,11 @@ PyObject* OutputCache(PyObject*, PyObject*) {
 // start its own team of all the threads.
 std::mutex turns;
 
-void Done(OpKernelContext* ctx, int status) {
-  if (status != 0) ctx->SetStatus(absl::ResourceExhaustedError("fastconv: out of memory"));
+// kernel() (a kernel call, 0 or -1 when out of memory) in its turn
+template <typename Kernel>
+void Call(OpKernelContext* ctx, Kernel kernel) {
+  const std::lock_guard<std::mutex> turn(turns);
+  if (kernel() != 0) ctx->SetStatus(absl::ResourceExhaustedError("fastconv: out of memory"));
 }
 
 // A (N, d1, d2, d3) output whose N is input `like`'s first dimension and d1..d3 are attributes.
@@ -308,14 +311,13 @@ class ForwardBase : public OpKernel {
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({x.dim_size(0), oh_, ow_, f_}), &out));
     const int64_t c = x.dim_size(3);
-    const std::lock_guard<std::mutex> turn(turns);
-    Done(ctx, fastconv::forward_f32(
+    Call(ctx, [&] { return fastconv::forward_f32(
                   x.flat<float>().data(), view ? view[0] : x.dim_size(0),
                   view ? view[1] : x.dim_size(1), view ? view[2] : x.dim_size(2), c, k, kh, kw,
                   c / g_.groups, out->flat<float>().data(), view ? view[3] : oh_,
                   view ? view[4] : ow_, f_, g_.sh, g_.sw, g_.dh, g_.dw, g_.pad_top, g_.pad_left,
                   g_.groups, fastconv::threads(g_.max_threads), bias, scale,
-                  static_cast<int>(act_), lo_, hi_));
+                  static_cast<int>(act_), lo_, hi_); });
   }
 
   Geometry g_;
@@ -412,12 +414,11 @@ class GradInput : public OpKernel {
     const Tensor& wt = ctx->input(1);
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({dy.dim_size(0), h_, w_, c_}), &dx));
-    const std::lock_guard<std::mutex> turn(turns);
-    Done(ctx, fastconv::grad_input_f32(
+    Call(ctx, [&] { return fastconv::grad_input_f32(
                   dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2), dy.dim_size(3),
                   wt.flat<float>().data(), wt.dim_size(0), wt.dim_size(1), wt.dim_size(2),
                   dx->flat<float>().data(), dy.dim_size(0), h_, w_, c_, g_.sh, g_.sw, g_.dh,
-                  g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads)));
+                  g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads)); });
   }
 
  private:
@@ -442,13 +443,12 @@ class GradKernel : public OpKernel {
     Tensor* db = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape(shape_), &dk));
     if (kBias) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({shape_[3]}), &db));
-    const std::lock_guard<std::mutex> turn(turns);
-    Done(ctx, fastconv::grad_kernel_f32(
+    Call(ctx, [&] { return fastconv::grad_kernel_f32(
                   x.flat<float>().data(), x.dim_size(0), x.dim_size(1), x.dim_size(2),
                   x.dim_size(3), dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2),
                   dy.dim_size(3), dk->flat<float>().data(), shape_[0], shape_[1], shape_[2],
                   g_.sh, g_.sw, g_.dh, g_.dw, g_.pad_top, g_.pad_left, g_.groups,
-                  fastconv::threads(g_.max_threads), kBias ? db->flat<float>().data() : nullptr));
+                  fastconv::threads(g_.max_threads), kBias ? db->flat<float>().data() : nullptr); });
   }
 
  private:
@@ -470,11 +470,10 @@ class BiasGrad : public OpKernel {
     const int64_t f = dy.dim_size(3);
     Tensor* db = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({f}), &db));
-    const std::lock_guard<std::mutex> turn(turns);
-    Done(ctx, fastconv::channel_sums_f32(dy.flat<float>().data(),
+    Call(ctx, [&] { return fastconv::channel_sums_f32(dy.flat<float>().data(),
                                          f ? dy.NumElements() / f : 0, f,
                                          db->flat<float>().data(),
-                                         fastconv::threads(max_threads_)));
+                                         fastconv::threads(max_threads_)); });
   }
 
  private:
@@ -493,10 +492,9 @@ class Transpose : public OpKernel {
     Tensor* dst = nullptr;
     OP_REQUIRES_OK(
         ctx, Output(ctx, 0, TensorShape({src.dim_size(0), src.dim_size(2), src.dim_size(1)}), &dst));
-    const std::lock_guard<std::mutex> turn(turns);
-    Done(ctx, fastconv::transpose_f32(src.flat<float>().data(), src.dim_size(0),
+    Call(ctx, [&] { return fastconv::transpose_f32(src.flat<float>().data(), src.dim_size(0),
                                       src.dim_size(1), src.dim_size(2), dst->flat<float>().data(),
-                                      fastconv::threads(max_threads_)));
+                                      fastconv::threads(max_threads_)); });
   }
 
  private:

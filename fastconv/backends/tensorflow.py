@@ -9,7 +9,6 @@ numpy_function's gradient is silently None: here every gradient is defined, and 
 one raises.
 """
 
-import math
 import os
 
 import numpy as np
@@ -436,8 +435,6 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
     spec.output_shape(tuple(x.shape), tuple(kernel_shape))  # every check before the kernel
     if bias is not None:
         check_bias(tuple(variables[1].shape), tuple(kernel_shape))
-    if variables[0].shape.num_elements() != math.prod(kernel_shape):
-        return None
     g = spec.geometry(tuple(x.shape), tuple(kernel_shape))
     attrs = _geometry_attrs(spec, g, True)
     view = host.recut_shape(spec, g, attrs["max_threads"], g.input_shape_nhwc)
