@@ -1925,13 +1925,14 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t pad_left, Py_ssize_t groups,
                           const Py_ssize_t* phases, const float* wpk,
                           const floating* wred, const floating* wflip, bint dwrow2,
-                          Py_ssize_t ldw) noexcept nogil:
+                          Py_ssize_t ldw, Py_ssize_t c_lo, Py_ssize_t c_hi) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
     # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
     # ow + 1 where pixel j reads ow. Consecutive pixels whose valid taps are the same form a run
     # (at most 2*KW + 3 of them), computed in tiles of P pixels; segments are listed kw-major so
-    # that a run's taps are a contiguous slice.
+    # that a run's taps are a contiguous slice. Ungrouped, only input channels [c_lo, c_hi) are
+    # computed (one column block; the other paths compute all).
     cdef Py_ssize_t T = KH * KW
     cdef Py_ssize_t need = 3 * T + 2 * KH
     cdef Py_ssize_t stack[6 * STACK_TAPS]
@@ -1951,7 +1952,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef Py_ssize_t cw = C if depthwise else cin_g
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
-    cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh
+    cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh, c_end
     cdef int nseg, V, P, p
     cdef const floating* xr[3]
     cdef const floating* xb[3]
@@ -2070,9 +2071,10 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 c0 += V
             continue
         for g in range(1 if depthwise else groups):
-            c0 = 0
-            while c0 < cw:
-                V = fc_width(cw - c0, sz)
+            c0 = c_lo if groups == 1 else 0
+            c_end = _min(cw, c_hi) if groups == 1 else cw
+            while c0 < c_end:
+                V = fc_width(c_end - c0, sz)
                 P = FC_PAIR_PMAX if wpk != NULL else fc_pmax(V, sz)
                 # ldw != C: dense, the kernel in column blocks of width ldw (_column_blocks)
                 if ldw == C:
@@ -2281,16 +2283,32 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         wp = wpad
     cdef fc_team_t* team = fc_team()
     cdef int woke = fc_wake_begin(team, n_threads)
-    for r in prange(N * H, schedule="static", num_threads=n_threads):
-        fc_note_thread(team)
-        n = r // H
-        ih = r % H
-        dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
-        _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
-                        ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
-                        wflip, dwrow2, ldw)
-        if rows != NULL:
-            _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
+    # large weights in column blocks: column blocks outer, as in _forward (ResNet50's 3x3
+    # 512 -> 512 on 8x7x7: 143 -> 300 GFLOP/s, its stride-2 twin 127 -> 240)
+    cdef Py_ssize_t nb = _cdiv(C, ldw) if (ldw != Cp and wpk == NULL
+        and KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes) else 0
+    cdef Py_ssize_t t, b
+    if nb:
+        for t in prange(nb * N * H, schedule="static", num_threads=n_threads):
+            fc_note_thread(team)
+            b = t // (N * H)
+            r = t % (N * H)
+            n = r // H
+            ih = r % H
+            _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW, cout_g,
+                            C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, NULL,
+                            NULL, NULL, False, ldw, b * ldw, (b + 1) * ldw)
+    else:
+        for r in prange(N * H, schedule="static", num_threads=n_threads):
+            fc_note_thread(team)
+            n = r // H
+            ih = r % H
+            dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
+            _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
+                            ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
+                            wflip, dwrow2, ldw, 0, Cp)
+            if rows != NULL:
+                _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
     fc_wake_end(team, woke)
     free(phases)
     free(wpk)

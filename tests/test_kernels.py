@@ -181,6 +181,34 @@ def test_forward_column_blocks_outer(variant, dtype, case):
     np.testing.assert_array_equal(outs[3], outs[1])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1 and c[0] > 0], ids=str)
+def test_grad_input_column_blocks_outer(variant, dtype, case):
+    """Dense grad_input with column blocks outer (large weights; here forced on every size):
+    the same result as rows outer, and the reference's."""
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    k = rng.standard_normal((kh, kw, c, f)).astype(dtype)
+    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
+    dy = rng.standard_normal(spec.geometry(x.shape, k.shape).output_shape_nhwc).astype(dtype)
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    saved = _dispatch.kernels
+    _dispatch.kernels = kernels
+    dxs = []
+    try:
+        for threshold in (1 << 62, 0):
+            kernels.set_block_major_bytes(threshold)
+            dxs.append(host.grad_input(dy, k, spec, x.shape, dtype))
+    finally:
+        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+        _dispatch.kernels = saved
+    ref_dx, _ = reference.grads(x, k, dy, strides, padding, dilation)
+    reference.assert_close(dxs[1], ref_dx, 1e-4 if dtype == np.float32 else 1e-10, "grad_input")
+    np.testing.assert_array_equal(dxs[1], dxs[0])
+
+
 def test_swish_epilogue_extremes():
     """The float32 swish's exp over its whole range: tiny, huge, infinite and NaN inputs."""
     u = np.array([-1e30, -200, -88.8, -88.6, -88, -87.5, -20, -1e-30, 0, 1e-30, 3, 20, 88, 89,
