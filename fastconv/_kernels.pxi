@@ -2515,7 +2515,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t ntasks = 0, tap, g, i0, f0, t, nt, chunk
-    cdef int V, P
+    cdef int V, P, Pg
     cdef floating s
     cdef Py_ssize_t* tasks = NULL
     # odd channel counts: dy and dw with zero-padded channels, as in forward (_padded)
@@ -2578,22 +2578,27 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                     ntasks += 1
                     g += 4
                 continue
+            # kernel rows outer, output channels inner: a thread's tasks read each x strip
+            # (P channels of the chunk's pixels) once, from L1, while dy's chunk stays in L2;
+            # channels outer (before) read the x strips once per block of output channels.
+            # A/B, dense ResNet50 shapes: 1x1 1.07-1.17x, 3x3 1.01-1.03x. P is the same for
+            # every block (a tail block could take more rows, not fewer).
+            Pg = 1 if depthwise else fc_pmax(fc_width(cout_g, sz), sz)
             for g in range(1 if depthwise else groups):
-                f0 = 0
-                while f0 < (F if depthwise else cout_g):
-                    V = fc_width((F if depthwise else cout_g) - f0, sz)
-                    P = 1 if depthwise else fc_pmax(V, sz)
-                    i0 = 0
-                    while i0 < cin_g:
+                i0 = 0
+                while i0 < cin_g:
+                    f0 = 0
+                    while f0 < (F if depthwise else cout_g):
+                        V = fc_width((F if depthwise else cout_g) - f0, sz)
                         if t == 1:
                             tasks[5 * ntasks] = tap
                             tasks[5 * ntasks + 1] = g
                             tasks[5 * ntasks + 2] = i0
                             tasks[5 * ntasks + 3] = f0
-                            tasks[5 * ntasks + 4] = (V << 8) | <int>_min(P, cin_g - i0)
+                            tasks[5 * ntasks + 4] = (V << 8) | <int>_min(Pg, cin_g - i0)
                         ntasks += 1
-                        i0 += P
-                    f0 += V
+                        f0 += V
+                    i0 += Pg
         if t == 0:
             tasks = <Py_ssize_t*>malloc(_max(1, 5 * ntasks) * sizeof(Py_ssize_t))
             if tasks == NULL:
