@@ -33,11 +33,13 @@ ffi::Error Unset() {
                     "fastconv: the kernels were not handed to the XLA custom call");
 }
 
-// x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,) -> out (N, OH, OW, F)
+// x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,), scale (F,) or (0,)
+// -> out (N, OH, OW, F) = act(conv * scale + bias), act an FC_ACT_* code (clip: to [lo, hi])
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
-                   ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t dh,
-                   int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
-                   int64_t max_threads, int64_t has_bias) {
+                   ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out, int64_t sh,
+                   int64_t sw, int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left,
+                   int64_t groups, int64_t max_threads, int64_t has_bias, int64_t act, float lo,
+                   float hi) {
   if (forward_f32 == nullptr) return Unset();
   fastconv::calls++;
   auto xd = x.dimensions();
@@ -48,7 +50,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer
       out->typed_data(), od[1], od[2], od[3], static_cast<int>(sh), static_cast<int>(sw),
       static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(pad_top),
       static_cast<int>(pad_left), static_cast<int>(groups), threads(max_threads),
-      has_bias ? bias.typed_data() : nullptr, nullptr, 0, 0.0f, 0.0f));
+      has_bias ? bias.typed_data() : nullptr,
+      scale.element_count() ? scale.typed_data() : nullptr, static_cast<int>(act), lo, hi));
 }
 
 // dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)
@@ -138,9 +141,13 @@ XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
                            .Arg<ffi::Buffer<ffi::F32>>()
                            .Arg<ffi::Buffer<ffi::F32>>()
                            .Arg<ffi::Buffer<ffi::F32>>()
+                           .Arg<ffi::Buffer<ffi::F32>>()
                            .Ret<ffi::Buffer<ffi::F32>>()
                            FASTCONV_FFI_GEOMETRY_ATTRS
-                           .Attr<int64_t>("has_bias"));
+                           .Attr<int64_t>("has_bias")
+                           .Attr<int64_t>("act")
+                           .Attr<float>("lo")
+                           .Attr<float>("hi"));
 
 #define FASTCONV_GRAD_HANDLER(name, fn)                     \
   XLA_FFI_DEFINE_HANDLER(name, fn,                          \

@@ -135,11 +135,11 @@ def _activation(activation, negative_slope=0.0, max_value=None, threshold=0.0):
 @keras.saving.register_keras_serializable(package="fastconv")
 class BatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` (same arguments, config, weights and function) that, in
-    inference on the TensorFlow backend, is computed by the fastconv convolution whose result it
-    normalizes: with its moving statistics it is an affine map a channel, which the kernels
-    apply to each output row while it is in cache. On TensorFlow in training and on torch it is
-    the framework's own fused batch normalization (`ops.batch_norm`). Elsewhere (JAX, whose
-    compiler fuses Keras' ops, numpy, other inputs) it is Keras' own. `fastconv.convert` swaps
+    inference on TensorFlow (graphs) and JAX (jax.jit), is computed by the fastconv convolution
+    whose result it normalizes: with its moving statistics it is an affine map a channel, which
+    the kernels apply to each output row while it is in cache. On TensorFlow in training and on
+    torch it is the framework's own fused batch normalization (`ops.batch_norm`). Elsewhere (JAX
+    in training, whose compiler fuses Keras' ops, numpy, other inputs) it is Keras' own. `fastconv.convert` swaps
     it in."""
 
     def call(self, inputs, training=None, mask=None):
@@ -165,10 +165,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _folded(self, inputs):
         if not self._channels_last(inputs) or not ops.fusable(inputs, self):
             return None
-        import tensorflow as tf
-
-        # tf.nn.batch_normalization's arithmetic (Keras' on TensorFlow), folded
-        scale = tf.math.rsqrt(self.moving_variance.value + self.epsilon)
+        # the arithmetic of Keras' batch_normalization on TensorFlow and JAX, folded
+        scale = keras.ops.rsqrt(self.moving_variance.value + self.epsilon)
         if self.scale:
             scale = scale * self.gamma.value
         shift = -self.moving_mean.value * scale
@@ -179,8 +177,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
 @keras.saving.register_keras_serializable(package="fastconv")
 class ReLU(keras.layers.ReLU):
-    """`keras.layers.ReLU` that a fastconv convolution before it computes in inference on the
-    TensorFlow backend, as for `fastconv.layers.BatchNormalization`."""
+    """`keras.layers.ReLU` that a fastconv convolution before it computes in inference on
+    TensorFlow and JAX, as for `fastconv.layers.BatchNormalization`."""
 
     def call(self, inputs):
         fused = ops.epilogue(inputs, activation=_activation(
@@ -192,7 +190,7 @@ class ReLU(keras.layers.ReLU):
 @keras.saving.register_keras_serializable(package="fastconv")
 class Activation(keras.layers.Activation):
     """`keras.layers.Activation` that a fastconv convolution before it computes in inference
-    on the TensorFlow backend where it is "relu", "relu6", "swish" or "silu", as for
+    on TensorFlow and JAX where it is "relu", "relu6", "swish" or "silu", as for
     `fastconv.layers.BatchNormalization`."""
 
     def call(self, inputs):

@@ -100,14 +100,12 @@ def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None):
 def epilogue(outputs, scale=None, shift=None, activation=None, layer=None):
     """`outputs` (a fastconv convolution's result) computed again with `outputs * scale + shift`
     (per channel) or an activation (("clip", lo, hi) or ("swish",)) done by the convolution
-    itself, or None where the backend cannot (only TensorFlow graphs in inference can: see
-    fastconv.backends.tensorflow.fused) or `fusable(outputs, layer)` says no. Nothing to fold
-    (no scale, no activation): None."""
+    itself, or None where the backend cannot (TensorFlow graphs and jax.jit traces can, not
+    differentiated there: see fastconv.backends.tensorflow.fused and jax.fused) or
+    `fusable(outputs, layer)` says no. Nothing to fold (no scale, no activation): None."""
     if (scale is None and activation is None) or not fusable(outputs, layer):
         return None
-    from fastconv.backends import tensorflow as bridge
-
-    return bridge.fused(outputs, scale, shift, activation)
+    return _bridge().fused(outputs, scale, shift, activation)
 
 
 def batch_norm(layer, inputs, training):
@@ -131,13 +129,13 @@ def batch_norm(layer, inputs, training):
 
 def fusable(outputs, layer=None):
     """Whether `epilogue` can fold into the convolution that made `outputs`: a TensorFlow graph
-    in inference, and `outputs` not used by anything else yet; nor, where `layer` (the layer
-    that would fold) was called in functional models, by any other layer there."""
-    if keras.backend.backend() != "tensorflow" or isinstance(outputs, keras.KerasTensor):
+    in inference, and `outputs` not used by anything else yet, or a jax.jit trace not
+    differentiated inside; nor, where `layer` (the layer that would fold) was called in
+    functional models, by any other layer there."""
+    if (keras.backend.backend() not in ("tensorflow", "jax")
+            or isinstance(outputs, keras.KerasTensor)):
         return False
-    from fastconv.backends import tensorflow as bridge
-
-    return bridge.fusable_source(outputs) is not None and not (
+    return _bridge().fusable_source(outputs) is not None and not (
         layer is not None and _input_shared(layer))
 
 

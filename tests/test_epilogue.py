@@ -1,7 +1,8 @@
 """Epilogues: BatchNormalization (inference) and ReLU / ReLU6 computed by the convolution before
 them. fastconv.layers.BatchNormalization, ReLU and Activation are Keras' layers on every backend;
 on TensorFlow, in a graph without a gradient tape, they fold into the FastconvForward op that made
-their input. One pytest process per backend (see conftest.py)."""
+their input, and on JAX, under jax.jit not differentiated inside, into its custom call. One
+pytest process per backend (see conftest.py)."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from reference import assert_close, conv as ref_conv  # noqa: E402
 if BACKEND == "tensorflow":
     import tensorflow as tf
 
-only_tf = pytest.mark.skipif(BACKEND != "tensorflow", reason="epilogues fuse on TensorFlow only")
+only_tf = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's folds")
+only_jax = pytest.mark.skipif(BACKEND != "jax", reason="JAX's folds")
 TRAINS = BACKEND != "numpy"
 
 
@@ -172,6 +174,66 @@ def test_tf_inference_graph_folds_and_prunes():
     assert_close(to_numpy(fn(x)), expected)
     assert not any(op.name.split("/")[-2].startswith("bn5") for op in _fastconv_ops(graph))
     assert bridge._OPS.calls() - calls == 5, "one kernel call per convolution"
+
+
+def _jax_calls(hlo):
+    """The fastconv_forward custom calls of compiled HLO text: (operand shapes, backend_config)."""
+    import re
+
+    return re.findall(r'custom_call_target="fastconv_forward", operand_layout_constraints='
+                      r'\{([^}]*\}[^}]*\}[^}]*\}[^}]*\})\}.*?backend_config=\{([^}]*)\}', hlo)
+
+
+@only_jax
+def test_jax_jit_folds_and_drops():
+    """Under jax.jit in inference each foldable layer becomes part of its convolution's custom
+    call, and XLA drops the calls whose results nobody uses any more: one kernel call per
+    convolution, the activations computed by the kernels (bn5 does not fold, as on TF)."""
+    import jax
+
+    from fastconv import _xla_ffi
+
+    model, x = _block_model()
+    converted = fastconv.convert(model)
+    fn = jax.jit(lambda tv, ntv, t: converted.stateless_call(tv, ntv, t, training=False)[0])
+    args = ([v.value for v in converted.trainable_variables],
+            [v.value for v in converted.non_trainable_variables])
+    hlo = fn.lower(*args, x).compile().as_text()
+    calls = _jax_calls(hlo)
+    assert len(calls) == 5, "one custom call per convolution"
+    assert sum("act = 0 " not in config for _, config in calls) == 4  # c1, dw, c2, c3
+    assert sum(not operands.endswith("f32[0]{0}") for operands, _ in calls) == 3  # bn1-bn3
+    assert "logistic" not in hlo  # the swish
+    expected = _numpy_forward(model, x)
+    jax.block_until_ready(fn(*args, x))  # (dispatch is asynchronous)
+    before = _xla_ffi.calls()
+    assert_close(to_numpy(fn(*args, x)), expected)
+    assert _xla_ffi.calls() - before == 5
+    assert_close(to_numpy(converted.predict_on_batch(x)), expected, name="predict")
+
+
+@only_jax
+def test_jax_gradients_through_folded_calls():
+    """jax.grad of a jitted inference-mode function (where the folds happen: its trace is not
+    differentiated inside) equals Keras': the folded calls' own gradient, through the
+    activation, BatchNormalization's weights and the convolution."""
+    import jax
+
+    model, x = _block_model(seed=1)
+    converted = fastconv.convert(model)
+
+    def grads(m):
+        def loss(tv, ntv, t):
+            y = m.stateless_call(tv, ntv, t, training=False)[0]
+            return (y * y).sum()
+        return jax.grad(jax.jit(loss), argnums=(0, 2))(
+            [v.value for v in m.trainable_variables],
+            [v.value for v in m.non_trainable_variables], x)
+
+    ours, theirs = grads(converted), grads(model)
+    names = [v.path for v in model.trainable_variables] + ["x"]
+    for a, b, name in zip(ours[0] + [ours[1]], theirs[0] + [theirs[1]], names):
+        assert_close(to_numpy(a), to_numpy(b), name=name)
 
 
 @only_tf

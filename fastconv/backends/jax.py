@@ -3,14 +3,17 @@ jax.pure_callback, joined by jax.custom_vjp.
 
 Works eagerly and under jax.jit (Keras' JAX trainer jits the train step), jax.grad and jax.vmap
 (one call per mapped element). Callbacks receive read-only arrays; the kernels take them as
-const. float64 needs jax_enable_x64, as everywhere in JAX.
+const. float64 needs jax_enable_x64, as everywhere in JAX. Under jax.jit in inference, a
+BatchNormalization or activation after a convolution may fold into its custom call (`fused`).
 """
 
+import collections
 import functools
 
 import jax
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.interpreters.partial_eval import DynamicJaxprTracer
 
 from fastconv import _dispatch
 from fastconv.backends import numpy as host
@@ -82,7 +85,8 @@ def _ffi_call(name, shape, dtype, args, spec, g, **extra):
     return call(*args, sh=np.int64(sh), sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw),
                 pad_top=np.int64(pad_top), pad_left=np.int64(pad_left),
                 groups=np.int64(groups), max_threads=np.int64(threads),
-                **{k: np.int64(v) for k, v in extra.items()})
+                **{k: np.float32(v) if isinstance(v, float) else np.int64(v)
+                   for k, v in extra.items()})
 
 
 def _swap(a):
@@ -122,16 +126,26 @@ def _pixel_rows(spec, g, array, shape):
             host.recut_shape(spec, g, threads, shape))
 
 
-def _ffi_forward(spec, x, k, b, dtype, shape):
-    """The forward through the custom call, or None where only the callback serves."""
+def _ffi_forward(spec, x, k, b, dtype, shape, scale=None, activation=None):
+    """The forward through the custom call, or None where only the callback serves; with
+    `scale` (F,) and `activation` (as `fused` takes it), act(conv * scale + b)."""
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x.shape, k.shape)
     x, out_shape = _pixel_rows(spec, g, x, shape)
-    bias = jax.numpy.zeros((0,), dtype) if b is None else b
-    out = _ffi_call("fastconv_forward", out_shape, dtype, (x, k, bias), spec, g,
-                    has_bias=b is not None)
+    none = jax.numpy.zeros((0,), dtype)
+    out = _ffi_call("fastconv_forward", out_shape, dtype,
+                    (x, k, none if b is None else b, none if scale is None else scale), spec, g,
+                    has_bias=b is not None, **_act_attrs(activation))
     return out.reshape(shape)
+
+
+def _act_attrs(activation):
+    name, *bounds = activation or (None,)
+    kernels = _dispatch.kernels
+    act = {None: kernels.ACT_NONE, "clip": kernels.ACT_CLIP, "swish": kernels.ACT_SWISH}[name]
+    lo, hi = map(float, bounds) if name == "clip" else (0.0, 0.0)
+    return dict(act=act, lo=lo, hi=hi)
 
 
 # Geometry.blocks' arrays built by XLA (the host's helpers with jax.numpy)
@@ -256,7 +270,12 @@ _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 def conv(x, k, b, spec, result):
     if any(isinstance(a, jax.core.Tracer) for a in (x, k, b)):
-        return _conv_cast(spec, result, x, k, b)
+        out = _conv_cast(spec, result, x, k, b)
+        if (type(out) is DynamicJaxprTracer and spec.channels_last
+                and all(a is None or a.dtype == np.float32 for a in (out, x, k, b))
+                and _ffi_ready(np.dtype(np.float32), spec)):
+            _record(out, (spec, x, k, b, None, None))
+        return out
     # Eager (concrete CPU arrays, nothing to differentiate): the host runs on zero-copy views
     # and its result becomes a jax.Array without a copy. A jitted call with a pure_callback
     # costs ~100 us more per call and copies the result into XLA's buffer (~0.4 ms per 6 MB).
@@ -277,3 +296,90 @@ def _conv_cast(spec, result, x, k, b):
     if not spec.channels_last and _ffi_ready(dtype, spec.nhwc):
         return _to_nchw(_conv(spec.nhwc, _to_nhwc(x), k, b)).astype(result)
     return _conv(spec, x, k, b).astype(result)
+
+
+# Results of convolutions traced under jax.jit and not differentiated there (inference, or a
+# jit that a gradient transforms afterwards: _conv_epilogue's own gradient serves that), which
+# an inference BatchNormalization, ReLU or Activation right after may fold into (`fused`):
+# id -> (result, (spec, x, k, bias, scale, activation)). Only the last few: the folding layer
+# is called next.
+_SOURCES = collections.OrderedDict()
+_KEEP_SOURCES = 8
+
+
+def _record(out, source):
+    _SOURCES[id(out)] = (out, source)
+    _SOURCES.move_to_end(id(out))
+    while len(_SOURCES) > _KEEP_SOURCES:
+        _SOURCES.popitem(last=False)
+
+
+def fusable_source(t):
+    """The convolution (spec, x, k, bias, scale, activation) that made t, where `fused` can
+    fold into it, else None (not a recorded result, or one that has an activation already)."""
+    entry = _SOURCES.get(id(t))
+    if entry is None or entry[0] is not t or entry[1][5] is not None:
+        return None
+    return entry[1]
+
+
+def fused(t, scale=None, shift=None, activation=None):
+    """t, a fastconv convolution's result traced under jax.jit, computed again by one custom
+    call with t * scale + shift (scale, shift: (F,)) or an activation (("clip", lo, hi) or
+    ("swish",)) done by the kernels; None where it cannot (see fusable_source). XLA drops the
+    first call when nothing else uses its result (a use of t elsewhere keeps both: ops.fusable's
+    layer check keeps functional models from that), as on TensorFlow."""
+    source = fusable_source(t)
+    if source is None:
+        return None
+    spec, x, k, b, s, act = source
+    if scale is not None:
+        # (conv * s + b) * scale + shift, s and b each possibly absent
+        s, b = (scale if s is None else s * scale), (shift if b is None else b * scale + shift)
+    if activation is not None:
+        act = activation
+    out = _conv_epilogue(spec, act, x, k, b, s)
+    _record(out, (spec, x, k, b, s, act))
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _conv_epilogue(spec, activation, x, k, b, s):
+    """act(conv(x, k) * s + b), float32 NHWC, s and b (F,) or None."""
+    return _ffi_forward(spec, x, k, b, np.dtype(np.float32), spec.output_shape(x.shape, k.shape),
+                        s, activation)
+
+
+def _conv_epilogue_fwd(spec, activation, x, k, b, s):
+    y = _conv_epilogue(spec, activation, x, k, b, s)
+    return y, (x, k, b, s, y)
+
+
+def _conv_epilogue_bwd(spec, activation, residuals, dy):
+    # as TensorFlow's _forward_grad: through the activation (a clip's mask from the output; the
+    # swish from the convolution computed again), then the scale and bias, then the convolution
+    x, k, b, s, y = residuals
+    dtype = np.dtype(np.float32)
+    shape = spec.output_shape(x.shape, k.shape)
+    z = None
+    if activation is not None and activation[0] == "clip":
+        dy = jax.numpy.where((y > activation[1]) & (y < activation[2]), dy, 0)
+    elif activation is not None:
+        z = _ffi_forward(spec, x, k, None, dtype, shape)
+        u = z if s is None else z * s
+        u = u if b is None else u + b
+        sig = jax.nn.sigmoid(u)
+        dy = dy * (sig * (1 + u * (1 - sig)))
+    db = None if b is None else dy.sum(axis=(0, 1, 2))
+    ds = None
+    if s is not None:
+        z = _ffi_forward(spec, x, k, None, dtype, shape) if z is None else z
+        ds = (dy * z).sum(axis=(0, 1, 2))
+        dy = dy * s
+    x, k, dy = _first_order_only(x, k, dy)
+    dx = _ffi_grad_input(spec, dy, k, tuple(x.shape), dtype)
+    dk = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype)
+    return dx, dk, db, ds
+
+
+_conv_epilogue.defvjp(_conv_epilogue_fwd, _conv_epilogue_bwd)
