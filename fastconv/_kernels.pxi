@@ -2578,9 +2578,10 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                     ntasks += 1
                     g += 4
                 continue
-            # kernel rows outer, output channels inner: a thread's tasks read each x strip
-            # (P channels of the chunk's pixels) once, from L1, while dy's chunk stays in L2;
-            # channels outer (before) read the x strips once per block of output channels.
+            # blocks of input channels (i0, dW's rows) outer, of output channels inner: a
+            # thread's tasks read each x strip (P channels of the chunk's pixels) once, from L1,
+            # while dy's chunk stays in L2; output channels outer (before) read the x strips
+            # once per block of output channels.
             # A/B, dense ResNet50 shapes: 1x1 1.07-1.17x, 3x3 1.01-1.03x. P is the same for
             # every block (a tail block could take more rows, not fewer).
             Pg = 1 if depthwise else fc_pmax(fc_width(cout_g, sz), sz)

@@ -1,6 +1,7 @@
 """The compiled kernels, every build this CPU runs, against the float64 reference."""
 
 import importlib
+import zlib
 
 import numpy as np
 import pytest
@@ -77,9 +78,14 @@ CASES = [
 ]
 
 
+def _seed(case):
+    # (hash() of a tuple with strings changes from process to process: not reproducible)
+    return zlib.crc32(repr(case).encode())
+
+
 def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(_seed(case))
     x_shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
     x = rng.standard_normal(x_shape).astype(dtype)
     k = rng.standard_normal((kh, kw, c // groups, f)).astype(dtype)
@@ -107,8 +113,11 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
     # with the bias gradient taken on the way: the same dk, and dy's channel sums
     np.testing.assert_array_equal(dk_fused, dk)
     assert db_fused.dtype == dtype and db_fused.shape == (f,)
-    reference.assert_close(db_fused, dy.astype(np.float64).sum(axis=spec.reduce_axes), rtol,
-                           "grad_kernel's bias gradient")
+    # (relative to the sum of |dy|: a channel's sum may cancel to far less than its terms,
+    # and float32 rounding goes with the terms; a found case summed to 0.009 with |terms| ~ 80)
+    terms = np.abs(dy.astype(np.float64)).sum(axis=spec.reduce_axes).max(initial=1e-30)
+    reference.assert_close(db_fused / terms, dy.astype(np.float64).sum(axis=spec.reduce_axes) /
+                           terms, rtol, "grad_kernel's bias gradient")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -131,7 +140,7 @@ def test_forward_epilogue(variant, dtype, act, case):
     """forward's epilogue, act(conv * scale + bias) (an inference BatchNormalization and an
     activation fused by the TensorFlow bridge), on every kernel path and build."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     k = rng.standard_normal((kh, kw, c // groups, f)).astype(dtype)
     scale, bias = rng.standard_normal((2, f)).astype(dtype)
@@ -155,7 +164,7 @@ def test_forward_column_blocks_outer(variant, dtype, case):
     forced on every size): the same result as rows outer, and the reference's; with the bias
     and an epilogue, which it adds in a pass of its own."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     k = rng.standard_normal((kh, kw, c, f)).astype(dtype)
     scale, bias = rng.standard_normal((2, f)).astype(dtype)
@@ -188,7 +197,7 @@ def test_grad_input_column_blocks_outer(variant, dtype, case):
     """Dense grad_input with column blocks outer (large weights; here forced on every size):
     the same result as rows outer, and the reference's."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
-    rng = np.random.default_rng(hash(case) % 2**32)
+    rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     k = rng.standard_normal((kh, kw, c, f)).astype(dtype)
     spec = ConvSpec.make(strides, padding, "channels_last", dilation)

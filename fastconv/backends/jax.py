@@ -136,16 +136,9 @@ def _ffi_forward(spec, x, k, b, dtype, shape, scale=None, activation=None):
     none = jax.numpy.zeros((0,), dtype)
     out = _ffi_call("fastconv_forward", out_shape, dtype,
                     (x, k, none if b is None else b, none if scale is None else scale), spec, g,
-                    has_bias=b is not None, **_act_attrs(activation))
+                    has_bias=b is not None, **host.act_attrs(activation))
     return out.reshape(shape)
 
-
-def _act_attrs(activation):
-    name, *bounds = activation or (None,)
-    kernels = _dispatch.kernels
-    act = {None: kernels.ACT_NONE, "clip": kernels.ACT_CLIP, "swish": kernels.ACT_SWISH}[name]
-    lo, hi = map(float, bounds) if name == "clip" else (0.0, 0.0)
-    return dict(act=act, lo=lo, hi=hi)
 
 
 # Geometry.blocks' arrays built by XLA (the host's helpers with jax.numpy)

@@ -113,6 +113,18 @@ def _recut(spec, g, args, *arrays):
     return tuple(a.reshape(recut_shape(spec, g, args[-1], a.shape)) for a in arrays)
 
 
+def act_attrs(activation):
+    """The forward kernels' act, lo and hi for an activation (None, ("clip", lo, hi) or
+    ("swish",)), as the TensorFlow ops and the XLA custom call take them: the kernels' codes
+    (every build has the same), and floats for lo and hi (an int sends an eager TensorFlow call
+    to the op wrapper's slow path, ~70 us; the XLA call's attributes are typed)."""
+    kernels = _dispatch.kernels
+    name, *bounds = activation or (None,)
+    act = {None: kernels.ACT_NONE, "clip": kernels.ACT_CLIP, "swish": kernels.ACT_SWISH}[name]
+    lo, hi = map(float, bounds) if name == "clip" else (0.0, 0.0)
+    return dict(act=act, lo=lo, hi=hi)
+
+
 def forward(x, kernel, spec, dtype=np.float32, bias=None):
     """The convolution of x with kernel (plus bias, shape (filters,), if given), computed in
     `dtype` (float32 or float64)."""

@@ -332,17 +332,6 @@ _GEOMETRY_ATTRS = ("sh", "sw", "dh", "dw", "pad_top", "pad_left", "groups", "max
 _SIZE_ATTRS = ("oh", "ow", "f")  # FastconvForward's output sizes
 
 
-def _act_attrs(activation):
-    """The forward ops' act, lo and hi for an activation (None, ("clip", lo, hi) or
-    ("swish",)): the kernels' codes (every build has the same), and floats for the float
-    attributes (an int sends an eager call to the op wrapper's slow path, ~70 us)."""
-    kernels = _dispatch.kernels
-    name, *bounds = activation or (None,)
-    act = {None: kernels.ACT_NONE, "clip": kernels.ACT_CLIP, "swish": kernels.ACT_SWISH}[name]
-    lo, hi = map(float, bounds) if name == "clip" else (0.0, 0.0)
-    return dict(act=act, lo=lo, hi=hi)
-
-
 def fusable_source(t):
     """(the FastconvForward op that made t, the shape tensor of the Reshape between them or
     None) where `fused` can fold into that op, else None."""
@@ -383,7 +372,7 @@ def fused(t, scale=None, shift=None, activation=None):
         b_new = shift if b.shape[0] == 0 else b * scale + shift
         s, b = s_new, b_new
     if activation is not None:
-        attrs.update(_act_attrs(activation))
+        attrs.update(host.act_attrs(activation))
     out = _OPS.ops.fastconv_forward(x, k, b, s, **attrs)
     return out if reshape is None else tf.reshape(out, reshape)
 
@@ -442,7 +431,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
     for v in variables:
         variable_accessed(v)  # what reading it tells TensorFlow's variable watchers
     return _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], oh=g.oh, ow=g.ow,
-                                               f=g.f, **attrs, **_act_attrs(activation))
+                                               f=g.f, **attrs, **host.act_attrs(activation))
 
 
 def _fused_geometry(op):
