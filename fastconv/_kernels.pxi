@@ -1301,17 +1301,17 @@ cdef extern from *:
 
 DWROW_PIXELS = FC_DWROW_PIX   # the build's default
 
-# Dense forward weights of this many bytes and more run column blocks outer (_forward). AVX-512
-# Xeon, 2 threads, columns outer / rows outer: 3x3 512 -> 512 on 8x7x7 2.00x faster (9.4 MB),
-# stride 2 on 8x14x14 2.12x; 3x3 256 -> 256 on 8x14x14 1.35x (2.4 MB), on 4x56x56 1.09x; 1x1
-# 1024 -> 512 on 8x14x14 1.27x (2.1 MB); 1x1 960 -> 320 on 8x7x7 0.99x (1.2 MB); 3x3 128 -> 128
-# on 8x28x28 0.95x (0.6 MB), 1x1 256 -> 512 on 4x28x28 0.81x (0.5 MB).
+# Dense weights of this many bytes and more run column blocks outer (_forward, _grad_input).
+# Forward, AVX-512 Xeon, 2 threads, columns outer / rows outer: 3x3 512 -> 512 on 8x7x7 2.00x
+# faster (9.4 MB), stride 2 on 8x14x14 2.12x; 3x3 256 -> 256 on 8x14x14 1.35x (2.4 MB), on
+# 4x56x56 1.09x; 1x1 1024 -> 512 on 8x14x14 1.27x (2.1 MB); 1x1 960 -> 320 on 8x7x7 0.99x
+# (1.2 MB); 3x3 128 -> 128 on 8x28x28 0.95x (0.6 MB), 1x1 256 -> 512 on 4x28x28 0.81x (0.5 MB).
 BLOCK_MAJOR_BYTES = 1 << 20
 cdef Py_ssize_t fc_block_major_bytes = BLOCK_MAJOR_BYTES
 
 
 def set_block_major_bytes(Py_ssize_t n):
-    """Dense forward weights of at least n bytes are run column blocks outer (see _forward)."""
+    """Dense weights of at least n bytes are run column blocks outer (_forward, _grad_input)."""
     global fc_block_major_bytes
     fc_block_major_bytes = n
 
@@ -1831,6 +1831,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     cdef floating* wpad = NULL
     cdef floating* rows = NULL
     cdef floating* dst
+    cdef Py_ssize_t nb = 0    # > 0: that many column blocks, run outer (below)
     if Fp != F:
         # zero-padded channels (_padded), each row computed in a per-thread buffer
         wpad = _pad_groups(wp, KH * KW * cin_g, groups, cg, Fp // groups)
@@ -1864,14 +1865,14 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             free(runs)
             return -1
         wp = wpad
+        # Weights of fc_block_major_bytes and more: column blocks outer, rows inner, so that
+        # each thread's block of weights stays in its L2 across all rows; rows outer, every
+        # row streamed all the weights from L3 (ResNet50's 3x3 512 -> 512 on 8x7x7, 9.4 MB of
+        # weights for 56 rows of 7 pixels).
+        if KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes:
+            nb = _cdiv(F, ldw)
     cdef fc_team_t* team = fc_team()
     cdef int woke = fc_wake_begin(team, n_threads)
-    # Dense weights in column blocks and larger than fc_block_major_bytes: column blocks outer,
-    # rows inner, so that each thread's block of weights stays in its L2 across all rows;
-    # rows outer, every row streamed all the weights from L3 (ResNet50's 3x3 512 -> 512 on
-    # 8x7x7, 9.4 MB of weights for 56 rows of 7 pixels).
-    cdef Py_ssize_t nb = _cdiv(F, ldw) if (groups == 1 and ldw != F and rows == NULL and dw == 1
-        and KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes) else 0
     cdef Py_ssize_t t, b
     if nb:
         for t in prange(nb * N * OH, schedule="static", num_threads=n_threads):
@@ -2271,6 +2272,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         wp = wpad
     # dense, more channels than a tile: the kernel in column blocks, as in forward
     cdef Py_ssize_t ldw = Cp
+    cdef Py_ssize_t nb = 0    # > 0: that many column blocks, run outer (below)
     if (groups == 1 and wred == NULL and Cp == C and C > fc_width(C, sizeof(floating))
             and N * H * W >= PACK_PIXELS):
         ldw = fc_width(C, sizeof(floating))
@@ -2281,12 +2283,12 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
             free(wflip)
             return -1
         wp = wpad
+        # large weights: column blocks outer, as in _forward (ResNet50's 3x3 512 -> 512 on
+        # 8x7x7: 143 -> 300 GFLOP/s, its stride-2 twin 127 -> 240)
+        if KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes:
+            nb = _cdiv(C, ldw)
     cdef fc_team_t* team = fc_team()
     cdef int woke = fc_wake_begin(team, n_threads)
-    # large weights in column blocks: column blocks outer, as in _forward (ResNet50's 3x3
-    # 512 -> 512 on 8x7x7: 143 -> 300 GFLOP/s, its stride-2 twin 127 -> 240)
-    cdef Py_ssize_t nb = _cdiv(C, ldw) if (ldw != Cp and wpk == NULL
-        and KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes) else 0
     cdef Py_ssize_t t, b
     if nb:
         for t in prange(nb * N * H, schedule="static", num_threads=n_threads):

@@ -139,8 +139,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     whose result it normalizes: with its moving statistics it is an affine map a channel, which
     the kernels apply to each output row while it is in cache. On TensorFlow in training and on
     torch it is the framework's own fused batch normalization (`ops.batch_norm`). Elsewhere (JAX
-    in training, whose compiler fuses Keras' ops, numpy, other inputs) it is Keras' own. `fastconv.convert` swaps
-    it in."""
+    in training, whose compiler fuses Keras' ops, numpy, other inputs) it is Keras' own.
+    `fastconv.convert` swaps it in."""
 
     def call(self, inputs, training=None, mask=None):
         training = bool(training and self.trainable)
