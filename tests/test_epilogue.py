@@ -213,6 +213,28 @@ def test_jax_jit_folds_and_drops():
 
 
 @only_jax
+def test_jax_fold_record_holds_no_tracers():
+    """The record of traced results that folding layers look up lets go of them when their
+    trace ends: jax.checking_leaks finds no tracer left behind, and the record is empty."""
+    import gc
+
+    import jax
+
+    from fastconv.backends import jax as bridge
+
+    model, x = _block_model(seed=2)
+    converted = fastconv.convert(model)
+    fn = jax.jit(lambda tv, ntv, t: converted.stateless_call(tv, ntv, t, training=False)[0])
+    args = ([v.value for v in converted.trainable_variables],
+            [v.value for v in converted.non_trainable_variables])
+    with jax.checking_leaks():
+        y = fn(*args, x)
+    gc.collect()
+    assert not bridge._SOURCES
+    assert_close(to_numpy(y), _numpy_forward(model, x))
+
+
+@only_jax
 def test_jax_gradients_through_folded_calls():
     """jax.grad of a jitted inference-mode function (where the folds happen: its trace is not
     differentiated inside) equals Keras': the folded calls' own gradient, through the

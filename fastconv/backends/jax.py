@@ -7,8 +7,8 @@ const. float64 needs jax_enable_x64, as everywhere in JAX. Under jax.jit in infe
 BatchNormalization or activation after a convolution may fold into its custom call (`fused`).
 """
 
-import collections
 import functools
+import weakref
 
 import jax
 import numpy as np
@@ -294,24 +294,26 @@ def _conv_cast(spec, result, x, k, b):
 # Results of convolutions traced under jax.jit and not differentiated there (inference, or a
 # jit that a gradient transforms afterwards: _conv_epilogue's own gradient serves that), which
 # an inference BatchNormalization, ReLU or Activation right after may fold into (`fused`):
-# id -> (result, (spec, x, k, bias, scale, activation)). Only the last few: the folding layer
-# is called next.
-_SOURCES = collections.OrderedDict()
-_KEEP_SOURCES = 8
+# id -> (weak reference to the result, (spec, x, k, bias, scale, activation)). Weak, so that an
+# entry goes when its trace ends and no tracer outlives it here (jax.checking_leaks).
+_SOURCES = {}
 
 
 def _record(out, source):
-    _SOURCES[id(out)] = (out, source)
-    _SOURCES.move_to_end(id(out))
-    while len(_SOURCES) > _KEEP_SOURCES:
-        _SOURCES.popitem(last=False)
+    key = id(out)
+
+    def forget(ref):
+        if _SOURCES.get(key, (None,))[0] is ref:
+            del _SOURCES[key]
+
+    _SOURCES[key] = (weakref.ref(out, forget), source)
 
 
 def fusable_source(t):
     """The convolution (spec, x, k, bias, scale, activation) that made t, where `fused` can
     fold into it, else None (not a recorded result, or one that has an activation already)."""
     entry = _SOURCES.get(id(t))
-    if entry is None or entry[0] is not t or entry[1][5] is not None:
+    if entry is None or entry[0]() is not t or entry[1][5] is not None:
         return None
     return entry[1]
 
