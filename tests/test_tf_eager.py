@@ -159,6 +159,34 @@ def test_recorded_calls_take_the_general_path(calls):
         assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
 
 
+def test_unwatched_input_gets_no_grad_input(monkeypatch):
+    """Eagerly, the gradient wrt an input no tape watches (a model's images) is never asked
+    for: grad_input is skipped; the weights' gradients still equal Keras'. A watched input
+    gets its gradient."""
+    ran = []
+    real = bridge._native_grad_input
+    monkeypatch.setattr(bridge, "_native_grad_input", lambda *a: ran.append(1) or real(*a))
+    x = tf.constant(np.random.default_rng(5).normal(size=(2, 9, 9, 3)).astype("float32"))
+    layer = _layer(fastconv.Conv2D, x.shape, filters=4, kernel_size=7, strides=2,
+                   padding="same")
+    theirs = keras.layers.Conv2D(4, 7, strides=2, padding="same")
+    theirs.build(x.shape)
+    theirs.set_weights(layer.get_weights())
+    for watch in (False, True):
+        ran.clear()
+        grads = []
+        for lay in (layer, theirs):
+            with tf.GradientTape() as tape:
+                if watch:
+                    tape.watch(x)
+                y = tf.reduce_sum(lay(x) ** 2)
+            grads.append(tape.gradient(y, [x, *lay.trainable_variables]))
+        assert len(ran) == watch
+        assert (grads[0][0] is None) == (not watch) and (grads[1][0] is None) == (not watch)
+        for ours, ref in zip(grads[0][1 - watch:], grads[1][1 - watch:]):
+            assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
+
+
 def test_general_path_where_the_op_does_not_serve(calls):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(2, 8, 8, 4)).astype("float32")

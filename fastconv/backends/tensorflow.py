@@ -531,8 +531,8 @@ def conv(x, k, b, spec, result):
         db = _native_bias_grad(spec, dy, dtype)
         return tf.reduce_sum(dy, axis=spec.reduce_axes) if db is None else db
 
-    def gradients(dy, x, k, *b):
-        dx = _first_order_only(grad_input, [dy, k])
+    def gradients(dy, x, k, *b, need_dx=True):
+        dx = _first_order_only(grad_input, [dy, k]) if need_dx else None
         if b and (tf.executing_eagerly()
                   or _native_geometry(spec, dtype, x.shape, k.shape) is not None):
             # the bias gradient from the dy that grad_kernel reads anyway
@@ -558,7 +558,12 @@ def conv(x, k, b, spec, result):
         # it follows other work; a training step took 0.3-0.6 ms less (small8x8 1.68 -> 1.36,
         # depthwise 6.44 -> 5.85, resnet3x3 17.9 -> 17.5 ms)
         out = forward(*args)
-        record_operation("FastconvConv2D", [out], args, lambda dy: gradients(dy, *args))
+        # An input no tape watches now (a model's images) can get no gradient through this
+        # op later: its grad_input is skipped (in a graph, pruning drops it). A 7x7/2 stem's
+        # grad_input costs more than its forward and grad_kernel together.
+        need_dx = _recorded(args[:1])
+        record_operation("FastconvConv2D", [out], args,
+                         lambda dy: gradients(dy, *args, need_dx=need_dx))
         return _cast(out, result)
     # decorated per call (the gradient needs this call's spec)
     return _cast(tf.custom_gradient(_conv)(*args), result)
