@@ -40,6 +40,7 @@ CASES = [
     (2, 9, 11, 32, 3, 3, 32, 4, (2, 2), (1, 1), "same"),
     (2, 10, 11, 48, 3, 3, 24, 4, (1, 1), (2, 2), "same"),  # 12 in / 6 out per group
     (2, 9, 14, 64, 3, 3, 72, 1, (1, 1), (1, 1), "same"),  # dense, merged kw taps
+    (2, 7, 7, 24, 3, 3, 80, 1, (1, 1), (1, 1), "same"),  # dense, short rows: narrower tiles
     (1, 11, 13, 61, 3, 3, 47, 1, (1, 1), (1, 1), "valid"),  # odd channel counts
     (2, 15, 17, 3, 7, 7, 64, 1, (2, 2), (1, 1), "same"),  # stem: 3 input channels
     (2, 13, 21, 128, 3, 3, 128, 128, (1, 1), (1, 1), "same"),  # depthwise, sliding tile
@@ -161,8 +162,9 @@ def test_forward_epilogue(variant, dtype, act, case):
                          ids=str)
 def test_forward_column_blocks_outer(variant, dtype, case):
     """Dense forward with column blocks outer and rows inner (what large weights get, here
-    forced on every size): the same result as rows outer, and the reference's; with the bias
-    and an epilogue, which it adds in a pass of its own."""
+    forced on every size), and on zero-padded input columns (what short rows get, here forced
+    on and off): the same result as rows outer on the input as it is, and the reference's;
+    with the bias and an epilogue, which column blocks outer add in a pass of their own."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
     rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
@@ -173,29 +175,35 @@ def test_forward_column_blocks_outer(variant, dtype, case):
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     outs = []
     try:
-        for threshold in (1 << 62, 0):
-            kernels.set_block_major_bytes(threshold)
-            for extra in ((bias,), (bias, scale, kernels.ACT_CLIP, -0.5, 1.5)):
-                out = np.full(g.output_shape_nhwc, np.nan, dtype)
-                kernels.forward(x, k, out, *host._args(spec, g), *extra)
-                outs.append(out)
+        for pad_ow in (0, 1 << 30):
+            kernels.set_pad_columns_ow(pad_ow)
+            for threshold in (1 << 62, 0):
+                kernels.set_block_major_bytes(threshold)
+                for extra in ((bias,), (bias, scale, kernels.ACT_CLIP, -0.5, 1.5)):
+                    out = np.full(g.output_shape_nhwc, np.nan, dtype)
+                    kernels.forward(x, k, out, *host._args(spec, g), *extra)
+                    outs.append(out)
     finally:
         kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+        kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
     u = reference.conv(x, k, strides, padding, dilation)
     rtol = 1e-4 if dtype == np.float32 else 1e-10
-    reference.assert_close(outs[2], u + bias, rtol, "columns outer, bias")
-    reference.assert_close(outs[3], np.clip(u * scale + bias, -0.5, 1.5), rtol,
-                           "columns outer, epilogue")
-    np.testing.assert_array_equal(outs[2], outs[0])
-    np.testing.assert_array_equal(outs[3], outs[1])
+    for i, name in enumerate(["rows outer", "columns outer", "padded, rows outer",
+                              "padded, columns outer"]):
+        reference.assert_close(outs[2 * i], u + bias, rtol, f"{name}, bias")
+        reference.assert_close(outs[2 * i + 1], np.clip(u * scale + bias, -0.5, 1.5), rtol,
+                               f"{name}, epilogue")
+        np.testing.assert_array_equal(outs[2 * i], outs[0])
+        np.testing.assert_array_equal(outs[2 * i + 1], outs[1])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1 and c[0] > 0], ids=str)
 def test_grad_input_column_blocks_outer(variant, dtype, case):
-    """Dense grad_input with column blocks outer (large weights; here forced on every size):
-    the same result as rows outer, and the reference's."""
+    """Dense grad_input with column blocks outer (large weights; here forced on every size),
+    and on zero-padded dy columns (short rows; forced on and off): the same result as rows
+    outer on dy as it is, and the reference's."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
     rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
@@ -207,15 +215,20 @@ def test_grad_input_column_blocks_outer(variant, dtype, case):
     _dispatch.kernels = kernels
     dxs = []
     try:
-        for threshold in (1 << 62, 0):
-            kernels.set_block_major_bytes(threshold)
-            dxs.append(host.grad_input(dy, k, spec, x.shape, dtype))
+        for pad_ow in (0, 1 << 30):
+            kernels.set_pad_columns_ow(pad_ow)
+            for threshold in (1 << 62, 0):
+                kernels.set_block_major_bytes(threshold)
+                dxs.append(host.grad_input(dy, k, spec, x.shape, dtype))
     finally:
         kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+        kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
         _dispatch.kernels = saved
     ref_dx, _ = reference.grads(x, k, dy, strides, padding, dilation)
-    reference.assert_close(dxs[1], ref_dx, 1e-4 if dtype == np.float32 else 1e-10, "grad_input")
-    np.testing.assert_array_equal(dxs[1], dxs[0])
+    for i, name in enumerate(["rows outer", "columns outer", "padded, rows outer",
+                              "padded, columns outer"]):
+        reference.assert_close(dxs[i], ref_dx, 1e-4 if dtype == np.float32 else 1e-10, name)
+        np.testing.assert_array_equal(dxs[i], dxs[0])
 
 
 def test_swish_epilogue_extremes():
