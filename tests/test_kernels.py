@@ -1,6 +1,7 @@
 """The compiled kernels, every build this CPU runs, against the float64 reference."""
 
 import importlib
+import itertools
 import zlib
 
 import numpy as np
@@ -161,10 +162,12 @@ def test_forward_epilogue(variant, dtype, act, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1 and c[9][1] == 1 and c[0] > 0],
                          ids=str)
 def test_forward_column_blocks_outer(variant, dtype, case):
-    """Dense forward with column blocks outer and rows inner (what large weights get, here
-    forced on every size), and on zero-padded input columns (what short rows get, here forced
-    on and off): the same result as rows outer on the input as it is, and the reference's;
-    with the bias and an epilogue, which column blocks outer add in a pass of their own."""
+    """Dense forward with column blocks outer (what large weights get, here forced on every
+    size), row by row or an image at a time in reduction chunks (whole windows; chunks of the
+    default size and of 16 rows), and on zero-padded input columns (what short rows get, here
+    forced on and off): the reference's result; row by row, the same as rows outer on the input
+    as it is. With the bias and an epilogue, which column blocks outer add in a pass of their
+    own."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
     rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
@@ -173,28 +176,32 @@ def test_forward_column_blocks_outer(variant, dtype, case):
     spec = ConvSpec.make(strides, padding, "channels_last", dilation)
     g = spec.geometry(x.shape, k.shape)
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
-    outs = []
+    u = reference.conv(x, k, strides, padding, dilation)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    first = None
     try:
-        for pad_ow in (0, 1 << 30):
+        for pad_ow, major, chunk in itertools.product(
+                (0, 1 << 30), (1 << 62, 0), (0, kernels.CHUNK_BYTES, 1)):
             kernels.set_pad_columns_ow(pad_ow)
-            for threshold in (1 << 62, 0):
-                kernels.set_block_major_bytes(threshold)
-                for extra in ((bias,), (bias, scale, kernels.ACT_CLIP, -0.5, 1.5)):
-                    out = np.full(g.output_shape_nhwc, np.nan, dtype)
-                    kernels.forward(x, k, out, *host._args(spec, g), *extra)
-                    outs.append(out)
+            kernels.set_block_major_bytes(major)
+            kernels.set_chunk_bytes(chunk)
+            outs = []
+            for extra in ((bias,), (bias, scale, kernels.ACT_CLIP, -0.5, 1.5)):
+                out = np.full(g.output_shape_nhwc, np.nan, dtype)
+                kernels.forward(x, k, out, *host._args(spec, g), *extra)
+                outs.append(out)
+            name = f"padded columns up to {pad_ow}, block-major from {major}, chunk {chunk}"
+            reference.assert_close(outs[0], u + bias, rtol, f"{name}, bias")
+            reference.assert_close(outs[1], np.clip(u * scale + bias, -0.5, 1.5), rtol,
+                                   f"{name}, epilogue")
+            first = first or outs
+            if chunk == 0:
+                np.testing.assert_array_equal(outs[0], first[0])
+                np.testing.assert_array_equal(outs[1], first[1])
     finally:
         kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
         kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
-    u = reference.conv(x, k, strides, padding, dilation)
-    rtol = 1e-4 if dtype == np.float32 else 1e-10
-    for i, name in enumerate(["rows outer", "columns outer", "padded, rows outer",
-                              "padded, columns outer"]):
-        reference.assert_close(outs[2 * i], u + bias, rtol, f"{name}, bias")
-        reference.assert_close(outs[2 * i + 1], np.clip(u * scale + bias, -0.5, 1.5), rtol,
-                               f"{name}, epilogue")
-        np.testing.assert_array_equal(outs[2 * i], outs[0])
-        np.testing.assert_array_equal(outs[2 * i + 1], outs[1])
+        kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
