@@ -1314,7 +1314,7 @@ cdef Py_ssize_t fc_block_major_bytes = BLOCK_MAJOR_BYTES
 # with border windows run on a copy of the input (dy) with zero-padded columns, so that every
 # row is one run of whole windows (_pad_columns). Unpadded, each border pixel was a tile of its
 # own: 1 pixel x 64 channels, a weight row read for 4 FMAs (L2-bound). A/B, AVX-512 Xeon, 2
-# threads, with the narrower tiles of NARROW_PIXELS, forward / grad_input: 3x3 512 -> 512 on
+# threads, with the narrower tiles of _narrow, forward / grad_input: 3x3 512 -> 512 on
 # 8x7x7 1.25x / 1.01x, on 1x7x7 1.15x / 1.07x; 3x3 128 on 8x28x28 1.15x / 1.16x, on 8x14x14
 # 1.0x / 1.21x; 3x3 512 stride 2 on 8x14x14 1.0x / 1.15x; 5x5 160 on 8x7x7 1.5x / 1.87x, 5x5
 # 96 on 8x14x14 1.45x / 1.22x; 3x3 on 8x14x14x256 and 8x56x56x64 0.98-1.02x.
@@ -1366,10 +1366,18 @@ cdef enum:
     # packing reads and writes all the weights once (3x3 512 -> 512: ~0.6 ms on 2 threads);
     # unpacked, one 7x7 image took 3.9 ms (60 GFLOP/s), a single pixel 0.03 ms
     PACK_PIXELS = 16
-    # a dense row of one run whose widest tiles would hold fewer pixels than this takes tiles
-    # half as wide and up to twice as long: a weight row read by each tile then serves more
-    # FMAs (3x3 512 -> 512 on 8x7x7: 7 = 4 + 3 pixels x 64 channels vs 7 x 32)
-    NARROW_PIXELS = 5
+    NARROW_PIXELS = 5  # see _narrow
+
+
+cdef inline int _narrow(Py_ssize_t n, int V, int sz) noexcept nogil:
+    # The tile width for a dense run of n pixels, V the widest: half as wide where the widest
+    # tiles would hold fewer than NARROW_PIXELS pixels and the narrower ones more. A weight row
+    # read by a tile then serves more FMAs (3x3 512 -> 512 on 8x7x7: 7 pixels x 32 channels,
+    # not 4 + 3 x 64).
+    if (V > 1 and _tile(n, fc_pmax(V, sz)) < NARROW_PIXELS
+            and _tile(n, fc_pmax(V // 2, sz)) > _tile(n, fc_pmax(V, sz))):
+        return V // 2
+    return V
 
 
 cdef inline void _gemm(int P, int V, const floating* A, Py_ssize_t aps, Py_ssize_t ak,
@@ -1487,12 +1495,8 @@ cdef void _forward_image(const floating* x, const floating* w, floating* out,
     cdef const floating* wblk
     f0 = f_lo
     while f0 < f_hi:
-        V = fc_width(f_hi - f0, sz)
+        V = _narrow(OW, fc_width(f_hi - f0, sz), sz)
         P = fc_pmax(V, sz)
-        if (V > 1 and _tile(OW, P) < NARROW_PIXELS
-                and _tile(OW, fc_pmax(V // 2, sz)) > _tile(OW, P)):
-            V = V // 2
-            P = fc_pmax(V, sz)
         KC = _max(16, fc_chunk_bytes // (V * sz))
         wblk = w + f0 // ldw * KH * KW * C * ldw + f0 % ldw
         for oh in range(OH):
@@ -1727,11 +1731,9 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         f0 = f_lo if ngroups == 1 else 0
         while f0 < f_end:
             V = fc_width(f_end - f0, sz)
+            if nruns == 1:
+                V = _narrow(OW, V, sz)
             P = fc_pmax(V, sz)
-            if (nruns == 1 and V > 1 and _tile(OW, P) < NARROW_PIXELS
-                    and _tile(OW, fc_pmax(V // 2, sz)) > _tile(OW, P)):
-                V = V // 2
-                P = fc_pmax(V, sz)
             # merged, ldw != F: the weights in column blocks (_column_blocks)
             wblk = w + f0 if ldw == F else w + f0 // ldw * T * C * ldw + f0 % ldw
             for r in range(nruns):
@@ -2211,11 +2213,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
             c_end = _min(cw, c_hi) if groups == 1 else cw
             while c0 < c_end:
                 V = fc_width(c_end - c0, sz)
+                if ldw != C and nruns == 1:
+                    V = _narrow(nq, V, sz)
                 P = FC_PAIR_PMAX if wpk != NULL else fc_pmax(V, sz)
-                if (ldw != C and nruns == 1 and V > 1 and _tile(nq, P) < NARROW_PIXELS
-                        and _tile(nq, fc_pmax(V // 2, sz)) > _tile(nq, P)):
-                    V = V // 2
-                    P = fc_pmax(V, sz)
                 # ldw != C: dense, the kernel in column blocks of width ldw (_column_blocks)
                 if ldw == C:
                     wblk = wt + g * cin_g + c0
