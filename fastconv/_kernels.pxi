@@ -1527,6 +1527,16 @@ cdef void _forward_image(const floating* x, const floating* w, floating* out,
         f0 += V
 
 
+cdef Py_ssize_t _border_pixels(const Py_ssize_t* runs, Py_ssize_t nruns,
+                               Py_ssize_t KW) noexcept nogil:
+    # pixels of a row (_forward_runs) whose windows do not have all KW taps inside the input
+    cdef Py_ssize_t r, n = 0
+    for r in range(nruns):
+        if runs[3 * r + 1] != 0 or runs[3 * r + 2] != KW:
+            n += runs[3 * r + 3] - runs[3 * r]
+    return n
+
+
 cdef Py_ssize_t _forward_runs(Py_ssize_t OW, Py_ssize_t W, Py_ssize_t KW, Py_ssize_t sw,
                               Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t* runs) noexcept nogil:
     # Cut an output row into runs of pixels whose windows clip the same kw taps [lo, hi): lo and
@@ -1986,7 +1996,9 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         # weights for 56 rows of 7 pixels).
         if KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes:
             nb = _cdiv(F, ldw)
-        if nruns > 1 and OW <= fc_pad_columns_ow:
+        # (not for a single border pixel in 16 or more: 3x3 stride 2 on 4x56x56x128, one
+        # border pixel in 28, copied 4 input pixels per output pixel for it: 0.97x)
+        if nruns > 1 and OW <= fc_pad_columns_ow and 16 * _border_pixels(runs, nruns, KW) > OW:
             Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)
             xpad = _pad_columns(xp, N * H, W, C, pad_left, Wp, n_threads)
             if xpad == NULL:
