@@ -209,33 +209,38 @@ def test_forward_column_blocks_outer(variant, dtype, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1 and c[0] > 0], ids=str)
 def test_grad_input_column_blocks_outer(variant, dtype, case):
     """Dense grad_input with column blocks outer (large weights; here forced on every size),
-    and on zero-padded dy columns (short rows; forced on and off): the same result as rows
-    outer on dy as it is, and the reference's."""
+    row by row or an image at a time in reduction chunks (unit strides, whole windows; chunks
+    of the default size and of 16 channels), and on zero-padded dy columns (short rows; forced
+    on and off): the reference's result; row by row, the same as rows outer on dy as it is."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
     rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     k = rng.standard_normal((kh, kw, c, f)).astype(dtype)
     spec = ConvSpec.make(strides, padding, "channels_last", dilation)
     dy = rng.standard_normal(spec.geometry(x.shape, k.shape).output_shape_nhwc).astype(dtype)
+    ref_dx, _ = reference.grads(x, k, dy, strides, padding, dilation)
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     saved = _dispatch.kernels
     _dispatch.kernels = kernels
-    dxs = []
+    first = None
     try:
-        for pad_ow in (0, 1 << 30):
+        for pad_ow, major, chunk in itertools.product(
+                (0, 1 << 30), (1 << 62, 0), (0, kernels.CHUNK_BYTES, 1)):
             kernels.set_pad_columns_ow(pad_ow)
-            for threshold in (1 << 62, 0):
-                kernels.set_block_major_bytes(threshold)
-                dxs.append(host.grad_input(dy, k, spec, x.shape, dtype))
+            kernels.set_block_major_bytes(major)
+            kernels.set_chunk_bytes(chunk)
+            dx = host.grad_input(dy, k, spec, x.shape, dtype)
+            reference.assert_close(dx, ref_dx, 1e-4 if dtype == np.float32 else 1e-10,
+                                   f"padded up to {pad_ow}, block-major from {major}, "
+                                   f"chunk {chunk}")
+            first = dx if first is None else first
+            if chunk == 0:
+                np.testing.assert_array_equal(dx, first)
     finally:
         kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
         kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
+        kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
         _dispatch.kernels = saved
-    ref_dx, _ = reference.grads(x, k, dy, strides, padding, dilation)
-    for i, name in enumerate(["rows outer", "columns outer", "padded, rows outer",
-                              "padded, columns outer"]):
-        reference.assert_close(dxs[i], ref_dx, 1e-4 if dtype == np.float32 else 1e-10, name)
-        np.testing.assert_array_equal(dxs[i], dxs[0])
 
 
 def test_swish_epilogue_extremes():
