@@ -1502,9 +1502,8 @@ cdef void _forward_image(const floating* x, const floating* w, floating* out,
         wblk = w + f0 // ldw * KH * KW * C * ldw + f0 % ldw
         for oh in range(OH):
             # no kernel row inside the image: zeros
-            kh_lo = _max(0, _cdiv(pad_top - oh * sh, dh))
-            kh_hi = _min(KH, _fdiv(H - 1 - oh * sh + pad_top, dh) + 1)
-            if kh_hi <= kh_lo:
+            _kw_clip(oh * sh - pad_top, H, KH, dh, &kh_lo, &kh_hi)
+            if kh_hi == kh_lo:
                 for ow in range(OW):
                     for j in range(V):
                         out[(oh * OW + ow) * F + f0 + j] = 0
@@ -1516,7 +1515,7 @@ cdef void _forward_image(const floating* x, const floating* w, floating* out,
                     ih = oh * sh - pad_top + kh * dh
                     if ih < 0 or ih >= H:
                         continue
-                    kh_lo = _max(0, _cdiv(pad_top - oh * sh, dh))   # the row's first chunk
+                    _kw_clip(oh * sh - pad_top, H, KH, dh, &kh_lo, &kh_hi)  # first: kh_lo
                     ow = 0
                     while ow < OW:
                         p = _tile(OW - ow, P)
@@ -2014,8 +2013,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     # (not 1x1: a whole image's rows of 1x1 output blocks, 196 x 64 channels on 14x14, outgrow
     # L1 and are read and written once a chunk: 1x1 1024 -> 256 on 8x14x14 0.72x, 2048 -> 512
     # on 8x7x7 0.82x, 256 -> 1024 on 8x14x14 0.84x)
-    if (nb and fc_chunk_bytes and KH * KW > 1 and dw == 1 and nruns == 1 and runs[1] == 0
-            and runs[2] == KW):
+    if nb and fc_chunk_bytes and KH * KW > 1 and _border_pixels(runs, nruns, KW) == 0:
         for t in prange(nb * N, schedule="static", num_threads=n_threads):
             fc_note_thread(team)
             b = t // N
