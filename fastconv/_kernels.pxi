@@ -51,6 +51,7 @@ cdef extern from *:
        a worker bound to a single CPU (OMP_PROC_BIND, taskset) is left alone; never changes a
        result, only where threads run. */
     #if defined(_OPENMP) && defined(__linux__)
+      #include <pthread.h>
       #include <sched.h>
       #include <signal.h>
       #include <time.h>
@@ -68,8 +69,33 @@ cdef extern from *:
           cpu_set_t saved[FC_MAX_WORKERS];
           int moved[FC_MAX_WORKERS];
           double region_end;
+          int counted;
       } fc_team_t;
       static __thread fc_team_t fc_own_team;
+      /* Live threads that have led a team of fastconv's (each has its own libgomp pool). With
+         more pool threads than CPUs, libgomp spins only ~100 times before its workers sleep
+         (its "throttled" mode): then every region wakes its workers, also back to back, and
+         the woken worker lands on the master's CPU as after an idle spell. That happens as
+         soon as two masters live on 2 CPUs (JAX after a jitted step ran the kernels from an
+         XLA thread beside eager calls from Python's; TensorFlow graphs from several threads):
+         1x56x56x64 3x3 on Python's thread 0.63 -> 1.27 ms, as slow as 1 thread. So with two
+         masters or more, every region narrows the workers' masks (1.27 -> 0.62 ms); with one,
+         only a region after an idle spell does (the worker spins in between). Counted when a
+         master first leads a region of 2 threads or more, uncounted when its thread exits. */
+      static int fc_masters = 0;
+      static pthread_key_t fc_master_key;
+      static pthread_once_t fc_master_once = PTHREAD_ONCE_INIT;
+      static void fc_master_exit(void* team) {
+          (void)team;
+          __atomic_fetch_sub(&fc_masters, 1, __ATOMIC_RELAXED);
+      }
+      static void fc_master_key_init(void) { pthread_key_create(&fc_master_key, fc_master_exit); }
+      static void fc_count_master(fc_team_t* team) {
+          pthread_once(&fc_master_once, fc_master_key_init);
+          if (pthread_setspecific(fc_master_key, team) == 0)
+              __atomic_fetch_add(&fc_masters, 1, __ATOMIC_RELAXED);
+          team->counted = 1;
+      }
       static __thread pid_t fc_self;
       static inline fc_team_t* fc_team(void) { return &fc_own_team; }
       static double fc_now(void) {
@@ -86,7 +112,10 @@ cdef extern from *:
       }
       /* before a region of n threads; returns what fc_wake_end must undo */
       static int fc_wake_begin(fc_team_t* team, int n) {
-          if (n < 2 || fc_now() - team->region_end < 5e-4) return 0;
+          if (n < 2) return 0;
+          if (!team->counted) fc_count_master(team);
+          if (__atomic_load_n(&fc_masters, __ATOMIC_RELAXED) < 2
+              && fc_now() - team->region_end < 5e-4) return 0;
           int cpu = sched_getcpu(), moved = 0;
           pid_t pid = getpid();
           for (int t = 1; t < n && t < FC_MAX_WORKERS && cpu >= 0; t++) {
@@ -115,6 +144,7 @@ cdef extern from *:
       static inline void fc_note_thread(fc_team_t* team) { (void)team; }
       static inline int fc_wake_begin(fc_team_t* team, int n) { (void)team; (void)n; return 0; }
       static inline void fc_wake_end(fc_team_t* team, int moved) { (void)team; (void)moved; }
+      static int fc_masters = 0;
     #endif
     """
     ctypedef struct fc_team_t:
@@ -123,8 +153,14 @@ cdef extern from *:
     void fc_note_thread(fc_team_t* team) noexcept nogil
     int fc_wake_begin(fc_team_t* team, int n) noexcept nogil
     void fc_wake_end(fc_team_t* team, int moved) noexcept nogil
+    int fc_masters
 
 OPENMP = bool(FASTCONV_OPENMP)
+
+
+def openmp_masters():
+    """Live threads that have led a team of 2 or more of the kernels' OpenMP threads."""
+    return fc_masters
 
 
 cdef extern from *:

@@ -157,3 +157,41 @@ def test_python_threads_with_different_thread_counts_and_layers():
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         for j, out in pool.map(work, range(24)):
             np.testing.assert_array_equal(out, alone[j])
+
+
+@only_numpy
+@pytest.mark.skipif(not _dispatch.kernels.OPENMP or not sys.platform.startswith("linux"),
+                    reason="the count of OpenMP masters is kept with OpenMP on Linux")
+def test_openmp_masters_counted_while_their_threads_live():
+    """A thread that led a team of the kernels' threads counts as a master while it lives
+    (with two, every region keeps the workers off the master's CPU: libgomp then lets them
+    sleep after each region) and stops counting when it exits; results stay exact meanwhile."""
+    import threading
+
+    fastconv.set_num_threads(2)
+    kwargs, shape = THREAD_CASES[1]
+    layer = _layer(kwargs, shape, seed=5)
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    alone = to_numpy(layer(x))
+    masters = _dispatch.kernels.openmp_masters
+    before = masters()
+    led, release, outputs = threading.Event(), threading.Event(), []
+
+    def lead():
+        outputs.append(to_numpy(layer(x)))
+        led.set()
+        release.wait(timeout=60)
+
+    thread = threading.Thread(target=lead)
+    thread.start()
+    try:
+        assert led.wait(timeout=60)
+        assert masters() == before + 1
+        outputs.append(to_numpy(layer(x)))  # this thread's team, with two masters counted
+    finally:
+        release.set()
+        thread.join()
+    assert masters() == before
+    for out in outputs:
+        np.testing.assert_array_equal(out, alone)
+    reference.assert_close(alone, _expected(layer, x))
