@@ -688,6 +688,35 @@ def test_tf_eager_channels_first_transposed_once_each(case, monkeypatch):
         reference.assert_close(value.numpy(), ref, 1e-4, name)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch only")
+@pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
+def test_torch_eager_channels_first_transposed_once_each(case, monkeypatch):
+    # eagerly, channels_first with NCHW-contiguous x and dy: x is transposed once (its NHWC copy
+    # serves the forward and, saved, grad_kernel) and dy once for both gradients; the result
+    # and dx are NCHW tensors with NHWC memory (no transposes). The host's channels_first path
+    # alone took four (x and dy again for the kernel gradient).
+    import torch
+
+    from fastconv.backends import numpy as host
+
+    x, k, b, conv, loss, expected, refs = _channels_first_step(case, 20)
+    dy = _bridge_problem(case, 20)[5]
+    calls = []
+    transposed = host._transposed
+    monkeypatch.setattr(host, "_transposed",
+                        lambda a, *rest: calls.append(a.ndim == 4) or transposed(a, *rest))
+    x = torch.tensor(x, requires_grad=True)
+    k = torch.tensor(k, requires_grad=True)
+    bias = None if b is None else torch.tensor(b, requires_grad=True)
+    wrt = [x, k] + ([] if bias is None else [bias])
+    y = conv(x, k, bias)
+    reference.assert_close(y.detach().numpy(), expected, 1e-4)
+    grads = torch.autograd.grad(y, wrt, torch.tensor(dy))
+    assert sum(calls) == 2
+    for value, ref, name in zip(grads, refs, ("dx", "dk", "db")):
+        reference.assert_close(value.numpy(), ref, 1e-4, name)
+
+
 @only_tf
 @pytest.mark.parametrize("case", FFI_CASES[:3])
 def test_tf_function_without_the_native_ops(case, monkeypatch):
