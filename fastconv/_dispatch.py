@@ -101,8 +101,10 @@ thread_listeners = []
 
 
 def get_num_threads():
-    """The number of threads fastconv's kernels use (1 when built without OpenMP)."""
-    return _num_threads if kernels.OPENMP else 1
+    """The number of threads fastconv's kernels use (1 when built without OpenMP, and in a
+    process forked from a thread that had run them on several: libgomp's workers are not
+    forked, and a region of 2 threads would wait for them forever)."""
+    return _num_threads if kernels.OPENMP and not kernels.forked_with_team() else 1
 
 
 def set_num_threads(n=None):
@@ -114,6 +116,16 @@ def set_num_threads(n=None):
     _num_threads = _default_threads() if n is None else n
     for listener in thread_listeners:
         listener(get_num_threads())
+
+
+def _after_fork_in_child():
+    if kernels.forked_with_team():
+        for listener in thread_listeners:
+            listener(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def show_config():

@@ -89,7 +89,20 @@ cdef extern from *:
           (void)team;
           __atomic_fetch_sub(&fc_masters, 1, __ATOMIC_RELAXED);
       }
-      static void fc_master_key_init(void) { pthread_key_create(&fc_master_key, fc_master_exit); }
+      /* A forked child has only the thread that forked. If that thread had led a team, libgomp
+         hands the child its pool, whose workers do not exist there: its next region of 2 threads
+         or more waits for them forever (libgomp is not fork-safe). fastconv then runs on one
+         thread in the child (_dispatch.get_num_threads), as torch does. */
+      static int fc_forked_team = 0;
+      static void fc_master_forked(void) {
+          if (fc_own_team.counted) fc_forked_team = 1;
+          fc_masters = 0;
+          fc_own_team.counted = 0;
+      }
+      static void fc_master_key_init(void) {
+          pthread_key_create(&fc_master_key, fc_master_exit);
+          pthread_atfork(NULL, NULL, fc_master_forked);
+      }
       static void fc_count_master(fc_team_t* team) {
           pthread_once(&fc_master_once, fc_master_key_init);
           if (pthread_setspecific(fc_master_key, team) == 0)
@@ -145,6 +158,7 @@ cdef extern from *:
       static inline int fc_wake_begin(fc_team_t* team, int n) { (void)team; (void)n; return 0; }
       static inline void fc_wake_end(fc_team_t* team, int moved) { (void)team; (void)moved; }
       static int fc_masters = 0;
+      static int fc_forked_team = 0;
     #endif
     """
     ctypedef struct fc_team_t:
@@ -154,8 +168,15 @@ cdef extern from *:
     int fc_wake_begin(fc_team_t* team, int n) noexcept nogil
     void fc_wake_end(fc_team_t* team, int moved) noexcept nogil
     int fc_masters
+    int fc_forked_team
 
 OPENMP = bool(FASTCONV_OPENMP)
+
+
+def forked_with_team():
+    """Whether this is a forked child of a thread that had led a team of the kernels' OpenMP
+    threads (then only 1 thread is safe here)."""
+    return bool(fc_forked_team)
 
 
 def openmp_masters():

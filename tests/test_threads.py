@@ -167,6 +167,7 @@ def test_openmp_masters_counted_while_their_threads_live():
     (with two, every region keeps the workers off the master's CPU: libgomp then lets them
     sleep after each region) and stops counting when it exits; results stay exact meanwhile."""
     import threading
+    import time
 
     fastconv.set_num_threads(2)
     kwargs, shape = THREAD_CASES[1]
@@ -191,7 +192,89 @@ def test_openmp_masters_counted_while_their_threads_live():
     finally:
         release.set()
         thread.join()
+    # a thread's key destructors run after Python's join returns: give them a moment
+    deadline = time.monotonic() + 30
+    while masters() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert masters() == before
     for out in outputs:
         np.testing.assert_array_equal(out, alone)
     reference.assert_close(alone, _expected(layer, x))
+
+
+@only_numpy
+@pytest.mark.skipif(not _dispatch.kernels.OPENMP or not hasattr(os, "fork"),
+                    reason="the fork safeguard is for OpenMP builds where fork exists")
+@pytest.mark.parametrize("forking_thread_led", [True, False])
+def test_forked_child_runs_the_kernels(forking_thread_led):
+    """A child forked from a thread that led a team of the kernels' threads gets libgomp's pool
+    without its workers: a region of 2 threads there waited for them forever. fastconv then
+    uses 1 thread in the child (set_num_threads cannot raise it) and gives the same results.
+    Forked from a thread that led no team (while another thread's team lives), the child keeps
+    all its threads, and counts only its own team."""
+    import threading
+    import time
+
+    kwargs, shape = THREAD_CASES[1]
+    layer = _layer(kwargs, shape, seed=7)
+    x = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    fastconv.set_num_threads(1)
+    alone = to_numpy(layer(x))
+    fastconv.set_num_threads(2)
+    led, release = threading.Event(), threading.Event()
+
+    def lead():
+        layer(x)  # another thread's team
+        led.set()
+        release.wait(timeout=60)
+
+    def fork():  # -> (pid, read end of the child's report)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            status = 1
+            try:
+                fastconv.set_num_threads(2)
+                same = np.array_equal(to_numpy(layer(x)), alone)
+                os.write(write, f"{fastconv.get_num_threads()} "
+                                f"{_dispatch.kernels.openmp_masters()} {same}".encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write)
+        return pid, read
+
+    leader = threading.Thread(target=lead)
+    leader.start()
+    pid = None
+    try:
+        assert led.wait(timeout=60)
+        if forking_thread_led:
+            layer(x)  # this thread leads a team too
+            pid, read = fork()
+        else:  # from a fresh thread, which never led one
+            forked = []
+            forker = threading.Thread(target=lambda: forked.append(fork()))
+            forker.start()
+            forker.join()
+            pid, read = forked[0]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pid = None
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the forked child did not finish its convolution (hung)")
+        report = os.read(read, 100).decode()
+        os.close(read)
+    finally:
+        if pid is not None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        release.set()
+        leader.join()
+        fastconv.set_num_threads(None)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == ("1 0 True" if forking_thread_led else "2 1 True")
