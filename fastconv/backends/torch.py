@@ -58,7 +58,7 @@ def _gradients(ctx, x, k, has_bias, dy, spec, direct):
     which a compiler can trace and whose own gradient raises (second order)."""
     if direct:
         # channels_first: dy transposed to NHWC memory once, for both gradients (each
-        # transposed it: grouped32_cf's training step 4.2 -> 3.6 ms with x's, below)
+        # transposed it)
         dy = _nhwc_memory(dy, spec)
     if spec.channels_last or not dy.permute(0, 2, 3, 1).is_contiguous():
         # else NCHW with NHWC memory (as channels_first results are): the host takes it as is
@@ -94,9 +94,9 @@ def _bias_grad(dy, spec):
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, b, spec):
-        # channels_first: x in NHWC memory, for the forward and, saved, for grad_kernel (which
-        # transposed x again)
-        x = _nhwc_memory(x, spec)
+        # x itself, not an NHWC copy of a channels_first x (grad_kernel transposes it again): a
+        # copy would be held until the backward beside x, and, not connected to x, would let a
+        # second-order gradient through grad_kernel's op wrt x go missing instead of raising
         ctx.save_for_backward(x, k)
         ctx.spec, ctx.has_bias = spec, b is not None
         return _forward(x, k, b, spec)
