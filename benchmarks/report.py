@@ -229,6 +229,19 @@ def check_targets(results):
     if td and fc:
         ok &= fc > td
         parts.append(f"torch backend: fastconv {fc:.1f} vs torch F.conv2d {td:.1f} GFLOP/s")
+    caps = []
+    for b in backends:
+        # the memory bound: its input read and its output written at the copy rate measured in
+        # the same process
+        r = _rec(results, "depthwise", b)
+        if r and r.get("copy_gbps") and r.get("matmul_gflops"):
+            moved = r["input_bytes"] + r["output_bytes"]
+            cap = r["flops_fwd"] / (moved / (r["copy_gbps"] * 1e9)) / 1e9
+            caps.append(f"{b} {cap:.0f} GFLOP/s = {cap / r['matmul_gflops']:.2f} "
+                        f"({r['copy_gbps']:.0f} GB/s)")
+    if caps:
+        parts.append("memory bound (input read and output written at the rate of a plain copy "
+                     "on the same threads, measured in each process, warm): " + ", ".join(caps))
     rows.append(("Depthwise fwd ≥ 0.25 of the matmul rate and faster than torch's F.conv2d",
                  ok if any_ else None, "; ".join(parts)))
 

@@ -228,6 +228,7 @@ def main(argv=None):
             for r in records:
                 if r["type"] == "case":
                     r["matmul_gflops"] = mm
+                    r["copy_gbps"] = env and env.get("copy_gbps")
                     run["cases"][r["case"]] = r
                     run["errors"].pop(r["case"], None)
                 elif r["type"] == "memory":

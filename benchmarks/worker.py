@@ -39,6 +39,7 @@ not seen; neither are pages allocated but never touched.
 """
 
 import argparse
+import concurrent.futures
 import ctypes
 import gc
 import json
@@ -142,6 +143,29 @@ def matmul_rate(runs=5):
     # next on these 2 cores (measured: resnet3x3 host forward 7 ms instead of 3.2)
     time.sleep(0.3)
     return 2 * 2048**3 / float(np.median(ts)) / 1e9
+
+
+def copy_rate(nbytes=4 * 56 * 56 * 128 * 4, runs=9, reps=10):
+    """GB/s (bytes read + bytes written) of copying a float32 array of `nbytes` (the depthwise
+    case's input) into another, on fastconv's thread count, each thread its share with numpy
+    (which lets go of the GIL), `reps` times a round: the least memory traffic a memory-bound
+    layer can have (a depthwise forward reads its input and writes an output as large)."""
+    threads = fastconv.get_num_threads()
+    src = np.random.default_rng(1).standard_normal(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    cuts = [src.size * i // threads for i in range(threads + 1)]
+
+    def share(i):
+        for _ in range(reps):
+            np.copyto(dst[cuts[i]:cuts[i + 1]], src[cuts[i]:cuts[i + 1]])
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        def copy():
+            list(pool.map(share, range(threads)))
+
+        copy()
+        ts = [_timed(copy) for _ in range(runs)]
+    return 2 * nbytes * reps / float(np.median(ts)) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,6 +484,7 @@ def env_record():
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                 "OMP_NUM_THREADS", "FASTCONV_KERNELS")},
         "matmul_gflops": matmul_rate(),
+        "copy_gbps": copy_rate(),
     }
 
 
