@@ -236,7 +236,7 @@ def check_targets(results):
         r = _rec(results, "depthwise", b)
         if r and r.get("copy_gbps") and r.get("matmul_gflops"):
             moved = r["input_bytes"] + r["output_bytes"]
-            cap = r["flops_fwd"] / (moved / (r["copy_gbps"] * 1e9)) / 1e9
+            cap = r["flops_fwd"] * r["copy_gbps"] / moved
             caps.append(f"{b} {cap:.0f} GFLOP/s = {cap / r['matmul_gflops']:.2f} "
                         f"({r['copy_gbps']:.0f} GB/s)")
     if caps:

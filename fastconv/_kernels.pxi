@@ -98,6 +98,7 @@ cdef extern from *:
           if (fc_own_team.counted) fc_forked_team = 1;
           fc_masters = 0;
           fc_own_team.counted = 0;
+          pthread_setspecific(fc_master_key, NULL);  /* so that its exit uncounts nothing */
       }
       static void fc_master_key_init(void) {
           pthread_key_create(&fc_master_key, fc_master_exit);
