@@ -39,10 +39,11 @@ class _Fastconv:
         bias = self.bias if self.use_bias else None
         spec = self._spec()
         fusable = None if self.activation is None else _activation(self.activation)
-        outputs = ops.conv_variables(inputs, kernel, kernel_shape or tuple(kernel.shape), bias,
-                                     spec, fusable)
-        if outputs is not None:
-            if self.activation is None or fusable is not None:
+        done = ops.conv_variables(inputs, kernel, kernel_shape or tuple(kernel.shape), bias,
+                                  spec, fusable)
+        if done is not None:
+            outputs, activated = done
+            if self.activation is None or activated:
                 return outputs
             return self.activation(outputs)
         if kernel_shape is not None:

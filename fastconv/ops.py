@@ -85,10 +85,10 @@ def conv_bias(inputs, kernel, bias, spec):
 
 
 def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None):
-    """conv_bias on a layer's variables (`kernel` seen as `kernel_shape`, `bias` or None) with
-    `activation` (as `epilogue` takes it) computed by the kernels, where the backend has a
-    faster path for that than the general one (TensorFlow, eager inference calls: see
-    fastconv.backends.tensorflow.forward_variables); else None."""
+    """conv_bias on a layer's variables (`kernel` seen as `kernel_shape`, `bias` or None), where
+    the backend has a faster path for that than the general one (TensorFlow, eager calls: see
+    fastconv.backends.tensorflow.forward_variables): (outputs, whether `activation` (as
+    `epilogue` takes it) was computed by the kernels); else None."""
     if (keras.backend.backend() != "tensorflow" or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
         return None

@@ -1,6 +1,7 @@
-"""Eager inference calls on TensorFlow: fastconv's layers run one FastconvForwardVariables op that
-reads their kernel and bias variables itself (fastconv.backends.tensorflow.forward_variables),
-and the general path wherever that cannot serve. One pytest process per backend (conftest.py):
+"""Eager calls on TensorFlow: fastconv's layers run one FastconvForwardVariables op that reads
+their kernel and bias variables itself in inference, record the host's convolution on the
+variables' handles under a single tape (fastconv.backends.tensorflow.forward_variables), and take
+the general path wherever those cannot serve. One pytest process per backend (conftest.py):
 these run in the tensorflow one."""
 
 import numpy as np
@@ -12,7 +13,7 @@ import keras  # noqa: E402  (after conftest)
 
 import fastconv  # noqa: E402
 from fastconv import _dispatch  # noqa: E402
-from reference import assert_close, conv as ref_conv  # noqa: E402
+from reference import assert_close, conv as ref_conv, grads as ref_grads  # noqa: E402
 
 pytestmark = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's eager path")
 
@@ -139,17 +140,25 @@ def _general(calls, layer, x):
     return out
 
 
-def test_recorded_calls_take_the_general_path(calls):
-    """Under a tape the variables must be read as TensorFlow sees reads (the tape watches
-    trainable variables as they are read): the general path, with its gradients."""
+def _keras_twin(layer, x_shape, *args, **kwargs):
+    """keras.layers.Conv2D(*args, **kwargs), built for x_shape, with `layer`'s weights."""
+    theirs = keras.layers.Conv2D(*args, **kwargs)
+    theirs.build(x_shape)
+    theirs.set_weights(layer.get_weights())
+    return theirs
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_recorded_calls_give_keras_gradients(calls, persistent):
+    """Under one tape (the host's convolution recorded on the variables' handles) and under a
+    persistent one (the general path: the variables read as recorded ops), the gradients are
+    Keras' own; the variables op never runs."""
     x = tf.constant(np.random.default_rng(4).normal(size=(2, 8, 8, 4)).astype("float32"))
     layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, activation="relu")
-    theirs = keras.layers.Conv2D(3, 3, activation="relu")
-    theirs.build(x.shape)
-    theirs.set_weights(layer.get_weights())
+    theirs = _keras_twin(layer, x.shape, 3, 3, activation="relu")
     grads = []
     for lay in (layer, theirs):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=persistent) as tape:
             tape.watch(x)
             y = tf.reduce_sum(lay(x) ** 2)
         grads.append(tape.gradient(y, [x, *lay.trainable_variables]))
@@ -164,14 +173,12 @@ def test_unwatched_input_gets_no_grad_input(monkeypatch):
     for: grad_input is skipped; the weights' gradients still equal Keras'. A watched input
     gets its gradient."""
     ran = []
-    real = bridge._native_grad_input
-    monkeypatch.setattr(bridge, "_native_grad_input", lambda *a: ran.append(1) or real(*a))
+    real = bridge.host.grad_input
+    monkeypatch.setattr(bridge.host, "grad_input", lambda *a: ran.append(1) or real(*a))
     x = tf.constant(np.random.default_rng(5).normal(size=(2, 9, 9, 3)).astype("float32"))
     layer = _layer(fastconv.Conv2D, x.shape, filters=4, kernel_size=7, strides=2,
                    padding="same")
-    theirs = keras.layers.Conv2D(4, 7, strides=2, padding="same")
-    theirs.build(x.shape)
-    theirs.set_weights(layer.get_weights())
+    theirs = _keras_twin(layer, x.shape, 4, 7, strides=2, padding="same")
     for watch in (False, True):
         ran.clear()
         grads = []
@@ -181,7 +188,7 @@ def test_unwatched_input_gets_no_grad_input(monkeypatch):
                     tape.watch(x)
                 y = tf.reduce_sum(lay(x) ** 2)
             grads.append(tape.gradient(y, [x, *lay.trainable_variables]))
-        assert len(ran) == watch
+        assert bool(ran) == watch
         assert (grads[0][0] is None) == (not watch) and (grads[1][0] is None) == (not watch)
         for ours, ref in zip(grads[0][1 - watch:], grads[1][1 - watch:]):
             assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
@@ -230,3 +237,116 @@ def test_bad_input_fails_before_the_kernel(calls):
     with pytest.raises(ValueError, match="(?i)input"):
         layer(tf.zeros((1, 3, 3, 4)))  # smaller than the kernel
     assert (calls.op, calls.host) == (0, 0)
+
+
+def _ref_grads(layer, x, dy):
+    """(dx, dkernel in the layer's kernel shape, dbias or None) in float64, activation-free."""
+    kernel = layer.get_weights()[0]
+    ref_k = kernel
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw, c, m = kernel.shape
+        ref_k = kernel.reshape(kh, kw, 1, c * m)
+    dx, dk = ref_grads(x, ref_k, dy, layer.strides, layer.padding, layer.dilation_rate)
+    return dx, dk.reshape(kernel.shape), dy.sum((0, 1, 2)) if layer.use_bias else None
+
+
+TAPED = [case for case in CASES if case[2].get("activation") in (None, "tanh")] + [
+    (fastconv.Conv2D, (2, 9, 11, 6), dict(filters=6, kernel_size=3, groups=3, strides=2,
+                                          padding="same")),
+    (fastconv.Conv2D, (2, 15, 13, 3), dict(filters=4, kernel_size=7, strides=2,
+                                           padding="same")),  # gradients on blocks
+]
+
+
+@pytest.mark.parametrize("cls, x_shape, kwargs", TAPED)
+def test_one_tape_records_the_host_convolution_on_the_handles(calls, cls, x_shape, kwargs):
+    """Under one non-persistent tape: the host's convolution (no variables op, no recorded
+    variable read), its gradients wrt the input and the variables equal the reference's."""
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(size=x_shape).astype("float32"))
+    layer = _layer(cls, x_shape, **kwargs)
+    reads = []
+    real = bridge.record_operation
+    bridge.record_operation = lambda name, *a: reads.append(name) or real(name, *a)
+    try:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+    finally:
+        bridge.record_operation = real
+    assert reads == ["FastconvConv2D"] and (calls.op, calls.host) == (0, 1)
+    name = kwargs.get("activation")
+    assert_close(y.numpy(), _reference(layer, x.numpy()), rtol=1e-4)
+    dz = rng.normal(size=y.shape).astype("float32")
+    got = tape.gradient(y, [x, *layer.trainable_variables], output_gradients=dz)
+    if name == "tanh":  # applied by TensorFlow after the convolution
+        dz = dz * (1 - y.numpy().astype(np.float64) ** 2)
+    for ours, ref, what in zip(got, _ref_grads(layer, x.numpy(), dz), "x kernel bias".split()):
+        assert_close(ours.numpy(), ref, rtol=1e-4, name=what)
+
+
+def test_one_tape_gradients_use_the_forward_values():
+    """A variable assigned between the forward and the gradient: the gradients are those of the
+    values the forward read, as with Keras' own layer."""
+    rng = np.random.default_rng(8)
+    x = tf.constant(rng.normal(size=(2, 8, 8, 4)).astype("float32"))
+    dz = rng.normal(size=(2, 8, 8, 3)).astype("float32")
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, padding="same")
+    theirs = _keras_twin(layer, x.shape, 3, 3, padding="same")
+    grads = []
+    for lay in (layer, theirs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = lay(x)
+        lay.kernel.assign(lay.kernel * 3.0)
+        grads.append(tape.gradient(y, [x, lay.kernel], output_gradients=dz))
+    for ours, ref in zip(*grads):
+        assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
+    ref_dx, _ = ref_grads(x.numpy(), layer.kernel.numpy() / 3.0, dz, padding="same")
+    assert_close(grads[0][0].numpy(), ref_dx, rtol=1e-4)
+
+
+def test_one_tape_gradient_recorded_by_an_outer_tape_raises():
+    """An outer tape that watches only dy sees the inner tape's call as unwatched but records
+    the gradient's computation: differentiating that raises, as on the general path."""
+    x = tf.constant(np.random.default_rng(9).normal(size=(1, 6, 6, 2)).astype("float32"))
+    z = tf.constant(np.ones((1, 6, 6, 3), np.float32))
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, padding="same")
+    with tf.GradientTape(watch_accessed_variables=False) as outer:
+        outer.watch(z)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = layer(x)
+        dx = inner.gradient(y, x, output_gradients=z * 2.0)
+        penalty = tf.reduce_sum(dx ** 2)
+    with pytest.raises(NotImplementedError, match="first-order gradients only"):
+        outer.gradient(penalty, z)
+
+
+def test_tape_watching_nothing_read_runs_the_variables_op(calls):
+    """A tape that watches nothing the call reads: the inference op, no recording."""
+    x = tf.constant(np.random.default_rng(10).normal(size=(2, 8, 8, 4)).astype("float32"))
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        y = layer(x)
+    assert (calls.op, calls.host) == (1, 0)
+    assert tape.gradient(y, layer.kernel) is None
+    assert_close(y.numpy(), _reference(layer, x.numpy()), rtol=1e-4)
+
+
+def test_frozen_layer_gradients_as_keras():
+    """A frozen layer's variables stay trainable tf.Variables, which a tape watches when they
+    are read: Keras' layer gives them gradients there, and so does fastconv's."""
+    x = tf.constant(np.random.default_rng(11).normal(size=(2, 8, 8, 4)).astype("float32"))
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3)
+    theirs = _keras_twin(layer, x.shape, 3, 3)
+    grads = []
+    for lay in (layer, theirs):
+        lay.trainable = False
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(lay(x) ** 2)
+        grads.append(tape.gradient(y, [lay.kernel, lay.bias]))
+    for ours, ref in zip(*grads):
+        assert (ours is None) == (ref is None)
+        if ref is not None:
+            assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
