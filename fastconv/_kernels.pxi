@@ -16,7 +16,7 @@
 # in a fixed chunking of output rows.
 
 from cython.parallel cimport prange, threadid
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy, memset
 from libc.math cimport exp
 from cpython.pycapsule cimport PyCapsule_New
@@ -2455,6 +2455,106 @@ def ffi_grad_input():
     return PyCapsule_New(<void*>_grad_input_f32, b"fastconv.grad_input_f32", NULL)
 
 
+cdef bint _gin_gemm(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, int dw,
+                    int groups, int sz) noexcept nogil:
+    # grad_input as a GEMM and col2im (_grad_input_gemm): input channels filling at most 3/4
+    # of a vector (the direct kernels vectorise along them), several taps, a reduction (F) of
+    # 64 or more (its columns are written and read back once per F multiply-adds), unit
+    # dilation along w. A/B (AVX-512, 2 threads), GFLOP/s direct -> GEMM: 7x7/2 3 -> 64 (blocked
+    # to 12 channels, 4x4) 109-142 -> 155-175; 3x3 3 -> 64 96-117 -> 125-142; 3x3 8 -> 64
+    # 154-162 -> 196-209; 3x3 12 -> 64 124-151 -> 139-153; losing: 3x3 16 -> 64 0.85-0.90x,
+    # 5x5/2 3 -> 32 (blocked 12, 3x3) 0.76-0.82x
+    return (groups == 1 and dw == 1 and 4 * C <= 3 * (FC_VB // sz) and KH * KW >= 4
+            and F >= 64)
+
+
+cdef void _col2im_rows(const floating* col, Py_ssize_t Kp, floating* dx, Py_ssize_t oh0,
+                       Py_ssize_t r, Py_ssize_t ih_lo, Py_ssize_t ih_hi, Py_ssize_t OW,
+                       Py_ssize_t W, Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw,
+                       int dh, int pad_top, int pad_left) noexcept nogil:
+    # adds the columns (KH x KW x C each, kh-major) of output rows oh0 .. oh0 + r into dx (one
+    # image), only into its rows ih_lo .. ih_hi: a kernel row's taps are one contiguous run of
+    # dx (unit dilation along w)
+    cdef Py_ssize_t oh, ow, kh, iw0, lo, hi, i, n
+    cdef const floating* src
+    cdef floating* dst
+    cdef Py_ssize_t kh_lo, kh_hi, ih0
+    for oh in range(r):
+        ih0 = (oh0 + oh) * sh - pad_top
+        kh_lo = _max(0, _cdiv(ih_lo - ih0, dh))
+        kh_hi = _min(KH, _cdiv(ih_hi - ih0, dh))
+        if kh_lo >= kh_hi:
+            continue
+        for ow in range(OW):
+            iw0 = ow * sw - pad_left
+            lo = _max(0, -iw0)
+            hi = _min(KW, W - iw0)
+            if lo >= hi:
+                continue
+            n = (hi - lo) * C
+            for kh in range(kh_lo, kh_hi):
+                src = col + (oh * OW + ow) * Kp + (kh * KW + lo) * C
+                dst = dx + ((ih0 + kh * dh) * W + iw0 + lo) * C
+                for i in range(n):
+                    dst[i] = dst[i] + src[i]
+
+
+cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
+                          const floating* wp, Py_ssize_t KH, Py_ssize_t KW, floating* dp,
+                          Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, int sh,
+                          int sw, int dh, int pad_top, int pad_left,
+                          int n_threads) noexcept nogil:
+    # dx = col2im(dy . Wcol): a 1x1 convolution of dy (the forward kernels, vectorised along
+    # the KH*KW*C columns of each output pixel's input window) by chunks of rows, each chunk's
+    # columns then added into dx window by window. The direct kernels vectorise along dx's C
+    # channels, few here: ResNet's 7x7/2 stem on 3 channels (blocked to 12, 4x4) ran at 150
+    # GFLOP/s.
+    cdef int sz = sizeof(floating)
+    cdef Py_ssize_t vw = FC_VB // sz
+    cdef Py_ssize_t K = KH * KW * C
+    cdef Py_ssize_t Kp = _cdiv(K, vw) * vw
+    cdef Py_ssize_t R = _max(1, _min(OH, (1 << 20) // _max(1, OW * Kp * sz)))
+    cdef Py_ssize_t n, oh0, r, tap, f, c, lo_row, hi_row, nparts, part
+    cdef int woke
+    cdef floating* wcol = <floating*>calloc(F * Kp, sz)
+    cdef floating* col = <floating*>malloc(R * OW * Kp * sz)
+    if wcol == NULL or col == NULL:
+        free(wcol)
+        free(col)
+        return -1
+    for tap in range(KH * KW):
+        for f in range(F):
+            for c in range(C):
+                wcol[f * Kp + tap * C + c] = wp[(tap * F + f) * C + c]
+    memset(dp, 0, N * H * W * C * sz)
+    cdef fc_team_t* team = fc_team()
+    for n in range(N):
+        oh0 = 0
+        while oh0 < OH:
+            r = _min(R, OH - oh0)
+            if _forward(gp + (n * OH + oh0) * OW * F, 1, r, OW, F, wcol, 1, 1, F, col, r, OW,
+                        Kp, 1, 1, 1, 1, 0, 0, 1, n_threads, NULL, NULL, FC_ACT_NONE, 0, 0) != 0:
+                free(wcol)
+                free(col)
+                return -1
+            # each part adds into its own dx rows, in a fixed order on any thread count
+            lo_row = _max(0, oh0 * sh - pad_top)
+            hi_row = _min(H, (oh0 + r - 1) * sh - pad_top + (KH - 1) * dh + 1)
+            nparts = _max(1, _min(2 * n_threads, hi_row - lo_row))
+            woke = fc_wake_begin(team, n_threads)
+            for part in prange(nparts, schedule="static", num_threads=n_threads):
+                fc_note_thread(team)
+                _col2im_rows(col, Kp, dp + n * H * W * C, oh0, r,
+                             lo_row + part * (hi_row - lo_row) // nparts,
+                             lo_row + (part + 1) * (hi_row - lo_row) // nparts, OW, W, C, KH,
+                             KW, sh, sw, dh, pad_top, pad_left)
+            fc_wake_end(team, woke)
+            oh0 += r
+    free(wcol)
+    free(col)
+    return 0
+
+
 cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
                      const floating* wp, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g,
                      floating* dp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
@@ -2468,6 +2568,9 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     if OH * OW * F == 0:
         memset(dp, 0, N * H * W * C * sizeof(floating))
         return 0
+    if _gin_gemm(C, KH, KW, F, dw, groups, sizeof(floating)):
+        return _grad_input_gemm(gp, OH, OW, F, wp, KH, KW, dp, N, H, W, C, sh, sw, dh, pad_top,
+                                pad_left, n_threads)
     cdef Py_ssize_t* phases = <Py_ssize_t*>malloc(_min(sw, W) * _phase_size(KW) *
                                                   sizeof(Py_ssize_t))
     if phases == NULL:

@@ -77,6 +77,11 @@ CASES = [
     (1, 9, 9, 1, 3, 3, 5, 1, (3, 3), (1, 1), "same"),
     (2, 11, 10, 4, 5, 3, 16, 1, (2, 2), (1, 1), "same"),  # kernel 5x3
     (1, 8, 9, 3, 1, 1, 8, 1, (2, 2), (1, 1), "valid"),  # kernel smaller than the stride: not
+    # grad_input as a GEMM and col2im (few input channels, F >= 64): on every variant and dtype
+    # (1 channel), a dilated kernel with padded columns, and several chunks of rows
+    (2, 9, 11, 1, 3, 3, 64, 1, (1, 1), (1, 1), "same"),
+    (2, 10, 9, 3, 3, 3, 72, 1, (1, 1), (2, 1), "same"),
+    (1, 40, 400, 3, 5, 5, 64, 1, (1, 2), (1, 1), "same"),
 ]
 
 
@@ -349,8 +354,9 @@ def test_gradients_on_blocks(case, data_format, monkeypatch):
 
 # (CASES[3] and [30]: depthwise 3x3, whose kernel gradient sums blocks of rows separately (the
 # pixel-major channels) and in tasks over channels (a tail of 5 channels in [30]))
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[19], CASES[30]],
-                         ids=str)
+# (CASES[20] and [49]: grad_input as a GEMM and col2im, each thread adding into its own rows)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[19], CASES[20],
+                                  CASES[30], CASES[49]], ids=str)
 def test_bit_identical_for_any_thread_count(case, monkeypatch):
     monkeypatch.setattr(host, "_MACS_PER_THREAD", 1)  # small cases must still use every thread
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
