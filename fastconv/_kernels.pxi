@@ -2468,6 +2468,13 @@ cdef bint _gin_gemm(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, in
             and F >= 64)
 
 
+def grad_input_gemm(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, int dw,
+                    int groups, int itemsize):
+    """Whether grad_input runs as a GEMM and col2im on this geometry (_gin_gemm): the bridges
+    then skip the space-to-depth blocks, whose columns are more (7x7/2: 192 against 147)."""
+    return _gin_gemm(C, KH, KW, F, dw, groups, itemsize)
+
+
 cdef void _col2im_rows(const floating* col, Py_ssize_t Kp, floating* dx, Py_ssize_t oh0,
                        Py_ssize_t r, Py_ssize_t ih_lo, Py_ssize_t ih_hi, Py_ssize_t OW,
                        Py_ssize_t W, Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw,
