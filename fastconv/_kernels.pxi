@@ -2512,22 +2512,29 @@ cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_s
                           int sw, int dh, int pad_top, int pad_left,
                           int n_threads) noexcept nogil:
     # dx = col2im(dy . Wcol): a 1x1 convolution of dy (the forward kernels, vectorised along
-    # the KH*KW*C columns of each output pixel's input window) by chunks of rows, each chunk's
-    # columns then added into dx window by window. The direct kernels vectorise along dx's C
-    # channels, few here: ResNet's 7x7/2 stem on 3 channels (blocked to 12, 4x4) ran at 150
-    # GFLOP/s.
+    # the KH*KW*C columns of each output pixel's input window), block of rows by block of rows,
+    # each block's columns then added into dx window by window. The direct kernels vectorise
+    # along dx's C channels, few here: ResNet's 7x7/2 stem on 3 channels (blocked to 12, 4x4)
+    # ran at 150 GFLOP/s. Blocks two apart in an image write disjoint dx rows: even blocks in
+    # one parallel region, odd ones in a second, each block on one thread (its columns stay in
+    # its cache; two regions, not two a block: with several OpenMP masters, as under JAX's jit,
+    # each region wakes the workers, ~0.1 ms), in a fixed order on any thread count.
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t vw = FC_VB // sz
     cdef Py_ssize_t K = KH * KW * C
     cdef Py_ssize_t Kp = _cdiv(K, vw) * vw
-    cdef Py_ssize_t R = _max(1, _min(OH, (1 << 20) // _max(1, OW * Kp * sz)))
-    cdef Py_ssize_t n, oh0, r, tap, f, c, lo_row, hi_row, nparts, part
-    cdef int woke
+    cdef Py_ssize_t R = _min(OH, _max(_cdiv((KH - 1) * dh + 1, sh),
+                                      (1 << 20) // _max(1, OW * Kp * sz)))
+    cdef Py_ssize_t per = _cdiv(OH, R)   # blocks an image
+    cdef Py_ssize_t half, i, b, n, oh0, r, tap, f, c
+    cdef int parity, woke, t
+    cdef int nt = <int>_max(1, _min(n_threads, N * _cdiv(per, 2)))
     cdef floating* wcol = <floating*>calloc(F * Kp, sz)
-    cdef floating* col = <floating*>malloc(R * OW * Kp * sz)
-    if wcol == NULL or col == NULL:
+    cdef floating* cols = <floating*>malloc(nt * R * OW * Kp * sz)
+    cdef int failed = 0
+    if wcol == NULL or cols == NULL:
         free(wcol)
-        free(col)
+        free(cols)
         return -1
     for tap in range(KH * KW):
         for f in range(F):
@@ -2535,31 +2542,27 @@ cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_s
                 wcol[f * Kp + tap * C + c] = wp[(tap * F + f) * C + c]
     memset(dp, 0, N * H * W * C * sz)
     cdef fc_team_t* team = fc_team()
-    for n in range(N):
-        oh0 = 0
-        while oh0 < OH:
+    for parity in range(2):
+        half = (per - parity + 1) // 2   # blocks of this parity an image
+        woke = fc_wake_begin(team, nt)
+        for i in prange(N * half, schedule="static", num_threads=nt):
+            fc_note_thread(team)
+            t = threadid()
+            n = i // half
+            b = 2 * (i % half) + parity
+            oh0 = b * R
             r = _min(R, OH - oh0)
-            if _forward(gp + (n * OH + oh0) * OW * F, 1, r, OW, F, wcol, 1, 1, F, col, r, OW,
-                        Kp, 1, 1, 1, 1, 0, 0, 1, n_threads, NULL, NULL, FC_ACT_NONE, 0, 0) != 0:
-                free(wcol)
-                free(col)
-                return -1
-            # each part adds into its own dx rows, in a fixed order on any thread count
-            lo_row = _max(0, oh0 * sh - pad_top)
-            hi_row = _min(H, (oh0 + r - 1) * sh - pad_top + (KH - 1) * dh + 1)
-            nparts = _max(1, _min(2 * n_threads, hi_row - lo_row))
-            woke = fc_wake_begin(team, n_threads)
-            for part in prange(nparts, schedule="static", num_threads=n_threads):
-                fc_note_thread(team)
-                _col2im_rows(col, Kp, dp + n * H * W * C, oh0, r,
-                             lo_row + part * (hi_row - lo_row) // nparts,
-                             lo_row + (part + 1) * (hi_row - lo_row) // nparts, OW, W, C, KH,
-                             KW, sh, sw, dh, pad_top, pad_left)
-            fc_wake_end(team, woke)
-            oh0 += r
+            if _forward(gp + (n * OH + oh0) * OW * F, 1, r, OW, F, wcol, 1, 1, F,
+                        cols + t * R * OW * Kp, r, OW, Kp, 1, 1, 1, 1, 0, 0, 1, 1, NULL, NULL,
+                        FC_ACT_NONE, 0, 0) != 0:
+                failed += 1
+            else:
+                _col2im_rows(cols + t * R * OW * Kp, Kp, dp + n * H * W * C, oh0, r, 0, H,
+                             OW, W, C, KH, KW, sh, sw, dh, pad_top, pad_left)
+        fc_wake_end(team, woke)
     free(wcol)
-    free(col)
-    return 0
+    free(cols)
+    return -1 if failed else 0
 
 
 cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
