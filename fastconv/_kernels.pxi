@@ -2748,6 +2748,21 @@ cdef inline void _sum_rows(const floating* a, Py_ssize_t rows, Py_ssize_t ld, Py
             out[c] = acc[c - p] if first else out[c] + acc[c - p]
 
 
+cdef bint _gk_merged(Py_ssize_t cin_g, Py_ssize_t KW, Py_ssize_t F, int dwl, int groups,
+                     int sz) noexcept nogil:
+    # grad_kernel on tiles of a kernel row's (kw, c) pairs (_grad_kernel): dense, unit dilation
+    # along w, fewer input channels than a tile's rows
+    return (groups == 1 and dwl == 1 and KW > 1 and F >= 16
+            and cin_g < fc_pmax(fc_width(F, sz), sz))
+
+
+def grad_kernel_merged(Py_ssize_t C, Py_ssize_t KW, Py_ssize_t F, int dwl, int groups,
+                       int itemsize):
+    """Whether grad_kernel tiles a kernel row's (kw, c) pairs on this geometry (_gk_merged):
+    the bridges then skip the space-to-depth blocks."""
+    return _gk_merged(C, KW, F, dwl, groups, itemsize)
+
+
 cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dwp,
                              const Py_ssize_t* tasks, Py_ssize_t t0, Py_ssize_t t1,
                              Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
@@ -2948,6 +2963,15 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # DWK_PARTS blocks of rows, each with its own sums, added in order: bit-identical on any
     # thread count. fc_dwk3 tasks keep the rest.
     cdef Py_ssize_t Fv = F - F % (FC_VB // sz) if dk3 and KH == 3 and FC_DWROW_OK else 0
+    # few input channels (fewer than a tile's rows): a tile's rows are a kernel row's (kw, c)
+    # pairs, contiguous in x (unit dilation along w), on a zero-padded copy of x (no window
+    # leaves it). Per tap, a tile had C rows: 3 broadcasts and 4 loads of dy for 12
+    # multiply-adds (7x7/2 stem: 110 GFLOP/s; on space-to-depth blocks 197, a third of their
+    # taps zero)
+    cdef bint merged = _gk_merged(cin_g, KW, F, dwl, groups, sz) and not pairk
+    cdef Py_ssize_t Hx = H, Wx = W, m0, ih, n, ncopy
+    cdef int ptx = pad_top, plx = pad_left
+    cdef floating* xpad = NULL
     cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
     cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
@@ -2970,6 +2994,25 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                     f0 += V
                 tap += 3 * KW
         for tap in range(0 if not dk3 else KH * KW, KH * KW):
+            if merged:
+                # tasks on kernel rows: tap kh * KW (kw 0), rows m0 .. of its KW * C (kw, c)
+                if tap % KW == 0:
+                    Pg = fc_pmax(fc_width(F, sz), sz)
+                    m0 = 0
+                    while m0 < KW * C:
+                        f0 = 0
+                        while f0 < F:
+                            V = fc_width(F - f0, sz)
+                            if t == 1:
+                                tasks[5 * ntasks] = tap
+                                tasks[5 * ntasks + 1] = 0
+                                tasks[5 * ntasks + 2] = m0
+                                tasks[5 * ntasks + 3] = f0
+                                tasks[5 * ntasks + 4] = (V << 8) | <int>_min(Pg, KW * C - m0)
+                            ntasks += 1
+                            f0 += V
+                        m0 += Pg
+                continue
             if pairk:
                 g = 0
                 while g < groups:
@@ -3049,14 +3092,35 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                 else:
                     bp[c] = s
         free(parts)
+    if merged:
+        # x in a zero frame: the rows and columns every window reaches, x at (pad_top,
+        # pad_left) (a "valid" convolution on it)
+        Hx = (OH - 1) * sh + (KH - 1) * dh + 1
+        Wx = (OW - 1) * sw + KW
+        xpad = <floating*>calloc(N * Hx * Wx * C, sz)
+        if xpad == NULL:
+            free(tasks)
+            free(gpad)
+            free(dpad)
+            free(bpad)
+            return -1
+        ncopy = _min(W, Wx - pad_left) * C
+        for n in range(N):
+            for ih in range(_min(H, Hx - pad_top)):
+                memcpy(xpad + ((n * Hx + ih + pad_top) * Wx + pad_left) * C,
+                       xp0 + (n * H + ih) * W * C, ncopy * sz)
+        xp = xpad
+        ptx = 0
+        plx = 0
     if ntasks:
         woke = fc_wake_begin(team, nt)
         for t in prange(nt, schedule="static", num_threads=nt):
             fc_note_thread(team)
             _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
-                               N, H, W, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
-                               pad_top, pad_left, chunk, KH, dk3, bp)
+                               N, Hx, Wx, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
+                               ptx, plx, chunk, KH, dk3, bp)
         fc_wake_end(team, woke)
+    free(xpad)
     if dpad != NULL:
         _unpad(dpad, cout_g, dp0, F0 // groups, KH * KW * cin_g, groups, NULL)
     if bpad != NULL:
