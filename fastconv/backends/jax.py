@@ -276,8 +276,38 @@ def conv(x, k, b, spec, result):
                                     None if b is None else np.asarray(b), spec, result))
     # (numpy cannot export bfloat16 through dlpack; the kernels' own dtypes it can)
     if out.dtype in (np.float32, np.float64) and out.ctypes.data % host.ALIGN == 0:
+        if out.dtype == np.float32 and _from_host is not None:
+            return _from_host(out)
         return jax.dlpack.from_dlpack(out)
     return jax.numpy.asarray(out)
+
+
+def _host_wrapper():
+    """f(a): a jax.Array over a float32 host array's memory, without jax.dlpack.from_dlpack's
+    device lookups and its jnp.asarray of the result (20-40 us of a small layer's 80 us call
+    here); or None where this jaxlib's private entry point differs (checked on an array)."""
+    try:
+        from jax._src import xla_bridge
+        from jax._src.lib import _jax
+
+        cpu = xla_bridge.get_backend("cpu").device_from_local_hardware_id(0)
+
+        def wrap(a):
+            return _jax.dlpack_managed_tensor_to_buffer(a.__dlpack__(), cpu, None, None, 1)
+
+        probe = host._empty((2, 8), np.float32)  # (64-byte aligned, as results are)
+        probe[...] = np.arange(16).reshape(2, 8)
+        got = wrap(probe)
+        if (isinstance(got, jax.Array) and got.dtype == np.float32 and got.shape == (2, 8)
+                and got.unsafe_buffer_pointer() == probe.ctypes.data
+                and np.array_equal(np.asarray(got), probe)):
+            return wrap
+    except Exception:  # any change of the private API: the public path
+        pass
+    return None
+
+
+_from_host = _host_wrapper()
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
