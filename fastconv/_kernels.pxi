@@ -2756,8 +2756,8 @@ cdef bint _gk_merged(Py_ssize_t cin_g, Py_ssize_t KW, Py_ssize_t F, int dwl, int
             and cin_g < fc_pmax(fc_width(F, sz), sz))
 
 
-def grad_kernel_merged(Py_ssize_t C, Py_ssize_t KW, Py_ssize_t F, int dwl, int groups,
-                       int itemsize):
+def grad_kernel_merged(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, int dwl,
+                       int groups, int itemsize):
     """Whether grad_kernel tiles a kernel row's (kw, c) pairs on this geometry (_gk_merged):
     the bridges then skip the space-to-depth blocks."""
     return _gk_merged(C, KW, F, dwl, groups, itemsize)
@@ -3104,7 +3104,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             free(dpad)
             free(bpad)
             return -1
-        ncopy = _min(W, Wx - pad_left) * C
+        ncopy = _max(0, _min(W, Wx - pad_left)) * C
         for n in range(N):
             for ih in range(_min(H, Hx - pad_top)):
                 memcpy(xpad + ((n * Hx + ih + pad_top) * Wx + pad_left) * C,

@@ -351,7 +351,7 @@ def test_gradients_on_blocks(case, data_format, monkeypatch):
     blocked = (groups == 1 and dilation == (1, 1) and strides[0] == strides[1]
                and min(kh, kw) >= strides[0])
     gemm = _dispatch.kernels.grad_input_gemm(c, kh, kw, f, dilation[1], groups, 4)
-    merged = _dispatch.kernels.grad_kernel_merged(c, kw, f, dilation[1], groups, 4)
+    merged = _dispatch.kernels.grad_kernel_merged(c, kh, kw, f, dilation[1], groups, 4)
     # (_check takes grad_kernel twice: without and with the bias gradient)
     expected = (["depth_to_space"] * (not gemm) + ["space_to_depth"] * 2 * (not merged)
                 if blocked else [])

@@ -154,7 +154,7 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
     """d(loss)/d(inputs) given dy = d(loss)/d(outputs)."""
     kernel = np.asarray(kernel)
     g = spec.geometry(input_shape, kernel.shape)
-    blocks = _input_blocks(spec, g, dtype)
+    blocks = _blocks_unless(spec, g, dtype, _dispatch.kernels.grad_input_gemm)
     if blocks is not None:
         s, gb, covers = blocks
         dxb = grad_input(_nhwc(dy, spec, dtype), _kernel_blocks(kernel, s, gb), UNIT,
@@ -188,7 +188,7 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32, bias=False):
     x = np.asarray(x)
     g = spec.geometry(x.shape, kernel_shape)
     dy = _nhwc(dy, spec, dtype)
-    blocks = _kernel_blocks_for(spec, g, dtype)
+    blocks = _blocks_unless(spec, g, dtype, _dispatch.kernels.grad_kernel_merged)
     if blocks is not None:
         s, gb, _ = blocks
         xb = _empty(gb.input_shape_nhwc, dtype)
@@ -261,25 +261,16 @@ def input_from_blocks(xb, s, g, gb, pad, reshape, transpose):
     return pad(inside, ((0, 0), (0, g.h - h), (0, g.w - w), (0, 0)))
 
 
-def _input_blocks(spec, g, dtype):
-    """Geometry.blocks for the gradient wrt the input, or None where the kernels take it as a
-    GEMM and col2im on the input as it is (7x7/2 stem, 4x224x224x3 -> 64: 5.2-5.5 ms on the
-    blocks, 4.3-4.7 ms without)."""
+def _blocks_unless(spec, g, dtype, direct):
+    """Geometry.blocks for one gradient, or None where the kernels compute it better on the
+    input as it is: `direct` is kernels.grad_input_gemm (grad_input as a GEMM and col2im: 147
+    columns for a 7x7/2 stem against 192 on the blocks, A/B 6.42 -> 5.38 ms at 4x224x224x3 ->
+    64) or kernels.grad_kernel_merged (tiles of a kernel row's (kw, c) pairs, no zero taps:
+    GFLOP/s blocks -> merged 7x7/2 3 -> 64 187 -> 208, 5x5/2 3 -> 32 126 -> 160, 3x3/2 3 -> 32
+    60 -> 102, 4x4/4 3 -> 96 88 -> 127)."""
     blocks = g.blocks(spec.strides, spec.dilation_rate)
-    if blocks is not None and _dispatch.kernels.grad_input_gemm(
-            g.c, g.kh, g.kw, g.f, spec.dilation_rate[1], g.groups, np.dtype(dtype).itemsize):
-        return None
-    return blocks
-
-
-def _kernel_blocks_for(spec, g, dtype):
-    """Geometry.blocks for the gradient wrt the kernel, or None where the kernels tile a
-    kernel row's (kw, c) pairs on the input as it is (kernels.grad_kernel_merged: no zero
-    taps). A/B, GFLOP/s blocks -> merged: 7x7/2 3 -> 64 187 -> 208, 5x5/2 3 -> 32 126 -> 160,
-    3x3/2 3 -> 32 60 -> 102, 4x4/4 3 -> 96 88 -> 127."""
-    blocks = g.blocks(spec.strides, spec.dilation_rate)
-    if blocks is not None and _dispatch.kernels.grad_kernel_merged(
-            g.c, g.kw, g.f, spec.dilation_rate[1], g.groups, np.dtype(dtype).itemsize):
+    if blocks is not None and direct(g.c, g.kh, g.kw, g.f, spec.dilation_rate[1], g.groups,
+                                     np.dtype(dtype).itemsize):
         return None
     return blocks
 
@@ -288,7 +279,7 @@ def blocked_grad_input(spec, g, dy, k, call, ops):
     """The gradient wrt the input for an NHWC dy by `call(spec, g, dy, k)` (a bridge's native
     grad_input on NHWC arrays), on the space-to-depth blocks where Geometry.blocks has them;
     ops: the caller's pad, reshape and transpose. (float32: the bridges' native ops)"""
-    blocks = _input_blocks(spec, g, np.float32)
+    blocks = _blocks_unless(spec, g, np.float32, _dispatch.kernels.grad_input_gemm)
     if blocks is None:
         return call(spec, g, dy, k)
     s, gb, _ = blocks
@@ -299,7 +290,7 @@ def blocked_grad_kernel(spec, g, x, dy, call, ops, bias=False):
     """The gradient wrt the kernel for NHWC x and dy by `call(spec, g, x, dy)`, as
     blocked_grad_input; with `bias`, call returns (dk, db) and so does this (dy, and so db, is
     the same on the blocks)."""
-    blocks = _kernel_blocks_for(spec, g, np.float32)
+    blocks = _blocks_unless(spec, g, np.float32, _dispatch.kernels.grad_kernel_merged)
     if blocks is None:
         return call(spec, g, x, dy)
     s, gb, _ = blocks
