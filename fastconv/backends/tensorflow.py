@@ -402,10 +402,10 @@ def batch_norm(layer, x, training):
 
 def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
     """A layer's eager convolution on its kernel (seen as `kernel_shape`) and bias variables:
-    (outputs, whether `activation` (as `fused` takes it, or None) was applied), or None where this does
-    not serve: not eager, not float32 channels_last on the CPU, a kernel or bias that is not a
-    plain variable (a LoRA kernel is a sum), the ops not built, or a call that several tapes,
-    a persistent tape or a forward accumulator watch (those take the general path).
+    (outputs, whether `activation` (as `fused` takes it, or None) was applied), or None where
+    this does not serve: not eager, not float32 channels_last on the CPU, a kernel or bias that
+    is not a plain variable (a LoRA kernel is a sum), the ops not built, or a call that several
+    tapes, a persistent tape or a forward accumulator watch (those take the general path).
 
     Eagerly every op costs 30-150 us here (the most right after a large kernel has pushed
     TensorFlow's code out of the caches), and the general path runs three or four (reading each
