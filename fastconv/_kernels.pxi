@@ -2476,28 +2476,22 @@ def grad_input_gemm(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, in
 
 
 cdef void _col2im_rows(const floating* col, Py_ssize_t Kp, floating* dx, Py_ssize_t oh0,
-                       Py_ssize_t r, Py_ssize_t ih_lo, Py_ssize_t ih_hi, Py_ssize_t OW,
-                       Py_ssize_t W, Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, int sh, int sw,
-                       int dh, int pad_top, int pad_left) noexcept nogil:
+                       Py_ssize_t r, Py_ssize_t OW, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                       Py_ssize_t KH, Py_ssize_t KW, int sh, int sw, int dh, int pad_top,
+                       int pad_left) noexcept nogil:
     # adds the columns (KH x KW x C each, kh-major) of output rows oh0 .. oh0 + r into dx (one
-    # image), only into its rows ih_lo .. ih_hi: a kernel row's taps are one contiguous run of
-    # dx (unit dilation along w)
-    cdef Py_ssize_t oh, ow, kh, iw0, lo, hi, i, n
+    # image): a kernel row's taps are one contiguous run of dx (unit dilation along w)
+    cdef Py_ssize_t oh, ow, kh, ih0, iw0, kh_lo, kh_hi, lo, hi, i, n
     cdef const floating* src
     cdef floating* dst
-    cdef Py_ssize_t kh_lo, kh_hi, ih0
     for oh in range(r):
         ih0 = (oh0 + oh) * sh - pad_top
-        kh_lo = _max(0, _cdiv(ih_lo - ih0, dh))
-        kh_hi = _min(KH, _cdiv(ih_hi - ih0, dh))
+        _kw_clip(ih0, H, KH, dh, &kh_lo, &kh_hi)
         if kh_lo >= kh_hi:
             continue
         for ow in range(OW):
             iw0 = ow * sw - pad_left
-            lo = _max(0, -iw0)
-            hi = _min(KW, W - iw0)
-            if lo >= hi:
-                continue
+            _kw_clip(iw0, W, KW, 1, &lo, &hi)
             n = (hi - lo) * C
             for kh in range(kh_lo, kh_hi):
                 src = col + (oh * OW + ow) * Kp + (kh * KW + lo) * C
@@ -2557,8 +2551,8 @@ cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_s
                         FC_ACT_NONE, 0, 0) != 0:
                 failed += 1
             else:
-                _col2im_rows(cols + t * R * OW * Kp, Kp, dp + n * H * W * C, oh0, r, 0, H,
-                             OW, W, C, KH, KW, sh, sw, dh, pad_top, pad_left)
+                _col2im_rows(cols + t * R * OW * Kp, Kp, dp + n * H * W * C, oh0, r, OW, H,
+                             W, C, KH, KW, sh, sw, dh, pad_top, pad_left)
         fc_wake_end(team, woke)
     free(wcol)
     free(cols)

@@ -57,15 +57,21 @@ def calls(monkeypatch):
     return Calls(monkeypatch)
 
 
+def _conv_kernel(layer):
+    """The layer's kernel as a convolution's (KH, KW, C // groups, F): a depthwise layer's
+    (KH, KW, C, M) regrouped."""
+    kernel = layer.get_weights()[0]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw, c, m = kernel.shape
+        kernel = kernel.reshape(kh, kw, 1, c * m)
+    return kernel
+
+
 def _reference(layer, x):
     """The layer's function in float64 from its weights: the kernel regrouped for a depthwise
     layer, the bias and activation added."""
     weights = layer.get_weights()
-    kernel = weights[0]
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        kh, kw, c, m = kernel.shape
-        kernel = kernel.reshape(kh, kw, 1, c * m)
-    z = ref_conv(x, kernel, layer.strides, layer.padding, layer.dilation_rate)
+    z = ref_conv(x, _conv_kernel(layer), layer.strides, layer.padding, layer.dilation_rate)
     if layer.use_bias:
         z = z + np.asarray(weights[1], np.float64)
     name = None if layer.activation is keras.activations.linear else layer.activation.__name__
@@ -241,13 +247,9 @@ def test_bad_input_fails_before_the_kernel(calls):
 
 def _ref_grads(layer, x, dy):
     """(dx, dkernel in the layer's kernel shape, dbias or None) in float64, activation-free."""
-    kernel = layer.get_weights()[0]
-    ref_k = kernel
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        kh, kw, c, m = kernel.shape
-        ref_k = kernel.reshape(kh, kw, 1, c * m)
-    dx, dk = ref_grads(x, ref_k, dy, layer.strides, layer.padding, layer.dilation_rate)
-    return dx, dk.reshape(kernel.shape), dy.sum((0, 1, 2)) if layer.use_bias else None
+    dx, dk = ref_grads(x, _conv_kernel(layer), dy, layer.strides, layer.padding,
+                       layer.dilation_rate)
+    return (dx, dk.reshape(layer.kernel.shape), dy.sum((0, 1, 2)) if layer.use_bias else None)
 
 
 TAPED = [case for case in CASES if case[2].get("activation") in (None, "tanh")] + [
