@@ -1375,8 +1375,10 @@ cdef Py_ssize_t fc_block_major_bytes = BLOCK_MAJOR_BYTES
 # threads, with the narrower tiles of _narrow, forward / grad_input: 3x3 512 -> 512 on
 # 8x7x7 1.25x / 1.01x, on 1x7x7 1.15x / 1.07x; 3x3 128 on 8x28x28 1.15x / 1.16x, on 8x14x14
 # 1.0x / 1.21x; 3x3 512 stride 2 on 8x14x14 1.0x / 1.15x; 5x5 160 on 8x7x7 1.5x / 1.87x, 5x5
-# 96 on 8x14x14 1.45x / 1.22x; 3x3 on 8x14x14x256 and 8x56x56x64 0.98-1.02x.
-PAD_COLUMNS_OW = 32
+# 96 on 8x14x14 1.45x / 1.22x; 3x3 on 8x14x14x256 and 8x56x56x64 0.98-1.02x. Also with
+# one tile of channels (F or C <= a tile; was unpadded): 7x7 32 -> 32 on 4x28x28 1.55x /
+# 1.55x, 4x56x56 1.28x / 1.24x; 5x5 64 on 4x28x28 1.23x / 1.20x, on 4x56x56 1.10x / 1.10x.
+PAD_COLUMNS_OW = 128
 cdef Py_ssize_t fc_pad_columns_ow = PAD_COLUMNS_OW
 
 
@@ -1425,6 +1427,7 @@ cdef enum:
     # unpacked, one 7x7 image took 3.9 ms (60 GFLOP/s), a single pixel 0.03 ms
     PACK_PIXELS = 16
     NARROW_PIXELS = 5  # see _narrow
+    SHORT_RUN = 4      # see _pad_pays
     IMAGE_BLOCK_BYTES = 16 << 10   # _grad_input_image: an image's block of dx, at most
 
 
@@ -1593,6 +1596,24 @@ cdef Py_ssize_t _border_pixels(const Py_ssize_t* runs, Py_ssize_t nruns,
         if runs[3 * r + 1] != 0 or runs[3 * r + 2] != KW:
             n += runs[3 * r + 3] - runs[3 * r]
     return n
+
+
+cdef bint _pad_pays(Py_ssize_t OW, Py_ssize_t W, Py_ssize_t KW, Py_ssize_t sw, Py_ssize_t dw,
+                    Py_ssize_t pad_left) noexcept nogil:
+    # Whether a row's border windows are worth zero-padded columns (_pad_columns): the row's
+    # pixels in border runs too short for a tile of several pixels are more than 1/16 of it.
+    # Runs of 4 and more (3x3 dilated 4) lost 5% padded: the copy costs more than it saves.
+    cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t r, n = 0, nruns
+    if runs == NULL:
+        return False
+    nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
+    for r in range(nruns):
+        if ((runs[3 * r + 1] != 0 or runs[3 * r + 2] != KW)
+                and runs[3 * r + 3] - runs[3 * r] < SHORT_RUN):
+            n += runs[3 * r + 3] - runs[3 * r]
+    free(runs)
+    return 16 * n > OW
 
 
 cdef Py_ssize_t _forward_runs(Py_ssize_t OW, Py_ssize_t W, Py_ssize_t KW, Py_ssize_t sw,
@@ -2054,17 +2075,20 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         # weights for 56 rows of 7 pixels).
         if KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes:
             nb = _cdiv(F, ldw)
-        # (not for a single border pixel in 16 or more: 3x3 stride 2 on 4x56x56x128, one
-        # border pixel in 28, copied 4 input pixels per output pixel for it: 0.97x)
-        if nruns > 1 and OW <= fc_pad_columns_ow and 16 * _border_pixels(runs, nruns, KW) > OW:
-            Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)
-            xpad = _pad_columns(xp, N * H, W, C, pad_left, Wp, n_threads)
-            if xpad == NULL:
-                free(runs)
-                free(wpad)
-                return -1
-            xp, W, pad_left = xpad, Wp, 0
-            nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
+    # (not for a single border pixel in 16 or more: 3x3 stride 2 on 4x56x56x128, one
+    # border pixel in 28, copied 4 input pixels per output pixel for it: 0.97x)
+    if (groups == 1 and C > 1 and OW <= fc_pad_columns_ow
+            and _pad_pays(OW, W, KW, sw, dw, pad_left)):
+        Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)
+        xpad = _pad_columns(xp, N * H, W, C, pad_left, Wp, n_threads)
+        if xpad == NULL:
+            free(runs)
+            free(wpad)
+            free(wpk)
+            free(rows)
+            return -1
+        xp, W, pad_left = xpad, Wp, 0
+        nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
     cdef fc_team_t* team = fc_team()
     cdef int woke = fc_wake_begin(team, n_threads)
     cdef Py_ssize_t t, b
@@ -2638,8 +2662,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef Py_ssize_t ldw = Cp
     cdef Py_ssize_t nb = 0    # > 0: that many column blocks, run outer (below)
     cdef floating* gpad = NULL
-    cdef Py_ssize_t q, lp, OWp
-    cdef bint border = False
+    cdef Py_ssize_t lp, OWp
     if (groups == 1 and wred == NULL and Cp == C and C > fc_width(C, sizeof(floating))
             and N * H * W >= PACK_PIXELS):
         ldw = fc_width(C, sizeof(floating))
@@ -2654,22 +2677,22 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         # 8x7x7: 143 -> 300 GFLOP/s, its stride-2 twin 127 -> 240)
         if KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes:
             nb = _cdiv(C, ldw)
-        # short rows with border pixels: dy's columns zero-padded, as x's in _forward (every
-        # phase one run of all its taps): lp zero pixels before each dy row, OWp pixels a row
-        for q in range(_min(sw, W)):
-            border = border or phases[q * _phase_size(KW) + 1] > 1
-        if border and W <= fc_pad_columns_ow:
-            lp = _max(0, _cdiv((KW - 1) * dw - pad_left, sw))
-            OWp = lp + _max(OW, (W - 1 + pad_left) // sw + 1)
-            gpad = _pad_columns(gp, N * OH, OW, F, lp, OWp, n_threads)
-            if gpad == NULL:
-                free(phases)
-                free(wpk)
-                free(wflip)
-                free(wpad)
-                return -1
-            gp, OW, pad_left = gpad, OWp, pad_left + lp * sw
-            _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
+    # short rows with border pixels: dy's columns zero-padded, as x's in _forward (every
+    # phase one run of all its taps): lp zero pixels before each dy row, OWp pixels a row
+    if (groups == 1 and wred == NULL and F > 1 and W <= fc_pad_columns_ow
+            and _pad_pays(OW, W, KW, sw, dw, pad_left)):
+        lp = _max(0, _cdiv((KW - 1) * dw - pad_left, sw))
+        OWp = lp + _max(OW, (W - 1 + pad_left) // sw + 1)
+        gpad = _pad_columns(gp, N * OH, OW, F, lp, OWp, n_threads)
+        if gpad == NULL:
+            free(phases)
+            free(wpk)
+            free(wflip)
+            free(wpad)
+            free(rows)
+            return -1
+        gp, OW, pad_left = gpad, OWp, pad_left + lp * sw
+        _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
     cdef fc_team_t* team = fc_team()
     cdef int woke = fc_wake_begin(team, n_threads)
     cdef Py_ssize_t t, b

@@ -82,6 +82,10 @@ CASES = [
     (2, 9, 11, 1, 3, 3, 64, 1, (1, 1), (1, 1), "same"),
     (2, 10, 9, 3, 3, 3, 72, 1, (1, 1), (2, 1), "same"),
     (1, 40, 400, 3, 5, 5, 64, 1, (1, 2), (1, 1), "same"),
+    # zero-padded columns with one tile of channels (7x7, 32 -> 32), with padded channels
+    # (21 -> 24) and a dilated kernel (rows of segments, not merged kw taps)
+    (2, 12, 14, 32, 7, 7, 32, 1, (1, 1), (1, 1), "same"),
+    (1, 10, 12, 20, 5, 5, 21, 1, (1, 1), (1, 2), "same"),
 ]
 
 
