@@ -86,6 +86,9 @@ CASES = [
     # (21 -> 24) and a dilated kernel (rows of segments, not merged kw taps)
     (2, 12, 14, 32, 7, 7, 32, 1, (1, 1), (1, 1), "same"),
     (1, 10, 12, 20, 5, 5, 21, 1, (1, 1), (1, 2), "same"),
+    # 8 channels a group on 4 groups a call (fc_pair8x4) and one more group alone; strided
+    (2, 9, 11, 40, 3, 3, 40, 5, (1, 1), (1, 1), "same"),
+    (1, 10, 13, 64, 3, 3, 64, 8, (2, 2), (1, 1), "same"),
 ]
 
 
