@@ -2023,15 +2023,22 @@ cdef floating* _pad_columns(const floating* x, Py_ssize_t rows, Py_ssize_t W, Py
 
 
 cdef floating* _pad_groups(const floating* a, Py_ssize_t rows, Py_ssize_t groups, Py_ssize_t n,
-                           Py_ssize_t np_) noexcept nogil:
-    # (rows, groups, n) -> (rows, groups, np_) with zero channels n .. np_ in each group
+                           Py_ssize_t np_, int n_threads) noexcept nogil:
+    # (rows, groups, n) -> (rows, groups, np_) with zero channels n .. np_ in each group. (dy of
+    # grad_kernel, 4x28x28x63 in 7 groups: element by element on one thread, 0.15 ms of the
+    # call's 0.5)
     cdef floating* p = <floating*>malloc(rows * groups * np_ * sizeof(floating))
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i, g
     if p == NULL:
         return NULL
-    for i in range(rows * groups):
-        for j in range(np_):
-            p[i * np_ + j] = a[i * n + j] if j < n else 0
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, n_threads)
+    for i in prange(rows, schedule="static", num_threads=n_threads):
+        fc_note_thread(team)
+        for g in range(groups):
+            memcpy(p + (i * groups + g) * np_, a + (i * groups + g) * n, n * sizeof(floating))
+            memset(p + (i * groups + g) * np_ + n, 0, (np_ - n) * sizeof(floating))
+    fc_wake_end(team, woke)
     return p
 
 
@@ -2112,7 +2119,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     cdef Py_ssize_t Wp
     if Fp != F:
         # zero-padded channels (_padded), each row computed in a per-thread buffer
-        wpad = _pad_groups(wp, KH * KW * cin_g, groups, cg, Fp // groups)
+        wpad = _pad_groups(wp, KH * KW * cin_g, groups, cg, Fp // groups, 1)
         rows = <floating*>malloc(n_threads * OW * Fp * sizeof(floating))
         if wpad == NULL or rows == NULL:
             free(runs)
@@ -2741,7 +2748,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef floating* rows = NULL
     cdef floating* dst
     if Cp != C:
-        wpad = _pad_groups(wp, KH * KW * cout_g, groups, cg, Cp // groups)
+        wpad = _pad_groups(wp, KH * KW * cout_g, groups, cg, Cp // groups, 1)
         rows = <floating*>malloc(n_threads * W * Cp * sizeof(floating))
         if wpad == NULL or rows == NULL:
             free(phases)
@@ -3056,7 +3063,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     if _padded(cout_g, sz) != cout_g:
         cout_g = _padded(cout_g, sz)
         F = groups * cout_g
-        gpad = _pad_groups(gp0, N * OH * OW, groups, F0 // groups, cout_g)
+        gpad = _pad_groups(gp0, N * OH * OW, groups, F0 // groups, cout_g, n_threads)
         dpad = <floating*>malloc(KH * KW * cin_g * F * sizeof(floating))
         if db0 != NULL:
             bpad = <floating*>malloc(F * sizeof(floating))
