@@ -3086,7 +3086,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # multiply-adds (7x7/2 stem: 110 GFLOP/s; on space-to-depth blocks 197, a third of their
     # taps zero)
     cdef bint merged = _gk_merged(cin_g, KW, F, dwl, groups, sz) and not pairk
-    cdef Py_ssize_t Hx = H, Wx = W, m0, ih, n, ncopy
+    cdef Py_ssize_t Hx = H, Wx = W, m0, ih, n, ncopy, lead, m
     cdef int ptx = pad_top, plx = pad_left
     cdef floating* xpad = NULL
     cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
@@ -3214,18 +3214,29 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         # pad_left) (a "valid" convolution on it)
         Hx = (OH - 1) * sh + (KH - 1) * dh + 1
         Wx = (OW - 1) * sw + KW
-        xpad = <floating*>calloc(N * Hx * Wx * C, sz)
+        xpad = <floating*>malloc(N * Hx * Wx * C * sz)
         if xpad == NULL:
             free(tasks)
             free(gpad)
             free(dpad)
             free(bpad)
             return -1
+        # row by row on the threads (before: calloc, then the copy on one thread, faulting in
+        # calloc's fresh pages; A/B, 2 threads: 7x7/2 stem on 4x224x224x3 1.00-1.05x, on
+        # 8x224x224x3 1.06x, 3x3/2 on 4x112x112x3 1.16x; bit-identical)
+        lead = _min(pad_left, Wx) * C
         ncopy = _max(0, _min(W, Wx - pad_left)) * C
-        for n in range(N):
-            for ih in range(_min(H, Hx - pad_top)):
-                memcpy(xpad + ((n * Hx + ih + pad_top) * Wx + pad_left) * C,
-                       xp0 + (n * H + ih) * W * C, ncopy * sz)
+        woke = fc_wake_begin(team, n_threads)
+        for m in prange(N * Hx, schedule="static", num_threads=n_threads):
+            fc_note_thread(team)
+            ih = m % Hx - pad_top
+            if ih >= 0 and ih < H:
+                memset(xpad + m * Wx * C, 0, lead * sz)
+                memcpy(xpad + m * Wx * C + lead, xp0 + (m // Hx * H + ih) * W * C, ncopy * sz)
+                memset(xpad + m * Wx * C + lead + ncopy, 0, (Wx * C - lead - ncopy) * sz)
+            else:
+                memset(xpad + m * Wx * C, 0, Wx * C * sz)
+        fc_wake_end(team, woke)
         xp = xpad
         ptx = 0
         plx = 0
