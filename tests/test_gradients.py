@@ -76,10 +76,11 @@ def keras_comparable(groups, strides, dilation, data_format="channels_last"):
 
 def torch_backward_fails(case):
     """torch 2.13's own conv2d backward raises "slow_conv2d: grad_weight must be contiguous"
-    for one image, one filter and a kernel larger than 1x1 (found by hypothesis): Keras' conv
-    cannot be differentiated there, fastconv's can."""
+    for one filter and a kernel larger than 1x1 (found by hypothesis: one image, and two
+    images on a 1x2 input with a 1x2 kernel, in float64): Keras' conv cannot be
+    differentiated there, fastconv's can."""
     n, h, w, c, kh, kw, f = case[:7]
-    return BACKEND == "torch" and n == 1 and f == 1 and kh * kw > 1
+    return BACKEND == "torch" and f == 1 and kh * kw > 1
 
 
 def make_case(case, dtype, data_format, seed=0):
