@@ -1646,12 +1646,14 @@ cdef void _forward_image(const floating* x, const floating* w, floating* out,
         f0 += V
 
 
-cdef Py_ssize_t _border_pixels(const Py_ssize_t* runs, Py_ssize_t nruns,
-                               Py_ssize_t KW) noexcept nogil:
-    # pixels of a row (_forward_runs) whose windows do not have all KW taps inside the input
+cdef Py_ssize_t _border_pixels(const Py_ssize_t* runs, Py_ssize_t nruns, Py_ssize_t KW,
+                               Py_ssize_t shorter_than) noexcept nogil:
+    # pixels of a row (_forward_runs) whose windows do not have all KW taps inside the input,
+    # counted in runs of fewer than `shorter_than` pixels
     cdef Py_ssize_t r, n = 0
     for r in range(nruns):
-        if runs[3 * r + 1] != 0 or runs[3 * r + 2] != KW:
+        if ((runs[3 * r + 1] != 0 or runs[3 * r + 2] != KW)
+                and runs[3 * r + 3] - runs[3 * r] < shorter_than):
             n += runs[3 * r + 3] - runs[3 * r]
     return n
 
@@ -1663,14 +1665,10 @@ cdef bint _pad_pays(Py_ssize_t OW, Py_ssize_t W, Py_ssize_t KW, Py_ssize_t sw, P
     # Fewer lost: 3x3 stride 2 on 4x56x56x128, one border pixel in 28, 0.97x padded. So did
     # runs of 4 and more (3x3 dilated 4: 0.95x): the copy costs more than it saves.
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
-    cdef Py_ssize_t r, n = 0, nruns
     if runs == NULL:
         return False
-    nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
-    for r in range(nruns):
-        if ((runs[3 * r + 1] != 0 or runs[3 * r + 2] != KW)
-                and runs[3 * r + 3] - runs[3 * r] < SHORT_RUN):
-            n += runs[3 * r + 3] - runs[3 * r]
+    cdef Py_ssize_t n = _border_pixels(runs, _forward_runs(OW, W, KW, sw, dw, pad_left, runs),
+                                       KW, SHORT_RUN)
     free(runs)
     return 16 * n > OW
 
@@ -2175,7 +2173,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     # (not 1x1: a whole image's rows of 1x1 output blocks, 196 x 64 channels on 14x14, outgrow
     # L1 and are read and written once a chunk: 1x1 1024 -> 256 on 8x14x14 0.72x, 2048 -> 512
     # on 8x7x7 0.82x, 256 -> 1024 on 8x14x14 0.84x)
-    if nb and fc_chunk_bytes and KH * KW > 1 and _border_pixels(runs, nruns, KW) == 0:
+    if nb and fc_chunk_bytes and KH * KW > 1 and _border_pixels(runs, nruns, KW, OW + 1) == 0:
         for t in prange(nb * N, schedule="static", num_threads=n_threads):
             fc_note_thread(team)
             b = t // N
@@ -2261,10 +2259,12 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef Py_ssize_t cin_g = C // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef Py_ssize_t cw = C if depthwise else cin_g
-    # 8 inputs and 8 outputs a group: fc_pair8x4 on 4 groups a call, as in _forward_row
-    # (A/B, 2 threads: 4x28x28x256, 32 groups 1.45x; 16 groups on 4x56x56x128 1.31x, stride 2
-    # 1.86x)
-    cdef bint x4 = FC_PAIRX4_OK and wpk != NULL and cout_g == 8 and groups >= 4
+    # 8 inputs and 8 outputs a group: fc_pair8x4 on 4 groups a call for groups below g4_end,
+    # as in _forward_row (A/B, 2 threads: 4x28x28x256, 32 groups 1.45x; 16 groups on
+    # 4x56x56x128 1.31x, stride 2 1.86x)
+    cdef Py_ssize_t g4_end = 0
+    if FC_PAIRX4_OK and wpk != NULL and cout_g == 8:
+        g4_end = groups - groups % 4
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
     cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh, c_end
@@ -2386,22 +2386,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 c0 += V
             continue
         for g in range(1 if depthwise else groups):
-            if floating is float:
-                if x4 and g < groups - groups % 4:
-                    # fc_pair8x4: groups g .. g + 3 at once, at the first of them
-                    if g % 4 == 0:
-                        for r in range(nruns):
-                            j = runs[3 * r]
-                            run_end = runs[3 * r + 3]
-                            first = runs[3 * r + 1] * nkh
-                            nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
-                            while j < run_end:
-                                p = _tile(run_end - j, FC_PAIRX4_PMAX)
-                                fc_pair8x4(p, dy + j * F + g * 8, F, wpk + g * 64, aoff + first,
-                                           boff + first, nseg, dx + (q + j * sw) * C + g * 8,
-                                           sw * C)
-                                j += p
-                    continue
+            if g < g4_end and g % 4:
+                continue   # (computed with group g - g % 4, by fc_pair8x4)
             c0 = c_lo if groups == 1 else 0
             c_end = _min(cw, c_hi) if groups == 1 else cw
             while c0 < c_end:
@@ -2409,6 +2395,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 if ldw != C and nruns == 1:
                     V = _narrow(nq, V, sz)
                 P = FC_PAIR_PMAX if wpk != NULL else fc_pmax(V, sz)
+                if g < g4_end:
+                    P = FC_PAIRX4_PMAX
                 # ldw != C: dense, the kernel in column blocks of width ldw (_column_blocks)
                 if ldw == C:
                     wblk = wt + g * cin_g + c0
@@ -2422,6 +2410,12 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     while j < run_end:
                         p = _tile(run_end - j, P)
                         if floating is float:
+                            if g < g4_end:
+                                fc_pair8x4(p, dy + j * F + g * 8, F, wpk + g * 64, aoff + first,
+                                           boff + first, nseg, dx + (q + j * sw) * C + g * 8,
+                                           sw * C)
+                                j += p
+                                continue
                             if wpk != NULL:
                                 fc_pair8(p, dy + j * F + g * cout_g, F, wpk + g * cout_g * 8,
                                          aoff + first, boff + first, lens + first, nseg,
