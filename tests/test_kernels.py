@@ -89,6 +89,15 @@ CASES = [
     # 8 channels a group on 4 groups a call (fc_pair8x4) and one more group alone; strided
     (2, 9, 11, 40, 3, 3, 40, 5, (1, 1), (1, 1), "same"),
     (1, 10, 13, 64, 3, 3, 64, 8, (2, 2), (1, 1), "same"),
+    # grad_kernel in blocks of rows, each with its own sums (small kernels beside x and dy):
+    # dense 1x1, 8 channels a group, a 7x7/2 stem (merged kw taps), depthwise 5x5, padded
+    # output channels (7 -> 8), dilated
+    (2, 12, 40, 16, 1, 1, 16, 1, (1, 1), (1, 1), "valid"),
+    (2, 10, 40, 32, 3, 3, 32, 4, (1, 1), (1, 1), "same"),
+    (2, 48, 48, 3, 7, 7, 8, 1, (2, 2), (1, 1), "same"),
+    (2, 10, 40, 8, 5, 5, 8, 8, (1, 1), (1, 1), "same"),
+    (2, 10, 30, 5, 3, 3, 7, 1, (1, 1), (1, 1), "same"),
+    (3, 12, 40, 16, 3, 3, 16, 1, (1, 1), (2, 2), "same"),
 ]
 
 
@@ -390,6 +399,33 @@ def test_bit_identical_for_any_thread_count(case, monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kernel", [(1, 1), (1, 3)])
+def test_grad_kernel_row_blocks_split_over_more_threads(variant, kernel, monkeypatch):
+    # two output rows: two blocks of rows with their own sums, and with 3 or 4 threads each
+    # block's tasks split over two threads; bit-identical whatever the thread count
+    monkeypatch.setattr(host, "_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(_dispatch, "kernels",
+                        importlib.import_module(f"fastconv._kernels_{variant}"))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 2, 300, 16)).astype(np.float32)
+    k_shape = (*kernel, 16, 24)
+    spec = ConvSpec.make(1, "same", "channels_last", 1)
+    dy = rng.standard_normal((1, 2, 300, 24)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3, 4):
+        _dispatch.set_num_threads(threads)
+        try:
+            results.append(host.grad_kernel(x, dy, spec, k_shape, np.float32, bias=True))
+        finally:
+            _dispatch.set_num_threads(None)
+    _, ref_dk = reference.grads(x, np.zeros(k_shape, np.float32), dy, (1, 1), "same", (1, 1),
+                                "channels_last")
+    reference.assert_close(results[0][0], ref_dk, 1e-4, "grad_kernel")
+    for dk, db in results[1:]:
+        assert np.array_equal(dk, results[0][0]) and np.array_equal(db, results[0][1])
 
 
 def test_nan_and_inf_reach_exactly_the_outputs_whose_window_covers_them():
