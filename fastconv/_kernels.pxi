@@ -3244,12 +3244,14 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # transpose, grad_input's dy) the reads came from its L2. A/B, 2 threads, warm / with x
     # and dy just rewritten by the transpose: grouped32 1.05x / 1.35x, grouped8 0.99x / 1.31x,
     # 1x1 64 -> 64 on 8x56x56 1.21x / 1.8x, 3x3 64 on 4x56x56 0.99x / 1.16x, 7x7/2 stem 1.08x /
-    # 1.18x. More threads than parts split each part's tasks.
+    # 1.18x. With sums of more than 1/8 of x and dy, warm, blocks lost (1x1 672 -> 112 on
+    # 8x14x14, at 1/4: 0.93x; 480 -> 80, 1/6: 0.96x). More threads than parts split each part's
+    # tasks.
     cdef Py_ssize_t nrp = _min(N * OH, GK_PARTS), psize = KH * KW * cin_g * F + F, e, u
     cdef Py_ssize_t slices = _cdiv(n_threads, _max(1, nrp))
     cdef floating* rp = NULL
     if (ntasks and not dk3 and nrp > 1
-            and 4 * nrp * psize <= N * H * W * C + N * OH * OW * F):
+            and 8 * nrp * psize <= N * H * W * C + N * OH * OW * F):
         rp = <floating*>malloc(nrp * psize * sz)
         if rp == NULL:
             free(xpad)
