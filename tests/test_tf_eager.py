@@ -113,6 +113,22 @@ def test_eager_inference_is_one_op_on_the_variables(calls, cls, x_shape, kwargs)
     assert_close(out.numpy(), _reference(layer, x), rtol=1e-4)
 
 
+@pytest.mark.parametrize("cls, x_shape, kwargs", [CASES[1], CASES[3], CASES[4], CASES[6]])
+def test_channels_first_eager_inference_is_one_op(calls, cls, x_shape, kwargs):
+    """channels_first: x and the result transposed inside the variables op (one op, no host
+    call); an empty batch gives an empty result."""
+    x = np.random.default_rng(5).normal(size=x_shape).astype("float32")
+    layer = _layer(cls, x_shape, **kwargs)
+    nchw = _layer(cls, (x_shape[0], x_shape[3], *x_shape[1:3]), data_format="channels_first",
+                  **kwargs)
+    nchw.set_weights(layer.get_weights())
+    out = nchw(tf.constant(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    assert (calls.op, calls.host) == (1, 0)
+    assert_close(out.numpy(), _reference(layer, x).transpose(0, 3, 1, 2), rtol=1e-4)
+    empty = nchw(tf.zeros((0, x_shape[3], *x_shape[1:3])))
+    assert tuple(empty.shape) == (0, *out.shape[1:])
+
+
 def test_eager_inference_sees_new_weights(calls):
     """The op reads the variables at each call: assignments (set_weights, assign) show."""
     x = np.random.default_rng(2).normal(size=(2, 8, 8, 4)).astype("float32")
@@ -211,13 +227,6 @@ def test_general_path_where_the_op_does_not_serve(calls):
         layer.lora_kernel_b) * (layer.lora_alpha / layer.lora_rank)
     ref = ref_conv(x, kernel) + layer.get_weights()[1]
     assert_close(_general(calls, layer, tf.constant(x)).numpy(), ref, rtol=1e-4)
-    # channels_first
-    layer = _layer(fastconv.Conv2D, (2, 4, 8, 8), filters=3, kernel_size=3,
-                   data_format="channels_first")
-    xf = x.transpose(0, 3, 1, 2)
-    ref = ref_conv(xf, layer.get_weights()[0], data_format="channels_first")
-    ref = ref + layer.get_weights()[1][:, None, None]
-    assert_close(_general(calls, layer, tf.constant(xf)).numpy(), ref, rtol=1e-4)
     # tracing for export: Keras' own convolution
     layer = _layer(fastconv.DepthwiseConv2D, x.shape, kernel_size=3)
     host = calls.host
