@@ -236,9 +236,9 @@ REGISTER_OP("FastconvForward")
 // * F floats in the (KH, KW, C // groups, F) order (a DepthwiseConv2D kernel (KH, KW, C, M) is
 // that order); bias: none or one variable of F floats. view: empty, or the (N, H, W, OH, OW)
 // the kernels see x and the result as (a 1x1 convolution's pixels re-cut for the threads).
-// nchw: x (N, C, H, W) and y (N, F, OH, OW), transposed around the kernel inside the op (as
-// three eager ops, with the variables read as two more, channels_first inference cost up to
-// 1.3x channels_last's time)
+// nchw: x (N, C, H, W) and y (N, F, OH, OW), transposed around the kernel inside the op (on the
+// general path, the variables read as two ops and the host's convolution with its own two
+// transposes, channels_first inference took up to 1.3x channels_last's time)
 REGISTER_OP("FastconvForwardVariables")
     .Input("x: float")
     .Input("kernel: resource")

@@ -443,9 +443,9 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
         attrs["view"] = [] if view == g.input_shape_nhwc else [*view[:3], *view[1:3]]
     else:
         # x and the result transposed inside the op: channels_first inference as one eager
-        # op, not five (two variable reads, two transposes; A/B, eager layer calls: 4x256x28x28
-        # in 32 groups 1.24x, depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x,
-        # 4x16x8x8 1.8x)
+        # op, not the general path (the variables read as two ops, the host's convolution with
+        # its own two transposes). A/B, eager layer calls: 4x256x28x28 in 32 groups 1.24x,
+        # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
         attrs["nchw"] = True
     out = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], oh=g.oh, ow=g.ow,
                                               f=g.f, **attrs, **host.act_attrs(activation))
