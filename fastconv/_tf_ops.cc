@@ -148,12 +148,22 @@ class ReuseAllocator : public tensorflow::Allocator {
 // never destroyed: tensors that outlive the ops (and the interpreter's exit) free into it
 ReuseAllocator* const reuse = new ReuseAllocator(0);  // the bridge sets the limit
 
+bool Small(const TensorShape& shape) {
+  return shape.num_elements() * sizeof(float) < ReuseAllocator::kMinBytes;
+}
+
+// a float tensor of `shape` from the ReuseAllocator
+absl::Status Reused(const TensorShape& shape, Tensor* t) {
+  *t = Tensor(reuse, tensorflow::DT_FLOAT, shape);
+  if (!t->IsInitialized()) return absl::ResourceExhaustedError("fastconv: out of memory");
+  return absl::OkStatus();
+}
+
 // output `index` of `shape`: a large one from the ReuseAllocator
 absl::Status Output(OpKernelContext* ctx, int index, const TensorShape& shape, Tensor** out) {
-  if (shape.num_elements() * sizeof(float) < ReuseAllocator::kMinBytes)
-    return ctx->allocate_output(index, shape, out);
-  Tensor t(reuse, tensorflow::DT_FLOAT, shape);
-  if (!t.IsInitialized()) return absl::ResourceExhaustedError("fastconv: out of memory");
+  if (Small(shape)) return ctx->allocate_output(index, shape, out);
+  Tensor t;
+  TF_RETURN_IF_ERROR(Reused(shape, &t));
   ctx->set_output(index, t);
   *out = ctx->mutable_output(index);
   return absl::OkStatus();
@@ -161,11 +171,8 @@ absl::Status Output(OpKernelContext* ctx, int index, const TensorShape& shape, T
 
 // a temporary of `shape`: a large one from the ReuseAllocator, as Output
 absl::Status Temp(OpKernelContext* ctx, const TensorShape& shape, Tensor* t) {
-  if (shape.num_elements() * sizeof(float) < ReuseAllocator::kMinBytes)
-    return ctx->allocate_temp(tensorflow::DT_FLOAT, shape, t);
-  *t = Tensor(reuse, tensorflow::DT_FLOAT, shape);
-  if (!t->IsInitialized()) return absl::ResourceExhaustedError("fastconv: out of memory");
-  return absl::OkStatus();
+  if (Small(shape)) return ctx->allocate_temp(tensorflow::DT_FLOAT, shape, t);
+  return Reused(shape, t);
 }
 
 PyObject* SetOutputCache(PyObject*, PyObject* arg) {
