@@ -4,6 +4,7 @@ import functools
 
 import keras
 import numpy as np
+from keras.src import backend as _kbackend  # get_autocast_scope, get_keras_mask: no public API
 
 from fastconv import _export, ops
 from fastconv.geometry import ConvSpec
@@ -12,6 +13,19 @@ from fastconv.geometry import ConvSpec
 class _Fastconv:
     """What fastconv's layers change in their Keras parents: the convolution, and the few steps
     around it that Keras' own call gets wrong on some backend."""
+
+    def __call__(self, *args, **kwargs):
+        # Keras' Layer.__call__ costs 50-70 us a call (a call spec binding the signature, name
+        # scopes, training and mask resolution), as much as a small layer's kernel. For a plain
+        # eager call (built layer, one tensor of its compute dtype, nothing for Keras to add)
+        # `call` runs directly; anything else, and any error, takes Keras' way.
+        if kwargs or len(args) != 1 or not _plain_call(self, args[0]):
+            return super().__call__(*args, **kwargs)
+        self._called = True
+        try:
+            return self.call(args[0])
+        except Exception:
+            return super().__call__(*args, **kwargs)  # raises Keras' error, with its context
 
     def _init_backend(self):
         if keras.backend.backend() == "tensorflow":
@@ -111,6 +125,88 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
         kh, kw, channels, multiplier = self.kernel.shape
         return self._conv_bias_activation(inputs, self.kernel,
                                           (kh, kw, 1, channels * multiplier))
+
+
+def _plain_call(layer, x):
+    """Whether Keras' Layer.__call__ would do nothing but call `layer.call(x)`: the layer built
+    and neither quantized, rematerialized nor regularizing its activity; x an eager tensor of
+    this backend in the layer's compute dtype (no conversion), without a mask, fitting the input
+    spec; no autocast scope or distribution; on torch, no module hooks or tracing."""
+    return (layer.built and _eager(layer, x) and layer.activity_regularizer is None
+            and not layer._remat_mode and getattr(layer, "quantization_mode", None) is None
+            and layer.compute_dtype == layer.variable_dtype
+            and _dtype_name(x.dtype) == layer.compute_dtype
+            and _kbackend.get_autocast_scope() is None
+            and keras.distribution.distribution() is None
+            and _kbackend.get_keras_mask(x) is None and _fits(layer.input_spec, x.shape))
+
+
+def _fits(spec, shape):
+    # the InputSpec Keras' convolutions build (min_ndim and the channel axis), checked as
+    # Keras does; any other spec goes through Keras
+    return (isinstance(spec, keras.InputSpec) and spec.ndim is None and spec.shape is None
+            and spec.dtype is None and spec.max_ndim is None
+            and len(shape) >= (spec.min_ndim or 0)
+            and all(shape[axis] == size for axis, size in (spec.axes or {}).items()))
+
+
+_DTYPE_NAMES = {}
+
+
+def _dtype_name(dtype):
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):
+        name = keras.backend.standardize_dtype(dtype)
+        try:
+            _DTYPE_NAMES[dtype] = name
+        except TypeError:  # unhashable
+            pass
+        return name
+
+
+def _eager(layer, x):
+    global _eager
+    _eager = _EAGER[keras.backend.backend()]()
+    return _eager(layer, x)
+
+
+def _eager_numpy():
+    return lambda layer, x: type(x) is np.ndarray
+
+
+def _eager_tensorflow():
+    import tensorflow as tf
+
+    # inside tf.function (not executing eagerly) Keras' name scopes name the graph's ops
+    return lambda layer, x: isinstance(x, tf.Tensor) and tf.executing_eagerly()
+
+
+def _eager_jax():
+    import jax
+
+    return lambda layer, x: isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def _eager_torch():
+    import torch
+    from torch.nn.modules import module
+
+    def eager(layer, x):
+        # what torch.nn.Module.__call__ would add: hooks, compiled modules, tracing
+        return (isinstance(x, torch.Tensor) and layer._compiled_call_impl is None
+                and not (layer._forward_hooks or layer._forward_pre_hooks
+                         or layer._backward_hooks or layer._backward_pre_hooks
+                         or module._global_forward_hooks or module._global_forward_pre_hooks
+                         or module._global_backward_hooks
+                         or module._global_backward_pre_hooks)
+                and not torch._C._get_tracing_state() and not torch.compiler.is_compiling())
+
+    return eager
+
+
+_EAGER = {"numpy": _eager_numpy, "tensorflow": _eager_tensorflow, "jax": _eager_jax,
+          "torch": _eager_torch}
 
 
 @functools.lru_cache(maxsize=256)

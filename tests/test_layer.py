@@ -466,3 +466,76 @@ def test_a_subclass_convolution_op_is_honoured():
     kernel, bias = (to_numpy(w) for w in layer.weights)
     expected = np.maximum(2.0 * reference.conv(x, kernel, padding="same") + bias, 0.0)
     reference.assert_close(out, expected, 1e-4)
+
+
+@pytest.mark.parametrize("kwargs, input_shape", LAYER_CASES[:6])
+def test_plain_eager_calls_skip_keras_call_and_give_its_result(kwargs, input_shape, monkeypatch):
+    """An eager call of a built layer on a tensor of its dtype runs `call` directly (Keras'
+    Layer.__call__ costs 50-70 us) and gives what Keras' __call__ gives."""
+    fast, _ = _pair(kwargs, input_shape)
+    x = keras.ops.convert_to_tensor(_input(input_shape))
+    keras_call = keras.layers.Layer.__call__
+    entered = []
+
+    def counting(self, *args, **kw):
+        entered.append(self)
+        return keras_call(self, *args, **kw)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", counting)
+    out = to_numpy(fast(x))
+    assert entered == []
+    np.testing.assert_array_equal(out, to_numpy(keras_call(fast, x)))
+    reference.assert_close(out, _reference(fast, x), 1e-4)
+    fast(_input(input_shape, 2, np.float64))  # converted by Keras: its way
+    assert entered == [fast]
+
+
+def _message(call):
+    with pytest.raises(Exception) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+def test_calls_keras_has_work_in_take_keras_way():
+    """Masks, activity regularizers and errors (wrong channels, an input too small for the
+    kernel) behave as in Keras' own __call__, also for tensors that take the direct way."""
+    fast = fastconv.Conv2D(3, 3, activity_regularizer=keras.regularizers.L2(0.01))
+    fast.build((2, 5, 5, 2))
+    x = keras.ops.convert_to_tensor(_input((2, 5, 5, 2)))
+    fast(x)
+    assert len(fast.losses) == 1
+    activity = 0.01 * np.sum(_reference(fast, x) ** 2) / 2
+    np.testing.assert_allclose(float(to_numpy(fast.losses[0])), activity, rtol=1e-4)
+
+    plain = fastconv.Conv2D(3, 3)
+    plain.build((2, 5, 5, 2))
+    masked = keras.ops.convert_to_tensor(_input((2, 5, 5, 2)))
+    keras.src.backend.set_keras_mask(masked, keras.ops.ones((2, 5, 5), "bool"))
+    with pytest.warns(UserWarning, match="does not support masking"):
+        plain(masked)
+
+    wrong = keras.ops.convert_to_tensor(_input((2, 5, 5, 3)))
+    small = keras.ops.convert_to_tensor(_input((2, 2, 5, 2)))
+    for bad in (wrong, small):
+        ours = _message(lambda: plain(bad))
+        assert ours == _message(lambda: keras.layers.Layer.__call__(plain, bad))
+        assert ours[0] is ValueError
+    assert "is incompatible with the layer" in _message(lambda: plain(wrong))[1]
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch modules' hooks")
+def test_torch_module_hooks_run():
+    import torch
+
+    layer = fastconv.DepthwiseConv2D(3, padding="same")
+    layer.build((1, 4, 4, 2))
+    x = torch.ones((1, 4, 4, 2))
+    seen = []
+    handles = [layer.register_forward_pre_hook(lambda m, args: seen.append("pre")),
+               layer.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))]
+    layer(x)
+    assert seen == ["pre", (1, 4, 4, 2)]
+    for handle in handles:
+        handle.remove()
+    layer(x)
+    assert len(seen) == 2
