@@ -21,7 +21,8 @@ class _Fastconv:
         # `call` runs directly; anything else, and any error, takes Keras' way.
         if kwargs or len(args) != 1 or not _plain_call(self, args[0]):
             return super().__call__(*args, **kwargs)
-        self._called = True
+        if not self._called:  # (Keras' __setattr__ tracks values: ~5 us a call)
+            self._called = True
         try:
             return self.call(args[0])
         except Exception:
