@@ -168,6 +168,23 @@ def test_depthwise_matches_reference_and_keras(case, kernel_calls):
     assert_close(out, to_numpy(keras_layer(x)), name="vs keras.layers.DepthwiseConv2D")
 
 
+def test_depthwise_follows_new_weights_between_calls():
+    """The kernel seen as a grouped one (kept between eager calls on JAX) follows every change
+    of the variable: set_weights, assign, and a tensor of this backend as input."""
+    x, layer, _, (kernel, bias) = _depthwise_case(DEPTHWISE_CASES[0])
+    xt = keras.ops.convert_to_tensor(x)
+    for step in range(3):
+        out = to_numpy(layer(xt))
+        expected = depthwise_reference(x, kernel, layer.strides, layer.padding,
+                                       layer.dilation_rate, layer.data_format) + bias
+        assert_close(out, expected, name=f"depthwise forward, weights {step}")
+        kernel = kernel * -0.5 + 0.25
+        if step == 0:
+            layer.set_weights([kernel, bias])
+        else:
+            layer.kernel.assign(kernel)
+
+
 @needs_autodiff
 @pytest.mark.parametrize("case", DEPTHWISE_CASES[:-1], ids=str)
 def test_depthwise_gradients(case):
