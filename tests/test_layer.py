@@ -496,7 +496,7 @@ def _message(call):
     return type(info.value), str(info.value)
 
 
-def test_calls_keras_has_work_in_take_keras_way():
+def test_calls_with_work_for_keras_go_through_keras():
     """Masks, activity regularizers and errors (wrong channels, an input too small for the
     kernel) behave as in Keras' own __call__, also for tensors that take the direct way."""
     fast = fastconv.Conv2D(3, 3, activity_regularizer=keras.regularizers.L2(0.01))
