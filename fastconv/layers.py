@@ -10,23 +10,31 @@ from fastconv import _export, ops
 from fastconv.geometry import ConvSpec
 
 
-class _Fastconv:
-    """What fastconv's layers change in their Keras parents: the convolution, and the few steps
-    around it that Keras' own call gets wrong on some backend."""
+class _PlainCall:
+    """Keras' Layer.__call__ costs 50-70 us a call (a call spec binding the signature, name
+    scopes, training and mask resolution), as much as a small layer's kernel. For a plain eager
+    call (built layer, one tensor of its compute dtype, nothing for Keras to add) `call` runs
+    directly; anything else, and any error, takes Keras' way. `_plain_kwargs`: the keyword
+    arguments such a call must pass (a layer whose call takes `training` gets it from Keras'
+    call context when it is not passed: that call goes through Keras)."""
+
+    _plain_kwargs = frozenset()
 
     def __call__(self, *args, **kwargs):
-        # Keras' Layer.__call__ costs 50-70 us a call (a call spec binding the signature, name
-        # scopes, training and mask resolution), as much as a small layer's kernel. For a plain
-        # eager call (built layer, one tensor of its compute dtype, nothing for Keras to add)
-        # `call` runs directly; anything else, and any error, takes Keras' way.
-        if kwargs or len(args) != 1 or not _plain_call(self, args[0]):
+        if (len(args) != 1 or kwargs.keys() != self._plain_kwargs
+                or not _plain_call(self, args[0])):
             return super().__call__(*args, **kwargs)
         if not self._called:  # (Keras' __setattr__ tracks values: ~5 us a call)
             self._called = True
         try:
-            return self.call(args[0])
+            return self.call(args[0], **kwargs)
         except Exception:
             return super().__call__(*args, **kwargs)  # raises Keras' error, with its context
+
+
+class _Fastconv(_PlainCall):
+    """What fastconv's layers change in their Keras parents: the convolution, and the few steps
+    around it that Keras' own call gets wrong on some backend."""
 
     def _init_backend(self):
         if keras.backend.backend() == "tensorflow":
@@ -161,10 +169,12 @@ def _plain_call(layer, x):
 
 
 def _fits(spec, shape):
-    # the InputSpec Keras' convolutions build (min_ndim and the channel axis), checked as
-    # Keras does; any other spec goes through Keras
-    return (isinstance(spec, keras.InputSpec) and spec.ndim is None and spec.shape is None
-            and spec.dtype is None and spec.max_ndim is None
+    # none, or the InputSpec Keras' convolutions and normalizations build (ndim or min_ndim
+    # and the channel axis), checked as Keras does; any other spec goes through Keras
+    if spec is None:
+        return True
+    return (isinstance(spec, keras.InputSpec) and spec.shape is None and spec.dtype is None
+            and spec.max_ndim is None and len(shape) == (spec.ndim or len(shape))
             and len(shape) >= (spec.min_ndim or 0)
             and all(shape[axis] == size for axis, size in (spec.axes or {}).items()))
 
@@ -249,7 +259,7 @@ def _activation(activation, negative_slope=0.0, max_value=None, threshold=0.0):
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
-class BatchNormalization(keras.layers.BatchNormalization):
+class BatchNormalization(_PlainCall, keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` (same arguments, config, weights and function) that, in
     inference on TensorFlow (graphs) and JAX (jax.jit), is computed by the fastconv convolution
     whose result it normalizes: with its moving statistics it is an affine map a channel, which
@@ -257,6 +267,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     torch it is the framework's own fused batch normalization (`ops.batch_norm`). Elsewhere (JAX
     in training, whose compiler fuses Keras' ops, numpy, other inputs) it is Keras' own.
     `fastconv.convert` swaps it in."""
+
+    _plain_kwargs = frozenset({"training"})
 
     def call(self, inputs, training=None, mask=None):
         training = bool(training and self.trainable)
@@ -292,7 +304,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
-class ReLU(keras.layers.ReLU):
+class ReLU(_PlainCall, keras.layers.ReLU):
     """`keras.layers.ReLU` that a fastconv convolution before it computes in inference on
     TensorFlow and JAX, as for `fastconv.layers.BatchNormalization`."""
 
@@ -304,7 +316,7 @@ class ReLU(keras.layers.ReLU):
 
 
 @keras.saving.register_keras_serializable(package="fastconv")
-class Activation(keras.layers.Activation):
+class Activation(_PlainCall, keras.layers.Activation):
     """`keras.layers.Activation` that a fastconv convolution before it computes in inference
     on TensorFlow and JAX where it is "relu", "relu6", "swish" or "silu", as for
     `fastconv.layers.BatchNormalization`."""

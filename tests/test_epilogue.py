@@ -56,10 +56,37 @@ def test_twins_are_keras_layers(keras_cls, fast_cls, kwargs):
         _bn_weights(theirs, rng)
         ours.set_weights(theirs.get_weights())
     for training in (False, True):
-        np.testing.assert_allclose(to_numpy(ours(x, training=training)),
-                                   to_numpy(theirs(x, training=training)), rtol=1e-6, atol=1e-6)
+        # a numpy array (converted by Keras' __call__ except on numpy) and a tensor of this
+        # backend (on the plain-call path), each twice: training updates the moving statistics
+        for xx in (x, keras.ops.convert_to_tensor(x)):
+            np.testing.assert_allclose(to_numpy(ours(xx, training=training)),
+                                       to_numpy(theirs(xx, training=training)),
+                                       rtol=1e-6, atol=1e-6)
+        for a, b in zip(ours.weights, theirs.weights):
+            np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-6, atol=1e-6)
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ours))
     assert type(clone) is fast_cls and clone.get_config() == ours.get_config()
+
+
+def test_twins_take_training_from_the_outer_call():
+    """A BatchNormalization twin called without `training` inside a model's call gets the
+    model's `training` from Keras' call context, as Keras' own does."""
+
+    class Block(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.bn = layers.BatchNormalization(momentum=0.5)
+
+        def call(self, x, training=None):
+            return self.bn(x)
+
+    model = Block()
+    x = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(
+        3.0, 1.0, size=(4, 3, 3, 2)).astype("float32"))
+    model(x, training=False)
+    assert np.all(to_numpy(model.bn.moving_mean) == 0)
+    model(x, training=True)
+    assert np.all(to_numpy(model.bn.moving_mean) > 1)
 
 
 def _block_model(seed=0, data_format="channels_last"):
