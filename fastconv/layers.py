@@ -22,6 +22,7 @@ class _PlainCall:
 
     def __call__(self, *args, **kwargs):
         if (len(args) != 1 or kwargs.keys() != self._plain_kwargs
+                or getattr(self, "_lock", True)  # (Keras' error for a missing super().__init__)
                 or not _plain_call(self, args[0])):
             return super().__call__(*args, **kwargs)
         if not self._called:  # (Keras' __setattr__ tracks values: ~5 us a call)

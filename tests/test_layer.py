@@ -523,6 +523,15 @@ def test_calls_with_work_for_keras_go_through_keras():
     assert "is incompatible with the layer" in _message(lambda: plain(wrong))[1]
 
 
+def test_a_subclass_without_super_init_gets_keras_error():
+    class Forgot(fastconv.Conv2D):
+        def __init__(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="forgot to call `super"):
+        Forgot()(keras.ops.convert_to_tensor(_input((1, 4, 4, 2))))
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch modules' hooks")
 def test_torch_module_hooks_run():
     import torch
