@@ -98,6 +98,9 @@ CASES = [
     (2, 10, 40, 8, 5, 5, 8, 8, (1, 1), (1, 1), "same"),
     (2, 20, 30, 5, 3, 3, 7, 1, (1, 1), (1, 1), "same"),
     (3, 24, 40, 16, 3, 3, 16, 1, (1, 1), (2, 2), "same"),
+    # 8 channels a group over several chunks of rows in each row block (fc_pairk adds to the
+    # sums of the chunk before)
+    (2, 28, 28, 256, 3, 3, 256, 32, (1, 1), (1, 1), "same"),
 ]
 
 
