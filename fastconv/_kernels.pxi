@@ -3178,9 +3178,9 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # depending on the thread count. Measured (A/B, 2 threads, against 256 KiB): grouped32
     # +17-20%, depthwise 3x3 +9-25%, 5x5 +20-27%, resnet3x3 +9-17%, pointwise unchanged (96 KiB
     # alone, 28 pixels a chunk there: -10-14%)
-    # fc_pairk loads and stores its 16 accumulators lane by lane at every call (a chunk): 224
-    # pixels a chunk instead of 112, A/B on 5 grouped layers of 8 channels a group, 2 threads:
-    # 1.01-1.08x (448: 0.78-1.10x)
+    # fc_pairk loads and stores its 16 accumulators at every call (a chunk): 224 pixels a chunk
+    # instead of 112, A/B on 5 grouped layers of 8 channels a group, 2 threads (measured while
+    # it still did so a lane at a time): 1.00-1.11x (448: 0.78-1.10x)
     chunk = _max(1, _min(MAX_CHUNK, _max((96 * 1024) // _max(1, OW * F * sz),
                                          _cdiv(224 if pairk else 112, OW))))
     nt = _max(1, _min(n_threads, ntasks))
