@@ -46,7 +46,7 @@ class _Fastconv(_PlainCall):
     def _cast(self, inputs):
         # Keras casts float inputs to the compute dtype; ints and bools are cast here too, so
         # every input dtype behaves the same on every backend.
-        if keras.backend.standardize_dtype(inputs.dtype) != self.compute_dtype:
+        if _dtype_name(inputs.dtype) != self.compute_dtype:
             inputs = keras.ops.cast(inputs, self.compute_dtype)
         return inputs
 
@@ -67,7 +67,7 @@ class _Fastconv(_PlainCall):
 
         value = kernel.value
         if isinstance(value, jax.core.Tracer):
-            return value.reshape(tuple(kernel_shape))
+            return _reshape(kernel, kernel_shape)
         kept = self.__dict__.get("_fastconv_reshaped")  # (not tracked by Keras' __setattr__)
         if kept is None or kept[0] is not value or kept[1].shape != tuple(kernel_shape):
             kept = self.__dict__["_fastconv_reshaped"] = (
