@@ -889,6 +889,24 @@ cdef extern from *:
       typedef float fc_v16f __attribute__((vector_size(64)));
       typedef double fc_v8d __attribute__((vector_size(64)));
       typedef int fc_v16i __attribute__((vector_size(64)));
+      typedef float fc_v8f __attribute__((vector_size(32)));
+      /* two 8-float vectors interleaved into one of 16 (a0 b0 a1 b1 ...) in registers: built
+         through memory (two 32-byte stores, one 64-byte load), it stalls store forwarding */
+      #if defined(__has_builtin)
+        #if __has_builtin(__builtin_shufflevector)
+          #define FC_ZIP8(a, b) __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, \
+                                                        5, 13, 6, 14, 7, 15)
+        #endif
+      #endif
+      #ifndef FC_ZIP8
+        static inline fc_v16f fc_zip8(fc_v8f a, fc_v8f b) {
+            fc_v16f r;
+            memcpy(&r, &a, 32);
+            memcpy((char*)&r + 32, &b, 32);
+            return __builtin_shuffle(r, (fc_v16i){0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15});
+        }
+        #define FC_ZIP8(a, b) fc_zip8(a, b)
+      #endif
       #define FC_PAIR(P) \
       static void fc_pair8_##P(const float* __restrict A, ptrdiff_t aps, const float* __restrict B, \
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg, \
@@ -940,16 +958,17 @@ cdef extern from *:
           const fc_v16i dup = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7}; \
           /* lanes 2o + h <-> rows 2ip + h of out: two 8-float rows interleaved (a lane at a \
              time, this cost ~10% of a chunk of 112 pixels) */ \
-          const fc_v16i zip = {0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15}; \
           const fc_v16i unzip = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15}; \
           fc_v16f acc[GB][4]; \
           for (int g = 0; g < GB; g++) for (int ip = 0; ip < 4; ip++) { \
               fc_v16f rows = {0}; \
               if (accumulate) { \
-                  memcpy(&rows, out + 2 * ip * ldo + 8 * g, 32); \
-                  memcpy((char*)&rows + 32, out + (2 * ip + 1) * ldo + 8 * g, 32); \
+                  fc_v8f lo, hi; \
+                  memcpy(&lo, out + 2 * ip * ldo + 8 * g, 32); \
+                  memcpy(&hi, out + (2 * ip + 1) * ldo + 8 * g, 32); \
+                  rows = FC_ZIP8(lo, hi); \
               } \
-              acc[g][ip] = __builtin_shuffle(rows, zip); \
+              acc[g][ip] = rows; \
           } \
           for (int s = 0; s < nseg; s++) { \
               const float* __restrict a = A + aoff[s]; \
@@ -988,6 +1007,88 @@ cdef extern from *:
           } \
       }
       FC_PAIRK(1) FC_PAIRK(2) FC_PAIRK(3) FC_PAIRK(4)
+      /* fc_pairk on a kernel row's 3 taps at once (stride and dilation 1 along w), GB groups:
+         x pixel q meets dy pixel q + pl - kw at tap kw, so each broadcast of an x pair serves 3
+         FMAs (fc_pairk: one), and x is read once for the row, not once a tap. dy's pixels are
+         doubled into a zero-framed row buffer first (2 permutes a pixel and group, not 2 a tap).
+         Register pressure: 24 accumulators + 6 doubled dy vectors (GB = 2). Grouped 8 x 8,
+         2 groups, L2-resident rows: 1.33-1.39x fc_pairk on the same taps (C microbench).
+         out[kw * ldt + ...] as fc_pairk's out for tap kw. */
+      #define FC_PAIRK3_MAXW 256
+      #define FC_PAIRK3(GB) \
+      static void fc_pairk3_##GB(const float* __restrict X, const ptrdiff_t* xoff, \
+              const float* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, \
+              ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, ptrdiff_t pl, float* __restrict out, \
+              ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) \
+      { \
+          const fc_v16i dup = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7}; \
+          const fc_v16i unzip = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15}; \
+          fc_v16f acc[3][GB][4]; \
+          /* [dy pixel + 2][group]: 2 zero pixels before and after the row */ \
+          fc_v16f buf[GB * (FC_PAIRK3_MAXW + 4)]; \
+          for (int t = 0; t < 3; t++) for (int g = 0; g < GB; g++) for (int ip = 0; ip < 4; ip++) { \
+              const float* o = out + t * ldt + 2 * ip * ldo + 8 * g; \
+              fc_v16f rows = {0}; \
+              if (accumulate) { \
+                  fc_v8f lo, hi; \
+                  memcpy(&lo, o, 32); \
+                  memcpy(&hi, o + ldo, 32); \
+                  rows = FC_ZIP8(lo, hi); \
+              } \
+              acc[t][g][ip] = rows; \
+          } \
+          for (int i = 0; i < 2 * GB; i++) buf[i] = (fc_v16f){0}; \
+          const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl; \
+          for (int s = 0; s < nseg; s++) { \
+              const float* __restrict d = D + doff[s]; \
+              const float* __restrict x = X + xoff[s]; \
+              for (ptrdiff_t o = 0; o < OW; o++) { \
+                  if (GB == 2) { \
+                      fc_v16f v; \
+                      memcpy(&v, d + o * F, 64); \
+                      buf[GB * (o + 2)] = __builtin_shuffle(v, dup); \
+                      buf[GB * (o + 2) + 1] = __builtin_shuffle(v, dup + 8); \
+                  } else { \
+                      fc_v8f u; \
+                      memcpy(&u, d + o * F, 32); \
+                      buf[GB * (o + 2)] = FC_ZIP8(u, u); \
+                  } \
+              } \
+              for (int i = 0; i < 2 * GB; i++) buf[GB * (OW + 2) + i] = (fc_v16f){0}; \
+              for (ptrdiff_t q = 0; q < q1; q++) { \
+                  const float* xq = x + q * C; \
+                  const fc_v16f* bq = buf + GB * (q + pl + 2); \
+                  fc_v16f d0[GB], d1[GB], d2[GB]; \
+                  for (int g = 0; g < GB; g++) { \
+                      d0[g] = bq[g]; \
+                      d1[g] = bq[g - GB]; \
+                      d2[g] = bq[g - 2 * GB]; \
+                  } \
+                  for (int ip = 0; ip < 4; ip++) for (int g = 0; g < GB; g++) { \
+                      double e; \
+                      memcpy(&e, xq + 8 * g + 2 * ip, 8); \
+                      const fc_v16f pv = (fc_v16f)(fc_v8d){e, e, e, e, e, e, e, e}; \
+                      acc[0][g][ip] += pv * d0[g]; \
+                      acc[1][g][ip] += pv * d1[g]; \
+                      acc[2][g][ip] += pv * d2[g]; \
+                  } \
+              } \
+          } \
+          for (int t = 0; t < 3; t++) for (int g = 0; g < GB; g++) for (int ip = 0; ip < 4; ip++) { \
+              fc_v16f rows = __builtin_shuffle(acc[t][g][ip], unzip); \
+              float* o = out + t * ldt + 2 * ip * ldo + 8 * g; \
+              memcpy(o, &rows, 32); \
+              memcpy(o + ldo, (const char*)&rows + 32, 32); \
+          } \
+      }
+      FC_PAIRK3(1) FC_PAIRK3(2)
+      static inline void fc_pairk3(int GB, const float* X, const ptrdiff_t* xoff, const float* D,
+              const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
+              ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
+              int accumulate) {
+          (GB == 2 ? fc_pairk3_2 : fc_pairk3_1)(X, xoff, D, doff, nseg, W, OW, C, F, pl, out,
+                                                ldo, ldt, accumulate);
+      }
       typedef void (*fc_pairk_t)(const float*, ptrdiff_t, const float*, ptrdiff_t, const ptrdiff_t*,
           const ptrdiff_t*, const ptrdiff_t*, int, float*, ptrdiff_t, int);
       static const fc_pairk_t fc_pairk_table[5] = {0, fc_pairk_1, fc_pairk_2, fc_pairk_3, fc_pairk_4};
@@ -1111,6 +1212,11 @@ cdef extern from *:
       static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ldo, int accumulate) {}
+      #define FC_PAIRK3_MAXW 0
+      static inline void fc_pairk3(int GB, const float* X, const ptrdiff_t* xoff, const float* D,
+              const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
+              ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
+              int accumulate) {}
     #else
       #define FC_PAIR_OK 0
       #define FC_PAIRK_OK 0
@@ -1118,6 +1224,11 @@ cdef extern from *:
       static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ldo, int accumulate) {}
+      #define FC_PAIRK3_MAXW 0
+      static inline void fc_pairk3(int GB, const float* X, const ptrdiff_t* xoff, const float* D,
+              const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
+              ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
+              int accumulate) {}
       static inline void fc_pair8(int P, const float* A, ptrdiff_t aps, const float* B,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ops) {}
@@ -1413,6 +1524,11 @@ cdef extern from *:
     void fc_pairk(int GB, const float* A, Py_ssize_t ak, const float* B, Py_ssize_t ldb,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
                   int nseg, float* out, Py_ssize_t ldo, int accumulate) noexcept nogil
+    int FC_PAIRK3_MAXW
+    void fc_pairk3(int GB, const float* X, const Py_ssize_t* xoff, const float* D,
+                   const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t C,
+                   Py_ssize_t F, Py_ssize_t pl, float* out, Py_ssize_t ldo, Py_ssize_t ldt,
+                   int accumulate) noexcept nogil
     bint FC_PAIRX4_OK
     int FC_PAIRX4_PMAX
     void fc_pair8x4(int P, const float* A, Py_ssize_t aps, const float* B,
@@ -2888,7 +3004,7 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                              Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t groups,
                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dwl,
                              Py_ssize_t pad_top, Py_ssize_t pad_left,
-                             Py_ssize_t chunk, Py_ssize_t KH, bint dk3,
+                             Py_ssize_t chunk, Py_ssize_t KH, bint dk3, bint pk3,
                              floating* db, Py_ssize_t r_begin, Py_ssize_t r_end) noexcept nogil:
     # the tasks t0 .. t1 over the output rows r_begin .. r_end (of N * OH), in chunks of rows
     cdef Py_ssize_t aoff[MAX_CHUNK]
@@ -2951,6 +3067,22 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                 else:
                     fc_dwk3_d(V, <int>sw, xr, xs, dyr, F, nseg, OW, W, pad_left,
                               dwp + tap * F + f0, KW * F, nh, not first)
+                continue
+            if V == 0 and pk3:
+                # fc_pairk3: taps kw 0 .. 2 of kernel row kh, P groups of 8 x 8 from group g on
+                nseg = 0
+                for r in range(r0, _min(R, r0 + chunk)):
+                    n = r // OH
+                    oh = r % OH
+                    ih = oh * sh - pad_top + kh * dh
+                    if ih < 0 or ih >= H:
+                        continue
+                    aoff[nseg] = (n * H + ih) * W * C + g * 8
+                    boff[nseg] = r * OW * F + g * 8
+                    nseg += 1
+                if floating is float:
+                    fc_pairk3(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                              dwp + tap * 8 * F + g * 8, F, 8 * F, not first)
                 continue
             ow_lo = _max(0, _cdiv(pad_left - kw * dwl, sw))
             ow_hi = _min(OW, _fdiv(W - 1 + pad_left - kw * dwl, sw) + 1)
@@ -3075,6 +3207,10 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             return -1
     cdef bint pairk = (floating is float and FC_PAIRK_OK and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
+    # a kernel row's 3 taps a task (fc_pairk3): unit stride and dilation along w, the row's dy
+    # in fc_pairk3's buffer, x pixel q + pad_left - kw within its 2-pixel zero frame
+    cdef bint pk3 = (pairk and KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
+                     and OW <= FC_PAIRK3_MAXW)
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
@@ -3094,7 +3230,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
     cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
-    # groups from `group` on
+    # groups from `group` on (with pk3, fc_pairk3 on taps tap .. tap + 2)
     for t in range(2):
         ntasks = 0
         if dk3:
@@ -3133,6 +3269,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                         m0 += Pg
                 continue
             if pairk:
+                if pk3 and tap % KW:
+                    continue
                 g = 0
                 while g < groups:
                     if t == 1:
@@ -3140,9 +3278,9 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                         tasks[5 * ntasks + 1] = g
                         tasks[5 * ntasks + 2] = 0
                         tasks[5 * ntasks + 3] = 0
-                        tasks[5 * ntasks + 4] = _min(4, groups - g)
+                        tasks[5 * ntasks + 4] = _min(2 if pk3 else 4, groups - g)
                     ntasks += 1
-                    g += 4
+                    g += 2 if pk3 else 4
                 continue
             # blocks of input channels (i0, dW's rows) outer, of output channels inner: a
             # thread's tasks read each x strip (P channels of the chunk's pixels) once, from L1,
@@ -3275,7 +3413,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             part = u // slices
             _grad_kernel_tasks(xp, gp, rp + part * psize, tasks, u % slices * ntasks // slices,
                                (u % slices + 1) * ntasks // slices, N, Hx, Wx, C, OH, OW, F,
-                               KW, cin_g, groups, sh, sw, dh, dwl, ptx, plx, chunk, KH, dk3,
+                               KW, cin_g, groups, sh, sw, dh, dwl, ptx, plx, chunk, KH, dk3, pk3,
                                NULL if bp == NULL else rp + part * psize + psize - F,
                                part * N * OH // nrp, (part + 1) * N * OH // nrp)
         fc_wake_end(team, woke)
@@ -3298,7 +3436,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             fc_note_thread(team)
             _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
                                N, Hx, Wx, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
-                               ptx, plx, chunk, KH, dk3, bp, 0, N * OH)
+                               ptx, plx, chunk, KH, dk3, pk3, bp, 0, N * OH)
         fc_wake_end(team, woke)
     free(xpad)
     if dpad != NULL:
