@@ -907,6 +907,12 @@ cdef extern from *:
         }
         #define FC_ZIP8(a, b) fc_zip8(a, b)
       #endif
+      #if defined(__AVX512F__)
+        #include <immintrin.h>
+        /* 4 floats repeated 4 times: one vbroadcastf32x4 from memory (GCC builds the vector
+           extension form through the stack) */
+        #define FC_QUAD4(p) ((fc_v16f)_mm512_broadcast_f32x4(_mm_loadu_ps(p)))
+      #endif
       #define FC_PAIR(P) \
       static void fc_pair8_##P(const float* __restrict A, ptrdiff_t aps, const float* __restrict B, \
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg, \
@@ -1154,6 +1160,116 @@ cdef extern from *:
               const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {
           fc_pair8x4_table[P](A, aps, B, aoff, boff, nseg, out, ops);
       }
+      /* Grouped convolutions of 4 inputs and 4 outputs a group (ResNeXt 32x4d), NG groups a
+         call: a group's 4 x 4 kernel taps fill one vector (lane 4o + i <- w[i][4g + o]) and the
+         input operand is a group's 4 channels broadcast to the 4 lane quads (a pure load), so
+         each FMA is full width; the 4 lanes of an output are added when the tile is stored.
+         (On 4-lane vectors a group, one FMA in 4 was useful: 65 GFLOP/s.) B is the kernel
+         packed as [segment][group][16]: out[p*ops + 4g + o] = sum_s sum_i
+         A[aoff[s] + p*aps + 4g + i] * B[boff[s] + 16g + 4o + i]. */
+      #ifdef FC_QUAD4
+      #define FC_QUAD_OK 1
+      #define FC_QUAD_PMAX 6
+      #define FC_QUAD(P, NG) \
+      static void fc_quad4_##NG##_##P(const float* __restrict A, ptrdiff_t aps, \
+              const float* __restrict B, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, \
+              float* __restrict out, ptrdiff_t ops) \
+      { \
+          fc_v16f acc[P][4]; \
+          FC_UNROLL for (int p = 0; p < P; p++) FC_UNROLL for (int j = 0; j < 4; j++) \
+              acc[p][j] = (fc_v16f){0}; \
+          for (int s = 0; s < nseg; s++) { \
+              const float* __restrict a = A + aoff[s]; \
+              const float* __restrict b = B + boff[s]; \
+              FC_UNROLL for (int j = 0; j < NG; j++) { \
+                  fc_v16f bv; \
+                  memcpy(&bv, b + 16 * j, 64); \
+                  FC_UNROLL for (int p = 0; p < P; p++) \
+                      acc[p][j] += FC_QUAD4(a + p * aps + 4 * j) * bv; \
+              } \
+          } \
+          /* lanes (o, i) of 4 groups -> (g, o): even + odd lanes twice */ \
+          const fc_v16i ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}; \
+          FC_UNROLL for (int p = 0; p < P; p++) { \
+              const fc_v16f r01 = __builtin_shuffle(acc[p][0], acc[p][1], ev) \
+                  + __builtin_shuffle(acc[p][0], acc[p][1], ev + 1); \
+              const fc_v16f r23 = __builtin_shuffle(acc[p][2], acc[p][3], ev) \
+                  + __builtin_shuffle(acc[p][2], acc[p][3], ev + 1); \
+              const fc_v16f r = __builtin_shuffle(r01, r23, ev) + __builtin_shuffle(r01, r23, ev + 1); \
+              memcpy(out + p * ops, &r, 16 * NG); \
+          } \
+      }
+      FC_QUAD(1, 4) FC_QUAD(2, 4) FC_QUAD(3, 4) FC_QUAD(4, 4) FC_QUAD(5, 4) FC_QUAD(6, 4)
+      FC_QUAD(1, 1) FC_QUAD(2, 1) FC_QUAD(3, 1) FC_QUAD(4, 1) FC_QUAD(5, 1) FC_QUAD(6, 1)
+      typedef void (*fc_quad4_t)(const float*, ptrdiff_t, const float*, const ptrdiff_t*,
+          const ptrdiff_t*, int, float*, ptrdiff_t);
+      static const fc_quad4_t fc_quad4_table[2][7] = {
+          {0, fc_quad4_1_1, fc_quad4_1_2, fc_quad4_1_3, fc_quad4_1_4, fc_quad4_1_5, fc_quad4_1_6},
+          {0, fc_quad4_4_1, fc_quad4_4_2, fc_quad4_4_3, fc_quad4_4_4, fc_quad4_4_5, fc_quad4_4_6}};
+      /* NG = 4 or 1 groups */
+      static inline void fc_quad4(int P, int NG, const float* A, ptrdiff_t aps, const float* B,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {
+          fc_quad4_table[NG == 4][P](A, aps, B, aoff, boff, nseg, out, ops);
+      }
+      /* Kernel gradient of those (4 x 4 a group), a kernel row's 3 taps at once as fc_pairk3:
+         acc[kw][g] lane 4o + i = dW[kw][i][4g + o] += x[q][4g + i] * dy[q + pl - kw][4g + o],
+         the x operand a group's 4 channels broadcast (a pure load) and the dy operand its 4
+         values each repeated 4 times, made once a pixel in the row buffer. */
+      #define FC_QUADK3(NG) \
+      static void fc_quadk3_##NG(const float* __restrict X, const ptrdiff_t* xoff, \
+              const float* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, \
+              ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, ptrdiff_t pl, float* __restrict out, \
+              ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) \
+      { \
+          const fc_v16i rep4 = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3}; \
+          fc_v16f acc[3][NG]; \
+          fc_v16f buf[NG * (FC_PAIRK3_MAXW + 4)]; \
+          for (int t = 0; t < 3; t++) for (int g = 0; g < NG; g++) { \
+              fc_v16f v = {0}; \
+              if (accumulate) \
+                  for (int o = 0; o < 4; o++) for (int i = 0; i < 4; i++) \
+                      v[4 * o + i] = out[t * ldt + i * ldo + 4 * g + o]; \
+              acc[t][g] = v; \
+          } \
+          for (int i = 0; i < 2 * NG; i++) buf[i] = (fc_v16f){0}; \
+          const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl; \
+          for (int s = 0; s < nseg; s++) { \
+              const float* __restrict d = D + doff[s]; \
+              const float* __restrict x = X + xoff[s]; \
+              for (ptrdiff_t o = 0; o < OW; o++) { \
+                  fc_v16f v; \
+                  if (NG == 4) \
+                      memcpy(&v, d + o * F, 64); \
+                  else \
+                      v = FC_QUAD4(d + o * F); \
+                  for (int g = 0; g < NG; g++) \
+                      buf[NG * (o + 2) + g] = __builtin_shuffle(v, rep4 + 4 * g); \
+              } \
+              for (int i = 0; i < 2 * NG; i++) buf[NG * (OW + 2) + i] = (fc_v16f){0}; \
+              for (ptrdiff_t q = 0; q < q1; q++) { \
+                  const float* xq = x + q * C; \
+                  const fc_v16f* bq = buf + NG * (q + pl + 2); \
+                  for (int g = 0; g < NG; g++) { \
+                      const fc_v16f xv = FC_QUAD4(xq + 4 * g); \
+                      acc[0][g] += xv * bq[g]; \
+                      acc[1][g] += xv * bq[g - NG]; \
+                      acc[2][g] += xv * bq[g - 2 * NG]; \
+                  } \
+              } \
+          } \
+          for (int t = 0; t < 3; t++) for (int g = 0; g < NG; g++) \
+              for (int o = 0; o < 4; o++) for (int i = 0; i < 4; i++) \
+                  out[t * ldt + i * ldo + 4 * g + o] = acc[t][g][4 * o + i]; \
+      }
+      FC_QUADK3(1) FC_QUADK3(4)
+      static inline void fc_quadk3(int NG, const float* X, const ptrdiff_t* xoff, const float* D,
+              const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
+              ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
+              int accumulate) {
+          (NG == 4 ? fc_quadk3_4 : fc_quadk3_1)(X, xoff, D, doff, nseg, W, OW, C, F, pl, out,
+                                                ldo, ldt, accumulate);
+      }
+      #endif
     #elif defined(__GNUC__) && FC_VB == 32
       /* The same packed kernel with AVX2: a pixel's 16 lanes are two 8-lane vectors (outputs
          0-3 and 4-7, 2 channels each), so a k pair takes 2 kernel loads, one broadcast and 2 FMAs
@@ -1238,6 +1354,16 @@ cdef extern from *:
       #define FC_PAIRX4_PMAX 1
       static inline void fc_pair8x4(int P, const float* A, ptrdiff_t aps, const float* B,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {}
+    #endif
+    #ifndef FC_QUAD_OK
+      #define FC_QUAD_OK 0
+      #define FC_QUAD_PMAX 1
+      static inline void fc_quad4(int P, int NG, const float* A, ptrdiff_t aps, const float* B,
+              const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {}
+      static inline void fc_quadk3(int NG, const float* X, const ptrdiff_t* xoff, const float* D,
+              const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
+              ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
+              int accumulate) {}
     #endif
 
     /* Few output channels (CC <= 4), long reduction (grad_input of a stem: 3 input channels, 64
@@ -1534,6 +1660,15 @@ cdef extern from *:
     void fc_pair8x4(int P, const float* A, Py_ssize_t aps, const float* B,
                     const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
                     Py_ssize_t ops) noexcept nogil
+    bint FC_QUAD_OK
+    int FC_QUAD_PMAX
+    void fc_quad4(int P, int NG, const float* A, Py_ssize_t aps, const float* B,
+                  const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
+                  Py_ssize_t ops) noexcept nogil
+    void fc_quadk3(int NG, const float* X, const Py_ssize_t* xoff, const float* D,
+                   const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t C,
+                   Py_ssize_t F, Py_ssize_t pl, float* out, Py_ssize_t ldo, Py_ssize_t ldt,
+                   int accumulate) noexcept nogil
 
 
 DWROW_PIXELS = FC_DWROW_PIX   # the build's default
@@ -1682,6 +1817,26 @@ cdef float* _pack_pair(const float* w, Py_ssize_t taps, Py_ssize_t cin_g, Py_ssi
                     for h in range(2):
                         p[(((t * groups + g) * (cin_g // 2) + k) * 8 + o) * 2 + h] = \
                             w[(t * cin_g + 2 * k + h) * F + g * 8 + o]
+    return p
+
+
+cdef inline bint _use_quad(int sz, Py_ssize_t cin_g, Py_ssize_t cout_g,
+                           Py_ssize_t groups) noexcept nogil:
+    # fc_quad4 serves float grouped convolutions of 4 inputs and 4 outputs a group (AVX-512)
+    return FC_QUAD_OK and sz == 4 and groups > 1 and cout_g == 4 and cin_g == 4
+
+
+cdef float* _pack_quad(const float* w, Py_ssize_t taps, Py_ssize_t groups) noexcept nogil:
+    # w (taps, 4, F = groups*4) -> [tap][group][16], lane 4*o + i <- w[tap][i][4g+o]
+    cdef float* p = <float*>malloc(taps * 16 * groups * sizeof(float))
+    cdef Py_ssize_t t, g, o, i
+    if p == NULL:
+        return NULL
+    for t in range(taps):
+        for g in range(groups):
+            for o in range(4):
+                for i in range(4):
+                    p[(t * groups + g) * 16 + 4 * o + i] = w[(t * 4 + i) * 4 * groups + 4 * g + o]
     return p
 
 
@@ -1889,7 +2044,8 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first, ih
     cdef Py_ssize_t g4
-    cdef bint x4
+    cdef int ng
+    cdef bint x4, quad
     cdef Py_ssize_t ngroups = 1 if depthwise else groups
     cdef int nseg, nkh, V, P, p
     # kernel rows that land inside the image, once per row
@@ -1974,6 +2130,10 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         x4 = FC_PAIRX4_OK and wpk != NULL and cin_g == 8 and ngroups >= 4
         if x4:
             P = FC_PAIRX4_PMAX
+        # 4 inputs and 4 outputs a group: fc_quad4 on 4 groups a call, then one at a time
+        quad = FC_QUAD_OK and wpk != NULL and cin_g == 4 and cout_g == 4
+        if quad:
+            P = FC_QUAD_PMAX
         for r in range(nruns):
             ow = runs[3 * r]
             run_end = runs[3 * r + 3]
@@ -1986,6 +2146,12 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                 base = (rowbase + ow * sw - pad_left) * C
                 g4 = 0
                 if floating is float:
+                    if quad:
+                        while g4 < ngroups:
+                            ng = 4 if g4 + 4 <= ngroups else 1
+                            fc_quad4(p, ng, x + base + g4 * 4, sw * C, wpk + g4 * 16,
+                                     aoff + first, boff + first, nseg, out + ow * F + g4 * 4, F)
+                            g4 += ng
                     if x4:
                         while g4 + 4 <= ngroups:
                             fc_pair8x4(p, x + base + g4 * 8, sw * C, wpk + g4 * 64,
@@ -2251,6 +2417,8 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         wp = wpad
     elif floating is float and _use_pair(sizeof(floating), cin_g, F // groups, groups):
         wpk = _pack_pair(wp, KH * KW, cin_g, groups, F)
+    elif floating is float and _use_quad(sizeof(floating), cin_g, F // groups, groups):
+        wpk = _pack_quad(wp, KH * KW, groups)
     elif groups > 1 and cin_g > 1:
         # group-major weights: a group's taps as one contiguous block. Interleaved, its rows
         # lie 4*F bytes apart and crowd a few L1 sets (grouped8 fwd, AVX2 build: 110 -> 150
@@ -2388,6 +2556,10 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef Py_ssize_t g4_end = 0
     if FC_PAIRX4_OK and wpk != NULL and cout_g == 8:
         g4_end = groups - groups % 4
+    # 4 inputs and 4 outputs a group: fc_quad4, 4 groups a call below g4_end, then one
+    cdef bint quad = FC_QUAD_OK and wpk != NULL and cout_g == 4 and cin_g == 4
+    if quad:
+        g4_end = groups - groups % 4
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
     cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh, c_end
@@ -2510,7 +2682,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
             continue
         for g in range(1 if depthwise else groups):
             if g < g4_end and g % 4:
-                continue   # (computed with group g - g % 4, by fc_pair8x4)
+                continue   # (computed with group g - g % 4, by fc_pair8x4 or fc_quad4)
             c0 = c_lo if groups == 1 else 0
             c_end = _min(cw, c_hi) if groups == 1 else cw
             while c0 < c_end:
@@ -2518,7 +2690,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 if ldw != C and nruns == 1:
                     V = _narrow(nq, V, sz)
                 P = FC_PAIR_PMAX if wpk != NULL else fc_pmax(V, sz)
-                if g < g4_end:
+                if quad:
+                    P = FC_QUAD_PMAX
+                elif g < g4_end:
                     P = FC_PAIRX4_PMAX
                 # ldw != C: dense, the kernel in column blocks of width ldw (_column_blocks)
                 if ldw == C:
@@ -2533,6 +2707,12 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     while j < run_end:
                         p = _tile(run_end - j, P)
                         if floating is float:
+                            if quad:
+                                fc_quad4(p, 4 if g < g4_end else 1, dy + j * F + g * 4, F,
+                                         wpk + g * 16, aoff + first, boff + first, nseg,
+                                         dx + (q + j * sw) * C + g * 4, sw * C)
+                                j += p
+                                continue
                             if g < g4_end:
                                 fc_pair8x4(p, dy + j * F + g * 8, F, wpk + g * 64, aoff + first,
                                            boff + first, nseg, dx + (q + j * sw) * C + g * 8,
@@ -2825,6 +3005,8 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     if floating is float:
         if _use_pair(sizeof(floating), cout_g, C // groups, groups):
             wpk = _pack_pair(wp, KH * KW, cout_g, groups, C)
+        elif _use_quad(sizeof(floating), cout_g, C // groups, groups):
+            wpk = _pack_quad(wp, KH * KW, groups)
     # few input channels and a long reduction: fc_red tiles on the kernel as [tap][C][F]
     cdef floating* wred = NULL
     cdef Py_ssize_t tap, ci, fi
@@ -3069,7 +3251,8 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                               dwp + tap * F + f0, KW * F, nh, not first)
                 continue
             if V == 0 and pk3:
-                # fc_pairk3: taps kw 0 .. 2 of kernel row kh, P groups of 8 x 8 from group g on
+                # fc_pairk3 / fc_quadk3: taps kw 0 .. 2 of kernel row kh, P groups of 8 x 8 /
+                # 4 x 4 from group g on
                 nseg = 0
                 for r in range(r0, _min(R, r0 + chunk)):
                     n = r // OH
@@ -3077,12 +3260,16 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     ih = oh * sh - pad_top + kh * dh
                     if ih < 0 or ih >= H:
                         continue
-                    aoff[nseg] = (n * H + ih) * W * C + g * 8
-                    boff[nseg] = r * OW * F + g * 8
+                    aoff[nseg] = (n * H + ih) * W * C + g * cin_g
+                    boff[nseg] = r * OW * F + g * cout_g
                     nseg += 1
                 if floating is float:
-                    fc_pairk3(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
-                              dwp + tap * 8 * F + g * 8, F, 8 * F, not first)
+                    if cin_g == 4:
+                        fc_quadk3(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                                  dwp + tap * 4 * F + g * 4, F, 4 * F, not first)
+                    else:
+                        fc_pairk3(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                                  dwp + tap * 8 * F + g * 8, F, 8 * F, not first)
                 continue
             ow_lo = _max(0, _cdiv(pad_left - kw * dwl, sw))
             ow_hi = _min(OW, _fdiv(W - 1 + pad_left - kw * dwl, sw) + 1)
@@ -3209,7 +3396,11 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                        and cin_g == 8)
     # a kernel row's 3 taps a task (fc_pairk3): unit stride and dilation along w, the row's dy
     # in fc_pairk3's buffer, x pixel q + pad_left - kw within its 2-pixel zero frame
-    cdef bint pk3 = (pairk and KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
+    # 4 x 4 a group: fc_quadk3 tasks of 4 groups or 1 (no per-tap kernel: the other
+    # geometries take the general tiles)
+    cdef bint quadk = (floating is float and _use_quad(sz, cin_g, cout_g, groups) and KW == 3
+                       and sw == 1 and dwl == 1 and 0 <= pad_left <= 2 and OW <= FC_PAIRK3_MAXW)
+    cdef bint pk3 = (quadk or pairk and KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
                      and OW <= FC_PAIRK3_MAXW)
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
@@ -3268,19 +3459,23 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                             f0 += V
                         m0 += Pg
                 continue
-            if pairk:
+            if pairk or quadk:
                 if pk3 and tap % KW:
                     continue
                 g = 0
                 while g < groups:
+                    if quadk:
+                        P = 4 if g + 4 <= groups else 1
+                    else:
+                        P = <int>_min(2 if pk3 else 4, groups - g)
                     if t == 1:
                         tasks[5 * ntasks] = tap
                         tasks[5 * ntasks + 1] = g
                         tasks[5 * ntasks + 2] = 0
                         tasks[5 * ntasks + 3] = 0
-                        tasks[5 * ntasks + 4] = _min(2 if pk3 else 4, groups - g)
+                        tasks[5 * ntasks + 4] = P
                     ntasks += 1
-                    g += 2 if pk3 else 4
+                    g += P
                 continue
             # blocks of input channels (i0, dW's rows) outer, of output channels inner: a
             # thread's tasks read each x strip (P channels of the chunk's pixels) once, from L1,
@@ -3320,7 +3515,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # instead of 112, A/B on 5 grouped layers of 8 channels a group, 2 threads (measured while
     # it still did so a lane at a time): 1.00-1.11x (448: 0.78-1.10x)
     chunk = _max(1, _min(MAX_CHUNK, _max((96 * 1024) // _max(1, OW * F * sz),
-                                         _cdiv(224 if pairk else 112, OW))))
+                                         _cdiv(224 if pairk or quadk else 112, OW))))
     nt = _max(1, _min(n_threads, ntasks))
     cdef const floating* xp = xp0
     cdef const floating* gp = gp0 if gpad == NULL else gpad

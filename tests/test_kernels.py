@@ -108,6 +108,14 @@ CASES = [
     (2, 9, 10, 16, 3, 3, 16, 2, (2, 1), (2, 1), "same"),
     (2, 4, 2, 16, 3, 3, 16, 2, (1, 1), (1, 1), "same"),
     (1, 3, 261, 16, 3, 3, 16, 2, (1, 1), (1, 1), "same"),
+    # 4 channels a group (fc_quad4, fc_quadk3): 4 groups a call and a lone group, strided (the
+    # kernel gradient by the general tiles), several chunks of rows, lone groups only with no
+    # padding, stride and dilation along h
+    (2, 9, 11, 20, 3, 3, 20, 5, (1, 1), (1, 1), "same"),
+    (1, 10, 13, 32, 3, 3, 32, 8, (2, 2), (1, 1), "same"),
+    (2, 28, 28, 128, 3, 3, 128, 32, (1, 1), (1, 1), "same"),
+    (1, 6, 9, 12, 3, 3, 12, 3, (1, 1), (1, 1), "valid"),
+    (2, 9, 10, 16, 3, 3, 16, 4, (2, 1), (2, 1), "same"),
 ]
 
 
