@@ -1328,11 +1328,105 @@ cdef extern from *:
       static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ldo, int accumulate) {}
-      #define FC_PAIRK3_MAXW 0
       static inline void fc_pairk3(int GB, const float* X, const ptrdiff_t* xoff, const float* D,
               const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
               ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
               int accumulate) {}
+      #define FC_PAIRK3_MAXW 256
+      #if defined(__AVX__)
+        #include <immintrin.h>
+        /* fc_quad4 / fc_quadk3 with AVX2 (see the AVX-512 kernels): a group's 16 lanes (o, i)
+           are two 8-lane vectors (outputs 0-1 and 2-3), the input's 4 channels broadcast to
+           both 128-bit halves (vbroadcastf128); one group a tile of P pixels (2P accumulators),
+           NG groups a call one after the other. */
+        #define FC_QUAD4H(p) ((fc_v8f)_mm256_broadcast_ps((const __m128*)(p)))
+        #define FC_QUAD_OK 1
+        #define FC_QUAD_PMAX 6
+        #define FC_QUAD(P) \
+        static void fc_quad4_##P(const float* __restrict A, ptrdiff_t aps, \
+                const float* __restrict B, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, \
+                float* __restrict out, ptrdiff_t ops) \
+        { \
+            fc_v8f acc[P][2]; \
+            FC_UNROLL for (int p = 0; p < P; p++) { acc[p][0] = (fc_v8f){0}; acc[p][1] = (fc_v8f){0}; } \
+            for (int s = 0; s < nseg; s++) { \
+                const float* __restrict a = A + aoff[s]; \
+                fc_v8f b0, b1; \
+                memcpy(&b0, B + boff[s], 32); \
+                memcpy(&b1, B + boff[s] + 8, 32); \
+                FC_UNROLL for (int p = 0; p < P; p++) { \
+                    const fc_v8f xv = FC_QUAD4H(a + p * aps); \
+                    acc[p][0] += xv * b0; \
+                    acc[p][1] += xv * b1; \
+                } \
+            } \
+            const fc_v8i ev = {0, 2, 4, 6, 8, 10, 12, 14}; \
+            FC_UNROLL for (int p = 0; p < P; p++) { \
+                const fc_v8f s2 = __builtin_shuffle(acc[p][0], acc[p][1], ev) \
+                    + __builtin_shuffle(acc[p][0], acc[p][1], ev + 1); \
+                const fc_v8f r = __builtin_shuffle(s2, s2, ev) + __builtin_shuffle(s2, s2, ev + 1); \
+                memcpy(out + p * ops, &r, 16); \
+            } \
+        }
+        FC_QUAD(1) FC_QUAD(2) FC_QUAD(3) FC_QUAD(4) FC_QUAD(5) FC_QUAD(6)
+        typedef void (*fc_quad4_t)(const float*, ptrdiff_t, const float*, const ptrdiff_t*,
+            const ptrdiff_t*, int, float*, ptrdiff_t);
+        static const fc_quad4_t fc_quad4_table[7] = {0, fc_quad4_1, fc_quad4_2, fc_quad4_3,
+            fc_quad4_4, fc_quad4_5, fc_quad4_6};
+        static inline void fc_quad4(int P, int NG, const float* A, ptrdiff_t aps, const float* B,
+                const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {
+            for (int g = 0; g < NG; g++)
+                fc_quad4_table[P](A + 4 * g, aps, B + 16 * g, aoff, boff, nseg, out + 4 * g, ops);
+        }
+        static void fc_quadk3_1(const float* __restrict X, const ptrdiff_t* xoff,
+                const float* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W,
+                ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, ptrdiff_t pl, float* __restrict out,
+                ptrdiff_t ldo, ptrdiff_t ldt, int accumulate)
+        {
+            const fc_v8i lo = {0, 0, 0, 0, 1, 1, 1, 1}, hi = {2, 2, 2, 2, 3, 3, 3, 3};
+            fc_v8f acc[3][2];
+            fc_v8f buf[2 * (FC_PAIRK3_MAXW + 4)];   /* [dy pixel + 2][half] */
+            for (int t = 0; t < 3; t++) for (int h = 0; h < 2; h++) {
+                fc_v8f v = {0};
+                if (accumulate)
+                    for (int o = 0; o < 2; o++) for (int i = 0; i < 4; i++)
+                        v[4 * o + i] = out[t * ldt + i * ldo + 2 * h + o];
+                acc[t][h] = v;
+            }
+            for (int i = 0; i < 4; i++) buf[i] = (fc_v8f){0};
+            const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl;
+            for (int s = 0; s < nseg; s++) {
+                const float* __restrict d = D + doff[s];
+                const float* __restrict x = X + xoff[s];
+                for (ptrdiff_t o = 0; o < OW; o++) {
+                    const fc_v8f v = FC_QUAD4H(d + o * F);
+                    buf[2 * (o + 2)] = __builtin_shuffle(v, lo);
+                    buf[2 * (o + 2) + 1] = __builtin_shuffle(v, hi);
+                }
+                for (int i = 0; i < 4; i++) buf[2 * (OW + 2) + i] = (fc_v8f){0};
+                for (ptrdiff_t q = 0; q < q1; q++) {
+                    const fc_v8f xv = FC_QUAD4H(x + q * C);
+                    const fc_v8f* bq = buf + 2 * (q + pl + 2);
+                    for (int h = 0; h < 2; h++) {
+                        acc[0][h] += xv * bq[h];
+                        acc[1][h] += xv * bq[h - 2];
+                        acc[2][h] += xv * bq[h - 4];
+                    }
+                }
+            }
+            for (int t = 0; t < 3; t++) for (int h = 0; h < 2; h++)
+                for (int o = 0; o < 2; o++) for (int i = 0; i < 4; i++)
+                    out[t * ldt + i * ldo + 2 * h + o] = acc[t][h][4 * o + i];
+        }
+        static inline void fc_quadk3(int NG, const float* X, const ptrdiff_t* xoff, const float* D,
+                const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
+                ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
+                int accumulate) {
+            for (int g = 0; g < NG; g++)
+                fc_quadk3_1(X + 4 * g, xoff, D + 4 * g, doff, nseg, W, OW, C, F, pl, out + 4 * g,
+                            ldo, ldt, accumulate);
+        }
+      #endif
     #else
       #define FC_PAIR_OK 0
       #define FC_PAIRK_OK 0
@@ -1822,7 +1916,8 @@ cdef float* _pack_pair(const float* w, Py_ssize_t taps, Py_ssize_t cin_g, Py_ssi
 
 cdef inline bint _use_quad(int sz, Py_ssize_t cin_g, Py_ssize_t cout_g,
                            Py_ssize_t groups) noexcept nogil:
-    # fc_quad4 serves float grouped convolutions of 4 inputs and 4 outputs a group (AVX-512)
+    # fc_quad4 serves float grouped convolutions of 4 inputs and 4 outputs a group (AVX-512 and
+    # AVX2 builds)
     return FC_QUAD_OK and sz == 4 and groups > 1 and cout_g == 4 and cin_g == 4
 
 
