@@ -126,7 +126,9 @@ def _clone(model, mapping):
 
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     for original, new in pairs:
-        if original.weights:
+        # (operations applied to Keras tensors in a functional model, `x + y` or `ops.add`, are
+        # cloned too: they are not layers and hold no weights)
+        if isinstance(original, keras.layers.Layer) and original.weights:
             if not new.built:
                 new.build_from_config(original.get_build_config())
             new.set_weights(original.get_weights())

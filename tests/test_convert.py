@@ -397,6 +397,25 @@ def test_convert_functional_model(kernel_calls):
     assert kernel_calls.calls == calls
 
 
+def test_convert_model_with_operations_on_keras_tensors():
+    # A functional model may apply operations to Keras tensors (`x + y`, `keras.ops.*`), as
+    # keras.applications' ConvNeXt does: clone_model clones them too, and they hold no weights
+    # (convert raised AttributeError on them).
+    inp = keras.Input((8, 8, 4))
+    h = keras.layers.Conv2D(4, 3, padding="same", groups=4, name="dw")(inp)
+    h = keras.ops.add(h, inp) * 2.0
+    out = keras.layers.Conv2D(3, 1, name="pw")(h)
+    model = keras.Model(inp, out)
+    converted = fastconv.convert(model)
+    assert [type(converted.get_layer(n)) for n in ("dw", "pw")] == [fastconv.Conv2D] * 2
+    x = _images((2, 8, 8, 4))
+    expected = to_numpy(model(x))
+    assert_close(to_numpy(converted(x)), expected, name="converted")
+    reverted = fastconv.revert(converted)
+    assert [type(reverted.get_layer(n)) for n in ("dw", "pw")] == [keras.layers.Conv2D] * 2
+    assert_close(to_numpy(reverted(x)), expected, name="reverted")
+
+
 def test_convert_sequential_and_single_layer():
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((10, 10, 2)),
