@@ -3359,12 +3359,9 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     boff[nseg] = r * OW * F + g * cout_g
                     nseg += 1
                 if floating is float:
-                    if cin_g == 4:
-                        fc_quadk3(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
-                                  dwp + tap * 4 * F + g * 4, F, 4 * F, not first)
-                    else:
-                        fc_pairk3(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
-                                  dwp + tap * 8 * F + g * 8, F, 8 * F, not first)
+                    (fc_quadk3 if cin_g == 4 else fc_pairk3)(
+                        P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                        dwp + tap * cin_g * F + g * cout_g, F, cin_g * F, not first)
                 continue
             ow_lo = _max(0, _cdiv(pad_left - kw * dwl, sw))
             ow_hi = _min(OW, _fdiv(W - 1 + pad_left - kw * dwl, sw) + 1)
@@ -3489,14 +3486,14 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             return -1
     cdef bint pairk = (floating is float and FC_PAIRK_OK and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
-    # a kernel row's 3 taps a task (fc_pairk3): unit stride and dilation along w, the row's dy
-    # in fc_pairk3's buffer, x pixel q + pad_left - kw within its 2-pixel zero frame
+    # a kernel row's 3 taps a task (fc_pairk3, fc_quadk3) where unit stride and dilation along
+    # w keep the row's dy in their buffer and x pixel q + pad_left - kw within its 2-pixel frame
+    cdef bint row3 = (KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
+                      and OW <= FC_PAIRK3_MAXW)
     # 4 x 4 a group: fc_quadk3 tasks of 4 groups or 1 (no per-tap kernel: the other
     # geometries take the general tiles)
-    cdef bint quadk = (floating is float and _use_quad(sz, cin_g, cout_g, groups) and KW == 3
-                       and sw == 1 and dwl == 1 and 0 <= pad_left <= 2 and OW <= FC_PAIRK3_MAXW)
-    cdef bint pk3 = (quadk or pairk and KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
-                     and OW <= FC_PAIRK3_MAXW)
+    cdef bint quadk = floating is float and _use_quad(sz, cin_g, cout_g, groups) and row3
+    cdef bint pk3 = row3 and (pairk or quadk)
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
@@ -3516,7 +3513,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
     cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
-    # groups from `group` on (with pk3, fc_pairk3 on taps tap .. tap + 2)
+    # groups from `group` on (with pk3, fc_pairk3 or fc_quadk3 on taps tap .. tap + 2)
     for t in range(2):
         ntasks = 0
         if dk3:
