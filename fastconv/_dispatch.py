@@ -2,7 +2,9 @@
 
 setup.py compiles the same kernels for several CPU targets; here the best one the running CPU
 supports is imported. FASTCONV_KERNELS=baseline|avx2|avx512 forces one (an unsupported one is an
-error, never an "illegal instruction" crash).
+error, never an "illegal instruction" crash). The kernels' parallel loops run on fastconv's own
+worker threads where the build has them (Linux, GNU C, OpenMP), else on OpenMP's;
+FASTCONV_THREADS=openmp chooses OpenMP's.
 """
 
 import importlib
@@ -74,6 +76,13 @@ def _cpu_vendor():
 def _tune(module):
     # AMD's prefetchers favour whole rows in the depthwise 3x3 kernel (fc_dwrow_pix)
     module.set_dwrow_pixels(64 if _cpu_vendor() == "AuthenticAMD" else module.DWROW_PIXELS)
+    threads = os.environ.get("FASTCONV_THREADS", "own")
+    if threads not in ("own", "openmp"):
+        raise ValueError(
+            f"FASTCONV_THREADS must be 'own' (fastconv's worker threads) or 'openmp'. "
+            f"Received: FASTCONV_THREADS={threads!r}"
+        )
+    module.set_pool(threads == "own")
     return module
 
 
@@ -133,7 +142,11 @@ def show_config():
     XLA custom call for JAX was built."""
     print(f"fastconv kernels: {variant} (available here: {', '.join(available_variants())})")
     print(f"OpenMP: {'on' if kernels.OPENMP else 'off (serial build)'}")
-    print(f"threads: {get_num_threads()}")
+    if kernels.pool_settings()[0]:
+        who = " (fastconv's own workers; OpenMP for another thread's calls meanwhile)"
+    else:
+        who = " (OpenMP)" if kernels.OPENMP else ""
+    print(f"threads: {get_num_threads()}{who}")
     try:
         importlib.import_module("fastconv._xla_ffi")
         ffi = "built (JAX runs the kernels as XLA custom calls under jax.jit)"

@@ -15,7 +15,7 @@
 # on the regrouped kernel, one stride phase at a time; grad_kernel is a GEMM over N*Ho*Wo per tap,
 # in a fixed chunking of output rows.
 
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport prange
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy, memset
 from libc.math cimport exp
@@ -183,6 +183,232 @@ def forked_with_team():
 def openmp_masters():
     """Live threads that have led a team of 2 or more of the kernels' OpenMP threads."""
     return fc_masters
+
+
+cdef extern from *:
+    """
+    /* fastconv's own worker threads. A parallel loop is cut into blocks, each thread's share
+       contiguous as in OpenMP's static schedule (a thread reads the rows it read last call,
+       still in its L2); a thread done with its share takes blocks of the shares whose thread
+       has not come yet. The caller returns as soon as every claimed block is done. A worker
+       that starts late (its CPU held by another library's spinning thread: OpenBLAS spins
+       ~0.1 s after a threaded matmul, TensorFlow's, XLA's and torch's pools after their ops)
+       then finds nothing left to claim, and the loop costs what one thread costs; an OpenMP
+       region's join waited for it (grouped 4x28x28x256/32 forward after a numpy matmul: 3.4 ms
+       on 2 OpenMP threads, 1.3 on 1, 0.7 here). Workers spin a while
+       after a loop (loops of one call, and layer after layer, follow each other closely), then
+       sleep on a futex; sleeping workers are woken off the caller's CPU as fc_wake_begin does.
+       One loop at a time: a second thread's loop meanwhile runs on OpenMP (fc_pool_run -1).
+       Linux with GNU C; elsewhere OpenMP runs every loop. */
+    #if defined(__linux__) && defined(__GNUC__) && defined(_OPENMP)
+      #include <limits.h>
+      #include <stdint.h>
+      #include <linux/futex.h>
+      #define FC_POOL_OK 1
+      #define FC_POOL_MAX 64
+      typedef void (*fc_body_t)(void*, ptrdiff_t, ptrdiff_t, int);
+      /* thread k's share: loop number << 32 | its next block, and the loop number once thread k
+         has come to that loop (a cache line each) */
+      typedef struct { uint64_t word; uint32_t came; char pad[52]; } fc_share_t;
+      static fc_share_t fc_shares[FC_POOL_MAX] __attribute__((aligned(64)));
+      static struct {
+          int seq;            /* loop number: the futex word */
+          int sleepers;
+          fc_body_t body;
+          void* ctx;
+          ptrdiff_t n, grain, done;
+          int width;          /* threads the loop may use: workers 1 .. width - 1 join */
+          int nworkers;
+          pid_t tids[FC_POOL_MAX];
+          cpu_set_t saved[FC_POOL_MAX];
+          int moved[FC_POOL_MAX];
+          pthread_mutex_t lock;
+      } fc_pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+      static int fc_pool_enabled = 1;
+      static double fc_pool_spin = 2e-4;   /* seconds a worker spins before it sleeps */
+      static double fc_pool_late = 0;      /* (tests) seconds a worker waits before each loop */
+      static inline ptrdiff_t fc_pool_claim(uint64_t* word, uint32_t s, ptrdiff_t end) {
+          uint64_t w = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+          for (;;) {
+              if ((uint32_t)(w >> 32) != s || (ptrdiff_t)(uint32_t)w >= end) return -1;
+              if (__atomic_compare_exchange_n(word, &w, w + 1, 1, __ATOMIC_ACQ_REL,
+                                              __ATOMIC_ACQUIRE))
+                  return (ptrdiff_t)(uint32_t)w;
+          }
+      }
+      /* blocks of loop s: thread k's share, then those of threads that have not come; a worker
+         late for loop s may read fields of a later loop here, but then claims nothing (the loop
+         number is part of each claimed word). (Taking blocks of a share whose thread works on
+         it cost locality: 3x3 64 -> 64 on 4x56x56 grad_kernel, 4 blocks, 2.4 -> 2.9 ms.) */
+      static void fc_pool_work(uint32_t s, int k) {
+          fc_body_t body = fc_pool.body;
+          void* ctx = fc_pool.ctx;
+          ptrdiff_t n = fc_pool.n, g = fc_pool.grain, nb = (n + g - 1) / g, i;
+          int width = __atomic_load_n(&fc_pool.width, __ATOMIC_RELAXED);
+          __atomic_store_n(&fc_shares[k].came, s, __ATOMIC_RELEASE);
+          for (int d = 0; d < width; d++) {
+              int j = (k + d) % width;
+              while ((d == 0 || __atomic_load_n(&fc_shares[j].came, __ATOMIC_ACQUIRE) != s)
+                     && (i = fc_pool_claim(&fc_shares[j].word, s, (j + 1) * nb / width)) >= 0) {
+                  ptrdiff_t e = (i + 1) * g < n ? (i + 1) * g : n;
+                  body(ctx, i * g, e, k);
+                  __atomic_add_fetch(&fc_pool.done, e - i * g, __ATOMIC_RELEASE);
+              }
+          }
+      }
+      static void* fc_pool_main(void* arg) {
+          int k = (int)(intptr_t)arg, seen = __atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE);
+          __atomic_store_n(&fc_pool.tids[k], (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
+          for (;;) {
+              int s = __atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE);
+              if (s != seen) {
+                  seen = s;
+                  if (fc_pool_late > 0) {
+                      struct timespec ts = {0, (long)(fc_pool_late * 1e9)};
+                      nanosleep(&ts, NULL);
+                  }
+                  if (k < __atomic_load_n(&fc_pool.width, __ATOMIC_RELAXED))
+                      fc_pool_work((uint32_t)s, k);
+                  continue;
+              }
+              double until = fc_now() + fc_pool_spin;
+              int spun = 0;
+              while (__atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE) == s) {
+                  __builtin_ia32_pause();
+                  if (++spun % 64 == 0 && fc_now() > until) break;
+              }
+              if (__atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE) == s) {
+                  __atomic_add_fetch(&fc_pool.sleepers, 1, __ATOMIC_SEQ_CST);
+                  syscall(SYS_futex, &fc_pool.seq, FUTEX_WAIT_PRIVATE, s, NULL, NULL, 0);
+                  __atomic_sub_fetch(&fc_pool.sleepers, 1, __ATOMIC_SEQ_CST);
+              }
+          }
+          return NULL;
+      }
+      /* a forked child has none of the workers (only the thread that forked): it starts its own */
+      static void fc_pool_forked(void) {
+          pthread_mutex_init(&fc_pool.lock, NULL);
+          fc_pool.nworkers = 0;
+          fc_pool.sleepers = 0;
+          for (int k = 0; k < FC_POOL_MAX; k++) fc_pool.tids[k] = 0;
+      }
+      static void fc_pool_init(void) { pthread_atfork(NULL, NULL, fc_pool_forked); }
+      /* body(ctx, i0, i1, thread) over the blocks of 0 .. n on up to `threads` threads; -1: not
+         run (pool disabled or busy with another thread's loop, no worker could start) */
+      static int fc_pool_run(int threads, fc_body_t body, void* ctx, ptrdiff_t n) {
+          static pthread_once_t once = PTHREAD_ONCE_INIT;
+          if (!fc_pool_enabled) return -1;
+          if (threads > FC_POOL_MAX) threads = FC_POOL_MAX;
+          pthread_once(&once, fc_pool_init);
+          if (pthread_mutex_trylock(&fc_pool.lock) != 0) return -1;
+          while (fc_pool.nworkers < threads - 1) {
+              pthread_t t;
+              pthread_attr_t a;
+              pthread_attr_init(&a);
+              pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+              int rc = pthread_create(&t, &a, fc_pool_main,
+                                      (void*)(intptr_t)(fc_pool.nworkers + 1));
+              pthread_attr_destroy(&a);
+              if (rc != 0) break;
+              fc_pool.nworkers++;
+          }
+          if (fc_pool.nworkers == 0) {
+              pthread_mutex_unlock(&fc_pool.lock);
+              return -1;
+          }
+          int cpu = sched_getcpu(), moved = 0;
+          if (__atomic_load_n(&fc_pool.sleepers, __ATOMIC_SEQ_CST) > 0 && cpu >= 0) {
+              for (int k = 1; k <= fc_pool.nworkers && k < threads; k++) {
+                  pid_t tid = __atomic_load_n(&fc_pool.tids[k], __ATOMIC_ACQUIRE);
+                  fc_pool.moved[k] = 0;
+                  if (tid <= 0 || syscall(SYS_tgkill, getpid(), tid, 0) != 0
+                      || sched_getaffinity(tid, sizeof(cpu_set_t), &fc_pool.saved[k]) != 0)
+                      continue;
+                  cpu_set_t others = fc_pool.saved[k];
+                  CPU_CLR(cpu, &others);
+                  if (CPU_COUNT(&fc_pool.saved[k]) < 2 || CPU_COUNT(&others) == 0) continue;
+                  if (sched_setaffinity(tid, sizeof(cpu_set_t), &others) == 0)
+                      fc_pool.moved[k] = moved = 1;
+              }
+          }
+          uint32_t s = (uint32_t)fc_pool.seq + 1;
+          if (s == 0) s = 1;
+          fc_pool.body = body;
+          fc_pool.ctx = ctx;
+          fc_pool.n = n;
+          /* 4 blocks a thread: a thread that starts late leaves its blocks to the others */
+          ptrdiff_t g = n / (4 * threads) > 1 ? n / (4 * threads) : 1, nb = (n + g - 1) / g;
+          fc_pool.grain = g;
+          fc_pool.done = 0;
+          __atomic_store_n(&fc_pool.width, threads, __ATOMIC_RELAXED);
+          for (int j = 0; j < threads; j++)
+              __atomic_store_n(&fc_shares[j].word, (uint64_t)s << 32 | (uint64_t)(j * nb / threads),
+                               __ATOMIC_RELEASE);
+          __atomic_store_n(&fc_pool.seq, (int)s, __ATOMIC_SEQ_CST);
+          if (__atomic_load_n(&fc_pool.sleepers, __ATOMIC_SEQ_CST) > 0)
+              syscall(SYS_futex, &fc_pool.seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+          fc_pool_work(s, 0);
+          while (__atomic_load_n(&fc_pool.done, __ATOMIC_ACQUIRE) < n) __builtin_ia32_pause();
+          if (moved)
+              for (int k = 1; k <= fc_pool.nworkers && k < threads; k++)
+                  if (fc_pool.moved[k])
+                      sched_setaffinity(fc_pool.tids[k], sizeof(cpu_set_t), &fc_pool.saved[k]);
+          pthread_mutex_unlock(&fc_pool.lock);
+          return 0;
+      }
+    #else
+      #define FC_POOL_OK 0
+      typedef void (*fc_body_t)(void*, ptrdiff_t, ptrdiff_t, int);
+      static int fc_pool_enabled = 0;
+      static double fc_pool_spin = 0, fc_pool_late = 0;
+      static int fc_pool_run(int threads, fc_body_t body, void* ctx, ptrdiff_t n) { return -1; }
+    #endif
+    """
+    bint FC_POOL_OK
+    int fc_pool_enabled
+    double fc_pool_spin, fc_pool_late
+    ctypedef void (*fc_body_t)(void*, Py_ssize_t, Py_ssize_t, int) noexcept nogil
+    int fc_pool_run(int threads, fc_body_t body, void* ctx, Py_ssize_t n) noexcept nogil
+
+
+POOL = bool(FC_POOL_OK)
+
+
+def set_pool(bint enabled, double spin=2e-4, double late=0):
+    """Run parallel loops on fastconv's own threads (enabled, where the build has them) or on
+    OpenMP's; `spin`: seconds an idle worker spins before it sleeps; `late`: seconds each
+    worker waits before it joins a loop (as when its CPU is busy). For tests and measurements;
+    returns the previous (enabled, spin, late)."""
+    global fc_pool_enabled, fc_pool_spin, fc_pool_late
+    old = pool_settings()
+    if FC_POOL_OK:
+        fc_pool_enabled, fc_pool_spin, fc_pool_late = enabled, spin, late
+    return old
+
+
+def pool_settings():
+    """(enabled, spin, late) of fastconv's own threads (see set_pool)."""
+    return (bool(fc_pool_enabled), fc_pool_spin, fc_pool_late)
+
+
+cdef void _parallel(int threads, fc_body_t body, void* ctx, Py_ssize_t n) noexcept nogil:
+    # body(ctx, i0, i1, thread) over i0 .. i1 covering 0 .. n, each part once, thread < threads
+    # (an index into per-thread buffers): on fastconv's threads, else in an OpenMP region
+    cdef int t
+    if threads > n:
+        threads = <int>n
+    if threads < 2:
+        if n > 0:
+            body(ctx, 0, n, 0)
+        return
+    if fc_pool_run(threads, body, ctx, n) == 0:
+        return
+    cdef fc_team_t* team = fc_team()
+    cdef int woke = fc_wake_begin(team, threads)
+    for t in prange(threads, schedule="static", num_threads=threads):
+        fc_note_thread(team)
+        body(ctx, t * n // threads, (t + 1) * n // threads, t)
+    fc_wake_end(team, woke)
 
 
 cdef extern from *:
@@ -2366,42 +2592,77 @@ cdef Py_ssize_t _padded(Py_ssize_t n, int sz) noexcept nogil:
     return n - tail + p
 
 
+# Copies with zero padding, in bytes (any dtype: zero bytes are 0.0). _copy_pieces: row r of
+# the source (rows_src bytes a row), cut in `pieces` pieces of `size` bytes (the last one maybe
+# shorter), goes to row r of the destination (rows_dst bytes apart), each piece `width` bytes
+# with zeros after it, pieces `spacing` bytes apart.
+ctypedef struct Copies:
+    const char* src
+    char* dst
+    Py_ssize_t pieces, size, width, spacing, rows_src, rows_dst, lead, rowd, H, Hx, top
+
+
+cdef void _copy_pieces(void* c, Py_ssize_t r0, Py_ssize_t r1, int k) noexcept nogil:
+    cdef Copies* a = <Copies*>c
+    cdef Py_ssize_t r, i, size
+    cdef const char* s
+    cdef char* d
+    for r in range(r0, r1):
+        for i in range(a.pieces):
+            s = a.src + r * a.rows_src + i * a.size
+            d = a.dst + r * a.rows_dst + i * a.spacing
+            size = _min(a.size, a.rows_src - i * a.size)
+            memcpy(d, s, size)
+            memset(d + size, 0, a.width - size)
+
+
+cdef void _copy_framed(void* c, Py_ssize_t m0, Py_ssize_t m1, int k) noexcept nogil:
+    # destination row m (rowd bytes) of image m // Hx: `lead` zero bytes, the first `size` bytes
+    # of source row m % Hx - top of that image (H rows, rows_src bytes apart), zeros; all zeros
+    # where that row is outside
+    cdef Copies* a = <Copies*>c
+    cdef Py_ssize_t m, ih
+    cdef char* d
+    for m in range(m0, m1):
+        ih = m % a.Hx - a.top
+        d = a.dst + m * a.rowd
+        if 0 <= ih < a.H:
+            memset(d, 0, a.lead)
+            memcpy(d + a.lead, a.src + (m // a.Hx * a.H + ih) * a.rows_src, a.size)
+            memset(d + a.lead + a.size, 0, a.rowd - a.lead - a.size)
+        else:
+            memset(d, 0, a.rowd)
+
+
 cdef floating* _column_blocks(const floating* a, Py_ssize_t rows, Py_ssize_t n,
                               Py_ssize_t vb, int n_threads) noexcept nogil:
     # (rows, n) -> (ceil(n / vb), rows, vb): column blocks of width vb, the last one padded
     # with zeros; column j is at (j // vb) * rows * vb + j % vb, rows vb apart. With vb the
     # channels of a group: the group-major layout of grouped weights
-    cdef Py_ssize_t nb = (n + vb - 1) // vb
-    cdef floating* p = <floating*>malloc(nb * rows * vb * sizeof(floating))
-    cdef Py_ssize_t i, j, b
+    cdef Py_ssize_t nb = (n + vb - 1) // vb, sz = sizeof(floating)
+    cdef floating* p = <floating*>malloc(nb * rows * vb * sz)
     if p == NULL:
         return NULL
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    for i in prange(rows, schedule="static", num_threads=n_threads):
-        fc_note_thread(team)
-        for b in range(nb):
-            for j in range(vb):
-                p[(b * rows + i) * vb + j] = a[i * n + b * vb + j] if b * vb + j < n else 0
-    fc_wake_end(team, woke)
+    # row i's pieces are its column blocks, rows * vb apart in p
+    cdef Copies job
+    job.src, job.dst, job.rows_src, job.rows_dst = <const char*>a, <char*>p, n * sz, vb * sz
+    job.pieces, job.size, job.width, job.spacing = nb, vb * sz, vb * sz, rows * vb * sz
+    _parallel(n_threads, _copy_pieces, &job, rows)
     return p
 
 
 cdef floating* _pad_columns(const floating* x, Py_ssize_t rows, Py_ssize_t W, Py_ssize_t C,
                             Py_ssize_t left, Py_ssize_t Wp, int n_threads) noexcept nogil:
     # (rows, W, C) -> (rows, Wp, C): `left` zero pixels before each row, zeros after it
-    cdef floating* p = <floating*>malloc(rows * Wp * C * sizeof(floating))
-    cdef Py_ssize_t r
+    cdef Py_ssize_t sz = sizeof(floating)
+    cdef floating* p = <floating*>malloc(rows * Wp * C * sz)
     if p == NULL:
         return NULL
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    for r in prange(rows, schedule="static", num_threads=n_threads):
-        fc_note_thread(team)
-        memset(p + r * Wp * C, 0, left * C * sizeof(floating))
-        memcpy(p + (r * Wp + left) * C, x + r * W * C, W * C * sizeof(floating))
-        memset(p + (r * Wp + left + W) * C, 0, (Wp - left - W) * C * sizeof(floating))
-    fc_wake_end(team, woke)
+    cdef Copies job
+    job.src, job.dst, job.H, job.Hx, job.top = <const char*>x, <char*>p, rows, rows, 0
+    job.size, job.rows_src = W * C * sz, W * C * sz
+    job.lead, job.rowd = left * C * sz, Wp * C * sz
+    _parallel(n_threads, _copy_framed, &job, rows)
     return p
 
 
@@ -2410,18 +2671,15 @@ cdef floating* _pad_groups(const floating* a, Py_ssize_t rows, Py_ssize_t groups
     # (rows, groups, n) -> (rows, groups, np_) with zero channels n .. np_ in each group. (dy of
     # grad_kernel, 4x28x28x63 in 7 groups: element by element on one thread, 0.15 ms of the
     # call's 0.5)
-    cdef floating* p = <floating*>malloc(rows * groups * np_ * sizeof(floating))
-    cdef Py_ssize_t i, g
+    cdef Py_ssize_t sz = sizeof(floating)
+    cdef floating* p = <floating*>malloc(rows * groups * np_ * sz)
     if p == NULL:
         return NULL
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    for i in prange(rows, schedule="static", num_threads=n_threads):
-        fc_note_thread(team)
-        for g in range(groups):
-            memcpy(p + (i * groups + g) * np_, a + (i * groups + g) * n, n * sizeof(floating))
-            memset(p + (i * groups + g) * np_ + n, 0, (np_ - n) * sizeof(floating))
-    fc_wake_end(team, woke)
+    cdef Copies job
+    job.src, job.dst = <const char*>a, <char*>p
+    job.rows_src, job.rows_dst = groups * n * sz, groups * np_ * sz
+    job.pieces, job.size, job.width, job.spacing = groups, n * sz, np_ * sz, np_ * sz
+    _parallel(n_threads, _copy_pieces, &job, rows)
     return p
 
 
@@ -2434,6 +2692,84 @@ cdef inline void _unpad(const floating* src, Py_ssize_t np_, floating* dst, Py_s
             dst[i * n + j] = src[i * np_ + j]
     if bias != NULL:
         _add_bias(dst, bias, rows, groups * n)
+
+
+# A parallel loop's arguments (a job), read by its body on every thread. Pointers to arrays
+# of the job's dtype are void* (f64 tells which): a body dispatches to the fused function.
+ctypedef struct Fwd:
+    const void* x
+    const void* w
+    void* out
+    void* rows
+    const void* row_bias
+    const void* bias
+    const void* scale
+    const float* wpk
+    const Py_ssize_t* runs
+    Py_ssize_t nruns, N, H, W, C, KH, KW, cin_g, F, Fp, OH, OW, cg, ldw
+    int sh, sw, dh, dw, pad_top, pad_left, groups, act, mode
+    bint fused, f64
+    double lo, hi
+
+
+cdef enum:
+    FWD_IMAGES         # (column block, image) t
+    FWD_BLOCK_ROWS     # (column block, output row) t
+    FWD_ROWS           # output row t
+    FWD_EPILOGUE       # bias and epilogue of output row t
+
+
+cdef void _fwd_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
+    cdef Fwd* a = <Fwd*>c
+    if a.f64:
+        _fwd_tasks(<const double*>a.x, a, t0, t1, k)
+    else:
+        _fwd_tasks(<const float*>a.x, a, t0, t1, k)
+
+
+cdef void _fwd_tasks(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
+                     int k) noexcept nogil:
+    cdef const floating* wp = <const floating*>a.w
+    cdef floating* op = <floating*>a.out
+    cdef floating* rows = <floating*>a.rows
+    cdef const floating* row_bias = <const floating*>a.row_bias
+    cdef Py_ssize_t N = a.N, H = a.H, W = a.W, C = a.C, F = a.F, OH = a.OH, OW = a.OW
+    cdef Py_ssize_t ldw = a.ldw, Fp = a.Fp, t, b, r, n, oh
+    cdef floating* dst
+    cdef bint biased
+    for t in range(t0, t1):
+        if a.mode == FWD_IMAGES:
+            b = t // N
+            n = t % N
+            _forward_image(xp + n * H * W * C, wp, op + n * OH * OW * F, H, W, C, a.KH, a.KW, F,
+                           OH, OW, a.sh, a.sw, a.dh, a.pad_top, a.pad_left, ldw, b * ldw,
+                           _min(F, (b + 1) * ldw))
+            continue
+        r = t % (N * OH)
+        n = r // OH
+        oh = r % OH
+        if a.mode == FWD_BLOCK_ROWS:
+            b = t // (N * OH)
+            _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, a.KH, a.KW, a.cin_g,
+                         F, OW, oh * a.sh - a.pad_top, a.sw, a.dh, a.dw, a.pad_left, a.groups,
+                         a.runs, a.nruns, a.wpk, ldw, NULL, b * ldw, (b + 1) * ldw)
+            continue
+        if a.mode == FWD_ROWS:
+            dst = rows + k * OW * Fp if rows != NULL else op + r * OW * F
+            # a padded row buffer gets the bias as it is unpadded
+            biased = _forward_row(xp + n * H * W * C, wp, dst, H, W, C, a.KH, a.KW, a.cin_g, Fp,
+                                  OW, oh * a.sh - a.pad_top, a.sw, a.dh, a.dw, a.pad_left,
+                                  a.groups, a.runs, a.nruns, a.wpk, ldw,
+                                  row_bias if rows == NULL else NULL, 0, Fp)
+            if rows != NULL:
+                _unpad(dst, Fp // a.groups, op + r * OW * F, a.cg, OW, a.groups, row_bias)
+            elif row_bias != NULL and not biased:
+                _add_bias(dst, row_bias, OW, F)
+        elif row_bias != NULL:   # FWD_EPILOGUE
+            _add_bias(op + r * OW * F, row_bias, OW, F)
+        if a.fused:
+            _epilogue(op + r * OW * F, OW, F, <const floating*>a.scale,
+                      <const floating*>a.bias, a.act, <floating>a.lo, <floating>a.hi)
 
 
 def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
@@ -2480,8 +2816,6 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     # while the row is still in cache: a separate pass over the output would read and write it
     # all once more. So are an inference BatchNormalization folded into scale (F,) and bias and
     # an activation `act` (_epilogue; the TensorFlow bridge fuses them into its op).
-    cdef Py_ssize_t r, n, oh
-    cdef bint biased
     cdef bint fused = scale != NULL or act != FC_ACT_NONE
     cdef const floating* row_bias = NULL if fused else bp
     if N * OH * OW * F == 0:
@@ -2496,7 +2830,6 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     cdef Py_ssize_t ldw = Fp
     cdef floating* wpad = NULL
     cdef floating* rows = NULL
-    cdef floating* dst
     cdef Py_ssize_t nb = 0    # > 0: that many column blocks, run outer (below)
     cdef floating* xpad = NULL
     cdef Py_ssize_t Wp
@@ -2553,53 +2886,29 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             return -1
         xp, W, pad_left = xpad, Wp, 0
         nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    cdef Py_ssize_t t, b
+    cdef Fwd job
+    job.x, job.w, job.out, job.rows = xp, wp, op, rows
+    job.row_bias, job.bias, job.scale = row_bias, bp, scale
+    job.wpk, job.runs, job.nruns, job.f64, job.fused = wpk, runs, nruns, floating is double, fused
+    job.N, job.H, job.W, job.C, job.KH, job.KW, job.cin_g = N, H, W, C, KH, KW, cin_g
+    job.F, job.Fp, job.OH, job.OW, job.cg, job.ldw = F, Fp, OH, OW, cg, ldw
+    job.sh, job.sw, job.dh, job.dw, job.pad_top, job.pad_left = sh, sw, dh, dw, pad_top, pad_left
+    job.groups, job.act, job.lo, job.hi = groups, act, lo, hi
     # (not 1x1: a whole image's rows of 1x1 output blocks, 196 x 64 channels on 14x14, outgrow
     # L1 and are read and written once a chunk: 1x1 1024 -> 256 on 8x14x14 0.72x, 2048 -> 512
     # on 8x7x7 0.82x, 256 -> 1024 on 8x14x14 0.84x)
     if nb and fc_chunk_bytes and KH * KW > 1 and _border_pixels(runs, nruns, KW, OW + 1) == 0:
-        for t in prange(nb * N, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            b = t // N
-            n = t % N
-            _forward_image(xp + n * H * W * C, wp, op + n * OH * OW * F, H, W, C, KH, KW, F,
-                           OH, OW, sh, sw, dh, pad_top, pad_left, ldw, b * ldw,
-                           _min(F, (b + 1) * ldw))
+        job.mode = FWD_IMAGES
+        _parallel(n_threads, _fwd_body, &job, nb * N)
     elif nb:
-        for t in prange(nb * N * OH, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            b = t // (N * OH)
-            r = t % (N * OH)
-            n = r // OH
-            oh = r % OH
-            _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, KH, KW, cin_g, F, OW,
-                         oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns, wpk, ldw,
-                         NULL, b * ldw, (b + 1) * ldw)
+        job.mode = FWD_BLOCK_ROWS
+        _parallel(n_threads, _fwd_body, &job, nb * N * OH)
     else:
-        for r in prange(N * OH, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            n = r // OH
-            oh = r % OH
-            dst = rows + threadid() * OW * Fp if rows != NULL else op + r * OW * F
-            # a padded row buffer gets the bias as it is unpadded
-            biased = _forward_row(xp + n * H * W * C, wp, dst, H, W, C, KH, KW, cin_g, Fp, OW,
-                                  oh * sh - pad_top, sw, dh, dw, pad_left, groups, runs, nruns,
-                                  wpk, ldw, row_bias if rows == NULL else NULL, 0, Fp)
-            if rows != NULL:
-                _unpad(dst, Fp // groups, op + r * OW * F, cg, OW, groups, row_bias)
-            elif row_bias != NULL and not biased:
-                _add_bias(dst, row_bias, OW, F)
-            if fused:
-                _epilogue(op + r * OW * F, OW, F, scale, bp, act, lo, hi)
+        job.mode = FWD_ROWS
+        _parallel(n_threads, _fwd_body, &job, N * OH)
     if nb and (row_bias != NULL or fused):
-        for r in prange(N * OH, schedule="static", num_threads=n_threads):
-            if row_bias != NULL:
-                _add_bias(op + r * OW * F, row_bias, OW, F)
-            if fused:
-                _epilogue(op + r * OW * F, OW, F, scale, bp, act, lo, hi)
-    fc_wake_end(team, woke)
+        job.mode = FWD_EPILOGUE
+        _parallel(n_threads, _fwd_body, &job, N * OH)
     free(runs)
     free(wpk)
     free(wpad)
@@ -3016,6 +3325,84 @@ cdef void _col2im_rows(const floating* col, Py_ssize_t Kp, floating* dx, Py_ssiz
                     dst[i] = dst[i] + src[i]
 
 
+ctypedef struct Gin:
+    const void* dy
+    const void* w
+    void* dx
+    void* rows
+    const float* wpk
+    const void* wred
+    const void* wflip
+    const Py_ssize_t* phases
+    void* cols          # GIN_GEMM: per-thread columns of R output rows
+    Py_ssize_t N, OH, OW, F, KH, KW, cout_g, C, Cp, H, W, cg, ldw, R, Kp, half, parity
+    int sh, sw, dh, dw, pad_top, pad_left, groups, mode, failed
+    bint dwrow2, f64
+
+
+cdef enum:
+    GIN_IMAGES         # (column block, image) t
+    GIN_BLOCK_ROWS     # (column block, dx row) t
+    GIN_ROWS           # dx row t
+    GIN_GEMM           # block t of R output rows of the parity's (_grad_input_gemm)
+
+
+cdef void _gin_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
+    cdef Gin* a = <Gin*>c
+    if a.f64:
+        _gin_tasks(<const double*>a.dy, a, t0, t1, k)
+    else:
+        _gin_tasks(<const float*>a.dy, a, t0, t1, k)
+
+
+cdef void _gin_tasks(const floating* gp, Gin* a, Py_ssize_t t0, Py_ssize_t t1,
+                     int k) noexcept nogil:
+    cdef const floating* wp = <const floating*>a.w
+    cdef floating* dp = <floating*>a.dx
+    cdef floating* rows = <floating*>a.rows
+    cdef floating* cols
+    cdef Py_ssize_t N = a.N, OH = a.OH, OW = a.OW, F = a.F, H = a.H, W = a.W, C = a.C
+    cdef Py_ssize_t ldw = a.ldw, t, b, r, n, ih, oh0
+    cdef floating* dst
+    for t in range(t0, t1):
+        if a.mode == GIN_IMAGES:
+            b = t // N
+            n = t % N
+            _grad_input_image(gp + n * OH * OW * F, wp, dp + n * H * W * C, OH, OW, F, a.KH,
+                              a.KW, C, H, W, a.dh, a.pad_top, a.phases, ldw, b * ldw,
+                              _min(C, (b + 1) * ldw))
+        elif a.mode == GIN_BLOCK_ROWS:
+            b = t // (N * H)
+            r = t % (N * H)
+            n = r // H
+            ih = r % H
+            _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, a.KH, a.KW,
+                            a.cout_g, C, W, ih, a.sh, a.sw, a.dh, a.dw, a.pad_top, a.pad_left,
+                            a.groups, a.phases, NULL, NULL, NULL, False, ldw, b * ldw,
+                            (b + 1) * ldw)
+        elif a.mode == GIN_ROWS:
+            n = t // H
+            ih = t % H
+            dst = rows + k * W * a.Cp if rows != NULL else dp + t * W * C
+            _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, a.KH, a.KW, a.cout_g,
+                            a.Cp, W, ih, a.sh, a.sw, a.dh, a.dw, a.pad_top, a.pad_left,
+                            a.groups, a.phases, a.wpk, <const floating*>a.wred,
+                            <const floating*>a.wflip, a.dwrow2, ldw, 0, a.Cp)
+            if rows != NULL:
+                _unpad(dst, a.Cp // a.groups, dp + t * W * C, a.cg, W, a.groups, NULL)
+        else:   # GIN_GEMM
+            n = t // a.half
+            oh0 = (2 * (t % a.half) + a.parity) * a.R
+            r = _min(a.R, OH - oh0)
+            cols = <floating*>a.cols + k * a.R * OW * a.Kp
+            if _forward(gp + (n * OH + oh0) * OW * F, 1, r, OW, F, wp, 1, 1, F, cols, r, OW,
+                        a.Kp, 1, 1, 1, 1, 0, 0, 1, 1, NULL, NULL, FC_ACT_NONE, 0, 0) != 0:
+                a.failed = 1
+            else:
+                _col2im_rows(cols, a.Kp, dp + n * H * W * C, oh0, r, OW, H, W, C, a.KH, a.KW,
+                             a.sh, a.sw, a.dh, a.pad_top, a.pad_left)
+
+
 cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
                           const floating* wp, Py_ssize_t KH, Py_ssize_t KW, floating* dp,
                           Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, int sh,
@@ -3036,12 +3423,11 @@ cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_s
     cdef Py_ssize_t R = _min(OH, _max(_cdiv((KH - 1) * dh + 1, sh),
                                       (1 << 20) // _max(1, OW * Kp * sz)))
     cdef Py_ssize_t per = _cdiv(OH, R)   # blocks an image
-    cdef Py_ssize_t half, i, b, n, oh0, r, tap, f, c
-    cdef int parity, woke, t
+    cdef Py_ssize_t tap, f, c
+    cdef int parity
     cdef int nt = <int>_max(1, _min(n_threads, N * _cdiv(per, 2)))
     cdef floating* wcol = <floating*>calloc(F * Kp, sz)
     cdef floating* cols = <floating*>malloc(nt * R * OW * Kp * sz)
-    cdef int failed = 0
     if wcol == NULL or cols == NULL:
         free(wcol)
         free(cols)
@@ -3051,28 +3437,19 @@ cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_s
             for c in range(C):
                 wcol[f * Kp + tap * C + c] = wp[(tap * F + f) * C + c]
     memset(dp, 0, N * H * W * C * sz)
-    cdef fc_team_t* team = fc_team()
+    cdef Gin job
+    job.dy, job.w, job.dx, job.cols = gp, wcol, dp, cols
+    job.f64, job.mode = floating is double, GIN_GEMM
+    job.N, job.OH, job.OW, job.F, job.H, job.W, job.C = N, OH, OW, F, H, W, C
+    job.KH, job.KW, job.R, job.Kp, job.failed = KH, KW, R, Kp, 0
+    job.sh, job.sw, job.dh, job.pad_top, job.pad_left = sh, sw, dh, pad_top, pad_left
     for parity in range(2):
-        half = (per - parity + 1) // 2   # blocks of this parity an image
-        woke = fc_wake_begin(team, nt)
-        for i in prange(N * half, schedule="static", num_threads=nt):
-            fc_note_thread(team)
-            t = threadid()
-            n = i // half
-            b = 2 * (i % half) + parity
-            oh0 = b * R
-            r = _min(R, OH - oh0)
-            if _forward(gp + (n * OH + oh0) * OW * F, 1, r, OW, F, wcol, 1, 1, F,
-                        cols + t * R * OW * Kp, r, OW, Kp, 1, 1, 1, 1, 0, 0, 1, 1, NULL, NULL,
-                        FC_ACT_NONE, 0, 0) != 0:
-                failed += 1
-            else:
-                _col2im_rows(cols + t * R * OW * Kp, Kp, dp + n * H * W * C, oh0, r, OW, H,
-                             W, C, KH, KW, sh, sw, dh, pad_top, pad_left)
-        fc_wake_end(team, woke)
+        job.parity = parity
+        job.half = (per - parity + 1) // 2   # blocks of this parity an image
+        _parallel(nt, _gin_body, &job, N * job.half)
     free(wcol)
     free(cols)
-    return -1 if failed else 0
+    return -1 if job.failed else 0
 
 
 cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
@@ -3082,7 +3459,6 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
                      int n_threads) noexcept nogil:
     # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C); returns -1 when
     # out of memory
-    cdef Py_ssize_t r, n, ih
     if N * H * W * C == 0:
         return 0
     if OH * OW * F == 0:
@@ -3139,7 +3515,6 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef Py_ssize_t Cp = groups * _padded(cg, sizeof(floating))
     cdef floating* wpad = NULL
     cdef floating* rows = NULL
-    cdef floating* dst
     if Cp != C:
         wpad = _pad_groups(wp, KH * KW * cout_g, groups, cg, Cp // groups, 1)
         rows = <floating*>malloc(n_threads * W * Cp * sizeof(floating))
@@ -3187,43 +3562,27 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
             return -1
         gp, OW, pad_left = gpad, OWp, pad_left + lp * sw
         _grad_input_phases(W, OW, KW, sw, dw, pad_left, phases)
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    cdef Py_ssize_t t, b
+    cdef Gin job
+    job.dy, job.w, job.dx, job.rows, job.f64 = gp, wp, dp, rows, floating is double
+    job.wpk, job.wred, job.wflip, job.phases, job.dwrow2 = wpk, wred, wflip, phases, dwrow2
+    job.N, job.OH, job.OW, job.F, job.KH, job.KW, job.cout_g = N, OH, OW, F, KH, KW, cout_g
+    job.C, job.Cp, job.H, job.W, job.cg, job.ldw = C, Cp, H, W, cg, ldw
+    job.sh, job.sw, job.dh, job.dw, job.pad_top, job.pad_left = sh, sw, dh, dw, pad_top, pad_left
+    job.groups = groups
     # (only where an image's block of dx stays in L1 across the chunks that add to it: A/B
     # 3x3 512 -> 512 on 8x7x7 1.08-1.16x, 1024 -> 1024 1.39x; on 8x14x14x256, 50 KB a block,
     # 0.96x)
     if (nb and fc_chunk_bytes and KH * KW > 1 and sh == 1 and sw == 1
             and H * W * ldw * sizeof(floating) <= IMAGE_BLOCK_BYTES
             and phases[1] == 1 and phases[2 * KW + 3] == 0 and phases[2 * KW + 4] == phases[0]):
-        for t in prange(nb * N, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            b = t // N
-            n = t % N
-            _grad_input_image(gp + n * OH * OW * F, wp, dp + n * H * W * C, OH, OW, F, KH, KW, C,
-                              H, W, dh, pad_top, phases, ldw, b * ldw, _min(C, (b + 1) * ldw))
+        job.mode = GIN_IMAGES
+        _parallel(n_threads, _gin_body, &job, nb * N)
     elif nb:
-        for t in prange(nb * N * H, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            b = t // (N * H)
-            r = t % (N * H)
-            n = r // H
-            ih = r % H
-            _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, KH, KW, cout_g,
-                            C, W, ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, NULL,
-                            NULL, NULL, False, ldw, b * ldw, (b + 1) * ldw)
+        job.mode = GIN_BLOCK_ROWS
+        _parallel(n_threads, _gin_body, &job, nb * N * H)
     else:
-        for r in prange(N * H, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            n = r // H
-            ih = r % H
-            dst = rows + threadid() * W * Cp if rows != NULL else dp + r * W * C
-            _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, KH, KW, cout_g, Cp, W,
-                            ih, sh, sw, dh, dw, pad_top, pad_left, groups, phases, wpk, wred,
-                            wflip, dwrow2, ldw, 0, Cp)
-            if rows != NULL:
-                _unpad(dst, Cp // groups, dp + r * W * C, cg, W, groups, NULL)
-    fc_wake_end(team, woke)
+        job.mode = GIN_ROWS
+        _parallel(n_threads, _gin_body, &job, N * H)
     free(phases)
     free(wpk)
     free(wred)
@@ -3446,6 +3805,69 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
                         acc + 9 * Fv if with_bias else NULL)
 
 
+ctypedef struct Gk:
+    const void* x
+    const void* dy
+    void* dw
+    void* db
+    void* sums          # GK_DWK_PARTS: parts' sums; GK_ROW_PARTS, GK_SUMS: row blocks' sums
+    const Py_ssize_t* tasks
+    Py_ssize_t ntasks, N, H, W, C, Hx, Wx, OH, OW, F, Fv, KH, KW, cin_g, groups, chunk
+    Py_ssize_t parts, psize, slices, threads
+    int sh, sw, dh, dwl, pad_top, pad_left, ptx, plx, mode
+    bint dk3, pk3, f64
+
+
+cdef enum:
+    GK_DWK_PARTS       # block t of output rows, fc_dwkpix channels (_dwk_part)
+    GK_ROW_PARTS       # (block of output rows, slice of the tasks) t, into the block's sums
+    GK_SUMS            # element t of dw (then db): the blocks' sums added in block order
+    GK_TASKS           # slice t of the tasks over all output rows
+
+
+cdef void _gk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
+    cdef Gk* a = <Gk*>c
+    if a.f64:
+        _gk_tasks(<const double*>a.x, a, t0, t1)
+    else:
+        _gk_tasks(<const float*>a.x, a, t0, t1)
+
+
+cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+    cdef const floating* gp = <const floating*>a.dy
+    cdef floating* dp = <floating*>a.dw
+    cdef floating* bp = <floating*>a.db
+    cdef floating* sums = <floating*>a.sums
+    cdef Py_ssize_t rows = a.N * a.OH, n = a.ntasks, ps = a.psize, t, part, c
+    cdef floating s
+    for t in range(t0, t1):
+        if a.mode == GK_DWK_PARTS:
+            _dwk_part(xp, gp, sums + t * 10 * a.Fv, t * rows // a.parts,
+                      (t + 1) * rows // a.parts, a.H, a.W, a.C, a.OH, a.OW, a.Fv, a.sh, a.sw,
+                      a.dh, a.pad_top, a.pad_left, bp != NULL)
+        elif a.mode == GK_ROW_PARTS:
+            part = t // a.slices
+            _grad_kernel_tasks(xp, gp, sums + part * ps, a.tasks, t % a.slices * n // a.slices,
+                               (t % a.slices + 1) * n // a.slices, a.N, a.Hx, a.Wx, a.C, a.OH,
+                               a.OW, a.F, a.KW, a.cin_g, a.groups, a.sh, a.sw, a.dh, a.dwl,
+                               a.ptx, a.plx, a.chunk, a.KH, a.dk3, a.pk3,
+                               NULL if bp == NULL else sums + part * ps + ps - a.F,
+                               part * rows // a.parts, (part + 1) * rows // a.parts)
+        elif a.mode == GK_SUMS:
+            s = sums[t]
+            for c in range(1, a.parts):
+                s = s + sums[c * ps + t]
+            if t < ps - a.F:
+                dp[t] = s
+            else:
+                bp[t - ps + a.F] = s
+        else:   # GK_TASKS
+            _grad_kernel_tasks(xp, gp, dp, a.tasks, t * n // a.threads, (t + 1) * n // a.threads,
+                               a.N, a.Hx, a.Wx, a.C, a.OH, a.OW, a.F, a.KW, a.cin_g, a.groups,
+                               a.sh, a.sw, a.dh, a.dwl, a.ptx, a.plx, a.chunk, a.KH, a.dk3,
+                               a.pk3, bp, 0, rows)
+
+
 cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                       Py_ssize_t C, const floating* gp0, Py_ssize_t OH, Py_ssize_t OW,
                       Py_ssize_t F, floating* dp0, Py_ssize_t KH, Py_ssize_t KW,
@@ -3507,8 +3929,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # multiply-adds (7x7/2 stem: 110 GFLOP/s; on space-to-depth blocks 197, a third of their
     # taps zero)
     cdef bint merged = _gk_merged(cin_g, KW, F, dwl, groups, sz) and not pairk
-    cdef Py_ssize_t Hx = H, Wx = W, m0, ih, n, ncopy, lead, m
-    cdef int ptx = pad_top, plx = pad_left
+    cdef Py_ssize_t Hx, Wx, m0
     cdef floating* xpad = NULL
     cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
     cdef floating* parts = NULL
@@ -3609,12 +4030,17 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     chunk = _max(1, _min(MAX_CHUNK, _max((96 * 1024) // _max(1, OW * F * sz),
                                          _cdiv(224 if pairk or quadk else 112, OW))))
     nt = _max(1, _min(n_threads, ntasks))
-    cdef const floating* xp = xp0
     cdef const floating* gp = gp0 if gpad == NULL else gpad
     cdef floating* dp = dp0 if dpad == NULL else dpad
     cdef floating* bp = db0 if bpad == NULL else bpad
-    cdef fc_team_t* team = fc_team()
-    cdef int woke
+    cdef Gk job
+    job.x, job.dy, job.dw, job.db, job.tasks, job.ntasks = xp0, gp, dp, bp, tasks, ntasks
+    job.N, job.H, job.W, job.C, job.Hx, job.Wx, job.OH, job.OW = N, H, W, C, H, W, OH, OW
+    job.F, job.Fv, job.KH, job.KW, job.cin_g, job.groups = F, Fv, KH, KW, cin_g, groups
+    job.sh, job.sw, job.dh, job.dwl, job.pad_top, job.pad_left = sh, sw, dh, dwl, pad_top, pad_left
+    job.ptx, job.plx, job.chunk, job.dk3, job.pk3 = pad_top, pad_left, chunk, dk3, pk3
+    job.f64 = floating is double
+    cdef Copies frame
     if Fv:
         parts = <floating*>malloc(nparts * 10 * Fv * sizeof(floating))
         if parts == NULL:
@@ -3623,13 +4049,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             free(dpad)
             free(bpad)
             return -1
-        woke = fc_wake_begin(team, n_threads)
-        for part in prange(nparts, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            _dwk_part(xp, gp, parts + part * 10 * Fv, part * N * OH // nparts,
-                      (part + 1) * N * OH // nparts, H, W, C, OH, OW, Fv, sh, sw, dh, pad_top,
-                      pad_left, bp != NULL)
-        fc_wake_end(team, woke)
+        job.mode, job.sums, job.parts = GK_DWK_PARTS, parts, nparts
+        _parallel(n_threads, _gk_body, &job, nparts)
         for tap in range(10 if bp != NULL else 9):
             for c in range(Fv):
                 s = parts[tap * Fv + c]
@@ -3655,22 +4076,12 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         # row by row on the threads (before: calloc, then the copy on one thread, faulting in
         # calloc's fresh pages; A/B, 2 threads: 7x7/2 stem on 4x224x224x3 1.00-1.05x, on
         # 8x224x224x3 1.06x, 3x3/2 on 4x112x112x3 1.16x; bit-identical)
-        lead = _min(pad_left, Wx) * C
-        ncopy = _max(0, _min(W, Wx - pad_left)) * C
-        woke = fc_wake_begin(team, n_threads)
-        for m in prange(N * Hx, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            ih = m % Hx - pad_top
-            if ih >= 0 and ih < H:
-                memset(xpad + m * Wx * C, 0, lead * sz)
-                memcpy(xpad + m * Wx * C + lead, xp0 + (m // Hx * H + ih) * W * C, ncopy * sz)
-                memset(xpad + m * Wx * C + lead + ncopy, 0, (Wx * C - lead - ncopy) * sz)
-            else:
-                memset(xpad + m * Wx * C, 0, Wx * C * sz)
-        fc_wake_end(team, woke)
-        xp = xpad
-        ptx = 0
-        plx = 0
+        frame.src, frame.dst = <const char*>xp0, <char*>xpad
+        frame.H, frame.Hx, frame.top, frame.rows_src = H, Hx, pad_top, W * C * sz
+        frame.lead, frame.rowd = _min(pad_left, Wx) * C * sz, Wx * C * sz
+        frame.size = _max(0, _min(W, Wx - pad_left)) * C * sz
+        _parallel(n_threads, _copy_framed, &frame, N * Hx)
+        job.x, job.Hx, job.Wx, job.ptx, job.plx = xpad, Hx, Wx, 0, 0
     # blocks of output rows (GK_PARTS), each with all the tasks and its own sums, added in order
     # (bit-identical on any thread count), where those sums are small beside x and dy: a thread
     # then reads only its own rows of x and dy. Split by tasks, each thread read all of them,
@@ -3681,7 +4092,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # 1.18x. With sums of more than 1/8 of x and dy, warm, blocks lost (1x1 672 -> 112 on
     # 8x14x14, at 1/4: 0.93x; 480 -> 80, 1/6: 0.96x). More threads than parts split each part's
     # tasks.
-    cdef Py_ssize_t nrp = _min(N * OH, GK_PARTS), psize = KH * KW * cin_g * F + F, e, u
+    cdef Py_ssize_t nrp = _min(N * OH, GK_PARTS), psize = KH * KW * cin_g * F + F
     cdef Py_ssize_t slices = _cdiv(n_threads, _max(1, nrp))
     cdef floating* rp = NULL
     if (ntasks and not dk3 and nrp > 1
@@ -3694,37 +4105,15 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             free(dpad)
             free(bpad)
             return -1
-        woke = fc_wake_begin(team, n_threads)
-        for u in prange(nrp * slices, schedule="static", num_threads=n_threads):
-            fc_note_thread(team)
-            part = u // slices
-            _grad_kernel_tasks(xp, gp, rp + part * psize, tasks, u % slices * ntasks // slices,
-                               (u % slices + 1) * ntasks // slices, N, Hx, Wx, C, OH, OW, F,
-                               KW, cin_g, groups, sh, sw, dh, dwl, ptx, plx, chunk, KH, dk3, pk3,
-                               NULL if bp == NULL else rp + part * psize + psize - F,
-                               part * N * OH // nrp, (part + 1) * N * OH // nrp)
-        fc_wake_end(team, woke)
-        woke = fc_wake_begin(team, n_threads)
-        for e in prange(psize if bp != NULL else psize - F, schedule="static",
-                        num_threads=n_threads):
-            fc_note_thread(team)
-            s = rp[e]
-            for c in range(1, nrp):
-                s = s + rp[c * psize + e]
-            if e < psize - F:
-                dp[e] = s
-            else:
-                bp[e - psize + F] = s
-        fc_wake_end(team, woke)
+        job.sums, job.parts, job.psize, job.slices = rp, nrp, psize, slices
+        job.mode = GK_ROW_PARTS
+        _parallel(n_threads, _gk_body, &job, nrp * slices)
+        job.mode = GK_SUMS
+        _parallel(n_threads, _gk_body, &job, psize if bp != NULL else psize - F)
         free(rp)
     elif ntasks:
-        woke = fc_wake_begin(team, nt)
-        for t in prange(nt, schedule="static", num_threads=nt):
-            fc_note_thread(team)
-            _grad_kernel_tasks(xp, gp, dp, tasks, t * ntasks // nt, (t + 1) * ntasks // nt,
-                               N, Hx, Wx, C, OH, OW, F, KW, cin_g, groups, sh, sw, dh, dwl,
-                               ptx, plx, chunk, KH, dk3, pk3, bp, 0, N * OH)
-        fc_wake_end(team, woke)
+        job.mode, job.threads = GK_TASKS, nt
+        _parallel(nt, _gk_body, &job, nt)
     free(xpad)
     if dpad != NULL:
         _unpad(dpad, cout_g, dp0, F0 // groups, KH * KW * cin_g, groups, NULL)
@@ -3806,17 +4195,38 @@ def ffi_transpose():
     return PyCapsule_New(<void*>_transpose_f32, b"fastconv.transpose_f32", NULL)
 
 
+ctypedef struct Layout:
+    const void* src
+    void* dst
+    Py_ssize_t N, A, B, TA, TB, R, F, H, W, C, HB, WB, s, pad_top, pad_left, sz
+    bint f64, to_blocks
+
+
 cdef void _transpose(const floating* s, Py_ssize_t N, Py_ssize_t A, Py_ssize_t B,
                      floating* d, int n_threads) noexcept nogil:
     # In 32x32 tiles (4 KB a side, both in L1), so that reads and writes each use whole cache
     # lines: numpy's strided copy is single-threaded and runs 3-4x slower on the NHWC -> NCHW
     # side.
-    cdef Py_ssize_t TA = (A + 31) // 32, TB = (B + 31) // 32
+    cdef Layout job
+    job.src, job.dst, job.N, job.A, job.B = s, d, N, A, B
+    job.TA, job.TB, job.f64 = (A + 31) // 32, (B + 31) // 32, floating is double
+    _parallel(n_threads, _transpose_body, &job, N * job.TA * job.TB)
+
+
+cdef void _transpose_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
+    cdef Layout* a = <Layout*>c
+    if a.f64:
+        _transpose_tiles(<const double*>a.src, a, t0, t1)
+    else:
+        _transpose_tiles(<const float*>a.src, a, t0, t1)
+
+
+cdef void _transpose_tiles(const floating* s, Layout* a, Py_ssize_t t0,
+                           Py_ssize_t t1) noexcept nogil:
+    cdef floating* d = <floating*>a.dst
+    cdef Py_ssize_t A = a.A, B = a.B, TA = a.TA, TB = a.TB
     cdef Py_ssize_t t, n, i0, j0, i, j, i1, j1, ib, jb
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    for t in prange(N * TA * TB, schedule="static", num_threads=n_threads):
-        fc_note_thread(team)
+    for t in range(t0, t1):
         n = t // (TA * TB)
         i0 = (t // TB) % TA * 32
         j0 = t % TB * 32
@@ -3837,7 +4247,6 @@ cdef void _transpose(const floating* s, Py_ssize_t N, Py_ssize_t A, Py_ssize_t B
         for i in range(ib, i1):
             for j in range(j0, j1):
                 d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
-    fc_wake_end(team, woke)
 
 
 def channel_sums(const floating[:, ::1] a,   # IN  (R, F)
@@ -3865,9 +4274,8 @@ cdef int _channel_sums(const floating* s, Py_ssize_t R, Py_ssize_t F, floating* 
     # (0, 1, 2) took 5-8x as long (8x56x56x256: 6.0 vs 1.0 ms), XLA's 2-4x (3.3 vs 0.8 ms).
     # Partial sums over blocks of 64 rows, added in block order: the result does not depend on
     # the thread count.
-    cdef Py_ssize_t nb = (R + 63) // 64, b, r, f
+    cdef Py_ssize_t nb = (R + 63) // 64, b, f
     cdef floating* part
-    cdef floating* acc
     if F == 0:
         return 0
     if R == 0:
@@ -3876,17 +4284,9 @@ cdef int _channel_sums(const floating* s, Py_ssize_t R, Py_ssize_t F, floating* 
     part = <floating*>malloc(nb * F * sizeof(floating))
     if part == NULL:
         return -1
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    for b in prange(nb, schedule="static", num_threads=n_threads):
-        fc_note_thread(team)
-        acc = part + b * F
-        for f in range(F):
-            acc[f] = s[b * 64 * F + f]
-        for r in range(b * 64 + 1, _min(R, b * 64 + 64)):
-            for f in range(F):
-                acc[f] = acc[f] + s[r * F + f]
-    fc_wake_end(team, woke)
+    cdef Layout job
+    job.src, job.dst, job.R, job.F, job.f64 = s, part, R, F, floating is double
+    _parallel(n_threads, _sums_body, &job, nb)
     for f in range(F):
         out[f] = part[f]
     for b in range(1, nb):
@@ -3896,40 +4296,64 @@ cdef int _channel_sums(const floating* s, Py_ssize_t R, Py_ssize_t F, floating* 
     return 0
 
 
+cdef void _sums_body(void* c, Py_ssize_t b0, Py_ssize_t b1, int k) noexcept nogil:
+    cdef Layout* a = <Layout*>c
+    if a.f64:
+        _sums_blocks(<const double*>a.src, a, b0, b1)
+    else:
+        _sums_blocks(<const float*>a.src, a, b0, b1)
+
+
+cdef void _sums_blocks(const floating* s, Layout* a, Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
+    # block b's partial sums (rows 64 b .. 64 b + 63) to part[b]
+    cdef Py_ssize_t F = a.F, b, r, f
+    cdef floating* acc
+    for b in range(b0, b1):
+        acc = <floating*>a.dst + b * F
+        for f in range(F):
+            acc[f] = s[b * 64 * F + f]
+        for r in range(b * 64 + 1, _min(a.R, b * 64 + 64)):
+            for f in range(F):
+                acc[f] = acc[f] + s[r * F + f]
+
+
 cdef void _blocks(floating* x, floating* blocks, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                   Py_ssize_t C, Py_ssize_t HB, Py_ssize_t WB, Py_ssize_t s, Py_ssize_t pad_top,
                   Py_ssize_t pad_left, bint to_blocks, int n_threads) noexcept nogil:
     # blocks[n, i, j, (a*s + b)*C + c] = x[n, i*s + a - pad_top, j*s + b - pad_left, c]: each
     # s x s block of the zero-padded input is one pixel of s*s*C channels. to_blocks: blocks
     # from x (zeros outside x); else x from blocks (block pixels outside x dropped).
-    cdef Py_ssize_t r, n, i, a, b, j, c, ih, iw
-    cdef floating* xp
-    cdef floating* bp
-    cdef fc_team_t* team = fc_team()
-    cdef int woke = fc_wake_begin(team, n_threads)
-    for r in prange(N * HB * s, schedule="static", num_threads=n_threads):
-        fc_note_thread(team)
-        n = r // (HB * s)
-        i = r // s % HB
+    cdef Layout job
+    job.src, job.dst, job.N, job.H, job.W, job.C, job.HB, job.WB = x, blocks, N, H, W, C, HB, WB
+    job.s, job.pad_top, job.pad_left, job.to_blocks = s, pad_top, pad_left, to_blocks
+    job.sz = sizeof(floating)
+    _parallel(n_threads, _blocks_rows, &job, N * HB * s)
+
+
+cdef void _blocks_rows(void* c, Py_ssize_t r0, Py_ssize_t r1, int k) noexcept nogil:
+    # row a of block row i of image n, r = (n * HB + i) * s + a; in bytes (any dtype)
+    cdef Layout* L = <Layout*>c
+    cdef Py_ssize_t s = L.s, C = L.C * L.sz, r, n, i, a, b, j, ih, iw
+    cdef char* xp
+    cdef char* bp
+    for r in range(r0, r1):
+        n = r // (L.HB * s)
+        i = r // s % L.HB
         a = r % s
-        ih = i * s + a - pad_top
-        for j in range(WB):
+        ih = i * s + a - L.pad_top
+        for j in range(L.WB):
             for b in range(s):
-                iw = j * s + b - pad_left
-                bp = blocks + ((n * HB + i) * WB + j) * s * s * C + (a * s + b) * C
-                if ih < 0 or ih >= H or iw < 0 or iw >= W:
-                    if to_blocks:
-                        for c in range(C):
-                            bp[c] = 0
+                iw = j * s + b - L.pad_left
+                bp = <char*>L.dst + ((n * L.HB + i) * L.WB + j) * s * s * C + (a * s + b) * C
+                if ih < 0 or ih >= L.H or iw < 0 or iw >= L.W:
+                    if L.to_blocks:
+                        memset(bp, 0, C)
                     continue
-                xp = x + ((n * H + ih) * W + iw) * C
-                if to_blocks:
-                    for c in range(C):
-                        bp[c] = xp[c]
+                xp = <char*>L.src + ((n * L.H + ih) * L.W + iw) * C
+                if L.to_blocks:
+                    memcpy(bp, xp, C)
                 else:
-                    for c in range(C):
-                        xp[c] = bp[c]
-    fc_wake_end(team, woke)
+                    memcpy(xp, bp, C)
 
 
 def space_to_depth(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)

@@ -419,6 +419,45 @@ def test_bit_identical_for_any_thread_count(case, monkeypatch):
             assert np.array_equal(a, b)
 
 
+@pytest.mark.skipif(not _dispatch.kernels.POOL, reason="fastconv's own threads: Linux, GNU C")
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[20],
+                                  CASES[30]], ids=str)
+def test_loops_finish_when_workers_come_late(case, data_format, monkeypatch):
+    """A worker of fastconv's own that comes late to a loop (its CPU busy with another
+    library's thread) finds its share done by the caller: the same results, bit for bit, and
+    every loop of each call (packing, padding, rows, blocks of sums, transposes) goes through
+    that path."""
+    monkeypatch.setattr(host, "_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(host, "_ELEMENTS_PER_THREAD", 1)
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(2)
+    x_shape = (n + 3, h + 9, w + 7, c)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    if data_format == "channels_first":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    k = rng.standard_normal((kh, kw, c // groups, f)).astype(np.float32)
+    spec = ConvSpec.make(strides, padding, data_format, dilation)
+    results = []
+    _dispatch.set_num_threads(2)
+    try:
+        for late in (0, 0.003):
+            old = _dispatch.kernels.set_pool(True, 2e-4, late)
+            try:
+                out = host.forward(x, k, spec)
+                dy = np.cos(out)
+                results.append((out, host.grad_input(dy, k, spec, x.shape),
+                                *host.grad_kernel(x, dy, spec, k.shape, bias=True)))
+            finally:
+                _dispatch.kernels.set_pool(*old)
+    finally:
+        _dispatch.set_num_threads(None)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+    reference.assert_close(results[1][0], reference.conv(x, k, strides, padding, dilation,
+                                                         data_format), 1e-4, "forward")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kernel", [(1, 1), (1, 3)])
 def test_grad_kernel_row_blocks_split_over_more_threads(variant, kernel, monkeypatch):

@@ -48,6 +48,38 @@ def test_default_thread_count_at_import_honours_omp_num_threads(omp, expected):
     assert threads == (expected if openmp else 1)
 
 
+def _fastconv_threads_in_child(value):
+    env = {k: v for k, v in os.environ.items() if k != "FASTCONV_THREADS"}
+    env["KERAS_BACKEND"] = "numpy"
+    if value is not None:
+        env["FASTCONV_THREADS"] = value
+    return subprocess.run(
+        [sys.executable, "-c",
+         "import fastconv; fastconv.show_config(); "
+         "print(fastconv._dispatch.kernels.pool_settings()[0])"],
+        env=env, capture_output=True, text=True, timeout=300)
+
+
+@only_numpy
+@pytest.mark.parametrize("value", [None, "own", "openmp"])
+def test_fastconv_threads_chooses_whose_threads_run_the_loops(value):
+    run = _fastconv_threads_in_child(value)
+    assert run.returncode == 0, run.stderr[-3000:]
+    own = value != "openmp" and _dispatch.kernels.POOL
+    assert run.stdout.split()[-1] == str(own)
+    if own:
+        assert "fastconv's own workers" in run.stdout
+    elif _dispatch.kernels.OPENMP:
+        assert "(OpenMP)" in run.stdout
+
+
+@only_numpy
+def test_bad_fastconv_threads_raises_value_error():
+    run = _fastconv_threads_in_child("pthreads")
+    assert run.returncode != 0
+    assert "ValueError" in run.stderr and "FASTCONV_THREADS='pthreads'" in run.stderr
+
+
 @pytest.mark.parametrize("omp,expected", [
     ("1", 1), ("2", min(2, CPUS)), ("1000", CPUS), ("1,2", 1), (" 1 ", 1), ("", CPUS),
     ("junk", CPUS), ("0", CPUS), ("-3", CPUS),
@@ -159,10 +191,19 @@ def test_python_threads_with_different_thread_counts_and_layers():
             np.testing.assert_array_equal(out, alone[j])
 
 
+@pytest.fixture
+def openmp_loops():
+    """The kernels' loops on OpenMP (as when fastconv's own threads are busy with another
+    thread's loop, or on builds without them)."""
+    old = _dispatch.kernels.set_pool(False)
+    yield
+    _dispatch.kernels.set_pool(*old)
+
+
 @only_numpy
 @pytest.mark.skipif(not _dispatch.kernels.OPENMP or not sys.platform.startswith("linux"),
                     reason="the count of OpenMP masters is kept with OpenMP on Linux")
-def test_openmp_masters_counted_while_their_threads_live():
+def test_openmp_masters_counted_while_their_threads_live(openmp_loops):
     """A thread that led a team of the kernels' threads counts as a master while it lives
     (with two, every region keeps the workers off the master's CPU: libgomp then lets them
     sleep after each region) and stops counting when it exits; results stay exact meanwhile."""
@@ -205,15 +246,21 @@ def test_openmp_masters_counted_while_their_threads_live():
 @only_numpy
 @pytest.mark.skipif(not _dispatch.kernels.OPENMP or not hasattr(os, "fork"),
                     reason="the fork safeguard is for OpenMP builds where fork exists")
+@pytest.mark.parametrize("pool", [True, False], ids=["own threads", "openmp"])
 @pytest.mark.parametrize("forking_thread_led", [True, False])
-def test_forked_child_runs_the_kernels(forking_thread_led):
-    """A child forked from a thread that led a team of the kernels' threads gets libgomp's pool
-    without its workers: a region of 2 threads there waited for them forever. fastconv then
-    uses 1 thread in the child (set_num_threads cannot raise it) and gives the same results.
-    Forked from a thread that led no team (while another thread's team lives), the child keeps
-    all its threads, and counts only its own team."""
+def test_forked_child_runs_the_kernels(forking_thread_led, pool):
+    """A child forked from a thread that led a team of the kernels' OpenMP threads gets
+    libgomp's pool without its workers: a region of 2 threads there waited for them forever.
+    fastconv then uses 1 thread in the child (set_num_threads cannot raise it) and gives the
+    same results. Forked from a thread that led no team (while another thread's team lives),
+    the child keeps all its threads, and counts only its own team. fastconv's own threads (which
+    run the loops unless another thread's loop holds them) are started anew in a child: it
+    keeps 2 threads there."""
     import threading
     import time
+
+    if not pool:
+        old = _dispatch.kernels.set_pool(False)
 
     kwargs, shape = THREAD_CASES[1]
     layer = _layer(kwargs, shape, seed=7)
@@ -249,12 +296,18 @@ def test_forked_child_runs_the_kernels(forking_thread_led):
     pid = None
     try:
         assert led.wait(timeout=60)
-        if forking_thread_led:
+        if forking_thread_led and not pool:
             layer(x)  # this thread leads a team too
             pid, read = fork()
-        else:  # from a fresh thread, which never led one
+        else:  # from a fresh thread, which never led one (this one may have, in other tests)
             forked = []
-            forker = threading.Thread(target=lambda: forked.append(fork()))
+
+            def forker_run():
+                if forking_thread_led:
+                    layer(x)  # on fastconv's own threads: no team
+                forked.append(fork())
+
+            forker = threading.Thread(target=forker_run)
             forker.start()
             forker.join()
             pid, read = forked[0]
@@ -276,5 +329,10 @@ def test_forked_child_runs_the_kernels(forking_thread_led):
         release.set()
         leader.join()
         fastconv.set_num_threads(None)
+        if not pool:
+            _dispatch.kernels.set_pool(*old)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert report == ("1 0 True" if forking_thread_led else "2 1 True")
+    if pool and _dispatch.kernels.POOL:
+        assert report == "2 0 True"
+    else:
+        assert report == ("1 0 True" if forking_thread_led else "2 1 True")
