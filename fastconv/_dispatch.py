@@ -3,8 +3,8 @@
 setup.py compiles the same kernels for several CPU targets; here the best one the running CPU
 supports is imported. FASTCONV_KERNELS=baseline|avx2|avx512 forces one (an unsupported one is an
 error, never an "illegal instruction" crash). The kernels' parallel loops run on fastconv's own
-worker threads where the build has them (Linux, GNU C, OpenMP), else on OpenMP's;
-FASTCONV_THREADS=openmp chooses OpenMP's.
+worker threads where the build has them (Linux, GNU C, OpenMP), else on OpenMP's; on the torch
+backend on OpenMP's too (below). FASTCONV_THREADS=own|openmp chooses.
 """
 
 import importlib
@@ -76,14 +76,27 @@ def _cpu_vendor():
 def _tune(module):
     # AMD's prefetchers favour whole rows in the depthwise 3x3 kernel (fc_dwrow_pix)
     module.set_dwrow_pixels(64 if _cpu_vendor() == "AuthenticAMD" else module.DWROW_PIXELS)
-    threads = os.environ.get("FASTCONV_THREADS", "own")
-    if threads not in ("own", "openmp"):
+    if _THREADS not in ("auto", "own", "openmp"):
         raise ValueError(
-            f"FASTCONV_THREADS must be 'own' (fastconv's worker threads) or 'openmp'. "
-            f"Received: FASTCONV_THREADS={threads!r}"
+            f"FASTCONV_THREADS must be 'own' (fastconv's worker threads), 'openmp' or 'auto' "
+            f"(own, but OpenMP's on the torch backend). Received: FASTCONV_THREADS={_THREADS!r}"
         )
-    module.set_pool(threads == "own")
+    module.set_pool(_THREADS != "openmp")
     return module
+
+
+_THREADS = os.environ.get("FASTCONV_THREADS", "auto")
+
+
+def openmp_shared_with_torch():
+    """Called by the torch bridge. torch's wheel brings its own libgomp.so.1, and the loader
+    gives the kernels that same library (same soname): torch's ops and OpenMP loops of the
+    kernels then run on one team of threads, hot after each other's work. fastconv's own
+    workers instead found torch's spinning in their way right after a torch op (Keras Conv2D
+    then fastconv, 2 threads: 1x1 256 -> 512 on 4x28x28 2.7-3.1 ms on OpenMP, 4.0-4.5 on own
+    threads, 4.3-5.1 on 1). So with the default FASTCONV_THREADS, OpenMP runs the loops."""
+    if _THREADS == "auto":
+        kernels.set_pool(False)
 
 
 kernels = _tune(load())

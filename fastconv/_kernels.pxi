@@ -189,15 +189,15 @@ cdef extern from *:
     """
     /* fastconv's own worker threads. A parallel loop is cut into blocks, each thread's share
        contiguous as in OpenMP's static schedule (a thread reads the rows it read last call,
-       still in its L2); a thread done with its share takes blocks of the shares whose thread
-       has not come yet. The caller returns as soon as every claimed block is done. A worker
+       still in its L2); a thread done with its share takes blocks from the back of the others'
+       shares. The caller returns as soon as every claimed block is done. A worker
        that starts late (its CPU held by another library's spinning thread: OpenBLAS spins
        ~0.1 s after a threaded matmul, TensorFlow's, XLA's and torch's pools after their ops)
        then finds nothing left to claim, and the loop costs what one thread costs; an OpenMP
        region's join waited for it (grouped 4x28x28x256/32 forward after a numpy matmul: 3.4 ms
-       on 2 OpenMP threads, 1.3 on 1, 0.7 here). Workers spin a while
-       after a loop (loops of one call, and layer after layer, follow each other closely), then
-       sleep on a futex; sleeping workers are woken off the caller's CPU as fc_wake_begin does.
+       on 2 OpenMP threads, 1.3 on 1, 0.7 here); one that starts and then shares its CPU has
+       the rest of its share taken from the back. Workers spin a while after a loop (loops of
+       one call, and layer after layer, follow each other closely), then sleep on a futex; sleeping workers are woken off the caller's CPU as fc_wake_begin does.
        One loop at a time: a second thread's loop meanwhile runs on OpenMP (fc_pool_run -1).
        Linux with GNU C; elsewhere OpenMP runs every loop. */
     #if defined(__linux__) && defined(__GNUC__) && defined(_OPENMP)
@@ -207,9 +207,9 @@ cdef extern from *:
       #define FC_POOL_OK 1
       #define FC_POOL_MAX 64
       typedef void (*fc_body_t)(void*, ptrdiff_t, ptrdiff_t, int);
-      /* thread k's share: loop number << 32 | its next block, and the loop number once thread k
-         has come to that loop (a cache line each) */
-      typedef struct { uint64_t word; uint32_t came; char pad[52]; } fc_share_t;
+      /* thread k's share of blocks [next, end): loop number << 32 | next << 16 | end (a cache
+         line each; fewer than 8 * threads + 1 blocks in all) */
+      typedef struct { uint64_t word; char pad[56]; } fc_share_t;
       static fc_share_t fc_shares[FC_POOL_MAX] __attribute__((aligned(64)));
       static struct {
           int seq;            /* loop number: the futex word */
@@ -227,29 +227,28 @@ cdef extern from *:
       static int fc_pool_enabled = 1;
       static double fc_pool_spin = 2e-4;   /* seconds a worker spins before it sleeps */
       static double fc_pool_late = 0;      /* (tests) seconds a worker waits before each loop */
-      static inline ptrdiff_t fc_pool_claim(uint64_t* word, uint32_t s, ptrdiff_t end) {
+      /* the first block of a share of loop s (back: its last), or -1 */
+      static inline ptrdiff_t fc_pool_claim(uint64_t* word, uint32_t s, int back) {
           uint64_t w = __atomic_load_n(word, __ATOMIC_ACQUIRE);
           for (;;) {
-              if ((uint32_t)(w >> 32) != s || (ptrdiff_t)(uint32_t)w >= end) return -1;
-              if (__atomic_compare_exchange_n(word, &w, w + 1, 1, __ATOMIC_ACQ_REL,
-                                              __ATOMIC_ACQUIRE))
-                  return (ptrdiff_t)(uint32_t)w;
+              uint64_t next = (w >> 16) & 0xffff, end = w & 0xffff;
+              if ((uint32_t)(w >> 32) != s || next >= end) return -1;
+              uint64_t v = back ? w - 1 : w + (1 << 16);
+              if (__atomic_compare_exchange_n(word, &w, v, 1, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                  return (ptrdiff_t)(back ? end - 1 : next);
           }
       }
-      /* blocks of loop s: thread k's share, then those of threads that have not come; a worker
-         late for loop s may read fields of a later loop here, but then claims nothing (the loop
-         number is part of each claimed word). (Taking blocks of a share whose thread works on
-         it cost locality: 3x3 64 -> 64 on 4x56x56 grad_kernel, 4 blocks, 2.4 -> 2.9 ms.) */
+      /* blocks of loop s: thread k's share from the front, then the others' from the back; a
+         worker late for loop s may read fields of a later loop here, but then claims nothing
+         (the loop number is part of each claimed word) */
       static void fc_pool_work(uint32_t s, int k) {
           fc_body_t body = fc_pool.body;
           void* ctx = fc_pool.ctx;
-          ptrdiff_t n = fc_pool.n, g = fc_pool.grain, nb = (n + g - 1) / g, i;
+          ptrdiff_t n = fc_pool.n, g = fc_pool.grain, i;
           int width = __atomic_load_n(&fc_pool.width, __ATOMIC_RELAXED);
-          __atomic_store_n(&fc_shares[k].came, s, __ATOMIC_RELEASE);
           for (int d = 0; d < width; d++) {
               int j = (k + d) % width;
-              while ((d == 0 || __atomic_load_n(&fc_shares[j].came, __ATOMIC_ACQUIRE) != s)
-                     && (i = fc_pool_claim(&fc_shares[j].word, s, (j + 1) * nb / width)) >= 0) {
+              while ((i = fc_pool_claim(&fc_shares[j].word, s, d > 0)) >= 0) {
                   ptrdiff_t e = (i + 1) * g < n ? (i + 1) * g : n;
                   body(ctx, i * g, e, k);
                   __atomic_add_fetch(&fc_pool.done, e - i * g, __ATOMIC_RELEASE);
@@ -342,8 +341,9 @@ cdef extern from *:
           fc_pool.done = 0;
           __atomic_store_n(&fc_pool.width, threads, __ATOMIC_RELAXED);
           for (int j = 0; j < threads; j++)
-              __atomic_store_n(&fc_shares[j].word, (uint64_t)s << 32 | (uint64_t)(j * nb / threads),
-                               __ATOMIC_RELEASE);
+              __atomic_store_n(&fc_shares[j].word,
+                               (uint64_t)s << 32 | (uint64_t)(j * nb / threads) << 16
+                               | (uint64_t)((j + 1) * nb / threads), __ATOMIC_RELEASE);
           __atomic_store_n(&fc_pool.seq, (int)s, __ATOMIC_SEQ_CST);
           if (__atomic_load_n(&fc_pool.sleepers, __ATOMIC_SEQ_CST) > 0)
               syscall(SYS_futex, &fc_pool.seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);

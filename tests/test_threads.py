@@ -48,20 +48,21 @@ def test_default_thread_count_at_import_honours_omp_num_threads(omp, expected):
     assert threads == (expected if openmp else 1)
 
 
-def _fastconv_threads_in_child(value):
+def _fastconv_threads_in_child(value, backend="numpy"):
     env = {k: v for k, v in os.environ.items() if k != "FASTCONV_THREADS"}
-    env["KERAS_BACKEND"] = "numpy"
+    env["KERAS_BACKEND"] = backend
     if value is not None:
         env["FASTCONV_THREADS"] = value
     return subprocess.run(
         [sys.executable, "-c",
-         "import fastconv; fastconv.show_config(); "
+         "import numpy as np, keras, fastconv; fastconv.show_config(); "
+         "fastconv.Conv2D(4, 3)(keras.ops.convert_to_tensor(np.ones((2, 9, 9, 3), 'float32'))); "
          "print(fastconv._dispatch.kernels.pool_settings()[0])"],
         env=env, capture_output=True, text=True, timeout=300)
 
 
 @only_numpy
-@pytest.mark.parametrize("value", [None, "own", "openmp"])
+@pytest.mark.parametrize("value", [None, "auto", "own", "openmp"])
 def test_fastconv_threads_chooses_whose_threads_run_the_loops(value):
     run = _fastconv_threads_in_child(value)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -78,6 +79,17 @@ def test_bad_fastconv_threads_raises_value_error():
     run = _fastconv_threads_in_child("pthreads")
     assert run.returncode != 0
     assert "ValueError" in run.stderr and "FASTCONV_THREADS='pthreads'" in run.stderr
+
+
+@only_numpy
+@pytest.mark.parametrize("value", [None, "own"])
+def test_torch_backend_runs_the_loops_on_openmp_by_default(value):
+    """On torch, the kernels share torch's libgomp: OpenMP's team, hot after torch's ops,
+    unless FASTCONV_THREADS asks for fastconv's own threads."""
+    pytest.importorskip("torch")
+    run = _fastconv_threads_in_child(value, "torch")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == str(value == "own" and _dispatch.kernels.POOL)
 
 
 @pytest.mark.parametrize("omp,expected", [

@@ -9,8 +9,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastconv import _dispatch
 from fastconv.backends import numpy as host
 from fastconv.geometry import ConvSpec
+
+_dispatch.openmp_shared_with_torch()
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _NHWC = ConvSpec()
