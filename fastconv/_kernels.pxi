@@ -16,7 +16,7 @@
 # in a fixed chunking of output rows.
 
 from cython.parallel cimport prange
-from libc.stdlib cimport calloc, malloc, free
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from libc.math cimport exp
 from cpython.pycapsule cimport PyCapsule_New
@@ -409,6 +409,21 @@ cdef void _parallel(int threads, fc_body_t body, void* ctx, Py_ssize_t n) noexce
         fc_note_thread(team)
         body(ctx, t * n // threads, (t + 1) * n // threads, t)
     fc_wake_end(team, woke)
+
+
+cdef extern from *:
+    """
+    #include <stdlib.h>
+    /* Buffers the kernels read or write in whole vectors start on a cache line: a 64-byte
+       access that straddles two lines costs two (grad_input of 4x28x28x256 in 8 groups, with the
+       kernel's data 16, 32 or 48 bytes off a line: 1.78-1.87 ms; on a line: 1.44). glibc's
+       malloc aligns to 16 only (large blocks: mmap + 16). Freed with free(). */
+    static void* fc_amalloc(size_t n) {
+        void* p = NULL;
+        return posix_memalign(&p, 64, n ? n : 64) == 0 ? p : NULL;
+    }
+    """
+    void* fc_amalloc(size_t n) noexcept nogil
 
 
 cdef extern from *:
@@ -2126,7 +2141,7 @@ cdef inline bint _use_pair(int sz, Py_ssize_t cin_g, Py_ssize_t cout_g,
 cdef float* _pack_pair(const float* w, Py_ssize_t taps, Py_ssize_t cin_g, Py_ssize_t groups,
                        Py_ssize_t F) noexcept nogil:
     # w (taps, cin_g, F = groups*8) -> [tap][group][cin_g/2][16], lane 2*o + h <- w[tap][2k+h][8g+o]
-    cdef float* p = <float*>malloc(taps * cin_g * F * sizeof(float))
+    cdef float* p = <float*>fc_amalloc(taps * cin_g * F * sizeof(float))
     cdef Py_ssize_t t, g, k, o, h
     if p == NULL:
         return NULL
@@ -2149,7 +2164,7 @@ cdef inline bint _use_quad(int sz, Py_ssize_t cin_g, Py_ssize_t cout_g,
 
 cdef float* _pack_quad(const float* w, Py_ssize_t taps, Py_ssize_t groups) noexcept nogil:
     # w (taps, 4, F = groups*4) -> [tap][group][16], lane 4*o + i <- w[tap][i][4g+o]
-    cdef float* p = <float*>malloc(taps * 16 * groups * sizeof(float))
+    cdef float* p = <float*>fc_amalloc(taps * 16 * groups * sizeof(float))
     cdef Py_ssize_t t, g, o, i
     if p == NULL:
         return NULL
@@ -2640,7 +2655,7 @@ cdef floating* _column_blocks(const floating* a, Py_ssize_t rows, Py_ssize_t n,
     # with zeros; column j is at (j // vb) * rows * vb + j % vb, rows vb apart. With vb the
     # channels of a group: the group-major layout of grouped weights
     cdef Py_ssize_t nb = (n + vb - 1) // vb, sz = sizeof(floating)
-    cdef floating* p = <floating*>malloc(nb * rows * vb * sz)
+    cdef floating* p = <floating*>fc_amalloc(nb * rows * vb * sz)
     if p == NULL:
         return NULL
     # row i's pieces are its column blocks, rows * vb apart in p
@@ -2655,7 +2670,7 @@ cdef floating* _pad_columns(const floating* x, Py_ssize_t rows, Py_ssize_t W, Py
                             Py_ssize_t left, Py_ssize_t Wp, int n_threads) noexcept nogil:
     # (rows, W, C) -> (rows, Wp, C): `left` zero pixels before each row, zeros after it
     cdef Py_ssize_t sz = sizeof(floating)
-    cdef floating* p = <floating*>malloc(rows * Wp * C * sz)
+    cdef floating* p = <floating*>fc_amalloc(rows * Wp * C * sz)
     if p == NULL:
         return NULL
     cdef Copies job
@@ -2672,7 +2687,7 @@ cdef floating* _pad_groups(const floating* a, Py_ssize_t rows, Py_ssize_t groups
     # grad_kernel, 4x28x28x63 in 7 groups: element by element on one thread, 0.15 ms of the
     # call's 0.5)
     cdef Py_ssize_t sz = sizeof(floating)
-    cdef floating* p = <floating*>malloc(rows * groups * np_ * sz)
+    cdef floating* p = <floating*>fc_amalloc(rows * groups * np_ * sz)
     if p == NULL:
         return NULL
     cdef Copies job
@@ -2836,7 +2851,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     if Fp != F:
         # zero-padded channels (_padded), each row computed in a per-thread buffer
         wpad = _pad_groups(wp, KH * KW * cin_g, groups, cg, Fp // groups, 1)
-        rows = <floating*>malloc(n_threads * OW * Fp * sizeof(floating))
+        rows = <floating*>fc_amalloc(n_threads * OW * Fp * sizeof(floating))
         if wpad == NULL or rows == NULL:
             free(runs)
             free(wpad)
@@ -3426,12 +3441,13 @@ cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_s
     cdef Py_ssize_t tap, f, c
     cdef int parity
     cdef int nt = <int>_max(1, _min(n_threads, N * _cdiv(per, 2)))
-    cdef floating* wcol = <floating*>calloc(F * Kp, sz)
-    cdef floating* cols = <floating*>malloc(nt * R * OW * Kp * sz)
+    cdef floating* wcol = <floating*>fc_amalloc(F * Kp * sz)
+    cdef floating* cols = <floating*>fc_amalloc(nt * R * OW * Kp * sz)
     if wcol == NULL or cols == NULL:
         free(wcol)
         free(cols)
         return -1
+    memset(wcol, 0, F * Kp * sz)
     for tap in range(KH * KW):
         for f in range(F):
             for c in range(C):
@@ -3483,7 +3499,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef Py_ssize_t tap, ci, fi
     if (FC_RED_OK and groups == 1 and C <= 4 and F >= 2 * fc_red_lanes(sizeof(floating))
             and F % fc_red_lanes(sizeof(floating)) == 0):
-        wred = <floating*>malloc(KH * KW * C * F * sizeof(floating))
+        wred = <floating*>fc_amalloc(KH * KW * C * F * sizeof(floating))
         if wred == NULL:
             free(phases)
             free(wpk)
@@ -3496,7 +3512,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef floating* wflip = NULL
     if (FC_DWROW_OK and groups == C and cout_g == 1 and F == C and KH == 3 and KW == 3
             and sh == 1 and sw == 1 and dw == 1):
-        wflip = <floating*>malloc(9 * C * sizeof(floating))
+        wflip = <floating*>fc_amalloc(9 * C * sizeof(floating))
         if wflip == NULL:
             free(phases)
             free(wpk)
@@ -3517,7 +3533,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef floating* rows = NULL
     if Cp != C:
         wpad = _pad_groups(wp, KH * KW * cout_g, groups, cg, Cp // groups, 1)
-        rows = <floating*>malloc(n_threads * W * Cp * sizeof(floating))
+        rows = <floating*>fc_amalloc(n_threads * W * Cp * sizeof(floating))
         if wpad == NULL or rows == NULL:
             free(phases)
             free(wpk)
@@ -3898,9 +3914,9 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         cout_g = _padded(cout_g, sz)
         F = groups * cout_g
         gpad = _pad_groups(gp0, N * OH * OW, groups, F0 // groups, cout_g, n_threads)
-        dpad = <floating*>malloc(KH * KW * cin_g * F * sizeof(floating))
+        dpad = <floating*>fc_amalloc(KH * KW * cin_g * F * sizeof(floating))
         if db0 != NULL:
-            bpad = <floating*>malloc(F * sizeof(floating))
+            bpad = <floating*>fc_amalloc(F * sizeof(floating))
         if gpad == NULL or dpad == NULL or (db0 != NULL and bpad == NULL):
             free(gpad)
             free(dpad)
@@ -4042,7 +4058,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     job.f64 = floating is double
     cdef Copies frame
     if Fv:
-        parts = <floating*>malloc(nparts * 10 * Fv * sizeof(floating))
+        parts = <floating*>fc_amalloc(nparts * 10 * Fv * sizeof(floating))
         if parts == NULL:
             free(tasks)
             free(gpad)
@@ -4066,7 +4082,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         # pad_left) (a "valid" convolution on it)
         Hx = (OH - 1) * sh + (KH - 1) * dh + 1
         Wx = (OW - 1) * sw + KW
-        xpad = <floating*>malloc(N * Hx * Wx * C * sz)
+        xpad = <floating*>fc_amalloc(N * Hx * Wx * C * sz)
         if xpad == NULL:
             free(tasks)
             free(gpad)
@@ -4097,7 +4113,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef floating* rp = NULL
     if (ntasks and not dk3 and nrp > 1
             and 8 * nrp * psize <= N * H * W * C + N * OH * OW * F):
-        rp = <floating*>malloc(nrp * psize * sz)
+        rp = <floating*>fc_amalloc(nrp * psize * sz)
         if rp == NULL:
             free(xpad)
             free(tasks)
@@ -4281,7 +4297,7 @@ cdef int _channel_sums(const floating* s, Py_ssize_t R, Py_ssize_t F, floating* 
     if R == 0:
         memset(out, 0, F * sizeof(floating))
         return 0
-    part = <floating*>malloc(nb * F * sizeof(floating))
+    part = <floating*>fc_amalloc(nb * F * sizeof(floating))
     if part == NULL:
         return -1
     cdef Layout job

@@ -419,6 +419,29 @@ def test_bit_identical_for_any_thread_count(case, monkeypatch):
             assert np.array_equal(a, b)
 
 
+def test_kernels_get_cache_line_aligned_weights():
+    """The host hands the kernels weights that start on a 64-byte boundary (numpy promises 16:
+    a vector across two cache lines costs two loads): a copy, cast to the compute dtype, where
+    the array is not; an aligned C-contiguous array of that dtype as it is."""
+    base = np.empty(3 * 3 * 4 * 8 + 32, np.float32)
+    start = (-base.ctypes.data % 64) // 4 + 4  # 16 bytes past a cache line
+    k = base[start:start + 288].reshape(3, 3, 4, 8)
+    k[...] = np.arange(288, dtype=np.float32).reshape(k.shape)
+    assert k.ctypes.data % 64 == 16
+    a = host._aligned_kernel(k, np.float32)
+    assert a.ctypes.data % 64 == 0 and a is not k and np.array_equal(a, k)
+    assert host._aligned_kernel(a, np.float32) is a
+    for odd in (k.astype(np.float16), k[:, :, ::-1], k.astype(np.float64)):
+        b = host._aligned_kernel(odd, np.float32)
+        assert b.dtype == np.float32 and b.flags.c_contiguous and b.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(b, odd.astype(np.float32))
+    spec = ConvSpec.make((1, 1), "same", "channels_last", (1, 1))
+    x = np.random.default_rng(3).standard_normal((2, 6, 5, 8)).astype(np.float32)
+    reference.assert_close(host.forward(x, np.repeat(k, 2, axis=2)[:, :, :8, :], spec),
+                           reference.conv(x, np.repeat(k, 2, axis=2)[:, :, :8, :], (1, 1),
+                                          "same", (1, 1), "channels_last"), 1e-4, "forward")
+
+
 @pytest.mark.skipif(not _dispatch.kernels.POOL, reason="fastconv's own threads: Linux, GNU C")
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[20],

@@ -86,6 +86,22 @@ ALIGN = _memory.ALIGN
 _empty = _memory.empty
 
 
+def _aligned_kernel(kernel, dtype):
+    """kernel as a C-contiguous array of dtype whose data starts on a 64-byte boundary (a copy
+    only where it does not): the kernels read weights in whole vectors, and a vector across two
+    cache lines costs two loads (grad_input of 4x28x28x256 in 8 groups: 1.44 ms on an aligned
+    kernel, 1.78-1.87 ms on numpy's 16-byte-aligned copy)."""
+    kernel = np.asarray(kernel)
+    if kernel.dtype == dtype and kernel.flags.c_contiguous and kernel.ctypes.data % ALIGN == 0:
+        return kernel
+    # (not _empty: inside `_memory.into` a result's buffer goes to the first array of its shape)
+    nbytes = kernel.size * np.dtype(dtype).itemsize
+    out = _memory._aligned(np.empty(nbytes + ALIGN, np.uint8), nbytes).view(dtype)
+    out = out.reshape(kernel.shape)
+    np.copyto(out, kernel, casting="unsafe")
+    return out
+
+
 # Below this many multiply-adds per thread, waking another OpenMP thread costs more than it
 # saves (and on a busy machine a spinning team can stall for milliseconds).
 _MACS_PER_THREAD = 1 << 20
@@ -135,7 +151,7 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
     out = _empty(g.output_shape_nhwc, dtype)
     args = _args(spec, g)
     xv, outv = _recut(spec, g, args, _nhwc(x, spec, dtype), out)
-    _dispatch.kernels.forward(xv, np.ascontiguousarray(kernel, dtype=dtype), outv, *args, bias)
+    _dispatch.kernels.forward(xv, _aligned_kernel(kernel, dtype), outv, *args, bias)
     return _from_nhwc(out, spec)
 
 
@@ -173,8 +189,7 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
         taps = np.ascontiguousarray(kernel, dtype=dtype).reshape(g.kh * g.kw, g.c, g.f)
         wt = _transposed(taps, g.c, (g.kh * g.kw, g.f, g.c)).reshape(g.kh, g.kw, g.f, g.c)
     else:
-        wt = np.ascontiguousarray(regrouped_kernel(kernel, g, np.reshape, np.transpose),
-                                  dtype=dtype)
+        wt = _aligned_kernel(regrouped_kernel(kernel, g, np.reshape, np.transpose), dtype)
     dx = _empty(g.input_shape_nhwc, dtype)
     args = _args(spec, g)
     dyv, dxv = _recut(spec, g, args, _nhwc(dy, spec, dtype), dx)
