@@ -4,7 +4,8 @@ setup.py compiles the same kernels for several CPU targets; here the best one th
 supports is imported. FASTCONV_KERNELS=baseline|avx2|avx512 forces one (an unsupported one is an
 error, never an "illegal instruction" crash). The kernels' parallel loops run on fastconv's own
 worker threads where the build has them (Linux, GNU C, OpenMP), else on OpenMP's; on the torch
-backend on OpenMP's too (below). FASTCONV_THREADS=own|openmp chooses.
+backend on OpenMP's too (openmp_shared_with_torch). FASTCONV_THREADS=own|openmp forces one;
+auto (the default) is that choice.
 """
 
 import importlib
