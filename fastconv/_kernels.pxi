@@ -124,6 +124,16 @@ cdef extern from *:
           if (!fc_self) fc_self = (pid_t)syscall(SYS_gettid);
           team->workers[t] = fc_self;
       }
+      /* worker tid's CPU mask narrowed to exclude `cpu`, the old one kept in *saved: 1 if done.
+         Only a thread of this process (not a reused id) that is not bound to one CPU. */
+      static int fc_narrow(pid_t tid, int cpu, cpu_set_t* saved) {
+          if (tid <= 0 || cpu < 0 || syscall(SYS_tgkill, getpid(), tid, 0) != 0) return 0;
+          if (sched_getaffinity(tid, sizeof(cpu_set_t), saved) != 0) return 0;
+          cpu_set_t others = *saved;
+          CPU_CLR(cpu, &others);
+          if (CPU_COUNT(saved) < 2 || CPU_COUNT(&others) == 0) return 0;
+          return sched_setaffinity(tid, sizeof(cpu_set_t), &others) == 0;
+      }
       /* before a region of n threads; returns what fc_wake_end must undo */
       static int fc_wake_begin(fc_team_t* team, int n) {
           if (n < 2) return 0;
@@ -131,19 +141,9 @@ cdef extern from *:
           if (__atomic_load_n(&fc_masters, __ATOMIC_RELAXED) < 2
               && fc_now() - team->region_end < 5e-4) return 0;
           int cpu = sched_getcpu(), moved = 0;
-          pid_t pid = getpid();
-          for (int t = 1; t < n && t < FC_MAX_WORKERS && cpu >= 0; t++) {
-              pid_t tid = team->workers[t];
-              team->moved[t] = 0;
-              /* a thread of this process (not a reused id), not bound to one CPU */
-              if (tid <= 0 || syscall(SYS_tgkill, pid, tid, 0) != 0) continue;
-              if (sched_getaffinity(tid, sizeof(cpu_set_t), &team->saved[t]) != 0) continue;
-              cpu_set_t others = team->saved[t];
-              CPU_CLR(cpu, &others);
-              if (CPU_COUNT(&team->saved[t]) < 2 || CPU_COUNT(&others) == 0) continue;
-              if (sched_setaffinity(tid, sizeof(cpu_set_t), &others) == 0)
-                  team->moved[t] = moved = 1;
-          }
+          for (int t = 1; t < n && t < FC_MAX_WORKERS; t++)
+              if ((team->moved[t] = fc_narrow(team->workers[t], cpu, &team->saved[t])))
+                  moved = 1;
           return moved ? n : 0;
       }
       static void fc_wake_end(fc_team_t* team, int moved) {
@@ -197,7 +197,8 @@ cdef extern from *:
        region's join waited for it (grouped 4x28x28x256/32 forward after a numpy matmul: 3.4 ms
        on 2 OpenMP threads, 1.3 on 1, 0.7 here); one that starts and then shares its CPU has
        the rest of its share taken from the back. Workers spin a while after a loop (loops of
-       one call, and layer after layer, follow each other closely), then sleep on a futex; sleeping workers are woken off the caller's CPU as fc_wake_begin does.
+       one call, and layer after layer, follow each other closely), then sleep on a futex;
+       sleeping workers are woken off the caller's CPU (fc_narrow, as for OpenMP's).
        One loop at a time: a second thread's loop meanwhile runs on OpenMP (fc_pool_run -1).
        Linux with GNU C; elsewhere OpenMP runs every loop. */
     #if defined(__linux__) && defined(__GNUC__) && defined(_OPENMP)
@@ -315,20 +316,14 @@ cdef extern from *:
               pthread_mutex_unlock(&fc_pool.lock);
               return -1;
           }
-          int cpu = sched_getcpu(), moved = 0;
-          if (__atomic_load_n(&fc_pool.sleepers, __ATOMIC_SEQ_CST) > 0 && cpu >= 0) {
-              for (int k = 1; k <= fc_pool.nworkers && k < threads; k++) {
-                  pid_t tid = __atomic_load_n(&fc_pool.tids[k], __ATOMIC_ACQUIRE);
-                  fc_pool.moved[k] = 0;
-                  if (tid <= 0 || syscall(SYS_tgkill, getpid(), tid, 0) != 0
-                      || sched_getaffinity(tid, sizeof(cpu_set_t), &fc_pool.saved[k]) != 0)
-                      continue;
-                  cpu_set_t others = fc_pool.saved[k];
-                  CPU_CLR(cpu, &others);
-                  if (CPU_COUNT(&fc_pool.saved[k]) < 2 || CPU_COUNT(&others) == 0) continue;
-                  if (sched_setaffinity(tid, sizeof(cpu_set_t), &others) == 0)
-                      fc_pool.moved[k] = moved = 1;
-              }
+          int moved = 0;
+          if (__atomic_load_n(&fc_pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
+              int cpu = sched_getcpu();
+              for (int k = 1; k <= fc_pool.nworkers && k < threads; k++)
+                  if ((fc_pool.moved[k] = fc_narrow(__atomic_load_n(&fc_pool.tids[k],
+                                                                    __ATOMIC_ACQUIRE),
+                                                    cpu, &fc_pool.saved[k])))
+                      moved = 1;
           }
           uint32_t s = (uint32_t)fc_pool.seq + 1;
           if (s == 0) s = 1;

@@ -90,7 +90,10 @@ def _aligned_kernel(kernel, dtype):
     """kernel as a C-contiguous array of dtype whose data starts on a 64-byte boundary (a copy
     only where it does not): the kernels read weights in whole vectors, and a vector across two
     cache lines costs two loads (grad_input of 4x28x28x256 in 8 groups: 1.44 ms on an aligned
-    kernel, 1.78-1.87 ms on numpy's 16-byte-aligned copy)."""
+    kernel, 1.78-1.87 ms on numpy's 16-byte-aligned copy). For grad_input's regrouped kernel,
+    a copy anyway; the forward takes the caller's kernel as it is (most of its paths pack the
+    weights into the kernels' own aligned buffers; grouped8's forward measured the same with
+    the kernel 0, 16, 32 or 48 bytes off a line), no extra copy a call."""
     kernel = np.asarray(kernel)
     if kernel.dtype == dtype and kernel.flags.c_contiguous and kernel.ctypes.data % ALIGN == 0:
         return kernel
@@ -151,7 +154,7 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None):
     out = _empty(g.output_shape_nhwc, dtype)
     args = _args(spec, g)
     xv, outv = _recut(spec, g, args, _nhwc(x, spec, dtype), out)
-    _dispatch.kernels.forward(xv, _aligned_kernel(kernel, dtype), outv, *args, bias)
+    _dispatch.kernels.forward(xv, np.ascontiguousarray(kernel, dtype=dtype), outv, *args, bias)
     return _from_nhwc(out, spec)
 
 
