@@ -228,6 +228,7 @@ cdef extern from *:
       static int fc_pool_enabled = 1;
       static double fc_pool_spin = 2e-4;   /* seconds a worker spins before it sleeps */
       static double fc_pool_late = 0;      /* (tests) seconds a worker waits before each loop */
+      static double fc_pool_awake_until = 0;  /* workers spin at least until then (fc_pool_wake) */
       /* the first block of a share of loop s (back: its last), or -1 */
       static inline ptrdiff_t fc_pool_claim(uint64_t* word, uint32_t s, int back) {
           uint64_t w = __atomic_load_n(word, __ATOMIC_ACQUIRE);
@@ -271,11 +272,15 @@ cdef extern from *:
                       fc_pool_work((uint32_t)s, k);
                   continue;
               }
-              double until = fc_now() + fc_pool_spin;
+              double until = fc_now() + fc_pool_spin, now, awake;
               int spun = 0;
               while (__atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE) == s) {
                   __builtin_ia32_pause();
-                  if (++spun % 64 == 0 && fc_now() > until) break;
+                  if (++spun % 64 == 0 && (now = fc_now()) > until) {
+                      __atomic_load(&fc_pool_awake_until, &awake, __ATOMIC_RELAXED);
+                      if (awake <= now) break;
+                      until = awake;  /* fc_pool_wake: a loop is coming */
+                  }
               }
               if (__atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE) == s) {
                   __atomic_add_fetch(&fc_pool.sleepers, 1, __ATOMIC_SEQ_CST);
@@ -284,6 +289,22 @@ cdef extern from *:
               }
           }
           return NULL;
+      }
+      /* A loop is coming within `seconds`: sleeping workers wake now and spin until then. A
+         futex wake reaches a worker 0.1 ms later on these VMs (its vCPU idle in the host), a
+         third of a small layer's kernel; an eager call's Python and framework dispatch before
+         the kernel takes about as long, so the wake is hidden behind it. */
+      static void fc_pool_wake(double seconds) {
+          if (!fc_pool_enabled || fc_pool.nworkers == 0) return;
+          double until = fc_now() + seconds;
+          __atomic_store(&fc_pool_awake_until, &until, __ATOMIC_RELAXED);
+          if (__atomic_load_n(&fc_pool.sleepers, __ATOMIC_SEQ_CST) > 0)
+              syscall(SYS_futex, &fc_pool.seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+      }
+      /* worker k's thread id (k = 1 .. ), or 0 */
+      static int fc_pool_tid(int k) {
+          if (k < 1 || k > fc_pool.nworkers) return 0;
+          return (int)__atomic_load_n(&fc_pool.tids[k], __ATOMIC_ACQUIRE);
       }
       /* a forked child has none of the workers (only the thread that forked): it starts its own */
       static void fc_pool_forked(void) {
@@ -357,11 +378,15 @@ cdef extern from *:
       static int fc_pool_enabled = 0;
       static double fc_pool_spin = 0, fc_pool_late = 0;
       static int fc_pool_run(int threads, fc_body_t body, void* ctx, ptrdiff_t n) { return -1; }
+      static void fc_pool_wake(double seconds) { (void)seconds; }
+      static int fc_pool_tid(int k) { (void)k; return 0; }
     #endif
     """
     bint FC_POOL_OK
     int fc_pool_enabled
     double fc_pool_spin, fc_pool_late
+    void fc_pool_wake(double seconds) noexcept nogil
+    int fc_pool_tid(int k) noexcept nogil
     ctypedef void (*fc_body_t)(void*, Py_ssize_t, Py_ssize_t, int) noexcept nogil
     int fc_pool_run(int threads, fc_body_t body, void* ctx, Py_ssize_t n) noexcept nogil
 
@@ -379,6 +404,24 @@ def set_pool(bint enabled, double spin=2e-4, double late=0):
     if FC_POOL_OK:
         fc_pool_enabled, fc_pool_spin, fc_pool_late = enabled, spin, late
     return old
+
+
+def wake(double seconds=5e-4):
+    """Tell fastconv's sleeping worker threads that a parallel loop is coming within `seconds`:
+    they wake now and spin until then (a bridge calls this before the Python work that precedes
+    a kernel call, which hides the wake-up latency behind it)."""
+    with nogil:
+        fc_pool_wake(seconds)
+
+
+def pool_threads():
+    """The thread ids of fastconv's own workers started so far (for tests)."""
+    tids = []
+    cdef int k = 1
+    while fc_pool_tid(k):
+        tids.append(fc_pool_tid(k))
+        k += 1
+    return tids
 
 
 def pool_settings():

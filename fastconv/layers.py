@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras.src import backend as _kbackend  # get_autocast_scope, get_keras_mask: no public API
 
-from fastconv import _export, ops
+from fastconv import _dispatch, _export, ops
 from fastconv.geometry import ConvSpec
 
 
@@ -21,6 +21,7 @@ class _PlainCall:
     _plain_kwargs = frozenset()
 
     def __call__(self, *args, **kwargs):
+        _dispatch.wake()  # (the kernels run soon: their workers wake behind this Python)
         if (len(args) != 1 or kwargs.keys() != self._plain_kwargs
                 or getattr(self, "_lock", True)  # (Keras' error for a missing super().__init__)
                 or not _plain_call(self, args[0])):

@@ -5,7 +5,7 @@ import importlib
 import keras
 import numpy as np
 
-from fastconv import _export
+from fastconv import _dispatch, _export
 from fastconv.backends import numpy as host
 from fastconv.geometry import ConvSpec, check_bias
 
@@ -70,6 +70,7 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
 
     Differentiable on the tensorflow, jax and torch backends.
     """
+    _dispatch.wake()
     spec = ConvSpec.make(strides, padding, data_format, dilation_rate)
     return conv_bias(inputs, kernel, None, spec)
 

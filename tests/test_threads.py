@@ -255,6 +255,56 @@ def test_openmp_masters_counted_while_their_threads_live(openmp_loops):
     reference.assert_close(alone, _expected(layer, x))
 
 
+def _task_state(tid):
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]  # after the command name, which may hold ")"
+
+
+@only_numpy
+@pytest.mark.skipif(not _dispatch.kernels.OPENMP or not sys.platform.startswith("linux"),
+                    reason="fastconv's own worker threads are built for OpenMP builds on Linux")
+def test_wake_keeps_sleeping_workers_spinning_for_a_while():
+    """kernels.wake(seconds) (what a layer call does before its Python): the workers, asleep
+    after an idle spell, run from then until `seconds` have passed, then sleep again; a layer
+    call after a wake gives the same result."""
+    import time
+
+    kernels = _dispatch.kernels
+    old = kernels.set_pool(True, 2e-4, 0)
+    try:
+        fastconv.set_num_threads(2)
+        kwargs, shape = THREAD_CASES[1]
+        layer = _layer(kwargs, shape, seed=5)
+        x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+        alone = to_numpy(layer(x))  # (starts the workers)
+        workers = kernels.pool_threads()
+        assert workers
+
+        def states():
+            return [_task_state(tid) for tid in workers]
+
+        def settle(state, within):
+            deadline = time.monotonic() + within
+            while states() != [state] * len(workers) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return states()
+
+        assert settle("S", 5) == ["S"] * len(workers)  # asleep once idle
+        kernels.wake(1.0)
+        assert settle("R", 0.5) == ["R"] * len(workers)
+        time.sleep(0.3)
+        assert states() == ["R"] * len(workers)  # still spinning, 0.3 s into the second
+        assert settle("S", 5) == ["S"] * len(workers)  # asleep again after it
+        kernels.wake(1.0)
+        np.testing.assert_array_equal(to_numpy(layer(x)), alone)
+        kernels.set_pool(False)
+        kernels.wake(1.0)  # no workers woken while OpenMP runs the loops
+        time.sleep(0.05)
+        assert states() == ["S"] * len(workers)
+    finally:
+        kernels.set_pool(*old)
+
+
 @only_numpy
 @pytest.mark.skipif(not _dispatch.kernels.OPENMP or not hasattr(os, "fork"),
                     reason="the fork safeguard is for OpenMP builds where fork exists")

@@ -470,6 +470,7 @@ def _taped_forward(x, variables, kernel_shape, spec):
     variable_shape = tuple(values[0].shape)
 
     def gradients(dy):
+        _dispatch.wake()
         # (_first_order_only: where a tape records this gradient's computation, e.g. an outer
         # tape watching dy, differentiating it raises)
         dx = None
@@ -589,6 +590,7 @@ def conv(x, k, b, spec, result):
         return tf.reduce_sum(dy, axis=spec.reduce_axes) if db is None else db
 
     def gradients(dy, x, k, *b, need_dx=True):
+        _dispatch.wake()
         dx = _first_order_only(grad_input, [dy, k]) if need_dx else None
         if b and (tf.executing_eagerly()
                   or _native_geometry(spec, dtype, x.shape, k.shape) is not None):
