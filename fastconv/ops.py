@@ -87,14 +87,14 @@ def conv_bias(inputs, kernel, bias, spec):
 
 def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None):
     """conv_bias on a layer's variables (`kernel` seen as `kernel_shape`, `bias` or None), where
-    the backend has a faster path for that than the general one (TensorFlow, eager calls: see
-    fastconv.backends.tensorflow.forward_variables): (outputs, whether `activation` (as
-    `epilogue` takes it) was computed by the kernels); else None."""
-    if (keras.backend.backend() != "tensorflow" or isinstance(inputs, keras.KerasTensor)
+    the backend has a faster path for that than the general one (eager calls on TensorFlow and
+    torch: see forward_variables in fastconv.backends.tensorflow and .torch): (outputs, whether
+    `activation` (as `epilogue` takes it) was computed by the kernels); else None."""
+    backend = keras.backend.backend()
+    if (backend not in ("tensorflow", "torch") or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
         return None
-    from fastconv.backends import tensorflow as bridge
-
+    bridge = _bridge()
     return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation)
 
 
