@@ -87,11 +87,11 @@ def conv_bias(inputs, kernel, bias, spec):
 
 def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None):
     """conv_bias on a layer's variables (`kernel` seen as `kernel_shape`, `bias` or None), where
-    the backend has a faster path for that than the general one (eager calls on TensorFlow and
-    torch: see forward_variables in fastconv.backends.tensorflow and .torch): (outputs, whether
+    the backend has a faster path for that than the general one (eager calls on TensorFlow, JAX
+    and torch: see forward_variables in those bridges): (outputs, whether
     `activation` (as `epilogue` takes it) was computed by the kernels); else None."""
     backend = keras.backend.backend()
-    if (backend not in ("tensorflow", "torch") or isinstance(inputs, keras.KerasTensor)
+    if (backend not in ("tensorflow", "jax", "torch") or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
         return None
     bridge = _bridge()
