@@ -87,6 +87,7 @@ def _tune(module):
 
 
 _THREADS = os.environ.get("FASTCONV_THREADS", "auto")
+_WAKE = False  # (see wake; the TensorFlow bridge turns it on)
 
 
 def openmp_shared_with_torch():
@@ -106,11 +107,22 @@ variant = kernels.__name__.rsplit("_", 1)[-1]
 
 def wake():
     """An eager call is about to run the kernels: fastconv's sleeping workers wake now and spin
-    for 0.5 ms. Woken by the kernel's first loop instead, a worker joins it ~0.1 ms late here
-    (a VM's idle vCPU), and the Python and framework dispatch in front of an eager kernel call
-    (~0.1-0.2 ms) is longer than the workers' idle spin. TensorFlow eager layer call, 4x56x56x128
-    depthwise: 0.55 -> 0.45 ms (the op alone, back to back, 0.34)."""
-    kernels.wake(5e-4)
+    (yielding to any other thread ready on their CPU) for 0.5 ms. Woken by the kernel's first
+    loop instead, a worker joins it ~0.1 ms late here (an idle vCPU). Only on TensorFlow, whose
+    eager dispatch in front of a kernel (Keras, the op or the tape) is longer than the workers'
+    idle spin: a TensorFlow eager layer call, depthwise 4x56x56x128, 0.55 -> 0.45 ms (the op
+    alone, back to back, 0.34); grouped32 training step 2.65 -> 2.46 ms. On numpy (the same in
+    a JAX eager call) the dispatch is short and the wake lost more than it won in the layer
+    benchmark, where Keras' call before each of fastconv's leaves XLA's threads spinning:
+    depthwise 36-41 -> 26-35 GFLOP/s, batch1 285 -> 180-266. On torch OpenMP runs the loops."""
+    if _WAKE:
+        kernels.wake(5e-4)
+
+
+def wake_on_calls():
+    """Called by the TensorFlow bridge: from now on `wake` wakes the workers."""
+    global _WAKE
+    _WAKE = True
 
 
 def _cpu_count():

@@ -273,13 +273,16 @@ cdef extern from *:
                   continue;
               }
               double until = fc_now() + fc_pool_spin, now, awake;
-              int spun = 0;
+              int spun = 0, woken = 0;
               while (__atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE) == s) {
-                  __builtin_ia32_pause();
+                  /* spinning only for fc_pool_wake: any other thread ready on this CPU (the
+                     caller's Python, another library's pool) runs first */
+                  if (woken) sched_yield(); else __builtin_ia32_pause();
                   if (++spun % 64 == 0 && (now = fc_now()) > until) {
                       __atomic_load(&fc_pool_awake_until, &awake, __ATOMIC_RELAXED);
                       if (awake <= now) break;
                       until = awake;  /* fc_pool_wake: a loop is coming */
+                      woken = 1;
                   }
               }
               if (__atomic_load_n(&fc_pool.seq, __ATOMIC_ACQUIRE) == s) {

@@ -295,8 +295,9 @@ def test_wake_keeps_sleeping_workers_spinning_for_a_while():
         time.sleep(0.3)
         assert states() == ["R"] * len(workers)  # still spinning, 0.3 s into the second
         assert settle("S", 5) == ["S"] * len(workers)  # asleep again after it
-        kernels.wake(1.0)
+        kernels.wake(0.01)
         np.testing.assert_array_equal(to_numpy(layer(x)), alone)
+        assert settle("S", 5) == ["S"] * len(workers)
         kernels.set_pool(False)
         kernels.wake(1.0)  # no workers woken while OpenMP runs the loops
         time.sleep(0.05)

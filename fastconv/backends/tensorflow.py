@@ -38,6 +38,9 @@ except ImportError:  # not public API: without them, eager calls take the genera
     could_possibly_record = None
 
 
+_dispatch.wake_on_calls()
+
+
 def _recorded(tensors):
     """Whether a gradient of these tensors may be asked for: in a graph always; eagerly only
     while a GradientTape or ForwardAccumulator watches one of them. tf.custom_gradient costs
