@@ -264,9 +264,9 @@ def _task_state(tid):
 @pytest.mark.skipif(not _dispatch.kernels.OPENMP or not sys.platform.startswith("linux"),
                     reason="fastconv's own worker threads are built for OpenMP builds on Linux")
 def test_wake_keeps_sleeping_workers_spinning_for_a_while():
-    """kernels.wake(seconds) (what a layer call does before its Python): the workers, asleep
-    after an idle spell, run from then until `seconds` have passed, then sleep again; a layer
-    call after a wake gives the same result."""
+    """kernels.wake(seconds) (what a layer call on TensorFlow does before its Python): the
+    workers, asleep after an idle spell, run from then until `seconds` have passed, then sleep
+    again; a layer call after a wake gives the same result."""
     import time
 
     kernels = _dispatch.kernels
