@@ -90,6 +90,14 @@ def writable(array, keep):
     return np.asarray(owner)
 
 
+def aligned_empty(shape, dtype):
+    """An uninitialised C-contiguous array, 64-byte aligned, of numpy's own memory (not pooled,
+    never an enclosing `into`'s array)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return _aligned(np.empty(nbytes + ALIGN, np.uint8), nbytes).view(dtype).reshape(shape)
+
+
 def empty(shape, dtype):
     """An uninitialised C-contiguous array, 64-byte aligned, that may reuse a freed result's
     memory (or be the array of an enclosing `into`)."""
@@ -101,7 +109,7 @@ def empty(shape, dtype):
         return target
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _POOLED:
-        return _aligned(np.empty(nbytes + ALIGN, np.uint8), nbytes).view(dtype).reshape(shape)
+        return aligned_empty(shape, dtype)
     buffer = None
     with _lock:
         buffers = _free.get(nbytes)

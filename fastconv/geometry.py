@@ -203,6 +203,15 @@ class ConvSpec:
         except TypeError:  # torch.compile's symbolic sizes cannot be hashed
             return self._output_shape(input_shape, kernel_shape)
 
+    def check_call(self, input_shape, kernel_shape, bias_shape=None):
+        """Every check of a convolution's arguments (ranks, sizes, groups, bias), made before any
+        kernel runs; the output shape."""
+        input_shape, kernel_shape = tuple(input_shape), tuple(kernel_shape)
+        shape = self.output_shape(input_shape, kernel_shape)
+        if bias_shape is not None:
+            check_bias(tuple(bias_shape), kernel_shape)
+        return shape
+
     def _output_shape(self, input_shape, kernel_shape):
         check_ranks(input_shape, kernel_shape)
         n, h, w, c = self.to_nhwc(input_shape)

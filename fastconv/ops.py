@@ -7,7 +7,7 @@ import numpy as np
 
 from fastconv import _dispatch, _export
 from fastconv.backends import numpy as host
-from fastconv.geometry import ConvSpec, check_bias
+from fastconv.geometry import ConvSpec
 
 
 def _bridge():
@@ -194,7 +194,5 @@ def _run(inputs, kernel, spec, bias=None):
             y = keras.ops.conv(x, k, spec.strides, spec.padding, spec.data_format,
                                spec.dilation_rate)
         return y if b is None else add_bias(y, b, spec)
-    spec.output_shape(tuple(x.shape), tuple(k.shape))  # every check before any kernel runs
-    if b is not None:
-        check_bias(tuple(b.shape), tuple(k.shape))
+    spec.check_call(x.shape, k.shape, None if b is None else b.shape)
     return bridge.conv(x, k, b, spec, host.result_dtype(x.dtype, k.dtype))

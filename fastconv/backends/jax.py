@@ -17,7 +17,6 @@ from jax.interpreters.partial_eval import DynamicJaxprTracer
 
 from fastconv import _dispatch
 from fastconv.backends import numpy as host
-from fastconv.geometry import check_bias
 
 
 def on_accelerator(*arrays):
@@ -303,11 +302,9 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
     k = np.asarray(k)
     if k.shape != tuple(kernel_shape):
         k = k.reshape(kernel_shape)
-    spec.output_shape(tuple(x.shape), tuple(kernel_shape))  # every check before the kernel
-    if b is not None:
-        check_bias(tuple(b.shape), tuple(kernel_shape))
-        b = np.asarray(b)
-    return _eager(np.asarray(x), k, b, spec, x.dtype.name), False
+    spec.check_call(x.shape, kernel_shape, None if b is None else b.shape)
+    return (_eager(np.asarray(x), k, None if b is None else np.asarray(b), spec, x.dtype.name),
+            False)
 
 
 def _host_wrapper():

@@ -98,9 +98,7 @@ def _aligned_kernel(kernel, dtype):
     if kernel.dtype == dtype and kernel.flags.c_contiguous and kernel.ctypes.data % ALIGN == 0:
         return kernel
     # (not _empty: inside `_memory.into` a result's buffer goes to the first array of its shape)
-    nbytes = kernel.size * np.dtype(dtype).itemsize
-    out = _memory._aligned(np.empty(nbytes + ALIGN, np.uint8), nbytes).view(dtype)
-    out = out.reshape(kernel.shape)
+    out = _memory.aligned_empty(kernel.shape, dtype)
     np.copyto(out, kernel, casting="unsafe")
     return out
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from fastconv import _dispatch, _memory
 from fastconv.backends import numpy as host
-from fastconv.geometry import Geometry, check_bias
+from fastconv.geometry import Geometry
 
 try:
     from tensorflow.python.ops.gradients_util import PossibleTapeGradientTypes
@@ -427,9 +427,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
     handles = [v.handle for v in variables]
     if on_accelerator(x, *handles):
         return None
-    spec.output_shape(tuple(x.shape), tuple(kernel_shape))  # every check before the kernel
-    if bias is not None:
-        check_bias(tuple(variables[1].shape), tuple(kernel_shape))
+    spec.check_call(x.shape, kernel_shape, None if bias is None else variables[1].shape)
     for v in variables:
         variable_accessed(v)  # what reading it tells TensorFlow's tapes and variable watchers
     if could_possibly_record():

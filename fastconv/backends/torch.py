@@ -11,7 +11,7 @@ import torch
 
 from fastconv import _dispatch
 from fastconv.backends import numpy as host
-from fastconv.geometry import ConvSpec, check_bias
+from fastconv.geometry import ConvSpec
 
 _dispatch.openmp_shared_with_torch()
 
@@ -223,9 +223,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
         return None
     if tuple(k.shape) != tuple(kernel_shape):
         k = k.reshape(kernel_shape)
-    spec.output_shape(tuple(x.shape), tuple(kernel_shape))  # every check before the kernel
-    if b is not None:
-        check_bias(tuple(b.shape), tuple(kernel_shape))
+    spec.check_call(x.shape, kernel_shape, None if b is None else b.shape)
     return conv(x, k, b, spec, "float64" if x.dtype == torch.float64 else "float32"), False
 
 
