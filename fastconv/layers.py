@@ -38,6 +38,40 @@ class _Fastconv(_PlainCall):
     """What fastconv's layers change in their Keras parents: the convolution, and the few steps
     around it that Keras' own call gets wrong on some backend."""
 
+    def __call__(self, *args, **kwargs):
+        plans = self.__dict__.get("_fastconv_plans")
+        if plans and len(args) == 1 and not kwargs:
+            outputs = self._planned(plans, args[0])
+            if outputs is not None:
+                return outputs
+        return super().__call__(*args, **kwargs)
+
+    def __setattr__(self, name, value):
+        # A plan holds for the layer as it was when the plan was made (variables, LoRA,
+        # quantization, dtype policy, regularizers, input spec): any change forgets the plans.
+        self.__dict__.pop("_fastconv_plans", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        self.__dict__.pop("_fastconv_plans", None)
+        super().__delattr__(name)
+
+    def _planned(self, plans, x):
+        """An eager TensorFlow call like a plain one (see `_plain_call`) that kept its plan,
+        made again by ops.planned (which checks x, the variables and the tapes). What
+        `_plain_call` checks of the layer holds while the layer is unchanged (`__setattr__`);
+        what may change between calls without the layer knowing is checked here. Or None."""
+        if (_kbackend.get_autocast_scope() is not None
+                or keras.distribution.distribution() is not None
+                or _kbackend.get_keras_mask(x) is not None or _export.use_keras_convolution(x)):
+            return None
+        _dispatch.wake()
+        done = ops.planned(plans, x, self.kernel, self.bias if self.use_bias else None)
+        if done is None:
+            return None
+        outputs, activated = done
+        return outputs if self.activation is None or activated else self.activation(outputs)
+
     def _init_backend(self):
         if keras.backend.backend() == "tensorflow":
             # On TensorFlow the convolution is fastconv's own ops (or a tf.numpy_function),
@@ -82,8 +116,16 @@ class _Fastconv(_PlainCall):
         bias = self.bias if self.use_bias else None
         spec = self._spec()
         fusable = None if self.activation is None else _activation(self.activation)
+        plans = {} if keras.backend.backend() == "tensorflow" else None
         done = ops.conv_variables(inputs, kernel, kernel_shape or tuple(kernel.shape), bias,
-                                  spec, fusable)
+                                  spec, fusable, plans)
+        if plans and type(self).call in _PLANNED_CALLS and _plain_call(self, inputs):
+            # (not a call through Keras' __call__ for what Keras adds, e.g. an activity
+            # regularizer's loss; not a subclass's own `call`)
+            kept = self.__dict__.setdefault("_fastconv_plans", {})
+            if len(kept) >= _MAX_PLANS:  # (a layer fed images of ever new sizes)
+                kept.clear()
+            kept.update(plans)
         if done is not None:
             outputs, activated = done
             if self.activation is None or activated:
@@ -154,6 +196,11 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
         kh, kw, channels, multiplier = self.kernel.shape
         return self._conv_bias_activation(inputs, self.kernel,
                                           (kh, kw, 1, channels * multiplier))
+
+
+# calls that planned calls stand for: a subclass's own `call` is always run
+_PLANNED_CALLS = (Conv2D.call, DepthwiseConv2D.call)
+_MAX_PLANS = 16  # input shapes a layer keeps plans for
 
 
 def _plain_call(layer, x):

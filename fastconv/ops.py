@@ -85,17 +85,26 @@ def conv_bias(inputs, kernel, bias, spec):
     return _run(inputs, kernel, spec, bias)
 
 
-def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None):
+def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None, plans=None):
     """conv_bias on a layer's variables (`kernel` seen as `kernel_shape`, `bias` or None), where
     the backend has a faster path for that than the general one (eager calls on TensorFlow, JAX
     and torch: see forward_variables in those bridges): (outputs, whether
-    `activation` (as `epilogue` takes it) was computed by the kernels); else None."""
+    `activation` (as `epilogue` takes it) was computed by the kernels); else None. `plans`: a
+    dict of the layer's in which the TensorFlow bridge keeps the call for `planned`."""
     backend = keras.backend.backend()
     if (backend not in ("tensorflow", "jax", "torch") or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
         return None
     bridge = _bridge()
+    if backend == "tensorflow":
+        return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation,
+                                        plans)
     return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation)
+
+
+def planned(plans, inputs, kernel, bias):
+    """conv_variables again, for a call like one kept in `plans` (TensorFlow), or None."""
+    return _bridge().run_plan(plans, inputs, kernel, bias)
 
 
 def epilogue(outputs, scale=None, shift=None, activation=None, layer=None):

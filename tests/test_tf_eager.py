@@ -361,3 +361,114 @@ def test_frozen_layer_gradients_as_keras():
         assert (ours is None) == (ref is None)
         if ref is not None:
             assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
+
+
+class Planned:
+    """forward_variables calls (the general way's checks) beside calls.op (variables ops)."""
+
+    def __init__(self, monkeypatch):
+        self.made = 0
+        real = bridge.forward_variables
+
+        def forward_variables(*args, **kwargs):
+            self.made += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(bridge, "forward_variables", forward_variables)
+
+
+@pytest.mark.parametrize("cls, x_shape, kwargs", [CASES[1], CASES[3], CASES[6]])
+def test_repeated_inference_calls_run_the_kept_plan(calls, monkeypatch, cls, x_shape, kwargs):
+    """The second call of a shape runs the op from the first call's plan (no forward_variables),
+    with the same result; another shape, a tape and a new thread count take the general way
+    (and the last two make no plan)."""
+    planned = Planned(monkeypatch)
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=x_shape).astype("float32")
+    layer = _layer(cls, x_shape, **kwargs)
+    first = layer(tf.constant(x)).numpy()
+    second = layer(tf.constant(x)).numpy()
+    assert (planned.made, calls.op, calls.host) == (1, 2, 0)
+    np.testing.assert_array_equal(first, second)
+    assert_close(second, _reference(layer, x), rtol=1e-4)
+    other = rng.normal(size=(1, *x_shape[1:])).astype("float32")
+    assert_close(layer(tf.constant(other)).numpy(), _reference(layer, other), rtol=1e-4)
+    assert planned.made == 2
+    with tf.GradientTape() as tape:
+        y = layer(tf.constant(x))
+    assert planned.made == 3 and tape.gradient(y, layer.kernel) is not None
+    threads = _dispatch.get_num_threads()
+    try:
+        _dispatch.set_num_threads(1)
+        assert_close(layer(tf.constant(x)).numpy(), _reference(layer, x), rtol=1e-4)
+        assert planned.made == 4
+        layer(tf.constant(x))
+        assert planned.made == 4
+    finally:
+        _dispatch.set_num_threads(threads)
+    layer(tf.constant(x))
+    assert planned.made == 5 and calls.op == 6
+
+
+def test_a_changed_layer_or_call_does_not_run_an_old_plan(calls, monkeypatch):
+    """After a planned call: an activity regularizer, LoRA, a new kernel variable, a mask, a
+    stateless call, a trace for export and a subclass's own call each get what they would
+    without plans."""
+    rng = np.random.default_rng(13)
+    x = tf.constant(rng.normal(size=(2, 6, 6, 3)).astype("float32"))
+
+    def planned_layer():
+        layer = _layer(fastconv.Conv2D, x.shape, filters=2, kernel_size=3)
+        layer(x)
+        assert layer.__dict__.get("_fastconv_plans")
+        return layer
+
+    layer = planned_layer()
+    layer.activity_regularizer = keras.regularizers.L2(0.5)
+    layer(x)
+    assert len(layer.losses) == 1
+
+    layer = planned_layer()
+    layer.enable_lora(1)
+    layer.lora_kernel_b.assign(np.ones(layer.lora_kernel_b.shape, np.float32))
+    kernel = layer.kernel.numpy()  # the LoRA sum
+    assert_close(layer(x).numpy(), ref_conv(x.numpy(), kernel) + layer.bias.numpy(), rtol=1e-4)
+
+    layer = planned_layer()
+    new = rng.normal(size=layer.kernel.shape).astype("float32")
+    layer._tracker.unlock()  # (as Keras' quantize() does)
+    layer._kernel = layer.add_weight(shape=new.shape, initializer=keras.initializers.Constant(new))
+    assert_close(layer(x).numpy(), ref_conv(x.numpy(), new) + layer.bias.numpy(), rtol=1e-4)
+
+    layer = planned_layer()
+    masked = tf.identity(x)
+    keras.src.backend.set_keras_mask(masked, keras.ops.ones((2, 6, 6), "bool"))
+    with pytest.warns(UserWarning, match="does not support masking"):
+        layer(masked)
+
+    values = [rng.normal(size=v.shape).astype("float32") for v in layer.trainable_variables]
+    out, _ = layer.stateless_call(values, [], x)
+    assert_close(out.numpy(), ref_conv(x.numpy(), values[0]) + values[1], rtol=1e-4)
+
+    host = calls.host
+    with fastconv.keras_convolution():
+        out = layer(x)
+    assert calls.host == host
+    assert_close(out.numpy(), _reference(layer, x.numpy()), rtol=1e-4)
+
+    class Doubled(fastconv.Conv2D):
+        def call(self, inputs):
+            return 2.0 * super().call(inputs)
+
+    layer = Doubled(2, 3)
+    layer.build(x.shape)
+    layer(x)
+    assert not layer.__dict__.get("_fastconv_plans")
+    assert_close(layer(x).numpy(), 2.0 * _reference(layer, x.numpy()), rtol=1e-4)
+
+
+def test_a_layer_keeps_few_plans():
+    layer = _layer(fastconv.DepthwiseConv2D, (1, 4, 4, 2), kernel_size=3)
+    for size in range(3, 40):
+        layer(tf.zeros((1, size, size, 2)))
+        assert 1 <= len(layer.__dict__["_fastconv_plans"]) <= 16

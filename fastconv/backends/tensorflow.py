@@ -32,6 +32,7 @@ except ImportError:  # not public API: without it, tf.custom_gradient records ea
 try:
     from tensorflow.python.eager.record import (could_possibly_record, should_record_backprop,
                                                 stop_recording)
+    from tensorflow.python.framework.ops import EagerTensor
     from tensorflow.python.ops.gen_resource_variable_ops import read_variable_op
     from tensorflow.python.ops.resource_variable_ops import ResourceVariable, variable_accessed
 except ImportError:  # not public API: without them, eager calls take the general path
@@ -403,12 +404,13 @@ def batch_norm(layer, x, training):
     return outputs, mean, variance * (tf.maximum(n - 1, 1) / n)
 
 
-def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
+def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plans=None):
     """A layer's eager convolution on its kernel (seen as `kernel_shape`) and bias variables:
     (outputs, whether `activation` (as `fused` takes it, or None) was applied), or None where
     this does not serve: not eager, not float32 on the CPU, a kernel or bias that
     is not a plain variable (a LoRA kernel is a sum), the ops not built, or a call that several
     tapes, a persistent tape or a forward accumulator watch (those take the general path).
+    An inference call is kept in `plans` (a dict of the layer's, or None), for `run_plan`.
 
     Eagerly every op costs 30-150 us here (the most right after a large kernel has pushed
     TensorFlow's code out of the caches), and the general path runs three or four (reading each
@@ -448,9 +450,55 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
         # its own two transposes). A/B, eager layer calls: 4x256x28x28 in 32 groups 1.24x,
         # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
         attrs["nchw"] = True
-    out = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], oh=g.oh, ow=g.ow,
-                                              f=g.f, **attrs, **host.act_attrs(activation))
+    attrs.update(oh=g.oh, ow=g.ow, f=g.f, **host.act_attrs(activation))
+    out = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], **attrs)
+    if plans is not None:
+        plans[tuple(x.shape)] = (_plan_epoch, x.device, variables[0],
+                                 variables[1] if bias is not None else None, attrs,
+                                 activation is not None)
     return out, activation is not None
+
+
+# Plans made for another thread count are stale (their max_threads attribute).
+_plan_epoch = 0
+
+
+def _new_plan_epoch(_threads):
+    global _plan_epoch
+    _plan_epoch += 1
+
+
+_dispatch.thread_listeners.append(_new_plan_epoch)
+
+
+def run_plan(plans, x, kernel, bias):
+    """forward_variables' inference op for a call like one it kept in `plans`: x of the same
+    shape on the same device, the same variables read as the same tf.Variables (not in a
+    stateless scope or autocast), nothing recording, the same thread count. (outputs,
+    activated) as forward_variables gives them, or None. The caller (the layer) answers for
+    everything about the layer and the call (see layers._Fastconv._planned).
+
+    An eager layer call costs 60 us warm and ~190 us right after a large kernel (TensorFlow's
+    and fastconv's Python out of the caches), of which the op itself 15 and ~80: the general
+    path's checks and attributes, made once a shape here, leave 21 and ~95 us."""
+    if (type(x) is not EagerTensor or x.dtype != tf.float32 or not tf.executing_eagerly()
+            or could_possibly_record()):
+        return None
+    plan = plans.get(tuple(x.shape))
+    if plan is None:
+        return None
+    epoch, device, kernel_var, bias_var, attrs, activated = plan
+    if (epoch != _plan_epoch or x.device != device or getattr(kernel, "value", None) is not kernel_var
+            or (None if bias is None else getattr(bias, "value", None)) is not bias_var
+            or not _hand_kernels()):
+        return None
+    variable_accessed(kernel_var)
+    bias_handles = []
+    if bias_var is not None:
+        variable_accessed(bias_var)
+        bias_handles.append(bias_var.handle)
+    out = _OPS.ops.fastconv_forward_variables(x, kernel_var.handle, bias_handles, **attrs)
+    return out, activated
 
 
 def _taped_forward(x, variables, kernel_shape, spec):
