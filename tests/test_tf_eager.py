@@ -377,10 +377,11 @@ class Planned:
         monkeypatch.setattr(bridge, "forward_variables", forward_variables)
 
 
-@pytest.mark.parametrize("cls, x_shape, kwargs", [CASES[1], CASES[3], CASES[6]])
-def test_repeated_inference_calls_run_the_kept_plan(calls, monkeypatch, cls, x_shape, kwargs):
+@pytest.mark.parametrize("cls, x_shape, kwargs", [CASES[1], CASES[3], CASES[5], CASES[6]])
+def test_repeated_calls_run_the_kept_plan(calls, monkeypatch, cls, x_shape, kwargs):
     """The second call of a shape runs the op from the first call's plan (no forward_variables),
-    with the same result; another shape, a tape and a new thread count take the general way
+    with the same result, and so does a call one tape records (with the reference's
+    gradients); another shape, a persistent tape and a new thread count take the general way
     (and the last two make no plan)."""
     planned = Planned(monkeypatch)
     rng = np.random.default_rng(12)
@@ -394,9 +395,22 @@ def test_repeated_inference_calls_run_the_kept_plan(calls, monkeypatch, cls, x_s
     other = rng.normal(size=(1, *x_shape[1:])).astype("float32")
     assert_close(layer(tf.constant(other)).numpy(), _reference(layer, other), rtol=1e-4)
     assert planned.made == 2
-    with tf.GradientTape() as tape:
+    ops = calls.op
+    if kwargs.get("activation") in (None, "tanh"):
+        dz = rng.normal(size=first.shape).astype("float32")
+        t = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = layer(t)
+        got = tape.gradient(y, [t, layer.kernel], output_gradients=dz)
+        assert (planned.made, calls.op) == (2, ops)
+        if kwargs.get("activation") == "tanh":
+            dz = dz * (1 - y.numpy().astype(np.float64) ** 2)
+        for ours, ref in zip(got, _ref_grads(layer, x, dz)):
+            assert_close(ours.numpy(), ref, rtol=1e-4)
+    with tf.GradientTape(persistent=True) as tape:
         y = layer(tf.constant(x))
-    assert planned.made == 3 and tape.gradient(y, layer.kernel) is not None
+    assert planned.made == 3 and calls.op == ops and tape.gradient(y, layer.kernel) is not None
     threads = _dispatch.get_num_threads()
     try:
         _dispatch.set_num_threads(1)
@@ -407,7 +421,7 @@ def test_repeated_inference_calls_run_the_kept_plan(calls, monkeypatch, cls, x_s
     finally:
         _dispatch.set_num_threads(threads)
     layer(tf.constant(x))
-    assert planned.made == 5 and calls.op == 6
+    assert planned.made == 5 and calls.op == ops + 3
 
 
 def test_a_changed_layer_or_call_does_not_run_an_old_plan(calls, monkeypatch):

@@ -10,6 +10,7 @@ one raises.
 """
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -410,7 +411,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
     this does not serve: not eager, not float32 on the CPU, a kernel or bias that
     is not a plain variable (a LoRA kernel is a sum), the ops not built, or a call that several
     tapes, a persistent tape or a forward accumulator watch (those take the general path).
-    An inference call is kept in `plans` (a dict of the layer's, or None), for `run_plan`.
+    The call is kept in `plans` (a dict of the layer's, or None), for `run_plan`.
 
     Eagerly every op costs 30-150 us here (the most right after a large kernel has pushed
     TensorFlow's code out of the caches), and the general path runs three or four (reading each
@@ -426,19 +427,9 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
     variables = [getattr(v, "value", v) for v in (kernel, bias) if v is not None]
     if any(type(v) is not ResourceVariable or v.dtype != tf.float32 for v in variables):
         return None
-    handles = [v.handle for v in variables]
-    if on_accelerator(x, *handles):
+    if on_accelerator(x, *(v.handle for v in variables)):
         return None
     spec.check_call(x.shape, kernel_shape, None if bias is None else variables[1].shape)
-    for v in variables:
-        variable_accessed(v)  # what reading it tells TensorFlow's tapes and variable watchers
-    if could_possibly_record():
-        watched = PossibleTapeGradientTypes([x, *handles])
-        if (watched == 1 and record_operation is not None and spec.channels_last
-                and should_record_backprop([x, *handles])):
-            return _taped_forward(x, variables, kernel_shape, spec), False
-        if watched != 0:
-            return None
     g = spec.geometry(tuple(x.shape), tuple(kernel_shape))
     attrs = _geometry_attrs(spec, g, True)
     if spec.channels_last:
@@ -451,12 +442,39 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
         attrs["nchw"] = True
     attrs.update(oh=g.oh, ow=g.ow, f=g.f, **host.act_attrs(activation))
-    out = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], **attrs)
-    if plans is not None:
-        plans[tuple(x.shape)] = (_plan_epoch, x.device, variables[0],
-                                 variables[1] if bias is not None else None, attrs,
-                                 activation is not None)
-    return out, activation is not None
+    plan = _Plan(_plan_epoch, x.device, variables, attrs, activation is not None,
+                 tuple(kernel_shape), spec)
+    done = _run(plan, x)
+    if done is not None and plans is not None:
+        plans[tuple(x.shape)] = plan
+    return done
+
+
+class _Plan(NamedTuple):
+    """What forward_variables made of a call, for `_run` (and `run_plan`)."""
+    epoch: int  # _plan_epoch when made
+    device: str  # x's
+    variables: list  # the tf.Variables: kernel, and bias if any
+    attrs: dict  # the variables op's attributes
+    activated: bool  # whether the op computes the activation
+    kernel_shape: tuple
+    spec: object
+
+
+def _run(plan, x):
+    """The convolution of x on the plan's variables (checked), as forward_variables gives it."""
+    handles = [v.handle for v in plan.variables]
+    for v in plan.variables:
+        variable_accessed(v)  # what reading it tells TensorFlow's tapes and variable watchers
+    if could_possibly_record():
+        watched = PossibleTapeGradientTypes([x, *handles])
+        if (watched == 1 and record_operation is not None and plan.spec.channels_last
+                and should_record_backprop([x, *handles])):
+            return _taped_forward(x, plan.variables, plan.kernel_shape, plan.spec), False
+        if watched != 0:
+            return None
+    out = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], **plan.attrs)
+    return out, plan.activated
 
 
 # Plans made for another thread count are stale (their max_threads attribute).
@@ -472,33 +490,28 @@ _dispatch.thread_listeners.append(_new_plan_epoch)
 
 
 def run_plan(plans, x, kernel, bias):
-    """forward_variables' inference op for a call like one it kept in `plans`: x of the same
-    shape on the same device, the same variables read as the same tf.Variables (not in a
-    stateless scope or autocast), nothing recording, the same thread count. (outputs,
+    """forward_variables for a call like one it kept in `plans`: x of the same shape on the
+    same device, the same variables read as the same tf.Variables (not in a stateless scope or
+    autocast), the same thread count; without remaking its checks and attributes. (outputs,
     activated) as forward_variables gives them, or None. The caller (the layer) answers for
     everything about the layer and the call (see layers._Fastconv._planned).
 
-    An eager layer call costs 60 us warm and ~190 us right after a large kernel (TensorFlow's
-    and fastconv's Python out of the caches), of which the op itself 15 and ~80: the general
-    path's checks and attributes, made once a shape here, leave 21 and ~95 us."""
-    if (type(x) is not EagerTensor or x.dtype != tf.float32 or not tf.executing_eagerly()
-            or could_possibly_record()):
+    An eager layer call costs 60 us warm and ~190-240 us right after a large kernel
+    (TensorFlow's and fastconv's Python out of the caches), of which the op itself 15 and
+    ~80-110: a plan leaves 33 and ~140-190 us. Under a tape it saves the same share."""
+    if type(x) is not EagerTensor or x.dtype != tf.float32 or not tf.executing_eagerly():
         return None
     plan = plans.get(tuple(x.shape))
     if plan is None:
         return None
-    epoch, device, kernel_var, bias_var, attrs, activated = plan
-    if (epoch != _plan_epoch or x.device != device or getattr(kernel, "value", None) is not kernel_var
-            or (None if bias is None else getattr(bias, "value", None)) is not bias_var
+    kernel_var, *bias_var = plan.variables
+    if (plan.epoch != _plan_epoch or x.device != plan.device
+            or getattr(kernel, "value", None) is not kernel_var
+            or (bias is None) != (not bias_var)
+            or (bias_var and getattr(bias, "value", None) is not bias_var[0])
             or not _hand_kernels()):
         return None
-    variable_accessed(kernel_var)
-    bias_handles = []
-    if bias_var is not None:
-        variable_accessed(bias_var)
-        bias_handles.append(bias_var.handle)
-    out = _OPS.ops.fastconv_forward_variables(x, kernel_var.handle, bias_handles, **attrs)
-    return out, activated
+    return _run(plan, x)
 
 
 def _taped_forward(x, variables, kernel_shape, spec):
