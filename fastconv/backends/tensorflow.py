@@ -442,7 +442,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
         attrs["nchw"] = True
     attrs.update(oh=g.oh, ow=g.ow, f=g.f, **host.act_attrs(activation))
-    plan = _Plan(_plan_epoch, x.device, variables, attrs, activation is not None,
+    plan = _Plan(_plan_threads, x.device, variables, attrs, activation is not None,
                  tuple(kernel_shape), spec)
     done = _run(plan, x)
     if done is not None and plans is not None:
@@ -452,7 +452,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
 
 class _Plan(NamedTuple):
     """What forward_variables made of a call, for `_run` (and `run_plan`)."""
-    epoch: int  # _plan_epoch when made
+    threads: int  # the thread count when made
     device: str  # x's
     variables: list  # the tf.Variables: kernel, and bias if any
     attrs: dict  # the variables op's attributes
@@ -478,15 +478,15 @@ def _run(plan, x):
 
 
 # Plans made for another thread count are stale (their max_threads attribute).
-_plan_epoch = 0
+_plan_threads = _dispatch.get_num_threads()
 
 
-def _new_plan_epoch(_threads):
-    global _plan_epoch
-    _plan_epoch += 1
+def _set_plan_threads(threads):
+    global _plan_threads
+    _plan_threads = threads
 
 
-_dispatch.thread_listeners.append(_new_plan_epoch)
+_dispatch.thread_listeners.append(_set_plan_threads)
 
 
 def run_plan(plans, x, kernel, bias):
@@ -505,7 +505,7 @@ def run_plan(plans, x, kernel, bias):
     if plan is None:
         return None
     kernel_var, *bias_var = plan.variables
-    if (plan.epoch != _plan_epoch or x.device != plan.device
+    if (plan.threads != _plan_threads or x.device != plan.device
             or getattr(kernel, "value", None) is not kernel_var
             or (bias is None) != (not bias_var)
             or (bias_var and getattr(bias, "value", None) is not bias_var[0])
