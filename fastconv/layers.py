@@ -200,7 +200,7 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
 
 # calls that planned calls stand for: a subclass's own `call` is always run
 _PLANNED_CALLS = (Conv2D.call, DepthwiseConv2D.call)
-_MAX_PLANS = 16  # input shapes a layer keeps plans for
+_MAX_PLANS = 16  # plans a layer keeps (one an input shape and thread count)
 
 
 def _plain_call(layer, x):

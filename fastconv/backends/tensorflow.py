@@ -442,17 +442,16 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
         attrs["nchw"] = True
     attrs.update(oh=g.oh, ow=g.ow, f=g.f, **host.act_attrs(activation))
-    plan = _Plan(_plan_threads, x.device, variables, attrs, activation is not None,
+    plan = _Plan(x.device, variables, attrs, activation is not None,
                  tuple(kernel_shape), spec)
     done = _run(plan, x)
     if done is not None and plans is not None:
-        plans[tuple(x.shape)] = plan
+        plans[tuple(x.shape), _plan_threads] = plan
     return done
 
 
 class _Plan(NamedTuple):
     """What forward_variables made of a call, for `_run` (and `run_plan`)."""
-    threads: int  # the thread count when made
     device: str  # x's
     variables: list  # the tf.Variables: kernel, and bias if any
     attrs: dict  # the variables op's attributes
@@ -477,7 +476,8 @@ def _run(plan, x):
     return out, plan.activated
 
 
-# Plans made for another thread count are stale (their max_threads attribute).
+# Plans are kept per input shape and thread count (their max_threads attribute): the count
+# fastconv's kernels are set to now
 _plan_threads = _dispatch.get_num_threads()
 
 
@@ -492,20 +492,21 @@ _dispatch.thread_listeners.append(_set_plan_threads)
 def run_plan(plans, x, kernel, bias):
     """forward_variables for a call like one it kept in `plans`: x of the same shape on the
     same device, the same variables read as the same tf.Variables (not in a stateless scope or
-    autocast), the same thread count; without remaking its checks and attributes. (outputs,
-    activated) as forward_variables gives them, or None. The caller (the layer) answers for
-    everything about the layer and the call (see layers._Fastconv._planned).
+    autocast), the same thread count (the benchmark alternates 1 and 2); without remaking its
+    checks and attributes. (outputs, activated) as forward_variables gives them, or None. The
+    caller (the layer) answers for everything about the layer and the call (see
+    layers._Fastconv._planned).
 
     An eager layer call costs 60 us warm and ~190-240 us right after a large kernel
     (TensorFlow's and fastconv's Python out of the caches), of which the op itself 15 and
     ~80-110: a plan leaves 33 and ~140-190 us. Under a tape it saves the same share."""
     if type(x) is not EagerTensor or x.dtype != tf.float32 or not tf.executing_eagerly():
         return None
-    plan = plans.get(tuple(x.shape))
+    plan = plans.get((tuple(x.shape), _plan_threads))
     if plan is None:
         return None
     kernel_var, *bias_var = plan.variables
-    if (plan.threads != _plan_threads or x.device != plan.device
+    if (x.device != plan.device
             or getattr(kernel, "value", None) is not kernel_var
             or (bias is None) != (not bias_var)
             or (bias_var and getattr(bias, "value", None) is not bias_var[0])
