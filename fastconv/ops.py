@@ -90,7 +90,7 @@ def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None, pl
     the backend has a faster path for that than the general one (eager calls on TensorFlow, JAX
     and torch: see forward_variables in those bridges): (outputs, whether
     `activation` (as `epilogue` takes it) was computed by the kernels); else None. `plans`: a
-    dict of the layer's in which the TensorFlow bridge keeps the call for `planned`."""
+    dict into which the TensorFlow bridge puts what `planned` needs to make this call again."""
     backend = keras.backend.backend()
     if (backend not in ("tensorflow", "jax", "torch") or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
