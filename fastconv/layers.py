@@ -57,11 +57,12 @@ class _Fastconv(_PlainCall):
         super().__delattr__(name)
 
     def _planned(self, plans, x):
-        """An eager TensorFlow call like a plain one (see `_plain_call`) that kept its plan,
-        made again by ops.planned (which checks x, the variables and the tapes). What
-        `_plain_call` checks of the layer holds while the layer is unchanged (`__setattr__`);
-        what may change between calls without the layer knowing is checked here. Or None."""
-        if (_kbackend.get_autocast_scope() is not None
+        """An eager call (TensorFlow, torch) like a plain one (see `_plain_call`) that kept its
+        plan, made again by ops.planned (which checks x, the variables and, on TensorFlow, the
+        tapes). What `_plain_call` checks of the layer holds while the layer is unchanged
+        (`__setattr__`); what may change between calls without the layer knowing (scopes,
+        x's mask, torch's module hooks, tracing and compiling) is checked here. Or None."""
+        if (not _eager(self, x) or _kbackend.get_autocast_scope() is not None
                 or keras.distribution.distribution() is not None
                 or _kbackend.get_keras_mask(x) is not None or _export.use_keras_convolution(x)):
             return None
@@ -116,7 +117,7 @@ class _Fastconv(_PlainCall):
         bias = self.bias if self.use_bias else None
         spec = self._spec()
         fusable = None if self.activation is None else _activation(self.activation)
-        plans = {} if keras.backend.backend() == "tensorflow" else None
+        plans = {} if keras.backend.backend() in ops._PLANNING else None
         done = ops.conv_variables(inputs, kernel, kernel_shape or tuple(kernel.shape), bias,
                                   spec, fusable, plans)
         if plans and type(self).call in _PLANNED_CALLS and _plain_call(self, inputs):
@@ -200,7 +201,7 @@ class DepthwiseConv2D(_Fastconv, keras.layers.DepthwiseConv2D):
 
 # calls that planned calls stand for: a subclass's own `call` is always run
 _PLANNED_CALLS = (Conv2D.call, DepthwiseConv2D.call)
-_MAX_PLANS = 16  # plans a layer keeps (one an input shape and thread count)
+_MAX_PLANS = 16  # plans a layer keeps (one an input shape and thread count, or dtype)
 
 
 def _plain_call(layer, x):

@@ -90,20 +90,25 @@ def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None, pl
     the backend has a faster path for that than the general one (eager calls on TensorFlow, JAX
     and torch: see forward_variables in those bridges): (outputs, whether
     `activation` (as `epilogue` takes it) was computed by the kernels); else None. `plans`: a
-    dict into which the TensorFlow bridge puts what `planned` needs to make this call again."""
+    dict into which the TensorFlow and torch bridges put what `planned` needs to make this
+    call again."""
     backend = keras.backend.backend()
     if (backend not in ("tensorflow", "jax", "torch") or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
         return None
     bridge = _bridge()
-    if backend == "tensorflow":
+    if backend in _PLANNING:
         return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation,
                                         plans)
     return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation)
 
 
+# the bridges that keep plans (forward_variables' `plans`, run_plan)
+_PLANNING = ("tensorflow", "torch")
+
+
 def planned(plans, inputs, kernel, bias):
-    """conv_variables again, for a call like one kept in `plans` (TensorFlow), or None."""
+    """conv_variables again, for a call like one kept in `plans`, or None."""
     return _bridge().run_plan(plans, inputs, kernel, bias)
 
 

@@ -548,3 +548,76 @@ def test_torch_module_hooks_run():
         handle.remove()
     layer(x)
     assert len(seen) == 2
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's plans (TensorFlow's: test_tf_eager.py)")
+@pytest.mark.parametrize("kwargs, input_shape", [LAYER_CASES[1], LAYER_CASES[3], LAYER_CASES[4]])
+def test_torch_repeated_calls_run_the_kept_plan(kwargs, input_shape, monkeypatch):
+    """The second eager call of a shape runs from the first call's plan (no forward_variables),
+    with the same result and, through autograd, the reference's gradients; another dtype takes
+    the general way."""
+    import torch
+
+    from fastconv.backends import torch as bridge
+
+    made = []
+    real = bridge.forward_variables
+    monkeypatch.setattr(bridge, "forward_variables", lambda *a: made.append(1) or real(*a))
+    fast, _ = _pair(kwargs, input_shape)
+    x = torch.from_numpy(_input(input_shape)).requires_grad_(True)
+    first = to_numpy(fast(x))
+    y = fast(x)
+    assert len(made) == 1
+    np.testing.assert_array_equal(first, to_numpy(y))
+    reference.assert_close(first, _reference(fast, x.detach()), 1e-4)
+    if fast.activation in (None, keras.activations.linear):
+        dy = _input(tuple(y.shape), 3)
+        got = torch.autograd.grad(y, [x, fast.kernel.value], torch.from_numpy(dy))
+        dx, dk = reference.grads(to_numpy(x.detach()), to_numpy(fast.kernel), dy, fast.strides,
+                                 fast.padding, fast.dilation_rate, fast.data_format)
+        reference.assert_close(to_numpy(got[0]), dx, 1e-4)
+        reference.assert_close(to_numpy(got[1]), dk, 1e-4)
+    fast(x.detach().double())  # cast by Keras: its way
+    assert len(made) == 2
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's plans")
+def test_torch_plans_give_way_to_hooks_scopes_and_subclasses():
+    """After a planned call: a module hook registered later runs, stateless_call uses its
+    values, a new kernel variable is used, and a subclass's own call always runs."""
+    import torch
+
+    layer = fastconv.DepthwiseConv2D(3, padding="same",
+                                     bias_initializer=keras.initializers.RandomNormal(seed=3))
+    x = torch.from_numpy(_input((2, 5, 5, 3)))
+    layer(x)
+    layer(x)
+    assert layer.__dict__.get("_fastconv_plans")
+    seen = []
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    layer(x)
+    handle.remove()
+    assert seen == [(2, 5, 5, 3)]
+
+    values = [np.full(v.shape, 0.5, np.float32) for v in layer.trainable_variables]
+    out, _ = layer.stateless_call([torch.from_numpy(v) for v in values], [], x)
+    expected = reference.conv(_input((2, 5, 5, 3)), values[0].reshape(3, 3, 1, 3),
+                              padding="same") + 0.5
+    reference.assert_close(to_numpy(out), expected, 1e-4)
+
+    layer._tracker.unlock()  # (as Keras' quantize() does)
+    new = _input((3, 3, 3, 1), 4)
+    layer.kernel = layer.add_weight(shape=new.shape, initializer=keras.initializers.Constant(new))
+    expected = reference.conv(_input((2, 5, 5, 3)), new.reshape(3, 3, 1, 3), padding="same")
+    reference.assert_close(to_numpy(layer(x)), expected + to_numpy(layer.bias), 1e-4)
+
+    class Doubled(fastconv.Conv2D):
+        def call(self, inputs):
+            return 2.0 * super().call(inputs)
+
+    doubled = Doubled(2, 3)
+    doubled.build((2, 5, 5, 3))
+    first = to_numpy(doubled(x))
+    assert not doubled.__dict__.get("_fastconv_plans")
+    reference.assert_close(to_numpy(doubled(x)), first, 1e-6)
+    reference.assert_close(first, 2.0 * _reference(doubled, x), 1e-4)
