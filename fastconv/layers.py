@@ -117,7 +117,7 @@ class _Fastconv(_PlainCall):
         bias = self.bias if self.use_bias else None
         spec = self._spec()
         fusable = None if self.activation is None else _activation(self.activation)
-        plans = {} if keras.backend.backend() in ops._PLANNING else None
+        plans = {}  # (filled by the bridges that keep plans: see ops.conv_variables)
         done = ops.conv_variables(inputs, kernel, kernel_shape or tuple(kernel.shape), bias,
                                   spec, fusable, plans)
         if plans and type(self).call in _PLANNED_CALLS and _plain_call(self, inputs):

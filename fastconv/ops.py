@@ -97,14 +97,10 @@ def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None, pl
             or _export.use_keras_convolution(inputs)):
         return None
     bridge = _bridge()
-    if backend in _PLANNING:
+    if backend in ("tensorflow", "torch"):  # (the bridges that keep plans: run_plan)
         return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation,
                                         plans)
     return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation)
-
-
-# the bridges that keep plans (forward_variables' `plans`, run_plan)
-_PLANNING = ("tensorflow", "torch")
 
 
 def planned(plans, inputs, kernel, bias):
