@@ -422,9 +422,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
             or x.dtype != tf.float32 or x.shape.rank != 4 or could_possibly_record is None
             or not _hand_kernels()):
         return None
-    # a keras.Variable's value is its tf.Variable, unless a StatelessScope gives another value
-    # (stateless_call) or autocasting a cast: those take the general path
-    variables = [getattr(v, "value", v) for v in (kernel, bias) if v is not None]
+    variables = _values(kernel, bias)
     if any(type(v) is not ResourceVariable or v.dtype != tf.float32 for v in variables):
         return None
     if on_accelerator(x, *(v.handle for v in variables)):
@@ -448,6 +446,12 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
     if done is not None and plans is not None:
         plans[tuple(x.shape), _plan_threads] = plan
     return done
+
+
+def _values(kernel, bias):
+    # a keras.Variable's value is its tf.Variable, unless a StatelessScope gives another value
+    # (stateless_call) or autocasting a cast: those take the general path
+    return [getattr(v, "value", v) for v in (kernel, bias) if v is not None]
 
 
 class _Plan(NamedTuple):
@@ -505,12 +509,9 @@ def run_plan(plans, x, kernel, bias):
     plan = plans.get((tuple(x.shape), _plan_threads))
     if plan is None:
         return None
-    kernel_var, *bias_var = plan.variables
-    if (x.device != plan.device
-            or getattr(kernel, "value", None) is not kernel_var
-            or (bias is None) != (not bias_var)
-            or (bias_var and getattr(bias, "value", None) is not bias_var[0])
-            or not _hand_kernels()):
+    values = _values(kernel, bias)
+    if (x.device != plan.device or len(values) != len(plan.variables)
+            or any(v is not p for v, p in zip(values, plan.variables)) or not _hand_kernels()):
         return None
     return _run(plan, x)
 
