@@ -38,14 +38,27 @@ DEPTHWISE = {
 }
 
 
+ROUND_WARMUP_LIMIT = 0.5  # seconds (benchmarks/worker.py's)
+
+
 def _median_times(fns, warmup, repeats):
-    """Run each fn warmup times, then repeats rounds interleaved; median seconds per fn."""
+    """Run each fn warmup times, then repeats rounds interleaved; median seconds per fn. In each
+    round a fn faster than ROUND_WARMUP_LIMIT first runs once untimed, as in the layer suite
+    (benchmarks/worker.py: the first call after the other fn runs slower, on cold caches and
+    idle cores, whatever the library)."""
+    estimate = []
     for fn in fns:
+        last = float("inf")  # (no warm-up: no estimate, no warm-up in the rounds either)
         for _ in range(warmup):
+            t = time.perf_counter()
             fn()
+            last = time.perf_counter() - t
+        estimate.append(last)
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            if estimate[i] < ROUND_WARMUP_LIMIT:
+                fn()
             t = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t)

@@ -11,6 +11,7 @@ the same invocation.
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -22,6 +23,25 @@ COLORS = {"tensorflow": "tab:orange", "jax": "tab:blue", "torch": "tab:red", "nu
 
 # ---------------------------------------------------------------------------------------------
 # Access helpers
+
+def _first_call_summary(results, backends):
+    """' Those untimed first calls took ...': the median over cases of first / timed median,
+    per library (fastconv on all threads, keras), over both directions; '' for older results."""
+    ratios = {"fastconv": [], "keras": []}
+    for b in backends:
+        for r in results["runs"].get(b, {}).get("cases", {}).values():
+            for d in DIRECTIONS:
+                for v, out in ratios.items():
+                    timing = (r.get(d) or {}).get(v) or {}
+                    if timing.get("first"):
+                        out.append(statistics.median(timing["first"]) / timing["median"])
+    if not ratios["fastconv"]:
+        return ""
+    parts = [f"{v} {statistics.median(x):.2f}× (max {max(x):.2f}×)" for v, x in ratios.items()
+             if x]
+    return (" Those untimed first calls took, over the (case, direction, backend) timings, "
+            "a median of: " + ", ".join(parts) + " the timed median.")
+
 
 def _rec(results, case, backend):
     return results["runs"].get(backend, {}).get("cases", {}).get(case)
@@ -353,7 +373,10 @@ def markdown(results):
              "2T vs 1T = fastconv's time on 1 thread / on all threads (2 here). "
              "channels_first cases also time fastconv on their channels_last twin (same "
              "weights, transposed data) in the same interleaved rounds; the channels_first "
-             "target is that ratio.")
+             "target is that ratio. In each round a variant faster than 0.5 s first ran once "
+             "untimed, so that every timed call follows a call of itself, as in a training loop: "
+             "the first call after another variant runs slower on this machine, whatever the "
+             "library (cold caches, idle cores)." + _first_call_summary(results, backends))
     L.append("")
 
     L.append("## Summary")

@@ -27,7 +27,9 @@ is timed too, forward. On small layers the host function alone (`fastconv.backen
 on numpy arrays, "host") is timed as well, so the bridge's own overhead shows.
 
 A call slower than --time-cap / --reps gets fewer rounds (never fewer than 3); the faster variants
-then run several times per round so they still get --reps samples.
+then run several times per round so they still get --reps samples. In each round a variant that
+takes under ROUND_WARMUP_LIMIT (0.5 s) first runs once untimed ("first" in the JSON), so that every
+timed call follows a call of itself, as in a training loop (see ROUND_WARMUP_LIMIT).
 
 Peak extra memory: after every case is timed, each call is run once more, with glibc's malloc set
 to give large blocks back to the OS (mallopt M_MMAP_THRESHOLD = 64 KiB, malloc_trim before the
@@ -122,15 +124,27 @@ def measure(variants, reps, warmup, time_cap):
     inner = {name: 1 if est[name] * reps > time_cap else math.ceil(reps / rounds)
              for name in variants}
     times = {name: [] for name in variants}
+    firsts = {name: [] for name in variants}
     names = list(variants)
     for r in range(rounds):
         start = r % len(names)
         for name in names[start:] + names[:start]:
+            if est[name] < ROUND_WARMUP_LIMIT:
+                firsts[name].append(_timed(variants[name]))
             for _ in range(inner[name]):
                 times[name].append(_timed(variants[name]))
     return {name: {"median": float(np.median(ts)), "min": float(np.min(ts)), "n": len(ts),
-                   "times": [float(t) for t in ts]}
+                   "times": [float(t) for t in ts], "first": [float(t) for t in firsts[name]]}
             for name, ts in times.items()}
+
+
+# Each round, a variant faster than this (seconds) runs once untimed (its "first" time) before
+# its timed calls: the first call after another variant ran here 1.3-2x slower than the next
+# ones, whatever the library (numpy's own matmul too, after a sleep), for the first few ms of
+# work on cold caches and idle cores; without it a fastconv call measured right after Keras'
+# 2-s grouped step took 4-5 ms where a training loop's calls take 2.5 (TensorFlow, grouped32).
+# A call as slow as the limit loses under 1% that way, and is not worth doubling.
+ROUND_WARMUP_LIMIT = 0.5
 
 
 def matmul_rate(runs=5):
