@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -245,20 +246,29 @@ REGISTER_OP("FastconvForward")
 // the kernels see x and the result as (a 1x1 convolution's pixels re-cut for the threads).
 // nchw: x (N, C, H, W) and y (N, F, OH, OW), transposed around the kernel inside the op (on the
 // general path, the variables read as two ops and the host's convolution with its own two
-// transposes, channels_first inference took up to 1.3x channels_last's time)
+// transposes, channels_first inference took up to 1.3x channels_last's time).
+// nkernel = 1: the kernel variable's value as read (what ReadVariableOp gives: its buffer,
+// which an assignment then copies instead of overwriting), for a call under a GradientTape,
+// whose gradient needs the kernel the forward used: one op instead of a read of each variable
+// and the forward
 REGISTER_OP("FastconvForwardVariables")
     .Input("x: float")
     .Input("kernel: resource")
     .Input("bias: nbias * resource")
     .Output("y: float")
+    .Output("kernel_value: nkernel * float")
     .Attr("nbias: int >= 0")
+    .Attr("nkernel: int >= 0 = 0")
     .FASTCONV_FORWARD_ATTRS
     .Attr("view: list(int) = []")
     .Attr("nchw: bool = false")
     .SetShapeFn([](InferenceContext* c) {
       bool nchw;
       TF_RETURN_IF_ERROR(c->GetAttr("nchw", &nchw));
-      return nchw ? ShapeFromAttrs(c, 0, "f", "oh", "ow") : ShapeFromAttrs(c, 0, "oh", "ow", "f");
+      TF_RETURN_IF_ERROR(nchw ? ShapeFromAttrs(c, 0, "f", "oh", "ow")
+                              : ShapeFromAttrs(c, 0, "oh", "ow", "f"));
+      for (int i = 1; i < c->num_outputs(); i++) c->set_output(i, c->UnknownShape());
+      return absl::OkStatus();
     });
 
 // dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)
@@ -403,6 +413,17 @@ class LockedVariable {
   }
   const absl::Status& status() const { return status_; }
   const Tensor& tensor() const { return *var_->tensor(); }
+  // its value as output `index`, as ReadVariableOp gives it (a variable in copy-on-read mode,
+  // after a sparse update, hands out copies)
+  void Read(OpKernelContext* ctx, int index) const {
+    if (!var_->copy_on_read_mode.load()) {
+      ctx->set_output(index, tensor());
+      return;
+    }
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(index, tensor().shape(), &out));
+    std::copy_n(tensor().flat<float>().data(), tensor().NumElements(), out->flat<float>().data());
+  }
   // its floats, if it holds `elements` of them (else an error in ctx, and nullptr)
   const float* Floats(OpKernelContext* ctx, int64_t elements) const {
     const Tensor& t = tensor();
@@ -449,6 +470,7 @@ class ForwardVariables : public ForwardBase {
       RunNCHW(ctx, x, kp, kh, kw, bp);
     else if (!nchw_)
       Run(ctx, x, view_.empty() ? nullptr : view_.data(), kp, kh, kw, bp, nullptr);
+    if (ctx->num_outputs() > 1 && ctx->status().ok()) kernel.Read(ctx, 1);
   }
 
  private:

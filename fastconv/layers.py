@@ -57,9 +57,9 @@ class _Fastconv(_PlainCall):
         super().__delattr__(name)
 
     def _planned(self, plans, x):
-        """An eager call (TensorFlow, torch) like a plain one (see `_plain_call`) that kept its
-        plan, made again by ops.planned (which checks x, the variables and, on TensorFlow, the
-        tapes). What `_plain_call` checks of the layer holds while the layer is unchanged
+        """An eager call (TensorFlow, JAX, torch) like a plain one (see `_plain_call`) that kept
+        its plan, made again by ops.planned (which checks x, the variables and, on TensorFlow,
+        the tapes). What `_plain_call` checks of the layer holds while the layer is unchanged
         (`__setattr__`); what may change between calls without the layer knowing (scopes,
         x's mask, torch's module hooks, tracing and compiling) is checked here. Or None."""
         if (not _eager(self, x) or _kbackend.get_autocast_scope() is not None

@@ -90,17 +90,13 @@ def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None, pl
     the backend has a faster path for that than the general one (eager calls on TensorFlow, JAX
     and torch: see forward_variables in those bridges): (outputs, whether
     `activation` (as `epilogue` takes it) was computed by the kernels); else None. `plans`: a
-    dict into which the TensorFlow and torch bridges put what `planned` needs to make this
-    call again."""
+    dict (or None) into which the bridges put what `planned` needs to make this call again."""
     backend = keras.backend.backend()
     if (backend not in ("tensorflow", "jax", "torch") or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
         return None
-    bridge = _bridge()
-    if backend in ("tensorflow", "torch"):  # (the bridges that keep plans: run_plan)
-        return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation,
-                                        plans)
-    return bridge.forward_variables(inputs, kernel, kernel_shape, bias, spec, activation)
+    return _bridge().forward_variables(inputs, kernel, kernel_shape, bias, spec, activation,
+                                       plans)
 
 
 def planned(plans, inputs, kernel, bias):

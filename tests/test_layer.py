@@ -621,3 +621,94 @@ def test_torch_plans_give_way_to_hooks_scopes_and_subclasses():
     assert not doubled.__dict__.get("_fastconv_plans")
     reference.assert_close(to_numpy(doubled(x)), first, 1e-6)
     reference.assert_close(first, 2.0 * _reference(doubled, x), 1e-4)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's plans")
+@pytest.mark.parametrize("kwargs, input_shape", [LAYER_CASES[1], LAYER_CASES[3], LAYER_CASES[4],
+                                                 LAYER_CASES[6]])
+def test_jax_repeated_calls_run_the_kept_plan(kwargs, input_shape, monkeypatch):
+    """The second eager call of a shape runs from the first call's plan (no forward_variables),
+    with the same result, and so do calls after the kernel is assigned (a new array: JAX's are
+    immutable), with the new values; another dtype takes the general way; jax.grad (traced) has
+    the reference's gradients."""
+    import jax
+
+    from fastconv.backends import jax as bridge
+
+    made = []
+    real = bridge.forward_variables
+    monkeypatch.setattr(bridge, "forward_variables", lambda *a: made.append(1) or real(*a))
+    fast, _ = _pair(kwargs, input_shape)
+    x = jax.numpy.asarray(_input(input_shape))
+    first = to_numpy(fast(x))
+    assert len(made) == 1
+    np.testing.assert_array_equal(to_numpy(fast(x)), first)
+    assert len(made) == 1
+    reference.assert_close(first, _reference(fast, x), 1e-4)
+
+    fast.kernel.assign(_input(tuple(fast.kernel.shape), 5))
+    reference.assert_close(to_numpy(fast(x)), _reference(fast, x), 1e-4)
+    assert len(made) == 1
+    fast(x.astype("float16"))  # cast by Keras: its way
+    assert len(made) == 2
+
+    if fast.activation in (None, keras.activations.linear):
+        dy = _input(tuple(first.shape), 3)
+        dx, dk = jax.grad(lambda a, k: (fast.stateless_call([k, *fast.trainable_variables[1:]],
+                                                            [], a)[0] * dy).sum(),
+                          argnums=(0, 1))(x, fast.kernel.value)
+        ref_dx, ref_dk = reference.grads(_input(input_shape), to_numpy(fast.kernel), dy,
+                                         fast.strides, fast.padding, fast.dilation_rate,
+                                         fast.data_format)
+        reference.assert_close(to_numpy(dx), ref_dx, 1e-4)
+        reference.assert_close(to_numpy(dk), ref_dk, 1e-4)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's plans")
+def test_jax_plans_give_way_and_keep_no_old_kernel():
+    """After a planned call: stateless_call uses its values (of another dtype: the general
+    way), a new kernel variable is used, a subclass's own call always runs; a plan does not keep
+    a replaced kernel array alive."""
+    import gc
+    import weakref
+
+    import jax
+
+    layer = fastconv.DepthwiseConv2D(3, padding="same",
+                                     bias_initializer=keras.initializers.RandomNormal(seed=3))
+    x = jax.numpy.asarray(_input((2, 5, 5, 3)))
+    layer(x)
+    layer(x)
+    assert layer.__dict__.get("_fastconv_plans")
+
+    values = [np.full(v.shape, 0.5, np.float32) for v in layer.trainable_variables]
+    out, _ = layer.stateless_call(values, [], x)
+    expected = reference.conv(_input((2, 5, 5, 3)), values[0].reshape(3, 3, 1, 3),
+                              padding="same") + 0.5
+    reference.assert_close(to_numpy(out), expected, 1e-4)
+    out, _ = layer.stateless_call([v.astype(np.float16) for v in values], [], x)
+    reference.assert_close(to_numpy(out), expected, 1e-4)
+
+    old = weakref.ref(layer.kernel.value)
+    layer.kernel.assign(np.zeros(layer.kernel.shape, np.float32))
+    gc.collect()
+    assert old() is None
+    reference.assert_close(to_numpy(layer(x)), np.broadcast_to(to_numpy(layer.bias), (2, 5, 5, 3)),
+                           1e-6)
+
+    layer._tracker.unlock()  # (as Keras' quantize() does)
+    new = _input((3, 3, 3, 1), 4)
+    layer.kernel = layer.add_weight(shape=new.shape, initializer=keras.initializers.Constant(new))
+    expected = reference.conv(_input((2, 5, 5, 3)), new.reshape(3, 3, 1, 3), padding="same")
+    reference.assert_close(to_numpy(layer(x)), expected + to_numpy(layer.bias), 1e-4)
+
+    class Doubled(fastconv.Conv2D):
+        def call(self, inputs):
+            return 2.0 * super().call(inputs)
+
+    doubled = Doubled(2, 3)
+    doubled.build((2, 5, 5, 3))
+    first = to_numpy(doubled(x))
+    assert not doubled.__dict__.get("_fastconv_plans")
+    reference.assert_close(to_numpy(doubled(x)), first, 1e-6)
+    reference.assert_close(first, 2.0 * _reference(doubled, x), 1e-4)

@@ -9,6 +9,7 @@ BatchNormalization or activation after a convolution may fold into its custom ca
 
 import functools
 import weakref
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -286,25 +287,73 @@ def _eager(x, k, b, spec, result):
     return jax.numpy.asarray(out)
 
 
-def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None):
+def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plans=None):
     """A layer's eager convolution on its kernel (seen as `kernel_shape`) and bias variables:
     (outputs, False: `activation` is left to the layer), or None where this does not serve
     (tracing, x not a concrete CPU float array of the kernel's dtype, not rank 4). What
     ops.conv_bias does eagerly, without its conversions and checks of values that a layer's
     call has already made arrays of its compute dtype: ~7 us of Python a call (38 -> 31 us
-    with the kernel stubbed), which runs slower right after a kernel has filled the caches."""
+    with the kernel stubbed), which runs slower right after a kernel has filled the caches.
+    The call is kept in `plans` (a dict, or None), for `run_plan`."""
     k, b = (getattr(v, "value", v) for v in (kernel, bias))
     arrays = (x, k) if b is None else (x, k, b)
     if (any(not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer)
             or a.dtype != x.dtype for a in arrays)
             or x.dtype not in (np.float32, np.float64) or x.ndim != 4 or on_accelerator(*arrays)):
         return None
-    k = np.asarray(k)
-    if k.shape != tuple(kernel_shape):
-        k = k.reshape(kernel_shape)
     spec.check_call(x.shape, kernel_shape, None if b is None else b.shape)
-    return (_eager(np.asarray(x), k, None if b is None else np.asarray(b), spec, x.dtype.name),
-            False)
+    plan = _Plan(x.sharding, tuple(k.shape), None if b is None else tuple(b.shape),
+                 tuple(kernel_shape), spec, x.dtype.name)
+    if plans is not None:
+        plans[x.shape, x.dtype] = plan
+    return _run(plan, x, k, b), False
+
+
+class _Plan(NamedTuple):
+    """What forward_variables made of a call, for `_run` (and `run_plan`). No arrays: a
+    variable's value is replaced at each assignment (JAX arrays are immutable), so each call
+    reads it, and a plan keeps no old kernel alive."""
+    sharding: object  # x's, and the variables' (a CPU device's)
+    kernel_shape: tuple  # the variable's
+    bias_shape: Optional[tuple]
+    conv_kernel_shape: tuple  # the kernel seen as (KH, KW, C // groups, F) (a depthwise one's)
+    spec: object
+    result: str
+
+
+def _run(plan, x, k, b):
+    k = np.asarray(k)
+    if plan.conv_kernel_shape != plan.kernel_shape:
+        k = k.reshape(plan.conv_kernel_shape)
+    return _eager(np.asarray(x), k, None if b is None else np.asarray(b), plan.spec, plan.result)
+
+
+def run_plan(plans, x, kernel, bias):
+    """forward_variables for a call like one it kept in `plans`: x a concrete array of the same
+    shape and dtype on the same CPU device, the variables' values (read now: a stateless
+    scope's too) concrete arrays of x's dtype and their shapes on that device; without remaking
+    its checks. (outputs, False), or None. The caller (the layer) answers for everything about
+    the layer and the call (see layers._Fastconv._planned)."""
+    if type(x) is not _ARRAY:
+        return None
+    plan = plans.get((x.shape, x.dtype))
+    if plan is None:
+        return None
+    k = getattr(kernel, "value", None)
+    b = None if bias is None else getattr(bias, "value", None)
+    for value, shape in ((k, plan.kernel_shape), (b, plan.bias_shape)):
+        if shape is None and value is None:
+            continue
+        if (type(value) is not _ARRAY or value.dtype != x.dtype or value.shape != shape
+                or not _same_device(value, plan)):
+            return None
+    if not _same_device(x, plan):
+        return None
+    return _run(plan, x, k, b), False
+
+
+def _same_device(a, plan):
+    return a.sharding is plan.sharding or a.sharding == plan.sharding
 
 
 def _host_wrapper():
@@ -333,6 +382,7 @@ def _host_wrapper():
 
 
 _from_host = _host_wrapper()
+_ARRAY = type(jax.numpy.zeros((), np.float32))  # (jaxlib's concrete array; tracers are others)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

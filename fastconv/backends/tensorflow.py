@@ -34,7 +34,6 @@ try:
     from tensorflow.python.eager.record import (could_possibly_record, should_record_backprop,
                                                 stop_recording)
     from tensorflow.python.framework.ops import EagerTensor
-    from tensorflow.python.ops.gen_resource_variable_ops import read_variable_op
     from tensorflow.python.ops.resource_variable_ops import ResourceVariable, variable_accessed
 except ImportError:  # not public API: without them, eager calls take the general path
     could_possibly_record = None
@@ -439,9 +438,10 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         # its own two transposes). A/B, eager layer calls: 4x256x28x28 in 32 groups 1.24x,
         # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
         attrs["nchw"] = True
-    attrs.update(oh=g.oh, ow=g.ow, f=g.f, **host.act_attrs(activation))
-    plan = _Plan(x.device, variables, attrs, activation is not None,
-                 tuple(kernel_shape), spec)
+    attrs.update(oh=g.oh, ow=g.ow, f=g.f)
+    plan = _Plan(x.device, variables, {**attrs, **host.act_attrs(activation)},
+                 activation is not None, tuple(kernel_shape), spec,
+                 {**attrs, **host.act_attrs(None), "nkernel": 1})
     done = _run(plan, x)
     if done is not None and plans is not None:
         plans[tuple(x.shape), _plan_threads] = plan
@@ -462,6 +462,7 @@ class _Plan(NamedTuple):
     activated: bool  # whether the op computes the activation
     kernel_shape: tuple
     spec: object
+    taped_attrs: dict  # the op's attributes under a tape: no activation, the kernel's value
 
 
 def _run(plan, x):
@@ -473,10 +474,10 @@ def _run(plan, x):
         watched = PossibleTapeGradientTypes([x, *handles])
         if (watched == 1 and record_operation is not None and plan.spec.channels_last
                 and should_record_backprop([x, *handles])):
-            return _taped_forward(x, plan.variables, plan.kernel_shape, plan.spec), False
+            return _taped_forward(x, handles, plan), False
         if watched != 0:
             return None
-    out = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], **plan.attrs)
+    out = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:], **plan.attrs).y
     return out, plan.activated
 
 
@@ -516,22 +517,23 @@ def run_plan(plans, x, kernel, bias):
     return _run(plan, x)
 
 
-def _taped_forward(x, variables, kernel_shape, spec):
+def _taped_forward(x, handles, plan):
     """The convolution of a call that exactly one non-persistent GradientTape watches (no
     accumulator), recorded on it with the variables' handles as inputs, as the tape sees a
     variable read. The general path reads each variable as a recorded op and converts more:
     a training step's time beyond the kernels (tape.gradient with output_gradients, AVX-512
     Xeon) 0.55 -> 0.37 ms on 2x8x8x16, 0.89 -> 0.63 ms on 1x56x56x64, 1.05 -> 0.80 ms on
-    4x28x28x256 in 32 groups. The values are read unrecorded; they are snapshots (TensorFlow
-    copies a variable's buffer on assignment while a read holds it), so the gradients are those
-    of the values the forward used."""
+    4x28x28x256 in 32 groups. The forward is one FastconvForwardVariables op that also gives
+    the kernel's value as read, unrecorded: a snapshot (TensorFlow copies a variable's buffer
+    on assignment while a read holds it), so the gradients are those of the values the forward
+    used."""
     with stop_recording():
-        values = [read_variable_op(v.handle, tf.float32) for v in variables]
-    kernel = np.from_dlpack(values[0]).reshape(kernel_shape)
-    out = _tensor(host.forward(np.from_dlpack(x), kernel, spec, np.float32,
-                               *(np.from_dlpack(v) for v in values[1:])))
+        out, (kernel,) = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:],
+                                                             **plan.taped_attrs)
+    spec, kernel_shape = plan.spec, plan.kernel_shape
     need_dx = _recorded([x])  # (an input no tape watches: see conv)
-    variable_shape = tuple(values[0].shape)
+    variable_shape = tuple(kernel.shape)
+    bias = len(handles) > 1
 
     def gradients(dy):
         _dispatch.wake()
@@ -541,11 +543,11 @@ def _taped_forward(x, variables, kernel_shape, spec):
         if need_dx:
             dx = _first_order_only(lambda g, k: _tensor(host.grad_input(
                 np.from_dlpack(g), np.from_dlpack(k).reshape(kernel_shape), spec,
-                tuple(x.shape))), [dy, values[0]])
+                tuple(x.shape))), [dy, kernel])
         return [dx, *_first_order_only(lambda a, g: _taped_grad_kernel(
-            a, g, spec, kernel_shape, variable_shape, len(values) > 1), [x, dy])]
+            a, g, spec, kernel_shape, variable_shape, bias), [x, dy])]
 
-    record_operation("FastconvConv2D", [out], [x, *(v.handle for v in variables)], gradients)
+    record_operation("FastconvConv2D", [out], [x, *handles], gradients)
     return out
 
 
