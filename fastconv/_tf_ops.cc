@@ -250,15 +250,18 @@ REGISTER_OP("FastconvForward")
 // nkernel = 1: the kernel variable's value as read (what ReadVariableOp gives: its buffer,
 // which an assignment then copies instead of overwriting), for a call under a GradientTape,
 // whose gradient needs the kernel the forward used: one op instead of a read of each variable
-// and the forward
+// and the forward. nx = 1 (with nchw): x's NHWC copy too, which the gradient wrt the kernel
+// then reads instead of transposing x again
 REGISTER_OP("FastconvForwardVariables")
     .Input("x: float")
     .Input("kernel: resource")
     .Input("bias: nbias * resource")
     .Output("y: float")
     .Output("kernel_value: nkernel * float")
+    .Output("x_nhwc: nx * float")
     .Attr("nbias: int >= 0")
     .Attr("nkernel: int >= 0 = 0")
+    .Attr("nx: int >= 0 = 0")
     .FASTCONV_FORWARD_ATTRS
     .Attr("view: list(int) = []")
     .Attr("nchw: bool = false")
@@ -352,13 +355,19 @@ class ForwardBase : public OpKernel {
   }
 
   // Run on an (N, C, H, W) x, into an (N, F, OH, OW) result: x and the result transposed by the
-  // kernels' transpose around the call, in one turn
+  // kernels' transpose around the call, in one turn; x's NHWC copy is output `x_output` if >= 0
   void RunNCHW(OpKernelContext* ctx, const Tensor& x, const float* k, int64_t kh, int64_t kw,
-               const float* bias) {
+               const float* bias, int x_output = -1) {
     const int64_t n = x.dim_size(0), c = x.dim_size(1), h = x.dim_size(2), w = x.dim_size(3);
     Tensor xt, yt;
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, Temp(ctx, TensorShape({n, h, w, c}), &xt));
+    if (x_output >= 0) {
+      Tensor* kept = nullptr;
+      OP_REQUIRES_OK(ctx, Output(ctx, x_output, TensorShape({n, h, w, c}), &kept));
+      xt = *kept;
+    } else {
+      OP_REQUIRES_OK(ctx, Temp(ctx, TensorShape({n, h, w, c}), &xt));
+    }
     OP_REQUIRES_OK(ctx, Temp(ctx, TensorShape({n, oh_, ow_, f_}), &yt));
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({n, f_, oh_, ow_}), &out));
     const int threads = fastconv::threads(g_.max_threads);
@@ -445,6 +454,9 @@ class ForwardVariables : public ForwardBase {
   explicit ForwardVariables(OpKernelConstruction* ctx) : ForwardBase(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("view", &view_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("nchw", &nchw_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nx", &nx_));
+    OP_REQUIRES(ctx, nx_ == 0 || (nx_ == 1 && nchw_),
+                absl::InvalidArgumentError("fastconv: nx = 1 takes nchw"));
     OP_REQUIRES(ctx, view_.empty() || view_.size() == 5,
                 absl::InvalidArgumentError("fastconv: view takes 5 sizes"));
   }
@@ -466,16 +478,19 @@ class ForwardVariables : public ForwardBase {
       OP_REQUIRES_OK(ctx, bias->status());
       if ((bp = bias->Floats(ctx, f_)) == nullptr) return;
     }
+    // outputs: y, then the kernel's value (nkernel), then x's NHWC copy (nx)
+    const int nkernel = ctx->num_outputs() - 1 - static_cast<int>(nx_);
     if (nchw_ && Ready(ctx, reinterpret_cast<const void*>(fastconv::transpose_f32)))
-      RunNCHW(ctx, x, kp, kh, kw, bp);
+      RunNCHW(ctx, x, kp, kh, kw, bp, nx_ ? 1 + nkernel : -1);
     else if (!nchw_)
       Run(ctx, x, view_.empty() ? nullptr : view_.data(), kp, kh, kw, bp, nullptr);
-    if (ctx->num_outputs() > 1 && ctx->status().ok()) kernel.Read(ctx, 1);
+    if (nkernel && ctx->status().ok()) kernel.Read(ctx, 1);
   }
 
  private:
   std::vector<int64_t> view_;
   bool nchw_;
+  int64_t nx_;
 };
 
 class GradInput : public OpKernel {

@@ -297,6 +297,41 @@ def test_one_tape_records_the_variables_op_on_the_handles(calls, cls, x_shape, k
         assert_close(ours.numpy(), ref, rtol=1e-4, name=what)
 
 
+@pytest.mark.parametrize("cls, x_shape, kwargs", TAPED)
+def test_channels_first_one_tape_is_the_variables_op(calls, cls, x_shape, kwargs):
+    """channels_first under one tape: the same one op (x and the result transposed inside it),
+    recorded on the handles; the gradients wrt the NCHW input and the variables are the
+    reference's."""
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=x_shape).astype("float32")
+    layer = _layer(cls, x_shape, **kwargs)
+    nchw = _layer(cls, (x_shape[0], x_shape[3], *x_shape[1:3]), data_format="channels_first",
+                  **kwargs)
+    nchw.set_weights(layer.get_weights())
+    t = tf.constant(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    reads = []
+    real = bridge.record_operation
+    bridge.record_operation = lambda name, *a: reads.append(name) or real(name, *a)
+    try:
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = nchw(t)
+    finally:
+        bridge.record_operation = real
+    assert reads == ["FastconvConv2D"] and (calls.op, calls.host) == (1, 0)
+    expected = _reference(layer, x)
+    assert_close(y.numpy(), expected.transpose(0, 3, 1, 2), rtol=1e-4)
+    dz = rng.normal(size=expected.shape).astype("float32")  # (NHWC)
+    got = tape.gradient(y, [t, *nchw.trainable_variables],
+                        output_gradients=np.ascontiguousarray(dz.transpose(0, 3, 1, 2)))
+    if kwargs.get("activation") == "tanh":
+        dz = dz * (1 - expected ** 2)
+    ref = _ref_grads(layer, x, dz)
+    assert_close(got[0].numpy(), ref[0].transpose(0, 3, 1, 2), rtol=1e-4, name="x")
+    for ours, want, what in zip(got[1:], ref[1:], ("kernel", "bias")):
+        assert_close(ours.numpy(), want, rtol=1e-4, name=what)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_one_tape_gradients_use_the_forward_values(sparse):
     """A variable assigned between the forward and the gradient: the gradients are those of the

@@ -439,9 +439,9 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
         attrs["nchw"] = True
     attrs.update(oh=g.oh, ow=g.ow, f=g.f)
+    taped = dict(attrs, **host.act_attrs(None), nkernel=1, nx=int(not spec.channels_last))
     plan = _Plan(x.device, variables, {**attrs, **host.act_attrs(activation)},
-                 activation is not None, tuple(kernel_shape), spec,
-                 {**attrs, **host.act_attrs(None), "nkernel": 1})
+                 activation is not None, tuple(kernel_shape), spec, taped)
     done = _run(plan, x)
     if done is not None and plans is not None:
         plans[tuple(x.shape), _plan_threads] = plan
@@ -462,7 +462,7 @@ class _Plan(NamedTuple):
     activated: bool  # whether the op computes the activation
     kernel_shape: tuple
     spec: object
-    taped_attrs: dict  # the op's attributes under a tape: no activation, the kernel's value
+    taped_attrs: dict  # the op's under a tape: no activation; the kernel's value, x's NHWC copy
 
 
 def _run(plan, x):
@@ -472,7 +472,7 @@ def _run(plan, x):
         variable_accessed(v)  # what reading it tells TensorFlow's tapes and variable watchers
     if could_possibly_record():
         watched = PossibleTapeGradientTypes([x, *handles])
-        if (watched == 1 and record_operation is not None and plan.spec.channels_last
+        if (watched == 1 and record_operation is not None
                 and should_record_backprop([x, *handles])):
             return _taped_forward(x, handles, plan), False
         if watched != 0:
@@ -528,8 +528,8 @@ def _taped_forward(x, handles, plan):
     on assignment while a read holds it), so the gradients are those of the values the forward
     used."""
     with stop_recording():
-        out, (kernel,) = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:],
-                                                             **plan.taped_attrs)
+        out, (kernel,), x_nhwc = _OPS.ops.fastconv_forward_variables(x, handles[0], handles[1:],
+                                                                     **plan.taped_attrs)
     spec, kernel_shape = plan.spec, plan.kernel_shape
     need_dx = _recorded([x])  # (an input no tape watches: see conv)
     variable_shape = tuple(kernel.shape)
@@ -540,20 +540,38 @@ def _taped_forward(x, handles, plan):
         # (_first_order_only: where a tape records this gradient's computation, e.g. an outer
         # tape watching dy, differentiating it raises)
         dx = None
+        dy_host = _host_dy(dy, spec)  # (the compute functions take dy as it is here)
         if need_dx:
             dx = _first_order_only(lambda g, k: _tensor(host.grad_input(
-                np.from_dlpack(g), np.from_dlpack(k).reshape(kernel_shape), spec,
-                tuple(x.shape))), [dy, kernel])
+                dy_host, np.from_dlpack(k).reshape(kernel_shape), spec, tuple(x.shape))),
+                [dy, kernel])
         return [dx, *_first_order_only(lambda a, g: _taped_grad_kernel(
-            a, g, spec, kernel_shape, variable_shape, bias), [x, dy])]
+            _host_x(a, x_nhwc), dy_host, spec, kernel_shape, variable_shape, bias), [x, dy])]
 
     record_operation("FastconvConv2D", [out], [x, *handles], gradients)
     return out
 
 
-def _taped_grad_kernel(x, dy, spec, kernel_shape, variable_shape, bias):
+def _host_dy(dy, spec):
+    """dy for the host's gradients: channels_first, transposed to NHWC memory (seen as NCHW,
+    which the host takes as it is) once for both gradients, each of which would transpose it."""
+    dy = np.from_dlpack(dy)
+    if spec.channels_last:
+        return dy
+    return host._nhwc(dy, spec, np.float32).transpose(0, 3, 1, 2)
+
+
+def _host_x(x, x_nhwc):
+    """x for the host's gradient wrt the kernel: channels_first, the op's NHWC copy of it (seen
+    as NCHW, which the host takes as it is), not a second transpose."""
+    if not x_nhwc:
+        return np.from_dlpack(x)
+    return np.from_dlpack(x_nhwc[0]).transpose(0, 3, 1, 2)
+
+
+def _taped_grad_kernel(x_host, dy_host, spec, kernel_shape, variable_shape, bias):
     """[dkernel in the variable's shape, dbias if `bias`] for `_taped_forward`."""
-    dk = host.grad_kernel(np.from_dlpack(x), np.from_dlpack(dy), spec, kernel_shape, bias=bias)
+    dk = host.grad_kernel(x_host, dy_host, spec, kernel_shape, bias=bias)
     dk, *db = dk if bias else (dk,)
     return [_tensor(dk.reshape(variable_shape)), *map(_tensor, db)]
 
