@@ -269,14 +269,8 @@ TAPED = [case for case in CASES if case[2].get("activation") in (None, "tanh")] 
 ]
 
 
-@pytest.mark.parametrize("cls, x_shape, kwargs", TAPED)
-def test_one_tape_records_the_variables_op_on_the_handles(calls, cls, x_shape, kwargs):
-    """Under one non-persistent tape: the variables op's convolution (which also gives the
-    kernel's value; no recorded variable read), its gradients wrt the input and the variables
-    equal the reference's."""
-    rng = np.random.default_rng(7)
-    x = tf.constant(rng.normal(size=x_shape).astype("float32"))
-    layer = _layer(cls, x_shape, **kwargs)
+def _taped(layer, x):
+    """(layer(x), the tape that watched x, the names the bridge recorded on it)."""
     reads = []
     real = bridge.record_operation
     bridge.record_operation = lambda name, *a: reads.append(name) or real(name, *a)
@@ -286,6 +280,18 @@ def test_one_tape_records_the_variables_op_on_the_handles(calls, cls, x_shape, k
             y = layer(x)
     finally:
         bridge.record_operation = real
+    return y, tape, reads
+
+
+@pytest.mark.parametrize("cls, x_shape, kwargs", TAPED)
+def test_one_tape_records_the_variables_op_on_the_handles(calls, cls, x_shape, kwargs):
+    """Under one non-persistent tape: the variables op's convolution (which also gives the
+    kernel's value; no recorded variable read), its gradients wrt the input and the variables
+    equal the reference's."""
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(size=x_shape).astype("float32"))
+    layer = _layer(cls, x_shape, **kwargs)
+    y, tape, reads = _taped(layer, x)
     assert reads == ["FastconvConv2D"] and (calls.op, calls.host) == (1, 0)
     name = kwargs.get("activation")
     assert_close(y.numpy(), _reference(layer, x.numpy()), rtol=1e-4)
@@ -309,15 +315,7 @@ def test_channels_first_one_tape_is_the_variables_op(calls, cls, x_shape, kwargs
                   **kwargs)
     nchw.set_weights(layer.get_weights())
     t = tf.constant(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    reads = []
-    real = bridge.record_operation
-    bridge.record_operation = lambda name, *a: reads.append(name) or real(name, *a)
-    try:
-        with tf.GradientTape() as tape:
-            tape.watch(t)
-            y = nchw(t)
-    finally:
-        bridge.record_operation = real
+    y, tape, reads = _taped(nchw, t)
     assert reads == ["FastconvConv2D"] and (calls.op, calls.host) == (1, 0)
     expected = _reference(layer, x)
     assert_close(y.numpy(), expected.transpose(0, 3, 1, 2), rtol=1e-4)
