@@ -38,14 +38,14 @@ DEPTHWISE = {
 }
 
 
-ROUND_WARMUP_LIMIT = 0.5  # seconds (benchmarks/worker.py's)
+ROUND_WARMUP_LIMIT, ROUND_WARMUP_TIME = 0.5, 0.02  # seconds (benchmarks/worker.py's)
 
 
 def _median_times(fns, warmup, repeats):
     """Run each fn warmup times, then repeats rounds interleaved; median seconds per fn. In each
-    round a fn faster than ROUND_WARMUP_LIMIT first runs once untimed, as in the layer suite
-    (benchmarks/worker.py: the first call after the other fn runs slower, on cold caches and
-    idle cores, whatever the library)."""
+    round a fn faster than ROUND_WARMUP_LIMIT first runs untimed for ROUND_WARMUP_TIME (at least
+    once), as in the layer suite (benchmarks/worker.py: calls right after the other fn run
+    slower, on cold caches and idle cores, whatever the library)."""
     estimate = []
     for fn in fns:
         last = float("inf")  # (no warm-up: no estimate, no warm-up in the rounds either)
@@ -58,7 +58,10 @@ def _median_times(fns, warmup, repeats):
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             if estimate[i] < ROUND_WARMUP_LIMIT:
+                start = time.perf_counter()
                 fn()
+                while time.perf_counter() - start < ROUND_WARMUP_TIME:
+                    fn()
             t = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t)

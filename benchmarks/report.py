@@ -39,8 +39,8 @@ def _first_call_summary(results, backends):
         return ""
     parts = [f"{v} {statistics.median(x):.2f}× (max {max(x):.2f}×)" for v, x in ratios.items()
              if x]
-    return (" Those untimed first calls took, over the (case, direction, backend) timings, "
-            "a median of: " + ", ".join(parts) + " the timed median.")
+    return (" The first of those untimed calls took, over the (case, direction, backend) "
+            "timings, a median of: " + ", ".join(parts) + " the timed median.")
 
 
 def _rec(results, case, backend):
@@ -373,9 +373,9 @@ def markdown(results):
              "2T vs 1T = fastconv's time on 1 thread / on all threads (2 here). "
              "channels_first cases also time fastconv on their channels_last twin (same "
              "weights, transposed data) in the same interleaved rounds; the channels_first "
-             "target is that ratio. In each round a variant faster than 0.5 s first ran once "
-             "untimed, so that every timed call follows a call of itself, as in a training loop: "
-             "the first call after another variant runs slower on this machine, whatever the "
+             "target is that ratio. In each round a variant faster than 0.5 s first ran "
+             "untimed for 20 ms (at least once), so that the timed calls run as in a training "
+             "loop: calls right after another variant run slower on this machine, whatever the "
              "library (cold caches, idle cores)." + _first_call_summary(results, backends))
     L.append("")
 

@@ -28,8 +28,9 @@ on numpy arrays, "host") is timed as well, so the bridge's own overhead shows.
 
 A call slower than --time-cap / --reps gets fewer rounds (never fewer than 3); the faster variants
 then run several times per round so they still get --reps samples. In each round a variant that
-takes under ROUND_WARMUP_LIMIT (0.5 s) first runs once untimed ("first" in the JSON), so that every
-timed call follows a call of itself, as in a training loop (see ROUND_WARMUP_LIMIT).
+takes under ROUND_WARMUP_LIMIT (0.5 s) first runs untimed for 20 ms (at least once; the first
+call's time is "first" in the JSON), so that the timed calls run as in a training loop, not
+right after another variant (see ROUND_WARMUP_LIMIT).
 
 Peak extra memory: after every case is timed, each call is run once more, with glibc's malloc set
 to give large blocks back to the OS (mallopt M_MMAP_THRESHOLD = 64 KiB, malloc_trim before the
@@ -130,7 +131,7 @@ def measure(variants, reps, warmup, time_cap):
         start = r % len(names)
         for name in names[start:] + names[:start]:
             if est[name] < ROUND_WARMUP_LIMIT:
-                firsts[name].append(_timed(variants[name]))
+                firsts[name].append(_warm_up(variants[name]))
             for _ in range(inner[name]):
                 times[name].append(_timed(variants[name]))
     return {name: {"median": float(np.median(ts)), "min": float(np.min(ts)), "n": len(ts),
@@ -138,13 +139,23 @@ def measure(variants, reps, warmup, time_cap):
             for name, ts in times.items()}
 
 
-# Each round, a variant faster than this (seconds) runs once untimed (its "first" time) before
-# its timed calls: the first call after another variant ran here 1.3-2x slower than the next
-# ones, whatever the library (numpy's own matmul too, after a sleep), for the first few ms of
-# work on cold caches and idle cores; without it a fastconv call measured right after Keras'
-# 2-s grouped step took 4-5 ms where a training loop's calls take 2.5 (TensorFlow, grouped32).
-# A call as slow as the limit loses under 1% that way, and is not worth doubling.
+# Each round, a variant faster than ROUND_WARMUP_LIMIT (seconds) runs untimed for
+# ROUND_WARMUP_TIME (at least once; the first of those calls is its "first" time) before its
+# timed calls: right after another variant, calls here run slower, whatever the library (numpy's
+# own matmul too, after a sleep), for the first few ms of work, on cold caches and idle cores.
+# After Keras' 1.75-s grouped32 training step on TensorFlow, fastconv's steps took 4.5-6.1,
+# 3.2-3.5, 2.8-2.9, 2.9-3.1, then 2.6 ms, as in a training loop (2.4-2.65 back to back): one
+# untimed call was not enough. A call as slow as the limit loses under 1% that way.
 ROUND_WARMUP_LIMIT = 0.5
+ROUND_WARMUP_TIME = 0.02
+
+
+def _warm_up(fn):
+    """Calls of fn for ROUND_WARMUP_TIME (at least one); the first one's time."""
+    first = spent = _timed(fn)
+    while spent < ROUND_WARMUP_TIME:
+        spent += _timed(fn)
+    return first
 
 
 def matmul_rate(runs=5):
