@@ -209,7 +209,9 @@ def markdown(results):
     lines.append(f"{platform.node()}, {os.cpu_count()} CPUs, keras {meta.get('keras')}, "
                  f"fastconv kernels {meta.get('kernels')}, {meta.get('threads')} threads. "
                  "Median of the timed runs after warm-up; Keras and fastconv interleaved in one "
-                 "process per backend. Speedup = Keras time / fastconv time.")
+                 "process per backend, each timed call after 20 ms of untimed calls of the same "
+                 "(at least one) where a call takes under 0.5 s. Speedup = Keras time / fastconv "
+                 "time.")
     lines += ["", "## keras.applications (weights=None, classes=10), milliseconds", "",
               "| model | backend | Keras predict | fastconv predict | speedup | Keras train step "
               "| fastconv train step | speedup | agreement (max rel. diff) |",
