@@ -117,7 +117,9 @@ class _Fastconv(_PlainCall):
         bias = self.bias if self.use_bias else None
         spec = self._spec()
         fusable = None if self.activation is None else _activation(self.activation)
-        plans = {}  # (filled by the bridges that keep plans: see ops.conv_variables)
+        # (filled by the bridges that keep plans: see ops.conv_variables; none under nnx,
+        # which would take a layer's dict of plans for its state, as it would kept arrays)
+        plans = None if keras.backend.backend() == "jax" and keras.config.is_nnx_enabled() else {}
         done = ops.conv_variables(inputs, kernel, kernel_shape or tuple(kernel.shape), bias,
                                   spec, fusable, plans)
         if plans and type(self).call in _PLANNED_CALLS and _plain_call(self, inputs):

@@ -330,6 +330,23 @@ def test_channels_first_one_tape_is_the_variables_op(calls, cls, x_shape, kwargs
         assert_close(ours.numpy(), want, rtol=1e-4, name=what)
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_one_tape_empty_batch(data_format):
+    """An empty batch under one tape: an empty result, an empty dx, zero kernel and bias
+    gradients."""
+    shape = (0, 7, 7, 4) if data_format == "channels_last" else (0, 4, 7, 7)
+    layer = _layer(fastconv.Conv2D, shape, filters=3, kernel_size=3, padding="same",
+                   data_format=data_format)
+    x = tf.zeros(shape)
+    for _ in range(2):  # (the second call from the plan)
+        y, tape, _ = _taped(layer, x)
+        dx, dk, db = tape.gradient(y, [x, layer.kernel, layer.bias],
+                                   output_gradients=tf.zeros(y.shape))
+        out_shape = (0, 7, 7, 3) if data_format == "channels_last" else (0, 3, 7, 7)
+        assert tuple(y.shape) == out_shape and tuple(dx.shape) == shape
+        assert not np.any(dk.numpy()) and not np.any(db.numpy())
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_one_tape_gradients_use_the_forward_values(sparse):
     """A variable assigned between the forward and the gradient: the gradients are those of the
