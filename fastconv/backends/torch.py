@@ -264,13 +264,21 @@ def run_plan(plans, x, kernel, bias):
 
 
 def conv(x, k, b, spec, result):
+    # (each `.to` is a dispatch even when the dtype is right: this function's own time on a
+    # 2x8x8x16 eager call, beyond _forward, 10.3 -> 6.8 us warm; the layer call takes ~60 us)
     dtype = torch.float64 if result == "float64" else torch.float32
-    x, k = x.to(dtype), k.to(dtype)
-    b = None if b is None else b.to(dtype)
+    if x.dtype is not dtype:
+        x = x.to(dtype)
+    if k.dtype is not dtype:
+        k = k.to(dtype)
+    if b is not None and b.dtype is not dtype:
+        b = b.to(dtype)
     if torch.compiler.is_compiling():
         y = _conv2d_op(x, k, b, *_args(spec))
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, k, b)):
+    elif torch.is_grad_enabled() and (x.requires_grad or k.requires_grad
+                                      or (b is not None and b.requires_grad)):
         y = _Conv2d.apply(x, k, b, spec)
     else:
         y = _forward(x, k, b, spec)  # (an autograd.Function costs ~40 us even when not needed)
-    return y.to(getattr(torch, result))
+    out = getattr(torch, result)
+    return y if y.dtype is out else y.to(out)
