@@ -546,7 +546,8 @@ def _taped_forward(x, handles, plan):
                 dy_host, np.from_dlpack(k).reshape(kernel_shape), spec, tuple(x.shape))),
                 [dy, kernel])
         return [dx, *_first_order_only(lambda a, g: _taped_grad_kernel(
-            _host_x(a, x_nhwc), dy_host, spec, kernel_shape, variable_shape, bias), [x, dy])]
+            _host_x(a, x_nhwc, spec), dy_host, spec, kernel_shape, variable_shape, bias),
+            [x, dy])]
 
     record_operation("FastconvConv2D", [out], [x, *handles], gradients)
     return out
@@ -555,18 +556,13 @@ def _taped_forward(x, handles, plan):
 def _host_dy(dy, spec):
     """dy for the host's gradients: channels_first, transposed to NHWC memory (seen as NCHW,
     which the host takes as it is) once for both gradients, each of which would transpose it."""
-    dy = np.from_dlpack(dy)
-    if spec.channels_last:
-        return dy
-    return host._nhwc(dy, spec, np.float32).transpose(0, 3, 1, 2)
+    return host._from_nhwc(host._nhwc(np.from_dlpack(dy), spec, np.float32), spec)
 
 
-def _host_x(x, x_nhwc):
+def _host_x(x, x_nhwc, spec):
     """x for the host's gradient wrt the kernel: channels_first, the op's NHWC copy of it (seen
     as NCHW, which the host takes as it is), not a second transpose."""
-    if not x_nhwc:
-        return np.from_dlpack(x)
-    return np.from_dlpack(x_nhwc[0]).transpose(0, 3, 1, 2)
+    return host._from_nhwc(np.from_dlpack(x_nhwc[0]), spec) if x_nhwc else np.from_dlpack(x)
 
 
 def _taped_grad_kernel(x_host, dy_host, spec, kernel_shape, variable_shape, bias):
