@@ -14,13 +14,13 @@ namespace {  // each bridge's own copy
 
 // fastconv._kernels_*._forward_f32 (see ffi_forward there): out = act(conv * scale + bias),
 // act: the kernels' FC_ACT_* (_kernels.pxi): 0 none, 1 a clip to [lo, hi], 2 swish (scale and
-// bias may be null)
+// bias may be null); nchw: 0 NHWC, 1 x is (n, c, h, w), 3 out (n, f, oh, ow) too
 using ForwardF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w,
                            Py_ssize_t c, const float* k, Py_ssize_t kh, Py_ssize_t kw,
                            Py_ssize_t cin_g, float* out, Py_ssize_t oh, Py_ssize_t ow,
                            Py_ssize_t f, int sh, int sw, int dh, int dw, int pad_top,
                            int pad_left, int groups, int n_threads, const float* bias,
-                           const float* scale, int act, float lo, float hi);
+                           const float* scale, int act, float lo, float hi, int nchw);
 
 // fastconv._kernels_*._grad_input_f32 and _grad_kernel_f32 (ffi_grad_input, ffi_grad_kernel);
 // grad_kernel also sums dy's channels into db (F,) unless db is null: the bias gradient

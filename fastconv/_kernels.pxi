@@ -17,7 +17,7 @@
 
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from libc.math cimport exp
 from cpython.pycapsule cimport PyCapsule_New
 
@@ -2088,6 +2088,21 @@ CHUNK_BYTES = 16 << 10
 cdef Py_ssize_t fc_chunk_bytes = CHUNK_BYTES
 
 
+# channels_first forward (FWD_BANDS): a band's input rows and output rows take about this many
+# bytes of a thread's scratch. Time over channels_last's, AVX-512 Xeon, 2 threads, whole
+# transposes before and after / bands of 256 KB / of 1 MB: 4x28x28x256 in 32 groups 1.73 /
+# 1.29 / 1.46, 8x56x56x128 depthwise 3.18 / 1.56 / 1.84, 4x56x56x128 in 16 groups 1.47 / 1.05 /
+# 1.20, 1x1 256 -> 256 on 8x28x28 1.24 / 1.01 / 1.07, 3x3 64 on 8x56x56 1.15 / 1.05 / 1.05.
+BAND_BYTES = 256 << 10
+cdef Py_ssize_t fc_band_bytes = BAND_BYTES
+
+
+def set_band_bytes(Py_ssize_t n):
+    """Scratch bytes a band of a channels_first forward takes, about (FWD_BANDS)."""
+    global fc_band_bytes
+    fc_band_bytes = _max(1, n)
+
+
 def set_chunk_bytes(Py_ssize_t n):
     """Weights a reduction chunk of _forward_image holds (0: rows one by one instead)."""
     global fc_chunk_bytes
@@ -2766,6 +2781,11 @@ ctypedef struct Fwd:
     int sh, sw, dh, dw, pad_top, pad_left, groups, act, mode
     bint fused, f64
     double lo, hi
+    # FWD_BANDS: per-thread scratch (xs_size and ys_size elements a thread), output rows a
+    # band, bands an image, x's own width and the zero pixels before it in a scratch row
+    void* xs
+    void* ys
+    Py_ssize_t xs_size, ys_size, band, nbands, Wx, lead
 
 
 cdef enum:
@@ -2773,14 +2793,100 @@ cdef enum:
     FWD_BLOCK_ROWS     # (column block, output row) t
     FWD_ROWS           # output row t
     FWD_EPILOGUE       # bias and epilogue of output row t
+    FWD_BANDS          # channels_first: band t % nbands of output rows of image t // nbands
+
+
+cdef enum:
+    FC_NCHW_X = 1      # _forward's nchw: x is (N, C, H, W)
+    FC_NCHW_OUT = 2    # and out (N, F, OH, OW)
+
+NCHW_X, NCHW_OUT = FC_NCHW_X, FC_NCHW_OUT
 
 
 cdef void _fwd_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
     cdef Fwd* a = <Fwd*>c
-    if a.f64:
+    if a.mode == FWD_BANDS:
+        if a.f64:
+            _fwd_bands(<const double*>a.x, a, t0, t1, k)
+        else:
+            _fwd_bands(<const float*>a.x, a, t0, t1, k)
+    elif a.f64:
         _fwd_tasks(<const double*>a.x, a, t0, t1, k)
     else:
         _fwd_tasks(<const float*>a.x, a, t0, t1, k)
+
+
+cdef inline void _prefetch_planes(const floating* p, Py_ssize_t planes, Py_ssize_t stride,
+                                  Py_ssize_t n) noexcept nogil:
+    # for writing: the cache lines of n elements from p in each of `planes` planes `stride` apart
+    cdef Py_ssize_t i, j, step = 64 // sizeof(floating)
+    for i in range(planes):
+        j = 0
+        while j < n + step - 1:
+            __builtin_prefetch(p + i * stride + _min(j, n - 1), 1, 3)
+            j += step
+
+
+cdef void _fwd_bands(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
+                     int k) noexcept nogil:
+    # channels_first, x (N, C, H, Wx), out (N, F, OH, OW) or, without an output scratch (ys),
+    # (N, OH, OW, F): the input rows of a band of output rows are transposed into this thread's
+    # NHWC scratch (rows of W pixels, `lead` of them zero), the band is computed into its output
+    # scratch and transposed into out's planes.
+    # NCHW data crosses memory once, as NHWC data does; whole transposes before and after cost
+    # two more passes over x and out each. A band's first rows are often the previous band's
+    # last (its kernel's halo): they are moved, not transposed again.
+    cdef const floating* wp = <const floating*>a.w
+    cdef floating* op = <floating*>a.out
+    cdef floating* xs = <floating*>a.xs + k * a.xs_size
+    cdef floating* ys = NULL if a.ys == NULL else <floating*>a.ys + k * a.ys_size
+    cdef floating* rows = NULL if a.rows == NULL else <floating*>a.rows + k * a.OW * a.Fp
+    cdef const floating* row_bias = <const floating*>a.row_bias
+    cdef Py_ssize_t H = a.H, W = a.W, Wx = a.Wx, C = a.C, F = a.F, OH = a.OH, OW = a.OW
+    cdef Py_ssize_t t, n, oh0, oh1, oh, lo, hi, keep, r, cn = -1, clo = 0, chi = 0
+    cdef floating* dst
+    cdef bint biased
+    for t in range(t0, t1):
+        n = t // a.nbands
+        oh0 = t % a.nbands * a.band
+        oh1 = _min(OH, oh0 + a.band)
+        lo = _max(0, oh0 * a.sh - a.pad_top)
+        hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
+        keep = 0
+        if n == cn and clo <= lo < chi:
+            keep = _min(chi, hi) - lo
+            memmove(xs, xs + (lo - clo) * W * C, keep * W * C * sizeof(floating))
+        if W == Wx:
+            _tr2d(xp + (n * C * H + lo + keep) * Wx, C, (hi - lo - keep) * Wx, H * Wx,
+                  xs + keep * W * C, C, False)
+        else:
+            for r in range(lo + keep, hi):
+                _tr2d(xp + (n * C * H + r) * Wx, C, Wx, H * Wx,
+                      xs + ((r - lo) * W + a.lead) * C, C, False)
+        cn, clo, chi = n, lo, hi
+        # the band's lines of out, requested before its rows are computed: written by the
+        # transpose, a few lines in each of F planes, they came too late for the hardware's
+        # prefetchers (AVX-512 Xeon, 2 threads, over channels_last: 8x56x56x128 depthwise 1.98x
+        # -> 1.56x, 4x28x28x256 in 32 groups 1.33x -> 1.29x; x's next rows requested so: slower)
+        if ys != NULL:
+            _prefetch_planes(op + n * F * OH * OW + oh0 * OW, F, OH * OW, (oh1 - oh0) * OW)
+        for oh in range(oh0, oh1):
+            dst = ys + (oh - oh0) * OW * F if ys != NULL else op + (n * OH + oh) * OW * F
+            # the scratch holds rows lo .. hi of the image: row ih is its row ih - lo (rows
+            # outside lo .. hi that the image has are not in the band's windows)
+            biased = _forward_row(xs, wp, rows if rows != NULL else dst, hi - lo, W, C, a.KH,
+                                  a.KW, a.cin_g, a.Fp, OW, oh * a.sh - a.pad_top - lo, a.sw,
+                                  a.dh, a.dw, a.pad_left, a.groups, a.runs, a.nruns, a.wpk,
+                                  a.ldw, row_bias if rows == NULL else NULL, 0, a.Fp)
+            if rows != NULL:
+                _unpad(rows, a.Fp // a.groups, dst, a.cg, OW, a.groups, row_bias)
+            elif row_bias != NULL and not biased:
+                _add_bias(dst, row_bias, OW, F)
+            if a.fused:
+                _epilogue(dst, OW, F, <const floating*>a.scale, <const floating*>a.bias, a.act,
+                          <floating>a.lo, <floating>a.hi)
+        if ys != NULL:
+            _tr2d(ys, (oh1 - oh0) * OW, F, F, op + n * F * OH * OW + oh0 * OW, OH * OW, True)
 
 
 cdef void _fwd_tasks(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
@@ -2834,14 +2940,18 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
             int n_threads, const floating[::1] bias=None,    # IN (F,) or None
             const floating[::1] scale=None,                  # IN (F,) or None
-            int act=FC_ACT_NONE, double lo=0, double hi=0):
-    # out = act(conv * scale + bias), act: ACT_NONE, ACT_CLIP (to [lo, hi]) or ACT_SWISH
+            int act=FC_ACT_NONE, double lo=0, double hi=0, int nchw=0):
+    # out = act(conv * scale + bias), act: ACT_NONE, ACT_CLIP (to [lo, hi]) or ACT_SWISH.
+    # nchw: NCHW_X, x is (N, C, H, W) instead; NCHW_X | NCHW_OUT, out (N, F, OH, OW) too.
     # (&a[0, 0, 0, 0] of an empty array is its data pointer, never read: _forward returns)
-    if _forward(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3], &w[0, 0, 0, 0],
-                w.shape[0], w.shape[1], w.shape[2], &out[0, 0, 0, 0], out.shape[1],
-                out.shape[2], out.shape[3], sh, sw, dh, dw, pad_top, pad_left, groups, n_threads,
-                NULL if bias is None else &bias[0], NULL if scale is None else &scale[0],
-                act, <floating>lo, <floating>hi) != 0:
+    cdef int c = 1 if nchw & FC_NCHW_X else 3, h = 2 if nchw & FC_NCHW_X else 1
+    cdef int oc = 1 if nchw & FC_NCHW_OUT else 3, oh = 2 if nchw & FC_NCHW_OUT else 1
+    if _forward(&x[0, 0, 0, 0], x.shape[0], x.shape[h], x.shape[h + 1], x.shape[c],
+                &w[0, 0, 0, 0], w.shape[0], w.shape[1], w.shape[2], &out[0, 0, 0, 0],
+                out.shape[oh], out.shape[oh + 1], out.shape[oc], sh, sw, dh, dw, pad_top,
+                pad_left, groups, n_threads, NULL if bias is None else &bias[0],
+                NULL if scale is None else &scale[0], act, <floating>lo, <floating>hi,
+                nchw) != 0:
         raise MemoryError()
 
 
@@ -2850,9 +2960,9 @@ cdef int _forward_f32(const float* x, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
                       Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F, int sh, int sw, int dh, int dw,
                       int pad_top, int pad_left, int groups, int n_threads,
                       const float* bias, const float* scale, int act, float lo,
-                      float hi) noexcept nogil:
+                      float hi, int nchw) noexcept nogil:
     return _forward(x, N, H, W, C, w, KH, KW, cin_g, out, OH, OW, F, sh, sw, dh, dw, pad_top,
-                    pad_left, groups, n_threads, bias, scale, act, lo, hi)
+                    pad_left, groups, n_threads, bias, scale, act, lo, hi, nchw)
 
 
 def ffi_forward():
@@ -2866,9 +2976,10 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
                   floating* op, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
                   int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
                   int n_threads, const floating* bp, const floating* scale, int act,
-                  floating lo, floating hi) noexcept nogil:
+                  floating lo, floating hi, int nchw) noexcept nogil:
     # x (N, H, W, C), w (KH, KW, cin_g, F), out (N, OH, OW, F), bias (F,) or NULL; returns -1
-    # when out of memory. The bias is added to each output row right after it is computed,
+    # when out of memory. nchw: FC_NCHW_X, x is (N, C, H, W); FC_NCHW_X | FC_NCHW_OUT, out
+    # (N, F, OH, OW) too (FWD_BANDS). The bias is added to each output row right after it is computed,
     # while the row is still in cache: a separate pass over the output would read and write it
     # all once more. So are an inference BatchNormalization folded into scale (F,) and bias and
     # an activation `act` (_epilogue; the TensorFlow bridge fuses them into its op).
@@ -2930,17 +3041,47 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         # weights for 56 rows of 7 pixels).
         if KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes:
             nb = _cdiv(F, ldw)
-    if (groups == 1 and C > 1 and OW <= fc_pad_columns_ow
-            and _pad_pays(OW, W, KW, sw, dw, pad_left)):
-        Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)
-        xpad = _pad_columns(xp, N * H, W, C, pad_left, Wp, n_threads)
-        if xpad == NULL:
+    # channels_first: in bands (FWD_BANDS), or, where column blocks run outer (each thread
+    # keeps its block of weights in L2 across all rows, which a band's rows would not), NHWC
+    # copies of x and out transposed whole
+    cdef floating* xt = NULL
+    cdef floating* yt = NULL
+    cdef floating* out_nchw = NULL
+    cdef bint bands = nchw & FC_NCHW_X and nb == 0
+    cdef Py_ssize_t Wx = W, lead = 0
+    if nchw & FC_NCHW_X and not bands:
+        xt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
+        if nchw & FC_NCHW_OUT:
+            yt = <floating*>fc_amalloc(N * OH * OW * F * sizeof(floating))
+        if xt == NULL or (yt == NULL and nchw & FC_NCHW_OUT):
             free(runs)
             free(wpad)
             free(wpk)
             free(rows)
+            free(xt)
+            free(yt)
             return -1
-        xp, W, pad_left = xpad, Wp, 0
+        _transpose(xp, N, C, H * W, xt, n_threads)
+        xp = xt
+        if yt != NULL:
+            out_nchw, op = op, yt
+    if (groups == 1 and C > 1 and OW <= fc_pad_columns_ow
+            and _pad_pays(OW, W, KW, sw, dw, pad_left)):
+        Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)
+        if bands:
+            lead = pad_left    # the scratch rows are padded as they are filled
+        else:
+            xpad = _pad_columns(xp, N * H, W, C, pad_left, Wp, n_threads)
+            if xpad == NULL:
+                free(runs)
+                free(wpad)
+                free(wpk)
+                free(rows)
+                free(xt)
+                free(yt)
+                return -1
+            xp = xpad
+        W, pad_left = Wp, 0
         nruns = _forward_runs(OW, W, KW, sw, dw, pad_left, runs)
     cdef Fwd job
     job.x, job.w, job.out, job.rows = xp, wp, op, rows
@@ -2950,6 +3091,38 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     job.F, job.Fp, job.OH, job.OW, job.cg, job.ldw = F, Fp, OH, OW, cg, ldw
     job.sh, job.sw, job.dh, job.dw, job.pad_top, job.pad_left = sh, sw, dh, dw, pad_top, pad_left
     job.groups, job.act, job.lo, job.hi = groups, act, lo, hi
+    job.Wx, job.lead, job.xs, job.ys = Wx, lead, NULL, NULL
+    cdef Py_ssize_t band, nbands, sz = sizeof(floating)
+    if bands:
+        # output rows a band: its input rows (sh a row, plus the halo) and output rows in
+        # fc_band_bytes, and at least as many bands as threads in all
+        band = _max(1, (fc_band_bytes // sz - (KH - 1) * dh * W * C) // (sh * W * C + OW * F))
+        band = _min(band, OH)
+        if N < n_threads:
+            band = _min(band, _cdiv(OH, _cdiv(n_threads, N)))
+        nbands = _cdiv(OH, band)
+        job.band, job.nbands = band, nbands
+        job.xs_size = _min(H, (band - 1) * sh + (KH - 1) * dh + 1) * W * C
+        job.ys_size = band * OW * F if nchw & FC_NCHW_OUT else 0
+        job.xs = fc_amalloc(n_threads * (job.xs_size + job.ys_size) * sz)
+        if job.xs == NULL:
+            free(runs)
+            free(wpk)
+            free(wpad)
+            free(rows)
+            return -1
+        if job.ys_size:
+            job.ys = <floating*>job.xs + n_threads * job.xs_size
+        if lead or W != Wx:
+            memset(job.xs, 0, n_threads * job.xs_size * sz)   # the padding columns
+        job.mode = FWD_BANDS
+        _parallel(n_threads, _fwd_body, &job, N * nbands)
+        free(job.xs)
+        free(runs)
+        free(wpk)
+        free(wpad)
+        free(rows)
+        return 0
     # (not 1x1: a whole image's rows of 1x1 output blocks, 196 x 64 channels on 14x14, outgrow
     # L1 and are read and written once a chunk: 1x1 1024 -> 256 on 8x14x14 0.72x, 2048 -> 512
     # on 8x7x7 0.82x, 256 -> 1024 on 8x14x14 0.84x)
@@ -2965,11 +3138,15 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     if nb and (row_bias != NULL or fused):
         job.mode = FWD_EPILOGUE
         _parallel(n_threads, _fwd_body, &job, N * OH)
+    if out_nchw != NULL:
+        _transpose(op, N, OH * OW, F, out_nchw, n_threads)
     free(runs)
     free(wpk)
     free(wpad)
     free(rows)
     free(xpad)
+    free(xt)
+    free(yt)
     return 0
 
 
@@ -3452,7 +3629,7 @@ cdef void _gin_tasks(const floating* gp, Gin* a, Py_ssize_t t0, Py_ssize_t t1,
             r = _min(a.R, OH - oh0)
             cols = <floating*>a.cols + k * a.R * OW * a.Kp
             if _forward(gp + (n * OH + oh0) * OW * F, 1, r, OW, F, wp, 1, 1, F, cols, r, OW,
-                        a.Kp, 1, 1, 1, 1, 0, 0, 1, 1, NULL, NULL, FC_ACT_NONE, 0, 0) != 0:
+                        a.Kp, 1, 1, 1, 1, 0, 0, 1, 1, NULL, NULL, FC_ACT_NONE, 0, 0, False) != 0:
                 a.failed = 1
             else:
                 _col2im_rows(cols, a.Kp, dp + n * H * W * C, oh0, r, OW, H, W, C, a.KH, a.KW,
@@ -4226,6 +4403,7 @@ cdef extern from *:
     """
     bint FC_TR8_OK
     void fc_tr8(const float* s, Py_ssize_t ss, float* d, Py_ssize_t ds) noexcept nogil
+    void __builtin_prefetch(const void* p, int rw, int locality) noexcept nogil
 
 
 def transpose(const floating[:, :, ::1] src,   # IN  (N, A, B)
@@ -4282,28 +4460,49 @@ cdef void _transpose_tiles(const floating* s, Layout* a, Py_ssize_t t0,
                            Py_ssize_t t1) noexcept nogil:
     cdef floating* d = <floating*>a.dst
     cdef Py_ssize_t A = a.A, B = a.B, TA = a.TA, TB = a.TB
-    cdef Py_ssize_t t, n, i0, j0, i, j, i1, j1, ib, jb
+    cdef Py_ssize_t t, n, i0, j0
     for t in range(t0, t1):
         n = t // (TA * TB)
         i0 = (t // TB) % TA * 32
         j0 = t % TB * 32
-        i1 = _min(A, i0 + 32)
-        j1 = _min(B, j0 + 32)
-        ib = i0
-        jb = j0
-        if floating is float and FC_TR8_OK:
-            # whole 8 x 8 blocks in registers, the rest of the tile (an L) element by element
-            ib = i0 + (i1 - i0) // 8 * 8
-            jb = j0 + (j1 - j0) // 8 * 8
-            for i in range(i0, ib, 8):
-                for j in range(j0, jb, 8):
-                    fc_tr8(s + (n * A + i) * B + j, B, d + (n * B + j) * A + i, A)
-            for i in range(i0, ib):
-                for j in range(jb, j1):
-                    d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
-        for i in range(ib, i1):
-            for j in range(j0, j1):
-                d[(n * B + j) * A + i] = s[(n * A + i) * B + j]
+        _tr_tile(s + (n * A + i0) * B + j0, _min(A - i0, 32), _min(B - j0, 32), B,
+                 d + (n * B + j0) * A + i0, A)
+
+
+cdef void _tr2d(const floating* s, Py_ssize_t A, Py_ssize_t B, Py_ssize_t ss, floating* d,
+                Py_ssize_t ds, bint by_dst) noexcept nogil:
+    # d[j * ds + i] = s[i * ss + j] for i < A, j < B, in 32 x 32 tiles, on this thread; by_dst:
+    # 32 rows of d filled from start to end at a time, else 32 rows of s read so
+    cdef Py_ssize_t i0, j0
+    if by_dst:
+        for j0 in range(0, B, 32):
+            for i0 in range(0, A, 32):
+                _tr_tile(s + i0 * ss + j0, _min(A - i0, 32), _min(B - j0, 32), ss,
+                         d + j0 * ds + i0, ds)
+        return
+    for i0 in range(0, A, 32):
+        for j0 in range(0, B, 32):
+            _tr_tile(s + i0 * ss + j0, _min(A - i0, 32), _min(B - j0, 32), ss,
+                     d + j0 * ds + i0, ds)
+
+
+cdef inline void _tr_tile(const floating* s, Py_ssize_t A, Py_ssize_t B, Py_ssize_t ss,
+                          floating* d, Py_ssize_t ds) noexcept nogil:
+    # one tile (A, B <= 32) of _tr2d
+    cdef Py_ssize_t i, j, ib = 0, jb = 0
+    if floating is float and FC_TR8_OK:
+        # whole 8 x 8 blocks in registers, the rest of the tile (an L) element by element
+        ib = A // 8 * 8
+        jb = B // 8 * 8
+        for i in range(0, ib, 8):
+            for j in range(0, jb, 8):
+                fc_tr8(s + i * ss + j, ss, d + j * ds + i, ds)
+        for i in range(ib):
+            for j in range(jb, B):
+                d[j * ds + i] = s[i * ss + j]
+    for i in range(ib, A):
+        for j in range(B):
+            d[j * ds + i] = s[i * ss + j]
 
 
 def channel_sums(const floating[:, ::1] a,   # IN  (R, F)

@@ -244,9 +244,9 @@ REGISTER_OP("FastconvForward")
 // * F floats in the (KH, KW, C // groups, F) order (a DepthwiseConv2D kernel (KH, KW, C, M) is
 // that order); bias: none or one variable of F floats. view: empty, or the (N, H, W, OH, OW)
 // the kernels see x and the result as (a 1x1 convolution's pixels re-cut for the threads).
-// nchw: x (N, C, H, W) and y (N, F, OH, OW), transposed around the kernel inside the op (on the
-// general path, the variables read as two ops and the host's convolution with its own two
-// transposes, channels_first inference took up to 1.3x channels_last's time).
+// nchw: x (N, C, H, W) and y (N, F, OH, OW), by the kernels' channels_first forward inside the
+// op (on the general path, the variables read as two ops and the host's convolution, channels_first
+// inference took up to 1.3x channels_last's time).
 // nkernel = 1: the kernel variable's value as read (what ReadVariableOp gives: its buffer,
 // which an assignment then copies instead of overwriting), for a call under a GradientTape,
 // whose gradient needs the kernel the forward used: one op instead of a read of each variable
@@ -354,22 +354,24 @@ class ForwardBase : public OpKernel {
                                   view ? view[4] : ow_, bias, scale); });
   }
 
-  // Run on an (N, C, H, W) x, into an (N, F, OH, OW) result: x and the result transposed by the
-  // kernels' transpose around the call, in one turn; x's NHWC copy is output `x_output` if >= 0
+  // Run on an (N, C, H, W) x, into an (N, F, OH, OW) result: the kernels' channels_first
+  // forward, or, where x's NHWC copy is wanted too (output `x_output` if >= 0), x transposed by
+  // the kernels' transpose, the channels_last forward and its result transposed, in one turn
   void RunNCHW(OpKernelContext* ctx, const Tensor& x, const float* k, int64_t kh, int64_t kw,
                const float* bias, int x_output = -1) {
     const int64_t n = x.dim_size(0), c = x.dim_size(1), h = x.dim_size(2), w = x.dim_size(3);
     Tensor xt, yt;
     Tensor* out = nullptr;
-    if (x_output >= 0) {
-      Tensor* kept = nullptr;
-      OP_REQUIRES_OK(ctx, Output(ctx, x_output, TensorShape({n, h, w, c}), &kept));
-      xt = *kept;
-    } else {
-      OP_REQUIRES_OK(ctx, Temp(ctx, TensorShape({n, h, w, c}), &xt));
-    }
-    OP_REQUIRES_OK(ctx, Temp(ctx, TensorShape({n, oh_, ow_, f_}), &yt));
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({n, f_, oh_, ow_}), &out));
+    if (x_output < 0) {
+      Call(ctx, [&] { return Kernel(x.flat<float>().data(), n, h, w, c, k, kh, kw,
+                                    out->flat<float>().data(), oh_, ow_, bias, nullptr, 3); });
+      return;
+    }
+    Tensor* kept = nullptr;
+    OP_REQUIRES_OK(ctx, Output(ctx, x_output, TensorShape({n, h, w, c}), &kept));
+    xt = *kept;
+    OP_REQUIRES_OK(ctx, Temp(ctx, TensorShape({n, oh_, ow_, f_}), &yt));
     const int threads = fastconv::threads(g_.max_threads);
     float* xp = xt.flat<float>().data();
     float* yp = yt.flat<float>().data();
@@ -382,13 +384,14 @@ class ForwardBase : public OpKernel {
     });
   }
 
+  // nchw: 0, or 3: x (n, c, h, w) and out (n, f, oh, ow) (see ForwardF32)
   int Kernel(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, const float* k,
              int64_t kh, int64_t kw, float* out, int64_t oh, int64_t ow, const float* bias,
-             const float* scale) {
+             const float* scale, int nchw = 0) {
     return fastconv::forward_f32(x, n, h, w, c, k, kh, kw, c / g_.groups, out, oh, ow, f_, g_.sh,
                                  g_.sw, g_.dh, g_.dw, g_.pad_top, g_.pad_left, g_.groups,
                                  fastconv::threads(g_.max_threads), bias, scale,
-                                 static_cast<int>(act_), lo_, hi_);
+                                 static_cast<int>(act_), lo_, hi_, nchw);
   }
 
   Geometry g_;

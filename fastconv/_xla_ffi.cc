@@ -51,7 +51,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer
       static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(pad_top),
       static_cast<int>(pad_left), static_cast<int>(groups), threads(max_threads),
       has_bias ? bias.typed_data() : nullptr,
-      scale.element_count() ? scale.typed_data() : nullptr, static_cast<int>(act), lo, hi));
+      scale.element_count() ? scale.typed_data() : nullptr, static_cast<int>(act), lo, hi, 0));
 }
 
 // dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)

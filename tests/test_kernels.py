@@ -172,6 +172,18 @@ ROW_CASES = [c for c in CASES if c[4:6] == (3, 3) and c[6] == c[7] == c[3]
              and c[9][1] == 1 and c[8][1] <= 2]
 
 
+def _forward_problem(case, dtype, data_format="channels_last"):
+    """x, kernel, scale and bias for a forward of `case`, its ConvSpec and geometry."""
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(_seed(case))
+    x_shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    k = rng.standard_normal((kh, kw, c // groups, f)).astype(dtype)
+    scale, bias = rng.standard_normal((2, f)).astype(dtype)
+    spec = ConvSpec.make(strides, padding, data_format, dilation)
+    return x, k, scale, bias, spec, spec.geometry(x.shape, k.shape)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", [("ACT_CLIP", -0.5, 1.5), ("ACT_SWISH", 0, 0)],
@@ -180,13 +192,8 @@ ROW_CASES = [c for c in CASES if c[4:6] == (3, 3) and c[6] == c[7] == c[3]
 def test_forward_epilogue(variant, dtype, act, case):
     """forward's epilogue, act(conv * scale + bias) (an inference BatchNormalization and an
     activation fused by the TensorFlow bridge), on every kernel path and build."""
-    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
-    rng = np.random.default_rng(_seed(case))
-    x = rng.standard_normal((n, h, w, c)).astype(dtype)
-    k = rng.standard_normal((kh, kw, c // groups, f)).astype(dtype)
-    scale, bias = rng.standard_normal((2, f)).astype(dtype)
-    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
-    g = spec.geometry(x.shape, k.shape)
+    *_, strides, dilation, padding = case
+    x, k, scale, bias, spec, g = _forward_problem(case, dtype)
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     out = np.full(g.output_shape_nhwc, np.nan, dtype)
     kernels.forward(x, k, out, *host._args(spec, g), bias, scale, getattr(kernels, act[0]),
@@ -194,6 +201,44 @@ def test_forward_epilogue(variant, dtype, act, case):
     u = reference.conv(x, k, strides, padding, dilation) * scale + bias
     expected = np.clip(u, act[1], act[2]) if act[0] == "ACT_CLIP" else u / (1 + np.exp(-u))
     reference.assert_close(out, expected, 1e-4 if dtype == np.float32 else 1e-10, "epilogue")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_channels_first_forward(variant, dtype, case):
+    """The forward on an NCHW x, into an NCHW or an NHWC result: in bands of one output row (each
+    band's first input rows kept from the band before), of the default size, of a whole image,
+    on zero-padded columns or not, and with column blocks outer (x and the result transposed
+    whole); with the bias and an epilogue. The reference's result, on 1 and 2 threads."""
+    *_, strides, dilation, padding = case
+    x, k, scale, bias, spec, g = _forward_problem(case, dtype, "channels_first")
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    u = reference.conv(x, k, strides, padding, dilation, "channels_first").transpose(0, 2, 3, 1)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    *geometry, _ = host._args(spec, g)
+    try:
+        for band, pad_ow, major, threads in itertools.product(
+                (1, kernels.BAND_BYTES, 1 << 30), (0, 1 << 30), (1 << 62, 0), (1, 2)):
+            kernels.set_band_bytes(band)
+            kernels.set_pad_columns_ow(pad_ow)
+            kernels.set_block_major_bytes(major)
+            name = f"bands of {band} bytes, padded columns up to {pad_ow}, block-major from " \
+                   f"{major}, {threads} threads"
+            for nchw in (kernels.NCHW_X, kernels.NCHW_X | kernels.NCHW_OUT):
+                nhwc = nchw == kernels.NCHW_X
+                for extra, expected in (((bias,), u + bias),
+                                        ((bias, scale, kernels.ACT_CLIP, -0.5, 1.5),
+                                         np.clip(u * scale + bias, -0.5, 1.5))):
+                    shape = g.output_shape_nhwc
+                    out = np.full(shape if nhwc else spec.from_nhwc(shape), np.nan, dtype)
+                    kernels.forward(x, k, out, *geometry, threads, *extra, nchw=nchw)
+                    reference.assert_close(out if nhwc else out.transpose(0, 2, 3, 1), expected,
+                                           rtol, f"{name}, nchw {nchw}, {len(extra)} extras")
+    finally:
+        kernels.set_band_bytes(kernels.BAND_BYTES)
+        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+        kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -207,13 +252,8 @@ def test_forward_column_blocks_outer(variant, dtype, case):
     forced on and off): the reference's result; row by row, the same as rows outer on the input
     as it is. With the bias and an epilogue, which column blocks outer add in a pass of their
     own."""
-    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
-    rng = np.random.default_rng(_seed(case))
-    x = rng.standard_normal((n, h, w, c)).astype(dtype)
-    k = rng.standard_normal((kh, kw, c, f)).astype(dtype)
-    scale, bias = rng.standard_normal((2, f)).astype(dtype)
-    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
-    g = spec.geometry(x.shape, k.shape)
+    *_, strides, dilation, padding = case
+    x, k, scale, bias, spec, g = _forward_problem(case, dtype)
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     u = reference.conv(x, k, strides, padding, dilation)
     rtol = 1e-4 if dtype == np.float32 else 1e-10
@@ -340,9 +380,10 @@ def configs(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(case=configs(), variant=st.sampled_from(VARIANTS))
-def test_random_configurations(case, variant):
-    _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, np.float64)
+@given(case=configs(), variant=st.sampled_from(VARIANTS),
+       data_format=st.sampled_from(["channels_last", "channels_first"]))
+def test_random_configurations(case, variant, data_format):
+    _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, np.float64, data_format)
 
 
 @st.composite
@@ -363,9 +404,10 @@ def wide_configs(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(case=wide_configs(), variant=st.sampled_from(VARIANTS),
-       dtype=st.sampled_from([np.float32, np.float64]))
-def test_random_wide_configurations(case, variant, dtype):
-    _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, dtype)
+       dtype=st.sampled_from([np.float32, np.float64]),
+       data_format=st.sampled_from(["channels_last", "channels_first"]))
+def test_random_wide_configurations(case, variant, dtype, data_format):
+    _check(importlib.import_module(f"fastconv._kernels_{variant}"), case, dtype, data_format)
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])

@@ -32,7 +32,8 @@ def _numpy(t):
 
 
 def _forward(x, k, b, spec):
-    return torch.from_numpy(host.forward(_numpy(x), _numpy(k), spec, _DTYPES[x.dtype], _numpy(b)))
+    return torch.from_numpy(host.forward(_numpy(x), _numpy(k), spec, _DTYPES[x.dtype], _numpy(b),
+                                         nhwc_memory=True))
 
 
 def _grad_input(dy, k, input_shape, spec):
