@@ -14,7 +14,7 @@ namespace {  // each bridge's own copy
 
 // fastconv._kernels_*._forward_f32 (see ffi_forward there): out = act(conv * scale + bias),
 // act: the kernels' FC_ACT_* (_kernels.pxi): 0 none, 1 a clip to [lo, hi], 2 swish (scale and
-// bias may be null); nchw: 0 NHWC, 1 x is (n, c, h, w), 3 out (n, f, oh, ow) too
+// bias may be null); nchw: 1 x is (n, c, h, w), 2 out is (n, f, oh, ow), 3 both, 0 NHWC
 using ForwardF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w,
                            Py_ssize_t c, const float* k, Py_ssize_t kh, Py_ssize_t kw,
                            Py_ssize_t cin_g, float* out, Py_ssize_t oh, Py_ssize_t ow,

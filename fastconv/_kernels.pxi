@@ -2798,7 +2798,7 @@ cdef enum:
 
 cdef enum:
     FC_NCHW_X = 1      # _forward's nchw: x is (N, C, H, W)
-    FC_NCHW_OUT = 2    # and out (N, F, OH, OW)
+    FC_NCHW_OUT = 2    # out is (N, F, OH, OW)
 
 NCHW_X, NCHW_OUT = FC_NCHW_X, FC_NCHW_OUT
 
@@ -2829,17 +2829,19 @@ cdef inline void _prefetch_planes(const floating* p, Py_ssize_t planes, Py_ssize
 
 cdef void _fwd_bands(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
                      int k) noexcept nogil:
-    # channels_first, x (N, C, H, Wx), out (N, F, OH, OW) or, without an output scratch (ys),
-    # (N, OH, OW, F): the input rows of a band of output rows are transposed into this thread's
-    # NHWC scratch (rows of W pixels, `lead` of them zero), the band is computed into its output
-    # scratch and transposed into out's planes.
+    # channels_first: x (N, C, H, Wx) or, without an input scratch (xs), (N, H, W, C); out
+    # (N, F, OH, OW) or, without an output scratch (ys), (N, OH, OW, F). The input rows of a
+    # band of output rows are transposed into this thread's NHWC scratch (rows of W pixels,
+    # `lead` of them zero), the band is computed into its output scratch and transposed into
+    # out's planes.
     # NCHW data crosses memory once, as NHWC data does; whole transposes before and after cost
     # two more passes over x and out each. A band's first rows are often the previous band's
     # last (its kernel's halo): they are moved, not transposed again.
     cdef const floating* wp = <const floating*>a.w
     cdef floating* op = <floating*>a.out
-    cdef floating* xs = <floating*>a.xs + k * a.xs_size
+    cdef floating* scratch = NULL if a.xs == NULL else <floating*>a.xs + k * a.xs_size
     cdef floating* ys = NULL if a.ys == NULL else <floating*>a.ys + k * a.ys_size
+    cdef const floating* xs
     cdef floating* rows = NULL if a.rows == NULL else <floating*>a.rows + k * a.OW * a.Fp
     cdef const floating* row_bias = <const floating*>a.row_bias
     cdef Py_ssize_t H = a.H, W = a.W, Wx = a.Wx, C = a.C, F = a.F, OH = a.OH, OW = a.OW
@@ -2850,20 +2852,25 @@ cdef void _fwd_bands(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
         n = t // a.nbands
         oh0 = t % a.nbands * a.band
         oh1 = _min(OH, oh0 + a.band)
-        lo = _max(0, oh0 * a.sh - a.pad_top)
-        hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
-        keep = 0
-        if n == cn and clo <= lo < chi:
-            keep = _min(chi, hi) - lo
-            memmove(xs, xs + (lo - clo) * W * C, keep * W * C * sizeof(floating))
-        if W == Wx:
-            _tr2d(xp + (n * C * H + lo + keep) * Wx, C, (hi - lo - keep) * Wx, H * Wx,
-                  xs + keep * W * C, C, False)
+        if scratch == NULL:
+            # an NHWC x: its image as it is
+            xs, lo, hi = xp + n * H * W * C, 0, H
         else:
-            for r in range(lo + keep, hi):
-                _tr2d(xp + (n * C * H + r) * Wx, C, Wx, H * Wx,
-                      xs + ((r - lo) * W + a.lead) * C, C, False)
-        cn, clo, chi = n, lo, hi
+            lo = _max(0, oh0 * a.sh - a.pad_top)
+            hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
+            keep = 0
+            if n == cn and clo <= lo < chi:
+                keep = _min(chi, hi) - lo
+                memmove(scratch, scratch + (lo - clo) * W * C, keep * W * C * sizeof(floating))
+            if W == Wx:
+                _tr2d(xp + (n * C * H + lo + keep) * Wx, C, (hi - lo - keep) * Wx, H * Wx,
+                      scratch + keep * W * C, C, False)
+            else:
+                for r in range(lo + keep, hi):
+                    _tr2d(xp + (n * C * H + r) * Wx, C, Wx, H * Wx,
+                          scratch + ((r - lo) * W + a.lead) * C, C, False)
+            cn, clo, chi = n, lo, hi
+            xs = scratch
         # the band's lines of out, requested before its rows are computed: written by the
         # transpose, a few lines in each of F planes, they came too late for the hardware's
         # prefetchers (AVX-512 Xeon, 2 threads, over channels_last: 8x56x56x128 depthwise 1.98x
@@ -2942,7 +2949,7 @@ def forward(const floating[:, :, :, ::1] x,   # IN  (N, H, W, C)
             const floating[::1] scale=None,                  # IN (F,) or None
             int act=FC_ACT_NONE, double lo=0, double hi=0, int nchw=0):
     # out = act(conv * scale + bias), act: ACT_NONE, ACT_CLIP (to [lo, hi]) or ACT_SWISH.
-    # nchw: NCHW_X, x is (N, C, H, W) instead; NCHW_X | NCHW_OUT, out (N, F, OH, OW) too.
+    # nchw: NCHW_X, x is (N, C, H, W) instead; NCHW_OUT, out is (N, F, OH, OW) (either or both).
     # (&a[0, 0, 0, 0] of an empty array is its data pointer, never read: _forward returns)
     cdef int c = 1 if nchw & FC_NCHW_X else 3, h = 2 if nchw & FC_NCHW_X else 1
     cdef int oc = 1 if nchw & FC_NCHW_OUT else 3, oh = 2 if nchw & FC_NCHW_OUT else 1
@@ -2978,8 +2985,8 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
                   int n_threads, const floating* bp, const floating* scale, int act,
                   floating lo, floating hi, int nchw) noexcept nogil:
     # x (N, H, W, C), w (KH, KW, cin_g, F), out (N, OH, OW, F), bias (F,) or NULL; returns -1
-    # when out of memory. nchw: FC_NCHW_X, x is (N, C, H, W); FC_NCHW_X | FC_NCHW_OUT, out
-    # (N, F, OH, OW) too (FWD_BANDS). The bias is added to each output row right after it is computed,
+    # when out of memory. nchw: FC_NCHW_X, x is (N, C, H, W); FC_NCHW_OUT, out is
+    # (N, F, OH, OW) (FWD_BANDS). The bias is added to each output row right after it is computed,
     # while the row is still in cache: a separate pass over the output would read and write it
     # all once more. So are an inference BatchNormalization folded into scale (F,) and bias and
     # an activation `act` (_epilogue; the TensorFlow bridge fuses them into its op).
@@ -3047,13 +3054,14 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     cdef floating* xt = NULL
     cdef floating* yt = NULL
     cdef floating* out_nchw = NULL
-    cdef bint bands = nchw & FC_NCHW_X and nb == 0
+    cdef bint bands = nchw != 0 and nb == 0
     cdef Py_ssize_t Wx = W, lead = 0
-    if nchw & FC_NCHW_X and not bands:
-        xt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
+    if nchw and not bands:
+        if nchw & FC_NCHW_X:
+            xt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
         if nchw & FC_NCHW_OUT:
             yt = <floating*>fc_amalloc(N * OH * OW * F * sizeof(floating))
-        if xt == NULL or (yt == NULL and nchw & FC_NCHW_OUT):
+        if (xt == NULL and nchw & FC_NCHW_X) or (yt == NULL and nchw & FC_NCHW_OUT):
             free(runs)
             free(wpad)
             free(wpk)
@@ -3061,14 +3069,15 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             free(xt)
             free(yt)
             return -1
-        _transpose(xp, N, C, H * W, xt, n_threads)
-        xp = xt
+        if xt != NULL:
+            _transpose(xp, N, C, H * W, xt, n_threads)
+            xp = xt
         if yt != NULL:
             out_nchw, op = op, yt
     if (groups == 1 and C > 1 and OW <= fc_pad_columns_ow
             and _pad_pays(OW, W, KW, sw, dw, pad_left)):
         Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)
-        if bands:
+        if bands and nchw & FC_NCHW_X:
             lead = pad_left    # the scratch rows are padded as they are filled
         else:
             xpad = _pad_columns(xp, N * H, W, C, pad_left, Wp, n_threads)
@@ -3093,6 +3102,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     job.groups, job.act, job.lo, job.hi = groups, act, lo, hi
     job.Wx, job.lead, job.xs, job.ys = Wx, lead, NULL, NULL
     cdef Py_ssize_t band, nbands, sz = sizeof(floating)
+    cdef void* scratch
     if bands:
         # output rows a band: its input rows (sh a row, plus the halo) and output rows in
         # fc_band_bytes, and at least as many bands as threads in all
@@ -3102,26 +3112,32 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             band = _min(band, _cdiv(OH, _cdiv(n_threads, N)))
         nbands = _cdiv(OH, band)
         job.band, job.nbands = band, nbands
-        job.xs_size = _min(H, (band - 1) * sh + (KH - 1) * dh + 1) * W * C
+        job.xs_size = 0    # an NHWC x is read as it is (or its padded copy)
+        if nchw & FC_NCHW_X:
+            job.xs_size = _min(H, (band - 1) * sh + (KH - 1) * dh + 1) * W * C
         job.ys_size = band * OW * F if nchw & FC_NCHW_OUT else 0
-        job.xs = fc_amalloc(n_threads * (job.xs_size + job.ys_size) * sz)
-        if job.xs == NULL:
+        scratch = fc_amalloc(n_threads * (job.xs_size + job.ys_size) * sz)
+        if scratch == NULL:
             free(runs)
             free(wpk)
             free(wpad)
             free(rows)
+            free(xpad)
             return -1
+        if job.xs_size:
+            job.xs = scratch
+            if lead or W != Wx:
+                memset(job.xs, 0, n_threads * job.xs_size * sz)   # the padding columns
         if job.ys_size:
-            job.ys = <floating*>job.xs + n_threads * job.xs_size
-        if lead or W != Wx:
-            memset(job.xs, 0, n_threads * job.xs_size * sz)   # the padding columns
+            job.ys = <floating*>scratch + n_threads * job.xs_size
         job.mode = FWD_BANDS
         _parallel(n_threads, _fwd_body, &job, N * nbands)
-        free(job.xs)
+        free(scratch)
         free(runs)
         free(wpk)
         free(wpad)
         free(rows)
+        free(xpad)
         return 0
     # (not 1x1: a whole image's rows of 1x1 output blocks, 196 x 64 channels on 14x14, outgrow
     # L1 and are read and written once a chunk: 1x1 1024 -> 256 on 8x14x14 0.72x, 2048 -> 512

@@ -170,12 +170,6 @@ absl::Status Output(OpKernelContext* ctx, int index, const TensorShape& shape, T
   return absl::OkStatus();
 }
 
-// a temporary of `shape`: a large one from the ReuseAllocator, as Output
-absl::Status Temp(OpKernelContext* ctx, const TensorShape& shape, Tensor* t) {
-  if (Small(shape)) return ctx->allocate_temp(tensorflow::DT_FLOAT, shape, t);
-  return Reused(shape, t);
-}
-
 PyObject* SetOutputCache(PyObject*, PyObject* arg) {
   const size_t limit = PyLong_AsSize_t(arg);
   if (limit == static_cast<size_t>(-1) && PyErr_Occurred()) return nullptr;
@@ -355,36 +349,30 @@ class ForwardBase : public OpKernel {
   }
 
   // Run on an (N, C, H, W) x, into an (N, F, OH, OW) result: the kernels' channels_first
-  // forward, or, where x's NHWC copy is wanted too (output `x_output` if >= 0), x transposed by
-  // the kernels' transpose, the channels_last forward and its result transposed, in one turn
+  // forward; where x's NHWC copy is wanted too (output `x_output` if >= 0), x transposed by the
+  // kernels' transpose into it and the forward on that copy, into the NCHW result
   void RunNCHW(OpKernelContext* ctx, const Tensor& x, const float* k, int64_t kh, int64_t kw,
                const float* bias, int x_output = -1) {
     const int64_t n = x.dim_size(0), c = x.dim_size(1), h = x.dim_size(2), w = x.dim_size(3);
-    Tensor xt, yt;
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({n, f_, oh_, ow_}), &out));
+    float* op = out->flat<float>().data();
     if (x_output < 0) {
-      Call(ctx, [&] { return Kernel(x.flat<float>().data(), n, h, w, c, k, kh, kw,
-                                    out->flat<float>().data(), oh_, ow_, bias, nullptr, 3); });
+      Call(ctx, [&] { return Kernel(x.flat<float>().data(), n, h, w, c, k, kh, kw, op, oh_, ow_,
+                                    bias, nullptr, 3); });
       return;
     }
     Tensor* kept = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, x_output, TensorShape({n, h, w, c}), &kept));
-    xt = *kept;
-    OP_REQUIRES_OK(ctx, Temp(ctx, TensorShape({n, oh_, ow_, f_}), &yt));
+    float* xp = kept->flat<float>().data();
     const int threads = fastconv::threads(g_.max_threads);
-    float* xp = xt.flat<float>().data();
-    float* yp = yt.flat<float>().data();
     Call(ctx, [&] {
-      if (fastconv::transpose_f32(x.flat<float>().data(), n, c, h * w, xp, threads) != 0)
-        return -1;
-      const int r = Kernel(xp, n, h, w, c, k, kh, kw, yp, oh_, ow_, bias, nullptr);
-      return r != 0 ? r : fastconv::transpose_f32(yp, n, oh_ * ow_, f_,
-                                                   out->flat<float>().data(), threads);
+      const int r = fastconv::transpose_f32(x.flat<float>().data(), n, c, h * w, xp, threads);
+      return r != 0 ? r : Kernel(xp, n, h, w, c, k, kh, kw, op, oh_, ow_, bias, nullptr, 2);
     });
   }
 
-  // nchw: 0, or 3: x (n, c, h, w) and out (n, f, oh, ow) (see ForwardF32)
+  // nchw: 0, 2 (out (n, f, oh, ow)) or 3 (x (n, c, h, w) too) (see ForwardF32)
   int Kernel(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, const float* k,
              int64_t kh, int64_t kw, float* out, int64_t oh, int64_t ow, const float* bias,
              const float* scale, int nchw = 0) {

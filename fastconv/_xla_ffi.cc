@@ -34,24 +34,28 @@ ffi::Error Unset() {
 }
 
 // x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,), scale (F,) or (0,)
-// -> out (N, OH, OW, F) = act(conv * scale + bias), act an FC_ACT_* code (clip: to [lo, hi])
+// -> out (N, OH, OW, F) = act(conv * scale + bias), act an FC_ACT_* code (clip: to [lo, hi]);
+// nchw: 1 x is (N, C, H, W), 2 out is (N, F, OH, OW), 3 both (see ForwardF32)
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
                    ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out, int64_t sh,
                    int64_t sw, int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left,
                    int64_t groups, int64_t max_threads, int64_t has_bias, int64_t act, float lo,
-                   float hi) {
+                   float hi, int64_t nchw) {
   if (forward_f32 == nullptr) return Unset();
   fastconv::calls++;
   auto xd = x.dimensions();
   auto kd = k.dimensions();
   auto od = out->dimensions();
+  const int h = nchw & 1 ? 2 : 1, c = nchw & 1 ? 1 : 3;
+  const int oh = nchw & 2 ? 2 : 1, oc = nchw & 2 ? 1 : 3;
   return Done(forward_f32(
-      x.typed_data(), xd[0], xd[1], xd[2], xd[3], k.typed_data(), kd[0], kd[1], kd[2],
-      out->typed_data(), od[1], od[2], od[3], static_cast<int>(sh), static_cast<int>(sw),
+      x.typed_data(), xd[0], xd[h], xd[h + 1], xd[c], k.typed_data(), kd[0], kd[1], kd[2],
+      out->typed_data(), od[oh], od[oh + 1], od[oc], static_cast<int>(sh), static_cast<int>(sw),
       static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(pad_top),
       static_cast<int>(pad_left), static_cast<int>(groups), threads(max_threads),
       has_bias ? bias.typed_data() : nullptr,
-      scale.element_count() ? scale.typed_data() : nullptr, static_cast<int>(act), lo, hi, 0));
+      scale.element_count() ? scale.typed_data() : nullptr, static_cast<int>(act), lo, hi,
+      static_cast<int>(nchw)));
 }
 
 // dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)
@@ -147,7 +151,8 @@ XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
                            .Attr<int64_t>("has_bias")
                            .Attr<int64_t>("act")
                            .Attr<float>("lo")
-                           .Attr<float>("hi"));
+                           .Attr<float>("hi")
+                           .Attr<int64_t>("nchw"));
 
 #define FASTCONV_GRAD_HANDLER(name, fn)                     \
   XLA_FFI_DEFINE_HANDLER(name, fn,                          \

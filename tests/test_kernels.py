@@ -207,7 +207,7 @@ def test_forward_epilogue(variant, dtype, act, case):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_channels_first_forward(variant, dtype, case):
-    """The forward on an NCHW x, into an NCHW or an NHWC result: in bands of one output row (each
+    """The forward with an NCHW x, an NCHW result or both: in bands of one output row (each
     band's first input rows kept from the band before), of the default size, of a whole image,
     on zero-padded columns or not, and with column blocks outer (x and the result transposed
     whole); with the bias and an epilogue. The reference's result, on 1 and 2 threads."""
@@ -225,14 +225,15 @@ def test_channels_first_forward(variant, dtype, case):
             kernels.set_block_major_bytes(major)
             name = f"bands of {band} bytes, padded columns up to {pad_ow}, block-major from " \
                    f"{major}, {threads} threads"
-            for nchw in (kernels.NCHW_X, kernels.NCHW_X | kernels.NCHW_OUT):
-                nhwc = nchw == kernels.NCHW_X
+            for nchw in (kernels.NCHW_X, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
+                nhwc = not nchw & kernels.NCHW_OUT
+                xx = x if nchw & kernels.NCHW_X else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
                 for extra, expected in (((bias,), u + bias),
                                         ((bias, scale, kernels.ACT_CLIP, -0.5, 1.5),
                                          np.clip(u * scale + bias, -0.5, 1.5))):
                     shape = g.output_shape_nhwc
                     out = np.full(shape if nhwc else spec.from_nhwc(shape), np.nan, dtype)
-                    kernels.forward(x, k, out, *geometry, threads, *extra, nchw=nchw)
+                    kernels.forward(xx, k, out, *geometry, threads, *extra, nchw=nchw)
                     reference.assert_close(out if nhwc else out.transpose(0, 2, 3, 1), expected,
                                            rtol, f"{name}, nchw {nchw}, {len(extra)} extras")
     finally:

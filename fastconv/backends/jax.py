@@ -129,15 +129,19 @@ def _pixel_rows(spec, g, array, shape):
 
 def _ffi_forward(spec, x, k, b, dtype, shape, scale=None, activation=None):
     """The forward through the custom call, or None where only the callback serves; with
-    `scale` (F,) and `activation` (as `fused` takes it), act(conv * scale + b)."""
-    if not _ffi_ready(dtype, spec):
+    `scale` (F,) and `activation` (as `fused` takes it), act(conv * scale + b). channels_first
+    by the kernels' own channels_first forward."""
+    if not _ffi_ready(dtype, spec.nhwc):
         return None
     g = spec.geometry(x.shape, k.shape)
-    x, out_shape = _pixel_rows(spec, g, x, shape)
+    out_shape = shape
+    if spec.channels_last:
+        x, out_shape = _pixel_rows(spec, g, x, shape)
     none = jax.numpy.zeros((0,), dtype)
+    nchw = 0 if spec.channels_last else _dispatch.kernels.NCHW_X | _dispatch.kernels.NCHW_OUT
     out = _ffi_call("fastconv_forward", out_shape, dtype,
                     (x, k, none if b is None else b, none if scale is None else scale), spec, g,
-                    has_bias=b is not None, **host.act_attrs(activation))
+                    has_bias=b is not None, nchw=nchw, **host.act_attrs(activation))
     return out.reshape(shape)
 
 
@@ -392,8 +396,41 @@ def _conv_cast(spec, result, x, k, b):
     dtype = host.host_dtype(result)
     x, k, b = x.astype(dtype), k.astype(dtype), None if b is None else b.astype(dtype)
     if not spec.channels_last and _ffi_ready(dtype, spec.nhwc):
-        return _to_nchw(_conv(spec.nhwc, _to_nhwc(x), k, b)).astype(result)
+        return _conv_nchw(spec, x, k, b).astype(result)
     return _conv(spec, x, k, b).astype(result)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv_nchw(spec, x, k, b):
+    # channels_first, float32: one custom call, the kernels' channels_first forward (x's rows
+    # and the result's transposed in cache, a band at a time)
+    return _ffi_forward(spec, x, k, b, np.dtype(x.dtype), spec.output_shape(x.shape, k.shape))
+
+
+def _conv_nchw_fwd(spec, x, k, b):
+    # differentiated: x's NHWC copy (grad_kernel reads it) serves the forward too, whose result
+    # the kernels write NCHW, a band at a time; the gradients share dy's NHWC copy. (Residuals
+    # and symbolic zeros as _conv_fwd's.)
+    both = () if b is not None and k.perturbed and b.perturbed else None
+    x, k, b = x.value, k.value, None if b is None else b.value
+    x_nhwc = _to_nhwc(x)
+    shape = spec.output_shape(x.shape, k.shape)
+    g = spec.geometry(x.shape, k.shape)
+    none = jax.numpy.zeros((0,), x.dtype)
+    y = _ffi_call("fastconv_forward", shape, np.dtype(x.dtype),
+                  (x_nhwc, k, none if b is None else b, none), spec, g, has_bias=b is not None,
+                  nchw=_dispatch.kernels.NCHW_OUT, **host.act_attrs(None))
+    return y, (x_nhwc, k, b, both)
+
+
+def _conv_nchw_bwd(spec, residuals, dy):
+    if isinstance(dy, SymbolicZero):
+        return None, None, None
+    dx, dk, db = _conv_bwd(spec.nhwc, residuals, _to_nhwc(dy))
+    return _to_nchw(dx), dk, db
+
+
+_conv_nchw.defvjp(_conv_nchw_fwd, _conv_nchw_bwd, symbolic_zeros=True)
 
 
 # Results of convolutions traced under jax.jit and not differentiated there (inference, or a
