@@ -23,12 +23,13 @@ using ForwardF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_
                            const float* scale, int act, float lo, float hi, int nchw);
 
 // fastconv._kernels_*._grad_input_f32 and _grad_kernel_f32 (ffi_grad_input, ffi_grad_kernel);
-// grad_kernel also sums dy's channels into db (F,) unless db is null: the bias gradient
+// grad_input's nchw: dx is (n, c, h, w), else (n, h, w, c); grad_kernel also sums dy's
+// channels into db (F,) unless db is null: the bias gradient
 using GradInputF32 = int (*)(const float* dy, Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t f,
                              const float* wt, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t cout_g,
                              float* dx, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, Py_ssize_t c,
                              int sh, int sw, int dh, int dw, int pad_top, int pad_left,
-                             int groups, int n_threads);
+                             int groups, int n_threads, int nchw);
 using GradKernelF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w,
                               Py_ssize_t c, const float* dy, Py_ssize_t oh, Py_ssize_t ow,
                               Py_ssize_t f, float* dk, Py_ssize_t kh, Py_ssize_t kw,

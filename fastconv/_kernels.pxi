@@ -3504,13 +3504,14 @@ cdef inline void _kw_valid(const Py_ssize_t* ow0s, Py_ssize_t nkw, Py_ssize_t j,
 
 def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
                const floating[:, :, :, ::1] wt,   # IN  (KH, KW, F // groups, C) regrouped kernel
-               floating[:, :, :, ::1] dx,         # OUT (N, H, W, C)
+               floating[:, :, :, ::1] dx,         # OUT (N, H, W, C), with nchw (N, C, H, W)
                int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
-               int n_threads):
+               int n_threads, bint nchw=False):
+    cdef int c = 1 if nchw else 3, h = 2 if nchw else 1
     if _grad_input(&dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &wt[0, 0, 0, 0],
                    wt.shape[0], wt.shape[1], wt.shape[2], &dx[0, 0, 0, 0], dx.shape[0],
-                   dx.shape[1], dx.shape[2], dx.shape[3], sh, sw, dh, dw, pad_top, pad_left,
-                   groups, n_threads) != 0:
+                   dx.shape[h], dx.shape[h + 1], dx.shape[c], sh, sw, dh, dw, pad_top, pad_left,
+                   groups, n_threads, nchw) != 0:
         raise MemoryError()
 
 
@@ -3518,9 +3519,9 @@ cdef int _grad_input_f32(const float* dy, Py_ssize_t OH, Py_ssize_t OW, Py_ssize
                          const float* wt, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g,
                          float* dx, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                          int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
-                         int n_threads) noexcept nogil:
+                         int n_threads, int nchw) noexcept nogil:
     return _grad_input(dy, OH, OW, F, wt, KH, KW, cout_g, dx, N, H, W, C, sh, sw, dh, dw,
-                       pad_top, pad_left, groups, n_threads)
+                       pad_top, pad_left, groups, n_threads, nchw)
 
 
 def ffi_grad_input():
@@ -3584,7 +3585,9 @@ ctypedef struct Gin:
     const void* wflip
     const Py_ssize_t* phases
     void* cols          # GIN_GEMM: per-thread columns of R output rows
+    void* band_rows     # GIN_BANDS: per-thread rows of a band, `band` dx rows
     Py_ssize_t N, OH, OW, F, KH, KW, cout_g, C, Cp, H, W, cg, ldw, R, Kp, half, parity
+    Py_ssize_t band, nbands
     int sh, sw, dh, dw, pad_top, pad_left, groups, mode, failed
     bint dwrow2, f64
 
@@ -3594,6 +3597,7 @@ cdef enum:
     GIN_BLOCK_ROWS     # (column block, dx row) t
     GIN_ROWS           # dx row t
     GIN_GEMM           # block t of R output rows of the parity's (_grad_input_gemm)
+    GIN_BANDS          # band t % nbands of image t // nbands's dx rows, into NCHW planes
 
 
 cdef void _gin_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
@@ -3602,6 +3606,25 @@ cdef void _gin_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil
         _gin_tasks(<const double*>a.dy, a, t0, t1, k)
     else:
         _gin_tasks(<const float*>a.dy, a, t0, t1, k)
+
+
+cdef inline bint _gin_blocks_outer(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F,
+                                   int groups, Py_ssize_t sz) noexcept nogil:
+    # whether _grad_input runs column blocks outer (GIN_IMAGES, GIN_BLOCK_ROWS): large dense
+    # weights (where _grad_input packs them in column blocks)
+    return groups == 1 and KH * KW * C * F * sz >= fc_block_major_bytes
+
+
+cdef inline void _gin_row(const floating* gp, Gin* a, Py_ssize_t n, Py_ssize_t ih,
+                          floating* out, int k) noexcept nogil:
+    # dx row ih of image n into out (W, C), through this thread's padded row buffer if any
+    cdef floating* dst = out if a.rows == NULL else <floating*>a.rows + k * a.W * a.Cp
+    _grad_input_row(gp + n * a.OH * a.OW * a.F, <const floating*>a.w, dst, a.OH, a.OW, a.F,
+                    a.KH, a.KW, a.cout_g, a.Cp, a.W, ih, a.sh, a.sw, a.dh, a.dw, a.pad_top,
+                    a.pad_left, a.groups, a.phases, a.wpk, <const floating*>a.wred,
+                    <const floating*>a.wflip, a.dwrow2, a.ldw, 0, a.Cp)
+    if a.rows != NULL:
+        _unpad(dst, a.Cp // a.groups, out, a.cg, a.W, a.groups, NULL)
 
 
 cdef void _gin_tasks(const floating* gp, Gin* a, Py_ssize_t t0, Py_ssize_t t1,
@@ -3630,15 +3653,17 @@ cdef void _gin_tasks(const floating* gp, Gin* a, Py_ssize_t t0, Py_ssize_t t1,
                             a.groups, a.phases, NULL, NULL, NULL, False, ldw, b * ldw,
                             (b + 1) * ldw)
         elif a.mode == GIN_ROWS:
-            n = t // H
-            ih = t % H
-            dst = rows + k * W * a.Cp if rows != NULL else dp + t * W * C
-            _grad_input_row(gp + n * OH * OW * F, wp, dst, OH, OW, F, a.KH, a.KW, a.cout_g,
-                            a.Cp, W, ih, a.sh, a.sw, a.dh, a.dw, a.pad_top, a.pad_left,
-                            a.groups, a.phases, a.wpk, <const floating*>a.wred,
-                            <const floating*>a.wflip, a.dwrow2, ldw, 0, a.Cp)
-            if rows != NULL:
-                _unpad(dst, a.Cp // a.groups, dp + t * W * C, a.cg, W, a.groups, NULL)
+            _gin_row(gp, a, t // H, t % H, dp + t * W * C, k)
+        elif a.mode == GIN_BANDS:
+            # the band's rows in this thread's buffer, then transposed into dx's planes
+            n = t // a.nbands
+            ih = t % a.nbands * a.band
+            r = _min(a.band, H - ih)
+            dst = <floating*>a.band_rows + k * a.band * W * C
+            _prefetch_planes(dp + (n * C * H + ih) * W, C, H * W, r * W)
+            for b in range(r):
+                _gin_row(gp, a, n, ih + b, dst + b * W * C, k)
+            _tr2d(dst, r * W, C, C, dp + (n * C * H + ih) * W, H * W, True)
         else:   # GIN_GEMM
             n = t // a.half
             oh0 = (2 * (t % a.half) + a.parity) * a.R
@@ -3706,14 +3731,27 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
                      const floating* wp, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g,
                      floating* dp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                      int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
-                     int n_threads) noexcept nogil:
-    # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C); returns -1 when
-    # out of memory
+                     int n_threads, bint nchw=False) noexcept nogil:
+    # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C) or with nchw
+    # (N, C, H, W) (in bands, as _forward's, or transposed whole); returns -1 when out of memory
     if N * H * W * C == 0:
         return 0
     if OH * OW * F == 0:
         memset(dp, 0, N * H * W * C * sizeof(floating))
         return 0
+    cdef floating* dt
+    cdef int r
+    if nchw and (_gin_gemm(C, KH, KW, F, dw, groups, sizeof(floating))
+                 or _gin_blocks_outer(C, KH, KW, F, groups, sizeof(floating))):
+        dt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
+        if dt == NULL:
+            return -1
+        r = _grad_input(gp, OH, OW, F, wp, KH, KW, cout_g, dt, N, H, W, C, sh, sw, dh, dw,
+                        pad_top, pad_left, groups, n_threads, False)
+        if r == 0:
+            _transpose(dt, N, H * W, C, dp, n_threads)
+        free(dt)
+        return r
     if _gin_gemm(C, KH, KW, F, dw, groups, sizeof(floating)):
         return _grad_input_gemm(gp, OH, OW, F, wp, KH, KW, dp, N, H, W, C, sh, sw, dh, pad_top,
                                 pad_left, n_threads)
@@ -3794,7 +3832,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         wp = wpad
         # large weights: column blocks outer, as in _forward (ResNet50's 3x3 512 -> 512 on
         # 8x7x7: 143 -> 300 GFLOP/s, its stride-2 twin 127 -> 240)
-        if KH * KW * C * F * sizeof(floating) >= fc_block_major_bytes:
+        if _gin_blocks_outer(C, KH, KW, F, groups, sizeof(floating)):
             nb = _cdiv(C, ldw)
     # short rows with border pixels: dy's columns zero-padded, as x's in _forward (every
     # phase one run of all its taps): lp zero pixels before each dy row, OWp pixels a row
@@ -3830,6 +3868,25 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     elif nb:
         job.mode = GIN_BLOCK_ROWS
         _parallel(n_threads, _gin_body, &job, nb * N * H)
+    elif nchw:
+        # dx rows a band: in fc_band_bytes, and at least as many bands as threads in all
+        job.band = _min(H, _max(1, fc_band_bytes // (sizeof(floating) * W * C)))
+        if N < n_threads:
+            job.band = _min(job.band, _cdiv(H, _cdiv(n_threads, N)))
+        job.nbands = _cdiv(H, job.band)
+        job.band_rows = fc_amalloc(n_threads * job.band * W * C * sizeof(floating))
+        if job.band_rows == NULL:
+            free(phases)
+            free(wpk)
+            free(wred)
+            free(wflip)
+            free(wpad)
+            free(rows)
+            free(gpad)
+            return -1
+        job.mode = GIN_BANDS
+        _parallel(n_threads, _gin_body, &job, N * job.nbands)
+        free(job.band_rows)
     else:
         job.mode = GIN_ROWS
         _parallel(n_threads, _gin_body, &job, N * H)

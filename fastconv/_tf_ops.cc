@@ -503,7 +503,8 @@ class GradInput : public OpKernel {
                   dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2), dy.dim_size(3),
                   wt.flat<float>().data(), wt.dim_size(0), wt.dim_size(1), wt.dim_size(2),
                   dx->flat<float>().data(), dy.dim_size(0), h_, w_, c_, g_.sh, g_.sw, g_.dh,
-                  g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads)); });
+                  g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads),
+                  0); });
   }
 
  private:

@@ -58,11 +58,12 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer
       static_cast<int>(nchw)));
 }
 
-// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)
+// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C), with
+// nchw (N, C, H, W)
 ffi::Error GradInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wt,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t dh,
                      int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
-                     int64_t max_threads) {
+                     int64_t max_threads, int64_t nchw) {
   if (grad_input_f32 == nullptr) return Unset();
   fastconv::calls++;
   auto gd = dy.dimensions();
@@ -70,10 +71,10 @@ ffi::Error GradInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wt,
   auto xd = dx->dimensions();
   return Done(grad_input_f32(
       dy.typed_data(), gd[1], gd[2], gd[3], wt.typed_data(), wd[0], wd[1], wd[2],
-      dx->typed_data(), xd[0], xd[1], xd[2], xd[3], static_cast<int>(sh),
-      static_cast<int>(sw), static_cast<int>(dh), static_cast<int>(dw),
+      dx->typed_data(), xd[0], xd[nchw ? 2 : 1], xd[nchw ? 3 : 2], xd[nchw ? 1 : 3],
+      static_cast<int>(sh), static_cast<int>(sw), static_cast<int>(dh), static_cast<int>(dw),
       static_cast<int>(pad_top), static_cast<int>(pad_left), static_cast<int>(groups),
-      threads(max_threads)));
+      threads(max_threads), static_cast<int>(nchw)));
 }
 
 // x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F), and db (F,) dy's channel
@@ -162,7 +163,13 @@ XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
                              .Ret<ffi::Buffer<ffi::F32>>()  \
                              FASTCONV_FFI_GEOMETRY_ATTRS);
 
-FASTCONV_GRAD_HANDLER(fastconv_grad_input, GradInput)
+XLA_FFI_DEFINE_HANDLER(fastconv_grad_input, GradInput,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::Buffer<ffi::F32>>()
+                           .Arg<ffi::Buffer<ffi::F32>>()
+                           .Ret<ffi::Buffer<ffi::F32>>()
+                           FASTCONV_FFI_GEOMETRY_ATTRS
+                           .Attr<int64_t>("nchw"));
 FASTCONV_GRAD_HANDLER(fastconv_grad_kernel, GradKernel)
 
 XLA_FFI_DEFINE_HANDLER(fastconv_grad_kernel_bias, GradKernelBias,

@@ -1101,18 +1101,23 @@ def _jax_transposes(fn, *args):
 @pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
 def test_jax_jit_channels_first_transposed_once_each(case):
     # channels_first under jit: the forward alone is one custom call (the kernels' channels_first
-    # forward, no whole transposes); differentiated, the channels_last custom calls between
-    # fastconv's transpose custom calls (XLA's own transpose took 3-9x as long), x transposed
-    # once (its NHWC copy serves the forward and grad_kernel), dy once for both gradients, the
-    # result and dx once
+    # forward, no whole transposes); differentiated, fastconv's transpose custom calls (XLA's
+    # own transpose took 3-9x as long) turn x into NHWC once (its copy serves the forward and
+    # grad_kernel) and dy once for both gradients; the result and dx are written NCHW by the
+    # kernels, a band at a time (dx on space-to-depth blocks transposed once)
+    from fastconv.backends import numpy as host
+
     x, k, b, conv, loss, expected, refs = _channels_first_step(case, 18)
+    spec = ConvSpec.make(case[2], case[3], "channels_first", case[4])
+    blocked = host._blocks_unless(spec.nhwc, spec.geometry(x.shape, k.shape), np.float32,
+                                  fastconv._dispatch.kernels.grad_input_gemm) is not None
     forward = jax.jit(conv)
     assert _jax_transposes(forward, x, k, b) == 0
     before = _ffi().calls()
     reference.assert_close(np.asarray(forward(x, k, b)), expected, 1e-4)
     assert _ffi().calls() == before + 1
     grads = jax.jit(jax.grad(loss, argnums=(0, 1) if b is None else (0, 1, 2)))
-    assert _jax_transposes(grads, x, k, b) == 3
+    assert _jax_transposes(grads, x, k, b) == 2 + blocked
     for value, ref, name in zip(grads(x, k, b), refs, ("dx", "dk", "db")):
         reference.assert_close(np.asarray(value), ref, 1e-4, name)
 

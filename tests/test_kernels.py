@@ -244,6 +244,37 @@ def test_channels_first_forward(variant, dtype, case):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_channels_first_grad_input(variant, dtype, case):
+    """grad_input into an NCHW dx (from an NHWC dy): in bands of one row, of the default size
+    and of a whole image, with column blocks outer (dx transposed whole), as a GEMM where the
+    kernels pick it; the reference's dx, on 1 and 2 threads."""
+    *_, strides, dilation, padding = case
+    x, k, _, _, spec, g = _forward_problem(case, dtype, "channels_first")
+    dy = np.random.default_rng(_seed(case) + 1).standard_normal(
+        g.output_shape_nhwc).astype(dtype)
+    expected, _ = reference.grads(x, k, dy.transpose(0, 3, 1, 2), strides, padding, dilation,
+                                  "channels_first")
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    wt = host.regrouped_kernel(k, g, np.reshape, np.transpose)
+    *geometry, _ = host._args(spec, g)
+    try:
+        for band, major, threads in itertools.product(
+                (1, kernels.BAND_BYTES, 1 << 30), (1 << 62, 0), (1, 2)):
+            kernels.set_band_bytes(band)
+            kernels.set_block_major_bytes(major)
+            dx = np.full(x.shape, np.nan, dtype)
+            kernels.grad_input(dy, np.ascontiguousarray(wt), dx, *geometry, threads, nchw=True)
+            reference.assert_close(dx, expected, 1e-4 if dtype == np.float32 else 1e-10,
+                                   f"bands of {band} bytes, block-major from {major}, "
+                                   f"{threads} threads")
+    finally:
+        kernels.set_band_bytes(kernels.BAND_BYTES)
+        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1 and c[9][1] == 1 and c[0] > 0],
                          ids=str)
 def test_forward_column_blocks_outer(variant, dtype, case):

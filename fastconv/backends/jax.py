@@ -150,19 +150,28 @@ def _ffi_forward(spec, x, k, b, dtype, shape, scale=None, activation=None):
 _JNP_OPS = dict(pad=jax.numpy.pad, reshape=jax.numpy.reshape, transpose=jax.numpy.transpose)
 
 
-def _ffi_grad_input(spec, dy, k, x_shape, dtype):
+def _ffi_grad_input(spec, dy, k, x_shape, dtype, nchw=False):
+    """The gradient wrt the input of a channels_last convolution through the custom call,
+    with `nchw` as an NCHW dx, or None where only the callback serves."""
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x_shape, k.shape)
-    return host.blocked_grad_input(spec, g, dy, k, lambda *a: _grad_input_call(*a, dtype),
-                                   _JNP_OPS)
+    kernels = _dispatch.kernels
+    if nchw and host._blocks_unless(spec, g, np.float32, kernels.grad_input_gemm) is None:
+        return _grad_input_call(spec, g, dy, k, dtype, nchw)  # (written NCHW by the kernels)
+    dx = host.blocked_grad_input(spec, g, dy, k, lambda *a: _grad_input_call(*a, dtype),
+                                 _JNP_OPS)
+    return _to_nchw(dx) if nchw else dx
 
 
-def _grad_input_call(spec, g, dy, k, dtype):
-    """The grad_input custom call on an NHWC dy."""
+def _grad_input_call(spec, g, dy, k, dtype, nchw=False):
+    """The grad_input custom call on an NHWC dy; with `nchw`, into an NCHW dx."""
     wt = host.regrouped_kernel(k, g, jax.numpy.reshape, jax.numpy.transpose)
+    if nchw:
+        n, h, w, c = g.input_shape_nhwc
+        return _ffi_call("fastconv_grad_input", (n, c, h, w), dtype, (dy, wt), spec, g, nchw=1)
     dy, dx_shape = _pixel_rows(spec, g, dy, g.input_shape_nhwc)
-    dx = _ffi_call("fastconv_grad_input", dx_shape, dtype, (dy, wt), spec, g)
+    dx = _ffi_call("fastconv_grad_input", dx_shape, dtype, (dy, wt), spec, g, nchw=0)
     return dx.reshape(g.input_shape_nhwc)
 
 
@@ -235,18 +244,20 @@ def _(primals, tangents):
     raise NotImplementedError(_SECOND_ORDER)
 
 
-def _conv_bwd(spec, residuals, dy):
+def _conv_bwd(spec, residuals, dy, nchw_dx=False):
     # dx and dk from separate calls, not one: jit drops a call whose result is unused (the
     # first layer's dx, a frozen layer's dk), measured. The bias gradient rides on
     # grad_kernel's call where both are differentiated (_conv_fwd): one pass over dy fewer.
+    # nchw_dx: dx as NCHW (_conv_nchw_bwd).
     x, k, b, both = residuals
     if isinstance(dy, SymbolicZero):
         return None, None, None  # (zero cotangents)
     x, k, dy = _first_order_only(x, k, dy)
     dtype = np.dtype(x.dtype)
-    dx = _ffi_grad_input(spec, dy, k, tuple(x.shape), dtype)
+    dx = _ffi_grad_input(spec, dy, k, tuple(x.shape), dtype, nchw_dx)
     if dx is None:
         dx = _callback(_host("grad_input", spec, dtype, tuple(x.shape)), x.shape, dtype, dy, k)
+        dx = _to_nchw(dx) if nchw_dx else dx
     if both is not None:
         # the bias gradient from the dy that grad_kernel reads anyway
         fused = _ffi_grad_kernel(spec, x, dy, tuple(k.shape), dtype, bias=True)
@@ -426,8 +437,7 @@ def _conv_nchw_fwd(spec, x, k, b):
 def _conv_nchw_bwd(spec, residuals, dy):
     if isinstance(dy, SymbolicZero):
         return None, None, None
-    dx, dk, db = _conv_bwd(spec.nhwc, residuals, _to_nhwc(dy))
-    return _to_nchw(dx), dk, db
+    return _conv_bwd(spec.nhwc, residuals, _to_nhwc(dy), nchw_dx=True)
 
 
 _conv_nchw.defvjp(_conv_nchw_fwd, _conv_nchw_bwd, symbolic_zeros=True)

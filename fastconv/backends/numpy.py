@@ -185,8 +185,10 @@ def regrouped_kernel(kernel, g, reshape, transpose):
     return reshape(transpose(wt, (0, 1, 4, 3, 2)), (g.kh, g.kw, g.f // g.groups, g.c))
 
 
-def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
-    """d(loss)/d(inputs) given dy = d(loss)/d(outputs)."""
+def grad_input(dy, kernel, spec, input_shape, dtype=np.float32, c_contiguous=False):
+    """d(loss)/d(inputs) given dy = d(loss)/d(outputs). channels_first: NCHW with NHWC memory,
+    or with `c_contiguous` a C-contiguous array (written so by the kernels, a band at a
+    time)."""
     kernel = np.asarray(kernel)
     g = spec.geometry(input_shape, kernel.shape)
     blocks = _blocks_unless(spec, g, dtype, _dispatch.kernels.grad_input_gemm)
@@ -199,7 +201,8 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
             dx.fill(0)
         _dispatch.kernels.depth_to_space(dxb, dx, s, g.pad_top, g.pad_left,
                                          _threads(dx.size, _ELEMENTS_PER_THREAD))
-        return _from_nhwc(dx, spec)
+        dx = _from_nhwc(dx, spec)
+        return contiguous(dx) if c_contiguous else dx
     # Regroup (KH, KW, C/G, G*F/G) -> (KH, KW, F/G, G*C/G): the transposed convolution's kernel
     # in the same layout, so one kernel tap routine serves both directions.
     if g.groups == 1:
@@ -209,8 +212,12 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32):
         wt = _transposed(taps, g.c, (g.kh * g.kw, g.f, g.c)).reshape(g.kh, g.kw, g.f, g.c)
     else:
         wt = _aligned_kernel(regrouped_kernel(kernel, g, np.reshape, np.transpose), dtype)
-    dx = _empty(g.input_shape_nhwc, dtype)
     args = _args(spec, g)
+    if c_contiguous and not spec.channels_last:
+        dx = _empty(input_shape, dtype)
+        _dispatch.kernels.grad_input(_nhwc(dy, spec, dtype), wt, dx, *args, nchw=True)
+        return dx
+    dx = _empty(g.input_shape_nhwc, dtype)
     dyv, dxv = _recut(spec, g, args, _nhwc(dy, spec, dtype), dx)
     _dispatch.kernels.grad_input(dyv, wt, dxv, *args)
     return _from_nhwc(dx, spec)

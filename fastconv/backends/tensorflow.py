@@ -543,8 +543,8 @@ def _taped_forward(x, handles, plan):
         dy_host = _host_dy(dy, spec)  # (the compute functions take dy as it is here)
         if need_dx:
             dx = _first_order_only(lambda g, k: _tensor(host.grad_input(
-                dy_host, np.from_dlpack(k).reshape(kernel_shape), spec, tuple(x.shape))),
-                [dy, kernel])
+                dy_host, np.from_dlpack(k).reshape(kernel_shape), spec, tuple(x.shape),
+                c_contiguous=True)), [dy, kernel])
         return [dx, *_first_order_only(lambda a, g: _taped_grad_kernel(
             _host_x(a, x_nhwc, spec), dy_host, spec, kernel_shape, variable_shape, bias),
             [x, dy])]
