@@ -134,15 +134,21 @@ def _ffi_forward(spec, x, k, b, dtype, shape, scale=None, activation=None):
     if not _ffi_ready(dtype, spec.nhwc):
         return None
     g = spec.geometry(x.shape, k.shape)
-    out_shape = shape
-    if spec.channels_last:
-        x, out_shape = _pixel_rows(spec, g, x, shape)
+    if not spec.channels_last:
+        kernels = _dispatch.kernels
+        return _forward_call(spec, g, x, k, b, dtype, shape, kernels.NCHW_X | kernels.NCHW_OUT,
+                             scale, activation)
+    x, out_shape = _pixel_rows(spec, g, x, shape)
+    return _forward_call(spec, g, x, k, b, dtype, out_shape, 0, scale,
+                         activation).reshape(shape)
+
+
+def _forward_call(spec, g, x, k, b, dtype, shape, nchw, scale=None, activation=None):
+    """The forward custom call (the kernels' `nchw` layouts) into a result of `shape`."""
     none = jax.numpy.zeros((0,), dtype)
-    nchw = 0 if spec.channels_last else _dispatch.kernels.NCHW_X | _dispatch.kernels.NCHW_OUT
-    out = _ffi_call("fastconv_forward", out_shape, dtype,
-                    (x, k, none if b is None else b, none if scale is None else scale), spec, g,
-                    has_bias=b is not None, nchw=nchw, **host.act_attrs(activation))
-    return out.reshape(shape)
+    return _ffi_call("fastconv_forward", shape, dtype,
+                     (x, k, none if b is None else b, none if scale is None else scale), spec, g,
+                     has_bias=b is not None, nchw=nchw, **host.act_attrs(activation))
 
 
 
@@ -425,12 +431,8 @@ def _conv_nchw_fwd(spec, x, k, b):
     both = () if b is not None and k.perturbed and b.perturbed else None
     x, k, b = x.value, k.value, None if b is None else b.value
     x_nhwc = _to_nhwc(x)
-    shape = spec.output_shape(x.shape, k.shape)
-    g = spec.geometry(x.shape, k.shape)
-    none = jax.numpy.zeros((0,), x.dtype)
-    y = _ffi_call("fastconv_forward", shape, np.dtype(x.dtype),
-                  (x_nhwc, k, none if b is None else b, none), spec, g, has_bias=b is not None,
-                  nchw=_dispatch.kernels.NCHW_OUT, **host.act_attrs(None))
+    y = _forward_call(spec, spec.geometry(x.shape, k.shape), x_nhwc, k, b, np.dtype(x.dtype),
+                      spec.output_shape(x.shape, k.shape), _dispatch.kernels.NCHW_OUT)
     return y, (x_nhwc, k, b, both)
 
 
