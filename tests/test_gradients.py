@@ -278,27 +278,33 @@ def test_jax_float64_in_child():
 SECOND_ORDER = "fastconv computes first-order gradients only"
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("wrt", ["kernel", "inputs"])
-def test_second_order_raises(wrt):
+def test_second_order_raises(wrt, data_format):
     """The gradient of a gradient norm (a gradient penalty) raises a clear error."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 5, 5, 3)).astype("float32")
+    if data_format == "channels_first":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     k = rng.standard_normal((3, 3, 3, 4)).astype("float32")
+
+    def conv(x, k):
+        return fastconv.ops.conv(x, k, data_format=data_format)
 
     def grad_norm(x, k):
         """|d loss / d wrt|^2 for loss = sum(conv(x, k)^2), as a function of (x, k)."""
         if BACKEND == "jax":
-            g = jax.grad(lambda x, k: jnp.sum(fastconv.ops.conv(x, k) ** 2),
+            g = jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2),
                          argnums=0 if wrt == "inputs" else 1)(x, k)
             return jnp.sum(g ** 2)
         if BACKEND == "torch":
-            y = fastconv.ops.conv(x, k)
+            y = conv(x, k)
             (g,) = torch.autograd.grad((y ** 2).sum(), x if wrt == "inputs" else k,
                                        create_graph=True)
             return (g ** 2).sum()
         with tf.GradientTape() as inner:
             inner.watch([x, k])
-            loss = tf.reduce_sum(fastconv.ops.conv(x, k) ** 2)
+            loss = tf.reduce_sum(conv(x, k) ** 2)
         g = inner.gradient(loss, x if wrt == "inputs" else k)
         return tf.reduce_sum(g ** 2)
 

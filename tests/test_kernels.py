@@ -172,6 +172,14 @@ ROW_CASES = [c for c in CASES if c[4:6] == (3, 3) and c[6] == c[7] == c[3]
              and c[9][1] == 1 and c[8][1] <= 2]
 
 
+def _restore_tunings(kernels):
+    """The kernels' tunings that tests force, back to their defaults."""
+    kernels.set_band_bytes(kernels.BAND_BYTES)
+    kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+    kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
+    kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
+
+
 def _forward_problem(case, dtype, data_format="channels_last"):
     """x, kernel, scale and bias for a forward of `case`, its ConvSpec and geometry."""
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
@@ -237,9 +245,7 @@ def test_channels_first_forward(variant, dtype, case):
                     reference.assert_close(out if nhwc else out.transpose(0, 2, 3, 1), expected,
                                            rtol, f"{name}, nchw {nchw}, {len(extra)} extras")
     finally:
-        kernels.set_band_bytes(kernels.BAND_BYTES)
-        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
-        kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
+        _restore_tunings(kernels)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -269,8 +275,7 @@ def test_channels_first_grad_input(variant, dtype, case):
                                    f"bands of {band} bytes, block-major from {major}, "
                                    f"{threads} threads")
     finally:
-        kernels.set_band_bytes(kernels.BAND_BYTES)
-        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
+        _restore_tunings(kernels)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -310,9 +315,7 @@ def test_forward_column_blocks_outer(variant, dtype, case):
                 np.testing.assert_array_equal(outs[0], first[0])
                 np.testing.assert_array_equal(outs[1], first[1])
     finally:
-        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
-        kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
-        kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
+        _restore_tunings(kernels)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -348,9 +351,7 @@ def test_grad_input_column_blocks_outer(variant, dtype, case):
             if chunk == 0:
                 np.testing.assert_array_equal(dx, first)
     finally:
-        kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
-        kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
-        kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
+        _restore_tunings(kernels)
         _dispatch.kernels = saved
 
 

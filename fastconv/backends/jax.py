@@ -65,8 +65,7 @@ _FFI = _register_ffi()
 
 def _ffi_ready(dtype, spec):
     """Whether the custom calls serve this convolution (float32, channels_last, kernels that
-    export them), handing them the kernels _dispatch loaded. (channels_first is served as
-    channels_last between _to_nhwc and _to_nchw: conv.)"""
+    export them), handing them the kernels _dispatch loaded. (channels_first: _conv_nchw.)"""
     kernels = _dispatch.kernels
     if (_FFI is None or dtype != np.float32 or not spec.channels_last
             or not hasattr(kernels, "ffi_forward")):
@@ -101,9 +100,10 @@ def _swap(a):
         a, max_threads=np.int64(host._threads(a.size, host._ELEMENTS_PER_THREAD)))
 
 
-# channels_first runs as the channels_last convolution between these two (each the other's
-# gradient): x is transposed once (its NHWC copy is what the gradient wrt the kernel keeps),
-# dy once for both gradients, the result and dx once each
+# The layout changes of a differentiated channels_first convolution (_conv_nchw): x is
+# transposed once (its NHWC copy serves the forward and the gradient wrt the kernel), dy once for
+# both gradients (the kernels write the result and dx NCHW themselves). Each is the other's
+# gradient.
 @jax.custom_vjp
 def _to_nhwc(a):
     n, c, h, w = a.shape
@@ -431,7 +431,11 @@ def _conv_nchw_fwd(spec, x, k, b):
     both = () if b is not None and k.perturbed and b.perturbed else None
     x, k, b = x.value, k.value, None if b is None else b.value
     x_nhwc = _to_nhwc(x)
-    y = _forward_call(spec, spec.geometry(x.shape, k.shape), x_nhwc, k, b, np.dtype(x.dtype),
+    # (through _first_order_only: a gradient of this gradient raises fastconv's error, as
+    # _conv's does, not JAX's about a custom call it cannot differentiate)
+    args = _first_order_only(x_nhwc, k, *([] if b is None else [b]))
+    y = _forward_call(spec, spec.geometry(x.shape, k.shape), *args[:2],
+                      None if b is None else args[2], np.dtype(x.dtype),
                       spec.output_shape(x.shape, k.shape), _dispatch.kernels.NCHW_OUT)
     return y, (x_nhwc, k, b, both)
 

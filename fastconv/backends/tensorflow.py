@@ -231,7 +231,8 @@ def _swap_grad(op, grad):
 def _swaps_serve(spec, dtype, x_shape, recorded):
     """Whether a channels_first call runs as channels_last between _to_nhwc and _to_nchw: in
     graphs, and eagerly when recorded (the host's own channels_first path transposes x and dy
-    again inside each gradient; an inference call has the same two transposes either way)."""
+    again inside each gradient). Unrecorded eager calls take the host's channels_first forward,
+    which transposes a band of rows at a time in cache."""
     if spec.channels_last or dtype != np.float32 or None in x_shape[1:]:
         return False
     return recorded if tf.executing_eagerly() else _ops_ready()
@@ -433,10 +434,11 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         view = host.recut_shape(spec, g, attrs["max_threads"], g.input_shape_nhwc)
         attrs["view"] = [] if view == g.input_shape_nhwc else [*view[:3], *view[1:3]]
     else:
-        # x and the result transposed inside the op: channels_first inference as one eager
-        # op, not the general path (the variables read as two ops, the host's convolution with
-        # its own two transposes). A/B, eager layer calls: 4x256x28x28 in 32 groups 1.24x,
-        # depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56 1.10x, 4x16x8x8 1.8x
+        # the kernels' channels_first forward inside the op: channels_first inference as one
+        # eager op, not the general path (the variables read as two ops, then the host's
+        # convolution; when the op transposed x and the result whole, A/B, eager layer calls:
+        # 4x256x28x28 in 32 groups 1.24x, depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56
+        # 1.10x, 4x16x8x8 1.8x)
         attrs["nchw"] = True
     attrs.update(oh=g.oh, ow=g.ow, f=g.f)
     taped = dict(attrs, **host.act_attrs(None), nkernel=1, nx=int(not spec.channels_last))
