@@ -221,7 +221,9 @@ absl::Status KernelShapes(InferenceContext* c) {
 // x (N, H, W, C), kernel (KH, KW, C // groups, F), bias (F,) or (0,), scale (F,) or (0,)
 // -> (N, OH, OW, F): act(conv * scale + bias), act one of the kernels' FC_ACT_* (none, a clip to
 // [lo, hi], swish): an inference BatchNormalization and an activation fused into the convolution
-// by the TensorFlow bridge
+// by the TensorFlow bridge. nchw, the kernels' layout bits (ForwardF32): 1, x is (N, C, H, W);
+// 2, y is (N, F, OH, OW) (channels_first in graphs: its rows transposed in cache, a band at a
+// time, not the whole tensors around the op)
 REGISTER_OP("FastconvForward")
     .Input("x: float")
     .Input("kernel: float")
@@ -229,7 +231,13 @@ REGISTER_OP("FastconvForward")
     .Input("scale: float")
     .Output("y: float")
     .FASTCONV_FORWARD_ATTRS
-    .SetShapeFn([](InferenceContext* c) { return ShapeFromAttrs(c, 0, "oh", "ow", "f"); });
+    .Attr("nchw: int = 0")
+    .SetShapeFn([](InferenceContext* c) {
+      int64_t nchw;
+      TF_RETURN_IF_ERROR(c->GetAttr("nchw", &nchw));
+      return (nchw & 2) ? ShapeFromAttrs(c, 0, "f", "oh", "ow")
+                        : ShapeFromAttrs(c, 0, "oh", "ow", "f");
+    });
 
 // FastconvForward on the layer's variables themselves, for eager inference calls: each eager op
 // here cost 30-60 us, and 100-150 us after a large layer's kernel had pushed TensorFlow's code
@@ -268,7 +276,8 @@ REGISTER_OP("FastconvForwardVariables")
       return absl::OkStatus();
     });
 
-// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C)
+// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C), or
+// with nchw (N, C, H, W), its rows transposed in cache by the kernels
 REGISTER_OP("FastconvGradInput")
     .Input("dy: float")
     .Input("wt: float")
@@ -277,7 +286,12 @@ REGISTER_OP("FastconvGradInput")
     .Attr("h: int")
     .Attr("w: int")
     .Attr("c: int")
-    .SetShapeFn([](InferenceContext* c) { return ShapeFromAttrs(c, 0, "h", "w", "c"); });
+    .Attr("nchw: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      bool nchw;
+      TF_RETURN_IF_ERROR(c->GetAttr("nchw", &nchw));
+      return nchw ? ShapeFromAttrs(c, 0, "c", "h", "w") : ShapeFromAttrs(c, 0, "h", "w", "c");
+    });
 
 // x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F)
 REGISTER_OP("FastconvGradKernel")
@@ -372,7 +386,7 @@ class ForwardBase : public OpKernel {
     });
   }
 
-  // nchw: 0, 2 (out (n, f, oh, ow)) or 3 (x (n, c, h, w) too) (see ForwardF32)
+  // nchw: ForwardF32's layout bits (1: x (n, c, h, w), 2: out (n, f, oh, ow))
   int Kernel(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, const float* k,
              int64_t kh, int64_t kw, float* out, int64_t oh, int64_t ow, const float* bias,
              const float* scale, int nchw = 0) {
@@ -390,18 +404,38 @@ class ForwardBase : public OpKernel {
 
 class Forward : public ForwardBase {
  public:
-  explicit Forward(OpKernelConstruction* ctx) : ForwardBase(ctx) {}
+  explicit Forward(OpKernelConstruction* ctx) : ForwardBase(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nchw", &nchw_));
+    OP_REQUIRES(ctx, nchw_ >= 0 && nchw_ <= 3,
+                absl::InvalidArgumentError("fastconv: nchw takes 0 to 3"));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::forward_f32))) return;
     fastconv::calls++;
+    const Tensor& x = ctx->input(0);
     const Tensor& k = ctx->input(1);
     const Tensor& bias = ctx->input(2);
     const Tensor& scale = ctx->input(3);
-    Run(ctx, ctx->input(0), nullptr, k.flat<float>().data(), k.dim_size(0), k.dim_size(1),
-        bias.NumElements() ? bias.flat<float>().data() : nullptr,
-        scale.NumElements() ? scale.flat<float>().data() : nullptr);
+    const float* bp = bias.NumElements() ? bias.flat<float>().data() : nullptr;
+    const float* sp = scale.NumElements() ? scale.flat<float>().data() : nullptr;
+    if (nchw_ == 0) {
+      Run(ctx, x, nullptr, k.flat<float>().data(), k.dim_size(0), k.dim_size(1), bp, sp);
+      return;
+    }
+    const bool xc = nchw_ & 1;
+    const int64_t n = x.dim_size(0), c = x.dim_size(xc ? 1 : 3), h = x.dim_size(xc ? 2 : 1),
+                  w = x.dim_size(xc ? 3 : 2);
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, Output(ctx, 0, (nchw_ & 2) ? TensorShape({n, f_, oh_, ow_})
+                                                   : TensorShape({n, oh_, ow_, f_}), &out));
+    Call(ctx, [&] { return Kernel(x.flat<float>().data(), n, h, w, c, k.flat<float>().data(),
+                                  k.dim_size(0), k.dim_size(1), out->flat<float>().data(), oh_,
+                                  ow_, bp, sp, static_cast<int>(nchw_)); });
   }
+
+ private:
+  int64_t nchw_;
 };
 
 // Variable `input` of the op, read-locked for as long as this lives.
@@ -490,6 +524,7 @@ class GradInput : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("h", &h_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("w", &w_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("c", &c_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nchw", &nchw_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -497,19 +532,22 @@ class GradInput : public OpKernel {
     fastconv::calls++;
     const Tensor& dy = ctx->input(0);
     const Tensor& wt = ctx->input(1);
+    const int64_t n = dy.dim_size(0);
     Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({dy.dim_size(0), h_, w_, c_}), &dx));
+    OP_REQUIRES_OK(ctx, Output(ctx, 0, nchw_ ? TensorShape({n, c_, h_, w_})
+                                             : TensorShape({n, h_, w_, c_}), &dx));
     Call(ctx, [&] { return fastconv::grad_input_f32(
                   dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2), dy.dim_size(3),
                   wt.flat<float>().data(), wt.dim_size(0), wt.dim_size(1), wt.dim_size(2),
                   dx->flat<float>().data(), dy.dim_size(0), h_, w_, c_, g_.sh, g_.sw, g_.dh,
                   g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads),
-                  0); });
+                  nchw_ ? 1 : 0); });
   }
 
  private:
   Geometry g_;
   int64_t h_, w_, c_;
+  bool nchw_;
 };
 
 // FastconvGradKernel, or with kBias FastconvGradKernelBias

@@ -637,18 +637,26 @@ def _channels_first_step(case, seed):
 @only_tf
 @pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
 def test_tf_function_channels_first_transposed_once_each(case):
-    # channels_first in a graph: the channels_last ops between fastconv's transpose ops, x
-    # transposed once (its NHWC copy serves the forward and grad_kernel), dy once for both
-    # gradients, the result and dx once each
+    # channels_first in a graph: inference is one FastconvForward op (the kernels' channels_first
+    # forward, no whole transposes); differentiated, fastconv's transpose ops turn x into NHWC
+    # once (its copy serves the forward and grad_kernel) and dy once for both gradients; the
+    # result and dx are written NCHW by the ops, a band at a time (dx on space-to-depth blocks
+    # transposed once)
+    from fastconv.backends import numpy as host
+
     if _tf_ops() is None:
         pytest.skip("fastconv._tf_ops was not built")
     x, k, b, conv, loss, expected, refs = _channels_first_step(case, 18)
+    spec = ConvSpec.make(case[2], case[3], "channels_first", case[4])
+    blocked = host._blocks_unless(spec.nhwc, spec.geometry(x.shape, k.shape), np.float32,
+                                  fastconv._dispatch.kernels.grad_input_gemm) is not None
     bias = None if b is None else tf.constant(b)
     for batch in (x.shape[0], None):
         signature = [tf.TensorSpec((batch, *x.shape[1:])), tf.TensorSpec(k.shape)]
         forward = tf.function(lambda x, k: conv(x, k, bias), input_signature=signature)
         ops = forward.get_concrete_function().graph.get_operations()
-        assert sum(op.type == "FastconvTranspose" for op in ops) == 2
+        assert sum(op.type == "FastconvTranspose" for op in ops) == 0
+        assert [op.get_attr("nchw") for op in ops if op.type == "FastconvForward"] == [3]
         reference.assert_close(forward(x, k).numpy(), expected, 1e-4)
 
         @tf.function(input_signature=signature)
@@ -665,9 +673,52 @@ def test_tf_function_channels_first_transposed_once_each(case):
         # case)
         swaps = [op for op in ops if op.type == "FastconvTranspose"]
         samples = [op for op in swaps if op.inputs[0].shape[0] in (batch, None)]
-        assert (len(samples), len(swaps) - len(samples)) == (4, 1)
+        assert (len(samples), len(swaps) - len(samples)) == (2 + blocked, 1)
         for value, ref, name in zip(grads(x, k), refs, ("dx", "dk", "db")):
             reference.assert_close(value.numpy(), ref, 1e-4, name)
+
+
+@only_tf
+@pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
+@pytest.mark.parametrize("activation", [None, "relu6", "swish"])
+def test_tf_traced_channels_first_inference_differentiated(case, activation):
+    # a function traced without a tape (its channels_first convolution one FastconvForward op
+    # with NCHW x and result, the activation fused into it) and differentiated when a tape
+    # watches its call: the op's registered gradient reads NCHW dy and x
+    if _tf_ops() is None:
+        pytest.skip("fastconv._tf_ops was not built")
+    x, k, b, spec, expected, dy = _bridge_problem(case, 23)
+    x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
+    layer = fastconv.Conv2D(k_shape[-1], k_shape[:2], strides=strides, padding=padding,
+                            data_format=data_format, dilation_rate=dilation,
+                            use_bias=with_bias, activation=activation)
+    layer.build(x_shape)
+    layer.set_weights([k, b] if with_bias else [k])
+    forward = tf.function(lambda x: layer(x))
+    ops = forward.get_concrete_function(tf.TensorSpec(x_shape)).graph.get_operations()
+    # (a fused activation's op is a second one: the first, unused, is pruned when it runs)
+    convs = [op for op in ops if op.type == "FastconvForward"]
+    assert [op.get_attr("nchw") for op in convs] == [3] * (1 + (activation is not None))
+    assert (convs[-1].get_attr("act") != 0) == (activation is not None)
+    # the reference: the activation and its derivative applied to the float64 convolution
+    pre = expected.astype(np.float64)
+    if activation == "relu6":
+        want, slope = np.clip(pre, 0, 6), (pre > 0) & (pre < 6)
+    elif activation == "swish":
+        sig = 1 / (1 + np.exp(-pre))
+        want, slope = pre * sig, sig * (1 + pre * (1 - sig))
+    else:
+        want, slope = pre, 1.0
+    refs = _all_gradients_reference(case, x, k, spec, dy * slope)
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = forward(x)
+        value = tf.reduce_sum(y * dy)
+    grads = tape.gradient(value, [x, *layer.trainable_variables])
+    reference.assert_close(y.numpy(), want, 1e-4, "y")
+    for got, ref, name in zip(grads, refs, ("dx", "dk", "db")):
+        reference.assert_close(got.numpy(), ref, 1e-4, name)
 
 
 @only_tf

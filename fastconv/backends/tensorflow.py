@@ -154,13 +154,13 @@ def _load_ops():
 _OPS = _load_ops()
 
 
-def _native_geometry(spec, dtype, x_shape, k_shape):
+def _native_geometry(spec, dtype, x_shape, k_shape, channels_first=False):
     """(g, batch_known) where the native ops serve a call, else None: in a graph, float32,
-    channels_last (channels_first is served as channels_last between _to_nhwc and _to_nchw),
-    known spatial sizes, the ops built and the kernels exporting float32 entry points (which
-    are handed to the ops here). g has batch 1 where the batch is unknown."""
+    channels_last (or with `channels_first` either: only the forward op takes both), known
+    spatial sizes, the ops built and the kernels exporting float32 entry points (which are
+    handed to the ops here). g has batch 1 where the batch is unknown."""
     n, h, w, c = spec.to_nhwc(list(x_shape))
-    if (dtype != np.float32 or not spec.channels_last or None in (h, w, c)
+    if (dtype != np.float32 or not (spec.channels_last or channels_first) or None in (h, w, c)
             or None in list(k_shape) or not _ops_ready()):
         return None
     g = spec.geometry(spec.from_nhwc((1 if n is None else n, h, w, c)), tuple(k_shape))
@@ -210,9 +210,10 @@ def _swap(t, rows, dims, inverse):
     return tf.reshape(out, (-1, *dims))
 
 
-# channels_first runs as the channels_last convolution between these two (each the other's
-# gradient): x is transposed once (its NHWC copy is what the gradient wrt the kernel keeps),
-# dy once for both gradients, the result and dx once each
+# A recorded eager channels_first call runs as the channels_last convolution between these two
+# (each the other's gradient): x is transposed once (its NHWC copy is what the gradient wrt the
+# kernel keeps), dy once for both gradients, the result and dx once each. In graphs the ops
+# write the result and dx NCHW themselves (_conv_nchw).
 def _to_nhwc(t):
     _, c, h, w = t.shape
     return _swap(t, c, (h, w, c), _to_nchw)
@@ -229,13 +230,12 @@ def _swap_grad(op, grad):
 
 
 def _swaps_serve(spec, dtype, x_shape, recorded):
-    """Whether a channels_first call runs as channels_last between _to_nhwc and _to_nchw: in
-    graphs, and eagerly when recorded (the host's own channels_first path transposes x and dy
-    again inside each gradient). Unrecorded eager calls take the host's channels_first forward,
-    which transposes a band of rows at a time in cache."""
-    if spec.channels_last or dtype != np.float32 or None in x_shape[1:]:
-        return False
-    return recorded if tf.executing_eagerly() else _ops_ready()
+    """Whether a channels_first call runs as channels_last between _to_nhwc and _to_nchw:
+    eagerly when recorded (the host's own channels_first gradients would transpose x and dy
+    again, each). Unrecorded eager calls take the host's channels_first forward, which
+    transposes a band of rows at a time in cache; graphs, the ops' (_conv_nchw)."""
+    return (recorded and tf.executing_eagerly() and not spec.channels_last
+            and dtype == np.float32 and None not in x_shape[1:])
 
 
 # Geometry.blocks' arrays built in the graph (the host's helpers with TensorFlow's ops)
@@ -258,32 +258,50 @@ def _recut(spec, g, batch_known, t, shape):
             host.recut_shape(spec, g, threads, shape))
 
 
-def _native_forward(spec, x, k, b, dtype):
-    found = _native_geometry(spec, dtype, x.shape, k.shape)
+def _native_forward(spec, x, k, b, dtype, nchw_out=False):
+    """The forward op on x as `spec` has it (channels_first: the kernels transpose x's rows and
+    the result's in cache, a band at a time); with `nchw_out`, a channels_last x's result
+    (N, F, OH, OW). None where the op does not serve."""
+    found = _native_geometry(spec, dtype, x.shape, k.shape, channels_first=True)
     if found is None:
         return None
     g, known = found
-    xin, (_, oh, ow, f) = _recut(spec, g, known, x, (None, g.oh, g.ow, g.f))
     none = tf.zeros((0,), tf.float32)
-    out = _OPS.ops.fastconv_forward(xin, k, none if b is None else b, none, oh=oh, ow=ow, f=f,
+    b = none if b is None else b
+    nchw = (0 if spec.channels_last else _dispatch.kernels.NCHW_X) | (
+        _dispatch.kernels.NCHW_OUT if nchw_out or not spec.channels_last else 0)
+    if nchw:
+        return _OPS.ops.fastconv_forward(x, k, b, none, oh=g.oh, ow=g.ow, f=g.f, nchw=nchw,
+                                         **_geometry_attrs(spec, g, known))
+    xin, (_, oh, ow, f) = _recut(spec, g, known, x, (None, g.oh, g.ow, g.f))
+    out = _OPS.ops.fastconv_forward(xin, k, b, none, oh=oh, ow=ow, f=f,
                                     **_geometry_attrs(spec, g, known))
     if known and out.shape != g.output_shape_nhwc:
         out = tf.reshape(out, g.output_shape_nhwc)  # undo the re-cut
     return out
 
 
-def _native_grad_input(spec, dy, k, x_shape, dtype):
+def _native_grad_input(spec, dy, k, x_shape, dtype, nchw=False):
+    """The gradient wrt the input of a channels_last call; with `nchw`, as an NCHW dx (written
+    so by the op, a band at a time, where the space-to-depth blocks do not serve). None where
+    the ops do not serve."""
     found = _native_geometry(spec, dtype, x_shape, k.shape)
     if found is None:
         return None
     g, known = found
-    return host.blocked_grad_input(spec, g, dy, k,
-                                   lambda *a: _grad_input_op(*a, known=known), _TF_OPS)
+    if nchw and host._blocks_unless(spec, g, np.float32, _dispatch.kernels.grad_input_gemm) is None:
+        return _grad_input_op(spec, g, dy, k, known, nchw=True)
+    dx = host.blocked_grad_input(spec, g, dy, k,
+                                 lambda *a: _grad_input_op(*a, known=known), _TF_OPS)
+    return _to_nchw(dx) if nchw else dx
 
 
-def _grad_input_op(spec, g, dy, k, known):
-    """The native grad_input on an NHWC dy."""
+def _grad_input_op(spec, g, dy, k, known, nchw=False):
+    """The native grad_input on an NHWC dy; with `nchw`, into an NCHW dx."""
     wt = _regrouped_kernel(g, k)
+    if nchw:
+        return _OPS.ops.fastconv_grad_input(dy, wt, h=g.h, w=g.w, c=g.c, nchw=True,
+                                            **_geometry_attrs(spec, g, known))
     dyin, (_, h, w, c) = _recut(spec, g, known, dy, (None, g.h, g.w, g.c))
     dx = _OPS.ops.fastconv_grad_input(dyin, wt, h=h, w=w, c=c,
                                       **_geometry_attrs(spec, g, known))
@@ -373,6 +391,7 @@ def fused(t, scale=None, shift=None, activation=None):
     op, reshape = source
     x, k, b, s = op.inputs
     attrs = {name: op.get_attr(name) for name in _GEOMETRY_ATTRS + _SIZE_ATTRS}
+    attrs["nchw"] = op.get_attr("nchw")
     if scale is not None:
         # (conv * s + b) * scale + shift, with s and b each possibly absent (0 elements)
         s_new = scale if s.shape[0] == 0 else s * scale
@@ -574,9 +593,10 @@ def _taped_grad_kernel(x_host, dy_host, spec, kernel_shape, variable_shape, bias
     return [_tensor(dk.reshape(variable_shape)), *map(_tensor, db)]
 
 
-def _fused_geometry(op):
-    """The Geometry of a FastconvForward op, from its inputs' shapes and its attributes."""
-    n, h, w, c = op.inputs[0].shape
+def _fused_geometry(op, x_nhwc):
+    """The Geometry of a FastconvForward op, from its NHWC input, its kernel's shape and its
+    attributes."""
+    n, h, w, c = x_nhwc.shape
     kh, kw, cin_g, f = op.inputs[1].shape
     return Geometry(n, h, w, c, kh, kw, cin_g, f, op.get_attr("groups"), op.get_attr("oh"),
                     op.get_attr("ow"), op.get_attr("pad_top"), op.get_attr("pad_left"))
@@ -586,28 +606,36 @@ def _fused_geometry(op):
 def _forward_grad(op, dy):
     """The gradient of a FastconvForward op with its epilogue (`fused`), for symbolic
     gradients of a graph that holds one (tf.gradients, or a tape around a tf.function call).
-    Unfused convolutions get theirs from conv's tf.custom_gradient."""
+    Unfused convolutions get theirs from conv's tf.custom_gradient; so does a traced inference
+    call (unrecorded) when a tape differentiates its function later."""
     x, k, b, s = op.inputs
     geometry = {name: op.get_attr(name) for name in _GEOMETRY_ATTRS}
     sizes = {name: op.get_attr(name) for name in _SIZE_ATTRS}
+    nchw = op.get_attr("nchw")
     none = tf.zeros((0,), tf.float32)
     act = op.get_attr("act")
     if act == _dispatch.kernels.ACT_CLIP:
         y = op.outputs[0]
         dy = tf.where((y > op.get_attr("lo")) & (y < op.get_attr("hi")), dy, tf.zeros_like(dy))
     elif act == _dispatch.kernels.ACT_SWISH:
-        u = _OPS.ops.fastconv_forward(x, k, b, s, **sizes, **geometry)  # before the swish
+        u = _OPS.ops.fastconv_forward(x, k, b, s, nchw=nchw, **sizes, **geometry)  # pre-swish
         sig = tf.sigmoid(u)
         dy = dy * (sig * (1 + u * (1 - sig)))
+    # channels_first: the gradients read NHWC copies of dy and x and write dx NCHW
+    if nchw & _dispatch.kernels.NCHW_OUT:
+        dy = _to_nhwc(dy)
+    x_nchw = bool(nchw & _dispatch.kernels.NCHW_X)
+    if x_nchw:
+        x = _to_nhwc(x)
     db = none if b.shape[0] == 0 else tf.reduce_sum(dy, axis=(0, 1, 2))
     ds = none
     if s.shape[0] != 0:
         z = _OPS.ops.fastconv_forward(x, k, none, none, **sizes, **geometry)
         ds = tf.reduce_sum(dy * z, axis=(0, 1, 2))
         dy = dy * s
-    g = _fused_geometry(op)
+    g = _fused_geometry(op, x)
     dx = _OPS.ops.fastconv_grad_input(dy, _regrouped_kernel(g, k), h=g.h, w=g.w, c=g.c,
-                                      **geometry)
+                                      nchw=x_nchw, **geometry)
     dk = _OPS.ops.fastconv_grad_kernel(x, dy, kernel_shape=list(g.kernel_shape), **geometry)
     return [dx, dk, db, ds]
 
@@ -687,6 +715,10 @@ def conv(x, k, b, spec, result):
 
     args = [_cast(x, dtype), _cast(k, dtype)] + ([] if b is None else [_cast(b, dtype)])
     recorded = _recorded(args)
+    if (recorded and not spec.channels_last and not tf.executing_eagerly()
+            and _native_geometry(spec.nhwc, dtype, spec.to_nhwc(x.shape.as_list()),
+                                 k.shape) is not None):
+        return _cast(_conv_nchw(spec, dtype, *args), result)
     if _swaps_serve(spec, dtype, x.shape.as_list(), recorded):
         y = conv(_to_nhwc(args[0]), args[1], None if b is None else args[2], spec.nhwc,
                  "float32")
@@ -708,6 +740,41 @@ def conv(x, k, b, spec, result):
         return _cast(out, result)
     # decorated per call (the gradient needs this call's spec)
     return _cast(tf.custom_gradient(_conv)(*args), result)
+
+
+def _conv_nchw(spec, dtype, x, k, *b):
+    """A channels_first call in a graph where the ops serve. Under a tape, x is transposed
+    once, into the NHWC copy the gradient wrt the kernel reads, which the forward reads too,
+    writing the result NCHW a band at a time; dy is transposed once for both gradients; dx is
+    written NCHW by its op (unless on space-to-depth blocks). Around the channels_last
+    convolution (_to_nhwc, _to_nchw) the result and dx were transposed whole too. With no tape
+    (inference; a graph differentiated only later, as a tf.function called under a tape), the
+    forward reads x NCHW too, a band at a time, and the gradient transposes x itself."""
+    nhwc = spec.nhwc
+    taped = PossibleTapeGradientTypes([x, k, *b]) != 0
+
+    def _conv(x, k, *b):
+        bias = b[0] if b else None
+        if taped:
+            x_nhwc = _to_nhwc(x)
+            y = _native_forward(nhwc, x_nhwc, k, bias, dtype, nchw_out=True)
+        else:
+            x_nhwc, y = None, _native_forward(spec, x, k, bias, dtype)
+
+        def gradients(dy):
+            _dispatch.wake()
+            xt = _to_nhwc(x) if x_nhwc is None else x_nhwc
+            dy_nhwc = _to_nhwc(dy)
+            dx = _first_order_only(lambda g, w: _native_grad_input(
+                nhwc, g, w, xt.shape, dtype, nchw=True), [dy_nhwc, k])
+            # (the bias gradient from the dy that grad_kernel reads anyway)
+            dk = _first_order_only(lambda a, g: _native_grad_kernel(
+                nhwc, a, g, k.shape, dtype, bias=bool(b)), [xt, dy_nhwc])
+            return [dx, *(dk if b else (dk,))]
+
+        return y, gradients
+
+    return tf.custom_gradient(_conv)(x, k, *b)
 
 
 def _cast(t, dtype):
