@@ -4473,9 +4473,57 @@ cdef extern from *:
       #define FC_TR8_OK 0
       static inline void fc_tr8(const float* s, ptrdiff_t ss, float* d, ptrdiff_t ds) {}
     #endif
+    /* A 16 x 16 float block (AVX-512): two rounds of in-lane shuffles, two of two-source lane
+       permutes, 64 for 256 floats where fc_tr8 takes 96. Warm, one thread, AVX-512 Xeon,
+       32 x 32 tiles: 256 x 256 16.5 -> 11.7 us, 256 x 768 72 -> 58, 768 x 256 49 -> 44,
+       1024 x 768 553 -> 361 (memcpy 7.6, 29, 25, 257). */
+    #if defined(__GNUC__) && defined(__AVX512F__)
+      #include <immintrin.h>
+      #define FC_TR16_OK 1
+      static inline void fc_tr16(const float* s, ptrdiff_t ss, float* d, ptrdiff_t ds) {
+          __m512 r[16], t[16];
+          for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(s + i * ss);
+          for (int i = 0; i < 16; i += 2) {
+              t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+              t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+          }
+          /* r[4b + m], 128-bit lane L: column 4L + m of rows 4b .. 4b + 3 */
+          for (int i = 0; i < 16; i += 4) {
+              r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+              r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+              r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+              r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+          }
+          const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19,
+                                               4, 5, 6, 7, 20, 21, 22, 23);
+          const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27,
+                                               12, 13, 14, 15, 28, 29, 30, 31);
+          for (int m = 0; m < 4; m++) {
+              t[m] = _mm512_permutex2var_ps(r[m], i0, r[4 + m]);
+              t[4 + m] = _mm512_permutex2var_ps(r[m], i1, r[4 + m]);
+              t[8 + m] = _mm512_permutex2var_ps(r[8 + m], i0, r[12 + m]);
+              t[12 + m] = _mm512_permutex2var_ps(r[8 + m], i1, r[12 + m]);
+          }
+          const __m512i j0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7,
+                                               16, 17, 18, 19, 20, 21, 22, 23);
+          const __m512i j1 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15,
+                                               24, 25, 26, 27, 28, 29, 30, 31);
+          for (int m = 0; m < 4; m++) {
+              _mm512_storeu_ps(d + m * ds, _mm512_permutex2var_ps(t[m], j0, t[8 + m]));
+              _mm512_storeu_ps(d + (4 + m) * ds, _mm512_permutex2var_ps(t[m], j1, t[8 + m]));
+              _mm512_storeu_ps(d + (8 + m) * ds, _mm512_permutex2var_ps(t[4 + m], j0, t[12 + m]));
+              _mm512_storeu_ps(d + (12 + m) * ds, _mm512_permutex2var_ps(t[4 + m], j1, t[12 + m]));
+          }
+      }
+    #else
+      #define FC_TR16_OK 0
+      static inline void fc_tr16(const float* s, ptrdiff_t ss, float* d, ptrdiff_t ds) {}
+    #endif
     """
     bint FC_TR8_OK
+    bint FC_TR16_OK
     void fc_tr8(const float* s, Py_ssize_t ss, float* d, Py_ssize_t ds) noexcept nogil
+    void fc_tr16(const float* s, Py_ssize_t ss, float* d, Py_ssize_t ds) noexcept nogil
     void __builtin_prefetch(const void* p, int rw, int locality) noexcept nogil
 
 
@@ -4561,7 +4609,25 @@ cdef void _tr2d(const floating* s, Py_ssize_t A, Py_ssize_t B, Py_ssize_t ss, fl
 
 cdef inline void _tr_tile(const floating* s, Py_ssize_t A, Py_ssize_t B, Py_ssize_t ss,
                           floating* d, Py_ssize_t ds) noexcept nogil:
-    # one tile (A, B <= 32) of _tr2d
+    # one tile (A, B <= 32) of _tr2d: whole 16 x 16 blocks where the build has fc_tr16, the
+    # rest (two strips) by _tr_part
+    cdef Py_ssize_t i, j, ib, jb
+    if floating is float and FC_TR16_OK:
+        ib = A // 16 * 16
+        jb = B // 16 * 16
+        for i in range(0, ib, 16):
+            for j in range(0, jb, 16):
+                fc_tr16(s + i * ss + j, ss, d + j * ds + i, ds)
+        if jb < B:
+            _tr_part(s + jb, ib, B - jb, ss, d + jb * ds, ds)
+        if ib < A:
+            _tr_part(s + ib * ss, A - ib, B, ss, d + ib, ds)
+        return
+    _tr_part(s, A, B, ss, d, ds)
+
+
+cdef inline void _tr_part(const floating* s, Py_ssize_t A, Py_ssize_t B, Py_ssize_t ss,
+                          floating* d, Py_ssize_t ds) noexcept nogil:
     cdef Py_ssize_t i, j, ib = 0, jb = 0
     if floating is float and FC_TR8_OK:
         # whole 8 x 8 blocks in registers, the rest of the tile (an L) element by element
