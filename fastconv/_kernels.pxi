@@ -631,6 +631,22 @@ cdef extern from *:
 
     /* GEMM tile: out[p*ops + v] = (out[p*ops + v] if accumulate) +
            sum_s sum_{k < len[s]} A[aoff[s] + p*aps + k*ak] * B[boff[s] + k*ldb + v]. */
+    #define FC_GEMM_SEGMENTS(T, P, APS) \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict a = A + aoff[s]; \
+            const T* __restrict b = B + boff[s]; \
+            const ptrdiff_t L = len[s]; \
+            for (ptrdiff_t k = 0; k < L; k++) { \
+                vec bv[NV]; \
+                for (int j = 0; j < NV; j++) FC_LOAD(bv[j], b + j * VW); \
+                for (int p = 0; p < P; p++) { \
+                    const T av = a[p * (APS)]; \
+                    for (int j = 0; j < NV; j++) acc[p][j] += av * bv[j]; \
+                } \
+                a += ak; \
+                b += ldb; \
+            } \
+        }
     #define FC_GEMM(T, SUF, P, V) \
     static void fc_gemm_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, ptrdiff_t ak, \
             const T* __restrict B, ptrdiff_t ldb, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
@@ -640,21 +656,11 @@ cdef extern from *:
         vec acc[P][NV]; \
         FC_UNROLL for (int p = 0; p < P; p++) FC_UNROLL for (int j = 0; j < NV; j++) \
             FC_ZERO(acc[p][j]); \
-        for (int s = 0; s < nseg; s++) { \
-            const T* __restrict a = A + aoff[s]; \
-            const T* __restrict b = B + boff[s]; \
-            const ptrdiff_t L = len[s]; \
-            for (ptrdiff_t k = 0; k < L; k++) { \
-                vec bv[NV]; \
-                for (int j = 0; j < NV; j++) FC_LOAD(bv[j], b + j * VW); \
-                for (int p = 0; p < P; p++) { \
-                    const T av = a[p * aps]; \
-                    for (int j = 0; j < NV; j++) acc[p][j] += av * bv[j]; \
-                } \
-                a += ak; \
-                b += ldb; \
-            } \
-        } \
+        /* unit aps (grad_kernel's rows: channels of one pixel) a loop of its own: the P \
+           elements then sit at constant offsets, not at P offsets in registers, which left \
+           gcc spilling to the stack inside the loop */ \
+        if (aps == 1) FC_GEMM_SEGMENTS(T, P, 1) \
+        else FC_GEMM_SEGMENTS(T, P, aps) \
         /* out is added at the end, not loaded first: starting from the loaded (or zeroed) \
            block, gcc kept it in memory and cleared it with `rep stos` (11% of grouped32's \
            forward in a profile) */ \
