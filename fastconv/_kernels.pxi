@@ -3080,7 +3080,11 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             xp = xt
         if yt != NULL:
             out_nchw, op = op, yt
-    if (groups == 1 and C > 1 and OW <= fc_pad_columns_ow
+    # (grouped too, but depthwise rows clip their own windows; the pair and quad tiles of 8 or
+    # 4 channels a group lost more to the copy than their border tiles cost, unless the rows
+    # are padded as a band's scratch is filled: see PAD_COLUMNS_OW)
+    if (C > 1 and not (cin_g == 1 and cg == 1) and OW <= fc_pad_columns_ow
+            and (wpk == NULL or (bands and nchw & FC_NCHW_X))
             and _pad_pays(OW, W, KW, sw, dw, pad_left)):
         Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)
         if bands and nchw & FC_NCHW_X:
@@ -3842,7 +3846,9 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
             nb = _cdiv(C, ldw)
     # short rows with border pixels: dy's columns zero-padded, as x's in _forward (every
     # phase one run of all its taps): lp zero pixels before each dy row, OWp pixels a row
-    if (groups == 1 and wred == NULL and F > 1 and W <= fc_pad_columns_ow
+    # (grouped too, on the general tiles, as in _forward)
+    if ((groups == 1 or (wpk == NULL and not (cout_g == 1 and C == groups)))
+            and wred == NULL and F > 1 and W <= fc_pad_columns_ow
             and _pad_pays(OW, W, KW, sw, dw, pad_left)):
         lp = _max(0, _cdiv((KW - 1) * dw - pad_left, sw))
         OWp = lp + _max(OW, (W - 1 + pad_left) // sw + 1)
