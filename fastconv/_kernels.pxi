@@ -2066,7 +2066,8 @@ cdef Py_ssize_t fc_block_major_bytes = BLOCK_MAJOR_BYTES
 
 # Dense rows of at most this many pixels (forward: output pixels, grad_input: input pixels)
 # with border windows run on a copy of the input (dy) with zero-padded columns, so that every
-# row is one run of whole windows (_pad_columns). Unpadded, each border pixel was a tile of its
+# row is one run of whole windows (_pad_columns); so do grouped ones on the general tiles
+# (see _forward, _grad_input). Unpadded, each border pixel was a tile of its
 # own: 1 pixel x 64 channels, a weight row read for 4 FMAs (L2-bound). A/B, AVX-512 Xeon, 2
 # threads, with the narrower tiles of _narrow, forward / grad_input: 3x3 512 -> 512 on
 # 8x7x7 1.25x / 1.01x, on 1x7x7 1.15x / 1.07x; 3x3 128 on 8x28x28 1.15x / 1.16x, on 8x14x14
@@ -2079,7 +2080,8 @@ cdef Py_ssize_t fc_pad_columns_ow = PAD_COLUMNS_OW
 
 
 def set_pad_columns_ow(Py_ssize_t n):
-    """Dense rows of at most n pixels run on zero-padded columns (_forward, _grad_input)."""
+    """Rows of at most n pixels (dense, or grouped on the general tiles) run on zero-padded
+    columns (_forward, _grad_input)."""
     global fc_pad_columns_ow
     fc_pad_columns_ow = n
 
