@@ -367,15 +367,14 @@ class ForwardBase : public OpKernel {
   // kernels' transpose into it and the forward on that copy, into the NCHW result
   void RunNCHW(OpKernelContext* ctx, const Tensor& x, const float* k, int64_t kh, int64_t kw,
                const float* bias, int x_output = -1) {
+    if (x_output < 0) {
+      RunLayouts(ctx, x, k, kh, kw, bias, nullptr, 3);
+      return;
+    }
     const int64_t n = x.dim_size(0), c = x.dim_size(1), h = x.dim_size(2), w = x.dim_size(3);
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, 0, TensorShape({n, f_, oh_, ow_}), &out));
     float* op = out->flat<float>().data();
-    if (x_output < 0) {
-      Call(ctx, [&] { return Kernel(x.flat<float>().data(), n, h, w, c, k, kh, kw, op, oh_, ow_,
-                                    bias, nullptr, 3); });
-      return;
-    }
     Tensor* kept = nullptr;
     OP_REQUIRES_OK(ctx, Output(ctx, x_output, TensorShape({n, h, w, c}), &kept));
     float* xp = kept->flat<float>().data();
@@ -384,6 +383,20 @@ class ForwardBase : public OpKernel {
       const int r = fastconv::transpose_f32(x.flat<float>().data(), n, c, h * w, xp, threads);
       return r != 0 ? r : Kernel(xp, n, h, w, c, k, kh, kw, op, oh_, ow_, bias, nullptr, 2);
     });
+  }
+
+  // out from x, each in the layout ForwardF32's bits `nchw` give it (1: x (N, C, H, W), 2: out
+  // (N, F, OH, OW), else NHWC); the kernel's floats in (kh, kw, C // groups, f) order
+  void RunLayouts(OpKernelContext* ctx, const Tensor& x, const float* k, int64_t kh, int64_t kw,
+                  const float* bias, const float* scale, int nchw) {
+    const bool xc = nchw & 1;
+    const int64_t n = x.dim_size(0), c = x.dim_size(xc ? 1 : 3), h = x.dim_size(xc ? 2 : 1),
+                  w = x.dim_size(xc ? 3 : 2);
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, Output(ctx, 0, (nchw & 2) ? TensorShape({n, f_, oh_, ow_})
+                                                  : TensorShape({n, oh_, ow_, f_}), &out));
+    Call(ctx, [&] { return Kernel(x.flat<float>().data(), n, h, w, c, k, kh, kw,
+                                  out->flat<float>().data(), oh_, ow_, bias, scale, nchw); });
   }
 
   // nchw: ForwardF32's layout bits (1: x (n, c, h, w), 2: out (n, f, oh, ow))
@@ -419,19 +432,11 @@ class Forward : public ForwardBase {
     const Tensor& scale = ctx->input(3);
     const float* bp = bias.NumElements() ? bias.flat<float>().data() : nullptr;
     const float* sp = scale.NumElements() ? scale.flat<float>().data() : nullptr;
-    if (nchw_ == 0) {
+    if (nchw_ == 0)
       Run(ctx, x, nullptr, k.flat<float>().data(), k.dim_size(0), k.dim_size(1), bp, sp);
-      return;
-    }
-    const bool xc = nchw_ & 1;
-    const int64_t n = x.dim_size(0), c = x.dim_size(xc ? 1 : 3), h = x.dim_size(xc ? 2 : 1),
-                  w = x.dim_size(xc ? 3 : 2);
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, Output(ctx, 0, (nchw_ & 2) ? TensorShape({n, f_, oh_, ow_})
-                                                   : TensorShape({n, oh_, ow_, f_}), &out));
-    Call(ctx, [&] { return Kernel(x.flat<float>().data(), n, h, w, c, k.flat<float>().data(),
-                                  k.dim_size(0), k.dim_size(1), out->flat<float>().data(), oh_,
-                                  ow_, bp, sp, static_cast<int>(nchw_)); });
+    else
+      RunLayouts(ctx, x, k.flat<float>().data(), k.dim_size(0), k.dim_size(1), bp, sp,
+                 static_cast<int>(nchw_));
   }
 
  private:

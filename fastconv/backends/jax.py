@@ -162,12 +162,9 @@ def _ffi_grad_input(spec, dy, k, x_shape, dtype, nchw=False):
     if not _ffi_ready(dtype, spec):
         return None
     g = spec.geometry(x_shape, k.shape)
-    kernels = _dispatch.kernels
-    if nchw and host._blocks_unless(spec, g, np.float32, kernels.grad_input_gemm) is None:
-        return _grad_input_call(spec, g, dy, k, dtype, nchw)  # (written NCHW by the kernels)
-    dx = host.blocked_grad_input(spec, g, dy, k, lambda *a: _grad_input_call(*a, dtype),
-                                 _JNP_OPS)
-    return _to_nchw(dx) if nchw else dx
+    return host.blocked_grad_input(spec, g, dy, k,
+                                   lambda *a, **kw: _grad_input_call(*a, dtype, **kw), _JNP_OPS,
+                                   _to_nchw if nchw else None)
 
 
 def _grad_input_call(spec, g, dy, k, dtype, nchw=False):

@@ -316,15 +316,18 @@ def _blocks_unless(spec, g, dtype, direct):
     return blocks
 
 
-def blocked_grad_input(spec, g, dy, k, call, ops):
+def blocked_grad_input(spec, g, dy, k, call, ops, to_nchw=None):
     """The gradient wrt the input for an NHWC dy by `call(spec, g, dy, k)` (a bridge's native
     grad_input on NHWC arrays), on the space-to-depth blocks where Geometry.blocks has them;
-    ops: the caller's pad, reshape and transpose. (float32: the bridges' native ops)"""
+    ops: the caller's pad, reshape and transpose. (float32: the bridges' native ops) With
+    `to_nchw` (the bridge's whole transpose), an NCHW dx: written so by `call(..., nchw=True)`,
+    or on the blocks transposed by to_nchw."""
     blocks = _blocks_unless(spec, g, np.float32, _dispatch.kernels.grad_input_gemm)
     if blocks is None:
-        return call(spec, g, dy, k)
+        return call(spec, g, dy, k, nchw=True) if to_nchw else call(spec, g, dy, k)
     s, gb, _ = blocks
-    return input_from_blocks(call(UNIT, gb, dy, kernel_blocks(k, s, gb, **ops)), s, g, gb, **ops)
+    dx = input_from_blocks(call(UNIT, gb, dy, kernel_blocks(k, s, gb, **ops)), s, g, gb, **ops)
+    return to_nchw(dx) if to_nchw else dx
 
 
 def blocked_grad_kernel(spec, g, x, dy, call, ops, bias=False):

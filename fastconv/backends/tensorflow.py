@@ -289,11 +289,9 @@ def _native_grad_input(spec, dy, k, x_shape, dtype, nchw=False):
     if found is None:
         return None
     g, known = found
-    if nchw and host._blocks_unless(spec, g, np.float32, _dispatch.kernels.grad_input_gemm) is None:
-        return _grad_input_op(spec, g, dy, k, known, nchw=True)
-    dx = host.blocked_grad_input(spec, g, dy, k,
-                                 lambda *a: _grad_input_op(*a, known=known), _TF_OPS)
-    return _to_nchw(dx) if nchw else dx
+    return host.blocked_grad_input(spec, g, dy, k,
+                                   lambda *a, **kw: _grad_input_op(*a, known=known, **kw),
+                                   _TF_OPS, _to_nchw if nchw else None)
 
 
 def _grad_input_op(spec, g, dy, k, known, nchw=False):
@@ -716,8 +714,7 @@ def conv(x, k, b, spec, result):
     args = [_cast(x, dtype), _cast(k, dtype)] + ([] if b is None else [_cast(b, dtype)])
     recorded = _recorded(args)
     if (recorded and not spec.channels_last and not tf.executing_eagerly()
-            and _native_geometry(spec.nhwc, dtype, spec.to_nhwc(x.shape.as_list()),
-                                 k.shape) is not None):
+            and _native_geometry(spec, dtype, x.shape, k.shape, channels_first=True) is not None):
         return _cast(_conv_nchw(spec, dtype, *args), result)
     if _swaps_serve(spec, dtype, x.shape.as_list(), recorded):
         y = conv(_to_nhwc(args[0]), args[1], None if b is None else args[2], spec.nhwc,
