@@ -924,6 +924,17 @@ cdef extern from *:
        1.13; grad_input (wflip) 1.14-1.84x faster. P = 3 beat 2, 4, 5, 6 at stride 1, P = 1 beat
        2 and 3 at stride 2 (fewer live registers: 16 with AVX2). xr[h] as for fc_dwrow, or NULL
        for a row outside the image. */
+    /* Pixels a fc_dwpix tile (P), at stride 1 and 2. With 32 registers 4 at stride 1 (A/B,
+       AVX-512 Xeon, 2 threads, forward over P = 3: 8x112x112x32 0.76-0.90x the time,
+       1x28x28x128 0.80-0.97x, 8x14x14x576 0.86-0.98x, 4x56x56x128 0.92-0.95x, 8x56x56x144
+       0.96-0.99x; grad_input 0.85-1.01x; P = 5 and 6 alike, 6 slower on 8x56x56x144; stride 2
+       kept 1: 2 and 3 were 1.02-1.07x). */
+    #ifndef FC_DWPIX_P1
+      #define FC_DWPIX_P1 (FC_NREG == 32 ? 4 : 3)
+    #endif
+    #ifndef FC_DWPIX_P2
+      #define FC_DWPIX_P2 1
+    #endif
     #define FC_DWPIX_TILE(T, S, P) \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
                     vec acc[P], t[P], xin[S * (P - 1) + 3], k, b; \
@@ -949,7 +960,7 @@ cdef extern from *:
                     } \
                 }
     #define FC_DWPIX(T, SUF, S, P) \
-    static void fc_dwpix_##SUF##_##S##_##P(const T* const* xr, const ptrdiff_t* xs, \
+    static void fc_dwpix_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict w, const T* __restrict bias, ptrdiff_t F, ptrdiff_t Fv, \
             ptrdiff_t W, ptrdiff_t pad, T* __restrict out, ptrdiff_t o0, ptrdiff_t o1) \
     { \
@@ -1860,12 +1871,12 @@ cdef extern from *:
             T* out, ptrdiff_t o0, ptrdiff_t o1) { \
         fc_dwrow_table_##SUF[S - 1][fc_log2(V)](xr, xs, w, bias, F, OW, W, pad, out, o0, o1); \
     } \
-    FC_DWPIX(T, SUF, 1, 3) FC_DWPIX(T, SUF, 2, 1) \
+    FC_DWPIX(T, SUF, 1, FC_DWPIX_P1) FC_DWPIX(T, SUF, 2, FC_DWPIX_P2) \
     static inline void fc_dwpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* w, const T* bias, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, \
             T* out, ptrdiff_t o0, ptrdiff_t o1) { \
-        (S == 1 ? fc_dwpix_##SUF##_1_3 : fc_dwpix_##SUF##_2_1)(xr, xs, w, bias, F, Fv, W, pad, \
-                                                               out, o0, o1); \
+        (S == 1 ? fc_dwpix_##SUF##_1 : fc_dwpix_##SUF##_2)(xr, xs, w, bias, F, Fv, W, pad, \
+                                                           out, o0, o1); \
     } \
     FC_DWKPIX(T, SUF, 1, 4) FC_DWKPIX(T, SUF, 2, 2) \
     static inline void fc_dwkpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
