@@ -1066,24 +1066,28 @@ cdef extern from *:
     }
 
     /* The input gradient of a depthwise 3x3 kernel with stride 2 and unit dilation along w, one
-       whole input row for V channels: dyr[h] points at dy[n, oh_h, 0, c0] (pixel stride ds[h]),
-       wr[h] at the kernel row kh_h of the taps into this row (tap stride wst[h]); a row without
-       taps is zeros with strides 0. Input pixel iw (t = iw + pad) reads dy pixel (t - k) / 2 at
-       kernel column k where t - k is even: t = 2m takes dy[m] and dy[m - 1], t = 2m + 1 dy[m], so
-       each pair of input pixels loads one new dy vector a row. */
-    #define FC_DWROWT(T, SUF, V) \
-    static void fc_dwrowt_##SUF##_##V(const T* const* dyr, const ptrdiff_t* ds, \
+       whole input row for V channels, from the NR dy rows with taps into it (NR = 1 or 2 at
+       vertical stride 2, 3 at 1): dyr[h] points at dy[n, oh_h, 0, c0] (pixel stride ds[h]),
+       wr[h] at the kernel row of the taps into this row (tap stride wst[h]). Input pixel iw
+       (t = iw + pad) reads dy pixel (t - k) / 2 at kernel column k where t - k is even: t = 2m
+       takes dy[m] and dy[m - 1], t = 2m + 1 dy[m], so each pair of input pixels loads one new dy
+       vector a row. (All 3 kernel rows, the missing ones as zero rows, cost 1.5x the loads and
+       multiply-adds at vertical stride 2: half the rows have one.) */
+    #define FC_DWROWT_NR(T, SUF, NR) FC_DWROWT(T, SUF, 1, NR) FC_DWROWT(T, SUF, 2, NR) \
+        FC_DWROWT(T, SUF, 4, NR) FC_DWROWT(T, SUF, 8, NR) FC_DWROWT(T, SUF, 16, NR) \
+        FC_DWROWT(T, SUF, 32, NR)
+    #define FC_DWROWT_ROW(SUF, NR) {fc_dwrowt_##SUF##_1_##NR, fc_dwrowt_##SUF##_2_##NR, \
+        fc_dwrowt_##SUF##_4_##NR, fc_dwrowt_##SUF##_8_##NR, fc_dwrowt_##SUF##_16_##NR, \
+        fc_dwrowt_##SUF##_32_##NR}
+    #define FC_DWROWT(T, SUF, V, NR) \
+    static void fc_dwrowt_##SUF##_##V##_##NR(const T* const* dyr, const ptrdiff_t* ds, \
             const T* const* wr, const ptrdiff_t* wst, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, \
             ptrdiff_t pad, T* __restrict out, ptrdiff_t o0, ptrdiff_t o1) \
     { \
         FC_VEC(T, V) \
-        vec wv[3][3][NV]; \
-        for (int h = 0; h < 3; h++) for (int k = 0; k < 3; k++) for (int j = 0; j < NV; j++) \
+        vec wv[NR][3][NV]; \
+        for (int h = 0; h < NR; h++) for (int k = 0; k < 3; k++) for (int j = 0; j < NV; j++) \
             FC_LOAD(wv[h][k][j], wr[h] + k * wst[h] + j * VW); \
-        const T* __restrict d0 = dyr[0]; \
-        const T* __restrict d1 = dyr[1]; \
-        const T* __restrict d2 = dyr[2]; \
-        const ptrdiff_t s0 = ds[0], s1 = ds[1], s2 = ds[2]; \
         /* [a, b): pairs of pixels (t even, t + 1) with all taps inside dy: t in [2, 2*OW - 1] */ \
         ptrdiff_t a = 2 - pad, b = 2 * OW - pad; \
         if (a < o0) a = o0; \
@@ -1096,23 +1100,26 @@ cdef extern from *:
             if (iw == a && b > a) { \
                 for (int j = 0; j < NV; j++) { \
                     const ptrdiff_t m = (a + pad) / 2; \
-                    const T* __restrict p0 = d0 + m * s0 + j * VW; \
-                    const T* __restrict p1 = d1 + m * s1 + j * VW; \
-                    const T* __restrict p2 = d2 + m * s2 + j * VW; \
+                    const T* __restrict p[NR]; \
+                    vec d0[NR]; \
+                    FC_UNROLL for (int h = 0; h < NR; h++) { \
+                        p[h] = dyr[h] + m * ds[h] + j * VW; \
+                        FC_LOAD(d0[h], p[h] - ds[h]); \
+                    } \
                     T* __restrict q = out + a * F + j * VW; \
-                    vec u0, v0, z0; \
-                    FC_LOAD(u0, p0 - s0); FC_LOAD(v0, p1 - s1); FC_LOAD(z0, p2 - s2); \
                     for (ptrdiff_t i = a; i < b; i += 2) { \
-                        vec u1, v1, z1; \
-                        FC_LOAD(u1, p0); FC_LOAD(v1, p1); FC_LOAD(z1, p2); \
-                        vec e = (u1 * wv[0][0][j] + u0 * wv[0][2][j]) \
-                              + (v1 * wv[1][0][j] + v0 * wv[1][2][j]) \
-                              + (z1 * wv[2][0][j] + z0 * wv[2][2][j]); \
-                        vec o = (u1 * wv[0][1][j] + v1 * wv[1][1][j]) + z1 * wv[2][1][j]; \
+                        vec d1[NR], e, o; \
+                        FC_UNROLL for (int h = 0; h < NR; h++) FC_LOAD(d1[h], p[h]); \
+                        e = d1[0] * wv[0][0][j] + d0[0] * wv[0][2][j]; \
+                        o = d1[0] * wv[0][1][j]; \
+                        FC_UNROLL for (int h = 1; h < NR; h++) { \
+                            e += d1[h] * wv[h][0][j] + d0[h] * wv[h][2][j]; \
+                            o += d1[h] * wv[h][1][j]; \
+                        } \
                         FC_STORE(q, e); \
                         FC_STORE(q + F, o); \
-                        u0 = u1; v0 = v1; z0 = z1; \
-                        p0 += s0; p1 += s1; p2 += s2; q += 2 * F; \
+                        FC_UNROLL for (int h = 0; h < NR; h++) { d0[h] = d1[h]; p[h] += ds[h]; } \
+                        q += 2 * F; \
                     } \
                 } \
                 iw = b; \
@@ -1120,17 +1127,19 @@ cdef extern from *:
             } \
             const ptrdiff_t t = iw + pad; \
             for (int j = 0; j < NV; j++) { \
-                vec r0, r1, r2, v; \
-                FC_ZERO(r0); FC_ZERO(r1); FC_ZERO(r2); \
+                vec r[NR], v; \
+                FC_UNROLL for (int h = 0; h < NR; h++) FC_ZERO(r[h]); \
                 for (int k = 0; k < 3; k++) { \
                     if (t - k < 0 || ((t - k) & 1)) continue; \
                     const ptrdiff_t ow = (t - k) / 2; \
                     if (ow >= OW) continue; \
-                    FC_LOAD(v, d0 + ow * s0 + j * VW); r0 += v * wv[0][k][j]; \
-                    FC_LOAD(v, d1 + ow * s1 + j * VW); r1 += v * wv[1][k][j]; \
-                    FC_LOAD(v, d2 + ow * s2 + j * VW); r2 += v * wv[2][k][j]; \
+                    FC_UNROLL for (int h = 0; h < NR; h++) { \
+                        FC_LOAD(v, dyr[h] + ow * ds[h] + j * VW); \
+                        r[h] += v * wv[h][k][j]; \
+                    } \
                 } \
-                v = (r0 + r1) + r2; \
+                v = r[0]; \
+                FC_UNROLL for (int h = 1; h < NR; h++) v += r[h]; \
                 FC_STORE(out + iw * F + j * VW, v); \
             } \
         } \
@@ -1885,17 +1894,15 @@ cdef extern from *:
         if (S == 1) fc_dwkpix_##SUF##_1(xr, xs, d, F, Fv, OW, W, pad, acc, accb); \
         else fc_dwkpix_##SUF##_2(xr, xs, d, F, Fv, OW, W, pad, acc, accb); \
     } \
-    FC_DWROWT(T, SUF, 1) FC_DWROWT(T, SUF, 2) FC_DWROWT(T, SUF, 4) FC_DWROWT(T, SUF, 8) \
-    FC_DWROWT(T, SUF, 16) FC_DWROWT(T, SUF, 32) \
+    FC_DWROWT_NR(T, SUF, 1) FC_DWROWT_NR(T, SUF, 2) FC_DWROWT_NR(T, SUF, 3) \
     typedef void (*fc_dwrowt_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
         const ptrdiff_t*, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, ptrdiff_t); \
-    static const fc_dwrowt_##SUF##_t fc_dwrowt_table_##SUF[6] = {fc_dwrowt_##SUF##_1, \
-        fc_dwrowt_##SUF##_2, fc_dwrowt_##SUF##_4, fc_dwrowt_##SUF##_8, fc_dwrowt_##SUF##_16, \
-        fc_dwrowt_##SUF##_32}; \
-    static inline void fc_dwrowt_##SUF(int V, const T* const* dyr, const ptrdiff_t* ds, \
+    static const fc_dwrowt_##SUF##_t fc_dwrowt_table_##SUF[3][6] = {FC_DWROWT_ROW(SUF, 1), \
+        FC_DWROWT_ROW(SUF, 2), FC_DWROWT_ROW(SUF, 3)}; \
+    static inline void fc_dwrowt_##SUF(int V, int nr, const T* const* dyr, const ptrdiff_t* ds, \
             const T* const* wr, const ptrdiff_t* wst, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t W, \
             ptrdiff_t pad, T* out, ptrdiff_t o0, ptrdiff_t o1) { \
-        fc_dwrowt_table_##SUF[fc_log2(V)](dyr, ds, wr, wst, F, OW, W, pad, out, o0, o1); \
+        fc_dwrowt_table_##SUF[nr - 1][fc_log2(V)](dyr, ds, wr, wst, F, OW, W, pad, out, o0, o1); \
     } \
     typedef void (*fc_dwk3_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
         ptrdiff_t, int, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, int, int); \
@@ -2000,11 +2007,11 @@ cdef extern from *:
     void fc_dwkpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* d,
                      Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
                      double* acc, double* accb) noexcept nogil
-    void fc_dwrowt_f(int V, const float* const* dyr, const Py_ssize_t* ds,
+    void fc_dwrowt_f(int V, int nr, const float* const* dyr, const Py_ssize_t* ds,
                      const float* const* wr, const Py_ssize_t* wst, Py_ssize_t F, Py_ssize_t OW,
                      Py_ssize_t W, Py_ssize_t pad, float* out, Py_ssize_t o0,
                      Py_ssize_t o1) noexcept nogil
-    void fc_dwrowt_d(int V, const double* const* dyr, const Py_ssize_t* ds,
+    void fc_dwrowt_d(int V, int nr, const double* const* dyr, const Py_ssize_t* ds,
                      const double* const* wr, const Py_ssize_t* wst, Py_ssize_t F, Py_ssize_t OW,
                      Py_ssize_t W, Py_ssize_t pad, double* out, Py_ssize_t o0,
                      Py_ssize_t o1) noexcept nogil
@@ -3239,7 +3246,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
     cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh, c_end
-    cdef int nseg, V, P, p
+    cdef int nseg, V, P, p, nr
     cdef const floating* xr[3]
     cdef const floating* xb[3]
     cdef Py_ssize_t xs[3]
@@ -3272,19 +3279,29 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
         if wflip != NULL:
             _dwrow(1, xr, xs, wflip, NULL, C, W, OW, 2 - pad_left, dx)
         else:
+            # the kernel rows with taps into this row only (one or two at vertical stride 2)
+            nr = 0
+            for kh in range(3):
+                if xs[kh]:
+                    xr[nr], xs[nr], wr[nr], ws[nr] = xr[kh], xs[kh], wr[kh], ws[kh]
+                    nr += 1
+            if nr == 0:
+                memset(dx, 0, W * C * sizeof(floating))
             j = 0
-            while j < W:
+            while j < W and nr:
                 run_end = _min(W, j + 2 * fc_dwrow_pix)   # input pixels
                 c0 = 0
                 while c0 < C:
                     V = fc_dwrow_width(C - c0, sz)
-                    for kh in range(3):
-                        xb[kh] = xr[kh] + c0 if xs[kh] else xr[kh]
-                        wb[kh] = wr[kh] + c0 if ws[kh] else wr[kh]
+                    for kh in range(nr):
+                        xb[kh] = xr[kh] + c0
+                        wb[kh] = wr[kh] + c0
                     if floating is float:
-                        fc_dwrowt_f(V, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j, run_end)
+                        fc_dwrowt_f(V, nr, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j,
+                                    run_end)
                     else:
-                        fc_dwrowt_d(V, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j, run_end)
+                        fc_dwrowt_d(V, nr, xb, xs, wb, ws, C, OW, W, pad_left, dx + c0, j,
+                                    run_end)
                     c0 += V
                 j = run_end
         if seg != stack:
