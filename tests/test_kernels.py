@@ -615,7 +615,8 @@ def test_odd_arrays_give_the_right_answer():
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 33, 4, 17), (3, 64, 8, 8), (2, 40, 6, 4),
-                                   (1, 19, 7, 9), (2, 45, 5, 9), (0, 4, 2, 2)])
+                                   (1, 19, 7, 9), (2, 45, 5, 9), (0, 4, 2, 2),
+                                   (1, 20, 5, 6)])  # partial 16 x 16 blocks 4 x 16, 16 x 14, 4 x 14
 @pytest.mark.parametrize("threads", [1, 2])
 def test_layout_transposes(variant, dtype, shape, threads, monkeypatch):
     # channels_first inputs go NCHW -> NHWC, and results NHWC -> NCHW for TF and JAX
