@@ -2966,10 +2966,10 @@ cdef int _forward_dwnchw(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
                          Py_ssize_t C, const floating* wp, floating* op, Py_ssize_t OH,
                          Py_ssize_t OW, int pad_top, int pad_left, int n_threads,
                          const floating* bp) noexcept nogil:
-    # depthwise 3x3, unit strides and dilation, x and out NCHW: plane by plane, no transposes
-    # (through the channels_last kernels, in bands, 4x128x56x56 took ~2.1x the channels_last
-    # time: the transposes cost as much as the memory-bound convolution). Returns -1 when out
-    # of memory.
+    # depthwise 3x3, unit strides and dilation, x and out NCHW, rows of at least a vector:
+    # plane by plane, no transposes (through the channels_last kernels, in bands, 4x128x56x56
+    # took ~2.1x the channels_last time: the transposes cost as much as the memory-bound
+    # convolution; now 1.01-1.04x, 8x32x112x112 too). Returns -1 when out of memory.
     cdef DwNchw job
     cdef int nt = <int>_max(1, _min(n_threads, N * C))
     job.x, job.w, job.bias, job.out, job.f64 = xp, wp, bp, op, floating is double
@@ -3152,7 +3152,8 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     if N * OH * OW * F == 0:
         return 0
     if (nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and cin_g == 1 and groups == C
-            and F == C and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1):
+            and F == C and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+            and OW * sizeof(floating) >= FC_VB):
         return _forward_dwnchw(xp, N, H, W, C, wp, op, OH, OW, pad_top, pad_left, n_threads, bp)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
     if runs == NULL:
