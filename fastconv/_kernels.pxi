@@ -2857,36 +2857,24 @@ cdef extern from *:
     """
     /* A depthwise 3x3 convolution with unit strides and dilation on one NCHW plane: out row oh,
        column ow reads rows oh .. oh + 2 and columns ow .. ow + 2 of xp, the plane zero-padded
-       (rows Wp apart). Vectors run along the row, the last one overlapping the one before (the
-       same sums again), so that no pixel takes a scalar path. Sums in the channels_last
-       kernels' order (each kernel row's 3 taps, then the rows, then the bias). */
-    #define FC_DWNCHW(T, SUF) \
-    static void fc_dwnchw_##SUF(const T* __restrict xp, ptrdiff_t Wp, const T* __restrict k, \
-            ptrdiff_t ks, T b, T* __restrict out, ptrdiff_t OH, ptrdiff_t OW) \
+       (rows Wp apart); OW at least NW elements. Vectors of NW along the row (a native vector,
+       or half of one for short rows: 14 pixels a row, 16-float vectors, 0.82x the time of the
+       banded path), the last one overlapping the one before (the same sums again).
+       Sums in the channels_last kernels' order (each kernel row's 3 taps, then the rows, then
+       the bias). */
+    #define FC_DWNCHW(T, SUF, NAME, NW) \
+    static void fc_dwnchw_##SUF##_##NAME(const T* __restrict xp, ptrdiff_t Wp, \
+            const T* __restrict k, ptrdiff_t ks, T b, T* __restrict out, ptrdiff_t OH, \
+            ptrdiff_t OW) \
     { \
-        FC_VEC(T, FC_VB / sizeof(T)) \
-        T kk[9]; \
+        FC_VEC(T, NW) \
         vec kv[9], bv; \
-        for (int t = 0; t < 9; t++) { kk[t] = k[t * ks]; FC_ZERO(kv[t]); kv[t] += kk[t]; } \
+        for (int t = 0; t < 9; t++) { FC_ZERO(kv[t]); kv[t] += k[t * ks]; } \
         FC_ZERO(bv); \
         bv += b; \
         for (ptrdiff_t oh = 0; oh < OH; oh++) { \
             const T* __restrict r = xp + oh * Wp; \
             T* __restrict o = out + oh * OW; \
-            if (OW < VW) { \
-                for (ptrdiff_t ow = 0; ow < OW; ow++) { \
-                    T acc = 0; \
-                    for (int h = 0; h < 3; h++) { \
-                        const T* __restrict q = r + h * Wp + ow; \
-                        T t = q[0] * kk[3 * h]; \
-                        t += q[1] * kk[3 * h + 1]; \
-                        t += q[2] * kk[3 * h + 2]; \
-                        acc = h ? acc + t : t; \
-                    } \
-                    o[ow] = acc + b; \
-                } \
-                continue; \
-            } \
             for (ptrdiff_t ow = 0;; ow += VW) { \
                 if (ow > OW - VW) ow = OW - VW; \
                 vec acc, t, v; \
@@ -2906,13 +2894,29 @@ cdef extern from *:
             } \
         } \
     }
-    FC_DWNCHW(float, f)
-    FC_DWNCHW(double, d)
+    #define FC_DWNCHW_ALL(T, SUF) \
+    FC_DWNCHW(T, SUF, 1, FC_VB / sizeof(T)) \
+    FC_DWNCHW(T, SUF, 2, FC_VB / sizeof(T) / 2 > 0 ? FC_VB / sizeof(T) / 2 : 1) \
+    /* the vector width for rows of OW: a native vector or a half (0: none; a quarter, for 7 \
+       pixels, took 1.85x the banded path's time on 8x960x7x7) */ \
+    static int fc_dwnchw_width_##SUF(ptrdiff_t OW) { \
+        const int NW = FC_VB / sizeof(T); \
+        return OW >= NW ? NW : (NW >= 2 && OW >= NW / 2 ? NW / 2 : 0); \
+    } \
+    static void fc_dwnchw_##SUF(int NW, const T* xp, ptrdiff_t Wp, const T* k, ptrdiff_t ks, \
+            T b, T* out, ptrdiff_t OH, ptrdiff_t OW) { \
+        if (NW == FC_VB / sizeof(T)) fc_dwnchw_##SUF##_1(xp, Wp, k, ks, b, out, OH, OW); \
+        else fc_dwnchw_##SUF##_2(xp, Wp, k, ks, b, out, OH, OW); \
+    }
+    FC_DWNCHW_ALL(float, f)
+    FC_DWNCHW_ALL(double, d)
     """
-    void fc_dwnchw_f(const float* xp, Py_ssize_t Wp, const float* k, Py_ssize_t ks, float b,
-                     float* out, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
-    void fc_dwnchw_d(const double* xp, Py_ssize_t Wp, const double* k, Py_ssize_t ks, double b,
-                     double* out, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
+    int fc_dwnchw_width_f(Py_ssize_t OW) noexcept nogil
+    int fc_dwnchw_width_d(Py_ssize_t OW) noexcept nogil
+    void fc_dwnchw_f(int NW, const float* xp, Py_ssize_t Wp, const float* k, Py_ssize_t ks,
+                     float b, float* out, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
+    void fc_dwnchw_d(int NW, const double* xp, Py_ssize_t Wp, const double* k, Py_ssize_t ks,
+                     double b, double* out, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
 
 
 ctypedef struct DwNchw:
@@ -2947,11 +2951,11 @@ cdef void _dwnchw_planes(const floating* xp, DwNchw* a, Py_ssize_t p0, Py_ssize_
             memcpy(pad + r * Wp + lead, src + ih * W, inner * sizeof(floating))
             memset(pad + r * Wp + lead + inner, 0, (Wp - lead - inner) * sizeof(floating))
         if floating is float:
-            fc_dwnchw_f(pad, Wp, w + c, a.C, 0 if bias == NULL else bias[c],
-                        op + p * a.OH * a.OW, a.OH, a.OW)
+            fc_dwnchw_f(fc_dwnchw_width_f(a.OW), pad, Wp, w + c, a.C,
+                        0 if bias == NULL else bias[c], op + p * a.OH * a.OW, a.OH, a.OW)
         else:
-            fc_dwnchw_d(pad, Wp, w + c, a.C, 0 if bias == NULL else bias[c],
-                        op + p * a.OH * a.OW, a.OH, a.OW)
+            fc_dwnchw_d(fc_dwnchw_width_d(a.OW), pad, Wp, w + c, a.C,
+                        0 if bias == NULL else bias[c], op + p * a.OH * a.OW, a.OH, a.OW)
 
 
 cdef void _dwnchw_body(void* c, Py_ssize_t p0, Py_ssize_t p1, int k) noexcept nogil:
@@ -2966,10 +2970,11 @@ cdef int _forward_dwnchw(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
                          Py_ssize_t C, const floating* wp, floating* op, Py_ssize_t OH,
                          Py_ssize_t OW, int pad_top, int pad_left, int n_threads,
                          const floating* bp) noexcept nogil:
-    # depthwise 3x3, unit strides and dilation, x and out NCHW, rows of at least a vector:
-    # plane by plane, no transposes (through the channels_last kernels, in bands, 4x128x56x56
-    # took ~2.1x the channels_last time: the transposes cost as much as the memory-bound
-    # convolution; now 1.01-1.04x, 8x32x112x112 too). Returns -1 when out of memory.
+    # depthwise 3x3, unit strides and dilation, x and out NCHW, rows of at least half a
+    # vector: plane by plane, no transposes (through the channels_last kernels, in bands,
+    # 4x128x56x56 took ~2.1x the channels_last time: the transposes cost as much as the
+    # memory-bound convolution; now 1.01-1.04x, 8x32x112x112 too). Returns -1 when out of
+    # memory.
     cdef DwNchw job
     cdef int nt = <int>_max(1, _min(n_threads, N * C))
     job.x, job.w, job.bias, job.out, job.f64 = xp, wp, bp, op, floating is double
@@ -3153,7 +3158,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         return 0
     if (nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and cin_g == 1 and groups == C
             and F == C and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
-            and OW * sizeof(floating) >= FC_VB):
+            and (fc_dwnchw_width_f(OW) if floating is float else fc_dwnchw_width_d(OW))):
         return _forward_dwnchw(xp, N, H, W, C, wp, op, OH, OW, pad_top, pad_left, n_threads, bp)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
     if runs == NULL:
