@@ -451,6 +451,23 @@ def test_depthwise_channels_first_bias_when_the_output_width_equals_channels():
     reference.assert_close(out, expected + bias.reshape(1, 6, 1, 1), 1e-4)
 
 
+@pytest.mark.parametrize("width", [12, 21])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_depthwise_channels_first_rows_of_vectors(width, use_bias):
+    """Depthwise 3x3 channels_first with rows of a (half) vector or more: the kernels' plane by
+    plane path (no transposes), against the reference."""
+    layer = fastconv.DepthwiseConv2D(3, padding="same", data_format="channels_first",
+                                     use_bias=use_bias,
+                                     bias_initializer=keras.initializers.RandomNormal(seed=2))
+    x = np.random.default_rng(6).standard_normal((2, 5, 9, width)).astype("float32")
+    out = to_numpy(layer(x))
+    grouped = to_numpy(layer.kernel).reshape(3, 3, 1, 5)  # (KH, KW, C, 1) as 5 groups
+    expected = reference.conv(x, grouped, padding="same", data_format="channels_first")
+    if use_bias:
+        expected = expected + to_numpy(layer.bias).reshape(1, 5, 1, 1)
+    reference.assert_close(out, expected, 1e-4)
+
+
 def test_a_subclass_convolution_op_is_honoured():
     """Like keras.layers.Conv2D, call() goes through an overridden convolution_op (then bias
     and activation as usual)."""
