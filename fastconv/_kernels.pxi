@@ -2925,7 +2925,9 @@ ctypedef struct DwNchw:
     const void* bias
     void* out
     void* scratch
-    Py_ssize_t C, H, W, OH, OW, Hp, Wp, pt, pl, size
+    Copies frame   # a plane into the padded copy (_copy_framed); src and dst set per plane
+    Py_ssize_t C, H, W, OH, OW, Wp, size
+    int nw         # fc_dwnchw's vector width
     bint f64
 
 
@@ -2936,26 +2938,19 @@ cdef void _dwnchw_planes(const floating* xp, DwNchw* a, Py_ssize_t p0, Py_ssize_
     cdef const floating* bias = <const floating*>a.bias
     cdef floating* op = <floating*>a.out
     cdef floating* pad = <floating*>a.scratch + k * a.size
-    cdef Py_ssize_t H = a.H, W = a.W, Hp = a.Hp, Wp = a.Wp, pt = a.pt, pl = a.pl
-    cdef Py_ssize_t p, r, ih, c, lead = _min(pl, Wp), inner = _max(0, _min(W, Wp - pl))
-    cdef const floating* src
+    cdef Copies frame = a.frame
+    cdef Py_ssize_t p, c
+    frame.dst = <char*>pad
     for p in range(p0, p1):
         c = p % a.C
-        src = xp + p * H * W
-        for r in range(Hp):
-            ih = r - pt
-            if ih < 0 or ih >= H:
-                memset(pad + r * Wp, 0, Wp * sizeof(floating))
-                continue
-            memset(pad + r * Wp, 0, lead * sizeof(floating))
-            memcpy(pad + r * Wp + lead, src + ih * W, inner * sizeof(floating))
-            memset(pad + r * Wp + lead + inner, 0, (Wp - lead - inner) * sizeof(floating))
+        frame.src = <const char*>(xp + p * a.H * a.W)
+        _copy_framed(&frame, 0, frame.Hx, k)
         if floating is float:
-            fc_dwnchw_f(fc_dwnchw_width_f(a.OW), pad, Wp, w + c, a.C,
-                        0 if bias == NULL else bias[c], op + p * a.OH * a.OW, a.OH, a.OW)
+            fc_dwnchw_f(a.nw, pad, a.Wp, w + c, a.C, 0 if bias == NULL else bias[c],
+                        op + p * a.OH * a.OW, a.OH, a.OW)
         else:
-            fc_dwnchw_d(fc_dwnchw_width_d(a.OW), pad, Wp, w + c, a.C,
-                        0 if bias == NULL else bias[c], op + p * a.OH * a.OW, a.OH, a.OW)
+            fc_dwnchw_d(a.nw, pad, a.Wp, w + c, a.C, 0 if bias == NULL else bias[c],
+                        op + p * a.OH * a.OW, a.OH, a.OW)
 
 
 cdef void _dwnchw_body(void* c, Py_ssize_t p0, Py_ssize_t p1, int k) noexcept nogil:
@@ -2977,10 +2972,14 @@ cdef int _forward_dwnchw(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
     # memory.
     cdef DwNchw job
     cdef int nt = <int>_max(1, _min(n_threads, N * C))
+    cdef Py_ssize_t Hp = OH + 2, Wp = OW + 2, sz = sizeof(floating)
     job.x, job.w, job.bias, job.out, job.f64 = xp, wp, bp, op, floating is double
-    job.C, job.H, job.W, job.OH, job.OW, job.pt, job.pl = C, H, W, OH, OW, pad_top, pad_left
-    job.Hp, job.Wp = OH + 2, OW + 2
-    job.size = (job.Hp * job.Wp + 64) // 16 * 16
+    job.C, job.H, job.W, job.OH, job.OW, job.Wp = C, H, W, OH, OW, Wp
+    job.nw = fc_dwnchw_width_f(OW) if floating is float else fc_dwnchw_width_d(OW)
+    job.frame.H, job.frame.Hx, job.frame.top, job.frame.rows_src = H, Hp, pad_top, W * sz
+    job.frame.lead, job.frame.rowd = _min(pad_left, Wp) * sz, Wp * sz
+    job.frame.size = _max(0, _min(W, Wp - pad_left)) * sz
+    job.size = (Hp * Wp + 64) // 16 * 16
     job.scratch = fc_amalloc(nt * job.size * sizeof(floating))
     if job.scratch == NULL:
         return -1
