@@ -915,15 +915,15 @@ cdef extern from *:
 
     /* Depthwise forward of a 3x3 kernel, pixel-major: tiles of P output pixels of [o0, o1), for
        each all Fv channels (a multiple of the vector width), the kernel vectors read from L1 as
-       memory operands. x and out are read and written as a few sequential streams (3 input rows,
+       memory operands (packed, below). x and out are read and written as a few sequential streams (3 input rows,
        the output row); fc_dwrow walks each row once per channel vector instead, one line of
        every pixel a pass, which the memory serves far below a stream's rate. Zen 3, AVX2, 2
        threads, from DRAM (40 calls alternating, each after a 48 MB write), fc_dwrow ->
        fc_dwpix: fwd 4x56x56x128 1.18 -> 0.88 ms, 8x112x112x32 1.62 -> 1.43, 8x56x56x144 2.35 ->
        2.25, 4x56x56x100 1.04 -> 0.58, stride 2 8x112x112x96 2.96 -> 1.96, 8x56x56x144 1.15 ->
        1.13; grad_input (wflip) 1.14-1.84x faster. P = 3 beat 2, 4, 5, 6 at stride 1, P = 1 beat
-       2 and 3 at stride 2 (fewer live registers: 16 with AVX2). xr[h] as for fc_dwrow, or NULL
-       for a row outside the image. */
+       2 and 3 at stride 2 (fewer live registers: 16 with AVX2). xr[h] as for fc_dwrow (pixels F
+       apart: x's channels are out's), or NULL for a row outside the image. */
     /* Pixels a fc_dwpix tile (P), at stride 1 and 2. With 32 registers 4 at stride 1 (A/B,
        AVX-512 Xeon, 2 threads, forward over P = 3: 8x112x112x32 0.76-0.90x the time,
        1x28x28x128 0.80-0.97x, 8x14x14x576 0.86-0.98x, 4x56x56x128 0.92-0.95x, 8x56x56x144
@@ -935,32 +935,50 @@ cdef extern from *:
     #ifndef FC_DWPIX_P2
       #define FC_DWPIX_P2 1
     #endif
+    /* The kernel and bias vectors of each channel vector packed side by side (9 kernel
+       vectors, then the bias): the tile addresses them from one pointer by constant offsets.
+       Read in place, 9 rows F apart and the bias took 10 of the 16 general registers, and the
+       pointers spilled to the stack and to vector registers: 115 instructions a tile step
+       instead of 70. Channels in chunks of FC_DWPK_MAX elements, each chunk's packed kernel on
+       the stack. The output lines of the next tile are requested for writing a tile ahead: a
+       tile's stores each start a line (P pixels F apart) and stalled the loop on their
+       read-for-ownership (44% of its samples at the instruction after them). */
+    #define FC_DWPK_MAX 256
     #define FC_DWPIX_TILE(T, S, P) \
-                for (ptrdiff_t c = 0; c < Fv; c += VW) { \
-                    vec acc[P], t[P], xin[S * (P - 1) + 3], k, b; \
-                    FC_UNROLL for (int h = 0; h < 3; h++) { \
-                        const T* __restrict ph = (h == 0 ? p0 : h == 1 ? p1 : p2) + c; \
-                        const ptrdiff_t sh = h == 0 ? s0 : h == 1 ? s1 : s2; \
-                        FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) FC_LOAD(xin[i], ph + i * sh); \
-                        FC_UNROLL for (int kk = 0; kk < 3; kk++) { \
-                            FC_LOAD(k, w + (h * 3 + kk) * F + c); \
+                { \
+                    const T* __restrict a0 = p0; \
+                    const T* __restrict a1 = p1; \
+                    const T* __restrict a2 = p2; \
+                    const T* __restrict wc = wk; \
+                    T* __restrict o = q; \
+                    for (ptrdiff_t c = 0; c < Fv; c += VW) { \
+                        vec acc[P], t[P], xin[S * (P - 1) + 3], k, b; \
+                        FC_UNROLL for (int h = 0; h < 3; h++) { \
+                            const T* __restrict ph = h == 0 ? a0 : h == 1 ? a1 : a2; \
+                            FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) FC_LOAD(xin[i], ph + i * F); \
+                            FC_UNROLL for (int kk = 0; kk < 3; kk++) { \
+                                FC_LOAD(k, wc + (h * 3 + kk) * VW); \
+                                FC_UNROLL for (int p = 0; p < P; p++) { \
+                                    if (kk == 0) t[p] = xin[S * p] * k; \
+                                    else t[p] += xin[S * p + kk] * k; \
+                                } \
+                            } \
                             FC_UNROLL for (int p = 0; p < P; p++) { \
-                                if (kk == 0) t[p] = xin[S * p] * k; \
-                                else t[p] += xin[S * p + kk] * k; \
+                                if (h == 0) acc[p] = t[p]; else acc[p] += t[p]; \
                             } \
                         } \
+                        FC_LOAD(b, wc + 9 * VW); \
+                        FC_UNROLL for (int p = 0; p < P; p++) \
+                            __builtin_prefetch(o + (P + p) * F, 1, 3); \
                         FC_UNROLL for (int p = 0; p < P; p++) { \
-                            if (h == 0) acc[p] = t[p]; else acc[p] += t[p]; \
+                            acc[p] += b; \
+                            FC_STORE(o + p * F, acc[p]); \
                         } \
-                    } \
-                    if (bias) FC_LOAD(b, bias + c); else FC_ZERO(b); \
-                    FC_UNROLL for (int p = 0; p < P; p++) { \
-                        acc[p] += b; \
-                        FC_STORE(q + p * F + c, acc[p]); \
+                        a0 += VW; a1 += VW; a2 += VW; wc += 10 * VW; o += VW; \
                     } \
                 }
     #define FC_DWPIX(T, SUF, S, P) \
-    static void fc_dwpix_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
+    static void fc_dwpix_##SUF##_##S##_part(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict w, const T* __restrict bias, ptrdiff_t F, ptrdiff_t Fv, \
             ptrdiff_t W, ptrdiff_t pad, T* __restrict out, ptrdiff_t o0, ptrdiff_t o1) \
     { \
@@ -968,15 +986,20 @@ cdef extern from *:
         const T* __restrict x0 = xr[0]; \
         const T* __restrict x1 = xr[1]; \
         const T* __restrict x2 = xr[2]; \
-        const ptrdiff_t s0 = xs[0], s1 = xs[1], s2 = xs[2]; \
         const int full = x0 && x1 && x2; \
+        T wk[10 * FC_DWPK_MAX] __attribute__((aligned(64))); \
+        for (ptrdiff_t c = 0; c < Fv; c += VW) { \
+            for (int j = 0; j < 9; j++) memcpy(wk + 10 * c + j * VW, w + j * F + c, sizeof(vec)); \
+            if (bias) memcpy(wk + 10 * c + 9 * VW, bias + c, sizeof(vec)); \
+            else memset(wk + 10 * c + 9 * VW, 0, sizeof(vec)); \
+        } \
         for (ptrdiff_t ow = o0; ow < o1; ) { \
             const ptrdiff_t iw = S * ow - pad; \
             T* __restrict q = out + ow * F; \
             if (full && iw >= 0 && ow + P <= o1 && iw + S * (P - 1) + 3 <= W) { \
-                const T* __restrict p0 = x0 + iw * s0; \
-                const T* __restrict p1 = x1 + iw * s1; \
-                const T* __restrict p2 = x2 + iw * s2; \
+                const T* __restrict p0 = x0 + iw * F; \
+                const T* __restrict p1 = x1 + iw * F; \
+                const T* __restrict p2 = x2 + iw * F; \
                 FC_DWPIX_TILE(T, S, P) \
                 ow += P; \
             } else { \
@@ -998,6 +1021,18 @@ cdef extern from *:
                 } \
                 ow++; \
             } \
+        } \
+    } \
+    static void fc_dwpix_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
+            const T* w, const T* bias, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, \
+            T* out, ptrdiff_t o0, ptrdiff_t o1) \
+    { \
+        const T* xc[3]; \
+        for (ptrdiff_t c0 = 0; c0 < Fv; c0 += FC_DWPK_MAX) { \
+            for (int h = 0; h < 3; h++) xc[h] = xr[h] ? xr[h] + c0 : NULL; \
+            fc_dwpix_##SUF##_##S##_part(xc, xs, w + c0, bias ? bias + c0 : NULL, F, \
+                                        Fv - c0 < FC_DWPK_MAX ? Fv - c0 : FC_DWPK_MAX, W, pad, \
+                                        out + c0, o0, o1); \
         } \
     }
 

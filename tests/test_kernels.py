@@ -116,6 +116,10 @@ CASES = [
     (2, 28, 28, 128, 3, 3, 128, 32, (1, 1), (1, 1), "same"),
     (1, 6, 9, 12, 3, 3, 12, 3, (1, 1), (1, 1), "valid"),
     (2, 9, 10, 16, 3, 3, 16, 4, (2, 1), (2, 1), "same"),
+    # depthwise 3x3 rows with more channels than one packed kernel chunk (fc_dwpix: 256
+    # elements a chunk), a vector tail, stride 1 and 2
+    (1, 6, 11, 300, 3, 3, 300, 300, (1, 1), (1, 1), "same"),
+    (1, 7, 20, 520, 3, 3, 520, 520, (2, 2), (1, 1), "same"),
 ]
 
 
