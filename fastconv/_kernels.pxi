@@ -942,7 +942,10 @@ cdef extern from *:
        instead of 70. Channels in chunks of FC_DWPK_MAX elements, each chunk's packed kernel on
        the stack. The output lines of the next tile are requested for writing a tile ahead: a
        tile's stores each start a line (P pixels F apart) and stalled the loop on their
-       read-for-ownership (44% of its samples at the instruction after them). */
+       read-for-ownership (44% of its samples at the instruction after them). AVX-512 Xeon, 2
+       threads, time over the unpacked tiles: forward 4x56x56x128 0.79x, 8x56x56x144 0.77x,
+       8x112x112x32 0.92x (packing alone 0.95x); grad_input 0.72-0.80x on 56x56 and 28x28
+       images. Prefetching the next tiles' input lines as well: no gain; P = 5, 6: no gain. */
     #define FC_DWPK_MAX 256
     #define FC_DWPIX_TILE(T, S, P) \
                 { \
@@ -1038,8 +1041,12 @@ cdef extern from *:
 
     /* The kernel gradient of a depthwise 3x3 kernel, pixel-major (the fc_dwpix order): one dy
        row d (dy[n, oh, 0, 0], pixels F apart) against the input rows xr[h] (NULL: outside the
-       image), in tiles of P pixels, all Fv channels of a pixel before the next. The sums go to
-       acc[(h*3 + k)*Fv + c] (and dy's channel sums to accb[c], or not with NULL) in memory, an
+       image; the image's rows: pixels F apart), in tiles of P pixels, all Fv channels of a pixel
+       before the next. The sums go to acc in memory, per channel vector c the 9 taps' vectors
+       h*3 + k and, with_bias, dy's channel sums (acc[10*c + (h*3 + k)*VW + lane], the bias
+       sums at tap 9): one pointer and constant offsets, where 9 rows Fv apart spilled
+       pointers (AVX-512 Xeon, 2 threads: 8x112x112x32 0.92x the time, 4x56x56x128 and
+       8x56x56x144 0.95x, stride 2 0.97-0.99x; dy's next tile prefetched: no gain). An
        L1-resident block: a load and a store per tap and tile instead of registers held over
        the row, the price of reading x and dy as sequential streams. Zen 3, AVX2, 2 threads,
        from DRAM, 30 calls alternating, fc_dwk3 -> fc_dwkpix: 4x56x56x128 1.61 -> 1.09 ms,
@@ -1049,7 +1056,7 @@ cdef extern from *:
     #define FC_DWKPIX(T, SUF, S, P) \
     static void fc_dwkpix_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, \
-            ptrdiff_t pad, T* __restrict acc, T* __restrict accb) \
+            ptrdiff_t pad, T* __restrict acc, int with_bias) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
         const int full = xr[0] && xr[1] && xr[2]; \
@@ -1057,41 +1064,45 @@ cdef extern from *:
             const ptrdiff_t iw = S * ow - pad; \
             const T* __restrict q = d + ow * F; \
             if (full && iw >= 0 && ow + P <= OW && iw + S * (P - 1) + 3 <= W) { \
+                const T* __restrict a0 = xr[0] + iw * F; \
+                const T* __restrict a1 = xr[1] + iw * F; \
+                const T* __restrict a2 = xr[2] + iw * F; \
+                T* __restrict o = acc; \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
                     vec dv[P], xin[S * (P - 1) + 3], a; \
-                    FC_UNROLL for (int p = 0; p < P; p++) FC_LOAD(dv[p], q + p * F + c); \
-                    if (accb) { \
-                        FC_LOAD(a, accb + c); \
+                    FC_UNROLL for (int p = 0; p < P; p++) FC_LOAD(dv[p], q + p * F); \
+                    if (with_bias) { \
+                        FC_LOAD(a, o + 9 * VW); \
                         FC_UNROLL for (int p = 0; p < P; p++) a += dv[p]; \
-                        FC_STORE(accb + c, a); \
+                        FC_STORE(o + 9 * VW, a); \
                     } \
                     FC_UNROLL for (int h = 0; h < 3; h++) { \
-                        const T* __restrict ph = xr[h] + iw * xs[h] + c; \
+                        const T* __restrict ph = h == 0 ? a0 : h == 1 ? a1 : a2; \
                         FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) \
-                            FC_LOAD(xin[i], ph + i * xs[h]); \
+                            FC_LOAD(xin[i], ph + i * F); \
                         FC_UNROLL for (int kk = 0; kk < 3; kk++) { \
-                            T* __restrict o = acc + (h * 3 + kk) * Fv + c; \
-                            FC_LOAD(a, o); \
+                            FC_LOAD(a, o + (h * 3 + kk) * VW); \
                             FC_UNROLL for (int p = 0; p < P; p++) a += xin[S * p + kk] * dv[p]; \
-                            FC_STORE(o, a); \
+                            FC_STORE(o + (h * 3 + kk) * VW, a); \
                         } \
                     } \
+                    a0 += VW; a1 += VW; a2 += VW; q += VW; o += 10 * VW; \
                 } \
                 ow += P; \
             } else { \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
                     vec dv, v, a; \
+                    T* __restrict o = acc + 10 * c; \
                     FC_LOAD(dv, q + c); \
-                    if (accb) { FC_LOAD(a, accb + c); a += dv; FC_STORE(accb + c, a); } \
+                    if (with_bias) { FC_LOAD(a, o + 9 * VW); a += dv; FC_STORE(o + 9 * VW, a); } \
                     for (int h = 0; h < 3; h++) { \
                         if (!xr[h]) continue; \
                         for (int kk = 0; kk < 3; kk++) { \
                             if (iw + kk < 0 || iw + kk >= W) continue; \
-                            T* __restrict o = acc + (h * 3 + kk) * Fv + c; \
                             FC_LOAD(v, xr[h] + (iw + kk) * xs[h] + c); \
-                            FC_LOAD(a, o); \
+                            FC_LOAD(a, o + (h * 3 + kk) * VW); \
                             a += v * dv; \
-                            FC_STORE(o, a); \
+                            FC_STORE(o + (h * 3 + kk) * VW, a); \
                         } \
                     } \
                 } \
@@ -1925,9 +1936,9 @@ cdef extern from *:
     FC_DWKPIX(T, SUF, 1, 4) FC_DWKPIX(T, SUF, 2, 2) \
     static inline void fc_dwkpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
-            T* acc, T* accb) { \
-        if (S == 1) fc_dwkpix_##SUF##_1(xr, xs, d, F, Fv, OW, W, pad, acc, accb); \
-        else fc_dwkpix_##SUF##_2(xr, xs, d, F, Fv, OW, W, pad, acc, accb); \
+            T* acc, int with_bias) { \
+        if (S == 1) fc_dwkpix_##SUF##_1(xr, xs, d, F, Fv, OW, W, pad, acc, with_bias); \
+        else fc_dwkpix_##SUF##_2(xr, xs, d, F, Fv, OW, W, pad, acc, with_bias); \
     } \
     FC_DWROWT_NR(T, SUF, 1) FC_DWROWT_NR(T, SUF, 2) FC_DWROWT_NR(T, SUF, 3) \
     typedef void (*fc_dwrowt_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
@@ -2038,10 +2049,10 @@ cdef extern from *:
                     double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
     void fc_dwkpix_f(int S, const float* const* xr, const Py_ssize_t* xs, const float* d,
                      Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
-                     float* acc, float* accb) noexcept nogil
+                     float* acc, int with_bias) noexcept nogil
     void fc_dwkpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* d,
                      Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
-                     double* acc, double* accb) noexcept nogil
+                     double* acc, int with_bias) noexcept nogil
     void fc_dwrowt_f(int V, int nr, const float* const* dyr, const Py_ssize_t* ds,
                      const float* const* wr, const Py_ssize_t* wst, Py_ssize_t F, Py_ssize_t OW,
                      Py_ssize_t W, Py_ssize_t pad, float* out, Py_ssize_t o0,
@@ -4306,8 +4317,8 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
                     Py_ssize_t r1, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                     Py_ssize_t OW, Py_ssize_t Fv, int sh, int sw, int dh, int pad_top,
                     int pad_left, bint with_bias) noexcept nogil:
-    # fc_dwkpix over the output rows [r0, r1): the 9 taps' sums of channels [0, Fv) to
-    # acc[tap*Fv + c], dy's channel sums to acc[9*Fv + c] (with_bias)
+    # fc_dwkpix over the output rows [r0, r1): the 9 taps' sums of channels [0, Fv) and dy's
+    # channel sums (with_bias) into acc, 10 vectors a channel vector (fc_dwkpix)
     cdef const floating* xr[3]
     cdef Py_ssize_t xs[3]
     cdef Py_ssize_t r, n, oh, ih
@@ -4321,11 +4332,9 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
             xr[h] = x + (n * H + ih) * W * C if ih >= 0 and ih < H else NULL
             xs[h] = C
         if floating is float:
-            fc_dwkpix_f(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc,
-                        acc + 9 * Fv if with_bias else NULL)
+            fc_dwkpix_f(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc, with_bias)
         else:
-            fc_dwkpix_d(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc,
-                        acc + 9 * Fv if with_bias else NULL)
+            fc_dwkpix_d(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc, with_bias)
 
 
 ctypedef struct Gk:
@@ -4454,7 +4463,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef bint merged = _gk_merged(cin_g, KW, F, dwl, groups, sz) and not pairk
     cdef Py_ssize_t Hx, Wx, m0
     cdef floating* xpad = NULL
-    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c
+    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c, i, vw = FC_VB // sz
     cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
     # groups from `group` on (with pk3, fc_pairk3 or fc_quadk3 on taps tap .. tap + 2)
@@ -4576,9 +4585,10 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         _parallel(n_threads, _gk_body, &job, nparts)
         for tap in range(10 if bp != NULL else 9):
             for c in range(Fv):
-                s = parts[tap * Fv + c]
+                i = (c - c % vw) * 10 + tap * vw + c % vw   # (fc_dwkpix's layout)
+                s = parts[i]
                 for part in range(1, nparts):
-                    s = s + parts[(part * 10 + tap) * Fv + c]
+                    s = s + parts[part * 10 * Fv + i]
                 if tap < 9:
                     dp[tap * F + c] = s
                 else:
