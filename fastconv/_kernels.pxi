@@ -621,8 +621,10 @@ cdef extern from *:
       #define FC_STORE(dst, src) memcpy((dst), &(src), sizeof(vec))
       #define FC_ZERO(dst) (dst) = (vec){0}
       #define FC_UNROLL _Pragma("GCC unroll 16")
+      #define FC_LANES(sz) (FC_VB / (sz))   /* VW of a native vector of sz-byte elements */
     #else
       #define FC_UNROLL
+      #define FC_LANES(sz) 1
       #define FC_VEC(T, V) typedef T vec; enum { VW = 1, NV = (V) };
       #define FC_LOAD(dst, src) (dst) = *(src)
       #define FC_STORE(dst, src) *(dst) = (src)
@@ -923,13 +925,13 @@ cdef extern from *:
 
     /* Depthwise forward of a 3x3 kernel, pixel-major: tiles of P output pixels of [o0, o1), for
        each all Fv channels (a multiple of the vector width), the kernel vectors read from L1 as
-       memory operands (packed, below). x and out are read and written as a few sequential streams (3 input rows,
-       the output row); fc_dwrow walks each row once per channel vector instead, one line of
-       every pixel a pass, which the memory serves far below a stream's rate. Zen 3, AVX2, 2
-       threads, from DRAM (40 calls alternating, each after a 48 MB write), fc_dwrow ->
-       fc_dwpix: fwd 4x56x56x128 1.18 -> 0.88 ms, 8x112x112x32 1.62 -> 1.43, 8x56x56x144 2.35 ->
-       2.25, 4x56x56x100 1.04 -> 0.58, stride 2 8x112x112x96 2.96 -> 1.96, 8x56x56x144 1.15 ->
-       1.13; grad_input (wflip) 1.14-1.84x faster. P = 3 beat 2, 4, 5, 6 at stride 1, P = 1 beat
+       memory operands (packed, below). x and out are read and written as a few sequential
+       streams (3 input rows, the output row); fc_dwrow walks each row once per channel vector
+       instead, one line of every pixel a pass, which the memory serves far below a stream's
+       rate. Zen 3, AVX2, 2 threads, from DRAM (40 calls alternating, each after a 48 MB write),
+       fc_dwrow -> fc_dwpix: fwd 4x56x56x128 1.18 -> 0.88 ms, 8x112x112x32 1.62 -> 1.43,
+       8x56x56x144 2.35 -> 2.25, 4x56x56x100 1.04 -> 0.58, stride 2 8x112x112x96 2.96 -> 1.96,
+       8x56x56x144 1.15 -> 1.13; grad_input (wflip) 1.14-1.84x faster. P = 3 beat 2, 4, 5, 6 at stride 1, P = 1 beat
        2 and 3 at stride 2 (fewer live registers: 16 with AVX2). xr[h] as for fc_dwrow (pixels F
        apart: x's channels are out's), or NULL for a row outside the image. */
     /* Pixels a fc_dwpix tile (P), at stride 1 and 2. With 32 registers 4 at stride 1 (A/B,
@@ -966,7 +968,8 @@ cdef extern from *:
                         vec acc[P], t[P], xin[S * (P - 1) + 3], k, b; \
                         FC_UNROLL for (int h = 0; h < 3; h++) { \
                             const T* __restrict ph = h == 0 ? a0 : h == 1 ? a1 : a2; \
-                            FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) FC_LOAD(xin[i], ph + i * F); \
+                            FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) \
+                                FC_LOAD(xin[i], ph + i * F); \
                             FC_UNROLL for (int kk = 0; kk < 3; kk++) { \
                                 FC_LOAD(k, wc + (h * 3 + kk) * VW); \
                                 FC_UNROLL for (int p = 0; p < P; p++) { \
@@ -2042,6 +2045,7 @@ cdef extern from *:
     int FC_DWROW_PIX
     bint FC_DWROW_OK
     int FC_DWROW2_MIN_OW
+    int FC_LANES(int sz) noexcept nogil
     int FC_VB
     void fc_dwrow_f(int V, int S, const float* const* xr, const Py_ssize_t* xs, const float* w,
                     const float* bias, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
@@ -3487,8 +3491,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 # starts a line in every pixel of its block, and waited on their reads for
                 # ownership (A/B, 2 threads: 8x112x112x64 0.72-0.83x the time, 8x56x56x144
                 # 0.79-0.97x; the block after next: 0.81-0.94x)
-                _prefetch_planes(dx + run_end * C, 1, 0, (_min(W, run_end + 2 * fc_dwrow_pix)
-                                                          - run_end) * C)
+                if run_end < W:
+                    _prefetch_planes(dx + run_end * C, 1, 0,
+                                     (_min(W, run_end + 2 * fc_dwrow_pix) - run_end) * C)
                 c0 = 0
                 while c0 < C:
                     V = fc_dwrow_width(C - c0, sz)
@@ -4477,7 +4482,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef bint merged = _gk_merged(cin_g, KW, F, dwl, groups, sz) and not pairk
     cdef Py_ssize_t Hx, Wx, m0
     cdef floating* xpad = NULL
-    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c, i, vw = FC_VB // sz
+    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c, i, vw = FC_LANES(sz)
     cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
     # groups from `group` on (with pk3, fc_pairk3 or fc_quadk3 on taps tap .. tap + 2)
