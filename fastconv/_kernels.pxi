@@ -3297,10 +3297,15 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             xp = xt
         if yt != NULL:
             out_nchw, op = op, yt
-    # (grouped too, but depthwise rows clip their own windows; the pair and quad tiles of 8 or
-    # 4 channels a group lost more to the copy than their border tiles cost, unless the rows
-    # are padded as a band's scratch is filled: see PAD_COLUMNS_OW)
-    if (C > 1 and not (cin_g == 1 and cg == 1) and OW <= fc_pad_columns_ow
+    # (grouped too, but depthwise rows clip their own windows, except short rows of 5 or more
+    # taps at unit stride: most of a 7-pixel row is border pixels, one at a time (A/B, 2
+    # threads: 5x5 on 8x7x7x1152 0.56-0.73x the time, 1x7x7x1152 0.52x, 8x14x14x672 0.92x, 7x7
+    # on 8x7x7x512 0.70x; padded also on longer rows: 4x28x28x240 1.04x, 4x56x56x144 1.16x,
+    # stride 2 on 8x56x56x144 2.0x); the pair and quad tiles of 8 or 4 channels a group lost
+    # more to the copy than their border tiles cost, unless the rows are padded as a band's
+    # scratch is filled: see PAD_COLUMNS_OW)
+    if (C > 1 and (not (cin_g == 1 and cg == 1) or (KW >= 5 and sw == 1 and OW <= 16))
+            and OW <= fc_pad_columns_ow
             and (wpk == NULL or (bands and nchw & FC_NCHW_X))
             and _pad_pays(OW, W, KW, sw, dw, pad_left)):
         Wp = pad_left + _max(W, (OW - 1) * sw + (KW - 1) * dw + 1 - pad_left)

@@ -120,6 +120,9 @@ CASES = [
     # elements a chunk), a vector tail, stride 1 and 2
     (1, 6, 11, 300, 3, 3, 300, 300, (1, 1), (1, 1), "same"),
     (1, 7, 20, 520, 3, 3, 520, 520, (2, 2), (1, 1), "same"),
+    # depthwise 5x5 and 7x7 on short rows: zero-padded columns (_forward), a channel tail
+    (2, 7, 7, 40, 5, 5, 40, 40, (1, 1), (1, 1), "same"),
+    (1, 9, 9, 24, 7, 7, 24, 24, (1, 1), (1, 1), "same"),
 ]
 
 
