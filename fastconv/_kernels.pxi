@@ -1075,56 +1075,77 @@ cdef extern from *:
        8x112x112x32 2.36 -> 1.26, 8x56x56x144 5.19 -> 3.01, 8x14x14x576 1.03 -> 0.64, 8x7x7x960
        0.49 -> 0.41, stride 2 8x112x112x64 1.94 -> 1.15, 8x56x56x144 even. P = 4 / 2 (stride 1 /
        2) against 3 / 1 and 6 / 3: within the noise or better. */
-    #define FC_DWKPIX(T, SUF, S, P) \
-    static void fc_dwkpix_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
+    /* The same for 5x5 kernels (KS = 5: 25 taps and the bias, acc[26*c + tap*VW + lane]):
+       the generic per-tap tasks read x and dy once a tap from L1 or L2, two loads a
+       multiply-add (4x28x28x240: 20 GFLOP/s, 5x the forward's time). */
+    /* Sums of at most FC_DWK_ACC_BYTES a block of channels (_dwk_part), so that they stay in
+       L1 over the block's rows: 5x5 with 1152 channels (120 KB of sums in one block) ran at
+       0.5x the time in blocks of 16 KB (8x7x7x1152), 240 channels (2 blocks) 0.75x. 5x5: 4
+       blocks of rows (their sums added at the end, on one thread: 16 as for 3x3 cost more
+       than they spread) and P = 8 / 3 pixels a tile at stride 1 / 2 with 32 registers (A/B,
+       AVX-512 Xeon, 2 threads, against 16 blocks and P = 4 / 2: 4x28x28x240 0.77x,
+       8x14x14x672 0.77x, 8x7x7x1152 0.61x). */
+    #ifndef FC_DWK_ACC_BYTES
+      #define FC_DWK_ACC_BYTES 16384
+    #endif
+    #ifndef FC_DWK5_PARTS
+      #define FC_DWK5_PARTS 4
+    #endif
+    #ifndef FC_DWK5_P1
+      #define FC_DWK5_P1 (FC_NREG == 32 ? 8 : 4)
+    #endif
+    #ifndef FC_DWK5_P2
+      #define FC_DWK5_P2 (FC_NREG == 32 ? 3 : 2)
+    #endif
+    #define FC_DWKPIX(T, SUF, S, P, KS) \
+    static void fc_dwkpix##KS##_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, \
             ptrdiff_t pad, T* __restrict acc, int with_bias) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
-        const int full = xr[0] && xr[1] && xr[2]; \
+        enum { NK = KS * KS, NX = S * (P - 1) + KS }; \
+        int full = 1; \
+        for (int h = 0; h < KS; h++) full = full && xr[h]; \
         for (ptrdiff_t ow = 0; ow < OW; ) { \
             const ptrdiff_t iw = S * ow - pad; \
             const T* __restrict q = d + ow * F; \
-            if (full && iw >= 0 && ow + P <= OW && iw + S * (P - 1) + 3 <= W) { \
+            if (full && iw >= 0 && ow + P <= OW && iw + NX <= W) { \
                 const T* __restrict a0 = xr[0] + iw * F; \
-                const T* __restrict a1 = xr[1] + iw * F; \
-                const T* __restrict a2 = xr[2] + iw * F; \
                 T* __restrict o = acc; \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
-                    vec dv[P], xin[S * (P - 1) + 3], a; \
+                    vec dv[P], xin[NX], a; \
                     FC_UNROLL for (int p = 0; p < P; p++) FC_LOAD(dv[p], q + p * F); \
                     if (with_bias) { \
-                        FC_LOAD(a, o + 9 * VW); \
+                        FC_LOAD(a, o + NK * VW); \
                         FC_UNROLL for (int p = 0; p < P; p++) a += dv[p]; \
-                        FC_STORE(o + 9 * VW, a); \
+                        FC_STORE(o + NK * VW, a); \
                     } \
-                    FC_UNROLL for (int h = 0; h < 3; h++) { \
-                        const T* __restrict ph = h == 0 ? a0 : h == 1 ? a1 : a2; \
-                        FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) \
-                            FC_LOAD(xin[i], ph + i * F); \
-                        FC_UNROLL for (int kk = 0; kk < 3; kk++) { \
-                            FC_LOAD(a, o + (h * 3 + kk) * VW); \
+                    FC_UNROLL for (int h = 0; h < KS; h++) { \
+                        const T* __restrict ph = h == 0 ? a0 : xr[h] + iw * F + c; \
+                        FC_UNROLL for (int i = 0; i < NX; i++) FC_LOAD(xin[i], ph + i * F); \
+                        FC_UNROLL for (int kk = 0; kk < KS; kk++) { \
+                            FC_LOAD(a, o + (h * KS + kk) * VW); \
                             FC_UNROLL for (int p = 0; p < P; p++) a += xin[S * p + kk] * dv[p]; \
-                            FC_STORE(o + (h * 3 + kk) * VW, a); \
+                            FC_STORE(o + (h * KS + kk) * VW, a); \
                         } \
                     } \
-                    a0 += VW; a1 += VW; a2 += VW; q += VW; o += 10 * VW; \
+                    a0 += VW; q += VW; o += (NK + 1) * VW; \
                 } \
                 ow += P; \
             } else { \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
                     vec dv, v, a; \
-                    T* __restrict o = acc + 10 * c; \
+                    T* __restrict o = acc + (NK + 1) * c; \
                     FC_LOAD(dv, q + c); \
-                    if (with_bias) { FC_LOAD(a, o + 9 * VW); a += dv; FC_STORE(o + 9 * VW, a); } \
-                    for (int h = 0; h < 3; h++) { \
+                    if (with_bias) { FC_LOAD(a, o + NK * VW); a += dv; FC_STORE(o + NK * VW, a); } \
+                    for (int h = 0; h < KS; h++) { \
                         if (!xr[h]) continue; \
-                        for (int kk = 0; kk < 3; kk++) { \
+                        for (int kk = 0; kk < KS; kk++) { \
                             if (iw + kk < 0 || iw + kk >= W) continue; \
                             FC_LOAD(v, xr[h] + (iw + kk) * xs[h] + c); \
-                            FC_LOAD(a, o + (h * 3 + kk) * VW); \
+                            FC_LOAD(a, o + (h * KS + kk) * VW); \
                             a += v * dv; \
-                            FC_STORE(o + (h * 3 + kk) * VW, a); \
+                            FC_STORE(o + (h * KS + kk) * VW, a); \
                         } \
                     } \
                 } \
@@ -1954,12 +1975,14 @@ cdef extern from *:
         (S == 1 ? fc_dwpix_##SUF##_1 : fc_dwpix_##SUF##_2)(xr, xs, w, bias, F, Fv, W, pad, \
                                                            out, o0, o1); \
     } \
-    FC_DWKPIX(T, SUF, 1, 4) FC_DWKPIX(T, SUF, 2, 2) \
-    static inline void fc_dwkpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
+    FC_DWKPIX(T, SUF, 1, 4, 3) FC_DWKPIX(T, SUF, 2, 2, 3) \
+    FC_DWKPIX(T, SUF, 1, FC_DWK5_P1, 5) FC_DWKPIX(T, SUF, 2, FC_DWK5_P2, 5) \
+    static inline void fc_dwkpix_##SUF(int KS, int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
             T* acc, int with_bias) { \
-        if (S == 1) fc_dwkpix_##SUF##_1(xr, xs, d, F, Fv, OW, W, pad, acc, with_bias); \
-        else fc_dwkpix_##SUF##_2(xr, xs, d, F, Fv, OW, W, pad, acc, with_bias); \
+        (KS == 3 ? (S == 1 ? fc_dwkpix3_##SUF##_1 : fc_dwkpix3_##SUF##_2) \
+         : (S == 1 ? fc_dwkpix5_##SUF##_1 : fc_dwkpix5_##SUF##_2))( \
+            xr, xs, d, F, Fv, OW, W, pad, acc, with_bias); \
     } \
     FC_DWROWT_NR(T, SUF, 1) FC_DWROWT_NR(T, SUF, 2) FC_DWROWT_NR(T, SUF, 3) \
     typedef void (*fc_dwrowt_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
@@ -2057,6 +2080,8 @@ cdef extern from *:
     bint FC_DWROW_OK
     int FC_DWROW2_MIN_OW
     int FC_LANES(int sz) noexcept nogil
+    int FC_DWK5_PARTS
+    int FC_DWK_ACC_BYTES
     int FC_VB
     void fc_dwrow_f(int V, int S, const float* const* xr, const Py_ssize_t* xs, const float* w,
                     const float* bias, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
@@ -2070,10 +2095,10 @@ cdef extern from *:
     void fc_dwpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* w,
                     const double* bias, Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t W, Py_ssize_t pad,
                     double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
-    void fc_dwkpix_f(int S, const float* const* xr, const Py_ssize_t* xs, const float* d,
+    void fc_dwkpix_f(int KS, int S, const float* const* xr, const Py_ssize_t* xs, const float* d,
                      Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
                      float* acc, int with_bias) noexcept nogil
-    void fc_dwkpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* d,
+    void fc_dwkpix_d(int KS, int S, const double* const* xr, const Py_ssize_t* xs, const double* d,
                      Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
                      double* acc, int with_bias) noexcept nogil
     void fc_dwrowt_f(int V, int nr, const float* const* dyr, const Py_ssize_t* ds,
@@ -4369,26 +4394,35 @@ def ffi_grad_kernel():
 
 cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssize_t r0,
                     Py_ssize_t r1, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
-                    Py_ssize_t OW, Py_ssize_t Fv, int sh, int sw, int dh, int pad_top,
+                    Py_ssize_t OW, Py_ssize_t Fv, int KS, int sh, int sw, int dh, int pad_top,
                     int pad_left, bint with_bias) noexcept nogil:
-    # fc_dwkpix over the output rows [r0, r1): the 9 taps' sums of channels [0, Fv) and dy's
-    # channel sums (with_bias) into acc, 10 vectors a channel vector (fc_dwkpix)
-    cdef const floating* xr[3]
-    cdef Py_ssize_t xs[3]
-    cdef Py_ssize_t r, n, oh, ih
+    # fc_dwkpix over the output rows [r0, r1): the KS*KS taps' sums of channels [0, Fv) and
+    # dy's channel sums (with_bias) into acc, KS*KS + 1 vectors a channel vector (fc_dwkpix)
+    cdef const floating* xr[5]
+    cdef Py_ssize_t xs[5]
+    cdef Py_ssize_t r, n, oh, ih, c0, cw, vw = FC_LANES(sizeof(floating)), nk = KS * KS + 1
     cdef int h
-    memset(acc, 0, 10 * Fv * sizeof(floating))
-    for r in range(r0, r1):
-        n = r // OH
-        oh = r % OH
-        for h in range(3):
-            ih = oh * sh - pad_top + h * dh
-            xr[h] = x + (n * H + ih) * W * C if ih >= 0 and ih < H else NULL
-            xs[h] = C
-        if floating is float:
-            fc_dwkpix_f(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc, with_bias)
-        else:
-            fc_dwkpix_d(sw, xr, xs, dy + r * OW * C, C, Fv, OW, W, pad_left, acc, with_bias)
+    # channels in blocks whose sums fit in L1 (FC_DWK_ACC_BYTES), each over all the rows
+    cdef Py_ssize_t cb = _max(vw, FC_DWK_ACC_BYTES // (nk * sizeof(floating)) // vw * vw)
+    cb = _cdiv(_cdiv(Fv, _cdiv(Fv, cb)), vw) * vw
+    memset(acc, 0, nk * Fv * sizeof(floating))
+    c0 = 0
+    while c0 < Fv:
+        cw = _min(cb, Fv - c0)
+        for r in range(r0, r1):
+            n = r // OH
+            oh = r % OH
+            for h in range(KS):
+                ih = oh * sh - pad_top + h * dh
+                xr[h] = x + (n * H + ih) * W * C + c0 if ih >= 0 and ih < H else NULL
+                xs[h] = C
+            if floating is float:
+                fc_dwkpix_f(KS, sw, xr, xs, dy + r * OW * C + c0, C, cw, OW, W, pad_left,
+                            acc + nk * c0, with_bias)
+            else:
+                fc_dwkpix_d(KS, sw, xr, xs, dy + r * OW * C + c0, C, cw, OW, W, pad_left,
+                            acc + nk * c0, with_bias)
+        c0 += cw
 
 
 ctypedef struct Gk:
@@ -4428,9 +4462,9 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1) noe
     cdef floating s
     for t in range(t0, t1):
         if a.mode == GK_DWK_PARTS:
-            _dwk_part(xp, gp, sums + t * 10 * a.Fv, t * rows // a.parts,
-                      (t + 1) * rows // a.parts, a.H, a.W, a.C, a.OH, a.OW, a.Fv, a.sh, a.sw,
-                      a.dh, a.pad_top, a.pad_left, bp != NULL)
+            _dwk_part(xp, gp, sums + t * (a.KH * a.KW + 1) * a.Fv, t * rows // a.parts,
+                      (t + 1) * rows // a.parts, a.H, a.W, a.C, a.OH, a.OW, a.Fv, <int>a.KH,
+                      a.sh, a.sw, a.dh, a.pad_top, a.pad_left, bp != NULL)
         elif a.mode == GK_ROW_PARTS:
             part = t // a.slices
             _grad_kernel_tasks(xp, gp, sums + part * ps, a.tasks, t % a.slices * n // a.slices,
@@ -4505,10 +4539,14 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
-    # depthwise 3x3: the channels that fill whole vectors by fc_dwkpix (pixel-major), in
-    # DWK_PARTS blocks of rows, each with its own sums, added in order: bit-identical on any
-    # thread count. fc_dwk3 tasks keep the rest.
-    cdef Py_ssize_t Fv = F - F % (FC_VB // sz) if dk3 and KH == 3 and FC_DWROW_OK else 0
+    # depthwise 3x3 and 5x5: the channels that fill whole vectors by fc_dwkpix (pixel-major),
+    # in DWK_PARTS blocks of rows, each with its own sums, added in order: bit-identical on any
+    # thread count. fc_dwk3 tasks (3x3) or per-tap tasks (5x5) keep the rest.
+    cdef Py_ssize_t Fv = 0
+    cdef Py_ssize_t KT = KH * KW
+    if (FC_DWROW_OK and depthwise and KH == KW and (KW == 3 or KW == 5)
+            and (sw == 1 or sw == 2) and dwl == 1):
+        Fv = F - F % (FC_VB // sz)
     # few input channels (fewer than a tile's rows): a tile's rows are a kernel row's (kw, c)
     # pairs, contiguous in x (unit dilation along w), on a zero-padded copy of x (no window
     # leaves it). Per tap, a tile had C rows: 3 broadcasts and 4 loads of dy for 12
@@ -4517,7 +4555,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef bint merged = _gk_merged(cin_g, KW, F, dwl, groups, sz) and not pairk
     cdef Py_ssize_t Hx, Wx, m0
     cdef floating* xpad = NULL
-    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS), part, c, i, vw = FC_LANES(sz)
+    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS if KH * KW == 9 else FC_DWK5_PARTS), part, c, i, vw = FC_LANES(sz)
     cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
     # groups from `group` on (with pk3, fc_pairk3 or fc_quadk3 on taps tap .. tap + 2)
@@ -4586,7 +4624,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             for g in range(1 if depthwise else groups):
                 i0 = 0
                 while i0 < cin_g:
-                    f0 = 0
+                    f0 = Fv if depthwise else 0   # (fc_dwkpix: channels [0, Fv))
                     while f0 < (F if depthwise else cout_g):
                         V = fc_width((F if depthwise else cout_g) - f0, sz)
                         if t == 1:
@@ -4628,7 +4666,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     job.f64 = floating is double
     cdef Copies frame
     if Fv:
-        parts = <floating*>fc_amalloc(nparts * 10 * Fv * sizeof(floating))
+        parts = <floating*>fc_amalloc(nparts * (KT + 1) * Fv * sizeof(floating))
         if parts == NULL:
             free(tasks)
             free(gpad)
@@ -4637,13 +4675,13 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             return -1
         job.mode, job.sums, job.parts = GK_DWK_PARTS, parts, nparts
         _parallel(n_threads, _gk_body, &job, nparts)
-        for tap in range(10 if bp != NULL else 9):
+        for tap in range(KT + 1 if bp != NULL else KT):
             for c in range(Fv):
-                i = (c - c % vw) * 10 + tap * vw + c % vw   # (fc_dwkpix's layout)
+                i = (c - c % vw) * (KT + 1) + tap * vw + c % vw   # (fc_dwkpix's layout)
                 s = parts[i]
                 for part in range(1, nparts):
-                    s = s + parts[part * 10 * Fv + i]
-                if tap < 9:
+                    s = s + parts[part * (KT + 1) * Fv + i]
+                if tap < KT:
                     dp[tap * F + c] = s
                 else:
                     bp[c] = s
@@ -4682,7 +4720,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef Py_ssize_t nrp = _min(N * OH, GK_PARTS), psize = KH * KW * cin_g * F + F
     cdef Py_ssize_t slices = _cdiv(n_threads, _max(1, nrp))
     cdef floating* rp = NULL
-    if (ntasks and not dk3 and nrp > 1
+    if (ntasks and not dk3 and Fv == 0 and nrp > 1
             and 8 * nrp * psize <= N * H * W * C + N * OH * OW * F):
         rp = <floating*>fc_amalloc(nrp * psize * sz)
         if rp == NULL:

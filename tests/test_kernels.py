@@ -54,6 +54,10 @@ CASES = [
     (2, 9, 27, 37, 5, 5, 37, 37, (1, 1), (1, 1), "same"),
     (1, 7, 30, 72, 3, 5, 72, 72, (2, 1), (2, 1), "valid"),  # 2 vectors, stride and dilation h
     (2, 6, 4, 16, 5, 5, 16, 16, (1, 1), (1, 1), "same"),  # W < 5: no interior run
+    # depthwise 5x5 kernel gradient (fc_dwkpix): stride 2, dilation h 2, channels in several
+    # blocks of sums, a channel tail
+    (1, 9, 17, 300, 5, 5, 300, 300, (2, 2), (1, 1), "same"),
+    (2, 8, 12, 168, 5, 5, 168, 168, (1, 1), (2, 1), "same"),
     (1, 4, 150, 24, 3, 3, 24, 24, (1, 1), (1, 1), "same"),  # 3x3 rows longer than a block
     # depthwise 3x3 rows with stride 2 along w: odd and even widths (left padding 1 and 0),
     # channel tails, rows longer than a pixel block, W = 3 and W < 3 (no interior)
