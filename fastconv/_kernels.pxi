@@ -538,10 +538,11 @@ cdef extern from *:
         while (V > 1 && (V > rem || V * sz > (FC_NREG == 32 ? 4 : 2) * FC_VB)) V >>= 1;
         return V;
     }
-    /* Depthwise rows of NT consecutive taps (fc_dwt, NT = 3 or 5): P accumulator rows, the NT kernel
-       rows and a load in registers; 2 vectors a row where that leaves >= 4 pixels, else 1. (Since
-       FC_DWT loops taps outer only one kernel vector is live; the larger P that allows measured
-       0.90-1.17x, so these sizes stay.) */
+    /* Depthwise rows of NT consecutive taps (fc_dwt, NT = 3, 5 or 7): P accumulator rows, the
+       NT kernel rows and a load in registers; 2 vectors a row where that leaves >= 4 pixels,
+       else 1. (Since FC_DWT loops taps outer only one kernel vector is live; the larger P that
+       allows measured 0.90-1.17x, so these sizes stay. 7x7, against per-pixel tiles: forward
+       0.59-0.61x the time on ConvNeXt's 56x56x96 .. 7x7x768, grad_input 0.62-0.75x.) */
     static inline int fc_dwt_width(ptrdiff_t rem, int sz, int nt) {
         int V = 64, nv = (FC_NREG - 1) / 2 - nt >= 4 ? 2 : 1;
         while (V > 1 && (V > rem || V * sz > nv * FC_VB)) V >>= 1;
@@ -1075,9 +1076,10 @@ cdef extern from *:
        8x112x112x32 2.36 -> 1.26, 8x56x56x144 5.19 -> 3.01, 8x14x14x576 1.03 -> 0.64, 8x7x7x960
        0.49 -> 0.41, stride 2 8x112x112x64 1.94 -> 1.15, 8x56x56x144 even. P = 4 / 2 (stride 1 /
        2) against 3 / 1 and 6 / 3: within the noise or better. */
-    /* The same for 5x5 kernels (KS = 5: 25 taps and the bias, acc[26*c + tap*VW + lane]):
-       the generic per-tap tasks read x and dy once a tap from L1 or L2, two loads a
-       multiply-add (4x28x28x240: 20 GFLOP/s, 5x the forward's time). */
+    /* The same for 5x5 and 7x7 kernels (KS = 5: 25 taps and the bias, acc[26*c + tap*VW +
+       lane]; KS = 7: 50 vectors): the per-tap tasks before read x and dy once a tap from L1 or
+       L2, two loads a multiply-add (4x28x28x240 5x5: 20 GFLOP/s, 5x the forward's time;
+       4x56x56x96 7x7: 33 GFLOP/s; fc_dwkpix 7x7 0.25-0.75x their time). */
     /* Sums of at most FC_DWK_ACC_BYTES a block of channels (_dwk_part), so that they stay in
        L1 over the block's rows: 5x5 with 1152 channels (120 KB of sums in one block) ran at
        0.5x the time in blocks of 16 KB (8x7x7x1152), 240 channels (2 blocks) 0.75x. 5x5: 4
@@ -1245,6 +1247,7 @@ cdef extern from *:
        same order as before: results are bit-identical. */
     #define FC_DW3(T, SUF, P, V) FC_DWT(T, SUF, P, V, 3)
     #define FC_DW5(T, SUF, P, V) FC_DWT(T, SUF, P, V, 5)
+    #define FC_DW7(T, SUF, P, V) FC_DWT(T, SUF, P, V, 7)
     #define FC_DWT(T, SUF, P, V, NT) \
     static void fc_dw##NT##_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, \
             const T* __restrict B, ptrdiff_t ldt, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
@@ -1946,6 +1949,7 @@ cdef extern from *:
     FC_VS(FC_DW, T, SUF) \
     FC_VS(FC_DW3, T, SUF) \
     FC_VS(FC_DW5, T, SUF) \
+    FC_VS(FC_DW7, T, SUF) \
     FC_DWK(T, SUF, 1) FC_DWK(T, SUF, 2) FC_DWK(T, SUF, 4) FC_DWK(T, SUF, 8) \
     FC_DWK(T, SUF, 16) FC_DWK(T, SUF, 32) FC_DWK(T, SUF, 64) \
     FC_DWK3(T, SUF, 1, 1) FC_DWK3(T, SUF, 2, 1) FC_DWK3(T, SUF, 4, 1) FC_DWK3(T, SUF, 8, 1) \
@@ -1977,11 +1981,13 @@ cdef extern from *:
     } \
     FC_DWKPIX(T, SUF, 1, 4, 3) FC_DWKPIX(T, SUF, 2, 2, 3) \
     FC_DWKPIX(T, SUF, 1, FC_DWK5_P1, 5) FC_DWKPIX(T, SUF, 2, FC_DWK5_P2, 5) \
+    FC_DWKPIX(T, SUF, 1, FC_DWK5_P1, 7) FC_DWKPIX(T, SUF, 2, FC_DWK5_P2, 7) \
     static inline void fc_dwkpix_##SUF(int KS, int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
             T* acc, int with_bias) { \
         (KS == 3 ? (S == 1 ? fc_dwkpix3_##SUF##_1 : fc_dwkpix3_##SUF##_2) \
-         : (S == 1 ? fc_dwkpix5_##SUF##_1 : fc_dwkpix5_##SUF##_2))( \
+         : KS == 5 ? (S == 1 ? fc_dwkpix5_##SUF##_1 : fc_dwkpix5_##SUF##_2) \
+         : (S == 1 ? fc_dwkpix7_##SUF##_1 : fc_dwkpix7_##SUF##_2))( \
             xr, xs, d, F, Fv, OW, W, pad, acc, with_bias); \
     } \
     FC_DWROWT_NR(T, SUF, 1) FC_DWROWT_NR(T, SUF, 2) FC_DWROWT_NR(T, SUF, 3) \
@@ -2015,10 +2021,12 @@ cdef extern from *:
         const ptrdiff_t*, int, T*, ptrdiff_t, const T*); \
     static const fc_dw3_##SUF##_t fc_dw3_table_##SUF[7][13] = FC_TABLE(fc_dw3, SUF); \
     static const fc_dw3_##SUF##_t fc_dw5_table_##SUF[7][13] = FC_TABLE(fc_dw5, SUF); \
+    static const fc_dw3_##SUF##_t fc_dw7_table_##SUF[7][13] = FC_TABLE(fc_dw7, SUF); \
     static inline void fc_dwt_##SUF(int NT, int P, int V, const T* A, ptrdiff_t aps, const T* B, \
             ptrdiff_t ldt, const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, T* out, \
             ptrdiff_t ops, const T* bias) { \
-        (NT == 5 ? fc_dw5_table_##SUF : fc_dw3_table_##SUF)[fc_log2(V)][P]( \
+        (NT == 7 ? fc_dw7_table_##SUF : NT == 5 ? fc_dw5_table_##SUF \
+         : fc_dw3_table_##SUF)[fc_log2(V)][P]( \
             A, aps, B, ldt, aoff, boff, nseg, out, ops, bias); \
     } \
     typedef void (*fc_dwk_##SUF##_t)(const T*, ptrdiff_t, const T*, ptrdiff_t, const ptrdiff_t*, \
@@ -2601,7 +2609,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         ngroups = 0
         biased = True
     elif depthwise:
-        # With KW 3 or 5 and unit stride and dilation along w (_dwt on a run's interior tiles, all
+        # With KW 3, 5 or 7 and unit stride and dilation along w (_dwt on a run's interior tiles, all
         # KW taps inside the image; _dw on the rest, whose taps are one contiguous slice of the
         # kw-major list): channel vectors outer, as grad_input does, so the input rows' stretch
         # of a vector stays in L1 from tile to tile (A/B, AVX-512 Xeon, 2 threads, 5x5:
@@ -2609,7 +2617,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         # tiles of pixels outer, channels inner, so x and out are swept in order: with channels
         # outer every vector walked the input rows again, from L2 or memory (8x112x112x64 stride
         # 2 ran at 3 GFLOP/s on one thread). Tiles start from the bias.
-        dwt = (KW == 3 or KW == 5) and dw == 1 and sw == 1
+        dwt = (KW == 3 or KW == 5 or KW == 7) and dw == 1 and sw == 1
         if dwt:
             f0 = 0
             while f0 < F:
@@ -3611,7 +3619,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                                  nseg, dx + (q + j * sw) * C, sw * C)
                     j += p
             continue
-        if depthwise and (KW == 3 or KW == 5) and dw == 1 and sw == 1:
+        if depthwise and (KW == 3 or KW == 5 or KW == 7) and dw == 1 and sw == 1:
             # candidate taps kw = 0 .. KW-1 read output pixels ow0 - kw: in kw-reversed order,
             # consecutive pixels, as fc_dwt wants (list index (KW-1)*nkh + a: the last kw of
             # kernel row a)
@@ -4398,8 +4406,8 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
                     int pad_left, bint with_bias) noexcept nogil:
     # fc_dwkpix over the output rows [r0, r1): the KS*KS taps' sums of channels [0, Fv) and
     # dy's channel sums (with_bias) into acc, KS*KS + 1 vectors a channel vector (fc_dwkpix)
-    cdef const floating* xr[5]
-    cdef Py_ssize_t xs[5]
+    cdef const floating* xr[7]
+    cdef Py_ssize_t xs[7]
     cdef Py_ssize_t r, n, oh, ih, c0, cw, vw = FC_LANES(sizeof(floating)), nk = KS * KS + 1
     cdef int h
     # channels in blocks whose sums fit in L1 (FC_DWK_ACC_BYTES), each over all the rows
@@ -4539,12 +4547,12 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
-    # depthwise 3x3 and 5x5: the channels that fill whole vectors by fc_dwkpix (pixel-major),
-    # in DWK_PARTS blocks of rows, each with its own sums, added in order: bit-identical on any
-    # thread count. fc_dwk3 tasks (3x3) or per-tap tasks (5x5) keep the rest.
+    # depthwise 3x3, 5x5 and 7x7: the channels that fill whole vectors by fc_dwkpix
+    # (pixel-major), in blocks of rows, each with its own sums, added in order: bit-identical
+    # on any thread count. fc_dwk3 tasks (3x3) or per-tap tasks keep the rest.
     cdef Py_ssize_t Fv = 0
     cdef Py_ssize_t KT = KH * KW
-    if (FC_DWROW_OK and depthwise and KH == KW and (KW == 3 or KW == 5)
+    if (FC_DWROW_OK and depthwise and KH == KW and (KW == 3 or KW == 5 or KW == 7)
             and (sw == 1 or sw == 2) and dwl == 1):
         Fv = F - F % (FC_VB // sz)
     # few input channels (fewer than a tile's rows): a tile's rows are a kernel row's (kw, c)

@@ -127,6 +127,10 @@ CASES = [
     # depthwise 5x5 and 7x7 on short rows: zero-padded columns (_forward), a channel tail
     (2, 7, 7, 40, 5, 5, 40, 40, (1, 1), (1, 1), "same"),
     (1, 9, 9, 24, 7, 7, 24, 24, (1, 1), (1, 1), "same"),
+    # depthwise 7x7 (fc_dwt, NT = 7; fc_dwkpix 7x7): rows longer than a tile with border runs,
+    # a channel tail; stride 2 and dilation h 2
+    (2, 9, 30, 40, 7, 7, 40, 40, (1, 1), (1, 1), "same"),
+    (1, 12, 23, 72, 7, 7, 72, 72, (2, 2), (2, 1), "same"),
 ]
 
 
