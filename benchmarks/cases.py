@@ -69,6 +69,8 @@ _CASES = [
     Case("batch1_odd", 1, 29, 29, 37, 53, 3, note="batch 1, odd sizes and channels"),
     Case("k5x5", 4, 28, 28, 64, 64, 5),
     Case("k7x7", 4, 28, 28, 32, 32, 7),
+    Case("dw5x5", 4, 28, 28, 240, 240, 5, groups=240, note="depthwise 5x5 (EfficientNet)"),
+    Case("dw7x7", 4, 56, 56, 96, 96, 7, groups=96, note="depthwise 7x7 (ConvNeXt-T, stage 1)"),
     Case("pointwise_s2", 4, 56, 56, 128, 256, 1, stride=2, padding="valid",
          note="ResNet downsampling shortcut"),
     # Small layers: per-call overhead of each bridge against Keras.
