@@ -1090,14 +1090,14 @@ cdef extern from *:
     #ifndef FC_DWK_ACC_BYTES
       #define FC_DWK_ACC_BYTES 16384
     #endif
-    #ifndef FC_DWK5_PARTS
-      #define FC_DWK5_PARTS 4
+    #ifndef FC_DWKL_PARTS
+      #define FC_DWKL_PARTS 4
     #endif
-    #ifndef FC_DWK5_P1
-      #define FC_DWK5_P1 (FC_NREG == 32 ? 8 : 4)
+    #ifndef FC_DWKL_P1
+      #define FC_DWKL_P1 (FC_NREG == 32 ? 8 : 4)
     #endif
-    #ifndef FC_DWK5_P2
-      #define FC_DWK5_P2 (FC_NREG == 32 ? 3 : 2)
+    #ifndef FC_DWKL_P2
+      #define FC_DWKL_P2 (FC_NREG == 32 ? 3 : 2)
     #endif
     #define FC_DWKPIX(T, SUF, S, P, KS) \
     static void fc_dwkpix##KS##_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
@@ -1980,8 +1980,8 @@ cdef extern from *:
                                                            out, o0, o1); \
     } \
     FC_DWKPIX(T, SUF, 1, 4, 3) FC_DWKPIX(T, SUF, 2, 2, 3) \
-    FC_DWKPIX(T, SUF, 1, FC_DWK5_P1, 5) FC_DWKPIX(T, SUF, 2, FC_DWK5_P2, 5) \
-    FC_DWKPIX(T, SUF, 1, FC_DWK5_P1, 7) FC_DWKPIX(T, SUF, 2, FC_DWK5_P2, 7) \
+    FC_DWKPIX(T, SUF, 1, FC_DWKL_P1, 5) FC_DWKPIX(T, SUF, 2, FC_DWKL_P2, 5) \
+    FC_DWKPIX(T, SUF, 1, FC_DWKL_P1, 7) FC_DWKPIX(T, SUF, 2, FC_DWKL_P2, 7) \
     static inline void fc_dwkpix_##SUF(int KS, int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
             T* acc, int with_bias) { \
@@ -2088,7 +2088,7 @@ cdef extern from *:
     bint FC_DWROW_OK
     int FC_DWROW2_MIN_OW
     int FC_LANES(int sz) noexcept nogil
-    int FC_DWK5_PARTS
+    int FC_DWKL_PARTS
     int FC_DWK_ACC_BYTES
     int FC_VB
     void fc_dwrow_f(int V, int S, const float* const* xr, const Py_ssize_t* xs, const float* w,
@@ -2609,11 +2609,12 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         ngroups = 0
         biased = True
     elif depthwise:
-        # With KW 3, 5 or 7 and unit stride and dilation along w (_dwt on a run's interior tiles, all
-        # KW taps inside the image; _dw on the rest, whose taps are one contiguous slice of the
-        # kw-major list): channel vectors outer, as grad_input does, so the input rows' stretch
-        # of a vector stays in L1 from tile to tile (A/B, AVX-512 Xeon, 2 threads, 5x5:
-        # 4x28x28x240 0.88-0.99x, 4x56x56x144 0.81-0.99x, 8x14x14x672 0.94-0.97x). Otherwise
+        # With KW 3, 5 or 7 and unit stride and dilation along w (_dwt on a run's interior
+        # tiles, all KW taps inside the image; _dw on the rest, whose taps are one contiguous
+        # slice of the kw-major list): channel vectors outer, as grad_input does, so the input
+        # rows' stretch of a vector stays in L1 from tile to tile (A/B, AVX-512 Xeon, 2
+        # threads, 5x5: 4x28x28x240 0.88-0.99x, 4x56x56x144 0.81-0.99x, 8x14x14x672
+        # 0.94-0.97x). Otherwise
         # tiles of pixels outer, channels inner, so x and out are swept in order: with channels
         # outer every vector walked the input rows again, from L2 or memory (8x112x112x64 stride
         # 2 ran at 3 GFLOP/s on one thread). Tiles start from the bias.
@@ -4563,7 +4564,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef bint merged = _gk_merged(cin_g, KW, F, dwl, groups, sz) and not pairk
     cdef Py_ssize_t Hx, Wx, m0
     cdef floating* xpad = NULL
-    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS if KH * KW == 9 else FC_DWK5_PARTS), part, c, i, vw = FC_LANES(sz)
+    cdef Py_ssize_t nparts = _min(N * OH, DWK_PARTS if KH * KW == 9 else FC_DWKL_PARTS)
+    cdef Py_ssize_t part, c, i, vw = FC_LANES(sz)
     cdef floating* parts = NULL
     # the task list (tap, group, i0, f0, V << 8 | P): count, then fill; V = 0: fc_pairk over P
     # groups from `group` on (with pk3, fc_pairk3 or fc_quadk3 on taps tap .. tap + 2)
