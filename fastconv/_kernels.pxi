@@ -943,9 +943,10 @@ cdef extern from *:
        rate. Zen 3, AVX2, 2 threads, from DRAM (40 calls alternating, each after a 48 MB write),
        fc_dwrow -> fc_dwpix: fwd 4x56x56x128 1.18 -> 0.88 ms, 8x112x112x32 1.62 -> 1.43,
        8x56x56x144 2.35 -> 2.25, 4x56x56x100 1.04 -> 0.58, stride 2 8x112x112x96 2.96 -> 1.96,
-       8x56x56x144 1.15 -> 1.13; grad_input (wflip) 1.14-1.84x faster. P = 3 beat 2, 4, 5, 6 at stride 1, P = 1 beat
-       2 and 3 at stride 2 (fewer live registers: 16 with AVX2). xr[h] as for fc_dwrow (pixels F
-       apart: x's channels are out's), or NULL for a row outside the image. */
+       8x56x56x144 1.15 -> 1.13; grad_input (wflip) 1.14-1.84x faster. P = 3 beat 2, 4, 5, 6
+       at stride 1, P = 1 beat 2 and 3 at stride 2 (fewer live registers: 16 with AVX2). xr[h]
+       as for fc_dwrow (pixels F apart: x's channels are out's), or NULL for a row outside the
+       image. */
     /* Pixels a fc_dwpix tile (P), at stride 1 and 2. With 32 registers 4 at stride 1 (A/B,
        AVX-512 Xeon, 2 threads, forward over P = 3: 8x112x112x32 0.76-0.90x the time,
        1x28x28x128 0.80-0.97x, 8x14x14x576 0.86-0.98x, 4x56x56x128 0.92-0.95x, 8x56x56x144
@@ -2614,10 +2615,10 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         # slice of the kw-major list): channel vectors outer, as grad_input does, so the input
         # rows' stretch of a vector stays in L1 from tile to tile (A/B, AVX-512 Xeon, 2
         # threads, 5x5: 4x28x28x240 0.88-0.99x, 4x56x56x144 0.81-0.99x, 8x14x14x672
-        # 0.94-0.97x). Otherwise
-        # tiles of pixels outer, channels inner, so x and out are swept in order: with channels
-        # outer every vector walked the input rows again, from L2 or memory (8x112x112x64 stride
-        # 2 ran at 3 GFLOP/s on one thread). Tiles start from the bias.
+        # 0.94-0.97x). Otherwise tiles of pixels outer, channels inner, so x and out are swept
+        # in order: with channels outer every vector walked the input rows again, from L2 or
+        # memory (8x112x112x64 stride 2 ran at 3 GFLOP/s on one thread). Tiles start from the
+        # bias.
         dwt = (KW == 3 or KW == 5 or KW == 7) and dw == 1 and sw == 1
         if dwt:
             f0 = 0
