@@ -1101,9 +1101,9 @@ cdef extern from *:
       #define FC_DWKL_P2 (FC_NREG == 32 ? 3 : 2)
     #endif
     #define FC_DWKPIX(T, SUF, S, P, KS) \
-    static void fc_dwkpix##KS##_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
-            const T* __restrict d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, \
-            ptrdiff_t pad, T* __restrict acc, int with_bias) \
+    static void fc_dwkpix##KS##_##SUF##_##S(const T* const* xr, const T* __restrict d, \
+            ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
+            T* __restrict acc, int with_bias) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
         enum { NK = KS * KS, NX = S * (P - 1) + KS }; \
@@ -1145,7 +1145,7 @@ cdef extern from *:
                         if (!xr[h]) continue; \
                         for (int kk = 0; kk < KS; kk++) { \
                             if (iw + kk < 0 || iw + kk >= W) continue; \
-                            FC_LOAD(v, xr[h] + (iw + kk) * xs[h] + c); \
+                            FC_LOAD(v, xr[h] + (iw + kk) * F + c); \
                             FC_LOAD(a, o + (h * KS + kk) * VW); \
                             a += v * dv; \
                             FC_STORE(o + (h * KS + kk) * VW, a); \
@@ -1983,13 +1983,13 @@ cdef extern from *:
     FC_DWKPIX(T, SUF, 1, 4, 3) FC_DWKPIX(T, SUF, 2, 2, 3) \
     FC_DWKPIX(T, SUF, 1, FC_DWKL_P1, 5) FC_DWKPIX(T, SUF, 2, FC_DWKL_P2, 5) \
     FC_DWKPIX(T, SUF, 1, FC_DWKL_P1, 7) FC_DWKPIX(T, SUF, 2, FC_DWKL_P2, 7) \
-    static inline void fc_dwkpix_##SUF(int KS, int S, const T* const* xr, const ptrdiff_t* xs, \
-            const T* d, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, \
-            T* acc, int with_bias) { \
+    static inline void fc_dwkpix_##SUF(int KS, int S, const T* const* xr, const T* d, \
+            ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t OW, ptrdiff_t W, ptrdiff_t pad, T* acc, \
+            int with_bias) { \
         (KS == 3 ? (S == 1 ? fc_dwkpix3_##SUF##_1 : fc_dwkpix3_##SUF##_2) \
          : KS == 5 ? (S == 1 ? fc_dwkpix5_##SUF##_1 : fc_dwkpix5_##SUF##_2) \
          : (S == 1 ? fc_dwkpix7_##SUF##_1 : fc_dwkpix7_##SUF##_2))( \
-            xr, xs, d, F, Fv, OW, W, pad, acc, with_bias); \
+            xr, d, F, Fv, OW, W, pad, acc, with_bias); \
     } \
     FC_DWROWT_NR(T, SUF, 1) FC_DWROWT_NR(T, SUF, 2) FC_DWROWT_NR(T, SUF, 3) \
     typedef void (*fc_dwrowt_##SUF##_t)(const T* const*, const ptrdiff_t*, const T* const*, \
@@ -2104,12 +2104,12 @@ cdef extern from *:
     void fc_dwpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* w,
                     const double* bias, Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t W, Py_ssize_t pad,
                     double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
-    void fc_dwkpix_f(int KS, int S, const float* const* xr, const Py_ssize_t* xs, const float* d,
-                     Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
-                     float* acc, int with_bias) noexcept nogil
-    void fc_dwkpix_d(int KS, int S, const double* const* xr, const Py_ssize_t* xs, const double* d,
-                     Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad,
-                     double* acc, int with_bias) noexcept nogil
+    void fc_dwkpix_f(int KS, int S, const float* const* xr, const float* d, Py_ssize_t F,
+                     Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad, float* acc,
+                     int with_bias) noexcept nogil
+    void fc_dwkpix_d(int KS, int S, const double* const* xr, const double* d, Py_ssize_t F,
+                     Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad, double* acc,
+                     int with_bias) noexcept nogil
     void fc_dwrowt_f(int V, int nr, const float* const* dyr, const Py_ssize_t* ds,
                      const float* const* wr, const Py_ssize_t* wst, Py_ssize_t F, Py_ssize_t OW,
                      Py_ssize_t W, Py_ssize_t pad, float* out, Py_ssize_t o0,
@@ -2198,6 +2198,10 @@ cdef Py_ssize_t fc_block_major_bytes = BLOCK_MAJOR_BYTES
 # 1.55x, 4x56x56 1.28x / 1.24x; 5x5 64 on 4x28x28 1.23x / 1.20x, on 4x56x56 1.10x / 1.10x.
 PAD_COLUMNS_OW = 128
 cdef Py_ssize_t fc_pad_columns_ow = PAD_COLUMNS_OW
+# Depthwise rows clip their own windows, except rows of at most this many pixels with 5 or
+# more taps at unit stride, most of whose pixels are border pixels (see _forward).
+cdef enum:
+    DW_PAD_COLUMNS_OW = 16
 
 
 def set_pad_columns_ow(Py_ssize_t n):
@@ -3276,10 +3280,10 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     # an activation `act` (_epilogue; the TensorFlow bridge fuses them into its op).
     cdef bint fused = scale != NULL or act != FC_ACT_NONE
     cdef const floating* row_bias = NULL if fused else bp
+    cdef bint depthwise = cin_g == 1 and F == groups
     if N * OH * OW * F == 0:
         return 0
-    if (nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and cin_g == 1 and groups == C
-            and F == C and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+    if (nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and depthwise and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
             and (fc_dwnchw_width_f(OW) if floating is float else fc_dwnchw_width_d(OW))):
         return _forward_dwnchw(xp, N, H, W, C, wp, op, OH, OW, pad_top, pad_left, n_threads, bp)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
@@ -3369,7 +3373,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     # stride 2 on 8x56x56x144 2.0x); the pair and quad tiles of 8 or 4 channels a group lost
     # more to the copy than their border tiles cost, unless the rows are padded as a band's
     # scratch is filled: see PAD_COLUMNS_OW)
-    if (C > 1 and (not (cin_g == 1 and cg == 1) or (KW >= 5 and sw == 1 and OW <= 16))
+    if (C > 1 and (not depthwise or (KW >= 5 and sw == 1 and OW <= DW_PAD_COLUMNS_OW))
             and OW <= fc_pad_columns_ow
             and (wpk == NULL or (bands and nchw & FC_NCHW_X))
             and _pad_pays(OW, W, KW, sw, dw, pad_left)):
@@ -4409,7 +4413,6 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
     # fc_dwkpix over the output rows [r0, r1): the KS*KS taps' sums of channels [0, Fv) and
     # dy's channel sums (with_bias) into acc, KS*KS + 1 vectors a channel vector (fc_dwkpix)
     cdef const floating* xr[7]
-    cdef Py_ssize_t xs[7]
     cdef Py_ssize_t r, n, oh, ih, c0, cw, vw = FC_LANES(sizeof(floating)), nk = KS * KS + 1
     cdef int h
     # channels in blocks whose sums fit in L1 (FC_DWK_ACC_BYTES), each over all the rows
@@ -4425,12 +4428,11 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
             for h in range(KS):
                 ih = oh * sh - pad_top + h * dh
                 xr[h] = x + (n * H + ih) * W * C + c0 if ih >= 0 and ih < H else NULL
-                xs[h] = C
             if floating is float:
-                fc_dwkpix_f(KS, sw, xr, xs, dy + r * OW * C + c0, C, cw, OW, W, pad_left,
+                fc_dwkpix_f(KS, sw, xr, dy + r * OW * C + c0, C, cw, OW, W, pad_left,
                             acc + nk * c0, with_bias)
             else:
-                fc_dwkpix_d(KS, sw, xr, xs, dy + r * OW * C + c0, C, cw, OW, W, pad_left,
+                fc_dwkpix_d(KS, sw, xr, dy + r * OW * C + c0, C, cw, OW, W, pad_left,
                             acc + nk * c0, with_bias)
         c0 += cw
 
