@@ -72,6 +72,12 @@ CASES = [
     (1, 9, 30, 27, 3, 3, 27, 27, (1, 1), (1, 2), "same"),
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
+    # depthwise kernel gradient dilated along w (fc_dwkpix on dilation phases): no padding,
+    # channel tails, 7x7, rows shorter than the dilation's reach and than the dilation
+    (2, 8, 23, 40, 3, 3, 40, 40, (1, 1), (1, 3), "valid"),
+    (1, 15, 30, 72, 7, 7, 72, 72, (1, 1), (2, 2), "same"),
+    (2, 6, 7, 24, 5, 5, 24, 24, (1, 1), (1, 4), "same"),
+    (1, 5, 3, 16, 3, 3, 16, 16, (1, 1), (1, 4), "same"),
     # Dense kernels in column blocks (_column_blocks): more channels than a tile, tails
     (2, 7, 8, 80, 3, 3, 136, 1, (1, 1), (1, 1), "same"),
     (2, 9, 9, 144, 3, 3, 80, 1, (2, 2), (1, 1), "same"),
