@@ -4418,7 +4418,8 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
     # AVX-512 Xeon, 2 threads, dilation 2 / 4: 3x3 4x56x56x128 0.51x / 0.43x the time,
     # 8x14x14x512 0.58x / 0.63x, 5x5 4x28x28x240 0.47x, 7x7 4x56x56x96 0.37x; 2x9x11x40
     # 1.0-1.3x, a few us. The forward and grad_input as phases of fc_dwt tiles: 0.6x at
-    # dilation 2 with 5x5 and 7x7, 1.2-1.3x slower with 3x3 or at dilation 4: not taken.)
+    # dilation 2 with 5x5 and 7x7, 1.2-1.3x slower with 3x3 or at dilation 4; 3x3 as phases
+    # of _dwrow's rows: 0.87-1.65x: not taken.)
     cdef const floating* xr[7]
     cdef const floating* xp[7]
     cdef Py_ssize_t r, n, oh, ih, c0, cw, vw = FC_LANES(sizeof(floating)), nk = KS * KS + 1

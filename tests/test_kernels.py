@@ -72,9 +72,11 @@ CASES = [
     (1, 9, 30, 27, 3, 3, 27, 27, (1, 1), (1, 2), "same"),
     (1, 8, 8, 96, 1, 1, 200, 1, (2, 2), (1, 1), "valid"),  # pointwise, stride 2
     (3, 12, 12, 16, 3, 3, 16, 1, (1, 1), (4, 4), "same"),  # dilation 4 on a small image
-    # depthwise kernel gradient dilated along w (fc_dwkpix on dilation phases): no padding,
-    # channel tails, 7x7, rows shorter than the dilation's reach and than the dilation
+    # depthwise dilated along w (the kernel gradient by fc_dwkpix on dilation phases): no
+    # padding, channel tails, 7x7, a long row, rows shorter than the dilation's reach and than
+    # the dilation
     (2, 8, 23, 40, 3, 3, 40, 40, (1, 1), (1, 3), "valid"),
+    (1, 6, 150, 20, 3, 3, 20, 20, (1, 1), (2, 2), "same"),
     (1, 15, 30, 72, 7, 7, 72, 72, (1, 1), (2, 2), "same"),
     (2, 6, 7, 24, 5, 5, 24, 24, (1, 1), (1, 4), "same"),
     (1, 5, 3, 16, 3, 3, 16, 16, (1, 1), (1, 4), "same"),
