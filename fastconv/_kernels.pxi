@@ -3283,7 +3283,8 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     cdef bint depthwise = cin_g == 1 and F == groups
     if N * OH * OW * F == 0:
         return 0
-    if (nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and depthwise and KH == 3 and KW == 3 and sh == 1 and sw == 1 and dh == 1 and dw == 1
+    if (nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and depthwise and KH == 3 and KW == 3
+            and sh == 1 and sw == 1 and dh == 1 and dw == 1
             and (fc_dwnchw_width_f(OW) if floating is float else fc_dwnchw_width_d(OW))):
         return _forward_dwnchw(xp, N, H, W, C, wp, op, OH, OW, pad_top, pad_left, n_threads, bp)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
@@ -4421,7 +4422,7 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
     # dilation 2 with 5x5 and 7x7, 1.2-1.3x slower with 3x3 or at dilation 4; 3x3 as phases
     # of _dwrow's rows: 0.87-1.65x: not taken.)
     cdef const floating* xr[7]
-    cdef const floating* xp[7]
+    cdef const floating* xph[7]
     cdef Py_ssize_t r, n, oh, ih, c0, cw, vw = FC_LANES(sizeof(floating)), nk = KS * KS + 1
     cdef Py_ssize_t ph, x0
     cdef int h
@@ -4441,13 +4442,13 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
             for ph in range(_min(dw, OW)):
                 x0 = ph - pad_left - _fdiv(ph - pad_left, dw) * dw
                 for h in range(KS):
-                    xp[h] = NULL if xr[h] == NULL else xr[h] + x0 * C
+                    xph[h] = NULL if xr[h] == NULL else xr[h] + x0 * C
                 if floating is float:
-                    fc_dwkpix_f(KS, sw, xp, dy + (r * OW + ph) * C + c0, dw * C, cw,
+                    fc_dwkpix_f(KS, sw, xph, dy + (r * OW + ph) * C + c0, dw * C, cw,
                                 _cdiv(OW - ph, dw), _max(0, _cdiv(W - x0, dw)),
                                 (x0 - ph + pad_left) // dw, acc + nk * c0, with_bias)
                 else:
-                    fc_dwkpix_d(KS, sw, xp, dy + (r * OW + ph) * C + c0, dw * C, cw,
+                    fc_dwkpix_d(KS, sw, xph, dy + (r * OW + ph) * C + c0, dw * C, cw,
                                 _cdiv(OW - ph, dw), _max(0, _cdiv(W - x0, dw)),
                                 (x0 - ph + pad_left) // dw, acc + nk * c0, with_bias)
         c0 += cw
