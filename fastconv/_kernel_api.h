@@ -23,8 +23,9 @@ using ForwardF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssize_
                            const float* scale, int act, float lo, float hi, int nchw);
 
 // fastconv._kernels_*._grad_input_f32 and _grad_kernel_f32 (ffi_grad_input, ffi_grad_kernel);
-// grad_input's nchw: dx is (n, c, h, w), else (n, h, w, c); grad_kernel also sums dy's
-// channels into db (F,) unless db is null: the bias gradient
+// their nchw bits, as ForwardF32's: grad_input's 1, dx is (n, c, h, w), 2, dy is (n, f, oh, ow);
+// grad_kernel's 1, x is (n, c, h, w), 2, dy is (n, f, oh, ow) (else NHWC). grad_kernel also sums
+// dy's channels into db (F,) unless db is null: the bias gradient
 using GradInputF32 = int (*)(const float* dy, Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t f,
                              const float* wt, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t cout_g,
                              float* dx, Py_ssize_t n, Py_ssize_t h, Py_ssize_t w, Py_ssize_t c,
@@ -34,7 +35,7 @@ using GradKernelF32 = int (*)(const float* x, Py_ssize_t n, Py_ssize_t h, Py_ssi
                               Py_ssize_t c, const float* dy, Py_ssize_t oh, Py_ssize_t ow,
                               Py_ssize_t f, float* dk, Py_ssize_t kh, Py_ssize_t kw,
                               Py_ssize_t cin_g, int sh, int sw, int dh, int dw, int pad_top,
-                              int pad_left, int groups, int n_threads, float* db);
+                              int pad_left, int groups, int n_threads, float* db, int nchw);
 
 // fastconv._kernels_*._channel_sums_f32 (ffi_channel_sums): the bias gradient of an NHWC dy
 using ChannelSumsF32 = int (*)(const float* a, Py_ssize_t r, Py_ssize_t f, float* out,
@@ -63,7 +64,7 @@ PyObject* set_kernels(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OOOOO", &fwd, &gin, &gk, &sums, &tr)) return nullptr;
   void* f = PyCapsule_GetPointer(fwd, "fastconv.forward_f32");
   void* g = f ? PyCapsule_GetPointer(gin, "fastconv.grad_input_f32") : nullptr;
-  void* k = g ? PyCapsule_GetPointer(gk, "fastconv.grad_kernel_db_f32") : nullptr;
+  void* k = g ? PyCapsule_GetPointer(gk, "fastconv.grad_kernel_nchw_f32") : nullptr;
   void* b = k ? PyCapsule_GetPointer(sums, "fastconv.channel_sums_f32") : nullptr;
   void* t = b ? PyCapsule_GetPointer(tr, "fastconv.transpose_f32") : nullptr;
   if (t == nullptr) return nullptr;

@@ -463,8 +463,50 @@ cdef extern from *:
         void* p = NULL;
         return posix_memalign(&p, 64, n ? n : 64) == 0 ? p : NULL;
     }
+    /* Scratch of a call (channels_first bands, grad_kernel's row-block sums: a few hundred KB
+       each, fewer than FC_SCRATCH_MAX bytes), kept for the next call in one of FC_SLOTS slots
+       instead of freed: freed, glibc gave such blocks back to the system between calls and
+       every call faulted their pages in again (JAX, grouped32 4x28x28x256 channels_first
+       training step under jit: ~300 page faults a step more than channels_last). Concurrent
+       callers each get their own block; a block too small for a request is freed. The
+       block's size sits in the cache line before it. Freed with fc_scratch_done. */
+    #define FC_SLOTS 4
+    #define FC_SCRATCH_MAX ((size_t)8 << 20)
+    #if defined(__GNUC__)
+      static void* fc_slots[FC_SLOTS];
+      static void* fc_scratch(size_t n) {
+          if (n > FC_SCRATCH_MAX) return fc_amalloc(n);
+          for (int i = 0; i < FC_SLOTS; i++) {
+              char* p = (char*)__atomic_exchange_n(&fc_slots[i], NULL, __ATOMIC_ACQ_REL);
+              if (p == NULL) continue;
+              if (*(size_t*)p >= n) return p + 64;
+              free(p);
+          }
+          char* p = (char*)fc_amalloc(n + 64);
+          if (p == NULL) return NULL;
+          *(size_t*)p = n;
+          return p + 64;
+      }
+      static void fc_scratch_done(void* q, size_t n) {
+          if (q == NULL) return;
+          if (n > FC_SCRATCH_MAX) { free(q); return; }
+          void* p = (char*)q - 64;
+          for (int i = 0; i < FC_SLOTS; i++) {
+              void* none = NULL;
+              if (__atomic_compare_exchange_n(&fc_slots[i], &none, p, 0, __ATOMIC_ACQ_REL,
+                                              __ATOMIC_ACQUIRE))
+                  return;
+          }
+          free(p);
+      }
+    #else
+      static void* fc_scratch(size_t n) { return fc_amalloc(n); }
+      static void fc_scratch_done(void* q, size_t n) { free(q); }
+    #endif
     """
     void* fc_amalloc(size_t n) noexcept nogil
+    void* fc_scratch(size_t n) noexcept nogil
+    void fc_scratch_done(void* q, size_t n) noexcept nogil
 
 
 cdef extern from *:
@@ -2260,6 +2302,7 @@ cdef enum:
     STACK_TAPS = 64    # segment lists live on the stack up to this many kernel taps, else malloc
     MAX_CHUNK = 64     # grad_kernel: output rows per chunk of its reduction, at most
     DWK_PARTS = 16     # grad_kernel, depthwise 3x3: blocks of rows, each with its own sums
+    GK_NCHW_SUMS = 4   # grad_kernel on NCHW data: row blocks where their sums are this small
     GK_PARTS = 4       # grad_kernel, other layers with small kernels: the same (grouped32 on
                        # 2 threads: 2 parts ran as fast, 8 at 0.93x)
     # dense weights are packed in column blocks (_column_blocks) from this many pixels on:
@@ -3418,7 +3461,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         if nchw & FC_NCHW_X:
             job.xs_size = _min(H, (band - 1) * sh + (KH - 1) * dh + 1) * W * C
         job.ys_size = band * OW * F if nchw & FC_NCHW_OUT else 0
-        scratch = fc_amalloc(n_threads * (job.xs_size + job.ys_size) * sz)
+        scratch = fc_scratch(n_threads * (job.xs_size + job.ys_size) * sz)
         if scratch == NULL:
             free(runs)
             free(wpk)
@@ -3434,7 +3477,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             job.ys = <floating*>scratch + n_threads * job.xs_size
         job.mode = FWD_BANDS
         _parallel(n_threads, _fwd_body, &job, N * nbands)
-        free(scratch)
+        fc_scratch_done(scratch, n_threads * (job.xs_size + job.ys_size) * sz)
         free(runs)
         free(wpk)
         free(wpad)
@@ -3823,11 +3866,13 @@ cdef inline void _kw_valid(const Py_ssize_t* ow0s, Py_ssize_t nkw, Py_ssize_t j,
 
 def grad_input(const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
                const floating[:, :, :, ::1] wt,   # IN  (KH, KW, F // groups, C) regrouped kernel
-               floating[:, :, :, ::1] dx,         # OUT (N, H, W, C), with nchw (N, C, H, W)
+               floating[:, :, :, ::1] dx,         # OUT (N, H, W, C)
                int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
-               int n_threads, bint nchw=False):
-    cdef int c = 1 if nchw else 3, h = 2 if nchw else 1
-    if _grad_input(&dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &wt[0, 0, 0, 0],
+               int n_threads, int nchw=0):
+    # nchw: NCHW_X, dx is (N, C, H, W) instead; NCHW_OUT, dy is (N, F, OH, OW) (either or both)
+    cdef int c = 1 if nchw & FC_NCHW_X else 3, h = 2 if nchw & FC_NCHW_X else 1
+    cdef int oc = 1 if nchw & FC_NCHW_OUT else 3, oh = 2 if nchw & FC_NCHW_OUT else 1
+    if _grad_input(&dy[0, 0, 0, 0], dy.shape[oh], dy.shape[oh + 1], dy.shape[oc], &wt[0, 0, 0, 0],
                    wt.shape[0], wt.shape[1], wt.shape[2], &dx[0, 0, 0, 0], dx.shape[0],
                    dx.shape[h], dx.shape[h + 1], dx.shape[c], sh, sw, dh, dw, pad_top, pad_left,
                    groups, n_threads, nchw) != 0:
@@ -3905,8 +3950,9 @@ ctypedef struct Gin:
     const Py_ssize_t* phases
     void* cols          # GIN_GEMM: per-thread columns of R output rows
     void* band_rows     # GIN_BANDS: per-thread rows of a band, `band` dx rows
+    void* dy_rows       # GIN_BANDS with an NCHW dy: per-thread dy rows of a band, dy_size each
     Py_ssize_t N, OH, OW, F, KH, KW, cout_g, C, Cp, H, W, cg, ldw, R, Kp, half, parity
-    Py_ssize_t band, nbands
+    Py_ssize_t band, nbands, dy_size
     int sh, sw, dh, dw, pad_top, pad_left, groups, mode, failed
     bint dwrow2, f64
 
@@ -3934,11 +3980,12 @@ cdef inline bint _gin_blocks_outer(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, P
     return groups == 1 and KH * KW * C * F * sz >= fc_block_major_bytes
 
 
-cdef inline void _gin_row(const floating* gp, Gin* a, Py_ssize_t n, Py_ssize_t ih,
+cdef inline void _gin_row(const floating* gp, Gin* a, Py_ssize_t OH, Py_ssize_t ih,
                           floating* out, int k) noexcept nogil:
-    # dx row ih of image n into out (W, C), through this thread's padded row buffer if any
+    # dx row ih of the image whose OH rows of dy gp points at, into out (W, C), through this
+    # thread's padded row buffer if any
     cdef floating* dst = out if a.rows == NULL else <floating*>a.rows + k * a.W * a.Cp
-    _grad_input_row(gp + n * a.OH * a.OW * a.F, <const floating*>a.w, dst, a.OH, a.OW, a.F,
+    _grad_input_row(gp, <const floating*>a.w, dst, OH, a.OW, a.F,
                     a.KH, a.KW, a.cout_g, a.Cp, a.W, ih, a.sh, a.sw, a.dh, a.dw, a.pad_top,
                     a.pad_left, a.groups, a.phases, a.wpk, <const floating*>a.wred,
                     <const floating*>a.wflip, a.dwrow2, a.ldw, 0, a.Cp)
@@ -3953,8 +4000,9 @@ cdef void _gin_tasks(const floating* gp, Gin* a, Py_ssize_t t0, Py_ssize_t t1,
     cdef floating* rows = <floating*>a.rows
     cdef floating* cols
     cdef Py_ssize_t N = a.N, OH = a.OH, OW = a.OW, F = a.F, H = a.H, W = a.W, C = a.C
-    cdef Py_ssize_t ldw = a.ldw, t, b, r, n, ih, oh0
+    cdef Py_ssize_t ldw = a.ldw, t, b, r, n, ih, oh0, oh1
     cdef floating* dst
+    cdef const floating* gimg
     for t in range(t0, t1):
         if a.mode == GIN_IMAGES:
             b = t // N
@@ -3972,16 +4020,26 @@ cdef void _gin_tasks(const floating* gp, Gin* a, Py_ssize_t t0, Py_ssize_t t1,
                             a.groups, a.phases, NULL, NULL, NULL, False, ldw, b * ldw,
                             (b + 1) * ldw)
         elif a.mode == GIN_ROWS:
-            _gin_row(gp, a, t // H, t % H, dp + t * W * C, k)
+            _gin_row(gp + t // H * OH * OW * F, a, OH, t % H, dp + t * W * C, k)
         elif a.mode == GIN_BANDS:
             # the band's rows in this thread's buffer, then transposed into dx's planes
             n = t // a.nbands
             ih = t % a.nbands * a.band
             r = _min(a.band, H - ih)
             dst = <floating*>a.band_rows + k * a.band * W * C
+            gimg, oh0, oh1 = gp + n * OH * OW * F, 0, OH
+            if a.dy_rows != NULL:
+                # an NCHW dy: the rows oh0 .. oh1 the band's rows read, transposed into this
+                # thread's scratch; dx row ih reads them as row ih - oh0 * sh of an image of
+                # oh1 - oh0 rows (the same phase of the vertical stride)
+                oh0 = _max(0, _cdiv(ih + a.pad_top - (a.KH - 1) * a.dh, a.sh))
+                oh1 = _max(oh0, _min(OH, _fdiv(ih + r - 1 + a.pad_top, a.sh) + 1))
+                gimg = <floating*>a.dy_rows + k * a.dy_size
+                _tr2d(gp + (n * F * OH + oh0) * OW, F, (oh1 - oh0) * OW, OH * OW,
+                      <floating*>gimg, F, False)
             _prefetch_planes(dp + (n * C * H + ih) * W, C, H * W, r * W)
             for b in range(r):
-                _gin_row(gp, a, n, ih + b, dst + b * W * C, k)
+                _gin_row(gimg, a, oh1 - oh0, ih + b - oh0 * a.sh, dst + b * W * C, k)
             _tr2d(dst, r * W, C, C, dp + (n * C * H + ih) * W, H * W, True)
         else:   # GIN_GEMM
             n = t // a.half
@@ -4050,9 +4108,11 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
                      const floating* wp, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g,
                      floating* dp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
                      int sh, int sw, int dh, int dw, int pad_top, int pad_left, int groups,
-                     int n_threads, bint nchw=False) noexcept nogil:
-    # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C) or with nchw
-    # (N, C, H, W) (in bands, as _forward's, or transposed whole); returns -1 when out of memory
+                     int n_threads, int nchw) noexcept nogil:
+    # dy (N, OH, OW, F), wt (KH, KW, cout_g, C) regrouped, dx (N, H, W, C); nchw: FC_NCHW_X,
+    # dx is (N, C, H, W) instead; FC_NCHW_OUT, dy is (N, F, OH, OW) (either or both; in bands
+    # of dx rows, GIN_BANDS, their dy rows with them, or transposed whole). Returns -1 when out
+    # of memory.
     if N * H * W * C == 0:
         return 0
     if OH * OW * F == 0:
@@ -4060,13 +4120,26 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         return 0
     cdef floating* dt
     cdef int r
-    if nchw and (_gin_gemm(C, KH, KW, F, dw, groups, sizeof(floating))
-                 or _gin_blocks_outer(C, KH, KW, F, groups, sizeof(floating))):
+    cdef bint whole = (_gin_gemm(C, KH, KW, F, dw, groups, sizeof(floating))
+                       or _gin_blocks_outer(C, KH, KW, F, groups, sizeof(floating)))
+    # (dy's columns zero-padded below, _pad_pays, read an NHWC dy)
+    if nchw & FC_NCHW_OUT and (whole or not nchw & FC_NCHW_X
+                               or (W <= fc_pad_columns_ow
+                                   and _pad_pays(OW, W, KW, sw, dw, pad_left))):
+        dt = <floating*>fc_amalloc(N * OH * OW * F * sizeof(floating))
+        if dt == NULL:
+            return -1
+        _transpose(gp, N, F, OH * OW, dt, n_threads)
+        r = _grad_input(dt, OH, OW, F, wp, KH, KW, cout_g, dp, N, H, W, C, sh, sw, dh, dw,
+                        pad_top, pad_left, groups, n_threads, nchw & FC_NCHW_X)
+        free(dt)
+        return r
+    if nchw & FC_NCHW_X and whole:
         dt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
         if dt == NULL:
             return -1
         r = _grad_input(gp, OH, OW, F, wp, KH, KW, cout_g, dt, N, H, W, C, sh, sw, dh, dw,
-                        pad_top, pad_left, groups, n_threads, False)
+                        pad_top, pad_left, groups, n_threads, 0)
         if r == 0:
             _transpose(dt, N, H * W, C, dp, n_threads)
         free(dt)
@@ -4135,7 +4208,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
             return -1
         wp = wpad
     # dense, more channels than a tile: the kernel in column blocks, as in forward
-    cdef Py_ssize_t ldw = Cp
+    cdef Py_ssize_t ldw = Cp, nscratch
     cdef Py_ssize_t nb = 0    # > 0: that many column blocks, run outer (below)
     cdef floating* gpad = NULL
     cdef Py_ssize_t lp, OWp
@@ -4195,7 +4268,16 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         if N < n_threads:
             job.band = _min(job.band, _cdiv(H, _cdiv(n_threads, N)))
         job.nbands = _cdiv(H, job.band)
-        job.band_rows = fc_amalloc(n_threads * job.band * W * C * sizeof(floating))
+        # (an NCHW dy: a band's dy rows too, those of its kernel windows that fit the vertical
+        # stride, after the dx rows)
+        job.dy_size = 0
+        if nchw & FC_NCHW_OUT:
+            job.dy_size = _min(OH, (job.band - 1 + (KH - 1) * dh) // sh + 1) * OW * F
+        nscratch = n_threads * (job.band * W * C + job.dy_size) * sizeof(floating)
+        job.band_rows = fc_scratch(nscratch)
+        job.dy_rows = NULL
+        if job.dy_size and job.band_rows != NULL:
+            job.dy_rows = <floating*>job.band_rows + n_threads * job.band * W * C
         if job.band_rows == NULL:
             free(phases)
             free(wpk)
@@ -4207,7 +4289,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
             return -1
         job.mode = GIN_BANDS
         _parallel(n_threads, _gin_body, &job, N * job.nbands)
-        free(job.band_rows)
+        fc_scratch_done(job.band_rows, nscratch)
     else:
         job.mode = GIN_ROWS
         _parallel(n_threads, _gin_body, &job, N * H)
@@ -4254,6 +4336,29 @@ cdef bint _gk_merged(Py_ssize_t cin_g, Py_ssize_t KW, Py_ssize_t F, int dwl, int
             and cin_g < fc_pmax(fc_width(F, sz), sz))
 
 
+cdef bint _gk_row_parts(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                        Py_ssize_t OW, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW,
+                        Py_ssize_t cin_g, int dwl, int groups, int sz) noexcept nogil:
+    # whether _grad_kernel on NCHW x and dy runs blocks of output rows with their own sums
+    # (GK_ROW_PARTS, in bands): neither depthwise (its own parts) nor merged (a padded copy of
+    # x), no zero-padded channels, sums small beside x and dy: a quarter of them, where NHWC
+    # data takes an eighth (grouped8 4x28x28x256, sums 0.18 of x and dy, 2 threads: in bands
+    # 1.78-1.90 ms, NHWC x and dy by tasks 1.58-1.85, transposing them whole first 0.36 more)
+    cdef Py_ssize_t cout_g = F // groups, nrp = _min(N * OH, GK_PARTS)
+    return (not (cin_g == 1 and cout_g == 1) and _padded(cout_g, sz) == cout_g
+            and not _gk_merged(cin_g, KW, F, dwl, groups, sz) and nrp > 1
+            and GK_NCHW_SUMS * nrp * (KH * KW * cin_g * F + F)
+                <= N * H * W * C + N * OH * OW * F)
+
+
+def grad_kernel_nchw(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
+                     Py_ssize_t OW, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g,
+                     int dwl, int groups, int itemsize):
+    """Whether grad_kernel reads NCHW x and dy (nchw = NCHW_X | NCHW_OUT) a band of rows at a
+    time on this geometry (_gk_row_parts), rather than transposing them whole first."""
+    return _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, dwl, groups, itemsize)
+
+
 def grad_kernel_merged(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, int dwl,
                        int groups, int itemsize):
     """Whether grad_kernel tiles a kernel row's (kw, c) pairs on this geometry (_gk_merged):
@@ -4269,8 +4374,10 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dwl,
                              Py_ssize_t pad_top, Py_ssize_t pad_left,
                              Py_ssize_t chunk, Py_ssize_t KH, bint dk3, bint pk3,
-                             floating* db, Py_ssize_t r_begin, Py_ssize_t r_end) noexcept nogil:
-    # the tasks t0 .. t1 over the output rows r_begin .. r_end (of N * OH), in chunks of rows
+                             floating* db, Py_ssize_t r_begin, Py_ssize_t r_end,
+                             bint acc) noexcept nogil:
+    # the tasks t0 .. t1 over the output rows r_begin .. r_end (of N * OH), in chunks of rows;
+    # acc: added to dwp's (and db's) sums, else the first chunk overwrites them
     cdef Py_ssize_t aoff[MAX_CHUNK]
     cdef const floating* xr[3 * MAX_CHUNK]
     cdef Py_ssize_t xs[3 * MAX_CHUNK]
@@ -4285,7 +4392,7 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
     cdef int P, V, nseg, first
     r0 = r_begin
     while r0 < R:
-        first = r0 == r_begin
+        first = r0 == r_begin and not acc
         for t in range(t0, t1):
             tap = tasks[5 * t]
             g = tasks[5 * t + 1]
@@ -4383,11 +4490,16 @@ def grad_kernel(const floating[:, :, :, ::1] x,    # IN  (N, H, W, C)
                 const floating[:, :, :, ::1] dy,   # IN  (N, OH, OW, F)
                 floating[:, :, :, ::1] dw,         # OUT (KH, KW, C // groups, F)
                 int sh, int sw, int dh, int dwl, int pad_top, int pad_left, int groups,
-                int n_threads, floating[::1] db=None):   # OUT (F,) dy's channel sums, or None
-    if _grad_kernel(&x[0, 0, 0, 0], x.shape[0], x.shape[1], x.shape[2], x.shape[3],
-                    &dy[0, 0, 0, 0], dy.shape[1], dy.shape[2], dy.shape[3], &dw[0, 0, 0, 0],
-                    dw.shape[0], dw.shape[1], dw.shape[2], sh, sw, dh, dwl, pad_top, pad_left,
-                    groups, n_threads, NULL if db is None else &db[0]) != 0:
+                int n_threads, floating[::1] db=None,   # OUT (F,) dy's channel sums, or None
+                int nchw=0):
+    # nchw: NCHW_X, x is (N, C, H, W) instead; NCHW_OUT, dy is (N, F, OH, OW) (either or both)
+    cdef int c = 1 if nchw & FC_NCHW_X else 3, h = 2 if nchw & FC_NCHW_X else 1
+    cdef int oc = 1 if nchw & FC_NCHW_OUT else 3, oh = 2 if nchw & FC_NCHW_OUT else 1
+    if _grad_kernel(&x[0, 0, 0, 0], x.shape[0], x.shape[h], x.shape[h + 1], x.shape[c],
+                    &dy[0, 0, 0, 0], dy.shape[oh], dy.shape[oh + 1], dy.shape[oc],
+                    &dw[0, 0, 0, 0], dw.shape[0], dw.shape[1], dw.shape[2], sh, sw, dh, dwl,
+                    pad_top, pad_left, groups, n_threads, NULL if db is None else &db[0],
+                    nchw) != 0:
         raise MemoryError()
 
 
@@ -4395,16 +4507,16 @@ cdef int _grad_kernel_f32(const float* x, Py_ssize_t N, Py_ssize_t H, Py_ssize_t
                           Py_ssize_t C, const float* dy, Py_ssize_t OH, Py_ssize_t OW,
                           Py_ssize_t F, float* dw, Py_ssize_t KH, Py_ssize_t KW,
                           Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
-                          int pad_left, int groups, int n_threads,
-                          float* db) noexcept nogil:
+                          int pad_left, int groups, int n_threads, float* db,
+                          int nchw) noexcept nogil:
     return _grad_kernel(x, N, H, W, C, dy, OH, OW, F, dw, KH, KW, cin_g, sh, sw, dh, dwl,
-                        pad_top, pad_left, groups, n_threads, db)
+                        pad_top, pad_left, groups, n_threads, db, nchw)
 
 
 def ffi_grad_kernel():
     """`grad_kernel` in float32 as a C function in a capsule (see ffi_forward): the arguments
-    of _grad_kernel_f32, all in order (the last, db, NULL for no bias gradient)."""
-    return PyCapsule_New(<void*>_grad_kernel_f32, b"fastconv.grad_kernel_db_f32", NULL)
+    of _grad_kernel_f32, all in order (db NULL for no bias gradient; nchw as grad_kernel's)."""
+    return PyCapsule_New(<void*>_grad_kernel_f32, b"fastconv.grad_kernel_nchw_f32", NULL)
 
 
 cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssize_t r0,
@@ -4465,6 +4577,8 @@ ctypedef struct Gk:
     Py_ssize_t parts, psize, slices, threads
     int sh, sw, dh, dwl, pad_top, pad_left, ptx, plx, mode
     bint dk3, pk3, f64
+    void* bands         # GK_ROW_PARTS on NCHW x and dy: each thread's x rows, then dy rows
+    Py_ssize_t xs_size, ys_size
 
 
 cdef enum:
@@ -4477,12 +4591,42 @@ cdef enum:
 cdef void _gk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
     cdef Gk* a = <Gk*>c
     if a.f64:
-        _gk_tasks(<const double*>a.x, a, t0, t1)
+        _gk_tasks(<const double*>a.x, a, t0, t1, k)
     else:
-        _gk_tasks(<const float*>a.x, a, t0, t1)
+        _gk_tasks(<const float*>a.x, a, t0, t1, k)
 
 
-cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+cdef void _gk_band_rows(const floating* xp, const floating* gp, Gk* a, floating* sums,
+                        floating* db, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t rb,
+                        Py_ssize_t re, int k) noexcept nogil:
+    # NCHW x and dy (GK_ROW_PARTS): the tasks s0 .. s1 over output rows rb .. re, a chunk
+    # (within an image) at a time: its dy rows and the input rows its windows reach transposed
+    # into this thread's scratch, an image of those rows to the tasks. (Transposed whole first,
+    # x and dy crossed memory twice more: grouped32 4x28x28x256, 2 threads, transposes 0.26 ms
+    # beside grad_kernel's 0.55.)
+    cdef floating* xs = <floating*>a.bands + k * (a.xs_size + a.ys_size)
+    cdef floating* ys = xs + a.xs_size
+    cdef Py_ssize_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW, F = a.F
+    cdef Py_ssize_t r = rb, n, oh0, oh1, lo, hi
+    while r < re:
+        n = r // OH
+        oh0 = r % OH
+        oh1 = _min(OH, oh0 + _min(a.chunk, re - r))
+        lo = _max(0, oh0 * a.sh - a.pad_top)
+        hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
+        _tr2d(xp + (n * C * H + lo) * W, C, (hi - lo) * W, H * W, xs, C, False)
+        _tr2d(gp + (n * F * OH + oh0) * OW, F, (oh1 - oh0) * OW, OH * OW, ys, F, False)
+        # (input row ih is the scratch's row ih - lo: output row oh0 + j's windows start at
+        # j * sh - (pad_top - oh0 * sh + lo) in it)
+        _grad_kernel_tasks(xs, ys, sums, a.tasks, s0, s1, 1, hi - lo, W, C, oh1 - oh0, OW, F,
+                           a.KW, a.cin_g, a.groups, a.sh, a.sw, a.dh, a.dwl,
+                           a.pad_top - oh0 * a.sh + lo, a.pad_left, a.chunk, a.KH, a.dk3,
+                           a.pk3, db, 0, oh1 - oh0, r != rb)
+        r += oh1 - oh0
+
+
+cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1,
+                    int k) noexcept nogil:
     cdef const floating* gp = <const floating*>a.dy
     cdef floating* dp = <floating*>a.dw
     cdef floating* bp = <floating*>a.db
@@ -4494,6 +4638,12 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1) noe
             _dwk_part(xp, gp, sums + t * (a.KH * a.KW + 1) * a.Fv, t * rows // a.parts,
                       (t + 1) * rows // a.parts, a.H, a.W, a.C, a.OH, a.OW, a.Fv, <int>a.KH,
                       a.sh, a.sw, a.dh, a.dwl, a.pad_top, a.pad_left, bp != NULL)
+        elif a.mode == GK_ROW_PARTS and a.bands != NULL:
+            part = t // a.slices
+            _gk_band_rows(xp, gp, a, sums + part * ps,
+                          NULL if bp == NULL else sums + part * ps + ps - a.F,
+                          t % a.slices * n // a.slices, (t % a.slices + 1) * n // a.slices,
+                          part * rows // a.parts, (part + 1) * rows // a.parts, k)
         elif a.mode == GK_ROW_PARTS:
             part = t // a.slices
             _grad_kernel_tasks(xp, gp, sums + part * ps, a.tasks, t % a.slices * n // a.slices,
@@ -4501,7 +4651,7 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1) noe
                                a.OW, a.F, a.KW, a.cin_g, a.groups, a.sh, a.sw, a.dh, a.dwl,
                                a.ptx, a.plx, a.chunk, a.KH, a.dk3, a.pk3,
                                NULL if bp == NULL else sums + part * ps + ps - a.F,
-                               part * rows // a.parts, (part + 1) * rows // a.parts)
+                               part * rows // a.parts, (part + 1) * rows // a.parts, False)
         elif a.mode == GK_SUMS:
             s = sums[t]
             for c in range(1, a.parts):
@@ -4514,16 +4664,19 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1) noe
             _grad_kernel_tasks(xp, gp, dp, a.tasks, t * n // a.threads, (t + 1) * n // a.threads,
                                a.N, a.Hx, a.Wx, a.C, a.OH, a.OW, a.F, a.KW, a.cin_g, a.groups,
                                a.sh, a.sw, a.dh, a.dwl, a.ptx, a.plx, a.chunk, a.KH, a.dk3,
-                               a.pk3, bp, 0, rows)
+                               a.pk3, bp, 0, rows, False)
 
 
 cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                       Py_ssize_t C, const floating* gp0, Py_ssize_t OH, Py_ssize_t OW,
                       Py_ssize_t F, floating* dp0, Py_ssize_t KH, Py_ssize_t KW,
                       Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
-                      int pad_left, int groups, int n_threads, floating* db0) noexcept nogil:
+                      int pad_left, int groups, int n_threads, floating* db0,
+                      int nchw) noexcept nogil:
     # x (N, H, W, C), dy (N, OH, OW, F), dw (KH, KW, cin_g, F), db (F,) dy's channel sums or
-    # NULL; returns -1 when out of memory
+    # NULL; nchw: FC_NCHW_X, x is (N, C, H, W); FC_NCHW_OUT, dy is (N, F, OH, OW) (both: in
+    # bands, _gk_band_rows, where blocks of rows run with their own sums; else transposed whole
+    # first). Returns -1 when out of memory.
     if db0 != NULL and (KH * KW * cin_g * F == 0 or N * OH * OW == 0):
         memset(db0, 0, F * sizeof(floating))
     if KH * KW * cin_g * F == 0:
@@ -4531,6 +4684,30 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     if N * OH * OW == 0:
         memset(dp0, 0, KH * KW * cin_g * F * sizeof(floating))
         return 0
+    cdef floating* xt = NULL
+    cdef floating* gt = NULL
+    cdef int rc
+    if nchw and not (nchw == FC_NCHW_X | FC_NCHW_OUT
+                     and _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, dwl, groups,
+                                       sizeof(floating))):
+        if nchw & FC_NCHW_X:
+            xt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
+        if nchw & FC_NCHW_OUT:
+            gt = <floating*>fc_amalloc(N * OH * OW * F * sizeof(floating))
+        if (xt == NULL and nchw & FC_NCHW_X) or (gt == NULL and nchw & FC_NCHW_OUT):
+            free(xt)
+            free(gt)
+            return -1
+        if xt != NULL:
+            _transpose(xp0, N, C, H * W, xt, n_threads)
+        if gt != NULL:
+            _transpose(gp0, N, F, OH * OW, gt, n_threads)
+        rc = _grad_kernel(xp0 if xt == NULL else xt, N, H, W, C, gp0 if gt == NULL else gt, OH,
+                          OW, F, dp0, KH, KW, cin_g, sh, sw, dh, dwl, pad_top, pad_left, groups,
+                          n_threads, db0, 0)
+        free(xt)
+        free(gt)
+        return rc
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
     cdef int sz = sizeof(floating)
@@ -4751,10 +4928,18 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef Py_ssize_t nrp = _min(N * OH, GK_PARTS), psize = KH * KW * cin_g * F + F
     cdef Py_ssize_t slices = _cdiv(n_threads, _max(1, nrp))
     cdef floating* rp = NULL
+    job.bands, job.xs_size, job.ys_size = NULL, 0, 0
+    # (nchw only where _gk_row_parts, this branch)
     if (ntasks and not dk3 and Fv == 0 and nrp > 1
-            and 8 * nrp * psize <= N * H * W * C + N * OH * OW * F):
-        rp = <floating*>fc_amalloc(nrp * psize * sz)
-        if rp == NULL:
+            and (GK_NCHW_SUMS if nchw else 8) * nrp * psize <= N * H * W * C + N * OH * OW * F):
+        if nchw:
+            job.xs_size = _min(H, (chunk - 1) * sh + (KH - 1) * dh + 1) * W * C
+            job.ys_size = chunk * OW * F
+            job.bands = fc_scratch(n_threads * (job.xs_size + job.ys_size) * sz)
+        rp = <floating*>fc_scratch(nrp * psize * sz)
+        if rp == NULL or (nchw and job.bands == NULL):
+            fc_scratch_done(rp, nrp * psize * sz)
+            fc_scratch_done(job.bands, n_threads * (job.xs_size + job.ys_size) * sz)
             free(xpad)
             free(tasks)
             free(gpad)
@@ -4766,7 +4951,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         _parallel(n_threads, _gk_body, &job, nrp * slices)
         job.mode = GK_SUMS
         _parallel(n_threads, _gk_body, &job, psize if bp != NULL else psize - F)
-        free(rp)
+        fc_scratch_done(rp, nrp * psize * sz)
+        fc_scratch_done(job.bands, n_threads * (job.xs_size + job.ys_size) * sz)
     elif ntasks:
         job.mode, job.threads = GK_TASKS, nt
         _parallel(nt, _gk_body, &job, nt)

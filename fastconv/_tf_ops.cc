@@ -276,8 +276,9 @@ REGISTER_OP("FastconvForwardVariables")
       return absl::OkStatus();
     });
 
-// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C), or
-// with nchw (N, C, H, W), its rows transposed in cache by the kernels
+// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C);
+// nchw, the kernels' layout bits: 1 dx is (N, C, H, W), 2 dy is (N, F, OH, OW) (their rows
+// transposed in cache by the kernels)
 REGISTER_OP("FastconvGradInput")
     .Input("dy: float")
     .Input("wt: float")
@@ -286,24 +287,27 @@ REGISTER_OP("FastconvGradInput")
     .Attr("h: int")
     .Attr("w: int")
     .Attr("c: int")
-    .Attr("nchw: bool = false")
+    .Attr("nchw: int = 0")
     .SetShapeFn([](InferenceContext* c) {
-      bool nchw;
+      int64_t nchw;
       TF_RETURN_IF_ERROR(c->GetAttr("nchw", &nchw));
-      return nchw ? ShapeFromAttrs(c, 0, "c", "h", "w") : ShapeFromAttrs(c, 0, "h", "w", "c");
+      return (nchw & 1) ? ShapeFromAttrs(c, 0, "c", "h", "w")
+                        : ShapeFromAttrs(c, 0, "h", "w", "c");
     });
 
-// x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F)
+// x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F); nchw: 1 x is (N, C, H, W),
+// 2 dy is (N, F, OH, OW)
 REGISTER_OP("FastconvGradKernel")
     .Input("x: float")
     .Input("dy: float")
     .Output("dk: float")
     .FASTCONV_GEOMETRY_ATTRS
     .Attr("kernel_shape: list(int)")
+    .Attr("nchw: int = 0")
     .SetShapeFn(KernelShapes);
 
 // x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F), db (F,): with the bias
-// gradient summed from the dy that grad_kernel reads anyway
+// gradient summed from the dy that grad_kernel reads anyway (nchw as FastconvGradKernel's)
 REGISTER_OP("FastconvGradKernelBias")
     .Input("x: float")
     .Input("dy: float")
@@ -311,6 +315,7 @@ REGISTER_OP("FastconvGradKernelBias")
     .Output("db: float")
     .FASTCONV_GEOMETRY_ATTRS
     .Attr("kernel_shape: list(int)")
+    .Attr("nchw: int = 0")
     .SetShapeFn(KernelShapes);
 
 REGISTER_OP("FastconvBiasGrad")
@@ -530,6 +535,8 @@ class GradInput : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("w", &w_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("c", &c_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("nchw", &nchw_));
+    OP_REQUIRES(ctx, nchw_ >= 0 && nchw_ <= 3,
+                absl::InvalidArgumentError("fastconv: nchw takes 0 to 3"));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -538,21 +545,22 @@ class GradInput : public OpKernel {
     const Tensor& dy = ctx->input(0);
     const Tensor& wt = ctx->input(1);
     const int64_t n = dy.dim_size(0);
+    const int oh = nchw_ & 2 ? 2 : 1, of = nchw_ & 2 ? 1 : 3;
     Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, Output(ctx, 0, nchw_ ? TensorShape({n, c_, h_, w_})
-                                             : TensorShape({n, h_, w_, c_}), &dx));
+    OP_REQUIRES_OK(ctx, Output(ctx, 0, (nchw_ & 1) ? TensorShape({n, c_, h_, w_})
+                                                   : TensorShape({n, h_, w_, c_}), &dx));
     Call(ctx, [&] { return fastconv::grad_input_f32(
-                  dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2), dy.dim_size(3),
-                  wt.flat<float>().data(), wt.dim_size(0), wt.dim_size(1), wt.dim_size(2),
-                  dx->flat<float>().data(), dy.dim_size(0), h_, w_, c_, g_.sh, g_.sw, g_.dh,
-                  g_.dw, g_.pad_top, g_.pad_left, g_.groups, fastconv::threads(g_.max_threads),
-                  nchw_ ? 1 : 0); });
+                  dy.flat<float>().data(), dy.dim_size(oh), dy.dim_size(oh + 1),
+                  dy.dim_size(of), wt.flat<float>().data(), wt.dim_size(0), wt.dim_size(1),
+                  wt.dim_size(2), dx->flat<float>().data(), n, h_, w_, c_, g_.sh, g_.sw,
+                  g_.dh, g_.dw, g_.pad_top, g_.pad_left, g_.groups,
+                  fastconv::threads(g_.max_threads), static_cast<int>(nchw_)); });
   }
 
  private:
   Geometry g_;
   int64_t h_, w_, c_;
-  bool nchw_;
+  int64_t nchw_;
 };
 
 // FastconvGradKernel, or with kBias FastconvGradKernelBias
@@ -561,6 +569,9 @@ class GradKernel : public OpKernel {
  public:
   explicit GradKernel(OpKernelConstruction* ctx) : OpKernel(ctx), g_(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("kernel_shape", &shape_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nchw", &nchw_));
+    OP_REQUIRES(ctx, nchw_ >= 0 && nchw_ <= 3,
+                absl::InvalidArgumentError("fastconv: nchw takes 0 to 3"));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -568,21 +579,25 @@ class GradKernel : public OpKernel {
     fastconv::calls++;
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
+    const int h = nchw_ & 1 ? 2 : 1, c = nchw_ & 1 ? 1 : 3;
+    const int oh = nchw_ & 2 ? 2 : 1, of = nchw_ & 2 ? 1 : 3;
     Tensor* dk = nullptr;
     Tensor* db = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape(shape_), &dk));
     if (kBias) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({shape_[3]}), &db));
     Call(ctx, [&] { return fastconv::grad_kernel_f32(
-                  x.flat<float>().data(), x.dim_size(0), x.dim_size(1), x.dim_size(2),
-                  x.dim_size(3), dy.flat<float>().data(), dy.dim_size(1), dy.dim_size(2),
-                  dy.dim_size(3), dk->flat<float>().data(), shape_[0], shape_[1], shape_[2],
+                  x.flat<float>().data(), x.dim_size(0), x.dim_size(h), x.dim_size(h + 1),
+                  x.dim_size(c), dy.flat<float>().data(), dy.dim_size(oh), dy.dim_size(oh + 1),
+                  dy.dim_size(of), dk->flat<float>().data(), shape_[0], shape_[1], shape_[2],
                   g_.sh, g_.sw, g_.dh, g_.dw, g_.pad_top, g_.pad_left, g_.groups,
-                  fastconv::threads(g_.max_threads), kBias ? db->flat<float>().data() : nullptr); });
+                  fastconv::threads(g_.max_threads), kBias ? db->flat<float>().data() : nullptr,
+                  static_cast<int>(nchw_)); });
   }
 
  private:
   Geometry g_;
   std::vector<int64_t> shape_;
+  int64_t nchw_;
 };
 
 // dy (N, OH, OW, F) -> db (F,): dy summed over all but its channels

@@ -58,8 +58,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer
       static_cast<int>(nchw)));
 }
 
-// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C), with
-// nchw (N, C, H, W)
+// dy (N, OH, OW, F), the kernel regrouped to (KH, KW, F // groups, C) -> dx (N, H, W, C);
+// nchw: 1 dx is (N, C, H, W), 2 dy is (N, F, OH, OW), 3 both
 ffi::Error GradInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wt,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t dh,
                      int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
@@ -69,46 +69,53 @@ ffi::Error GradInput(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wt,
   auto gd = dy.dimensions();
   auto wd = wt.dimensions();
   auto xd = dx->dimensions();
+  const int h = nchw & 1 ? 2 : 1, c = nchw & 1 ? 1 : 3;
+  const int oh = nchw & 2 ? 2 : 1, oc = nchw & 2 ? 1 : 3;
   return Done(grad_input_f32(
-      dy.typed_data(), gd[1], gd[2], gd[3], wt.typed_data(), wd[0], wd[1], wd[2],
-      dx->typed_data(), xd[0], xd[nchw ? 2 : 1], xd[nchw ? 3 : 2], xd[nchw ? 1 : 3],
+      dy.typed_data(), gd[oh], gd[oh + 1], gd[oc], wt.typed_data(), wd[0], wd[1], wd[2],
+      dx->typed_data(), xd[0], xd[h], xd[h + 1], xd[c],
       static_cast<int>(sh), static_cast<int>(sw), static_cast<int>(dh), static_cast<int>(dw),
       static_cast<int>(pad_top), static_cast<int>(pad_left), static_cast<int>(groups),
       threads(max_threads), static_cast<int>(nchw)));
 }
 
 // x (N, H, W, C), dy (N, OH, OW, F) -> dk (KH, KW, C // groups, F), and db (F,) dy's channel
-// sums (the bias gradient) unless db is null
+// sums (the bias gradient) unless db is null; nchw: 1 x is (N, C, H, W), 2 dy is
+// (N, F, OH, OW), 3 both
 ffi::Error GradKernelInto(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dk, float* db, int64_t sh, int64_t sw,
                           int64_t dh, int64_t dw, int64_t pad_top, int64_t pad_left,
-                          int64_t groups, int64_t max_threads) {
+                          int64_t groups, int64_t max_threads, int64_t nchw) {
   if (grad_kernel_f32 == nullptr) return Unset();
   fastconv::calls++;
   auto xd = x.dimensions();
   auto gd = dy.dimensions();
   auto kd = dk->dimensions();
+  const int h = nchw & 1 ? 2 : 1, c = nchw & 1 ? 1 : 3;
+  const int oh = nchw & 2 ? 2 : 1, oc = nchw & 2 ? 1 : 3;
   return Done(grad_kernel_f32(
-      x.typed_data(), xd[0], xd[1], xd[2], xd[3], dy.typed_data(), gd[1], gd[2], gd[3],
-      dk->typed_data(), kd[0], kd[1], kd[2], static_cast<int>(sh), static_cast<int>(sw),
-      static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(pad_top),
-      static_cast<int>(pad_left), static_cast<int>(groups), threads(max_threads), db));
+      x.typed_data(), xd[0], xd[h], xd[h + 1], xd[c], dy.typed_data(), gd[oh], gd[oh + 1],
+      gd[oc], dk->typed_data(), kd[0], kd[1], kd[2], static_cast<int>(sh),
+      static_cast<int>(sw), static_cast<int>(dh), static_cast<int>(dw),
+      static_cast<int>(pad_top), static_cast<int>(pad_left), static_cast<int>(groups),
+      threads(max_threads), db, static_cast<int>(nchw)));
 }
 
 ffi::Error GradKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t dh,
                       int64_t dw, int64_t pad_top, int64_t pad_left, int64_t groups,
-                      int64_t max_threads) {
+                      int64_t max_threads, int64_t nchw) {
   return GradKernelInto(x, dy, dk, nullptr, sh, sw, dh, dw, pad_top, pad_left, groups,
-                        max_threads);
+                        max_threads, nchw);
 }
 
 ffi::Error GradKernelBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db,
                           int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pad_top,
-                          int64_t pad_left, int64_t groups, int64_t max_threads) {
+                          int64_t pad_left, int64_t groups, int64_t max_threads,
+                          int64_t nchw) {
   return GradKernelInto(x, dy, dk, db->typed_data(), sh, sw, dh, dw, pad_top, pad_left,
-                        groups, max_threads);
+                        groups, max_threads, nchw);
 }
 
 // dy (N, OH, OW, F) -> db (F,): dy summed over all but its channels (a bias trained under a
@@ -161,15 +168,10 @@ XLA_FFI_DEFINE_HANDLER(fastconv_forward, Forward,
                              .Arg<ffi::Buffer<ffi::F32>>()  \
                              .Arg<ffi::Buffer<ffi::F32>>()  \
                              .Ret<ffi::Buffer<ffi::F32>>()  \
-                             FASTCONV_FFI_GEOMETRY_ATTRS);
+                             FASTCONV_FFI_GEOMETRY_ATTRS    \
+                             .Attr<int64_t>("nchw"));
 
-XLA_FFI_DEFINE_HANDLER(fastconv_grad_input, GradInput,
-                       ffi::Ffi::Bind()
-                           .Arg<ffi::Buffer<ffi::F32>>()
-                           .Arg<ffi::Buffer<ffi::F32>>()
-                           .Ret<ffi::Buffer<ffi::F32>>()
-                           FASTCONV_FFI_GEOMETRY_ATTRS
-                           .Attr<int64_t>("nchw"));
+FASTCONV_GRAD_HANDLER(fastconv_grad_input, GradInput)
 FASTCONV_GRAD_HANDLER(fastconv_grad_kernel, GradKernel)
 
 XLA_FFI_DEFINE_HANDLER(fastconv_grad_kernel_bias, GradKernelBias,
@@ -178,7 +180,8 @@ XLA_FFI_DEFINE_HANDLER(fastconv_grad_kernel_bias, GradKernelBias,
                            .Arg<ffi::Buffer<ffi::F32>>()
                            .Ret<ffi::Buffer<ffi::F32>>()
                            .Ret<ffi::Buffer<ffi::F32>>()
-                           FASTCONV_FFI_GEOMETRY_ATTRS);
+                           FASTCONV_FFI_GEOMETRY_ATTRS
+                           .Attr<int64_t>("nchw"));
 
 XLA_FFI_DEFINE_HANDLER(fastconv_bias_grad, BiasGrad,
                        ffi::Ffi::Bind()

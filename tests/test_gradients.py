@@ -429,6 +429,10 @@ FFI_CASES = [
     ((2, 8, 9, 11), (3, 3, 8, 6), (2, 2), "same", (1, 1), True, "channels_first"),
     ((3, 16, 7, 7), (1, 1, 16, 12), (1, 1), "valid", (1, 1), False, "channels_first"),
     ((0, 4, 5, 6), (3, 3, 4, 5), (1, 1), "same", (1, 1), True, "channels_first"),  # empty
+    # channels_first gradients that read NCHW x and dy as they are (host.nchw_gradients)
+    ((2, 32, 14, 14), (3, 3, 4, 32), (1, 1), "same", (1, 1), True, "channels_first"),
+    ((4, 16, 24, 20), (3, 3, 8, 32), (2, 1), "valid", (1, 1), False, "channels_first"),
+    ((2, 16, 24, 20), (3, 3, 8, 16), (1, 1), "same", (2, 2), True, "channels_first"),
     # gradients on space-to-depth blocks (Geometry.blocks), built in the graph around the ops
     ((2, 15, 17, 3), (7, 7, 3, 8), (2, 2), "same", (1, 1), True, "channels_last"),  # a stem
     ((2, 3, 9, 10), (4, 4, 3, 5), (4, 4), "valid", (1, 1), False, "channels_first"),  # misses
@@ -616,6 +620,21 @@ def test_tf_output_cache_size_from_the_environment(value):
 CHANNELS_FIRST_CASES = [c for c in FFI_CASES if c[6] == "channels_first" and c[0][0] > 0]
 
 
+def _nchw_as_is(case, batch=-1):
+    """Whether the gradients of a channels_first case read NCHW x and dy as they are, a band
+    of rows at a time (host.nchw_gradients): then nothing is transposed whole. batch None: a
+    graph's unknown batch, which the TensorFlow bridge takes as 1."""
+    from fastconv.backends import numpy as host
+
+    spec = ConvSpec.make(case[2], case[3], "channels_first", case[4])
+    x_shape = case[0] if batch == -1 else (batch or 1, *case[0][1:])
+    return host.nchw_gradients(spec, spec.geometry(x_shape, case[1]))
+
+
+def test_channels_first_cases_read_nchw_gradients_as_they_are_or_not():
+    assert {_nchw_as_is(c) for c in CHANNELS_FIRST_CASES} == {False, True}
+
+
 def _channels_first_step(case, seed):
     """x, kernel, bias (or None), the reference result, a loss(x, k, b) of the convolution and
     dy, and the reference gradients wrt x, k (and b)."""
@@ -638,10 +657,11 @@ def _channels_first_step(case, seed):
 @pytest.mark.parametrize("case", CHANNELS_FIRST_CASES)
 def test_tf_function_channels_first_transposed_once_each(case):
     # channels_first in a graph: inference is one FastconvForward op (the kernels' channels_first
-    # forward, no whole transposes); differentiated, fastconv's transpose ops turn x into NHWC
-    # once (its copy serves the forward and grad_kernel) and dy once for both gradients; the
-    # result and dx are written NCHW by the ops, a band at a time (dx on space-to-depth blocks
-    # transposed once)
+    # forward, no whole transposes); differentiated, where the gradients read NCHW x and dy as
+    # they are (_nchw_as_is) no transposes either; elsewhere fastconv's transpose ops turn x
+    # into NHWC once (its copy serves the forward and grad_kernel) and dy once for both
+    # gradients; the result and dx are written NCHW by the ops, a band at a time (dx on
+    # space-to-depth blocks transposed once)
     from fastconv.backends import numpy as host
 
     if _tf_ops() is None:
@@ -669,11 +689,12 @@ def test_tf_function_channels_first_transposed_once_each(case):
 
         ops = grads.get_concrete_function().graph.get_operations()
         # the activations' transposes (samples first), and the kernel's regrouping for
-        # grad_input: fastconv's transpose of each tap's (C, F) matrix (groups == 1 in every
-        # case)
+        # grad_input: fastconv's transpose of each tap's (C, F) matrix where groups == 1
         swaps = [op for op in ops if op.type == "FastconvTranspose"]
         samples = [op for op in swaps if op.inputs[0].shape[0] in (batch, None)]
-        assert (len(samples), len(swaps) - len(samples)) == (2 + blocked, 1)
+        dense = x.shape[1] == k.shape[2]
+        assert (len(samples), len(swaps) - len(samples)) == (
+            0 if _nchw_as_is(case, batch) else 2 + blocked, int(dense))
         for value, ref, name in zip(grads(x, k), refs, ("dx", "dk", "db")):
             reference.assert_close(value.numpy(), ref, 1e-4, name)
 
@@ -691,7 +712,8 @@ def test_tf_traced_channels_first_inference_differentiated(case, activation):
     x_shape, k_shape, strides, padding, dilation, with_bias, data_format = case
     layer = fastconv.Conv2D(k_shape[-1], k_shape[:2], strides=strides, padding=padding,
                             data_format=data_format, dilation_rate=dilation,
-                            use_bias=with_bias, activation=activation)
+                            groups=x_shape[1] // k_shape[2], use_bias=with_bias,
+                            activation=activation)
     layer.build(x_shape)
     layer.set_weights([k, b] if with_bias else [k])
     forward = tf.function(lambda x: layer(x))
@@ -726,7 +748,8 @@ def test_tf_traced_channels_first_inference_differentiated(case, activation):
 def test_tf_eager_channels_first_transposed_once_each(case, monkeypatch):
     # eagerly, under a tape, channels_first runs between the host's transposes as in a graph:
     # four (x, the result, dy, dx), where the host's channels_first path took six (x and dy
-    # again for the kernel gradient)
+    # again for the kernel gradient); none where the host's gradients read NCHW x and dy as
+    # they are (_nchw_as_is: the host's path then)
     from fastconv.backends import numpy as host
 
     x, k, b, conv, loss, expected, refs = _channels_first_step(case, 19)
@@ -741,7 +764,7 @@ def test_tf_eager_channels_first_transposed_once_each(case, monkeypatch):
         tape.watch(x)
         value = loss(x, k, bias)
     grads = tape.gradient(value, wrt)
-    assert sum(calls) == 4
+    assert sum(calls) == (0 if _nchw_as_is(case) else 4)
     for value, ref, name in zip(grads, refs, ("dx", "dk", "db")):
         reference.assert_close(value.numpy(), ref, 1e-4, name)
 
@@ -752,7 +775,8 @@ def test_torch_eager_channels_first_transposed_once_each(case, monkeypatch):
     # eagerly, channels_first with NCHW-contiguous x and dy: dy is transposed once for both
     # gradients, x for grad_kernel (the forward transposes x's rows in its kernel, a band at a
     # time); the result and dx are NCHW tensors with NHWC memory (no transposes). Each gradient
-    # transposed its own dy before, and the forward x: four.
+    # transposed its own dy before, and the forward x: four. Where the gradients read NCHW x
+    # and dy as they are (_nchw_as_is), none (dx then NCHW in memory).
     import torch
 
     from fastconv.backends import numpy as host
@@ -771,7 +795,7 @@ def test_torch_eager_channels_first_transposed_once_each(case, monkeypatch):
     reference.assert_close(y.detach().numpy(), expected, 1e-4)
     assert y.permute(0, 2, 3, 1).is_contiguous() and sum(calls) == 0
     grads = torch.autograd.grad(y, wrt, torch.tensor(dy))
-    assert sum(calls) == 2
+    assert sum(calls) == (0 if _nchw_as_is(case) else 2)
     for value, ref, name in zip(grads, refs, ("dx", "dk", "db")):
         reference.assert_close(value.numpy(), ref, 1e-4, name)
 
@@ -1161,7 +1185,8 @@ def test_jax_jit_channels_first_transposed_once_each(case):
     # forward, no whole transposes); differentiated, fastconv's transpose custom calls (XLA's
     # own transpose took 3-9x as long) turn x into NHWC once (its copy serves the forward and
     # grad_kernel) and dy once for both gradients; the result and dx are written NCHW by the
-    # kernels, a band at a time (dx on space-to-depth blocks transposed once)
+    # kernels, a band at a time (dx on space-to-depth blocks transposed once); none where the
+    # gradients read NCHW x and dy as they are (_nchw_as_is)
     from fastconv.backends import numpy as host
 
     x, k, b, conv, loss, expected, refs = _channels_first_step(case, 18)
@@ -1174,7 +1199,7 @@ def test_jax_jit_channels_first_transposed_once_each(case):
     reference.assert_close(np.asarray(forward(x, k, b)), expected, 1e-4)
     assert _ffi().calls() == before + 1
     grads = jax.jit(jax.grad(loss, argnums=(0, 1) if b is None else (0, 1, 2)))
-    assert _jax_transposes(grads, x, k, b) == 2 + blocked
+    assert _jax_transposes(grads, x, k, b) == (0 if _nchw_as_is(case) else 2 + blocked)
     for value, ref, name in zip(grads(x, k, b), refs, ("dx", "dk", "db")):
         reference.assert_close(np.asarray(value), ref, 1e-4, name)
 

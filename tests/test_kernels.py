@@ -275,30 +275,80 @@ def test_channels_first_forward(variant, dtype, case):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_channels_first_grad_input(variant, dtype, case):
-    """grad_input into an NCHW dx (from an NHWC dy): in bands of one row, of the default size
-    and of a whole image, with column blocks outer (dx transposed whole), as a GEMM where the
-    kernels pick it; the reference's dx, on 1 and 2 threads."""
+    """grad_input into an NCHW dx, from an NHWC or NCHW dy, or from an NCHW dy into an NHWC
+    dx: in bands of one row (a band's dy rows with it), of the default size and of a whole
+    image, with column blocks outer (dx transposed whole), on dy's zero-padded columns or not
+    (an NCHW dy transposed whole first), as a GEMM where the kernels pick it; the reference's
+    dx, on 1 and 2 threads."""
     *_, strides, dilation, padding = case
     x, k, _, _, spec, g = _forward_problem(case, dtype, "channels_first")
     dy = np.random.default_rng(_seed(case) + 1).standard_normal(
         g.output_shape_nhwc).astype(dtype)
-    expected, _ = reference.grads(x, k, dy.transpose(0, 3, 1, 2), strides, padding, dilation,
-                                  "channels_first")
+    dy_nchw = np.ascontiguousarray(dy.transpose(0, 3, 1, 2))
+    expected, _ = reference.grads(x, k, dy_nchw, strides, padding, dilation, "channels_first")
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     wt = host.regrouped_kernel(k, g, np.reshape, np.transpose)
     *geometry, _ = host._args(spec, g)
     try:
-        for band, major, threads in itertools.product(
-                (1, kernels.BAND_BYTES, 1 << 30), (1 << 62, 0), (1, 2)):
+        for band, major, pad_ow, threads in itertools.product(
+                (1, kernels.BAND_BYTES, 1 << 30), (1 << 62, 0), (0, 1 << 30), (1, 2)):
             kernels.set_band_bytes(band)
             kernels.set_block_major_bytes(major)
-            dx = np.full(x.shape, np.nan, dtype)
-            kernels.grad_input(dy, np.ascontiguousarray(wt), dx, *geometry, threads, nchw=True)
-            reference.assert_close(dx, expected, 1e-4 if dtype == np.float32 else 1e-10,
-                                   f"bands of {band} bytes, block-major from {major}, "
-                                   f"{threads} threads")
+            kernels.set_pad_columns_ow(pad_ow)
+            for nchw in (True, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
+                nchw_dx = nchw is True or nchw & kernels.NCHW_X
+                dx = np.full(x.shape if nchw_dx else g.input_shape_nhwc, np.nan, dtype)
+                kernels.grad_input(dy if nchw is True else dy_nchw, np.ascontiguousarray(wt),
+                                   dx, *geometry, threads, nchw=nchw)
+                reference.assert_close(dx if nchw_dx else dx.transpose(0, 3, 1, 2), expected,
+                                       1e-4 if dtype == np.float32 else 1e-10,
+                                       f"nchw {nchw}, bands of {band} bytes, block-major from "
+                                       f"{major}, padded columns up to {pad_ow}, "
+                                       f"{threads} threads")
     finally:
         _restore_tunings(kernels)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES + [
+    (4, 28, 28, 64, 3, 3, 64, 8, (1, 1), (1, 1), "same"),     # row blocks, bands of 4 rows
+    (3, 30, 31, 32, 3, 3, 64, 4, (2, 2), (1, 2), "same"),     # across images, stride 2
+    (2, 20, 24, 64, 1, 1, 128, 1, (1, 1), (1, 1), "valid"),   # dense 1x1 in bands
+    (1, 41, 12, 32, 3, 3, 32, 4, (1, 1), (3, 1), "valid"),    # dilated rows, one image
+], ids=str)
+def test_channels_first_grad_kernel(variant, dtype, case):
+    """grad_kernel (and the bias gradient) from an NCHW x, an NCHW dy or both: both in bands of
+    rows transposed in each thread's scratch where blocks of rows with their own sums serve
+    (kernels.grad_kernel_nchw), else transposed whole first; the reference's, on 1 to 3
+    threads."""
+    *_, strides, dilation, padding = case
+    x, k, _, _, spec, g = _forward_problem(case, dtype, "channels_first")
+    dy = np.random.default_rng(_seed(case) + 1).standard_normal(
+        spec.from_nhwc(g.output_shape_nhwc)).astype(dtype)
+    _, expected = reference.grads(x, k, dy, strides, padding, dilation, "channels_first")
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    *geometry, _ = host._args(spec, g)
+    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    for threads in (1, 2, 3):
+        for nchw in (kernels.NCHW_X, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
+            dk, db = np.full(k.shape, np.nan, dtype), np.full(g.f, np.nan, dtype)
+            kernels.grad_kernel(x if nchw & kernels.NCHW_X else x_nhwc,
+                                dy if nchw & kernels.NCHW_OUT else dy_nhwc, dk, *geometry,
+                                threads, db, nchw=nchw)
+            name = f"nchw {nchw}, {threads} threads"
+            reference.assert_close(dk, expected, rtol, name)
+            reference.assert_close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol, name)
+
+
+def test_channels_first_grad_kernel_in_bands_where_row_blocks_serve():
+    # (the geometries above whose bands the test reaches: not a depthwise one)
+    kernels = _dispatch.kernels
+    assert kernels.grad_kernel_nchw(4, 28, 28, 64, 28, 28, 64, 3, 3, 8, 1, 8, 4)
+    assert kernels.grad_kernel_nchw(4, 28, 28, 256, 28, 28, 256, 3, 3, 8, 1, 32, 4)
+    assert not kernels.grad_kernel_nchw(3, 10, 11, 8, 10, 11, 8, 3, 3, 1, 1, 8, 4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -193,9 +193,10 @@ def _grad_kernel_call(spec, g, x, dy, dtype, bias=False):
     """The grad_kernel custom call on NHWC x and dy; with `bias` (dk, db) from one pass over
     dy."""
     if not bias:
-        return _ffi_call("fastconv_grad_kernel", g.kernel_shape, dtype, (x, dy), spec, g)
+        return _ffi_call("fastconv_grad_kernel", g.kernel_shape, dtype, (x, dy), spec, g,
+                         nchw=0)
     return _ffi_call("fastconv_grad_kernel_bias", (g.kernel_shape, (g.f,)), dtype, (x, dy),
-                     spec, g)
+                     spec, g, nchw=0)
 
 
 def _ffi_bias_grad(spec, dy, dtype):
@@ -422,11 +423,21 @@ def _conv_nchw(spec, x, k, b):
 
 
 def _conv_nchw_fwd(spec, x, k, b):
-    # differentiated: x's NHWC copy (grad_kernel reads it) serves the forward too, whose result
-    # the kernels write NCHW, a band at a time; the gradients share dy's NHWC copy. (Residuals
-    # and symbolic zeros as _conv_fwd's.)
+    # differentiated: where the gradients read NCHW x and dy as they are (host.nchw_gradients),
+    # x is the residual; elsewhere x's NHWC copy (grad_kernel reads it) serves the forward too,
+    # whose result the kernels write NCHW, a band at a time, and the gradients share dy's NHWC
+    # copy. (Residuals and symbolic zeros as _conv_fwd's; the last residual, () or None,
+    # tells which.)
     both = () if b is not None and k.perturbed and b.perturbed else None
     x, k, b = x.value, k.value, None if b is None else b.value
+    g = spec.geometry(x.shape, k.shape)
+    if host.nchw_gradients(spec, g):
+        args = _first_order_only(x, k, *([] if b is None else [b]))
+        kernels = _dispatch.kernels
+        y = _forward_call(spec, g, *args[:2], None if b is None else args[2], np.dtype(x.dtype),
+                          spec.output_shape(x.shape, k.shape),
+                          kernels.NCHW_X | kernels.NCHW_OUT)
+        return y, (x, k, b, both, ())
     x_nhwc = _to_nhwc(x)
     # (through _first_order_only: a gradient of this gradient raises fastconv's error, as
     # _conv's does, not JAX's about a custom call it cannot differentiate)
@@ -434,13 +445,30 @@ def _conv_nchw_fwd(spec, x, k, b):
     y = _forward_call(spec, spec.geometry(x.shape, k.shape), *args[:2],
                       None if b is None else args[2], np.dtype(x.dtype),
                       spec.output_shape(x.shape, k.shape), _dispatch.kernels.NCHW_OUT)
-    return y, (x_nhwc, k, b, both)
+    return y, (x_nhwc, k, b, both, None)
 
 
 def _conv_nchw_bwd(spec, residuals, dy):
     if isinstance(dy, SymbolicZero):
         return None, None, None
-    return _conv_bwd(spec.nhwc, residuals, _to_nhwc(dy), nchw_dx=True)
+    *residuals, as_is = residuals
+    if as_is is None:
+        return _conv_bwd(spec.nhwc, residuals, _to_nhwc(dy), nchw_dx=True)
+    # NCHW x and dy as they are (as _conv_bwd's calls otherwise)
+    x, k, b, both = residuals
+    x, k, dy = _first_order_only(x, k, dy)
+    dtype = np.dtype(x.dtype)
+    g = spec.geometry(x.shape, k.shape)
+    kernels = _dispatch.kernels
+    nchw = kernels.NCHW_X | kernels.NCHW_OUT
+    wt = host.regrouped_kernel(k, g, jax.numpy.reshape, jax.numpy.transpose)
+    dx = _ffi_call("fastconv_grad_input", x.shape, dtype, (dy, wt), spec, g, nchw=nchw)
+    if both is not None:
+        dk, db = _ffi_call("fastconv_grad_kernel_bias", (g.kernel_shape, (g.f,)), dtype,
+                           (x, dy), spec, g, nchw=nchw)
+        return dx, dk, db
+    dk = _ffi_call("fastconv_grad_kernel", g.kernel_shape, dtype, (x, dy), spec, g, nchw=nchw)
+    return dx, dk, None if b is None else dy.sum(axis=(0, 2, 3))
 
 
 _conv_nchw.defvjp(_conv_nchw_fwd, _conv_nchw_bwd, symbolic_zeros=True)

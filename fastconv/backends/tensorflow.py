@@ -229,13 +229,15 @@ def _swap_grad(op, grad):
     return _OPS.ops.fastconv_transpose(grad, max_threads=op.get_attr("max_threads"))
 
 
-def _swaps_serve(spec, dtype, x_shape, recorded):
+def _swaps_serve(spec, dtype, x_shape, k_shape, recorded):
     """Whether a channels_first call runs as channels_last between _to_nhwc and _to_nchw:
     eagerly when recorded (the host's own channels_first gradients would transpose x and dy
-    again, each). Unrecorded eager calls take the host's channels_first forward, which
-    transposes a band of rows at a time in cache; graphs, the ops' (_conv_nchw)."""
+    again, each), unless the host's gradients read NCHW x and dy as they are
+    (host.nchw_gradients; its forward reads and writes NCHW a band of rows at a time in cache,
+    as unrecorded eager calls do); graphs take the ops' (_conv_nchw)."""
     return (recorded and tf.executing_eagerly() and not spec.channels_last
-            and dtype == np.float32 and None not in x_shape[1:])
+            and dtype == np.float32 and None not in x_shape[1:]
+            and not host.nchw_gradients(spec, spec.geometry(x_shape, k_shape)))
 
 
 # Geometry.blocks' arrays built in the graph (the host's helpers with TensorFlow's ops)
@@ -294,11 +296,12 @@ def _native_grad_input(spec, dy, k, x_shape, dtype, nchw=False):
                                    _TF_OPS, _to_nchw if nchw else None)
 
 
-def _grad_input_op(spec, g, dy, k, known, nchw=False):
-    """The native grad_input on an NHWC dy; with `nchw`, into an NCHW dx."""
+def _grad_input_op(spec, g, dy, k, known, nchw=0):
+    """The native grad_input on an NHWC dy; with `nchw` (the kernels' layout bits, or True:
+    NCHW_X), into an NCHW dx (and with NCHW_OUT from an NCHW dy)."""
     wt = _regrouped_kernel(g, k)
     if nchw:
-        return _OPS.ops.fastconv_grad_input(dy, wt, h=g.h, w=g.w, c=g.c, nchw=True,
+        return _OPS.ops.fastconv_grad_input(dy, wt, h=g.h, w=g.w, c=g.c, nchw=int(nchw),
                                             **_geometry_attrs(spec, g, known))
     dyin, (_, h, w, c) = _recut(spec, g, known, dy, (None, g.h, g.w, g.c))
     dx = _OPS.ops.fastconv_grad_input(dyin, wt, h=h, w=w, c=c,
@@ -331,10 +334,12 @@ def _native_grad_kernel(spec, x, dy, k_shape, dtype, bias=False):
                                     _TF_OPS, bias)
 
 
-def _grad_kernel_op(spec, g, x, dy, known, bias=False):
-    """The native grad_kernel on NHWC x and dy; with `bias` (dk, db), from one pass over dy."""
+def _grad_kernel_op(spec, g, x, dy, known, bias=False, nchw=0):
+    """The native grad_kernel on NHWC x and dy (or as the kernels' layout bits `nchw` have
+    them); with `bias` (dk, db), from one pass over dy."""
     op = _OPS.ops.fastconv_grad_kernel_bias if bias else _OPS.ops.fastconv_grad_kernel
-    return op(x, dy, kernel_shape=list(g.kernel_shape), **_geometry_attrs(spec, g, known))
+    return op(x, dy, kernel_shape=list(g.kernel_shape), nchw=nchw,
+              **_geometry_attrs(spec, g, known))
 
 
 def _native_bias_grad(spec, dy, dtype):
@@ -633,7 +638,7 @@ def _forward_grad(op, dy):
         dy = dy * s
     g = _fused_geometry(op, x)
     dx = _OPS.ops.fastconv_grad_input(dy, _regrouped_kernel(g, k), h=g.h, w=g.w, c=g.c,
-                                      nchw=x_nchw, **geometry)
+                                      nchw=int(x_nchw), **geometry)
     dk = _OPS.ops.fastconv_grad_kernel(x, dy, kernel_shape=list(g.kernel_shape), **geometry)
     return [dx, dk, db, ds]
 
@@ -716,7 +721,7 @@ def conv(x, k, b, spec, result):
     if (recorded and not spec.channels_last and not tf.executing_eagerly()
             and _native_geometry(spec, dtype, x.shape, k.shape, channels_first=True) is not None):
         return _cast(_conv_nchw(spec, dtype, *args), result)
-    if _swaps_serve(spec, dtype, x.shape.as_list(), recorded):
+    if _swaps_serve(spec, dtype, x.shape.as_list(), k.shape.as_list(), recorded):
         y = conv(_to_nhwc(args[0]), args[1], None if b is None else args[2], spec.nhwc,
                  "float32")
         return _cast(_to_nchw(y), result)
@@ -740,19 +745,22 @@ def conv(x, k, b, spec, result):
 
 
 def _conv_nchw(spec, dtype, x, k, *b):
-    """A channels_first call in a graph where the ops serve. Under a tape, x is transposed
-    once, into the NHWC copy the gradient wrt the kernel reads, which the forward reads too,
-    writing the result NCHW a band at a time; dy is transposed once for both gradients; dx is
-    written NCHW by its op (unless on space-to-depth blocks). Around the channels_last
-    convolution (_to_nhwc, _to_nchw) the result and dx were transposed whole too. With no tape
-    (inference; a graph differentiated only later, as a tf.function called under a tape), the
-    forward reads x NCHW too, a band at a time, and the gradient transposes x itself."""
+    """A channels_first call in a graph where the ops serve. The forward reads x NCHW and
+    writes the result NCHW, a band at a time. Where the gradients read NCHW x and dy so too
+    (host.nchw_gradients), they take them as they are. Elsewhere, under a tape, x is transposed
+    once, into the NHWC copy the gradient wrt the kernel reads, which the forward then reads
+    too; dy is transposed once for both gradients; dx is written NCHW by its op (unless on
+    space-to-depth blocks). Around the channels_last convolution (_to_nhwc, _to_nchw) the
+    result and dx were transposed whole too. With no tape (inference; a graph differentiated
+    only later, as a tf.function called under a tape), the gradient transposes x itself."""
     nhwc = spec.nhwc
     taped = PossibleTapeGradientTypes([x, k, *b]) != 0
+    g, known = _native_geometry(spec, dtype, x.shape, k.shape, channels_first=True)
+    as_is = host.nchw_gradients(spec, g)
 
     def _conv(x, k, *b):
         bias = b[0] if b else None
-        if taped:
+        if taped and not as_is:
             x_nhwc = _to_nhwc(x)
             y = _native_forward(nhwc, x_nhwc, k, bias, dtype, nchw_out=True)
         else:
@@ -760,6 +768,14 @@ def _conv_nchw(spec, dtype, x, k, *b):
 
         def gradients(dy):
             _dispatch.wake()
+            if as_is:
+                nchw = _dispatch.kernels.NCHW_X | _dispatch.kernels.NCHW_OUT
+                dx = _first_order_only(
+                    lambda d, w: _grad_input_op(spec, g, d, w, known, nchw), [dy, k])
+                # (the bias gradient from the dy that grad_kernel reads anyway)
+                dk = _first_order_only(lambda a, d: _grad_kernel_op(
+                    spec, g, a, d, known, bias=bool(b), nchw=nchw), [x, dy])
+                return [dx, *(dk if b else (dk,))]
             xt = _to_nhwc(x) if x_nhwc is None else x_nhwc
             dy_nhwc = _to_nhwc(dy)
             dx = _first_order_only(lambda g, w: _native_grad_input(

@@ -60,9 +60,12 @@ def _nhwc_memory(t, spec):
 def _gradients(ctx, x, k, has_bias, dy, spec, direct):
     """(dx, dk, db) as needed. `direct` calls the host; otherwise the gradient custom ops run,
     which a compiler can trace and whose own gradient raises (second order)."""
-    if direct:
+    if direct and not (not spec.channels_last and x.is_contiguous() and dy.is_contiguous()
+                       and x.dtype == dy.dtype == torch.float32
+                       and host.nchw_gradients(spec, spec.geometry(tuple(x.shape),
+                                                                   tuple(k.shape)))):
         # channels_first: dy transposed to NHWC memory once, for both gradients (each
-        # transposed it)
+        # transposed it), unless both read NCHW x and dy as they are
         dy = _nhwc_memory(dy, spec)
     if spec.channels_last or not dy.permute(0, 2, 3, 1).is_contiguous():
         # else NCHW with NHWC memory (as channels_first results are): the host takes it as is
