@@ -203,6 +203,38 @@ def test_python_threads_with_different_thread_counts_and_layers():
             np.testing.assert_array_equal(out, alone[j])
 
 
+@only_numpy
+def test_python_threads_share_the_kernels_scratch_blocks():
+    """Eight Python threads run channels_first gradients and forwards of different sizes at
+    once: their band scratch and row-block sums come from the kernels' few cached blocks
+    (fc_scratch), each call's its own; every result equals the one computed alone."""
+    kernels = _dispatch.kernels
+    rng = np.random.default_rng(5)
+    nchw = kernels.NCHW_X | kernels.NCHW_OUT
+    problems = []
+    for n, h, w in [(4, 28, 28), (2, 16, 20), (3, 30, 12), (1, 40, 40), (2, 9, 9)]:
+        x, dy = rng.standard_normal((2, n, 64, h, w)).astype(np.float32)
+        k = rng.standard_normal((3, 3, 8, 64)).astype(np.float32)
+        wt = np.ascontiguousarray(
+            k.reshape(3, 3, 8, 8, 8).transpose(0, 1, 4, 3, 2).reshape(3, 3, 8, 64))
+        problems.append((x, dy, k, wt))
+
+    def run(i):
+        x, dy, k, wt = problems[i % len(problems)]
+        dk, db = np.empty(k.shape, np.float32), np.empty(64, np.float32)
+        dx, y = np.empty_like(x), np.empty_like(x)
+        kernels.grad_kernel(x, dy, dk, 1, 1, 1, 1, 1, 1, 8, 2, db, nchw=nchw)
+        kernels.grad_input(dy, wt, dx, 1, 1, 1, 1, 1, 1, 8, 2, nchw=nchw)
+        kernels.forward(x, k, y, 1, 1, 1, 1, 1, 1, 8, 2, nchw=nchw)
+        return dk, db, dx, y
+
+    alone = [run(i) for i in range(len(problems))]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for i, results in enumerate(pool.map(run, range(40))):
+            for a, b in zip(alone[i % len(problems)], results):
+                np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture
 def openmp_loops():
     """The kernels' loops on OpenMP (as when fastconv's own threads are busy with another
