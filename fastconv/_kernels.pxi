@@ -464,44 +464,71 @@ cdef extern from *:
         return posix_memalign(&p, 64, n ? n : 64) == 0 ? p : NULL;
     }
     /* Scratch of a call (channels_first bands, grad_kernel's row-block sums: a few hundred KB
-       each, fewer than FC_SCRATCH_MAX bytes), kept for the next call in one of FC_SLOTS slots
+       each, at most FC_SCRATCH_MAX bytes), kept for the next call in one of FC_SLOTS slots
        instead of freed: freed, glibc gave such blocks back to the system between calls and
        every call faulted their pages in again (JAX, grouped32 4x28x28x256 channels_first
-       training step under jit: ~300 page faults a step more than channels_last). Concurrent
-       callers each get their own block; a block too small for a request is freed. The
-       block's size sits in the cache line before it. Freed with fc_scratch_done. */
+       training step under jit: ~300 page faults a step more than channels_last). A request
+       takes the smallest cached block that fits; where none does, the smallest block goes
+       and a new one is made. Concurrent callers each get their own block; a caller that finds
+       the slots busy (another thread between its two instructions) allocates and frees as
+       before, so a fork can never leave the slots locked. The block's size sits in the cache
+       line before it. Freed with fc_scratch_done. */
     #define FC_SLOTS 4
     #define FC_SCRATCH_MAX ((size_t)8 << 20)
     #if defined(__GNUC__)
-      static void* fc_slots[FC_SLOTS];
+      static char* fc_slots[FC_SLOTS];
+      static char fc_slots_busy;
       static void* fc_scratch(size_t n) {
-          if (n > FC_SCRATCH_MAX) return fc_amalloc(n);
-          for (int i = 0; i < FC_SLOTS; i++) {
-              char* p = (char*)__atomic_exchange_n(&fc_slots[i], NULL, __ATOMIC_ACQ_REL);
-              if (p == NULL) continue;
-              if (*(size_t*)p >= n) return p + 64;
-              free(p);
+          char* p = NULL;
+          char* victim = NULL;
+          if (n <= FC_SCRATCH_MAX && !__atomic_test_and_set(&fc_slots_busy, __ATOMIC_ACQUIRE)) {
+              int best = -1, small = -1;
+              for (int i = 0; i < FC_SLOTS; i++) {
+                  if (fc_slots[i] == NULL) continue;
+                  size_t m = *(size_t*)fc_slots[i];
+                  if (m >= n && (best < 0 || m < *(size_t*)fc_slots[best])) best = i;
+                  if (small < 0 || m < *(size_t*)fc_slots[small]) small = i;
+              }
+              int take = best >= 0 ? best : small;
+              if (best >= 0) p = fc_slots[best];
+              else if (take >= 0) victim = fc_slots[take];
+              if (take >= 0) fc_slots[take] = NULL;
+              __atomic_clear(&fc_slots_busy, __ATOMIC_RELEASE);
           }
-          char* p = (char*)fc_amalloc(n + 64);
-          if (p == NULL) return NULL;
-          *(size_t*)p = n;
+          free(victim);
+          if (p == NULL) {
+              p = (char*)fc_amalloc(n + 64);
+              if (p == NULL) return NULL;
+              *(size_t*)p = n;
+          }
           return p + 64;
       }
       static void fc_scratch_done(void* q, size_t n) {
           if (q == NULL) return;
-          if (n > FC_SCRATCH_MAX) { free(q); return; }
-          void* p = (char*)q - 64;
-          for (int i = 0; i < FC_SLOTS; i++) {
-              void* none = NULL;
-              if (__atomic_compare_exchange_n(&fc_slots[i], &none, p, 0, __ATOMIC_ACQ_REL,
-                                              __ATOMIC_ACQUIRE))
-                  return;
+          char* p = (char*)q - 64;
+          if (n > FC_SCRATCH_MAX) { free(p); return; }
+          if (!__atomic_test_and_set(&fc_slots_busy, __ATOMIC_ACQUIRE)) {
+              /* an empty slot, else the smallest block if smaller than this one */
+              int put = -1;
+              for (int i = 0; i < FC_SLOTS && (put < 0 || fc_slots[put] != NULL); i++)
+                  if (fc_slots[i] == NULL || put < 0
+                      || *(size_t*)fc_slots[i] < *(size_t*)fc_slots[put])
+                      put = i;
+              if (fc_slots[put] == NULL || *(size_t*)fc_slots[put] < *(size_t*)p) {
+                  char* old = fc_slots[put];
+                  fc_slots[put] = p;
+                  p = old;
+              }
+              __atomic_clear(&fc_slots_busy, __ATOMIC_RELEASE);
           }
           free(p);
       }
     #else
-      static void* fc_scratch(size_t n) { return fc_amalloc(n); }
-      static void fc_scratch_done(void* q, size_t n) { free(q); }
+      static void* fc_scratch(size_t n) {
+          char* p = (char*)fc_amalloc(n + 64);
+          return p == NULL ? NULL : p + 64;
+      }
+      static void fc_scratch_done(void* q, size_t n) { if (q != NULL) free((char*)q - 64); }
     #endif
     """
     void* fc_amalloc(size_t n) noexcept nogil
