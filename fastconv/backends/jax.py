@@ -442,8 +442,7 @@ def _conv_nchw_fwd(spec, x, k, b):
     # (through _first_order_only: a gradient of this gradient raises fastconv's error, as
     # _conv's does, not JAX's about a custom call it cannot differentiate)
     args = _first_order_only(x_nhwc, k, *([] if b is None else [b]))
-    y = _forward_call(spec, spec.geometry(x.shape, k.shape), *args[:2],
-                      None if b is None else args[2], np.dtype(x.dtype),
+    y = _forward_call(spec, g, *args[:2], None if b is None else args[2], np.dtype(x.dtype),
                       spec.output_shape(x.shape, k.shape), _dispatch.kernels.NCHW_OUT)
     return y, (x_nhwc, k, b, both, None)
 

@@ -57,13 +57,18 @@ def _nhwc_memory(t, spec):
     return torch.from_numpy(host._nhwc(_numpy(t), spec, _DTYPES[t.dtype])).permute(0, 3, 1, 2)
 
 
+def _reads_nchw(x, dy, k, spec):
+    """Whether both gradients take channels_first float32 x and dy with NCHW memory as they
+    are (host.nchw_gradients): then dy is not transposed to NHWC memory first."""
+    return (not spec.channels_last and x.is_contiguous() and dy.is_contiguous()
+            and x.dtype == dy.dtype == torch.float32
+            and host.nchw_gradients(spec, spec.geometry(tuple(x.shape), tuple(k.shape))))
+
+
 def _gradients(ctx, x, k, has_bias, dy, spec, direct):
     """(dx, dk, db) as needed. `direct` calls the host; otherwise the gradient custom ops run,
     which a compiler can trace and whose own gradient raises (second order)."""
-    if direct and not (not spec.channels_last and x.is_contiguous() and dy.is_contiguous()
-                       and x.dtype == dy.dtype == torch.float32
-                       and host.nchw_gradients(spec, spec.geometry(tuple(x.shape),
-                                                                   tuple(k.shape)))):
+    if direct and not _reads_nchw(x, dy, k, spec):
         # channels_first: dy transposed to NHWC memory once, for both gradients (each
         # transposed it), unless both read NCHW x and dy as they are
         dy = _nhwc_memory(dy, spec)
