@@ -266,6 +266,9 @@ TAPED = [case for case in CASES if case[2].get("activation") in (None, "tanh")] 
                                           padding="same")),
     (fastconv.Conv2D, (2, 15, 13, 3), dict(filters=4, kernel_size=7, strides=2,
                                            padding="same")),  # gradients on blocks
+    # channels_first: gradients that read NCHW x and dy as they are (host.nchw_gradients)
+    (fastconv.Conv2D, (2, 14, 14, 32), dict(filters=32, kernel_size=3, groups=8,
+                                            padding="same")),
 ]
 
 
@@ -304,10 +307,18 @@ def test_one_tape_records_the_variables_op_on_the_handles(calls, cls, x_shape, k
 
 
 @pytest.mark.parametrize("cls, x_shape, kwargs", TAPED)
-def test_channels_first_one_tape_is_the_variables_op(calls, cls, x_shape, kwargs):
+def test_channels_first_one_tape_is_the_variables_op(calls, cls, x_shape, kwargs, monkeypatch):
     """channels_first under one tape: the same one op (x and the result transposed inside it),
     recorded on the handles; the gradients wrt the NCHW input and the variables are the
-    reference's."""
+    reference's. Where the gradients read NCHW x and dy as they are (host.nchw_gradients),
+    neither the op nor the host transposes anything whole."""
+    from fastconv.backends import numpy as host
+    from fastconv.geometry import ConvSpec
+
+    transposed = []
+    real = host._transposed
+    monkeypatch.setattr(host, "_transposed",
+                        lambda a, *rest: transposed.append(a.ndim) or real(a, *rest))
     rng = np.random.default_rng(17)
     x = rng.normal(size=x_shape).astype("float32")
     layer = _layer(cls, x_shape, **kwargs)
@@ -328,6 +339,10 @@ def test_channels_first_one_tape_is_the_variables_op(calls, cls, x_shape, kwargs
     assert_close(got[0].numpy(), ref[0].transpose(0, 3, 1, 2), rtol=1e-4, name="x")
     for ours, want, what in zip(got[1:], ref[1:], ("kernel", "bias")):
         assert_close(ours.numpy(), want, rtol=1e-4, name=what)
+    spec = ConvSpec.make(nchw.strides, nchw.padding, "channels_first", nchw.dilation_rate)
+    if cls is fastconv.Conv2D and host.nchw_gradients(
+            spec, spec.geometry(t.shape, nchw.kernel.shape)):
+        assert 4 not in transposed
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])

@@ -463,7 +463,10 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         # 1.10x, 4x16x8x8 1.8x)
         attrs["nchw"] = True
     attrs.update(oh=g.oh, ow=g.ow, f=g.f)
-    taped = dict(attrs, **host.act_attrs(None), nkernel=1, nx=int(not spec.channels_last))
+    # (channels_first under a tape: x's NHWC copy for the kernel gradient, unless the
+    # gradients read NCHW x and dy as they are)
+    nx = not spec.channels_last and not host.nchw_gradients(spec, g)
+    taped = dict(attrs, **host.act_attrs(None), nkernel=1, nx=int(nx))
     plan = _Plan(x.device, variables, {**attrs, **host.act_attrs(activation)},
                  activation is not None, tuple(kernel_shape), spec, taped)
     done = _run(plan, x)
@@ -564,7 +567,9 @@ def _taped_forward(x, handles, plan):
         # (_first_order_only: where a tape records this gradient's computation, e.g. an outer
         # tape watching dy, differentiating it raises)
         dx = None
-        dy_host = _host_dy(dy, spec)  # (the compute functions take dy as it is here)
+        # (the compute functions take dy as it is here; NCHW as it is where there is no NHWC
+        # copy of x: host.nchw_gradients)
+        dy_host = _host_dy(dy, spec) if x_nhwc or spec.channels_last else np.from_dlpack(dy)
         if need_dx:
             dx = _first_order_only(lambda g, k: _tensor(host.grad_input(
                 dy_host, np.from_dlpack(k).reshape(kernel_shape), spec, tuple(x.shape),
