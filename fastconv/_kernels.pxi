@@ -4363,16 +4363,27 @@ cdef bint _gk_merged(Py_ssize_t cin_g, Py_ssize_t KW, Py_ssize_t F, int dwl, int
             and cin_g < fc_pmax(fc_width(F, sz), sz))
 
 
+cdef inline bint _gk_dwkpix(bint depthwise, Py_ssize_t KH, Py_ssize_t KW, int sw,
+                            int dwl) noexcept nogil:
+    # whether _grad_kernel runs a depthwise layer's whole vectors of channels by fc_dwkpix
+    # (_dwk_part): 3x3, 5x5 and 7x7, stride 1 or 2, dilated along w only at stride 1
+    return (FC_DWROW_OK and depthwise and KH == KW and (KW == 3 or KW == 5 or KW == 7)
+            and (sw == 1 or sw == 2) and (dwl == 1 or sw == 1))
+
+
 cdef bint _gk_row_parts(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                         Py_ssize_t OW, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW,
-                        Py_ssize_t cin_g, int dwl, int groups, int sz) noexcept nogil:
-    # whether _grad_kernel on NCHW x and dy runs blocks of output rows with their own sums
-    # (GK_ROW_PARTS, in bands): neither depthwise (its own parts) nor merged (a padded copy of
-    # x), no zero-padded channels, sums small beside x and dy: a quarter of them, where NHWC
-    # data takes an eighth (grouped8 4x28x28x256, sums 0.18 of x and dy, 2 threads: in bands
-    # 1.78-1.90 ms, NHWC x and dy by tasks 1.58-1.85, transposing them whole first 0.36 more)
+                        Py_ssize_t cin_g, int sw, int dwl, int groups, int sz) noexcept nogil:
+    # whether _grad_kernel on NCHW x and dy reads them in bands: where blocks of output rows run
+    # with their own sums (GK_ROW_PARTS): neither depthwise (its own parts) nor merged (a
+    # padded copy of x), no zero-padded channels, sums small beside x and dy: a quarter of them,
+    # where NHWC data takes an eighth (grouped8 4x28x28x256, sums 0.18 of x and dy, 2 threads:
+    # in bands 1.78-1.90 ms, NHWC x and dy by tasks 1.58-1.85, transposing them whole first 0.36
+    # more); and depthwise, where fc_dwkpix's parts take every channel (GK_DWK_PARTS)
     cdef Py_ssize_t cout_g = F // groups, nrp = _min(N * OH, GK_PARTS)
-    return (not (cin_g == 1 and cout_g == 1) and _padded(cout_g, sz) == cout_g
+    if cin_g == 1 and cout_g == 1:
+        return _gk_dwkpix(True, KH, KW, sw, dwl) and F % (FC_VB // sz) == 0
+    return (_padded(cout_g, sz) == cout_g
             and not _gk_merged(cin_g, KW, F, dwl, groups, sz) and nrp > 1
             and GK_NCHW_SUMS * nrp * (KH * KW * cin_g * F + F)
                 <= N * H * W * C + N * OH * OW * F)
@@ -4380,10 +4391,10 @@ cdef bint _gk_row_parts(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, 
 
 def grad_kernel_nchw(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                      Py_ssize_t OW, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g,
-                     int dwl, int groups, int itemsize):
+                     int sw, int dwl, int groups, int itemsize):
     """Whether grad_kernel reads NCHW x and dy (nchw = NCHW_X | NCHW_OUT) a band of rows at a
     time on this geometry (_gk_row_parts), rather than transposing them whole first."""
-    return _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, dwl, groups, itemsize)
+    return _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, sw, dwl, groups, itemsize)
 
 
 def grad_kernel_merged(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, int dwl,
@@ -4549,9 +4560,10 @@ def ffi_grad_kernel():
 cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssize_t r0,
                     Py_ssize_t r1, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                     Py_ssize_t OW, Py_ssize_t Fv, int KS, int sh, int sw, int dh, int dw,
-                    int pad_top, int pad_left, bint with_bias) noexcept nogil:
+                    int pad_top, int pad_left, bint with_bias, bint add) noexcept nogil:
     # fc_dwkpix over the output rows [r0, r1): the KS*KS taps' sums of channels [0, Fv) and
-    # dy's channel sums (with_bias) into acc, KS*KS + 1 vectors a channel vector (fc_dwkpix).
+    # dy's channel sums (with_bias) into acc (add: added to it), KS*KS + 1 vectors a channel
+    # vector (fc_dwkpix).
     # Dilated along w (then sw = 1), in dw phases: output pixels ph + dw*m read input pixels
     # ph - pad_left + dw*(m + kw), so on the phase's own pixels (x0, x0 + dw, ...) it is an
     # undilated convolution with padding (x0 - ph + pad_left) / dw. (Per-tap tasks before: A/B,
@@ -4568,7 +4580,8 @@ cdef void _dwk_part(const floating* x, const floating* dy, floating* acc, Py_ssi
     # channels in blocks whose sums fit in L1 (FC_DWK_ACC_BYTES), each over all the rows
     cdef Py_ssize_t cb = _max(vw, FC_DWK_ACC_BYTES // (nk * sizeof(floating)) // vw * vw)
     cb = _cdiv(_cdiv(Fv, _cdiv(Fv, cb)), vw) * vw
-    memset(acc, 0, nk * Fv * sizeof(floating))
+    if not add:
+        memset(acc, 0, nk * Fv * sizeof(floating))
     c0 = 0
     while c0 < Fv:
         cw = _min(cb, Fv - c0)
@@ -4652,6 +4665,29 @@ cdef void _gk_band_rows(const floating* xp, const floating* gp, Gk* a, floating*
         r += oh1 - oh0
 
 
+cdef void _dwk_band_rows(const floating* xp, const floating* gp, Gk* a, floating* acc,
+                         Py_ssize_t rb, Py_ssize_t re, int k) noexcept nogil:
+    # NCHW x and dy, depthwise (GK_DWK_PARTS): _dwk_part over output rows rb .. re, an image's
+    # share at a time, its dy rows and the input rows its windows reach transposed into this
+    # thread's scratch first (as _gk_band_rows)
+    cdef floating* xs = <floating*>a.bands + k * (a.xs_size + a.ys_size)
+    cdef floating* ys = xs + a.xs_size
+    cdef Py_ssize_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW
+    cdef Py_ssize_t r = rb, n, oh0, oh1, lo, hi
+    while r < re:
+        n = r // OH
+        oh0 = r % OH
+        oh1 = _min(OH, oh0 + re - r)
+        lo = _max(0, oh0 * a.sh - a.pad_top)
+        hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
+        _tr2d(xp + (n * C * H + lo) * W, C, (hi - lo) * W, H * W, xs, C, False)
+        _tr2d(gp + (n * C * OH + oh0) * OW, C, (oh1 - oh0) * OW, OH * OW, ys, C, False)
+        _dwk_part(xs, ys, acc, 0, oh1 - oh0, hi - lo, W, C, oh1 - oh0, OW, a.Fv, <int>a.KH,
+                  a.sh, a.sw, a.dh, a.dwl, a.pad_top - oh0 * a.sh + <int>lo, a.pad_left,
+                  a.db != NULL, r != rb)
+        r += oh1 - oh0
+
+
 cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1,
                     int k) noexcept nogil:
     cdef const floating* gp = <const floating*>a.dy
@@ -4661,10 +4697,13 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1,
     cdef Py_ssize_t rows = a.N * a.OH, n = a.ntasks, ps = a.psize, t, part, c
     cdef floating s
     for t in range(t0, t1):
-        if a.mode == GK_DWK_PARTS:
+        if a.mode == GK_DWK_PARTS and a.bands != NULL:
+            _dwk_band_rows(xp, gp, a, sums + t * (a.KH * a.KW + 1) * a.Fv, t * rows // a.parts,
+                           (t + 1) * rows // a.parts, k)
+        elif a.mode == GK_DWK_PARTS:
             _dwk_part(xp, gp, sums + t * (a.KH * a.KW + 1) * a.Fv, t * rows // a.parts,
                       (t + 1) * rows // a.parts, a.H, a.W, a.C, a.OH, a.OW, a.Fv, <int>a.KH,
-                      a.sh, a.sw, a.dh, a.dwl, a.pad_top, a.pad_left, bp != NULL)
+                      a.sh, a.sw, a.dh, a.dwl, a.pad_top, a.pad_left, bp != NULL, False)
         elif a.mode == GK_ROW_PARTS and a.bands != NULL:
             part = t // a.slices
             _gk_band_rows(xp, gp, a, sums + part * ps,
@@ -4715,7 +4754,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef floating* gt = NULL
     cdef int rc
     if nchw and not (nchw == FC_NCHW_X | FC_NCHW_OUT
-                     and _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, dwl, groups,
+                     and _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, sw, dwl, groups,
                                        sizeof(floating))):
         if nchw & FC_NCHW_X:
             xt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
@@ -4778,8 +4817,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # tasks keep the rest.
     cdef Py_ssize_t Fv = 0
     cdef Py_ssize_t KT = KH * KW
-    if (FC_DWROW_OK and depthwise and KH == KW and (KW == 3 or KW == 5 or KW == 7)
-            and (sw == 1 or sw == 2) and (dwl == 1 or sw == 1)):
+    if _gk_dwkpix(depthwise, KH, KW, sw, dwl):
         Fv = F - F % (FC_VB // sz)
     # few input channels (fewer than a tile's rows): a tile's rows are a kernel row's (kw, c)
     # pairs, contiguous in x (unit dilation along w), on a zero-padded copy of x (no window
@@ -4899,10 +4937,20 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     job.sh, job.sw, job.dh, job.dwl, job.pad_top, job.pad_left = sh, sw, dh, dwl, pad_top, pad_left
     job.ptx, job.plx, job.chunk, job.dk3, job.pk3 = pad_top, pad_left, chunk, dk3, pk3
     job.f64 = floating is double
+    job.bands, job.xs_size, job.ys_size = NULL, 0, 0
     cdef Copies frame
+    cdef Py_ssize_t prows
     if Fv:
         parts = <floating*>fc_amalloc(nparts * (KT + 1) * Fv * sizeof(floating))
-        if parts == NULL:
+        if nchw:
+            # (only here where Fv == F: _gk_row_parts) a part's rows, at most
+            prows = _cdiv(N * OH, nparts)
+            job.xs_size = _min(H, (prows - 1) * sh + (KH - 1) * dh + 1) * W * C
+            job.ys_size = prows * OW * F
+            job.bands = fc_scratch(n_threads * (job.xs_size + job.ys_size) * sz)
+        if parts == NULL or (nchw and job.bands == NULL):
+            free(parts)
+            fc_scratch_done(job.bands, n_threads * (job.xs_size + job.ys_size) * sz)
             free(tasks)
             free(gpad)
             free(dpad)
@@ -4910,6 +4958,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             return -1
         job.mode, job.sums, job.parts = GK_DWK_PARTS, parts, nparts
         _parallel(n_threads, _gk_body, &job, nparts)
+        fc_scratch_done(job.bands, n_threads * (job.xs_size + job.ys_size) * sz)
+        job.bands, job.xs_size, job.ys_size = NULL, 0, 0
         for tap in range(KT + 1 if bp != NULL else KT):
             for c in range(Fv):
                 i = (c - c % vw) * (KT + 1) + tap * vw + c % vw   # (fc_dwkpix's layout)
@@ -4955,8 +5005,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef Py_ssize_t nrp = _min(N * OH, GK_PARTS), psize = KH * KW * cin_g * F + F
     cdef Py_ssize_t slices = _cdiv(n_threads, _max(1, nrp))
     cdef floating* rp = NULL
-    job.bands, job.xs_size, job.ys_size = NULL, 0, 0
-    # (nchw only where _gk_row_parts, this branch)
+    # (nchw only where _gk_row_parts, this branch or the depthwise parts above)
     if (ntasks and not dk3 and Fv == 0 and nrp > 1
             and (GK_NCHW_SUMS if nchw else 8) * nrp * psize <= N * H * W * C + N * OH * OW * F):
         if nchw:

@@ -433,6 +433,8 @@ FFI_CASES = [
     ((2, 32, 14, 14), (3, 3, 4, 32), (1, 1), "same", (1, 1), True, "channels_first"),
     ((4, 16, 24, 20), (3, 3, 8, 32), (2, 1), "valid", (1, 1), False, "channels_first"),
     ((2, 16, 24, 20), (3, 3, 8, 16), (1, 1), "same", (2, 2), True, "channels_first"),
+    ((2, 32, 12, 12), (3, 3, 1, 32), (1, 1), "same", (1, 1), True, "channels_first"),  # depthwise
+    ((2, 16, 13, 15), (5, 5, 1, 16), (2, 2), "same", (1, 1), False, "channels_first"),
     # gradients on space-to-depth blocks (Geometry.blocks), built in the graph around the ops
     ((2, 15, 17, 3), (7, 7, 3, 8), (2, 2), "same", (1, 1), True, "channels_last"),  # a stem
     ((2, 3, 9, 10), (4, 4, 3, 5), (4, 4), "valid", (1, 1), False, "channels_first"),  # misses

@@ -316,6 +316,9 @@ def test_channels_first_grad_input(variant, dtype, case):
     (3, 30, 31, 32, 3, 3, 64, 4, (2, 2), (1, 2), "same"),     # across images, stride 2
     (2, 20, 24, 64, 1, 1, 128, 1, (1, 1), (1, 1), "valid"),   # dense 1x1 in bands
     (1, 41, 12, 32, 3, 3, 32, 4, (1, 1), (3, 1), "valid"),    # dilated rows, one image
+    (3, 17, 19, 64, 3, 3, 64, 64, (2, 2), (1, 1), "same"),    # depthwise parts across images
+    (2, 15, 23, 32, 5, 5, 32, 32, (1, 1), (1, 2), "same"),    # depthwise 5x5, dilated along w
+    (2, 12, 18, 48, 7, 7, 48, 48, (1, 1), (1, 1), "valid"),   # depthwise 7x7
 ], ids=str)
 def test_channels_first_grad_kernel(variant, dtype, case):
     """grad_kernel (and the bias gradient) from an NCHW x, an NCHW dy or both: both in bands of
@@ -344,11 +347,13 @@ def test_channels_first_grad_kernel(variant, dtype, case):
 
 
 def test_channels_first_grad_kernel_in_bands_where_row_blocks_serve():
-    # (the geometries above whose bands the test reaches: not a depthwise one)
+    # (geometries of the test above: row blocks; depthwise on whole channel vectors; depthwise
+    # with a channel tail, transposed whole)
     kernels = _dispatch.kernels
-    assert kernels.grad_kernel_nchw(4, 28, 28, 64, 28, 28, 64, 3, 3, 8, 1, 8, 4)
-    assert kernels.grad_kernel_nchw(4, 28, 28, 256, 28, 28, 256, 3, 3, 8, 1, 32, 4)
-    assert not kernels.grad_kernel_nchw(3, 10, 11, 8, 10, 11, 8, 3, 3, 1, 1, 8, 4)
+    assert kernels.grad_kernel_nchw(4, 28, 28, 64, 28, 28, 64, 3, 3, 8, 1, 1, 8, 4)
+    assert kernels.grad_kernel_nchw(4, 28, 28, 256, 28, 28, 256, 3, 3, 8, 1, 1, 32, 4)
+    assert kernels.grad_kernel_nchw(2, 13, 21, 128, 13, 21, 128, 3, 3, 1, 1, 1, 128, 4)
+    assert not kernels.grad_kernel_nchw(3, 10, 11, 8, 10, 11, 8, 3, 3, 1, 1, 1, 8, 4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

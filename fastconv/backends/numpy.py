@@ -346,7 +346,8 @@ def nchw_gradients(spec, g):
     kernels = _dispatch.kernels
     return (not spec.channels_last
             and kernels.grad_kernel_nchw(g.n, g.h, g.w, g.c, g.oh, g.ow, g.f, g.kh, g.kw,
-                                         g.cin_g, spec.dilation_rate[1], g.groups, 4)
+                                         g.cin_g, spec.strides[1], spec.dilation_rate[1],
+                                         g.groups, 4)
             and _blocks_unless(spec, g, np.float32, kernels.grad_input_gemm) is None
             and _blocks_unless(spec, g, np.float32, kernels.grad_kernel_merged) is None)
 
