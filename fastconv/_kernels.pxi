@@ -3185,6 +3185,22 @@ cdef int _forward_dwnchw(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
     return 0
 
 
+cdef inline Py_ssize_t _band_input_rows(Py_ssize_t rows, Py_ssize_t H, Py_ssize_t KH,
+                                        Py_ssize_t sh, Py_ssize_t dh) noexcept nogil:
+    # the most input rows the windows of `rows` output rows reach (a channels_first band's
+    # scratch)
+    return _min(H, (rows - 1) * sh + (KH - 1) * dh + 1)
+
+
+cdef inline void _band_input(Py_ssize_t oh0, Py_ssize_t oh1, Py_ssize_t H, Py_ssize_t KH,
+                             Py_ssize_t sh, Py_ssize_t dh, Py_ssize_t pad_top, Py_ssize_t* lo,
+                             Py_ssize_t* hi) noexcept nogil:
+    # the input rows lo .. hi that output rows oh0 .. oh1's windows reach in the image (rows
+    # outside them that the image has are in no window of the band)
+    lo[0] = _max(0, oh0 * sh - pad_top)
+    hi[0] = _max(lo[0], _min(H, (oh1 - 1) * sh - pad_top + (KH - 1) * dh + 1))
+
+
 cdef void _fwd_bands(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
                      int k) noexcept nogil:
     # channels_first: x (N, C, H, Wx) or, without an input scratch (xs), (N, H, W, C); out
@@ -3214,8 +3230,7 @@ cdef void _fwd_bands(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
             # an NHWC x: its image as it is
             xs, lo, hi = xp + n * H * W * C, 0, H
         else:
-            lo = _max(0, oh0 * a.sh - a.pad_top)
-            hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
+            _band_input(oh0, oh1, H, a.KH, a.sh, a.dh, a.pad_top, &lo, &hi)
             keep = 0
             if n == cn and clo <= lo < chi:
                 keep = _min(chi, hi) - lo
@@ -3486,7 +3501,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         job.band, job.nbands = band, nbands
         job.xs_size = 0    # an NHWC x is read as it is (or its padded copy)
         if nchw & FC_NCHW_X:
-            job.xs_size = _min(H, (band - 1) * sh + (KH - 1) * dh + 1) * W * C
+            job.xs_size = _band_input_rows(band, H, KH, sh, dh) * W * C
         job.ys_size = band * OW * F if nchw & FC_NCHW_OUT else 0
         scratch = fc_scratch(n_threads * (job.xs_size + job.ys_size) * sz)
         if scratch == NULL:
@@ -4639,52 +4654,35 @@ cdef void _gk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
 cdef void _gk_band_rows(const floating* xp, const floating* gp, Gk* a, floating* sums,
                         floating* db, Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t rb,
                         Py_ssize_t re, int k) noexcept nogil:
-    # NCHW x and dy (GK_ROW_PARTS): the tasks s0 .. s1 over output rows rb .. re, a chunk
-    # (within an image) at a time: its dy rows and the input rows its windows reach transposed
-    # into this thread's scratch, an image of those rows to the tasks. (Transposed whole first,
-    # x and dy crossed memory twice more: grouped32 4x28x28x256, 2 threads, transposes 0.26 ms
-    # beside grad_kernel's 0.55.)
+    # NCHW x and dy: output rows rb .. re a band at a time within an image (GK_ROW_PARTS: a
+    # chunk, the tasks s0 .. s1 over it, db its bias sums; GK_DWK_PARTS: an image's share, by
+    # _dwk_part into sums): the band's dy rows and the input rows its windows reach transposed
+    # into this thread's scratch, an image of those rows to the kernels. (Transposed whole
+    # first, x and dy crossed memory twice more: grouped32 4x28x28x256, 2 threads, transposes
+    # 0.26 ms beside grad_kernel's 0.55.)
     cdef floating* xs = <floating*>a.bands + k * (a.xs_size + a.ys_size)
     cdef floating* ys = xs + a.xs_size
     cdef Py_ssize_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW, F = a.F
+    cdef Py_ssize_t step = a.chunk if a.mode == GK_ROW_PARTS else re - rb
     cdef Py_ssize_t r = rb, n, oh0, oh1, lo, hi
     while r < re:
         n = r // OH
         oh0 = r % OH
-        oh1 = _min(OH, oh0 + _min(a.chunk, re - r))
-        lo = _max(0, oh0 * a.sh - a.pad_top)
-        hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
+        oh1 = _min(OH, oh0 + _min(step, re - r))
+        _band_input(oh0, oh1, H, a.KH, a.sh, a.dh, a.pad_top, &lo, &hi)
         _tr2d(xp + (n * C * H + lo) * W, C, (hi - lo) * W, H * W, xs, C, False)
         _tr2d(gp + (n * F * OH + oh0) * OW, F, (oh1 - oh0) * OW, OH * OW, ys, F, False)
         # (input row ih is the scratch's row ih - lo: output row oh0 + j's windows start at
         # j * sh - (pad_top - oh0 * sh + lo) in it)
-        _grad_kernel_tasks(xs, ys, sums, a.tasks, s0, s1, 1, hi - lo, W, C, oh1 - oh0, OW, F,
-                           a.KW, a.cin_g, a.groups, a.sh, a.sw, a.dh, a.dwl,
-                           a.pad_top - oh0 * a.sh + lo, a.pad_left, a.chunk, a.KH, a.dk3,
-                           a.pk3, db, 0, oh1 - oh0, r != rb)
-        r += oh1 - oh0
-
-
-cdef void _dwk_band_rows(const floating* xp, const floating* gp, Gk* a, floating* acc,
-                         Py_ssize_t rb, Py_ssize_t re, int k) noexcept nogil:
-    # NCHW x and dy, depthwise (GK_DWK_PARTS): _dwk_part over output rows rb .. re, an image's
-    # share at a time, its dy rows and the input rows its windows reach transposed into this
-    # thread's scratch first (as _gk_band_rows)
-    cdef floating* xs = <floating*>a.bands + k * (a.xs_size + a.ys_size)
-    cdef floating* ys = xs + a.xs_size
-    cdef Py_ssize_t H = a.H, W = a.W, C = a.C, OH = a.OH, OW = a.OW
-    cdef Py_ssize_t r = rb, n, oh0, oh1, lo, hi
-    while r < re:
-        n = r // OH
-        oh0 = r % OH
-        oh1 = _min(OH, oh0 + re - r)
-        lo = _max(0, oh0 * a.sh - a.pad_top)
-        hi = _max(lo, _min(H, (oh1 - 1) * a.sh - a.pad_top + (a.KH - 1) * a.dh + 1))
-        _tr2d(xp + (n * C * H + lo) * W, C, (hi - lo) * W, H * W, xs, C, False)
-        _tr2d(gp + (n * C * OH + oh0) * OW, C, (oh1 - oh0) * OW, OH * OW, ys, C, False)
-        _dwk_part(xs, ys, acc, 0, oh1 - oh0, hi - lo, W, C, oh1 - oh0, OW, a.Fv, <int>a.KH,
-                  a.sh, a.sw, a.dh, a.dwl, a.pad_top - oh0 * a.sh + <int>lo, a.pad_left,
-                  a.db != NULL, r != rb)
+        if a.mode == GK_DWK_PARTS:
+            _dwk_part(xs, ys, sums, 0, oh1 - oh0, hi - lo, W, C, oh1 - oh0, OW, a.Fv,
+                      <int>a.KH, a.sh, a.sw, a.dh, a.dwl, <int>(a.pad_top - oh0 * a.sh + lo),
+                      a.pad_left, a.db != NULL, r != rb)
+        else:
+            _grad_kernel_tasks(xs, ys, sums, a.tasks, s0, s1, 1, hi - lo, W, C, oh1 - oh0, OW,
+                               F, a.KW, a.cin_g, a.groups, a.sh, a.sw, a.dh, a.dwl,
+                               a.pad_top - oh0 * a.sh + lo, a.pad_left, a.chunk, a.KH, a.dk3,
+                               a.pk3, db, 0, oh1 - oh0, r != rb)
         r += oh1 - oh0
 
 
@@ -4698,8 +4696,8 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1,
     cdef floating s
     for t in range(t0, t1):
         if a.mode == GK_DWK_PARTS and a.bands != NULL:
-            _dwk_band_rows(xp, gp, a, sums + t * (a.KH * a.KW + 1) * a.Fv, t * rows // a.parts,
-                           (t + 1) * rows // a.parts, k)
+            _gk_band_rows(xp, gp, a, sums + t * (a.KH * a.KW + 1) * a.Fv, NULL, 0, 0,
+                          t * rows // a.parts, (t + 1) * rows // a.parts, k)
         elif a.mode == GK_DWK_PARTS:
             _dwk_part(xp, gp, sums + t * (a.KH * a.KW + 1) * a.Fv, t * rows // a.parts,
                       (t + 1) * rows // a.parts, a.H, a.W, a.C, a.OH, a.OW, a.Fv, <int>a.KH,
@@ -4945,7 +4943,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         if nchw:
             # (only here where Fv == F: _gk_row_parts) a part's rows, at most
             prows = _cdiv(N * OH, nparts)
-            job.xs_size = _min(H, (prows - 1) * sh + (KH - 1) * dh + 1) * W * C
+            job.xs_size = _band_input_rows(prows, H, KH, sh, dh) * W * C
             job.ys_size = prows * OW * F
             job.bands = fc_scratch(n_threads * (job.xs_size + job.ys_size) * sz)
         if parts == NULL or (nchw and job.bands == NULL):
@@ -5009,7 +5007,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     if (ntasks and not dk3 and Fv == 0 and nrp > 1
             and (GK_NCHW_SUMS if nchw else 8) * nrp * psize <= N * H * W * C + N * OH * OW * F):
         if nchw:
-            job.xs_size = _min(H, (chunk - 1) * sh + (KH - 1) * dh + 1) * W * C
+            job.xs_size = _band_input_rows(chunk, H, KH, sh, dh) * W * C
             job.ys_size = chunk * OW * F
             job.bands = fc_scratch(n_threads * (job.xs_size + job.ys_size) * sz)
         rp = <floating*>fc_scratch(nrp * psize * sz)
