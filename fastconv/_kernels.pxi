@@ -4696,10 +4696,10 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1,
     cdef floating s
     for t in range(t0, t1):
         if a.mode == GK_DWK_PARTS and a.bands != NULL:
-            _gk_band_rows(xp, gp, a, sums + t * (a.KH * a.KW + 1) * a.Fv, NULL, 0, 0,
+            _gk_band_rows(xp, gp, a, sums + t * ps, NULL, 0, 0,
                           t * rows // a.parts, (t + 1) * rows // a.parts, k)
         elif a.mode == GK_DWK_PARTS:
-            _dwk_part(xp, gp, sums + t * (a.KH * a.KW + 1) * a.Fv, t * rows // a.parts,
+            _dwk_part(xp, gp, sums + t * ps, t * rows // a.parts,
                       (t + 1) * rows // a.parts, a.H, a.W, a.C, a.OH, a.OW, a.Fv, <int>a.KH,
                       a.sh, a.sw, a.dh, a.dwl, a.pad_top, a.pad_left, bp != NULL, False)
         elif a.mode == GK_ROW_PARTS and a.bands != NULL:
@@ -4943,7 +4943,10 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef Copies frame
     cdef Py_ssize_t prows
     if Fv:
-        parts = <floating*>fc_amalloc(nparts * (KT + 1) * Fv * sizeof(floating))
+        # a part's sums: fc_dwkpix's layout, (KT + 1) vectors (the taps', the bias's) a
+        # channel vector
+        job.psize = (KT + 1) * Fv
+        parts = <floating*>fc_amalloc(nparts * job.psize * sizeof(floating))
         if nchw:
             # (only here where Fv == F: _gk_row_parts) a part's rows, at most
             prows = _cdiv(N * OH, nparts)
@@ -4967,7 +4970,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                 i = (c - c % vw) * (KT + 1) + tap * vw + c % vw   # (fc_dwkpix's layout)
                 s = parts[i]
                 for part in range(1, nparts):
-                    s = s + parts[part * (KT + 1) * Fv + i]
+                    s = s + parts[part * job.psize + i]
                 if tap < KT:
                     dp[tap * F + c] = s
                 else:
