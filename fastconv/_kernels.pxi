@@ -464,7 +464,8 @@ cdef extern from *:
         return posix_memalign(&p, 64, n ? n : 64) == 0 ? p : NULL;
     }
     /* Scratch of a call (channels_first bands, grad_kernel's row-block sums: a few hundred KB
-       each, at most FC_SCRATCH_MAX bytes), kept for the next call in one of FC_SLOTS slots
+       each; x's or dy's copy with zero-padded columns, _pad_columns, and grad_kernel's framed
+       x: a few MB; at most FC_SCRATCH_MAX bytes), kept for the next call in one of FC_SLOTS slots
        instead of freed: freed, glibc gave such blocks back to the system between calls and
        every call faulted their pages in again (JAX, grouped32 4x28x28x256 channels_first
        training step under jit: ~300 page faults a step more than channels_last). A request
@@ -526,13 +527,20 @@ cdef extern from *:
     #else
       static void* fc_scratch(size_t n) {
           char* p = (char*)fc_amalloc(n + 64);
-          return p == NULL ? NULL : p + 64;
+          if (p == NULL) return NULL;
+          *(size_t*)p = n;
+          return p + 64;
       }
       static void fc_scratch_done(void* q, size_t n) { if (q != NULL) free((char*)q - 64); }
     #endif
+    /* fc_scratch_done with the size the block was made or taken for (in its header) */
+    static void fc_scratch_free(void* q) {
+        if (q != NULL) fc_scratch_done(q, *(size_t*)((char*)q - 64));
+    }
     """
     void* fc_amalloc(size_t n) noexcept nogil
     void* fc_scratch(size_t n) noexcept nogil
+    void fc_scratch_free(void* q) noexcept nogil
     void fc_scratch_done(void* q, size_t n) noexcept nogil
 
 
@@ -2947,9 +2955,10 @@ cdef floating* _column_blocks(const floating* a, Py_ssize_t rows, Py_ssize_t n,
 
 cdef floating* _pad_columns(const floating* x, Py_ssize_t rows, Py_ssize_t W, Py_ssize_t C,
                             Py_ssize_t left, Py_ssize_t Wp, int n_threads) noexcept nogil:
-    # (rows, W, C) -> (rows, Wp, C): `left` zero pixels before each row, zeros after it
+    # (rows, W, C) -> (rows, Wp, C): `left` zero pixels before each row, zeros after it.
+    # Freed with fc_scratch_free.
     cdef Py_ssize_t sz = sizeof(floating)
-    cdef floating* p = <floating*>fc_amalloc(rows * Wp * C * sz)
+    cdef floating* p = <floating*>fc_scratch(rows * Wp * C * sz)
     if p == NULL:
         return NULL
     cdef Copies job
@@ -3509,7 +3518,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             free(wpk)
             free(wpad)
             free(rows)
-            free(xpad)
+            fc_scratch_free(xpad)
             return -1
         if job.xs_size:
             job.xs = scratch
@@ -3524,7 +3533,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
         free(wpk)
         free(wpad)
         free(rows)
-        free(xpad)
+        fc_scratch_free(xpad)
         return 0
     # (not 1x1: a whole image's rows of 1x1 output blocks, 196 x 64 channels on 14x14, outgrow
     # L1 and are read and written once a chunk: 1x1 1024 -> 256 on 8x14x14 0.72x, 2048 -> 512
@@ -3547,7 +3556,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     free(wpk)
     free(wpad)
     free(rows)
-    free(xpad)
+    fc_scratch_free(xpad)
     free(xt)
     free(yt)
     return 0
@@ -4327,7 +4336,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
             free(wflip)
             free(wpad)
             free(rows)
-            free(gpad)
+            fc_scratch_free(gpad)
             return -1
         job.mode = GIN_BANDS
         _parallel(n_threads, _gin_body, &job, N * job.nbands)
@@ -4341,7 +4350,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     free(wflip)
     free(wpad)
     free(rows)
-    free(gpad)
+    fc_scratch_free(gpad)
     return 0
 
 
@@ -4981,7 +4990,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         # pad_left) (a "valid" convolution on it)
         Hx = (OH - 1) * sh + (KH - 1) * dh + 1
         Wx = (OW - 1) * sw + KW
-        xpad = <floating*>fc_amalloc(N * Hx * Wx * C * sz)
+        xpad = <floating*>fc_scratch(N * Hx * Wx * C * sz)
         if xpad == NULL:
             free(tasks)
             free(gpad)
@@ -5021,7 +5030,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         if rp == NULL or (nchw and job.bands == NULL):
             fc_scratch_done(rp, nrp * psize * sz)
             fc_scratch_done(job.bands, n_threads * (job.xs_size + job.ys_size) * sz)
-            free(xpad)
+            fc_scratch_free(xpad)
             free(tasks)
             free(gpad)
             free(dpad)
@@ -5037,7 +5046,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     elif ntasks:
         job.mode, job.threads = GK_TASKS, nt
         _parallel(nt, _gk_body, &job, nt)
-    free(xpad)
+    fc_scratch_free(xpad)
     if dpad != NULL:
         _unpad(dpad, cout_g, dp0, F0 // groups, KH * KW * cin_g, groups, NULL)
     if bpad != NULL:

@@ -205,9 +205,11 @@ def test_python_threads_with_different_thread_counts_and_layers():
 
 @only_numpy
 def test_python_threads_share_the_kernels_scratch_blocks():
-    """Eight Python threads run channels_first gradients and forwards of different sizes at
-    once: their band scratch and row-block sums come from the kernels' few cached blocks
-    (fc_scratch), each call's its own; every result equals the one computed alone."""
+    """Eight Python threads run channels_first and channels_last gradients and forwards of
+    different sizes at once: their band scratch, row-block sums, copies with zero-padded
+    columns (x's for the forward, dy's for grad_input) and grad_kernel's framed x of a 7x7/2
+    stem come from the kernels' few cached blocks (fc_scratch), each call's its own; every
+    result equals the one computed alone."""
     kernels = _dispatch.kernels
     rng = np.random.default_rng(5)
     nchw = kernels.NCHW_X | kernels.NCHW_OUT
@@ -226,7 +228,23 @@ def test_python_threads_share_the_kernels_scratch_blocks():
         kernels.grad_kernel(x, dy, dk, 1, 1, 1, 1, 1, 1, 8, 2, db, nchw=nchw)
         kernels.grad_input(dy, wt, dx, 1, 1, 1, 1, 1, 1, 8, 2, nchw=nchw)
         kernels.forward(x, k, y, 1, 1, 1, 1, 1, 1, 8, 2, nchw=nchw)
-        return dk, db, dx, y
+        # channels_last, dense: short rows with border pixels, on copies with zero-padded
+        # columns
+        xl, dyl = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, dy))
+        kd = np.ascontiguousarray(np.tile(k[..., :16], (1, 1, 8, 1)))   # (3, 3, 64, 16)
+        dyd = np.ascontiguousarray(dyl[..., :16])
+        dkl, dxl, yl = np.empty(kd.shape, np.float32), np.empty_like(xl), np.empty_like(dyd)
+        kernels.grad_kernel(xl, dyd, dkl, 1, 1, 1, 1, 1, 1, 1, 2, None)
+        kernels.grad_input(dyd, np.ascontiguousarray(kd.transpose(0, 1, 3, 2)), dxl,
+                           1, 1, 1, 1, 1, 1, 1, 2)
+        kernels.forward(xl, kd, yl, 1, 1, 1, 1, 1, 1, 1, 2)
+        # a 7x7/2 stem's kernel gradient (x framed in zeros)
+        xs = np.ascontiguousarray(xl[..., :3])
+        oh, ow = (xs.shape[1] + 1) // 2, (xs.shape[2] + 1) // 2
+        dys = np.ascontiguousarray(dyl[:, :oh, :ow, :16])
+        dks = np.empty((7, 7, 3, 16), np.float32)
+        kernels.grad_kernel(xs, dys, dks, 2, 2, 1, 1, 3, 3, 1, 2, None)
+        return dk, db, dx, y, dkl, dxl, yl, dks
 
     alone = [run(i) for i in range(len(problems))]
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
