@@ -464,11 +464,12 @@ cdef extern from *:
         return posix_memalign(&p, 64, n ? n : 64) == 0 ? p : NULL;
     }
     /* Scratch of a call (channels_first bands, grad_kernel's row-block sums: a few hundred KB
-       each; x's or dy's copy with zero-padded columns, _pad_columns, and grad_kernel's framed
-       x: a few MB; at most FC_SCRATCH_MAX bytes), kept for the next call in one of FC_SLOTS slots
-       instead of freed: freed, glibc gave such blocks back to the system between calls and
-       every call faulted their pages in again (JAX, grouped32 4x28x28x256 channels_first
-       training step under jit: ~300 page faults a step more than channels_last). A request
+       each; x's or dy's copy with zero-padded columns, _pad_columns, grad_kernel's framed x,
+       channels_first data transposed whole: a few MB; at most FC_SCRATCH_MAX bytes), kept for
+       the next call in one of FC_SLOTS slots instead of freed: freed, glibc gave such blocks
+       back to the system between calls and every call faulted their pages in again (JAX,
+       grouped32 4x28x28x256 channels_first training step under jit: ~300 page faults a step
+       more than channels_last). A request
        takes the smallest cached block that fits; where none does, the smallest block goes
        and a new one is made. Concurrent callers each get their own block; a caller that finds
        the slots busy (another thread between its two instructions) allocates and frees as
@@ -3445,16 +3446,16 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     cdef Py_ssize_t Wx = W, lead = 0
     if nchw and not bands:
         if nchw & FC_NCHW_X:
-            xt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
+            xt = <floating*>fc_scratch(N * H * W * C * sizeof(floating))
         if nchw & FC_NCHW_OUT:
-            yt = <floating*>fc_amalloc(N * OH * OW * F * sizeof(floating))
+            yt = <floating*>fc_scratch(N * OH * OW * F * sizeof(floating))
         if (xt == NULL and nchw & FC_NCHW_X) or (yt == NULL and nchw & FC_NCHW_OUT):
             free(runs)
             free(wpad)
             free(wpk)
             free(rows)
-            free(xt)
-            free(yt)
+            fc_scratch_free(xt)
+            fc_scratch_free(yt)
             return -1
         if xt != NULL:
             _transpose(xp, N, C, H * W, xt, n_threads)
@@ -3482,8 +3483,8 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
                 free(wpad)
                 free(wpk)
                 free(rows)
-                free(xt)
-                free(yt)
+                fc_scratch_free(xt)
+                fc_scratch_free(yt)
                 return -1
             xp = xpad
         W, pad_left = Wp, 0
@@ -3557,8 +3558,8 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     free(wpad)
     free(rows)
     fc_scratch_free(xpad)
-    free(xt)
-    free(yt)
+    fc_scratch_free(xt)
+    fc_scratch_free(yt)
     return 0
 
 
@@ -4177,23 +4178,23 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     if nchw & FC_NCHW_OUT and (whole or not nchw & FC_NCHW_X
                                or (W <= fc_pad_columns_ow
                                    and _pad_pays(OW, W, KW, sw, dw, pad_left))):
-        dt = <floating*>fc_amalloc(N * OH * OW * F * sizeof(floating))
+        dt = <floating*>fc_scratch(N * OH * OW * F * sizeof(floating))
         if dt == NULL:
             return -1
         _transpose(gp, N, F, OH * OW, dt, n_threads)
         r = _grad_input(dt, OH, OW, F, wp, KH, KW, cout_g, dp, N, H, W, C, sh, sw, dh, dw,
                         pad_top, pad_left, groups, n_threads, nchw & FC_NCHW_X)
-        free(dt)
+        fc_scratch_free(dt)
         return r
     if nchw & FC_NCHW_X and whole:
-        dt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
+        dt = <floating*>fc_scratch(N * H * W * C * sizeof(floating))
         if dt == NULL:
             return -1
         r = _grad_input(gp, OH, OW, F, wp, KH, KW, cout_g, dt, N, H, W, C, sh, sw, dh, dw,
                         pad_top, pad_left, groups, n_threads, 0)
         if r == 0:
             _transpose(dt, N, H * W, C, dp, n_threads)
-        free(dt)
+        fc_scratch_free(dt)
         return r
     if _gin_gemm(C, KH, KW, F, dw, groups, sizeof(floating)):
         return _grad_input_gemm(gp, OH, OW, F, wp, KH, KW, dp, N, H, W, C, sh, sw, dh, pad_top,
@@ -4764,12 +4765,12 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                      and _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, sw, dwl, groups,
                                        sizeof(floating))):
         if nchw & FC_NCHW_X:
-            xt = <floating*>fc_amalloc(N * H * W * C * sizeof(floating))
+            xt = <floating*>fc_scratch(N * H * W * C * sizeof(floating))
         if nchw & FC_NCHW_OUT:
-            gt = <floating*>fc_amalloc(N * OH * OW * F * sizeof(floating))
+            gt = <floating*>fc_scratch(N * OH * OW * F * sizeof(floating))
         if (xt == NULL and nchw & FC_NCHW_X) or (gt == NULL and nchw & FC_NCHW_OUT):
-            free(xt)
-            free(gt)
+            fc_scratch_free(xt)
+            fc_scratch_free(gt)
             return -1
         if xt != NULL:
             _transpose(xp0, N, C, H * W, xt, n_threads)
@@ -4778,8 +4779,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
         rc = _grad_kernel(xp0 if xt == NULL else xt, N, H, W, C, gp0 if gt == NULL else gt, OH,
                           OW, F, dp0, KH, KW, cin_g, sh, sw, dh, dwl, pad_top, pad_left, groups,
                           n_threads, db0, 0)
-        free(xt)
-        free(gt)
+        fc_scratch_free(xt)
+        fc_scratch_free(gt)
         return rc
     cdef Py_ssize_t cout_g = F // groups
     cdef bint depthwise = cin_g == 1 and cout_g == 1
