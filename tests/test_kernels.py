@@ -139,6 +139,13 @@ CASES = [
     # a channel tail; stride 2 and dilation h 2
     (2, 9, 30, 40, 7, 7, 40, 40, (1, 1), (1, 1), "same"),
     (1, 12, 23, 72, 7, 7, 72, 72, (2, 2), (2, 1), "same"),
+    # grouped, rows of 12 pixels or more: channels_first through _forward_nchwg (1 to 3 vectors
+    # a row chunk, two chunks, kernels 5 and 7 to 8 wide, asymmetric padding)
+    (2, 7, 13, 32, 3, 3, 32, 4, (1, 1), (1, 1), "same"),
+    (1, 5, 50, 32, 3, 3, 64, 2, (1, 1), (1, 1), "valid"),
+    (2, 6, 60, 16, 5, 5, 16, 2, (1, 1), (1, 1), "same"),
+    (1, 4, 20, 48, 7, 7, 24, 3, (1, 1), (1, 1), "same"),
+    (1, 5, 17, 24, 2, 8, 16, 2, (1, 1), (1, 1), "same"),
 ]
 
 
