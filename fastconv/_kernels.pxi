@@ -3198,8 +3198,8 @@ cdef int _forward_dwnchw(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
 cdef extern from *:
     """
     /* A grouped convolution on NCHW data read and written as it is (unit strides and
-       dilation, AVX-512): FB = 8 output channels of one group x NV 16-pixel vectors of an
-       output row, pixels in the vector lanes and each weight broadcast, so that neither x nor
+       dilation, AVX-512): FB = 8 (or 4) output channels of one group x NV 16-pixel vectors of
+       an output row, pixels in the vector lanes and each weight broadcast, so that neither x nor
        out is transposed. Border pixels are masked lanes of the loads (masked-off lanes do not
        fault), so the rows need no padded copy either.
        out[j*oplane + ow0 + i] = bias[j] + sum over kh, c, kw of
@@ -3218,14 +3218,14 @@ cdef extern from *:
           if (hi <= lo) return 0;
           return (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
       }
-      #define FC_NCHWG(NV) \
-      static void fc_nchwg_##NV(const float* __restrict x, ptrdiff_t plane, ptrdiff_t W, \
+      #define FC_NCHWG(FB, NV) \
+      static void fc_nchwg_##FB##_##NV(const float* __restrict x, ptrdiff_t plane, ptrdiff_t W, \
               ptrdiff_t H, ptrdiff_t ih0, const float* __restrict w, ptrdiff_t F, int KH, int KW, \
               int cin, ptrdiff_t pl, const float* __restrict bias, float* __restrict out, \
               ptrdiff_t oplane, ptrdiff_t ow0, ptrdiff_t n) \
       { \
-          __m512 acc[8][NV]; \
-          FC_UNROLL for (int j = 0; j < 8; j++) { \
+          __m512 acc[FB][NV]; \
+          FC_UNROLL for (int j = 0; j < FB; j++) { \
               const __m512 b = bias ? _mm512_set1_ps(bias[j]) : _mm512_setzero_ps(); \
               FC_UNROLL for (int v = 0; v < NV; v++) acc[j][v] = b; \
           } \
@@ -3246,7 +3246,7 @@ cdef extern from *:
                       __m512 xv[NV]; \
                       FC_UNROLL for (int v = 0; v < NV; v++) \
                           xv[v] = _mm512_maskz_loadu_ps(m[kw][v], xs + 16 * v); \
-                      FC_UNROLL for (int j = 0; j < 8; j++) { \
+                      FC_UNROLL for (int j = 0; j < FB; j++) { \
                           const __m512 wv = _mm512_set1_ps(wj[j]); \
                           FC_UNROLL for (int v = 0; v < NV; v++) \
                               acc[j][v] = _mm512_fmadd_ps(wv, xv[v], acc[j][v]); \
@@ -3254,29 +3254,36 @@ cdef extern from *:
                   } \
               } \
           } \
-          FC_UNROLL for (int j = 0; j < 8; j++) FC_UNROLL for (int v = 0; v < NV; v++) \
+          FC_UNROLL for (int j = 0; j < FB; j++) FC_UNROLL for (int v = 0; v < NV; v++) \
               _mm512_mask_storeu_ps(out + j * oplane + ow0 + 16 * v, fc_lanes(0, n - 16 * v), \
                                     acc[j][v]); \
       }
-      FC_NCHWG(1) FC_NCHWG(2) FC_NCHWG(3)
-      /* pixels ow0 .. ow0 + n of an output row, n <= 48 */
-      static void fc_nchwg(const float* x, ptrdiff_t plane, ptrdiff_t W, ptrdiff_t H,
+      FC_NCHWG(8, 1) FC_NCHWG(8, 2) FC_NCHWG(8, 3)
+      FC_NCHWG(4, 1) FC_NCHWG(4, 2) FC_NCHWG(4, 3) FC_NCHWG(4, 4)
+      /* fb output channels x pixels ow0 .. ow0 + n of an output row: fb 8, n <= 48; fb 4,
+         n <= 64 */
+      static void fc_nchwg(int fb, const float* x, ptrdiff_t plane, ptrdiff_t W, ptrdiff_t H,
               ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin, ptrdiff_t pl,
               const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0, ptrdiff_t n) {
-          (n > 32 ? fc_nchwg_3 : n > 16 ? fc_nchwg_2 : fc_nchwg_1)(x, plane, W, H, ih0, w, F, KH,
-              KW, cin, pl, bias, out, oplane, ow0, n);
+          if (fb == 8)
+              (n > 32 ? fc_nchwg_8_3 : n > 16 ? fc_nchwg_8_2 : fc_nchwg_8_1)(x, plane, W, H, ih0,
+                  w, F, KH, KW, cin, pl, bias, out, oplane, ow0, n);
+          else
+              (n > 48 ? fc_nchwg_4_4 : n > 32 ? fc_nchwg_4_3 : n > 16 ? fc_nchwg_4_2
+               : fc_nchwg_4_1)(x, plane, W, H, ih0, w, F, KH, KW, cin, pl, bias, out, oplane,
+                               ow0, n);
       }
     #else
       #define FC_NCHWG_OK 0
       #define FC_NCHWG_KWMAX 0
-      static void fc_nchwg(const float* x, ptrdiff_t plane, ptrdiff_t W, ptrdiff_t H,
+      static void fc_nchwg(int fb, const float* x, ptrdiff_t plane, ptrdiff_t W, ptrdiff_t H,
               ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin, ptrdiff_t pl,
               const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0, ptrdiff_t n) {}
     #endif
     """
     bint FC_NCHWG_OK
     int FC_NCHWG_KWMAX
-    void fc_nchwg(const float* x, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t H, Py_ssize_t ih0,
+    void fc_nchwg(int fb, const float* x, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t H, Py_ssize_t ih0,
                   const float* w, Py_ssize_t F, int KH, int KW, int cin, Py_ssize_t pl,
                   const float* bias, float* out, Py_ssize_t oplane, Py_ssize_t ow0,
                   Py_ssize_t n) noexcept nogil
@@ -3288,25 +3295,25 @@ ctypedef struct NchwG:
     const float* bias
     float* out
     Py_ssize_t C, H, W, F, OH, OW, cin_g, cout_g, pad_top, pad_left, chunk
-    int KH, KW
+    int KH, KW, fb
 
 
 cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
-    # task t: image t // (F / 8), output channels f0 .. f0 + 8, all rows
+    # task t: image t // (F / fb), output channels f0 .. f0 + fb, all rows
     cdef NchwG* a = <NchwG*>c
-    cdef Py_ssize_t nfb = a.F // 8, t, n, f0, g, oh, ow0
+    cdef Py_ssize_t nfb = a.F // a.fb, t, n, f0, g, oh, ow0
     cdef const float* xg
     cdef float* og
     for t in range(t0, t1):
         n = t // nfb
-        f0 = t % nfb * 8
+        f0 = t % nfb * a.fb
         g = f0 // a.cout_g
         xg = a.x + (n * a.C + g * a.cin_g) * a.H * a.W
         og = a.out + (n * a.F + f0) * a.OH * a.OW
         for oh in range(a.OH):
             ow0 = 0
             while ow0 < a.OW:
-                fc_nchwg(xg, a.H * a.W, a.W, a.H, oh - a.pad_top, a.w + f0, a.F, a.KH, a.KW,
+                fc_nchwg(a.fb, xg, a.H * a.W, a.W, a.H, oh - a.pad_top, a.w + f0, a.F, a.KH, a.KW,
                          <int>a.cin_g, a.pad_left, NULL if a.bias == NULL else a.bias + f0,
                          og + oh * a.OW, a.OH * a.OW, ow0, _min(a.chunk, a.OW - ow0))
                 ow0 += a.chunk
@@ -3320,8 +3327,10 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
     # 4x128x56x56 in 16 groups 1.47 -> 1.05 (0.98), 4x512x14x14 in 64 groups 0.40 -> 0.34
     # (0.31), 16 inputs a group: 4x256x28x28 0.86x the time, 4x64x56x56 0.81x, 5x5 on
     # 4x128x28x28 in 16 groups 0.89x; 32 inputs a group (4x256x28x28 in 8 groups) 1.08x, where
-    # the bands' GEMM tiles reuse each input load across 32 outputs, not 8.
-    return (FC_NCHWG_OK and groups > 1 and cout_g % 8 == 0 and cin_g <= 16 and sh == 1
+    # the bands' GEMM tiles reuse each input load across 32 outputs, not 8. 4 outputs a group
+    # (4-channel tiles of up to 64 pixels): 8x128x56x56 in 32 groups 2.35 -> 1.39 ms (1.48),
+    # 4x256x28x28 in 64 groups 0.63 -> 0.39 (0.43), 4x128x28x28 in 32 groups 0.29 -> 0.19.
+    return (FC_NCHWG_OK and groups > 1 and cout_g % 4 == 0 and cin_g <= 16 and sh == 1
             and sw == 1 and dh == 1 and dw == 1 and KW <= FC_NCHWG_KWMAX and OW >= 12)
 
 
@@ -3335,9 +3344,13 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
     job.C, job.H, job.W, job.F, job.OH, job.OW = C, H, W, F, OH, OW
     job.cin_g, job.cout_g, job.pad_top, job.pad_left = cin_g, F // groups, pad_top, pad_left
     job.KH, job.KW = <int>KH, <int>KW
-    # rows of up to 48 pixels in chunks of about equal width (56 as 32 + 24, 28 as one)
-    job.chunk = _cdiv(OW, _cdiv(OW, 48))
-    _parallel(<int>_max(1, _min(n_threads, N * (F // 8))), _nchwg_body, &job, N * (F // 8))
+    # 8 channels x rows of up to 48 pixels, or 4 x 64, in chunks of about equal width (56 as
+    # 32 + 24 or one, 28 as one)
+    job.fb = 8 if job.cout_g % 8 == 0 else 4
+    cdef Py_ssize_t most = 48 if job.fb == 8 else 64
+    job.chunk = _cdiv(OW, _cdiv(OW, most))
+    _parallel(<int>_max(1, _min(n_threads, N * (F // job.fb))), _nchwg_body, &job,
+              N * (F // job.fb))
     return 0
 
 
