@@ -148,6 +148,7 @@ CASES = [
     (1, 5, 17, 24, 2, 8, 16, 2, (1, 1), (1, 1), "same"),
     (2, 9, 20, 16, 3, 3, 16, 4, (1, 1), (1, 1), "same"),  # 4 outputs a group: 4-channel tiles
     (1, 6, 70, 16, 3, 3, 24, 2, (1, 1), (1, 1), "valid"),  # 12 outputs a group, two chunks
+    (2, 8, 14, 4, 3, 3, 16, 4, (1, 1), (1, 1), "same"),  # depth multiplier 4: 1 input a group
 ]
 
 
