@@ -318,6 +318,43 @@ REGISTER_OP("FastconvGradKernelBias")
     .Attr("nchw: int = 0")
     .SetShapeFn(KernelShapes);
 
+// Both gradients of an eager channels_last call that one GradientTape watches, as one op: dy
+// (N, OH, OW, F), kernel: the kernel as the forward read it (KH * KW * (C // groups) * F floats in
+// that order, in any shape), x (N, H, W, C) -> dx (N, H, W, C) (with need_dx, else (0,)), dk
+// (dk_shape: the kernel variable's), db (F,) (with bias, else (0,)). Eagerly every op and every
+// Python step costs 10-60 us here, right after a kernel has pushed TensorFlow's and Python's code
+// out of the caches: the host's two gradients (regrouping the kernel, allocating dx, dk and db,
+// converting each result to a tensor) cost ~0.2 ms a training step beyond their kernels, this
+// op ~0.05. Only where the kernels compute both gradients on the arrays as they are (not on
+// space-to-depth blocks); view as FastconvForwardVariables' (a 1x1 convolution's pixels re-cut
+// for the threads, for grad_input).
+REGISTER_OP("FastconvGradients")
+    .Input("dy: float")
+    .Input("kernel: float")
+    .Input("x: float")
+    .Output("dx: float")
+    .Output("dk: float")
+    .Output("db: float")
+    .FASTCONV_GEOMETRY_ATTRS
+    .Attr("kernel_shape: list(int)")
+    .Attr("dk_shape: list(int)")
+    .Attr("need_dx: bool")
+    .Attr("bias: bool")
+    .Attr("view: list(int) = []")
+    .SetShapeFn([](InferenceContext* c) {
+      std::vector<int64_t> shape;
+      bool need_dx, bias;
+      TF_RETURN_IF_ERROR(c->GetAttr("dk_shape", &shape));
+      TF_RETURN_IF_ERROR(c->GetAttr("need_dx", &need_dx));
+      TF_RETURN_IF_ERROR(c->GetAttr("bias", &bias));
+      std::vector<tensorflow::shape_inference::DimensionHandle> dims;
+      for (int64_t d : shape) dims.push_back(c->MakeDim(d));
+      c->set_output(0, need_dx ? c->input(2) : c->Vector(0));
+      c->set_output(1, c->MakeShape(dims));
+      c->set_output(2, c->Vector(bias ? c->Dim(c->input(0), 3) : c->MakeDim(int64_t{0})));
+      return absl::OkStatus();
+    });
+
 REGISTER_OP("FastconvBiasGrad")
     .Input("dy: float")
     .Output("db: float")
@@ -600,6 +637,89 @@ class GradKernel : public OpKernel {
   int64_t nchw_;
 };
 
+class Gradients : public OpKernel {
+ public:
+  explicit Gradients(OpKernelConstruction* ctx) : OpKernel(ctx), g_(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("kernel_shape", &shape_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("dk_shape", &dk_shape_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_dx", &need_dx_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("bias", &bias_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("view", &view_));
+    OP_REQUIRES(ctx, shape_.size() == 4 && (view_.empty() || view_.size() == 5),
+                absl::InvalidArgumentError("fastconv: kernel_shape takes 4 sizes, view 5"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::grad_input_f32)) ||
+        !Ready(ctx, reinterpret_cast<const void*>(fastconv::grad_kernel_f32)) ||
+        !Ready(ctx, reinterpret_cast<const void*>(fastconv::transpose_f32)))
+      return;
+    fastconv::calls++;
+    const Tensor& dy = ctx->input(0);
+    const Tensor& k = ctx->input(1);
+    const Tensor& x = ctx->input(2);
+    const int64_t kh = shape_[0], kw = shape_[1], cin_g = shape_[2], f = shape_[3];
+    const int64_t n = x.dim_size(0), h = x.dim_size(1), w = x.dim_size(2), c = x.dim_size(3);
+    const int64_t oh = dy.dim_size(1), ow = dy.dim_size(2), groups = g_.groups;
+    OP_REQUIRES(ctx, k.NumElements() == kh * kw * cin_g * f && dy.dim_size(3) == f,
+                absl::InvalidArgumentError("fastconv: the kernel does not fit kernel_shape"));
+    Tensor* dx = nullptr;
+    Tensor* dk = nullptr;
+    Tensor* db = nullptr;
+    OP_REQUIRES_OK(ctx, need_dx_ ? Output(ctx, 0, x.shape(), &dx)
+                                 : ctx->allocate_output(0, TensorShape({0}), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape(dk_shape_), &dk));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({bias_ ? f : 0}), &db));
+    // grad_input's kernel: regrouped to (KH, KW, F // groups, C), the transposed convolution's
+    // kernel in the same layout (fastconv.backends.numpy.regrouped_kernel); one input and one
+    // output a group (depthwise): the same order
+    const float* kp = k.flat<float>().data();
+    const float* wt = kp;
+    Tensor regrouped;
+    const int64_t cout_g = f / groups;
+    if (need_dx_ && !(cin_g == 1 && cout_g == 1)) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({kh, kw, cout_g, c}), &regrouped));
+      wt = regrouped.flat<float>().data();
+    }
+    const int threads = fastconv::threads(g_.max_threads);
+    Call(ctx, [&] {
+      int r = 0;
+      if (need_dx_) {
+        float* out = const_cast<float*>(wt);
+        if (wt == kp) {
+        } else if (groups == 1) {  // each tap's (C, F) transposed, by the kernels
+          r = fastconv::transpose_f32(kp, kh * kw, c, f, out, threads);
+        } else {
+          for (int64_t t = 0; t < kh * kw; t++)
+            for (int64_t j = 0; j < cout_g; j++)
+              for (int64_t gi = 0; gi < groups; gi++)
+                for (int64_t i = 0; i < cin_g; i++)
+                  out[(t * cout_g + j) * c + gi * cin_g + i] =
+                      kp[(t * cin_g + i) * f + gi * cout_g + j];
+        }
+        const bool cut = !view_.empty();
+        if (r == 0)
+          r = fastconv::grad_input_f32(
+              dy.flat<float>().data(), cut ? view_[3] : oh, cut ? view_[4] : ow, f, wt, kh, kw,
+              cout_g, dx->flat<float>().data(), cut ? view_[0] : n, cut ? view_[1] : h,
+              cut ? view_[2] : w, c, g_.sh, g_.sw, g_.dh, g_.dw, g_.pad_top, g_.pad_left,
+              static_cast<int>(groups), threads, 0);
+      }
+      return r != 0 ? r : fastconv::grad_kernel_f32(
+          x.flat<float>().data(), n, h, w, c, dy.flat<float>().data(), oh, ow, f,
+          dk->flat<float>().data(), kh, kw, cin_g, g_.sh, g_.sw, g_.dh, g_.dw, g_.pad_top,
+          g_.pad_left, static_cast<int>(groups), threads,
+          bias_ ? db->flat<float>().data() : nullptr, 0);
+    });
+  }
+
+ private:
+  Geometry g_;
+  std::vector<int64_t> shape_, dk_shape_, view_;
+  bool need_dx_, bias_;
+};
+
 // dy (N, OH, OW, F) -> db (F,): dy summed over all but its channels
 class BiasGrad : public OpKernel {
  public:
@@ -655,6 +775,7 @@ REGISTER_KERNEL_BUILDER(Name("FastconvGradKernel").Device(tensorflow::DEVICE_CPU
                         GradKernel<false>);
 REGISTER_KERNEL_BUILDER(Name("FastconvGradKernelBias").Device(tensorflow::DEVICE_CPU),
                         GradKernel<true>);
+REGISTER_KERNEL_BUILDER(Name("FastconvGradients").Device(tensorflow::DEVICE_CPU), Gradients);
 REGISTER_KERNEL_BUILDER(Name("FastconvBiasGrad").Device(tensorflow::DEVICE_CPU), BiasGrad);
 REGISTER_KERNEL_BUILDER(Name("FastconvTranspose").Device(tensorflow::DEVICE_CPU), Transpose);
 

@@ -172,9 +172,9 @@ def _keras_twin(layer, x_shape, *args, **kwargs):
 
 @pytest.mark.parametrize("persistent", [False, True])
 def test_recorded_calls_give_keras_gradients(calls, persistent):
-    """Under one tape (the variables op's convolution recorded on the variables' handles) and
-    under a persistent one (the general path: the variables read as recorded ops, the host's
-    convolution), the gradients are Keras' own."""
+    """Under one tape (the variables op's convolution recorded on the variables' handles, both
+    gradients one more op) and under a persistent one (the general path: the variables read as
+    recorded ops, the host's convolution), the gradients are Keras' own."""
     x = tf.constant(np.random.default_rng(4).normal(size=(2, 8, 8, 4)).astype("float32"))
     layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, activation="relu")
     theirs = _keras_twin(layer, x.shape, 3, 3, activation="relu")
@@ -184,23 +184,30 @@ def test_recorded_calls_give_keras_gradients(calls, persistent):
             tape.watch(x)
             y = tf.reduce_sum(lay(x) ** 2)
         grads.append(tape.gradient(y, [x, *lay.trainable_variables]))
-    assert (calls.op, calls.host) == ((0, 1) if persistent else (1, 0))
+    assert (calls.op, calls.host) == ((0, 1) if persistent else (2, 0))
     for ours, ref in zip(*grads):
         assert ours is not None
         assert_close(ours.numpy(), ref.numpy(), rtol=1e-4)
 
 
-def test_unwatched_input_gets_no_grad_input(monkeypatch):
+# a 7x7/2 stem's gradients run on space-to-depth blocks (the host's), a 3x3's as one op
+@pytest.mark.parametrize("kernel_size, strides", [(7, 2), (3, 1)])
+def test_unwatched_input_gets_no_grad_input(monkeypatch, kernel_size, strides):
     """Eagerly, the gradient wrt an input no tape watches (a model's images) is never asked
     for: grad_input is skipped; the weights' gradients still equal Keras'. A watched input
     gets its gradient."""
     ran = []
     real = bridge.host.grad_input
     monkeypatch.setattr(bridge.host, "grad_input", lambda *a, **k: ran.append(1) or real(*a, **k))
+    if bridge._OPS is not None:
+        op = bridge._OPS.ops.fastconv_gradients
+        monkeypatch.setattr(bridge._OPS.ops, "fastconv_gradients",
+                            lambda *a, need_dx, **k: ran.extend([1] * need_dx)
+                            or op(*a, need_dx=need_dx, **k))
     x = tf.constant(np.random.default_rng(5).normal(size=(2, 9, 9, 3)).astype("float32"))
-    layer = _layer(fastconv.Conv2D, x.shape, filters=4, kernel_size=7, strides=2,
-                   padding="same")
-    theirs = _keras_twin(layer, x.shape, 4, 7, strides=2, padding="same")
+    layer = _layer(fastconv.Conv2D, x.shape, filters=4, kernel_size=kernel_size,
+                   strides=strides, padding="same")
+    theirs = _keras_twin(layer, x.shape, 4, kernel_size, strides=strides, padding="same")
     for watch in (False, True):
         ran.clear()
         grads = []
@@ -269,6 +276,10 @@ TAPED = [case for case in CASES if case[2].get("activation") in (None, "tanh")] 
     # channels_first: gradients that read NCHW x and dy as they are (host.nchw_gradients)
     (fastconv.Conv2D, (2, 14, 14, 32), dict(filters=32, kernel_size=3, groups=8,
                                             padding="same")),
+    # the gradients op: a 1x1's pixels re-cut (its view), no bias, a depth multiplier
+    (fastconv.Conv2D, (8, 20, 20, 6), dict(filters=7, kernel_size=1)),
+    (fastconv.Conv2D, (2, 9, 11, 6), dict(filters=4, kernel_size=3, groups=2, use_bias=False)),
+    (fastconv.DepthwiseConv2D, (2, 9, 11, 6), dict(kernel_size=3, depth_multiplier=2)),
 ]
 
 
@@ -290,7 +301,10 @@ def _taped(layer, x):
 def test_one_tape_records_the_variables_op_on_the_handles(calls, cls, x_shape, kwargs):
     """Under one non-persistent tape: the variables op's convolution (which also gives the
     kernel's value; no recorded variable read), its gradients wrt the input and the variables
-    equal the reference's."""
+    equal the reference's: one op (FastconvGradients) where the kernels take the arrays as they
+    are (host.direct_gradients), else the host's."""
+    from fastconv.geometry import ConvSpec
+
     rng = np.random.default_rng(7)
     x = tf.constant(rng.normal(size=x_shape).astype("float32"))
     layer = _layer(cls, x_shape, **kwargs)
@@ -304,6 +318,10 @@ def test_one_tape_records_the_variables_op_on_the_handles(calls, cls, x_shape, k
         dz = dz * (1 - y.numpy().astype(np.float64) ** 2)
     for ours, ref, what in zip(got, _ref_grads(layer, x.numpy(), dz), "x kernel bias".split()):
         assert_close(ours.numpy(), ref, rtol=1e-4, name=what)
+    spec = ConvSpec.make(layer.strides, layer.padding, "channels_last", layer.dilation_rate)
+    kernel = _conv_kernel(layer)
+    direct = bridge.host.direct_gradients(spec, spec.geometry(x_shape, kernel.shape))
+    assert (calls.op, calls.host) == (1 + direct, 0)
 
 
 @pytest.mark.parametrize("cls, x_shape, kwargs", TAPED)
@@ -477,7 +495,9 @@ def test_repeated_calls_run_the_kept_plan(calls, monkeypatch, cls, x_shape, kwar
             tape.watch(t)
             y = layer(t)
         got = tape.gradient(y, [t, layer.kernel], output_gradients=dz)
-        assert (planned.made, calls.op) == (2, ops + 1)
+        # (the forward, and both gradients as one op where the plan has them)
+        plan = layer.__dict__["_fastconv_plans"][x_shape, _dispatch.get_num_threads()]
+        assert (planned.made, calls.op) == (2, ops + 1 + (plan.gradients_attrs is not None))
         ops = calls.op
         if kwargs.get("activation") == "tanh":
             dz = dz * (1 - y.numpy().astype(np.float64) ** 2)

@@ -336,6 +336,14 @@ def _blocks_unless(spec, g, dtype, direct):
     return blocks
 
 
+def direct_gradients(spec, g):
+    """Whether the kernels compute both gradients of a float32 convolution on x, dy and dx as
+    they are, not on Geometry.blocks' space-to-depth blocks."""
+    kernels = _dispatch.kernels
+    return (_blocks_unless(spec, g, np.float32, kernels.grad_input_gemm) is None
+            and _blocks_unless(spec, g, np.float32, kernels.grad_kernel_merged) is None)
+
+
 def nchw_gradients(spec, g):
     """Whether both gradients of a channels_first float32 convolution take NCHW x and dy as
     they are (the kernels' nchw layouts): where the gradient wrt the kernel reads them a band
@@ -348,8 +356,7 @@ def nchw_gradients(spec, g):
             and kernels.grad_kernel_nchw(g.n, g.h, g.w, g.c, g.oh, g.ow, g.f, g.kh, g.kw,
                                          g.cin_g, spec.strides[1], spec.dilation_rate[1],
                                          g.groups, 4)
-            and _blocks_unless(spec, g, np.float32, kernels.grad_input_gemm) is None
-            and _blocks_unless(spec, g, np.float32, kernels.grad_kernel_merged) is None)
+            and direct_gradients(spec, g))
 
 
 def blocked_grad_input(spec, g, dy, k, call, ops, to_nchw=None):

@@ -467,8 +467,13 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
     # gradients read NCHW x and dy as they are)
     nx = not spec.channels_last and not host.nchw_gradients(spec, g)
     taped = dict(attrs, **host.act_attrs(None), nkernel=1, nx=int(nx))
+    gradients = None
+    if spec.channels_last and host.direct_gradients(spec, g):
+        gradients = dict(_geometry_attrs(spec, g, True), kernel_shape=list(g.kernel_shape),
+                         dk_shape=list(variables[0].shape), view=attrs["view"],
+                         bias=len(variables) > 1)
     plan = _Plan(x.device, variables, {**attrs, **host.act_attrs(activation)},
-                 activation is not None, tuple(kernel_shape), spec, taped)
+                 activation is not None, tuple(kernel_shape), spec, taped, gradients)
     done = _run(plan, x)
     if done is not None and plans is not None:
         plans[tuple(x.shape), _plan_threads] = plan
@@ -490,6 +495,7 @@ class _Plan(NamedTuple):
     kernel_shape: tuple
     spec: object
     taped_attrs: dict  # the op's under a tape: no activation; the kernel's value, x's NHWC copy
+    gradients_attrs: dict  # FastconvGradients' for the gradients under a tape, or None
 
 
 def _run(plan, x):
@@ -564,6 +570,11 @@ def _taped_forward(x, handles, plan):
 
     def gradients(dy):
         _dispatch.wake()
+        if plan.gradients_attrs is not None and dy.dtype == tf.float32:
+            # (its registered gradient raises: _second_order)
+            dx, dk, *db = _OPS.ops.fastconv_gradients(dy, kernel, x, need_dx=need_dx,
+                                                      **plan.gradients_attrs)
+            return [dx if need_dx else None, dk, *(db if bias else ())]
         # (_first_order_only: where a tape records this gradient's computation, e.g. an outer
         # tape watching dy, differentiating it raises)
         dx = None
@@ -655,18 +666,19 @@ def _first_order_only(compute, args):
     gradient is silently None."""
 
     def op(*args):
-        def grad(*_):
-            raise NotImplementedError(
-                "fastconv computes first-order gradients only: a gradient of fastconv's "
-                "gradient (e.g. a Hessian or a gradient penalty) is not supported. Use "
-                "keras.layers.Conv2D."
-            )
-
-        return compute(*args), grad
+        return compute(*args), _second_order
 
     if _recorded(args):
         return tf.custom_gradient(op)(*args)
     return compute(*args)
+
+
+@tf.RegisterGradient("FastconvGradients")
+def _second_order(*_):
+    raise NotImplementedError(
+        "fastconv computes first-order gradients only: a gradient of fastconv's gradient (e.g. "
+        "a Hessian or a gradient penalty) is not supported. Use keras.layers.Conv2D."
+    )
 
 
 def conv(x, k, b, spec, result):
