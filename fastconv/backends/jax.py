@@ -16,7 +16,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.interpreters.partial_eval import DynamicJaxprTracer
 
-from fastconv import _dispatch
+from fastconv import _dispatch, _memory
 from fastconv.backends import numpy as host
 
 
@@ -299,7 +299,7 @@ def _eager(x, k, b, spec, result):
     # costs ~100 us more per call and copies the result into XLA's buffer (~0.4 ms per 6 MB).
     out = host.contiguous(host.conv(x, k, b, spec, result))
     # (numpy cannot export bfloat16 through dlpack; the kernels' own dtypes it can)
-    if out.dtype in (np.float32, np.float64) and out.ctypes.data % host.ALIGN == 0:
+    if out.dtype in (np.float32, np.float64) and _memory.address(out) % host.ALIGN == 0:
         if out.dtype == np.float32 and _from_host is not None:
             return _from_host(out)
         return jax.dlpack.from_dlpack(out)

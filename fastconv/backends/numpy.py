@@ -99,7 +99,7 @@ def _aligned_kernel(kernel, dtype):
     weights into the kernels' own aligned buffers; grouped8's forward measured the same with
     the kernel 0, 16, 32 or 48 bytes off a line), no extra copy a call."""
     kernel = np.asarray(kernel)
-    if kernel.dtype == dtype and kernel.flags.c_contiguous and kernel.ctypes.data % ALIGN == 0:
+    if kernel.dtype == dtype and kernel.flags.c_contiguous and _memory.address(kernel) % ALIGN == 0:
         return kernel
     # (not _empty: inside `_memory.into` a result's buffer goes to the first array of its shape)
     out = _memory.aligned_empty(kernel.shape, dtype)

@@ -82,7 +82,7 @@ def _numpy_function(fn, args, dtype, shape, prunable=True):
 def _tensor(out):
     """A host result as an eager tensor, without a copy where it is 64-byte aligned."""
     out = host.contiguous(out)
-    if out.ctypes.data % host.ALIGN == 0:
+    if _memory.address(out) % host.ALIGN == 0:
         return tf.experimental.dlpack.from_dlpack(out.__dlpack__())
     return tf.convert_to_tensor(out)
 
@@ -105,7 +105,7 @@ def _into_tf_buffer(fn, args, dtype, shape):
         out = _memory.writable(np.from_dlpack(buf), buf)
         with _memory.into(out):
             result = host.contiguous(fn(*(np.from_dlpack(a) for a in inputs)))
-        if result.ctypes.data != out.ctypes.data:
+        if _memory.address(result) != _memory.address(out):
             np.copyto(out, result)  # the kernels wrote elsewhere (e.g. a small transposed result)
         return buf
 
