@@ -52,6 +52,13 @@ struct Geometry {
   int sh, sw, dh, dw, pad_top, pad_left, groups;
   int64_t max_threads;
 
+  Geometry() = default;
+
+  // from the first 8 of an eager op's `sizes` (see FastconvForwardVariables)
+  explicit Geometry(const std::vector<int64_t>& sizes)
+      : sh(sizes[0]), sw(sizes[1]), dh(sizes[2]), dw(sizes[3]), pad_top(sizes[4]),
+        pad_left(sizes[5]), groups(sizes[6]), max_threads(sizes[7]) {}
+
   explicit Geometry(OpKernelConstruction* ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("sh", &sh));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("sw", &sw));
@@ -253,7 +260,10 @@ REGISTER_OP("FastconvForward")
 // which an assignment then copies instead of overwriting), for a call under a GradientTape,
 // whose gradient needs the kernel the forward used: one op instead of a read of each variable
 // and the forward. nx = 1 (with nchw): x's NHWC copy too, which the gradient wrt the kernel
-// then reads instead of transposing x again
+// then reads instead of transposing x again.
+// Its sizes, packed (an eager call converts each attribute from Python: ~2 us apiece with cold
+// caches, 20 attributes 40 us of the op's ~80): the 8 FASTCONV_GEOMETRY_ATTRS, then oh, ow, f,
+// act, nchw (0 or 1), then view (nothing or 5 sizes); clip: act's lo and hi, or nothing
 REGISTER_OP("FastconvForwardVariables")
     .Input("x: float")
     .Input("kernel: resource")
@@ -264,14 +274,16 @@ REGISTER_OP("FastconvForwardVariables")
     .Attr("nbias: int >= 0")
     .Attr("nkernel: int >= 0 = 0")
     .Attr("nx: int >= 0 = 0")
-    .FASTCONV_FORWARD_ATTRS
-    .Attr("view: list(int) = []")
-    .Attr("nchw: bool = false")
+    .Attr("sizes: list(int)")
+    .Attr("clip: list(float) = []")
     .SetShapeFn([](InferenceContext* c) {
-      bool nchw;
-      TF_RETURN_IF_ERROR(c->GetAttr("nchw", &nchw));
-      TF_RETURN_IF_ERROR(nchw ? ShapeFromAttrs(c, 0, "f", "oh", "ow")
-                              : ShapeFromAttrs(c, 0, "oh", "ow", "f"));
+      std::vector<int64_t> sizes;
+      TF_RETURN_IF_ERROR(c->GetAttr("sizes", &sizes));
+      if (sizes.size() != 13 && sizes.size() != 18)
+        return absl::InvalidArgumentError("fastconv: sizes takes 13 or 18 integers");
+      const int64_t oh = sizes[8], ow = sizes[9], f = sizes[10];
+      c->set_output(0, sizes[12] ? c->MakeShape({c->Dim(c->input(0), 0), f, oh, ow})
+                                 : c->MakeShape({c->Dim(c->input(0), 0), oh, ow, f}));
       for (int i = 1; i < c->num_outputs(); i++) c->set_output(i, c->UnknownShape());
       return absl::OkStatus();
     });
@@ -326,8 +338,10 @@ REGISTER_OP("FastconvGradKernelBias")
 // out of the caches: the host's two gradients (regrouping the kernel, allocating dx, dk and db,
 // converting each result to a tensor) cost ~0.2 ms a training step beyond their kernels, this
 // op ~0.05. Only where the kernels compute both gradients on the arrays as they are (not on
-// space-to-depth blocks); view as FastconvForwardVariables' (a 1x1 convolution's pixels re-cut
-// for the threads, for grad_input).
+// space-to-depth blocks). sizes, packed as FastconvForwardVariables' are: the 8
+// FASTCONV_GEOMETRY_ATTRS, the kernel's (KH, KW, C // groups, F), dk's shape (4 sizes), need_dx
+// and bias (0 or 1), then grad_input's view as FastconvForwardVariables' (nothing, or 5 sizes:
+// a 1x1 convolution's pixels re-cut for the threads).
 REGISTER_OP("FastconvGradients")
     .Input("dy: float")
     .Input("kernel: float")
@@ -335,23 +349,15 @@ REGISTER_OP("FastconvGradients")
     .Output("dx: float")
     .Output("dk: float")
     .Output("db: float")
-    .FASTCONV_GEOMETRY_ATTRS
-    .Attr("kernel_shape: list(int)")
-    .Attr("dk_shape: list(int)")
-    .Attr("need_dx: bool")
-    .Attr("bias: bool")
-    .Attr("view: list(int) = []")
+    .Attr("sizes: list(int)")
     .SetShapeFn([](InferenceContext* c) {
-      std::vector<int64_t> shape;
-      bool need_dx, bias;
-      TF_RETURN_IF_ERROR(c->GetAttr("dk_shape", &shape));
-      TF_RETURN_IF_ERROR(c->GetAttr("need_dx", &need_dx));
-      TF_RETURN_IF_ERROR(c->GetAttr("bias", &bias));
-      std::vector<tensorflow::shape_inference::DimensionHandle> dims;
-      for (int64_t d : shape) dims.push_back(c->MakeDim(d));
-      c->set_output(0, need_dx ? c->input(2) : c->Vector(0));
-      c->set_output(1, c->MakeShape(dims));
-      c->set_output(2, c->Vector(bias ? c->Dim(c->input(0), 3) : c->MakeDim(int64_t{0})));
+      std::vector<int64_t> sizes;
+      TF_RETURN_IF_ERROR(c->GetAttr("sizes", &sizes));
+      if (sizes.size() != 18 && sizes.size() != 23)
+        return absl::InvalidArgumentError("fastconv: sizes takes 18 or 23 integers");
+      c->set_output(0, sizes[16] ? c->input(2) : c->Vector(0));
+      c->set_output(1, c->MakeShape({sizes[12], sizes[13], sizes[14], sizes[15]}));
+      c->set_output(2, c->Vector(sizes[17] ? c->Dim(c->input(0), 3) : c->MakeDim(int64_t{0})));
       return absl::OkStatus();
     });
 
@@ -389,6 +395,12 @@ class ForwardBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("lo", &lo_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("hi", &hi_));
   }
+
+  // from packed sizes (FastconvForwardVariables', see Sizes) and clip
+  ForwardBase(OpKernelConstruction* ctx, const std::vector<int64_t>& sizes,
+              const std::vector<float>& clip)
+      : OpKernel(ctx), g_(sizes), oh_(sizes[8]), ow_(sizes[9]), f_(sizes[10]), act_(sizes[11]),
+        lo_(clip.size() == 2 ? clip[0] : 0), hi_(clip.size() == 2 ? clip[1] : 0) {}
 
  protected:
   // out (N, oh, ow, f) from x seen as (n, h, w, C) (its own shape, or a re-cut view) and the
@@ -521,11 +533,33 @@ class LockedVariable {
   std::optional<tensorflow::tf_shared_lock> lock_;
 };
 
+// the attribute `name` (a list) of an op under construction
+template <typename T>
+std::vector<T> ListAttr(OpKernelConstruction* ctx, const char* name) {
+  std::vector<T> v;
+  const absl::Status status = ctx->GetAttr(name, &v);
+  if (!status.ok()) ctx->CtxFailure(status);
+  return v;
+}
+
+// an eager op's packed `sizes`, of length `n` or `n` + 5 (a view); else (eagerly no shape
+// function checks them) an error in ctx, and n zeros to construct from
+std::vector<int64_t> Sizes(OpKernelConstruction* ctx, size_t n) {
+  std::vector<int64_t> v = ListAttr<int64_t>(ctx, "sizes");
+  if (v.size() == n || v.size() == n + 5) return v;
+  ctx->CtxFailure(absl::InvalidArgumentError(
+      absl::StrCat("fastconv: sizes takes ", n, " or ", n + 5, " integers")));
+  return std::vector<int64_t>(n, 0);
+}
+
 class ForwardVariables : public ForwardBase {
  public:
-  explicit ForwardVariables(OpKernelConstruction* ctx) : ForwardBase(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("view", &view_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("nchw", &nchw_));
+  explicit ForwardVariables(OpKernelConstruction* ctx)
+      : ForwardVariables(ctx, Sizes(ctx, 13)) {}
+
+  ForwardVariables(OpKernelConstruction* ctx, const std::vector<int64_t>& sizes)
+      : ForwardBase(ctx, sizes, ListAttr<float>(ctx, "clip")),
+        view_(sizes.begin() + 13, sizes.end()), nchw_(sizes[12]) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("nx", &nx_));
     OP_REQUIRES(ctx, nx_ == 0 || (nx_ == 1 && nchw_),
                 absl::InvalidArgumentError("fastconv: nx = 1 takes nchw"));
@@ -639,15 +673,13 @@ class GradKernel : public OpKernel {
 
 class Gradients : public OpKernel {
  public:
-  explicit Gradients(OpKernelConstruction* ctx) : OpKernel(ctx), g_(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("kernel_shape", &shape_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("dk_shape", &dk_shape_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_dx", &need_dx_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("bias", &bias_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("view", &view_));
-    OP_REQUIRES(ctx, shape_.size() == 4 && (view_.empty() || view_.size() == 5),
-                absl::InvalidArgumentError("fastconv: kernel_shape takes 4 sizes, view 5"));
-  }
+  explicit Gradients(OpKernelConstruction* ctx)
+      : Gradients(ctx, Sizes(ctx, 18)) {}
+
+  Gradients(OpKernelConstruction* ctx, const std::vector<int64_t>& sizes)
+      : OpKernel(ctx), g_(sizes), shape_(sizes.begin() + 8, sizes.begin() + 12),
+        dk_shape_(sizes.begin() + 12, sizes.begin() + 16), view_(sizes.begin() + 18, sizes.end()),
+        need_dx_(sizes[16]), bias_(sizes[17]) {}
 
   void Compute(OpKernelContext* ctx) override {
     if (!Ready(ctx, reinterpret_cast<const void*>(fastconv::grad_input_f32)) ||

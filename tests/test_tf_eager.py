@@ -201,9 +201,9 @@ def test_unwatched_input_gets_no_grad_input(monkeypatch, kernel_size, strides):
     monkeypatch.setattr(bridge.host, "grad_input", lambda *a, **k: ran.append(1) or real(*a, **k))
     if bridge._OPS is not None:
         op = bridge._OPS.ops.fastconv_gradients
+        # (sizes[16]: need_dx)
         monkeypatch.setattr(bridge._OPS.ops, "fastconv_gradients",
-                            lambda *a, need_dx, **k: ran.extend([1] * need_dx)
-                            or op(*a, need_dx=need_dx, **k))
+                            lambda *a, sizes: ran.extend([1] * sizes[16]) or op(*a, sizes=sizes))
     x = tf.constant(np.random.default_rng(5).normal(size=(2, 9, 9, 3)).astype("float32"))
     layer = _layer(fastconv.Conv2D, x.shape, filters=4, kernel_size=kernel_size,
                    strides=strides, padding="same")
@@ -497,7 +497,7 @@ def test_repeated_calls_run_the_kept_plan(calls, monkeypatch, cls, x_shape, kwar
         got = tape.gradient(y, [t, layer.kernel], output_gradients=dz)
         # (the forward, and both gradients as one op where the plan has them)
         plan = layer.__dict__["_fastconv_plans"][x_shape, _dispatch.get_num_threads()]
-        assert (planned.made, calls.op) == (2, ops + 1 + (plan.gradients_attrs is not None))
+        assert (planned.made, calls.op) == (2, ops + 1 + (plan.gradients_sizes is not None))
         ops = calls.op
         if kwargs.get("activation") == "tanh":
             dz = dz * (1 - y.numpy().astype(np.float64) ** 2)

@@ -451,29 +451,34 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         return None
     spec.check_call(x.shape, kernel_shape, None if bias is None else variables[1].shape)
     g = spec.geometry(tuple(x.shape), tuple(kernel_shape))
-    attrs = _geometry_attrs(spec, g, True)
+    geometry = list(_geometry_attrs(spec, g, True).values())
+    view = []
     if spec.channels_last:
-        view = host.recut_shape(spec, g, attrs["max_threads"], g.input_shape_nhwc)
-        attrs["view"] = [] if view == g.input_shape_nhwc else [*view[:3], *view[1:3]]
-    else:
-        # the kernels' channels_first forward inside the op: channels_first inference as one
-        # eager op, not the general path (the variables read as two ops, then the host's
-        # convolution; when the op transposed x and the result whole, A/B, eager layer calls:
-        # 4x256x28x28 in 32 groups 1.24x, depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56
-        # 1.10x, 4x16x8x8 1.8x)
-        attrs["nchw"] = True
-    attrs.update(oh=g.oh, ow=g.ow, f=g.f)
+        cut = host.recut_shape(spec, g, geometry[-1], g.input_shape_nhwc)
+        view = [] if cut == g.input_shape_nhwc else [*cut[:3], *cut[1:3]]
+    # (channels_first: the kernels' channels_first forward inside the op: channels_first
+    # inference as one eager op, not the general path (the variables read as two ops, then the
+    # host's convolution; when the op transposed x and the result whole, A/B, eager layer
+    # calls: 4x256x28x28 in 32 groups 1.24x, depthwise 4x128x56x56 1.23x, 3x3 64 on 4x64x56x56
+    # 1.10x, 4x16x8x8 1.8x)
+
+    def attrs(activation):
+        act = host.act_attrs(activation)
+        sizes = [*geometry, g.oh, g.ow, g.f, act["act"], int(not spec.channels_last), *view]
+        return dict(sizes=sizes, clip=[act["lo"], act["hi"]]) if activation else dict(sizes=sizes)
+
     # (channels_first under a tape: x's NHWC copy for the kernel gradient, unless the
     # gradients read NCHW x and dy as they are)
     nx = not spec.channels_last and not host.nchw_gradients(spec, g)
-    taped = dict(attrs, **host.act_attrs(None), nkernel=1, nx=int(nx))
+    taped = dict(attrs(None), nkernel=1, nx=int(nx))
     gradients = None
     if spec.channels_last and host.direct_gradients(spec, g):
-        gradients = dict(_geometry_attrs(spec, g, True), kernel_shape=list(g.kernel_shape),
-                         dk_shape=list(variables[0].shape), view=attrs["view"],
-                         bias=len(variables) > 1)
-    plan = _Plan(x.device, variables, {**attrs, **host.act_attrs(activation)},
-                 activation is not None, tuple(kernel_shape), spec, taped, gradients)
+        # FastconvGradients' sizes without dx, with dx
+        start = [*geometry, *g.kernel_shape, *variables[0].shape]
+        gradients = tuple([*start, need_dx, int(len(variables) > 1), *view]
+                          for need_dx in (0, 1))
+    plan = _Plan(x.device, variables, attrs(activation), activation is not None,
+                 tuple(kernel_shape), spec, taped, gradients)
     done = _run(plan, x)
     if done is not None and plans is not None:
         plans[tuple(x.shape), _plan_threads] = plan
@@ -495,7 +500,7 @@ class _Plan(NamedTuple):
     kernel_shape: tuple
     spec: object
     taped_attrs: dict  # the op's under a tape: no activation; the kernel's value, x's NHWC copy
-    gradients_attrs: dict  # FastconvGradients' for the gradients under a tape, or None
+    gradients_sizes: tuple  # FastconvGradients' sizes without and with dx, or None
 
 
 def _run(plan, x):
@@ -570,10 +575,10 @@ def _taped_forward(x, handles, plan):
 
     def gradients(dy):
         _dispatch.wake()
-        if plan.gradients_attrs is not None and dy.dtype == tf.float32:
+        if plan.gradients_sizes is not None and dy.dtype == tf.float32:
             # (its registered gradient raises: _second_order)
-            dx, dk, *db = _OPS.ops.fastconv_gradients(dy, kernel, x, need_dx=need_dx,
-                                                      **plan.gradients_attrs)
+            dx, dk, *db = _OPS.ops.fastconv_gradients(
+                dy, kernel, x, sizes=plan.gradients_sizes[need_dx])
             return [dx if need_dx else None, dk, *(db if bias else ())]
         # (_first_order_only: where a tape records this gradient's computation, e.g. an outer
         # tape watching dy, differentiating it raises)
