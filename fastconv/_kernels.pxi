@@ -3197,13 +3197,14 @@ cdef int _forward_dwnchw(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
 
 cdef extern from *:
     """
-    /* A grouped convolution on NCHW data read and written as it is (unit strides and
-       dilation, AVX-512): FB = 8 (or 4) output channels of one group x NV 16-pixel vectors of
-       an output row, pixels in the vector lanes and each weight broadcast, so that neither x nor
-       out is transposed. Border pixels are masked lanes of the loads (masked-off lanes do not
-       fault), so the rows need no padded copy either.
+    /* A grouped convolution on NCHW data read and written as it is (stride S = 1 or 2 along
+       w, unit dilation, AVX-512): FB = 8 (or 4) output channels of one group x NV 16-pixel
+       vectors of an output row, pixels in the vector lanes and each weight broadcast, so that
+       neither x nor out is transposed. Border pixels are masked lanes of the loads (masked-off
+       lanes do not fault), so the rows need no padded copy either. With S = 2 a vector's 16
+       pixels read every other input of 32: two loads, and one permute keeps the even lanes.
        out[j*oplane + ow0 + i] = bias[j] + sum over kh, c, kw of
-           w[((kh*KW + kw)*cin + c)*F + j] * x[c*plane + (ih0 + kh)*W + ow0 + i + kw - pl]
+           w[((kh*KW + kw)*cin + c)*F + j] * x[c*plane + (ih0 + kh)*W + S*(ow0 + i) + kw - pl]
        (Not on AVX2: 4 channels x 2 8-pixel vectors a tile with vmaskmovps took 1.16-1.8x the
        bands' time there, on the same AVX-512 Xeon, e.g. 4x256x28x28 in 32 groups 1.44 vs
        1.04 ms.) */
@@ -3218,8 +3219,8 @@ cdef extern from *:
           if (hi <= lo) return 0;
           return (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
       }
-      #define FC_NCHWG(FB, NV) \
-      static void fc_nchwg_##FB##_##NV(const float* __restrict x, ptrdiff_t plane, ptrdiff_t W, \
+      #define FC_NCHWG(S, FB, NV) \
+      static void fc_nchwg##S##_##FB##_##NV(const float* __restrict x, ptrdiff_t plane, ptrdiff_t W, \
               ptrdiff_t H, ptrdiff_t ih0, const float* __restrict w, ptrdiff_t F, int KH, int KW, \
               int cin, ptrdiff_t pl, const float* __restrict bias, float* __restrict out, \
               ptrdiff_t oplane, ptrdiff_t ow0, ptrdiff_t n) \
@@ -3229,23 +3230,32 @@ cdef extern from *:
               const __m512 b = bias ? _mm512_set1_ps(bias[j]) : _mm512_setzero_ps(); \
               FC_UNROLL for (int v = 0; v < NV; v++) acc[j][v] = b; \
           } \
-          __mmask16 m[FC_NCHWG_KWMAX][NV]; \
+          /* (S = 2: m the first 16 inputs' lanes, m2 the next 16's; a pixel i reads input 2i) */ \
+          __mmask16 m[FC_NCHWG_KWMAX][NV], m2[FC_NCHWG_KWMAX][NV]; \
+          const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, \
+                                                6, 4, 2, 0); \
           for (int kw = 0; kw < KW; kw++) FC_UNROLL for (int v = 0; v < NV; v++) { \
-              const ptrdiff_t start = ow0 + 16 * v + kw - pl; \
-              m[kw][v] = fc_lanes(-start, W - start) & fc_lanes(0, n - 16 * v); \
+              const ptrdiff_t start = S * (ow0 + 16 * v) + kw - pl; \
+              const ptrdiff_t span = S * (n - 16 * v) - (S - 1);  /* inputs the lanes read */ \
+              m[kw][v] = fc_lanes(-start, W - start) & fc_lanes(0, span); \
+              m2[kw][v] = fc_lanes(-start - 16, W - start - 16) & fc_lanes(0, span - 16); \
           } \
           for (int kh = 0; kh < KH; kh++) { \
               const ptrdiff_t ih = ih0 + kh; \
               if (ih < 0 || ih >= H) continue; \
-              const float* xr = x + ih * W + ow0 - pl; \
+              const float* xr = x + ih * W + S * ow0 - pl; \
               const float* wk = w + (ptrdiff_t)kh * KW * cin * F; \
               for (int c = 0; c < cin; c++) { \
                   for (int kw = 0; kw < KW; kw++) { \
                       const float* xs = xr + c * plane + kw; \
                       const float* wj = wk + ((ptrdiff_t)kw * cin + c) * F; \
                       __m512 xv[NV]; \
-                      FC_UNROLL for (int v = 0; v < NV; v++) \
-                          xv[v] = _mm512_maskz_loadu_ps(m[kw][v], xs + 16 * v); \
+                      FC_UNROLL for (int v = 0; v < NV; v++) { \
+                          xv[v] = _mm512_maskz_loadu_ps(m[kw][v], xs + 16 * S * v); \
+                          if (S == 2) \
+                              xv[v] = _mm512_permutex2var_ps(xv[v], even, \
+                                  _mm512_maskz_loadu_ps(m2[kw][v], xs + 32 * v + 16)); \
+                      } \
                       FC_UNROLL for (int j = 0; j < FB; j++) { \
                           const __m512 wv = _mm512_set1_ps(wj[j]); \
                           FC_UNROLL for (int v = 0; v < NV; v++) \
@@ -3258,32 +3268,43 @@ cdef extern from *:
               _mm512_mask_storeu_ps(out + j * oplane + ow0 + 16 * v, fc_lanes(0, n - 16 * v), \
                                     acc[j][v]); \
       }
-      FC_NCHWG(8, 1) FC_NCHWG(8, 2) FC_NCHWG(8, 3)
-      FC_NCHWG(4, 1) FC_NCHWG(4, 2) FC_NCHWG(4, 3) FC_NCHWG(4, 4)
-      /* fb output channels x pixels ow0 .. ow0 + n of an output row: fb 8, n <= 48; fb 4,
-         n <= 64 */
-      static void fc_nchwg(int fb, const float* x, ptrdiff_t plane, ptrdiff_t W, ptrdiff_t H,
-              ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin, ptrdiff_t pl,
-              const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0, ptrdiff_t n) {
-          if (fb == 8)
-              (n > 32 ? fc_nchwg_8_3 : n > 16 ? fc_nchwg_8_2 : fc_nchwg_8_1)(x, plane, W, H, ih0,
-                  w, F, KH, KW, cin, pl, bias, out, oplane, ow0, n);
-          else
-              (n > 48 ? fc_nchwg_4_4 : n > 32 ? fc_nchwg_4_3 : n > 16 ? fc_nchwg_4_2
-               : fc_nchwg_4_1)(x, plane, W, H, ih0, w, F, KH, KW, cin, pl, bias, out, oplane,
-                               ow0, n);
+      #define FC_NCHWG_S(S) \
+      FC_NCHWG(S, 8, 1) FC_NCHWG(S, 8, 2) FC_NCHWG(S, 8, 3) \
+      FC_NCHWG(S, 4, 1) FC_NCHWG(S, 4, 2) FC_NCHWG(S, 4, 3) FC_NCHWG(S, 4, 4) \
+      static void fc_nchwg##S(int fb, const float* x, ptrdiff_t plane, ptrdiff_t W, ptrdiff_t H, \
+              ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin, ptrdiff_t pl, \
+              const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0, ptrdiff_t n) { \
+          if (fb == 8) \
+              (n > 32 ? fc_nchwg##S##_8_3 : n > 16 ? fc_nchwg##S##_8_2 : fc_nchwg##S##_8_1)( \
+                  x, plane, W, H, ih0, w, F, KH, KW, cin, pl, bias, out, oplane, ow0, n); \
+          else \
+              (n > 48 ? fc_nchwg##S##_4_4 : n > 32 ? fc_nchwg##S##_4_3 \
+               : n > 16 ? fc_nchwg##S##_4_2 : fc_nchwg##S##_4_1)( \
+                  x, plane, W, H, ih0, w, F, KH, KW, cin, pl, bias, out, oplane, ow0, n); \
+      }
+      FC_NCHWG_S(1)
+      FC_NCHWG_S(2)
+      /* fb output channels x pixels ow0 .. ow0 + n of an output row, stride s (1 or 2) along
+         w: fb 8, n <= 48; fb 4, n <= 64 */
+      static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
+              ptrdiff_t H, ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin,
+              ptrdiff_t pl, const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0,
+              ptrdiff_t n) {
+          (s == 2 ? fc_nchwg2 : fc_nchwg1)(fb, x, plane, W, H, ih0, w, F, KH, KW, cin, pl, bias,
+                                            out, oplane, ow0, n);
       }
     #else
       #define FC_NCHWG_OK 0
       #define FC_NCHWG_KWMAX 0
-      static void fc_nchwg(int fb, const float* x, ptrdiff_t plane, ptrdiff_t W, ptrdiff_t H,
-              ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin, ptrdiff_t pl,
-              const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0, ptrdiff_t n) {}
+      static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
+              ptrdiff_t H, ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin,
+              ptrdiff_t pl, const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0,
+              ptrdiff_t n) {}
     #endif
     """
     bint FC_NCHWG_OK
     int FC_NCHWG_KWMAX
-    void fc_nchwg(int fb, const float* x, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t H, Py_ssize_t ih0,
+    void fc_nchwg(int s, int fb, const float* x, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t H, Py_ssize_t ih0,
                   const float* w, Py_ssize_t F, int KH, int KW, int cin, Py_ssize_t pl,
                   const float* bias, float* out, Py_ssize_t oplane, Py_ssize_t ow0,
                   Py_ssize_t n) noexcept nogil
@@ -3295,7 +3316,7 @@ ctypedef struct NchwG:
     const float* bias
     float* out
     Py_ssize_t C, H, W, F, OH, OW, cin_g, cout_g, pad_top, pad_left, chunk
-    int KH, KW, fb
+    int KH, KW, fb, sh, sw
 
 
 cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
@@ -3313,7 +3334,8 @@ cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
         for oh in range(a.OH):
             ow0 = 0
             while ow0 < a.OW:
-                fc_nchwg(a.fb, xg, a.H * a.W, a.W, a.H, oh - a.pad_top, a.w + f0, a.F, a.KH, a.KW,
+                fc_nchwg(a.sw, a.fb, xg, a.H * a.W, a.W, a.H, oh * a.sh - a.pad_top, a.w + f0, a.F,
+                         a.KH, a.KW,
                          <int>a.cin_g, a.pad_left, NULL if a.bias == NULL else a.bias + f0,
                          og + oh * a.OW, a.OH * a.OW, ow0, _min(a.chunk, a.OW - ow0))
                 ow0 += a.chunk
@@ -3330,17 +3352,22 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
     # the bands' GEMM tiles reuse each input load across 32 outputs, not 8. 4 outputs a group
     # (4-channel tiles of up to 64 pixels): 8x128x56x56 in 32 groups 2.35 -> 1.39 ms (1.48),
     # 4x256x28x28 in 64 groups 0.63 -> 0.39 (0.43), 4x128x28x28 in 32 groups 0.29 -> 0.19.
-    return (FC_NCHWG_OK and groups > 1 and cout_g % 4 == 0 and cin_g <= 16 and sh == 1
-            and sw == 1 and dh == 1 and dw == 1 and KW <= FC_NCHWG_KWMAX and OW >= 12)
+    # Stride 2 along w (ResNeXt's downsampling), same A/B: 4x256x56x56 in 32 groups 1.15 ->
+    # 0.73 ms (0.65), 4x128x56x56 in 16 groups 0.49 -> 0.33 (0.33), 8x128x56x56 in 32 groups
+    # 0.83 -> 0.64 (0.51), 4x64x112x112 in 8 groups 0.92 -> 0.69 (0.62), 5x5 on 4x256x56x56 in
+    # 32 groups 2.16 -> 1.75 (1.58), 4x256x28x28 in 64 groups 0.24 -> 0.16 (0.11).
+    return (FC_NCHWG_OK and groups > 1 and cout_g % 4 == 0 and cin_g <= 16
+            and (sw == 1 or sw == 2) and dh == 1 and dw == 1 and KW <= FC_NCHWG_KWMAX
+            and OW >= 12)
 
 
 cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                         Py_ssize_t C, const float* wp, Py_ssize_t KH, Py_ssize_t KW,
                         Py_ssize_t cin_g, float* op, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
-                        int pad_top, int pad_left, int groups, int n_threads,
+                        int pad_top, int pad_left, int groups, int sh, int sw, int n_threads,
                         const float* bp) noexcept nogil:
     cdef NchwG job
-    job.x, job.w, job.bias, job.out = xp, wp, bp, op
+    job.x, job.w, job.bias, job.out, job.sh, job.sw = xp, wp, bp, op, sh, sw
     job.C, job.H, job.W, job.F, job.OH, job.OW = C, H, W, F, OH, OW
     job.cin_g, job.cout_g, job.pad_top, job.pad_left = cin_g, F // groups, pad_top, pad_left
     job.KH, job.KW = <int>KH, <int>KW
@@ -3544,7 +3571,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     if (floating is float and nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and not depthwise
             and _nchwg_serves(OW, KW, cin_g, F // groups, groups, sh, sw, dh, dw)):
         return _forward_nchwg(xp, N, H, W, C, wp, KH, KW, cin_g, op, OH, OW, F, pad_top,
-                              pad_left, groups, n_threads, bp)
+                              pad_left, groups, sh, sw, n_threads, bp)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
     if runs == NULL:
         return -1

@@ -149,6 +149,15 @@ CASES = [
     (2, 9, 20, 16, 3, 3, 16, 4, (1, 1), (1, 1), "same"),  # 4 outputs a group: 4-channel tiles
     (1, 6, 70, 16, 3, 3, 24, 2, (1, 1), (1, 1), "valid"),  # 12 outputs a group, two chunks
     (2, 8, 14, 4, 3, 3, 16, 4, (1, 1), (1, 1), "same"),  # depth multiplier 4: 1 input a group
+    # ... with stride 2 along w (two loads a vector, the even lanes kept): 8- and 4-channel
+    # tiles, 1 to 4 vectors, two chunks, odd widths (the last input a row's lanes reach),
+    # kernels 5 and 7 wide, "valid", stride 2 along h only with stride 1 along w
+    (2, 9, 29, 32, 3, 3, 32, 4, (2, 2), (1, 1), "same"),
+    (1, 5, 99, 16, 3, 3, 32, 2, (2, 2), (1, 1), "same"),
+    (1, 6, 131, 16, 3, 3, 16, 4, (2, 2), (1, 1), "valid"),
+    (2, 8, 40, 16, 5, 5, 16, 2, (2, 2), (1, 1), "same"),
+    (1, 9, 33, 24, 7, 7, 24, 3, (1, 2), (1, 1), "same"),
+    (1, 7, 24, 32, 3, 3, 32, 4, (2, 1), (1, 1), "same"),
 ]
 
 
