@@ -584,3 +584,21 @@ def test_a_layer_keeps_few_plans():
     for size in range(3, 40):
         layer(tf.zeros((1, size, size, 2)))
         assert 1 <= len(layer.__dict__["_fastconv_plans"]) <= 16
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("dy_shape", [(2, 7, 8, 3), (1, 8, 8, 3), (3,)])
+def test_output_gradients_of_another_shape_raise(persistent, dy_shape):
+    """TensorFlow's tape hands output_gradients over as given: one of another shape than the
+    result raises a ValueError naming both shapes (one tape: before the gradients op, which
+    would read it as the result's shape; a persistent one: the general path), not a gradient
+    computed from the wrong sizes."""
+    x = tf.constant(np.random.default_rng(13).normal(size=(2, 8, 8, 4)).astype("float32"))
+    layer = _layer(fastconv.Conv2D, x.shape, filters=3, kernel_size=3, padding="same")
+    for _ in range(2):
+        layer(x)  # (the second call keeps a plan)
+    with tf.GradientTape(persistent=persistent) as tape:
+        tape.watch(x)
+        y = layer(x)
+    with pytest.raises(ValueError, match=r"output's shape \(2, 8, 8, 3\)"):
+        tape.gradient(y, [x, layer.kernel], output_gradients=tf.ones(dy_shape))

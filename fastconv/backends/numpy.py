@@ -99,7 +99,8 @@ def _aligned_kernel(kernel, dtype):
     weights into the kernels' own aligned buffers; grouped8's forward measured the same with
     the kernel 0, 16, 32 or 48 bytes off a line), no extra copy a call."""
     kernel = np.asarray(kernel)
-    if kernel.dtype == dtype and kernel.flags.c_contiguous and _memory.address(kernel) % ALIGN == 0:
+    if (kernel.dtype == dtype and kernel.flags.c_contiguous
+            and _memory.address(kernel) % ALIGN == 0):
         return kernel
     # (not _empty: inside `_memory.into` a result's buffer goes to the first array of its shape)
     out = _memory.aligned_empty(kernel.shape, dtype)
@@ -191,6 +192,17 @@ def _nchw_memory(array, dtype):
     return isinstance(array, np.ndarray) and array.dtype == dtype and array.flags.c_contiguous
 
 
+def _check_dy(dy, spec, g):
+    """The output gradient has the convolution's output shape (TensorFlow's tape hands over
+    output_gradients as given; the kernels take their sizes from the arrays)."""
+    expected = tuple(spec.from_nhwc(g.output_shape_nhwc))
+    if tuple(dy.shape) != expected:
+        raise ValueError(
+            "The gradient wrt the convolution's output (output_gradients) must have the "
+            f"output's shape {expected}. Received: shape {tuple(dy.shape)}"
+        )
+
+
 def grad_input(dy, kernel, spec, input_shape, dtype=np.float32, c_contiguous=False):
     """d(loss)/d(inputs) given dy = d(loss)/d(outputs). channels_first: NCHW with NHWC memory,
     or with `c_contiguous`, or from a dy with NCHW memory (nchw_gradients), a C-contiguous
@@ -198,6 +210,7 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32, c_contiguous=Fal
     kernel = np.asarray(kernel)
     g = spec.geometry(input_shape, kernel.shape)
     dy = np.asarray(dy)
+    _check_dy(dy, spec, g)
     as_is = nchw_gradients(spec, g) and _nchw_memory(dy, dtype)
     blocks = _blocks_unless(spec, g, dtype, _dispatch.kernels.grad_input_gemm)
     if blocks is not None:
@@ -241,6 +254,7 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32, bias=False):
     channel sums, taken by the kernels from the dy they read anyway): (dw, db)."""
     x, dy = np.asarray(x), np.asarray(dy)
     g = spec.geometry(x.shape, kernel_shape)
+    _check_dy(dy, spec, g)
     kernels = _dispatch.kernels
     if nchw_gradients(spec, g) and _nchw_memory(x, dtype) and _nchw_memory(dy, dtype):
         dw = _empty(g.kernel_shape, dtype)

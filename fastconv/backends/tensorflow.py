@@ -572,11 +572,14 @@ def _taped_forward(x, handles, plan):
     need_dx = _recorded([x])  # (an input no tape watches: see conv)
     variable_shape = tuple(kernel.shape)
     bias = len(handles) > 1
+    out_shape = out.shape  # (not out: the closure would keep it alive until the gradient)
 
     def gradients(dy):
         _dispatch.wake()
-        if plan.gradients_sizes is not None and dy.dtype == tf.float32:
-            # (its registered gradient raises: _second_order)
+        if (plan.gradients_sizes is not None and dy.dtype == tf.float32
+                and dy.shape == out_shape):
+            # (the op reads dy as the result's shape; its registered gradient raises:
+            # _second_order)
             dx, dk, *db = _OPS.ops.fastconv_gradients(
                 dy, kernel, x, sizes=plan.gradients_sizes[need_dx])
             return [dx if need_dx else None, dk, *(db if bias else ())]
