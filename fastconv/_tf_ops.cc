@@ -690,11 +690,17 @@ class Gradients : public OpKernel {
     const Tensor& dy = ctx->input(0);
     const Tensor& k = ctx->input(1);
     const Tensor& x = ctx->input(2);
+    // (the bridge passes consistent shapes; these checks keep a wrong call from writing out of
+    // bounds)
+    OP_REQUIRES(ctx, x.dims() == 4 && dy.dims() == 4,
+                absl::InvalidArgumentError("fastconv: x and dy take 4 dimensions"));
     const int64_t kh = shape_[0], kw = shape_[1], cin_g = shape_[2], f = shape_[3];
     const int64_t n = x.dim_size(0), h = x.dim_size(1), w = x.dim_size(2), c = x.dim_size(3);
     const int64_t oh = dy.dim_size(1), ow = dy.dim_size(2), groups = g_.groups;
-    OP_REQUIRES(ctx, k.NumElements() == kh * kw * cin_g * f && dy.dim_size(3) == f,
-                absl::InvalidArgumentError("fastconv: the kernel does not fit kernel_shape"));
+    OP_REQUIRES(ctx, groups > 0 && f % groups == 0 && k.NumElements() == kh * kw * cin_g * f &&
+                         TensorShape(dk_shape_).num_elements() == kh * kw * cin_g * f &&
+                         c == groups * cin_g && dy.dim_size(0) == n && dy.dim_size(3) == f,
+                absl::InvalidArgumentError("fastconv: x, dy or the kernel do not fit sizes"));
     Tensor* dx = nullptr;
     Tensor* dk = nullptr;
     Tensor* db = nullptr;
