@@ -3334,15 +3334,15 @@ cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
         for oh in range(a.OH):
             ow0 = 0
             while ow0 < a.OW:
-                fc_nchwg(a.sw, a.fb, xg, a.H * a.W, a.W, a.H, oh * a.sh - a.pad_top, a.w + f0, a.F,
-                         a.KH, a.KW,
-                         <int>a.cin_g, a.pad_left, NULL if a.bias == NULL else a.bias + f0,
+                fc_nchwg(a.sw, a.fb, xg, a.H * a.W, a.W, a.H, oh * a.sh - a.pad_top, a.w + f0,
+                         a.F, a.KH, a.KW, <int>a.cin_g, a.pad_left,
+                         NULL if a.bias == NULL else a.bias + f0,
                          og + oh * a.OW, a.OH * a.OW, ow0, _min(a.chunk, a.OW - ow0))
                 ow0 += a.chunk
 
 
 cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t cout_g,
-                        Py_ssize_t groups, int sh, int sw, int dh, int dw) noexcept nogil:
+                        Py_ssize_t groups, int sw, int dh, int dw) noexcept nogil:
     # Whether _forward_nchwg serves a grouped forward on NCHW x and out. A/B against the bands
     # (AVX-512 Xeon, 2 threads, 3x3 unless said; the channels_last time in brackets):
     # 4x256x28x28 in 32 groups 0.76 -> 0.54 ms (0.56), 1x256x28x28 0.22 -> 0.12 (0.15),
@@ -3569,7 +3569,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             and (fc_dwnchw_width_f(OW) if floating is float else fc_dwnchw_width_d(OW))):
         return _forward_dwnchw(xp, N, H, W, C, wp, op, OH, OW, pad_top, pad_left, n_threads, bp)
     if (floating is float and nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and not depthwise
-            and _nchwg_serves(OW, KW, cin_g, F // groups, groups, sh, sw, dh, dw)):
+            and _nchwg_serves(OW, KW, cin_g, F // groups, groups, sw, dh, dw)):
         return _forward_nchwg(xp, N, H, W, C, wp, KH, KW, cin_g, op, OH, OW, F, pad_top,
                               pad_left, groups, sh, sw, n_threads, bp)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))

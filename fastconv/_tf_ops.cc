@@ -214,6 +214,13 @@ absl::Status ShapeFromAttrs(InferenceContext* c, int like, const char* a, const 
   return absl::OkStatus();
 }
 
+// Whether an eager op's packed `sizes` has its length: n, or n + 5 (a view)
+absl::Status SizesFit(size_t got, size_t n) {
+  if (got == n || got == n + 5) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("fastconv: sizes takes ", n, " or ", n + 5, " integers"));
+}
+
 // dk of the kernel_shape attribute and, for an op with two outputs, db (F,)
 absl::Status KernelShapes(InferenceContext* c) {
   std::vector<int64_t> shape;
@@ -279,8 +286,7 @@ REGISTER_OP("FastconvForwardVariables")
     .SetShapeFn([](InferenceContext* c) {
       std::vector<int64_t> sizes;
       TF_RETURN_IF_ERROR(c->GetAttr("sizes", &sizes));
-      if (sizes.size() != 13 && sizes.size() != 18)
-        return absl::InvalidArgumentError("fastconv: sizes takes 13 or 18 integers");
+      TF_RETURN_IF_ERROR(SizesFit(sizes.size(), 13));
       const int64_t oh = sizes[8], ow = sizes[9], f = sizes[10];
       c->set_output(0, sizes[12] ? c->MakeShape({c->Dim(c->input(0), 0), f, oh, ow})
                                  : c->MakeShape({c->Dim(c->input(0), 0), oh, ow, f}));
@@ -353,8 +359,7 @@ REGISTER_OP("FastconvGradients")
     .SetShapeFn([](InferenceContext* c) {
       std::vector<int64_t> sizes;
       TF_RETURN_IF_ERROR(c->GetAttr("sizes", &sizes));
-      if (sizes.size() != 18 && sizes.size() != 23)
-        return absl::InvalidArgumentError("fastconv: sizes takes 18 or 23 integers");
+      TF_RETURN_IF_ERROR(SizesFit(sizes.size(), 18));
       c->set_output(0, sizes[16] ? c->input(2) : c->Vector(0));
       c->set_output(1, c->MakeShape({sizes[12], sizes[13], sizes[14], sizes[15]}));
       c->set_output(2, c->Vector(sizes[17] ? c->Dim(c->input(0), 3) : c->MakeDim(int64_t{0})));
@@ -546,9 +551,9 @@ std::vector<T> ListAttr(OpKernelConstruction* ctx, const char* name) {
 // function checks them) an error in ctx, and n zeros to construct from
 std::vector<int64_t> Sizes(OpKernelConstruction* ctx, size_t n) {
   std::vector<int64_t> v = ListAttr<int64_t>(ctx, "sizes");
-  if (v.size() == n || v.size() == n + 5) return v;
-  ctx->CtxFailure(absl::InvalidArgumentError(
-      absl::StrCat("fastconv: sizes takes ", n, " or ", n + 5, " integers")));
+  const absl::Status fit = SizesFit(v.size(), n);
+  if (fit.ok()) return v;
+  ctx->CtxFailure(fit);
   return std::vector<int64_t>(n, 0);
 }
 
