@@ -184,6 +184,9 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
         dx = host.grad_input(dy, k, spec, x.shape, dtype)
         dk = host.grad_kernel(x, dy, spec, k.shape, dtype)
         dk_fused, db_fused = host.grad_kernel(x, dy, spec, k.shape, dtype, bias=True)
+        # both gradients from one call (the torch bridge's), where it serves: the same bits
+        both = host.gradients(x, dy, k, spec, True, True, dtype)
+        dk_only = host.gradients(x, dy, k, spec, False, False, dtype)
     finally:
         _dispatch.kernels = saved
     expected = reference.conv(x, k, strides, padding, dilation, data_format)
@@ -201,6 +204,16 @@ def _check(kernels, case, dtype, data_format="channels_last", rtol=None):
     terms = np.abs(dy.astype(np.float64)).sum(axis=spec.reduce_axes).max(initial=1e-30)
     reference.assert_close(db_fused / terms, dy.astype(np.float64).sum(axis=spec.reduce_axes) /
                            terms, rtol, "grad_kernel's bias gradient")
+    assert (both is None) == (dk_only is None)
+    if data_format == "channels_last" and dtype == np.float32:
+        assert (both is None) == (not host.direct_gradients(spec, spec.geometry(x.shape,
+                                                                                k.shape)))
+    if both is not None:
+        for got, want in zip(both, (dx, dk_fused, db_fused)):
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, want)
+        assert dk_only[0] is None and dk_only[2] is None
+        np.testing.assert_array_equal(dk_only[1], dk)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -692,6 +705,19 @@ def test_nan_and_inf_reach_exactly_the_outputs_whose_window_covers_them():
     assert np.array_equal(np.isinf(out), np.isinf(expected))
     assert np.isnan(out[0, 3:6, 3:6]).all() and np.isnan(out).sum() == 27
     assert np.isinf(out[0, 0:2, 7:9]).all() and np.isinf(out).sum() == 12
+
+
+def test_gradients_reject_an_output_gradient_of_another_shape():
+    """host.gradients (the torch bridge's one call for both gradients) checks dy as
+    grad_input and grad_kernel do, from its kept recipe too."""
+    spec = ConvSpec.make((1, 1), "same", "channels_last", (1, 1))
+    x = np.ones((2, 6, 6, 8), np.float32)
+    k = np.ones((3, 3, 8, 4), np.float32)
+    dx, dk, db = host.gradients(x, np.ones((2, 6, 6, 4), np.float32), k, spec, True, True)
+    assert dx.shape == x.shape and dk.shape == k.shape and db.shape == (4,)
+    for shape in [(2, 6, 6, 5), (2, 5, 6, 4), (1, 6, 6, 4)]:
+        with pytest.raises(ValueError, match=r"output's shape \(2, 6, 6, 4\)"):
+            host.gradients(x, np.ones(shape, np.float32), k, spec, True, True)
 
 
 def test_odd_arrays_give_the_right_answer():

@@ -7,6 +7,7 @@ allocated arrays. Bridges for the other backends only move tensors to and from t
 """
 
 import functools
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -277,6 +278,66 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32, bias=False):
         db = _empty((g.f,), dtype) if bias else None
         _dispatch.kernels.grad_kernel(_nhwc(x, spec, dtype), dy, dw, *_args(spec, g), db)
     return (dw, db) if bias else dw
+
+
+class _Recipe(NamedTuple):
+    """What `gradients` works out once per (spec, shapes, dtype, thread count, kernel build)."""
+    g: object  # Geometry
+    args: tuple  # the kernels' (strides, dilation, padding, groups, threads)
+    out_shape: tuple  # dy's
+    cut: tuple  # (dy's, dx's) shapes for grad_input: recut_shape's
+
+
+_recipes = {}
+_MAX_RECIPES = 256
+
+
+def _recipe(spec, x_shape, k_shape, dtype):
+    g = spec.geometry(x_shape, k_shape)
+    kernels = _dispatch.kernels
+    if not (spec.channels_last
+            and _blocks_unless(spec, g, dtype, kernels.grad_input_gemm) is None
+            and _blocks_unless(spec, g, dtype, kernels.grad_kernel_merged) is None):
+        return None
+    args = _args(spec, g)
+    cut = (recut_shape(spec, g, args[-1], g.output_shape_nhwc),
+           recut_shape(spec, g, args[-1], g.input_shape_nhwc))
+    return _Recipe(g, args, g.output_shape_nhwc, cut)
+
+
+def gradients(x, dy, kernel, spec, need_dx, bias, dtype=np.float32):
+    """(dx or None, dk, db or None) of a channels_last convolution in `dtype`, for C-contiguous
+    x and dy of that dtype, or None where the kernels take space-to-depth blocks (as
+    direct_gradients, for dtype): what grad_input and grad_kernel give, from one call whose
+    geometry, arguments and recut shapes are worked out once per shape. (Their Python around
+    the kernels took ~40 us each in a torch training step, right after a kernel had evicted
+    the caches, against a depthwise 4x56x56x128 kernel's ~260.)"""
+    kernels = _dispatch.kernels  # (tests switch builds: direct_gradients asks the build)
+    key = (spec, x.shape, kernel.shape, dtype, _dispatch.get_num_threads(), kernels)
+    r = _recipes.get(key, False)
+    if r is False:
+        if len(_recipes) >= _MAX_RECIPES:
+            _recipes.clear()
+        r = _recipes[key] = _recipe(spec, x.shape, kernel.shape, dtype)
+    if r is None:
+        return None
+    g, args, out_shape, cut = r
+    if dy.shape != out_shape:
+        _check_dy(dy, spec, g)
+    dx = db = None
+    if need_dx:
+        if g.groups == 1:
+            taps = np.ascontiguousarray(kernel, dtype=dtype).reshape(g.kh * g.kw, g.c, g.f)
+            wt = _transposed(taps, g.c, (g.kh, g.kw, g.f, g.c))
+        else:
+            wt = _aligned_kernel(regrouped_kernel(kernel, g, np.reshape, np.transpose), dtype)
+        dx = _empty(x.shape, dtype)
+        kernels.grad_input(dy.reshape(cut[0]), wt, dx.reshape(cut[1]), *args)
+    dk = _empty(g.kernel_shape, dtype)
+    if bias:
+        db = _empty((g.f,), dtype)
+    kernels.grad_kernel(x, dy, dk, *args, db)
+    return dx, dk, db
 
 
 def bias_grad(dy, spec, dtype=np.float32):

@@ -76,11 +76,17 @@ def _gradients(ctx, x, k, has_bias, dy, spec, direct):
         # else NCHW with NHWC memory (as channels_first results are): the host takes it as is
         dy = dy.contiguous()
     needs = ctx.needs_input_grad
+    bias = has_bias and needs[2]
+    if (direct and needs[1] and spec.channels_last and x.dtype in _DTYPES
+            and dy.dtype == k.dtype == x.dtype and x.is_contiguous()):
+        done = host.gradients(_numpy(x), _numpy(dy), _numpy(k), spec, needs[0], bias,
+                              _DTYPES[x.dtype])
+        if done is not None:
+            return tuple(None if a is None else torch.from_numpy(a) for a in done)
     dx = dk = db = None
     if needs[0]:
         dx = (_grad_input(dy, k, x.shape, spec) if direct
               else _grad_input_op(dy, k, list(x.shape), *_args(spec)))
-    bias = has_bias and needs[2]
     if needs[1] and bias and direct:
         # one pass over dy for both (the kernels sum dy's channels from the chunks they read)
         dk, db = _grad_kernel(x, dy, k.shape, spec, bias=True)
