@@ -1499,6 +1499,15 @@ cdef extern from *:
          2 groups, L2-resident rows: 1.33-1.39x fc_pairk on the same taps (C microbench).
          out[kw * ldt + ...] as fc_pairk's out for tap kw. */
       #define FC_PAIRK3_MAXW 256
+      /* x pixels ahead that fc_pairk3 and fc_quadk3 prefetch: a row's pixels are C channels
+         apart (1 KB in grouped32), each one's line comes from L2, and the hardware's streams do
+         not follow. A/B, grad_kernel on 2 threads, GFLOP/s none -> 8 (4, 12, 16 pixels: the
+         same or less): grouped32 4x28x28x256 169-175 -> 195-202, 8x14x14x512 in 64 groups
+         143 -> 167-171, 4 channels a group (fc_quadk3) 4x28x28x256 104-112 -> 116-121,
+         4x56x56x128 111-117 -> 120-126, 2x28x28x64 in 16 groups 108-116 -> 110-118 */
+      #ifndef FC_PK3_PREFETCH
+        #define FC_PK3_PREFETCH 8
+      #endif
       #define FC_PAIRK3(GB) \
       static void fc_pairk3_##GB(const float* __restrict X, const ptrdiff_t* xoff, \
               const float* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, \
@@ -1541,6 +1550,7 @@ cdef extern from *:
               for (int i = 0; i < 2 * GB; i++) buf[GB * (OW + 2) + i] = (fc_v16f){0}; \
               for (ptrdiff_t q = 0; q < q1; q++) { \
                   const float* xq = x + q * C; \
+                  __builtin_prefetch(xq + FC_PK3_PREFETCH * C); \
                   const fc_v16f* bq = buf + GB * (q + pl + 2); \
                   fc_v16f d0[GB], d1[GB], d2[GB]; \
                   for (int g = 0; g < GB; g++) { \
@@ -1726,6 +1736,7 @@ cdef extern from *:
               for (int i = 0; i < 2 * NG; i++) buf[NG * (OW + 2) + i] = (fc_v16f){0}; \
               for (ptrdiff_t q = 0; q < q1; q++) { \
                   const float* xq = x + q * C; \
+                  __builtin_prefetch(xq + FC_PK3_PREFETCH * C); \
                   const fc_v16f* bq = buf + NG * (q + pl + 2); \
                   for (int g = 0; g < NG; g++) { \
                       const fc_v16f xv = FC_QUAD4(xq + 4 * g); \
@@ -5126,6 +5137,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # fc_pairk loads and stores its 16 accumulators at every call (a chunk): 224 pixels a chunk
     # instead of 112, A/B on 5 grouped layers of 8 channels a group, 2 threads (measured while
     # it still did so a lane at a time): 1.00-1.11x (448: 0.78-1.10x)
+    # (with fc_pairk3's prefetch of x, 112 measured the same again: 0.97-1.03x)
     chunk = _max(1, _min(MAX_CHUNK, _max((96 * 1024) // _max(1, OW * F * sz),
                                          _cdiv(224 if pairk or quadk else 112, OW))))
     nt = _max(1, _min(n_threads, ntasks))
