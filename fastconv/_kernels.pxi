@@ -1449,6 +1449,12 @@ cdef extern from *:
          acc[g][ip] lane 2*o + h = dW[2*ip + h][8g + o] += x[pix][8g + 2*ip + h] * dy[pix][8g + o],
          the x operand a 64-bit broadcast of a channel pair, the dy operand its 8 values doubled (one
          permute a group and pixel). out = dW + ... with rows ldo apart. */
+      /* pixels ahead that fc_pairk prefetches x and dy (as FC_GK_PREFETCH; 0: not): A/B, 2
+         threads, stride 2: 4x56x56x256 in 32 groups 118 -> 127 GFLOP/s, 8x28x28x512 in 64
+         groups 96 -> 99, 4x56x56x128 in 16 groups 139 -> 145 */
+      #ifndef FC_PK_PF
+        #define FC_PK_PF 8
+      #endif
       #define FC_PAIRK(GB) \
       static void fc_pairk_##GB(const float* __restrict A, ptrdiff_t ak, const float* __restrict B, \
               ptrdiff_t ldb, const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, \
@@ -1474,6 +1480,10 @@ cdef extern from *:
               const float* __restrict b = B + boff[s]; \
               const ptrdiff_t L = len[s]; \
               for (ptrdiff_t k = 0; k < L; k++) { \
+                  if (FC_PK_PF) { \
+                      __builtin_prefetch(a + FC_PK_PF * ak); \
+                      __builtin_prefetch(b + FC_PK_PF * ldb); \
+                  } \
                   fc_v16f dd[GB]; \
                   for (int g = 0; g + 1 < GB; g += 2) { \
                       fc_v16f v; \
