@@ -204,6 +204,18 @@ def _check_dy(dy, spec, g):
         )
 
 
+def _input_kernel(kernel, g, dtype):
+    """The kernel regrouped (KH, KW, C/G, G*F/G) -> (KH, KW, F/G, G*C/G), C-contiguous,
+    aligned, of dtype: the transposed convolution's kernel in the same layout, which
+    grad_input's kernels take (so one kernel tap routine serves both directions)."""
+    if g.groups == 1:
+        # a transpose of each tap's (C, F) matrix, by the kernels: numpy's strided copy of a
+        # 2048 x 512 kernel took 6 ms, as long as the convolution on 8x7x7 pixels
+        taps = np.ascontiguousarray(kernel, dtype=dtype).reshape(g.kh * g.kw, g.c, g.f)
+        return _transposed(taps, g.c, (g.kh, g.kw, g.f, g.c))
+    return _aligned_kernel(regrouped_kernel(kernel, g, np.reshape, np.transpose), dtype)
+
+
 def grad_input(dy, kernel, spec, input_shape, dtype=np.float32, c_contiguous=False):
     """d(loss)/d(inputs) given dy = d(loss)/d(outputs). channels_first: NCHW with NHWC memory,
     or with `c_contiguous`, or from a dy with NCHW memory (nchw_gradients), a C-contiguous
@@ -225,15 +237,7 @@ def grad_input(dy, kernel, spec, input_shape, dtype=np.float32, c_contiguous=Fal
                                          _threads(dx.size, _ELEMENTS_PER_THREAD))
         dx = _from_nhwc(dx, spec)
         return contiguous(dx) if c_contiguous else dx
-    # Regroup (KH, KW, C/G, G*F/G) -> (KH, KW, F/G, G*C/G): the transposed convolution's kernel
-    # in the same layout, so one kernel tap routine serves both directions.
-    if g.groups == 1:
-        # a transpose of each tap's (C, F) matrix, by the kernels: numpy's strided copy of a
-        # 2048 x 512 kernel took 6 ms, as long as the convolution on 8x7x7 pixels
-        taps = np.ascontiguousarray(kernel, dtype=dtype).reshape(g.kh * g.kw, g.c, g.f)
-        wt = _transposed(taps, g.c, (g.kh * g.kw, g.f, g.c)).reshape(g.kh, g.kw, g.f, g.c)
-    else:
-        wt = _aligned_kernel(regrouped_kernel(kernel, g, np.reshape, np.transpose), dtype)
+    wt = _input_kernel(kernel, g, dtype)
     args = _args(spec, g)
     kernels = _dispatch.kernels
     if as_is:
@@ -326,13 +330,9 @@ def gradients(x, dy, kernel, spec, need_dx, bias, dtype=np.float32):
         _check_dy(dy, spec, g)
     dx = db = None
     if need_dx:
-        if g.groups == 1:
-            taps = np.ascontiguousarray(kernel, dtype=dtype).reshape(g.kh * g.kw, g.c, g.f)
-            wt = _transposed(taps, g.c, (g.kh, g.kw, g.f, g.c))
-        else:
-            wt = _aligned_kernel(regrouped_kernel(kernel, g, np.reshape, np.transpose), dtype)
         dx = _empty(x.shape, dtype)
-        kernels.grad_input(dy.reshape(cut[0]), wt, dx.reshape(cut[1]), *args)
+        kernels.grad_input(dy.reshape(cut[0]), _input_kernel(kernel, g, dtype),
+                           dx.reshape(cut[1]), *args)
     dk = _empty(g.kernel_shape, dtype)
     if bias:
         db = _empty((g.f,), dtype)
