@@ -154,12 +154,21 @@ def forward(x, kernel, spec, dtype=np.float32, bias=None, nhwc_memory=False):
     NHWC memory (torch's channels_last format), which the next fastconv layer and its
     gradients take without a transpose."""
     x, kernel = np.asarray(x), np.asarray(kernel)
+    if spec.channels_last:
+        g, args, out_cut, in_cut, _ = _recipe(spec, x.shape, kernel.shape, dtype)
+        if bias is not None:
+            bias = np.ascontiguousarray(bias, dtype=dtype).reshape(g.f)
+        out = _empty(g.output_shape_nhwc, dtype)
+        _dispatch.kernels.forward(np.ascontiguousarray(x, dtype=dtype).reshape(in_cut),
+                                  np.ascontiguousarray(kernel, dtype=dtype),
+                                  out.reshape(out_cut), *args, bias)
+        return out
     g = spec.geometry(x.shape, kernel.shape)
     if bias is not None:
         bias = np.ascontiguousarray(bias, dtype=dtype).reshape(g.f)
     kernel = np.ascontiguousarray(kernel, dtype=dtype)
     args = _args(spec, g)
-    if not spec.channels_last and not _nhwc_memory(x, dtype):
+    if not _nhwc_memory(x, dtype):
         # the kernels' channels_first forward: x's rows (and the result's) are transposed a
         # band at a time, in cache (whole transposes of x and of the result cost up to 1.7x
         # channels_last's time on grouped layers, 3x on depthwise ones)
@@ -285,11 +294,15 @@ def grad_kernel(x, dy, spec, kernel_shape, dtype=np.float32, bias=False):
 
 
 class _Recipe(NamedTuple):
-    """What `gradients` works out once per (spec, shapes, dtype, thread count, kernel build)."""
+    """What `forward` (channels_last) and `gradients` work out once per (spec, shapes, dtype,
+    thread count, kernel build): a layer calls with the same shapes step after step, and the
+    geometry, the kernels' arguments and the recut shapes cost ~15 us of Python a call right
+    after a kernel has evicted the caches (2 us warm)."""
     g: object  # Geometry
     args: tuple  # the kernels' (strides, dilation, padding, groups, threads)
-    out_shape: tuple  # dy's
-    cut: tuple  # (dy's, dx's) shapes for grad_input: recut_shape's
+    out_cut: tuple  # recut_shape of the output (dy)
+    in_cut: tuple  # ... of the input (dx)
+    direct: bool  # channels_last, and no space-to-depth blocks for either gradient in dtype
 
 
 _recipes = {}
@@ -297,42 +310,40 @@ _MAX_RECIPES = 256
 
 
 def _recipe(spec, x_shape, k_shape, dtype):
-    g = spec.geometry(x_shape, k_shape)
-    kernels = _dispatch.kernels
-    if not (spec.channels_last
-            and _blocks_unless(spec, g, dtype, kernels.grad_input_gemm) is None
-            and _blocks_unless(spec, g, dtype, kernels.grad_kernel_merged) is None):
-        return None
-    args = _args(spec, g)
-    cut = (recut_shape(spec, g, args[-1], g.output_shape_nhwc),
-           recut_shape(spec, g, args[-1], g.input_shape_nhwc))
-    return _Recipe(g, args, g.output_shape_nhwc, cut)
+    kernels = _dispatch.kernels  # (tests switch builds: the blocks decision asks the build)
+    key = (spec, x_shape, k_shape, dtype, _dispatch.get_num_threads(), kernels)
+    r = _recipes.get(key)
+    if r is None:
+        g = spec.geometry(x_shape, k_shape)
+        args = _args(spec, g)
+        direct = (spec.channels_last
+                  and _blocks_unless(spec, g, dtype, kernels.grad_input_gemm) is None
+                  and _blocks_unless(spec, g, dtype, kernels.grad_kernel_merged) is None)
+        if len(_recipes) >= _MAX_RECIPES:
+            _recipes.clear()
+        r = _recipes[key] = _Recipe(g, args, recut_shape(spec, g, args[-1], g.output_shape_nhwc),
+                                    recut_shape(spec, g, args[-1], g.input_shape_nhwc), direct)
+    return r
 
 
 def gradients(x, dy, kernel, spec, need_dx, bias, dtype=np.float32):
     """(dx or None, dk, db or None) of a channels_last convolution in `dtype`, for C-contiguous
     x and dy of that dtype, or None where the kernels take space-to-depth blocks (as
     direct_gradients, for dtype): what grad_input and grad_kernel give, from one call whose
-    geometry, arguments and recut shapes are worked out once per shape. (Their Python around
-    the kernels took ~40 us each in a torch training step, right after a kernel had evicted
-    the caches, against a depthwise 4x56x56x128 kernel's ~260.)"""
-    kernels = _dispatch.kernels  # (tests switch builds: direct_gradients asks the build)
-    key = (spec, x.shape, kernel.shape, dtype, _dispatch.get_num_threads(), kernels)
-    r = _recipes.get(key, False)
-    if r is False:
-        if len(_recipes) >= _MAX_RECIPES:
-            _recipes.clear()
-        r = _recipes[key] = _recipe(spec, x.shape, kernel.shape, dtype)
-    if r is None:
+    geometry, arguments and recut shapes are worked out once per shape (_recipe). (Their Python
+    around the kernels took ~40 us each in a torch training step, right after a kernel had
+    evicted the caches, against a depthwise 4x56x56x128 kernel's ~260.)"""
+    g, args, out_cut, in_cut, direct = _recipe(spec, x.shape, kernel.shape, dtype)
+    if not direct:
         return None
-    g, args, out_shape, cut = r
-    if dy.shape != out_shape:
+    if dy.shape != g.output_shape_nhwc:
         _check_dy(dy, spec, g)
+    kernels = _dispatch.kernels
     dx = db = None
     if need_dx:
         dx = _empty(x.shape, dtype)
-        kernels.grad_input(dy.reshape(cut[0]), _input_kernel(kernel, g, dtype),
-                           dx.reshape(cut[1]), *args)
+        kernels.grad_input(dy.reshape(out_cut), _input_kernel(kernel, g, dtype),
+                           dx.reshape(in_cut), *args)
     dk = _empty(g.kernel_shape, dtype)
     if bias:
         db = _empty((g.f,), dtype)
