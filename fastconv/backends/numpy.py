@@ -316,9 +316,7 @@ def _recipe(spec, x_shape, k_shape, dtype):
     if r is None:
         g = spec.geometry(x_shape, k_shape)
         args = _args(spec, g)
-        direct = (spec.channels_last
-                  and _blocks_unless(spec, g, dtype, kernels.grad_input_gemm) is None
-                  and _blocks_unless(spec, g, dtype, kernels.grad_kernel_merged) is None)
+        direct = spec.channels_last and direct_gradients(spec, g, dtype)
         if len(_recipes) >= _MAX_RECIPES:
             _recipes.clear()
         r = _recipes[key] = _Recipe(g, args, recut_shape(spec, g, args[-1], g.output_shape_nhwc),
@@ -422,12 +420,12 @@ def _blocks_unless(spec, g, dtype, direct):
     return blocks
 
 
-def direct_gradients(spec, g):
-    """Whether the kernels compute both gradients of a float32 convolution on x, dy and dx as
+def direct_gradients(spec, g, dtype=np.float32):
+    """Whether the kernels compute both gradients of a convolution in dtype on x, dy and dx as
     they are, not on Geometry.blocks' space-to-depth blocks."""
     kernels = _dispatch.kernels
-    return (_blocks_unless(spec, g, np.float32, kernels.grad_input_gemm) is None
-            and _blocks_unless(spec, g, np.float32, kernels.grad_kernel_merged) is None)
+    return (_blocks_unless(spec, g, dtype, kernels.grad_input_gemm) is None
+            and _blocks_unless(spec, g, dtype, kernels.grad_kernel_merged) is None)
 
 
 def nchw_gradients(spec, g):
