@@ -407,6 +407,15 @@ def run_case(case, args, rec):
         twin.set_weights([kernel, bias])
         x_cl = np.ascontiguousarray(x_np.transpose(0, 2, 3, 1))
         fwd["fastconv_cl"] = forward_fn(twin, to_backend(x_cl), threads)
+    undilated = None
+    if case.dilation != 1 and case.padding == "same":
+        # the same layer without dilation (same weights, input and output shape), interleaved:
+        # what dilation costs, measured side by side rather than against another case timed
+        # minutes apart (on these shared machines a process's speed drifts by 10-30%)
+        undilated = fastconv.Conv2D.from_config({**f_layer.get_config(), "dilation_rate": 1})
+        undilated.build(case.input_shape)
+        undilated.set_weights([kernel, bias])
+        fwd["fastconv_undilated"] = forward_fn(undilated, x, threads)
     if threads > 1:
         fwd["fastconv_1t"] = forward_fn(f_layer, x, 1)
     if BACKEND == "torch":
@@ -427,6 +436,8 @@ def run_case(case, args, rec):
             train["keras"] = train_fn(k_layer, xg, dy)
         if threads > 1:
             train["fastconv_1t"] = train_fn(f_layer, xg, dy, 1)
+        if undilated is not None:
+            train["fastconv_undilated"] = train_fn(undilated, xg, dy, threads)
         if twin is not None:
             train["fastconv_cl"] = train_fn(
                 twin, to_backend(x_cl, requires_grad=True),
