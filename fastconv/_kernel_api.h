@@ -46,11 +46,17 @@ using ChannelSumsF32 = int (*)(const float* a, Py_ssize_t r, Py_ssize_t f, float
 using TransposeF32 = int (*)(const float* src, Py_ssize_t n, Py_ssize_t a, Py_ssize_t b,
                              float* dst, int n_threads);
 
+// fastconv._kernels_*._regroup_f32 (ffi_regroup): a (t, cin_g, f) kernel to grad_input's
+// (t, f / groups, groups * cin_g)
+using RegroupF32 = int (*)(const float* src, Py_ssize_t t, Py_ssize_t cin_g, Py_ssize_t f,
+                           int groups, float* dst);
+
 ForwardF32 forward_f32 = nullptr;
 GradInputF32 grad_input_f32 = nullptr;
 GradKernelF32 grad_kernel_f32 = nullptr;
 ChannelSumsF32 channel_sums_f32 = nullptr;
 TransposeF32 transpose_f32 = nullptr;
+RegroupF32 regroup_f32 = nullptr;
 int num_threads = 1;  // fastconv.set_num_threads, passed on at run time (set_threads)
 std::atomic<long long> calls{0};  // for tests: proof that the bridge ran the kernels
 
@@ -60,19 +66,21 @@ int threads(int64_t max_threads) {
 }
 
 PyObject* set_kernels(PyObject*, PyObject* args) {
-  PyObject *fwd, *gin, *gk, *sums, *tr;
-  if (!PyArg_ParseTuple(args, "OOOOO", &fwd, &gin, &gk, &sums, &tr)) return nullptr;
+  PyObject *fwd, *gin, *gk, *sums, *tr, *rg;
+  if (!PyArg_ParseTuple(args, "OOOOOO", &fwd, &gin, &gk, &sums, &tr, &rg)) return nullptr;
   void* f = PyCapsule_GetPointer(fwd, "fastconv.forward_f32");
   void* g = f ? PyCapsule_GetPointer(gin, "fastconv.grad_input_f32") : nullptr;
   void* k = g ? PyCapsule_GetPointer(gk, "fastconv.grad_kernel_nchw_f32") : nullptr;
   void* b = k ? PyCapsule_GetPointer(sums, "fastconv.channel_sums_f32") : nullptr;
   void* t = b ? PyCapsule_GetPointer(tr, "fastconv.transpose_f32") : nullptr;
-  if (t == nullptr) return nullptr;
+  void* r = t ? PyCapsule_GetPointer(rg, "fastconv.regroup_f32") : nullptr;
+  if (r == nullptr) return nullptr;
   forward_f32 = reinterpret_cast<ForwardF32>(f);
   grad_input_f32 = reinterpret_cast<GradInputF32>(g);
   grad_kernel_f32 = reinterpret_cast<GradKernelF32>(k);
   channel_sums_f32 = reinterpret_cast<ChannelSumsF32>(b);
   transpose_f32 = reinterpret_cast<TransposeF32>(t);
+  regroup_f32 = reinterpret_cast<RegroupF32>(r);
   Py_RETURN_NONE;
 }
 
@@ -93,8 +101,9 @@ PyObject* get_calls(PyObject*, PyObject*) { return PyLong_FromLongLong(calls.loa
 // The module methods every bridge has; a bridge lists them first in its method table.
 #define FASTCONV_KERNEL_API_METHODS                                                           \
   {"set_kernels", fastconv::set_kernels, METH_VARARGS,                                        \
-   "set_kernels(forward, grad_input, grad_kernel, channel_sums, transpose): the float32 "     \
-   "kernels to call (capsules from a kernels module's ffi_forward(), ffi_grad_input(), "      \
-   "ffi_grad_kernel(), ffi_channel_sums(), ffi_transpose())"},                                \
+   "set_kernels(forward, grad_input, grad_kernel, channel_sums, transpose, regroup): the "   \
+   "float32 kernels to call (capsules from a kernels module's ffi_forward(), "                \
+   "ffi_grad_input(), ffi_grad_kernel(), ffi_channel_sums(), ffi_transpose(), "               \
+   "ffi_regroup())"},                                                                         \
       {"set_threads", fastconv::set_threads, METH_O, "set_threads(n): the kernels' thread count"}, \
       {"calls", fastconv::get_calls, METH_NOARGS, "How many kernel calls this bridge made in this process"}

@@ -734,12 +734,7 @@ class Gradients : public OpKernel {
         } else if (groups == 1) {  // each tap's (C, F) transposed, by the kernels
           r = fastconv::transpose_f32(kp, kh * kw, c, f, out, threads);
         } else {
-          for (int64_t t = 0; t < kh * kw; t++)
-            for (int64_t j = 0; j < cout_g; j++)
-              for (int64_t gi = 0; gi < groups; gi++)
-                for (int64_t i = 0; i < cin_g; i++)
-                  out[(t * cout_g + j) * c + gi * cin_g + i] =
-                      kp[(t * cin_g + i) * f + gi * cout_g + j];
+          r = fastconv::regroup_f32(kp, kh * kw, cin_g, f, static_cast<int>(groups), out);
         }
         const bool cut = !view_.empty();
         if (r == 0)

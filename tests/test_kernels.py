@@ -627,6 +627,28 @@ def test_kernels_get_cache_line_aligned_weights():
                                           "same", (1, 1), "channels_last"), 1e-4, "forward")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kh, kw, cin_g, f, groups", [
+    (3, 3, 32, 256, 8), (3, 3, 8, 256, 32), (3, 3, 4, 128, 32), (1, 1, 3, 35, 7),
+    (5, 4, 17, 54, 3), (3, 3, 1, 12, 4), (2, 2, 40, 40, 1), (3, 3, 33, 66, 2)])
+def test_grad_input_kernel_regrouped_by_the_kernels(variant, dtype, kh, kw, cin_g, f, groups):
+    """grad_input's kernel, regrouped by the kernels' tiled transposes (regroup; the TensorFlow
+    op calls the same), is regrouped_kernel's numpy transposition, aligned, in dtype."""
+    spec = ConvSpec.make((1, 1), "same", "channels_last", (1, 1))
+    g = spec.geometry((1, 6, 6, cin_g * groups), (kh, kw, cin_g, f))
+    k = np.random.default_rng(kh * f + groups).standard_normal((kh, kw, cin_g, f))
+    saved = _dispatch.kernels
+    _dispatch.kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    try:
+        wt = host._input_kernel(k.astype(np.float32), g, dtype)
+    finally:
+        _dispatch.kernels = saved
+    expected = host.regrouped_kernel(k.astype(np.float32), g, np.reshape, np.transpose)
+    assert wt.dtype == dtype and wt.flags.c_contiguous and wt.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(wt, expected.astype(dtype))
+
+
 @pytest.mark.skipif(not _dispatch.kernels.POOL, reason="fastconv's own threads: Linux, GNU C")
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[11], CASES[18], CASES[20],

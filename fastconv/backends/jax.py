@@ -71,7 +71,8 @@ def _ffi_ready(dtype, spec):
             or not hasattr(kernels, "ffi_forward")):
         return False
     _FFI.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel(),
-                     kernels.ffi_channel_sums(), kernels.ffi_transpose())
+                     kernels.ffi_channel_sums(), kernels.ffi_transpose(),
+                     kernels.ffi_regroup())
     return True
 
 

@@ -183,7 +183,8 @@ def _hand_kernels():
     if not hasattr(kernels, "ffi_forward"):
         return False
     _OPS.set_kernels(kernels.ffi_forward(), kernels.ffi_grad_input(), kernels.ffi_grad_kernel(),
-                     kernels.ffi_channel_sums(), kernels.ffi_transpose())
+                     kernels.ffi_channel_sums(), kernels.ffi_transpose(),
+                     kernels.ffi_regroup())
     _handed = kernels
     return True
 
