@@ -232,6 +232,7 @@ def _restore_tunings(kernels):
     kernels.set_band_bytes(kernels.BAND_BYTES)
     kernels.set_block_major_bytes(kernels.BLOCK_MAJOR_BYTES)
     kernels.set_pad_columns_ow(kernels.PAD_COLUMNS_OW)
+    kernels.set_quads_outer_ow(kernels.QUADS_OUTER_OW)
     kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
 
 
@@ -625,6 +626,33 @@ def test_kernels_get_cache_line_aligned_weights():
     reference.assert_close(host.forward(x, np.repeat(k, 2, axis=2)[:, :, :8, :], spec),
                            reference.conv(x, np.repeat(k, 2, axis=2)[:, :, :8, :], (1, 1),
                                           "same", (1, 1), "channels_last"), 1e-4, "forward")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape, groups, strides", [
+    ((2, 9, 11, 32), 4, (1, 1)), ((1, 7, 40, 64), 8, (1, 1)), ((2, 6, 37, 48), 6, (1, 2)),
+    ((1, 5, 9, 40), 5, (2, 1))])
+def test_forward_group_quads_outer(variant, shape, groups, strides):
+    """8 channels a group (fc_pair8x4): group quads outer along a row or tiles outer, the same
+    sums bit for bit, and the reference's."""
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    rng = np.random.default_rng(shape[2] * groups)
+    x = rng.standard_normal(shape).astype(np.float32)
+    k = rng.standard_normal((3, 3, 8, 8 * groups)).astype(np.float32)
+    spec = ConvSpec.make(strides, "same", "channels_last", (1, 1))
+    saved = _dispatch.kernels
+    _dispatch.kernels = kernels
+    try:
+        outs = []
+        for ow in (0, 1 << 20):
+            kernels.set_quads_outer_ow(ow)
+            outs.append(host.forward(x, k, spec))
+    finally:
+        _restore_tunings(kernels)
+        _dispatch.kernels = saved
+    np.testing.assert_array_equal(outs[0], outs[1])
+    reference.assert_close(outs[0], reference.conv(x, k, strides, "same", (1, 1),
+                                                   "channels_last"), 1e-4, "forward")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
