@@ -2322,8 +2322,8 @@ cdef enum:
 # run group quads outer, tiles inner: a quad's weights (9 KB for 3x3) then stay in L1 along
 # the row, where tiles outer streamed all groups' weights from L2 for each tile (a quad reads
 # its own channels of x either way). A/B, AVX-512 Xeon, 2 threads: 3x3 on 4x28x28x256 in 32
-# groups 1.01-1.05x, 8x28x28x192 in 24 1.05x, 8x14x14x384 in 48 1.03x, 4x14x14x512 in 64
-# 1.03-1.07x, 8x7x7x1024 in 128 1.12x; on 56-pixel rows 0.97-1.01x (4x56x56x128 in 16,
+# groups 1.01-1.06x, 8x28x28x192 in 24 1.05x, 8x14x14x384 in 48 1.03x, 8x14x14x512 in 64
+# 1.03-1.07x, 8x7x7x1024 in 128 1.08-1.12x; on 56-pixel rows 0.97-1.01x (4x56x56x128 in 16,
 # 2x56x56x256 in 32). grad_input's rows run groups outer already.
 QUADS_OUTER_OW = 32
 cdef int fc_quads_outer_ow = QUADS_OUTER_OW
