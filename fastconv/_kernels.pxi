@@ -2063,12 +2063,13 @@ cdef extern from *:
        (a group's): pixel q of x meets output pixels q, q - 1 and q - 2 through taps 0, 1 and 2,
        so each broadcast of an x element feeds 3 multiply-adds (P + 2 broadcasts and 3 weight
        loads for 3P of them), where the general tiles broadcast once a multiply-add (load-bound
-       with one vector of outputs). out[p*ops + v] = sum_h sum_kw sum_k
-       X[xoff[h] + (p + kw)*aps + k] * B[boff[h] + (kw*K + k)*ldb + v]. */
+       with one vector of outputs). out[p*ops + v] = sum_h sum_t sum_k
+       X[xoff[h] + (p + t)*aps + k] * B[boff[h] + t*tap + k*ldb + v], t < 3 (tap: the forward's
+       next kw, K*ldb on; grad_input's flipped kernel, -K*ldb back). */
     #define FC_SLIDE3(T, SUF, P) \
     static void fc_slide3_##SUF##_##P(const T* __restrict X, ptrdiff_t aps, \
             const ptrdiff_t* xoff, const T* __restrict B, const ptrdiff_t* boff, int nkh, \
-            ptrdiff_t K, ptrdiff_t ldb, T* __restrict out, ptrdiff_t ops) \
+            ptrdiff_t K, ptrdiff_t ldb, ptrdiff_t tap, T* __restrict out, ptrdiff_t ops) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
         vec acc[P][NV]; \
@@ -2081,8 +2082,8 @@ cdef extern from *:
                 vec b0[NV], b1[NV], b2[NV]; \
                 for (int j = 0; j < NV; j++) { \
                     FC_LOAD(b0[j], b + k * ldb + j * VW); \
-                    FC_LOAD(b1[j], b + (K + k) * ldb + j * VW); \
-                    FC_LOAD(b2[j], b + (2 * K + k) * ldb + j * VW); \
+                    FC_LOAD(b1[j], b + tap + k * ldb + j * VW); \
+                    FC_LOAD(b2[j], b + 2 * tap + k * ldb + j * VW); \
                 } \
                 FC_UNROLL for (int q = 0; q < P + 2; q++) { \
                     const T xv = a[q * aps + k]; \
@@ -2103,15 +2104,15 @@ cdef extern from *:
     FC_SLIDE3(T, SUF, 5) FC_SLIDE3(T, SUF, 6) FC_SLIDE3(T, SUF, 7) FC_SLIDE3(T, SUF, 8) \
     FC_SLIDE3(T, SUF, 9) FC_SLIDE3(T, SUF, 10) FC_SLIDE3(T, SUF, 11) FC_SLIDE3(T, SUF, 12) \
     typedef void (*fc_slide3_##SUF##_t)(const T*, ptrdiff_t, const ptrdiff_t*, const T*, \
-        const ptrdiff_t*, int, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t); \
+        const ptrdiff_t*, int, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t); \
     static const fc_slide3_##SUF##_t fc_slide3_table_##SUF[13] = {0, fc_slide3_##SUF##_1, \
         fc_slide3_##SUF##_2, fc_slide3_##SUF##_3, fc_slide3_##SUF##_4, fc_slide3_##SUF##_5, \
         fc_slide3_##SUF##_6, fc_slide3_##SUF##_7, fc_slide3_##SUF##_8, fc_slide3_##SUF##_9, \
         fc_slide3_##SUF##_10, fc_slide3_##SUF##_11, fc_slide3_##SUF##_12}; \
     static inline void fc_slide3_##SUF(int P, const T* X, ptrdiff_t aps, const ptrdiff_t* xoff, \
-            const T* B, const ptrdiff_t* boff, int nkh, ptrdiff_t K, ptrdiff_t ldb, T* out, \
-            ptrdiff_t ops) { \
-        fc_slide3_table_##SUF[P](X, aps, xoff, B, boff, nkh, K, ldb, out, ops); \
+            const T* B, const ptrdiff_t* boff, int nkh, ptrdiff_t K, ptrdiff_t ldb, \
+            ptrdiff_t tap, T* out, ptrdiff_t ops) { \
+        fc_slide3_table_##SUF[P](X, aps, xoff, B, boff, nkh, K, ldb, tap, out, ops); \
     } \
     FC_VS(FC_GEMM, T, SUF) \
     FC_VS(FC_DW, T, SUF) \
@@ -2227,10 +2228,10 @@ cdef extern from *:
     int fc_pmax(int V, int sz) noexcept nogil
     void fc_slide3_f(int P, const float* X, Py_ssize_t aps, const Py_ssize_t* xoff,
                      const float* B, const Py_ssize_t* boff, int nkh, Py_ssize_t K,
-                     Py_ssize_t ldb, float* out, Py_ssize_t ops) noexcept nogil
+                     Py_ssize_t ldb, Py_ssize_t tap, float* out, Py_ssize_t ops) noexcept nogil
     void fc_slide3_d(int P, const double* X, Py_ssize_t aps, const Py_ssize_t* xoff,
                      const double* B, const Py_ssize_t* boff, int nkh, Py_ssize_t K,
-                     Py_ssize_t ldb, double* out, Py_ssize_t ops) noexcept nogil
+                     Py_ssize_t ldb, Py_ssize_t tap, double* out, Py_ssize_t ops) noexcept nogil
     void fc_epilogue_f(float* row, Py_ssize_t n, Py_ssize_t F, const float* scale,
                        const float* bias, int act, float lo, float hi) noexcept nogil
     int fc_width(Py_ssize_t rem, int sz) noexcept nogil
@@ -2391,12 +2392,16 @@ cdef int fc_quads_outer_ow = QUADS_OUTER_OW
 # (fc_slide3: each x broadcast feeds 3 multiply-adds; the general tiles, one, were load-bound).
 # A/B, AVX-512 Xeon, 2 threads: 3x3 in 16-channel groups on 4x28x28x256 1.21-1.25x,
 # 4x56x56x256 1.21x, 4x56x56x128 1.25x, 8x14x14x512 1.15x, 8x7x7x1024 1.07x; 1 thread 1.21x.
+# grad_input's rows of one vector of dx channels a group likewise, on the flipped kernel: 16
+# channels a group on 4x28x28x256 1.14-1.18x, 4x56x56x128 1.32x, 8x14x14x512 1.21x, 8x7x7x1024
+# 1.16x; 12 channels padded to 16 (4x28x28x108) 1.22x.
 SLIDE_ROWS = True
 cdef bint fc_slide_rows = SLIDE_ROWS
 
 
 def set_slide_rows(bint on):
-    """Whether grouped forward rows with one vector of outputs a group slide (fc_slide3)."""
+    """Whether grouped rows with one vector of outputs a group (the forward's output channels,
+    grad_input's input channels) slide along the row (fc_slide3)."""
     global fc_slide_rows
     fc_slide_rows = on
 
@@ -2921,11 +2926,11 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                         if floating is float:
                             fc_slide3_f(p, x + base + g * cin_g, C, aoff,
                                         w + g * T * cin_g * cout_g, boff, nkh, cin_g, ldw,
-                                        out + ow * F + g * cout_g, F)
+                                        cin_g * ldw, out + ow * F + g * cout_g, F)
                         else:
                             fc_slide3_d(p, x + base + g * cin_g, C, aoff,
                                         w + g * T * cin_g * cout_g, boff, nkh, cin_g, ldw,
-                                        out + ow * F + g * cout_g, F)
+                                        cin_g * ldw, out + ow * F + g * cout_g, F)
                     ow += p
                 continue
             while ow < run_end:
@@ -3963,6 +3968,11 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef bint quad = FC_QUAD_OK and wpk != NULL and cout_g == 4 and cin_g == 4
     if quad:
         g4_end = groups - groups % 4
+    # one vector of dx channels a group, 3 candidate taps along w at unit stride, the kernel as
+    # it is (not in column blocks, no padded channels): the interior run slides (fc_slide3)
+    cdef bint slide = (fc_slide_rows and wpk == NULL and wred == NULL and not depthwise
+                       and groups > 1 and KW == 3 and sw == 1 and dw == 1 and ldw == C
+                       and cin_g * sizeof(floating) == FC_VB)
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
     cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh, c_end
@@ -4103,6 +4113,34 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
         for g in range(1 if depthwise else groups):
             if g < g4_end and g % 4:
                 continue   # (computed with group g - g % 4, by fc_pair8x4 or fc_quad4)
+            if slide:
+                # the interior run slides (see _forward_row): dy pixel base + q meets dx
+                # pixels q, q - 1, q - 2 through kw = 2, 1, 0 (the last candidate first)
+                for r in range(nruns):
+                    j = runs[3 * r]
+                    run_end = runs[3 * r + 3]
+                    if runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3:
+                        while j < run_end:
+                            p = _tile(run_end - j, fc_pmax(<int>cin_g, sz))
+                            if floating is float:
+                                fc_slide3_f(p, dy + j * F + g * cout_g, F, aoff + 2 * nkh,
+                                            wt + g * cin_g, boff + 2 * nkh, <int>nkh, cout_g,
+                                            ldw, -cout_g * ldw, dx + j * C + g * cin_g, C)
+                            else:
+                                fc_slide3_d(p, dy + j * F + g * cout_g, F, aoff + 2 * nkh,
+                                            wt + g * cin_g, boff + 2 * nkh, <int>nkh, cout_g,
+                                            ldw, -cout_g * ldw, dx + j * C + g * cin_g, C)
+                            j += p
+                        continue
+                    first = runs[3 * r + 1] * nkh
+                    nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
+                    while j < run_end:
+                        p = _tile(run_end - j, fc_pmax(<int>cin_g, sz))
+                        _gemm(p, <int>cin_g, dy + j * F + g * cout_g, F, 1, wt + g * cin_g, ldw,
+                              aoff + first, boff + first, lens + first, nseg,
+                              dx + j * C + g * cin_g, C, 0)
+                        j += p
+                continue
             c0 = c_lo if groups == 1 else 0
             c_end = _min(cw, c_hi) if groups == 1 else cw
             while c0 < c_end:

@@ -661,30 +661,36 @@ def test_forward_group_quads_outer(variant, shape, groups, strides):
 @pytest.mark.parametrize("cin_g, cout_g, groups, padding, dilation", [
     (16, 16, 3, "same", (1, 1)), (5, 16, 2, "valid", (2, 1)), (16, 8, 4, "same", (1, 1)),
     (3, 8, 2, "valid", (1, 1)), (16, 4, 3, "same", (3, 1)), (7, 4, 5, "same", (1, 1)),
-    (9, 2, 3, "same", (1, 1))])
-def test_forward_sliding_rows(variant, dtype, cin_g, cout_g, groups, padding, dilation):
+    (9, 2, 3, "same", (1, 1)), (8, 5, 3, "same", (1, 1)), (4, 3, 4, "same", (2, 1)),
+    (2, 6, 3, "valid", (1, 1))])
+def test_sliding_rows(variant, dtype, cin_g, cout_g, groups, padding, dilation):
     """Grouped rows with one vector of outputs a group (16, 8, 4 or 2 of them, as the build's and
-    dtype's vectors hold) slide along the row (fc_slide3) where they have 3 taps at unit stride:
-    the reference's sums, and those of the general tiles."""
+    dtype's vectors hold: the forward's output channels, grad_input's input channels) slide
+    along the row (fc_slide3) where they have 3 taps at unit stride: the reference's sums, and
+    those of the general tiles."""
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     rng = np.random.default_rng(cin_g * 100 + cout_g * 10 + groups)
     x = rng.standard_normal((2, 7, 23, cin_g * groups)).astype(dtype)
     k = rng.standard_normal((3, 3, cin_g, cout_g * groups)).astype(dtype)
     spec = ConvSpec.make((1, 1), padding, "channels_last", dilation)
+    expected = reference.conv(x, k, (1, 1), padding, dilation, "channels_last")
+    dy = rng.standard_normal(expected.shape).astype(dtype)
+    dx_expected = reference.grads(x, k, dy, (1, 1), padding, dilation, "channels_last")[0]
     saved = _dispatch.kernels
     _dispatch.kernels = kernels
     try:
-        outs = []
+        outs, dxs = [], []
         for on in (True, False):
             kernels.set_slide_rows(on)
             outs.append(host.forward(x, k, spec, dtype))
+            dxs.append(host.grad_input(dy, k, spec, x.shape, dtype))
     finally:
         _restore_tunings(kernels)
         _dispatch.kernels = saved
-    expected = reference.conv(x, k, (1, 1), padding, dilation, "channels_last")
     rtol = 1e-4 if dtype == np.float32 else 1e-10
-    for out in outs:
+    for out, dx in zip(outs, dxs):
         reference.assert_close(out, expected, rtol, "forward")
+        reference.assert_close(dx, dx_expected, rtol, "grad_input")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
