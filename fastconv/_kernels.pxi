@@ -4113,34 +4113,6 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
         for g in range(1 if depthwise else groups):
             if g < g4_end and g % 4:
                 continue   # (computed with group g - g % 4, by fc_pair8x4 or fc_quad4)
-            if slide:
-                # the interior run slides (see _forward_row): dy pixel base + q meets dx
-                # pixels q, q - 1, q - 2 through kw = 2, 1, 0 (the last candidate first)
-                for r in range(nruns):
-                    j = runs[3 * r]
-                    run_end = runs[3 * r + 3]
-                    if runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3:
-                        while j < run_end:
-                            p = _tile(run_end - j, fc_pmax(<int>cin_g, sz))
-                            if floating is float:
-                                fc_slide3_f(p, dy + j * F + g * cout_g, F, aoff + 2 * nkh,
-                                            wt + g * cin_g, boff + 2 * nkh, <int>nkh, cout_g,
-                                            ldw, -cout_g * ldw, dx + j * C + g * cin_g, C)
-                            else:
-                                fc_slide3_d(p, dy + j * F + g * cout_g, F, aoff + 2 * nkh,
-                                            wt + g * cin_g, boff + 2 * nkh, <int>nkh, cout_g,
-                                            ldw, -cout_g * ldw, dx + j * C + g * cin_g, C)
-                            j += p
-                        continue
-                    first = runs[3 * r + 1] * nkh
-                    nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
-                    while j < run_end:
-                        p = _tile(run_end - j, fc_pmax(<int>cin_g, sz))
-                        _gemm(p, <int>cin_g, dy + j * F + g * cout_g, F, 1, wt + g * cin_g, ldw,
-                              aoff + first, boff + first, lens + first, nseg,
-                              dx + j * C + g * cin_g, C, 0)
-                        j += p
-                continue
             c0 = c_lo if groups == 1 else 0
             c_end = _min(cw, c_hi) if groups == 1 else cw
             while c0 < c_end:
@@ -4162,6 +4134,22 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     run_end = runs[3 * r + 3]
                     first = runs[3 * r + 1] * nkh
                     nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
+                    if slide and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3:
+                        # the interior run slides (see _forward_row): dy pixel base + q meets
+                        # dx pixels q, q - 1, q - 2 through kw = 2, 1, 0 (the last candidate
+                        # first); the border runs take the general tiles below
+                        while j < run_end:
+                            p = _tile(run_end - j, P)
+                            if floating is float:
+                                fc_slide3_f(p, dy + j * F + g * cout_g, F, aoff + 2 * nkh, wblk,
+                                            boff + 2 * nkh, <int>nkh, cout_g, ldw, -cout_g * ldw,
+                                            dx + j * C + g * cin_g, C)
+                            else:
+                                fc_slide3_d(p, dy + j * F + g * cout_g, F, aoff + 2 * nkh, wblk,
+                                            boff + 2 * nkh, <int>nkh, cout_g, ldw, -cout_g * ldw,
+                                            dx + j * C + g * cin_g, C)
+                            j += p
+                        continue
                     while j < run_end:
                         p = _tile(run_end - j, P)
                         if floating is float:
