@@ -1673,6 +1673,63 @@ cdef extern from *:
               const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {
           fc_pair8x4_table[P](A, aps, B, aoff, boff, nseg, out, ops);
       }
+      /* fc_pair8x4's packed kernel on a run of 3 taps along w at unit stride, 2 groups a call:
+         as fc_slide3, pixel q of x meets output pixels q, q - 1 and q - 2 through taps 0, 1 and
+         2, so each broadcast channel pair feeds 3 multiply-adds (P + 2 broadcasts and 3 kernel
+         loads for 3P), where fc_pair8x4 took P broadcasts and a kernel load for P (load-bound).
+         out[p*ops + 8g + o] = sum_h sum_t sum_i A[h*ars + (p + t)*aps + 8g + i] * w(i, o) of
+         the packed tap at B + h*brs + t*tap, g < 2 (tap: the forward's next kw; grad_input's
+         flipped kernel, back). Rows at a stride, not a list of offsets: on a list, GCC kept the
+         88 offsets of a row's (k, q) broadcasts across rows, on the stack (1.25x, not 1.5x, in
+         a C harness); on a stride they are constant displacements from one pointer a pixel. */
+      #define FC_PSLIDE8_OK 1
+      #define FC_PSLIDE8_PMAX 10
+      #define FC_PSLIDE8(P) \
+      static void fc_pslide8_##P(const float* __restrict A, ptrdiff_t aps, ptrdiff_t ars, \
+              const float* __restrict B, ptrdiff_t brs, int nkh, ptrdiff_t tap, \
+              float* __restrict out, ptrdiff_t ops) \
+      { \
+          fc_v16f acc[P][2]; \
+          FC_UNROLL for (int p = 0; p < P; p++) FC_UNROLL for (int j = 0; j < 2; j++) \
+              acc[p][j] = (fc_v16f){0}; \
+          for (int h = 0; h < nkh; h++) { \
+              const float* __restrict a = A + h * ars; \
+              const float* __restrict b = B + h * brs; \
+              FC_UNROLL for (int k = 0; k < 4; k++) FC_UNROLL for (int j = 0; j < 2; j++) { \
+                  fc_v16f b0, b1, b2; \
+                  memcpy(&b0, b + 64 * j + 16 * k, 64); \
+                  memcpy(&b1, b + tap + 64 * j + 16 * k, 64); \
+                  memcpy(&b2, b + 2 * tap + 64 * j + 16 * k, 64); \
+                  FC_UNROLL for (int q = 0; q < P + 2; q++) { \
+                      double d; \
+                      memcpy(&d, a + q * aps + 8 * j + 2 * k, 8); \
+                      fc_v8d dv = {d, d, d, d, d, d, d, d}; \
+                      const fc_v16f xv = (fc_v16f)dv; \
+                      if (q < P) acc[q][j] += xv * b0; \
+                      if (q >= 1 && q <= P) acc[q - 1][j] += xv * b1; \
+                      if (q >= 2) acc[q - 2][j] += xv * b2; \
+                  } \
+              } \
+          } \
+          const fc_v16i ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}; \
+          FC_UNROLL for (int p = 0; p < P; p++) { \
+              fc_v16f r = __builtin_shuffle(acc[p][0], acc[p][1], ev) \
+                  + __builtin_shuffle(acc[p][0], acc[p][1], ev + 1); \
+              memcpy(out + p * ops, &r, 64); \
+          } \
+      }
+      FC_PSLIDE8(1) FC_PSLIDE8(2) FC_PSLIDE8(3) FC_PSLIDE8(4) FC_PSLIDE8(5) FC_PSLIDE8(6)
+      FC_PSLIDE8(7) FC_PSLIDE8(8) FC_PSLIDE8(9) FC_PSLIDE8(10)
+      typedef void (*fc_pslide8_t)(const float*, ptrdiff_t, ptrdiff_t, const float*,
+          ptrdiff_t, int, ptrdiff_t, float*, ptrdiff_t);
+      static const fc_pslide8_t fc_pslide8_table[11] = {0, fc_pslide8_1, fc_pslide8_2,
+          fc_pslide8_3, fc_pslide8_4, fc_pslide8_5, fc_pslide8_6, fc_pslide8_7, fc_pslide8_8,
+          fc_pslide8_9, fc_pslide8_10};
+      static inline void fc_pslide8(int P, const float* A, ptrdiff_t aps, ptrdiff_t ars,
+              const float* B, ptrdiff_t brs, int nkh, ptrdiff_t tap, float* out,
+              ptrdiff_t ops) {
+          fc_pslide8_table[P](A, aps, ars, B, brs, nkh, tap, out, ops);
+      }
       /* Grouped convolutions of 4 inputs and 4 outputs a group (ResNeXt 32x4d), NG groups a
          call: a group's 4 x 4 kernel taps fill one vector (lane 4o + i <- w[i][4g + o]) and the
          input operand is a group's 4 channels broadcast to the 4 lane quads (a pure load), so
@@ -1962,6 +2019,13 @@ cdef extern from *:
       #define FC_PAIRX4_PMAX 1
       static inline void fc_pair8x4(int P, const float* A, ptrdiff_t aps, const float* B,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {}
+    #endif
+    #ifndef FC_PSLIDE8_OK
+      #define FC_PSLIDE8_OK 0
+      #define FC_PSLIDE8_PMAX 1
+      static inline void fc_pslide8(int P, const float* A, ptrdiff_t aps, ptrdiff_t ars,
+              const float* B, ptrdiff_t brs, int nkh, ptrdiff_t tap, float* out,
+              ptrdiff_t ops) {}
     #endif
     #ifndef FC_QUAD_OK
       #define FC_QUAD_OK 0
@@ -2337,6 +2401,11 @@ cdef extern from *:
     void fc_pair8x4(int P, const float* A, Py_ssize_t aps, const float* B,
                     const Py_ssize_t* aoff, const Py_ssize_t* boff, int nseg, float* out,
                     Py_ssize_t ops) noexcept nogil
+    bint FC_PSLIDE8_OK
+    int FC_PSLIDE8_PMAX
+    void fc_pslide8(int P, const float* A, Py_ssize_t aps, Py_ssize_t ars,
+                    const float* B, Py_ssize_t brs, int nkh, Py_ssize_t tap,
+                    float* out, Py_ssize_t ops) noexcept nogil
     bint FC_QUAD_OK
     int FC_QUAD_PMAX
     void fc_quad4(int P, int NG, const float* A, Py_ssize_t aps, const float* B,
@@ -2394,14 +2463,19 @@ cdef int fc_quads_outer_ow = QUADS_OUTER_OW
 # 4x56x56x256 1.21x, 4x56x56x128 1.25x, 8x14x14x512 1.15x, 8x7x7x1024 1.07x; 1 thread 1.21x.
 # grad_input's rows of one vector of dx channels a group likewise, on the flipped kernel: 16
 # channels a group on 4x28x28x256 1.14-1.18x, 4x56x56x128 1.32x, 8x14x14x512 1.21x, 8x7x7x1024
-# 1.16x; 12 channels padded to 16 (4x28x28x108) 1.22x.
+# 1.16x; 12 channels padded to 16 (4x28x28x108) 1.22x. 8 inputs and 8 outputs a group (the
+# packed kernel, fc_pslide8, 2 groups a call; were fc_pair8x4's tiles, load-bound), forward /
+# grad_input: 4x28x28x256 in 32 groups 1.19-1.23x / 1.19x, 4x56x56x128 in 16 1.19-1.22x /
+# 1.18x, 8x28x28x192 in 24 1.16-1.21x / 1.20x, 8x14x14x512 in 64 1.14x / 1.18x, 8x7x7x1024 in
+# 128 1.02-1.09x / 1.09x; 1 thread 1.26x.
 SLIDE_ROWS = True
 cdef bint fc_slide_rows = SLIDE_ROWS
 
 
 def set_slide_rows(bint on):
     """Whether grouped rows with one vector of outputs a group (the forward's output channels,
-    grad_input's input channels) slide along the row (fc_slide3)."""
+    grad_input's input channels) slide along the row (fc_slide3), and those of 8 inputs and 8
+    outputs a group (fc_pslide8)."""
     global fc_slide_rows
     fc_slide_rows = on
 
@@ -2780,7 +2854,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
     cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first, ih
     cdef Py_ssize_t g4, g4_done
     cdef int ng
-    cdef bint x4, quad, slide
+    cdef bint x4, quad, slide, pslide
     cdef Py_ssize_t ngroups = 1 if depthwise else groups
     cdef int nseg, nkh, V, P, p
     # kernel rows that land inside the image, once per row
@@ -2890,6 +2964,10 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         if quad:
             P = FC_QUAD_PMAX
         g4_done = 0
+        # and 3 taps along w at unit stride: the interior run's tiles slide along the row
+        # (fc_pslide8, 2 groups a call), the border runs' take fc_pair8x4
+        pslide = (FC_PSLIDE8_OK and x4 and fc_slide_rows and KW == 3 and sw == 1 and dw == 1
+                  and nkh > 0)
         if floating is float:
             if x4 and OW <= fc_quads_outer_ow:
                 # group quads outer (see fc_quads_outer_ow)
@@ -2900,6 +2978,16 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                         run_end = runs[3 * r + 3]
                         first = runs[3 * r + 1] * nkh
                         nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
+                        if pslide and first == 0 and nseg == 3 * nkh:
+                            while ow < run_end:
+                                p = _tile(run_end - ow, FC_PSLIDE8_PMAX)
+                                base = (rowbase + ow - pad_left) * C
+                                for g in range(g4, g4 + 4, 2):
+                                    fc_pslide8(p, x + base + g * 8, C, dh * W * C,
+                                               wpk + g * 64 + boff[0], 3 * cin_g * ldw, nkh,
+                                               cin_g * ldw, out + ow * F + g * 8, F)
+                                ow += p
+                            continue
                         while ow < run_end:
                             p = _tile(run_end - ow, P)
                             base = (rowbase + ow * sw - pad_left) * C
@@ -2918,6 +3006,22 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
             hi = runs[3 * r + 2]
             first = lo * nkh
             nseg = <int>((hi - lo) * nkh)
+            if pslide and lo == 0 and hi == 3:
+                while ow < run_end:
+                    p = _tile(run_end - ow, FC_PSLIDE8_PMAX)
+                    base = (rowbase + ow - pad_left) * C
+                    g = g4_done
+                    if floating is float:
+                        while g + 2 <= ngroups:
+                            fc_pslide8(p, x + base + g * 8, C, dh * W * C,
+                                       wpk + g * 64 + boff[0], 3 * cin_g * ldw, nkh,
+                                       cin_g * ldw, out + ow * F + g * 8, F)
+                            g += 2
+                        if g < ngroups:
+                            fc_pair8(p, x + base + g * 8, C, wpk + g * 64, aoff, boff, lens,
+                                     nseg, out + ow * F + g * 8, F)
+                    ow += p
+                continue
             if slide and lo == 0 and hi == 3:
                 while ow < run_end:
                     p = _tile(run_end - ow, P)
@@ -3973,8 +4077,12 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     cdef bint slide = (fc_slide_rows and wpk == NULL and wred == NULL and not depthwise
                        and groups > 1 and KW == 3 and sw == 1 and dw == 1 and ldw == C
                        and cin_g * sizeof(floating) == FC_VB)
+    # and the same with fc_pair8x4's groups (8 a group): fc_pslide8, 2 groups a call
+    cdef bint pslide = (FC_PSLIDE8_OK and fc_slide_rows and g4_end > 0 and not quad and KW == 3
+                        and sw == 1 and dw == 1)
     cdef int sz = sizeof(floating)
-    cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, c0, a, b, lo, hi, lo2, hi2
+    cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, g2, c0, a, b, lo, hi, lo2, hi2
+    cdef Py_ssize_t ars, brs
     cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh, c_end
     cdef int nseg, V, P, p, nr
     cdef const floating* xr[3]
@@ -4134,6 +4242,21 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     run_end = runs[3 * r + 3]
                     first = runs[3 * r + 1] * nkh
                     nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
+                    if (pslide and g < g4_end and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3
+                            and nkh > 0):
+                        # as below, on the packed kernel, 2 groups a call; the valid kernel
+                        # rows' dy rows (and taps) lie at one stride
+                        ars = aoff[2 * nkh + 1] - aoff[2 * nkh] if nkh > 1 else 0
+                        brs = boff[2 * nkh + 1] - boff[2 * nkh] if nkh > 1 else 0
+                        while j < run_end:
+                            p = _tile(run_end - j, FC_PSLIDE8_PMAX)
+                            if floating is float:
+                                for g2 in range(g, g + 4, 2):
+                                    fc_pslide8(p, dy + j * F + g2 * 8 + aoff[2 * nkh], F, ars,
+                                               wpk + g2 * 64 + boff[2 * nkh], brs, <int>nkh,
+                                               -cout_g * ldw, dx + j * C + g2 * 8, C)
+                            j += p
+                        continue
                     if slide and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3:
                         # the interior run slides (see _forward_row): dy pixel base + q meets
                         # dx pixels q, q - 1, q - 2 through kw = 2, 1, 0 (the last candidate

@@ -658,19 +658,25 @@ def test_forward_group_quads_outer(variant, shape, groups, strides):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("cin_g, cout_g, groups, padding, dilation", [
-    (16, 16, 3, "same", (1, 1)), (5, 16, 2, "valid", (2, 1)), (16, 8, 4, "same", (1, 1)),
-    (3, 8, 2, "valid", (1, 1)), (16, 4, 3, "same", (3, 1)), (7, 4, 5, "same", (1, 1)),
-    (9, 2, 3, "same", (1, 1)), (8, 5, 3, "same", (1, 1)), (4, 3, 4, "same", (2, 1)),
-    (2, 6, 3, "valid", (1, 1))])
-def test_sliding_rows(variant, dtype, cin_g, cout_g, groups, padding, dilation):
+@pytest.mark.parametrize("cin_g, cout_g, groups, padding, dilation, width", [
+    (16, 16, 3, "same", (1, 1), 23), (5, 16, 2, "valid", (2, 1), 23),
+    (16, 8, 4, "same", (1, 1), 23), (3, 8, 2, "valid", (1, 1), 23),
+    (16, 4, 3, "same", (3, 1), 23), (7, 4, 5, "same", (1, 1), 23),
+    (9, 2, 3, "same", (1, 1), 23), (8, 5, 3, "same", (1, 1), 23),
+    (4, 3, 4, "same", (2, 1), 23), (2, 6, 3, "valid", (1, 1), 23),
+    (8, 8, 4, "same", (1, 1), 23), (8, 8, 6, "same", (2, 1), 23),
+    (8, 8, 5, "valid", (1, 1), 23), (8, 8, 7, "same", (1, 1), 40),
+    (8, 8, 4, "same", (3, 1), 40)])
+def test_sliding_rows(variant, dtype, cin_g, cout_g, groups, padding, dilation, width):
     """Grouped rows with one vector of outputs a group (16, 8, 4 or 2 of them, as the build's and
-    dtype's vectors hold: the forward's output channels, grad_input's input channels) slide
-    along the row (fc_slide3) where they have 3 taps at unit stride: the reference's sums, and
+    dtype's vectors hold: the forward's output channels, grad_input's input channels), and
+    those of 8 inputs and 8 outputs a group on the packed kernel (fc_pslide8, 2 groups a call:
+    group quads outer on rows of at most 32 pixels, tiles outer on wider ones; odd groups left
+    over), slide along the row where they have 3 taps at unit stride: the reference's sums, and
     those of the general tiles."""
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     rng = np.random.default_rng(cin_g * 100 + cout_g * 10 + groups)
-    x = rng.standard_normal((2, 7, 23, cin_g * groups)).astype(dtype)
+    x = rng.standard_normal((2, 7, width, cin_g * groups)).astype(dtype)
     k = rng.standard_normal((3, 3, cin_g, cout_g * groups)).astype(dtype)
     spec = ConvSpec.make((1, 1), padding, "channels_last", dilation)
     expected = reference.conv(x, k, (1, 1), padding, dilation, "channels_last")
