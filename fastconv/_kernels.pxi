@@ -1530,6 +1530,12 @@ cdef extern from *:
          same or less): grouped32 4x28x28x256 169-175 -> 195-202, 8x14x14x512 in 64 groups
          143 -> 167-171, 4 channels a group (fc_quadk3) 4x28x28x256 104-112 -> 116-121,
          4x56x56x128 111-117 -> 120-126, 2x28x28x64 in 16 groups 108-116 -> 110-118 */
+      /* They also prefetch the next segment's dy row, a line a pixel as they go along x's row
+         (the dy row was read as it was doubled into the buffer, a miss a pixel, 1 KB apart in
+         grouped32: 29% of fc_pairk3's samples sat on those loads). A/B, grad_kernel on 2
+         threads: 8 channels a group 4x28x28x256 1.06-1.10x, 8x14x14x512 1.10-1.18x,
+         4x56x56x128 1.04-1.11x, 8x28x28x192 1.09-1.13x, 8x7x7x1024 1.26-1.30x; 4 channels a
+         group (fc_quadk3) 4x28x28x256 1.00-1.09x, 4x56x56x128 1.05x, 8x14x14x512 1.16x. */
       #ifndef FC_PK3_PREFETCH
         #define FC_PK3_PREFETCH 8
       #endif
@@ -1560,6 +1566,7 @@ cdef extern from *:
           for (int s = 0; s < nseg; s++) { \
               const float* __restrict d = D + doff[s]; \
               const float* __restrict x = X + xoff[s]; \
+              const float* dn = D + doff[s + 1 < nseg ? s + 1 : s]; \
               for (ptrdiff_t o = 0; o < OW; o++) { \
                   if (GB == 2) { \
                       fc_v16f v; \
@@ -1576,6 +1583,7 @@ cdef extern from *:
               for (ptrdiff_t q = 0; q < q1; q++) { \
                   const float* xq = x + q * C; \
                   __builtin_prefetch(xq + FC_PK3_PREFETCH * C); \
+                  __builtin_prefetch(dn + (q < OW ? q : 0) * F); \
                   const fc_v16f* bq = buf + GB * (q + pl + 2); \
                   fc_v16f d0[GB], d1[GB], d2[GB]; \
                   for (int g = 0; g < GB; g++) { \
@@ -1806,6 +1814,7 @@ cdef extern from *:
           for (int s = 0; s < nseg; s++) { \
               const float* __restrict d = D + doff[s]; \
               const float* __restrict x = X + xoff[s]; \
+              const float* dn = D + doff[s + 1 < nseg ? s + 1 : s]; \
               for (ptrdiff_t o = 0; o < OW; o++) { \
                   fc_v16f v; \
                   if (NG == 4) \
@@ -1819,6 +1828,7 @@ cdef extern from *:
               for (ptrdiff_t q = 0; q < q1; q++) { \
                   const float* xq = x + q * C; \
                   __builtin_prefetch(xq + FC_PK3_PREFETCH * C); \
+                  __builtin_prefetch(dn + (q < OW ? q : 0) * F); \
                   const fc_v16f* bq = buf + NG * (q + pl + 2); \
                   for (int g = 0; g < NG; g++) { \
                       const fc_v16f xv = FC_QUAD4(xq + 4 * g); \
