@@ -1789,6 +1789,57 @@ cdef extern from *:
               const ptrdiff_t* aoff, const ptrdiff_t* boff, int nseg, float* out, ptrdiff_t ops) {
           fc_quad4_table[NG == 4][P](A, aps, B, aoff, boff, nseg, out, ops);
       }
+      /* fc_quad4 on a run of 3 taps along w at unit stride, 4 groups a call, sliding as
+         fc_pslide8: each broadcast of a group's 4 channels feeds 3 multiply-adds (taps 0, 1, 2
+         for output pixels q, q - 1, q - 2), where fc_quad4 took one load a multiply-add. Rows
+         (and their packed taps) at a stride, as fc_pslide8. */
+      #define FC_QSLIDE4_OK 1
+      #define FC_QSLIDE4_PMAX 6
+      #define FC_QSLIDE4(P) \
+      static void fc_qslide4_##P(const float* __restrict A, ptrdiff_t aps, ptrdiff_t ars, \
+              const float* __restrict B, ptrdiff_t brs, int nkh, ptrdiff_t tap, \
+              float* __restrict out, ptrdiff_t ops) \
+      { \
+          fc_v16f acc[P][4]; \
+          FC_UNROLL for (int p = 0; p < P; p++) FC_UNROLL for (int j = 0; j < 4; j++) \
+              acc[p][j] = (fc_v16f){0}; \
+          for (int h = 0; h < nkh; h++) { \
+              const float* __restrict a = A + h * ars; \
+              const float* __restrict b = B + h * brs; \
+              FC_UNROLL for (int j = 0; j < 4; j++) { \
+                  fc_v16f b0, b1, b2; \
+                  memcpy(&b0, b + 16 * j, 64); \
+                  memcpy(&b1, b + tap + 16 * j, 64); \
+                  memcpy(&b2, b + 2 * tap + 16 * j, 64); \
+                  FC_UNROLL for (int q = 0; q < P + 2; q++) { \
+                      const fc_v16f xv = FC_QUAD4(a + q * aps + 4 * j); \
+                      if (q < P) acc[q][j] += xv * b0; \
+                      if (q >= 1 && q <= P) acc[q - 1][j] += xv * b1; \
+                      if (q >= 2) acc[q - 2][j] += xv * b2; \
+                  } \
+              } \
+          } \
+          const fc_v16i ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}; \
+          FC_UNROLL for (int p = 0; p < P; p++) { \
+              const fc_v16f r01 = __builtin_shuffle(acc[p][0], acc[p][1], ev) \
+                  + __builtin_shuffle(acc[p][0], acc[p][1], ev + 1); \
+              const fc_v16f r23 = __builtin_shuffle(acc[p][2], acc[p][3], ev) \
+                  + __builtin_shuffle(acc[p][2], acc[p][3], ev + 1); \
+              const fc_v16f r = __builtin_shuffle(r01, r23, ev) + __builtin_shuffle(r01, r23, ev + 1); \
+              memcpy(out + p * ops, &r, 64); \
+          } \
+      }
+      FC_QSLIDE4(1) FC_QSLIDE4(2) FC_QSLIDE4(3) FC_QSLIDE4(4) FC_QSLIDE4(5) FC_QSLIDE4(6)
+      FC_QSLIDE4(7)
+      typedef void (*fc_qslide4_t)(const float*, ptrdiff_t, ptrdiff_t, const float*,
+          ptrdiff_t, int, ptrdiff_t, float*, ptrdiff_t);
+      static const fc_qslide4_t fc_qslide4_table[8] = {0, fc_qslide4_1, fc_qslide4_2,
+          fc_qslide4_3, fc_qslide4_4, fc_qslide4_5, fc_qslide4_6, fc_qslide4_7};
+      static inline void fc_qslide4(int P, const float* A, ptrdiff_t aps, ptrdiff_t ars,
+              const float* B, ptrdiff_t brs, int nkh, ptrdiff_t tap, float* out,
+              ptrdiff_t ops) {
+          fc_qslide4_table[P](A, aps, ars, B, brs, nkh, tap, out, ops);
+      }
       /* Kernel gradient of those (4 x 4 a group), a kernel row's 3 taps at once as fc_pairk3:
          acc[kw][g] lane 4o + i = dW[kw][i][4g + o] += x[q][4g + i] * dy[q + pl - kw][4g + o],
          the x operand a group's 4 channels broadcast (a pure load) and the dy operand its 4
@@ -2034,6 +2085,13 @@ cdef extern from *:
       #define FC_PSLIDE8_OK 0
       #define FC_PSLIDE8_PMAX 1
       static inline void fc_pslide8(int P, const float* A, ptrdiff_t aps, ptrdiff_t ars,
+              const float* B, ptrdiff_t brs, int nkh, ptrdiff_t tap, float* out,
+              ptrdiff_t ops) {}
+    #endif
+    #ifndef FC_QSLIDE4_OK
+      #define FC_QSLIDE4_OK 0
+      #define FC_QSLIDE4_PMAX 1
+      static inline void fc_qslide4(int P, const float* A, ptrdiff_t aps, ptrdiff_t ars,
               const float* B, ptrdiff_t brs, int nkh, ptrdiff_t tap, float* out,
               ptrdiff_t ops) {}
     #endif
@@ -2416,6 +2474,11 @@ cdef extern from *:
     void fc_pslide8(int P, const float* A, Py_ssize_t aps, Py_ssize_t ars,
                     const float* B, Py_ssize_t brs, int nkh, Py_ssize_t tap,
                     float* out, Py_ssize_t ops) noexcept nogil
+    bint FC_QSLIDE4_OK
+    int FC_QSLIDE4_PMAX
+    void fc_qslide4(int P, const float* A, Py_ssize_t aps, Py_ssize_t ars,
+                    const float* B, Py_ssize_t brs, int nkh, Py_ssize_t tap,
+                    float* out, Py_ssize_t ops) noexcept nogil
     bint FC_QUAD_OK
     int FC_QUAD_PMAX
     void fc_quad4(int P, int NG, const float* A, Py_ssize_t aps, const float* B,
@@ -2477,7 +2540,11 @@ cdef int fc_quads_outer_ow = QUADS_OUTER_OW
 # packed kernel, fc_pslide8, 2 groups a call; were fc_pair8x4's tiles, load-bound), forward /
 # grad_input: 4x28x28x256 in 32 groups 1.19-1.23x / 1.19x, 4x56x56x128 in 16 1.19-1.22x /
 # 1.18x, 8x28x28x192 in 24 1.16-1.21x / 1.20x, 8x14x14x512 in 64 1.14x / 1.18x, 8x7x7x1024 in
-# 128 1.02-1.09x / 1.09x; 1 thread 1.26x.
+# 128 1.02-1.09x / 1.09x; 1 thread 1.26x. 4 inputs and 4 outputs a group (fc_qslide4, 4 groups a
+# call; were fc_quad4's tiles, a load a multiply-add), forward / grad_input: 4x28x28x256 in 64
+# groups 1.31x / 1.39x, 4x56x56x128 in 32 1.26x / 1.25x, 8x14x14x512 in 128 1.26x / 1.22x,
+# 8x7x7x1024 in 256 1.18x / 1.23x, 4x28x28x128 in 32 1.26x / 1.31x (tiles of 6 pixels: 7, 5
+# and 4 measured 0.96-0.99x, 0.94-1.01x, 0.80-0.95x).
 SLIDE_ROWS = True
 cdef bint fc_slide_rows = SLIDE_ROWS
 
@@ -2485,7 +2552,7 @@ cdef bint fc_slide_rows = SLIDE_ROWS
 def set_slide_rows(bint on):
     """Whether grouped rows with one vector of outputs a group (the forward's output channels,
     grad_input's input channels) slide along the row (fc_slide3), and those of 8 inputs and 8
-    outputs a group (fc_pslide8)."""
+    outputs a group (fc_pslide8) and of 4 and 4 (fc_qslide4)."""
     global fc_slide_rows
     fc_slide_rows = on
 
@@ -2864,7 +2931,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
     cdef Py_ssize_t kh, kw, ow, run_end, g, f0, fw, rowbase, lo, hi, lo2, hi2, base, r, first, ih
     cdef Py_ssize_t g4, g4_done
     cdef int ng
-    cdef bint x4, quad, slide, pslide
+    cdef bint x4, quad, slide, pslide, qslide
     cdef Py_ssize_t ngroups = 1 if depthwise else groups
     cdef int nseg, nkh, V, P, p
     # kernel rows that land inside the image, once per row
@@ -2978,6 +3045,9 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         # (fc_pslide8, 2 groups a call), the border runs' take fc_pair8x4
         pslide = (FC_PSLIDE8_OK and x4 and fc_slide_rows and KW == 3 and sw == 1 and dw == 1
                   and nkh > 0)
+        # and with 4 inputs and 4 outputs a group (fc_qslide4, 4 groups a call)
+        qslide = (FC_QSLIDE4_OK and quad and ngroups >= 4 and fc_slide_rows and KW == 3
+                  and sw == 1 and dw == 1 and nkh > 0)
         if floating is float:
             if x4 and OW <= fc_quads_outer_ow:
                 # group quads outer (see fc_quads_outer_ow)
@@ -3016,6 +3086,23 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
             hi = runs[3 * r + 2]
             first = lo * nkh
             nseg = <int>((hi - lo) * nkh)
+            if qslide and lo == 0 and hi == 3:
+                while ow < run_end:
+                    p = _tile(run_end - ow, FC_QSLIDE4_PMAX)
+                    base = (rowbase + ow - pad_left) * C
+                    g = 0
+                    if floating is float:
+                        while g + 4 <= ngroups:
+                            fc_qslide4(p, x + base + g * 4, C, dh * W * C,
+                                       wpk + g * 16 + boff[0], 3 * cin_g * ldw, nkh,
+                                       cin_g * ldw, out + ow * F + g * 4, F)
+                            g += 4
+                        while g < ngroups:
+                            fc_quad4(p, 1, x + base + g * 4, C, wpk + g * 16, aoff, boff, nseg,
+                                     out + ow * F + g * 4, F)
+                            g += 1
+                    ow += p
+                continue
             if pslide and lo == 0 and hi == 3:
                 while ow < run_end:
                     p = _tile(run_end - ow, FC_PSLIDE8_PMAX)
@@ -4090,6 +4177,9 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
     # and the same with fc_pair8x4's groups (8 a group): fc_pslide8, 2 groups a call
     cdef bint pslide = (FC_PSLIDE8_OK and fc_slide_rows and g4_end > 0 and not quad and KW == 3
                         and sw == 1 and dw == 1)
+    # and with 4 a group: fc_qslide4, 4 groups a call
+    cdef bint qslide = (FC_QSLIDE4_OK and fc_slide_rows and g4_end > 0 and quad and KW == 3
+                        and sw == 1 and dw == 1)
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, g2, c0, a, b, lo, hi, lo2, hi2
     cdef Py_ssize_t ars, brs
@@ -4252,6 +4342,18 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     run_end = runs[3 * r + 3]
                     first = runs[3 * r + 1] * nkh
                     nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
+                    if (qslide and g < g4_end and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3
+                            and nkh > 0):
+                        ars = aoff[2 * nkh + 1] - aoff[2 * nkh] if nkh > 1 else 0
+                        brs = boff[2 * nkh + 1] - boff[2 * nkh] if nkh > 1 else 0
+                        while j < run_end:
+                            p = _tile(run_end - j, FC_QSLIDE4_PMAX)
+                            if floating is float:
+                                fc_qslide4(p, dy + j * F + g * 4 + aoff[2 * nkh], F, ars,
+                                           wpk + g * 16 + boff[2 * nkh], brs, <int>nkh,
+                                           -cout_g * ldw, dx + j * C + g * 4, C)
+                            j += p
+                        continue
                     if (pslide and g < g4_end and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3
                             and nkh > 0):
                         # as below, on the packed kernel, 2 groups a call; the valid kernel
