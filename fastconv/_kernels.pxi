@@ -1876,6 +1876,16 @@ cdef extern from *:
                       buf[NG * (o + 2) + g] = __builtin_shuffle(v, rep4 + 4 * g); \
               } \
               for (int i = 0; i < 2 * NG; i++) buf[NG * (OW + 2) + i] = (fc_v16f){0}; \
+              /* the 3 taps' dy vectors move along the row in registers: 4 buffer loads a
+                 pixel, not 12 (with 4 x broadcasts, 12 multiply-adds: load-bound). A/B,
+                 grad_kernel on 2 threads: 4x28x28x256 in 64 groups 1.08x, 4x56x56x128 in 32
+                 1.12x, 8x14x14x512 in 128 1.03x, 8x7x7x1024 in 256 1.11x. (fc_pairk3's 6 of
+                 14 loads a pixel, rotated as well: 0.98-1.06x, not kept.) */ \
+              fc_v16f d1[NG], d2[NG]; \
+              for (int g = 0; g < NG; g++) { \
+                  d1[g] = buf[NG * (pl + 1) + g]; \
+                  d2[g] = buf[NG * pl + g]; \
+              } \
               for (ptrdiff_t q = 0; q < q1; q++) { \
                   const float* xq = x + q * C; \
                   __builtin_prefetch(xq + FC_PK3_PREFETCH * C); \
@@ -1883,9 +1893,12 @@ cdef extern from *:
                   const fc_v16f* bq = buf + NG * (q + pl + 2); \
                   for (int g = 0; g < NG; g++) { \
                       const fc_v16f xv = FC_QUAD4(xq + 4 * g); \
-                      acc[0][g] += xv * bq[g]; \
-                      acc[1][g] += xv * bq[g - NG]; \
-                      acc[2][g] += xv * bq[g - 2 * NG]; \
+                      const fc_v16f d0 = bq[g]; \
+                      acc[0][g] += xv * d0; \
+                      acc[1][g] += xv * d1[g]; \
+                      acc[2][g] += xv * d2[g]; \
+                      d2[g] = d1[g]; \
+                      d1[g] = d0; \
                   } \
               } \
           } \
