@@ -66,6 +66,8 @@ _CASES = [
     Case("grouped_odd", 4, 28, 28, 63, 63, 3, groups=7, note="9 channels per group"),
     Case("grouped4", 4, 56, 56, 128, 128, 3, groups=32,
          note="4 channels per group (ResNeXt-50 32x4d, first stage)"),
+    Case("grouped16", 4, 14, 14, 512, 512, 3, groups=32,
+         note="16 channels per group (ResNeXt-50 32x4d, third stage)"),
     Case("batch1_odd", 1, 29, 29, 37, 53, 3, note="batch 1, odd sizes and channels"),
     Case("k5x5", 4, 28, 28, 64, 64, 5),
     Case("k7x7", 4, 28, 28, 32, 32, 7),
