@@ -2244,7 +2244,81 @@ cdef extern from *:
             FC_STORE(out + p * ops + j * VW, acc[p][j]); \
     }
 
+    /* Kernel gradient of a kernel row's 3 taps at unit stride and dilation along w, one native
+       vector of outputs (a group's: 16 float channels with AVX-512) and P input channels: x
+       pixel q meets dy pixel q + pl - kw at tap kw, so each broadcast of an x element feeds 3
+       multiply-adds, and the 3 taps' dy vectors move along the row in registers (a load a
+       pixel). The general tiles, a tap a task, took a broadcast a multiply-add (load-bound).
+       out[kw*ldt + i*ldo + v] (+)= sum_s sum_q X[xoff[s] + q*C + i] * D[doff[s] + (q + pl -
+       kw)*F + v], dy pixels outside [0, OW) zero; 0 <= pl <= 2. */
+    #define FC_SK3_PREFETCH 8
+    #define FC_SK3_PMAX ((FC_NREG - 4) / 3 > 8 ? 8 : (FC_NREG - 4) / 3)
+    #if defined(__GNUC__)
+    #define FC_SLIDEK3(T, SUF, P) \
+    static void fc_slidek3_##SUF##_##P(const T* __restrict X, const ptrdiff_t* xoff, \
+            const T* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, \
+            ptrdiff_t C, ptrdiff_t F, ptrdiff_t pl, T* __restrict out, ptrdiff_t ldo, \
+            ptrdiff_t ldt, int accumulate) \
+    { \
+        FC_VEC(T, FC_VB / sizeof(T)) \
+        vec acc[3][P]; \
+        for (int t = 0; t < 3; t++) FC_UNROLL for (int i = 0; i < P; i++) { \
+            if (accumulate) FC_LOAD(acc[t][i], out + t * ldt + i * ldo); \
+            else FC_ZERO(acc[t][i]); \
+        } \
+        const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl; \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict x = X + xoff[s]; \
+            const T* __restrict d = D + doff[s]; \
+            vec d0, d1, d2; \
+            FC_ZERO(d1); \
+            FC_ZERO(d2); \
+            if (pl >= 1 && pl - 1 < OW) FC_LOAD(d1, d + (pl - 1) * F); \
+            if (pl >= 2 && pl - 2 < OW) FC_LOAD(d2, d + (pl - 2) * F); \
+            for (ptrdiff_t q = 0; q < q1; q++) { \
+                const T* xq = x + q * C; \
+                __builtin_prefetch(xq + FC_SK3_PREFETCH * C); \
+                __builtin_prefetch(d + (q + pl + FC_SK3_PREFETCH) * F); \
+                if (q + pl < OW) FC_LOAD(d0, d + (q + pl) * F); \
+                else FC_ZERO(d0); \
+                FC_UNROLL for (int i = 0; i < P; i++) { \
+                    const T xv = xq[i]; \
+                    acc[0][i] += xv * d0; \
+                    acc[1][i] += xv * d1; \
+                    acc[2][i] += xv * d2; \
+                } \
+                d2 = d1; \
+                d1 = d0; \
+            } \
+        } \
+        for (int t = 0; t < 3; t++) FC_UNROLL for (int i = 0; i < P; i++) \
+            FC_STORE(out + t * ldt + i * ldo, acc[t][i]); \
+    }
+    #define FC_SK3_INST(T, SUF) \
+    FC_SLIDEK3(T, SUF, 1) FC_SLIDEK3(T, SUF, 2) FC_SLIDEK3(T, SUF, 3) FC_SLIDEK3(T, SUF, 4) \
+    FC_SLIDEK3(T, SUF, 5) FC_SLIDEK3(T, SUF, 6) FC_SLIDEK3(T, SUF, 7) FC_SLIDEK3(T, SUF, 8) \
+    typedef void (*fc_slidek3_##SUF##_t)(const T*, const ptrdiff_t*, const T*, const ptrdiff_t*, \
+        int, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, ptrdiff_t, int); \
+    static const fc_slidek3_##SUF##_t fc_slidek3_table_##SUF[9] = {0, fc_slidek3_##SUF##_1, \
+        fc_slidek3_##SUF##_2, fc_slidek3_##SUF##_3, fc_slidek3_##SUF##_4, fc_slidek3_##SUF##_5, \
+        fc_slidek3_##SUF##_6, fc_slidek3_##SUF##_7, fc_slidek3_##SUF##_8}; \
+    static inline void fc_slidek3_##SUF(int P, const T* X, const ptrdiff_t* xoff, const T* D, \
+            const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, \
+            ptrdiff_t pl, T* out, ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) { \
+        fc_slidek3_table_##SUF[P](X, xoff, D, doff, nseg, W, OW, C, F, pl, out, ldo, ldt, \
+                                  accumulate); \
+    }
+    #define FC_SK3_OK 1
+    #else
+    #define FC_SK3_INST(T, SUF) \
+    static inline void fc_slidek3_##SUF(int P, const T* X, const ptrdiff_t* xoff, const T* D, \
+            const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, \
+            ptrdiff_t pl, T* out, ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) {}
+    #define FC_SK3_OK 0
+    #endif
+
     #define FC_TYPE(T, SUF) \
+    FC_SK3_INST(T, SUF) \
     FC_SLIDE3(T, SUF, 1) FC_SLIDE3(T, SUF, 2) FC_SLIDE3(T, SUF, 3) FC_SLIDE3(T, SUF, 4) \
     FC_SLIDE3(T, SUF, 5) FC_SLIDE3(T, SUF, 6) FC_SLIDE3(T, SUF, 7) FC_SLIDE3(T, SUF, 8) \
     FC_SLIDE3(T, SUF, 9) FC_SLIDE3(T, SUF, 10) FC_SLIDE3(T, SUF, 11) FC_SLIDE3(T, SUF, 12) \
@@ -2371,6 +2445,16 @@ cdef extern from *:
     FC_TYPE(double, d)
     """
     int fc_pmax(int V, int sz) noexcept nogil
+    bint FC_SK3_OK
+    int FC_SK3_PMAX
+    void fc_slidek3_f(int P, const float* X, const Py_ssize_t* xoff, const float* D,
+                      const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW,
+                      Py_ssize_t C, Py_ssize_t F, Py_ssize_t pl, float* out, Py_ssize_t ldo,
+                      Py_ssize_t ldt, int accumulate) noexcept nogil
+    void fc_slidek3_d(int P, const double* X, const Py_ssize_t* xoff, const double* D,
+                      const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW,
+                      Py_ssize_t C, Py_ssize_t F, Py_ssize_t pl, double* out, Py_ssize_t ldo,
+                      Py_ssize_t ldt, int accumulate) noexcept nogil
     void fc_slide3_f(int P, const float* X, Py_ssize_t aps, const Py_ssize_t* xoff,
                      const float* B, const Py_ssize_t* boff, int nkh, Py_ssize_t K,
                      Py_ssize_t ldb, Py_ssize_t tap, float* out, Py_ssize_t ops) noexcept nogil
@@ -2557,7 +2641,11 @@ cdef int fc_quads_outer_ow = QUADS_OUTER_OW
 # call; were fc_quad4's tiles, a load a multiply-add), forward / grad_input: 4x28x28x256 in 64
 # groups 1.31x / 1.39x, 4x56x56x128 in 32 1.26x / 1.25x, 8x14x14x512 in 128 1.26x / 1.22x,
 # 8x7x7x1024 in 256 1.18x / 1.23x, 4x28x28x128 in 32 1.26x / 1.31x (tiles of 6 pixels: 7, 5
-# and 4 measured 0.96-0.99x, 0.94-1.01x, 0.80-0.95x).
+# and 4 measured 0.96-0.99x, 0.94-1.01x, 0.80-0.95x). grad_kernel of one vector of outputs a
+# group (fc_slidek3, a kernel row's 3 taps a task; were a task a tap on the general tiles, a
+# broadcast a multiply-add), 16 channels a group: 4x14x14x512 in 32 groups 1.44-1.46x,
+# 4x28x28x256 in 16 1.41-1.47x, 4x56x56x128 in 8 1.42x, 8x7x7x1024 in 64 1.53-1.56x, 12
+# channels padded to 16 (4x28x28x108) 1.11x; AVX2 build, 8 channels a group 1.25-1.28x.
 SLIDE_ROWS = True
 cdef bint fc_slide_rows = SLIDE_ROWS
 
@@ -2565,7 +2653,8 @@ cdef bint fc_slide_rows = SLIDE_ROWS
 def set_slide_rows(bint on):
     """Whether grouped rows with one vector of outputs a group (the forward's output channels,
     grad_input's input channels) slide along the row (fc_slide3), and those of 8 inputs and 8
-    outputs a group (fc_pslide8) and of 4 and 4 (fc_qslide4)."""
+    outputs a group (fc_pslide8) and of 4 and 4 (fc_qslide4); grad_kernel's tasks of one vector
+    of outputs a group take a kernel row's 3 taps (fc_slidek3)."""
     global fc_slide_rows
     fc_slide_rows = on
 
@@ -5063,7 +5152,7 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                              Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t groups,
                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dwl,
                              Py_ssize_t pad_top, Py_ssize_t pad_left,
-                             Py_ssize_t chunk, Py_ssize_t KH, bint dk3, bint pk3,
+                             Py_ssize_t chunk, Py_ssize_t KH, bint dk3, int k3,
                              floating* db, Py_ssize_t r_begin, Py_ssize_t r_end,
                              bint acc) noexcept nogil:
     # the tasks t0 .. t1 over the output rows r_begin .. r_end (of N * OH), in chunks of rows;
@@ -5129,7 +5218,29 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     fc_dwk3_d(V, <int>sw, xr, xs, dyr, F, nseg, OW, W, pad_left,
                               dwp + tap * F + f0, KW * F, nh, not first)
                 continue
-            if V == 0 and pk3:
+            if k3 == K3_SLIDE:
+                # fc_slidek3: taps kw 0 .. 2 of kernel row kh, group g, input channels i0 ..
+                # i0 + P, one vector of outputs
+                nseg = 0
+                for r in range(r0, _min(R, r0 + chunk)):
+                    n = r // OH
+                    oh = r % OH
+                    ih = oh * sh - pad_top + kh * dh
+                    if ih < 0 or ih >= H:
+                        continue
+                    aoff[nseg] = (n * H + ih) * W * C + g * cin_g + i0
+                    boff[nseg] = r * OW * F + g * cout_g
+                    nseg += 1
+                if floating is float:
+                    fc_slidek3_f(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                                 dwp + (tap * cin_g + i0) * F + g * cout_g, F, cin_g * F,
+                                 not first)
+                else:
+                    fc_slidek3_d(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                                 dwp + (tap * cin_g + i0) * F + g * cout_g, F, cin_g * F,
+                                 not first)
+                continue
+            if V == 0 and k3 == K3_PAIR:
                 # fc_pairk3 / fc_quadk3: taps kw 0 .. 2 of kernel row kh, P groups of 8 x 8 /
                 # 4 x 4 from group g on
                 nseg = 0
@@ -5268,9 +5379,16 @@ ctypedef struct Gk:
     Py_ssize_t ntasks, N, H, W, C, Hx, Wx, OH, OW, F, Fv, KH, KW, cin_g, groups, chunk
     Py_ssize_t parts, psize, slices, threads
     int sh, sw, dh, dwl, pad_top, pad_left, ptx, plx, mode
-    bint dk3, pk3, f64
+    bint dk3, f64
+    int k3
     void* bands         # GK_ROW_PARTS on NCHW x and dy: each thread's x rows, then dy rows
     Py_ssize_t xs_size, ys_size
+
+
+cdef enum:
+    K3_NONE            # a task's tap alone
+    K3_PAIR            # V == 0: fc_pairk3 / fc_quadk3 on taps tap .. tap + 2
+    K3_SLIDE           # fc_slidek3 on taps tap .. tap + 2
 
 
 cdef enum:
@@ -5319,7 +5437,7 @@ cdef void _gk_band_rows(const floating* xp, const floating* gp, Gk* a, floating*
             _grad_kernel_tasks(xs, ys, sums, a.tasks, s0, s1, 1, hi - lo, W, C, oh1 - oh0, OW,
                                F, a.KW, a.cin_g, a.groups, a.sh, a.sw, a.dh, a.dwl,
                                a.pad_top - oh0 * a.sh + lo, a.pad_left, a.chunk, a.KH, a.dk3,
-                               a.pk3, db, 0, oh1 - oh0, r != rb)
+                               a.k3, db, 0, oh1 - oh0, r != rb)
         r += oh1 - oh0
 
 
@@ -5350,7 +5468,7 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1,
             _grad_kernel_tasks(xp, gp, sums + part * ps, a.tasks, t % a.slices * n // a.slices,
                                (t % a.slices + 1) * n // a.slices, a.N, a.Hx, a.Wx, a.C, a.OH,
                                a.OW, a.F, a.KW, a.cin_g, a.groups, a.sh, a.sw, a.dh, a.dwl,
-                               a.ptx, a.plx, a.chunk, a.KH, a.dk3, a.pk3,
+                               a.ptx, a.plx, a.chunk, a.KH, a.dk3, a.k3,
                                NULL if bp == NULL else sums + part * ps + ps - a.F,
                                part * rows // a.parts, (part + 1) * rows // a.parts, False)
         elif a.mode == GK_SUMS:
@@ -5365,7 +5483,7 @@ cdef void _gk_tasks(const floating* xp, Gk* a, Py_ssize_t t0, Py_ssize_t t1,
             _grad_kernel_tasks(xp, gp, dp, a.tasks, t * n // a.threads, (t + 1) * n // a.threads,
                                a.N, a.Hx, a.Wx, a.C, a.OH, a.OW, a.F, a.KW, a.cin_g, a.groups,
                                a.sh, a.sw, a.dh, a.dwl, a.ptx, a.plx, a.chunk, a.KH, a.dk3,
-                               a.pk3, bp, 0, rows, False)
+                               a.k3, bp, 0, rows, False)
 
 
 cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
@@ -5437,12 +5555,17 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
                        and cin_g == 8)
     # a kernel row's 3 taps a task (fc_pairk3, fc_quadk3) where unit stride and dilation along
     # w keep the row's dy in their buffer and x pixel q + pad_left - kw within its 2-pixel frame
-    cdef bint row3 = (KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
-                      and OW <= FC_PAIRK3_MAXW)
+    cdef bint row3 = KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
+    cdef bint buf3 = row3 and OW <= FC_PAIRK3_MAXW
     # 4 x 4 a group: fc_quadk3 tasks of 4 groups or 1 (no per-tap kernel: the other
     # geometries take the general tiles)
-    cdef bint quadk = floating is float and _use_quad(sz, cin_g, cout_g, groups) and row3
-    cdef bint pk3 = row3 and (pairk or quadk)
+    cdef bint quadk = floating is float and _use_quad(sz, cin_g, cout_g, groups) and buf3
+    cdef bint pk3 = buf3 and (pairk or quadk)
+    # one vector of outputs a group (16 float channels with AVX-512), the same rows (no
+    # buffer: any width): fc_slidek3 tasks (taps kw 0 .. 2 of a kernel row, up to
+    # FC_SK3_PMAX input channels)
+    cdef bint sk3 = (FC_SK3_OK and fc_slide_rows and row3 and not pk3 and groups > 1
+                     and not depthwise and cout_g * sz == FC_VB)
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
@@ -5532,7 +5655,9 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             # once per block of output channels.
             # A/B, dense ResNet50 shapes: 1x1 1.07-1.17x, 3x3 1.01-1.03x. P is the same for
             # every block (a tail block could take more rows, not fewer).
-            Pg = 1 if depthwise else fc_pmax(fc_width(cout_g, sz), sz)
+            if sk3 and tap % KW:
+                continue
+            Pg = 1 if depthwise else (FC_SK3_PMAX if sk3 else fc_pmax(fc_width(cout_g, sz), sz))
             for g in range(1 if depthwise else groups):
                 i0 = 0
                 while i0 < cin_g:
@@ -5575,7 +5700,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     job.N, job.H, job.W, job.C, job.Hx, job.Wx, job.OH, job.OW = N, H, W, C, H, W, OH, OW
     job.F, job.Fv, job.KH, job.KW, job.cin_g, job.groups = F, Fv, KH, KW, cin_g, groups
     job.sh, job.sw, job.dh, job.dwl, job.pad_top, job.pad_left = sh, sw, dh, dwl, pad_top, pad_left
-    job.ptx, job.plx, job.chunk, job.dk3, job.pk3 = pad_top, pad_left, chunk, dk3, pk3
+    job.ptx, job.plx, job.chunk, job.dk3 = pad_top, pad_left, chunk, dk3
+    job.k3 = K3_PAIR if pk3 else (K3_SLIDE if sk3 else K3_NONE)
     job.f64 = floating is double
     job.bands, job.xs_size, job.ys_size = NULL, 0, 0
     cdef Copies frame

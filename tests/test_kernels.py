@@ -674,8 +674,9 @@ def test_sliding_rows(variant, dtype, cin_g, cout_g, groups, padding, dilation, 
     those of 8 inputs and 8 outputs a group on the packed kernel (fc_pslide8, 2 groups a call:
     group quads outer on rows of at most 32 pixels, tiles outer on wider ones; odd groups left
     over) and of 4 and 4 (fc_qslide4, 4 groups a call, the rest one at a time), slide along the
-    row where they have 3 taps at unit stride: the reference's sums, and those of the general
-    tiles."""
+    row where they have 3 taps at unit stride, and so do grad_kernel's tasks of one vector of
+    outputs a group (fc_slidek3, a kernel row's 3 taps a task): the reference's sums, and those
+    of the general tiles."""
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     rng = np.random.default_rng(cin_g * 100 + cout_g * 10 + groups)
     x = rng.standard_normal((2, 7, width, cin_g * groups)).astype(dtype)
@@ -683,22 +684,26 @@ def test_sliding_rows(variant, dtype, cin_g, cout_g, groups, padding, dilation, 
     spec = ConvSpec.make((1, 1), padding, "channels_last", dilation)
     expected = reference.conv(x, k, (1, 1), padding, dilation, "channels_last")
     dy = rng.standard_normal(expected.shape).astype(dtype)
-    dx_expected = reference.grads(x, k, dy, (1, 1), padding, dilation, "channels_last")[0]
+    dx_expected, dk_expected = reference.grads(x, k, dy, (1, 1), padding, dilation,
+                                               "channels_last")
     saved = _dispatch.kernels
     _dispatch.kernels = kernels
     try:
-        outs, dxs = [], []
+        outs, dxs, dks = [], [], []
         for on in (True, False):
             kernels.set_slide_rows(on)
             outs.append(host.forward(x, k, spec, dtype))
             dxs.append(host.grad_input(dy, k, spec, x.shape, dtype))
+            dks.append(host.grad_kernel(x, dy, spec, k.shape, dtype, bias=True))
     finally:
         _restore_tunings(kernels)
         _dispatch.kernels = saved
     rtol = 1e-4 if dtype == np.float32 else 1e-10
-    for out, dx in zip(outs, dxs):
+    for out, dx, (dk, db) in zip(outs, dxs, dks):
         reference.assert_close(out, expected, rtol, "forward")
         reference.assert_close(dx, dx_expected, rtol, "grad_input")
+        reference.assert_close(dk, dk_expected, rtol, "grad_kernel")
+        reference.assert_close(db, dy.astype(np.float64).sum((0, 1, 2)), rtol, "grad_bias")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
