@@ -2252,68 +2252,88 @@ cdef extern from *:
        out[kw*ldt + i*ldo + v] (+)= sum_s sum_q X[xoff[s] + q*C + i] * D[doff[s] + (q + pl -
        kw)*F + v], dy pixels outside [0, OW) zero; 0 <= pl <= 2. */
     #define FC_SK3_PREFETCH 8
-    #define FC_SK3_PMAX ((FC_NREG - 4) / 3 > 8 ? 8 : (FC_NREG - 4) / 3)
+    /* input channels a task of NV vectors: 3 x P x NV accumulators, 3 x NV dy vectors and x */
+    #define FC_SK3_P(NV) ((FC_NREG - 1 - 3 * (NV)) / (3 * (NV)) > 8 ? 8 \
+                          : (FC_NREG - 1 - 3 * (NV)) / (3 * (NV)))
+    #define FC_SK3_NVMAX (FC_NREG >= 32 ? 2 : 1)
     #if defined(__GNUC__)
-    #define FC_SLIDEK3(T, SUF, P) \
-    static void fc_slidek3_##SUF##_##P(const T* __restrict X, const ptrdiff_t* xoff, \
+    #define FC_SLIDEK3(T, SUF, P, NV) \
+    static void fc_slidek3_##SUF##_##NV##_##P(const T* __restrict X, const ptrdiff_t* xoff, \
             const T* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, \
             ptrdiff_t C, ptrdiff_t F, ptrdiff_t pl, T* __restrict out, ptrdiff_t ldo, \
             ptrdiff_t ldt, int accumulate) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
-        vec acc[3][P]; \
-        for (int t = 0; t < 3; t++) FC_UNROLL for (int i = 0; i < P; i++) { \
-            if (accumulate) FC_LOAD(acc[t][i], out + t * ldt + i * ldo); \
-            else FC_ZERO(acc[t][i]); \
-        } \
+        vec acc[3][P][NV]; \
+        for (int t = 0; t < 3; t++) FC_UNROLL for (int i = 0; i < P; i++) \
+            for (int j = 0; j < NV; j++) { \
+                if (accumulate) FC_LOAD(acc[t][i][j], out + t * ldt + i * ldo + j * VW); \
+                else FC_ZERO(acc[t][i][j]); \
+            } \
         const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl; \
         for (int s = 0; s < nseg; s++) { \
             const T* __restrict x = X + xoff[s]; \
             const T* __restrict d = D + doff[s]; \
-            vec d0, d1, d2; \
-            FC_ZERO(d1); \
-            FC_ZERO(d2); \
-            if (pl >= 1 && pl - 1 < OW) FC_LOAD(d1, d + (pl - 1) * F); \
-            if (pl >= 2 && pl - 2 < OW) FC_LOAD(d2, d + (pl - 2) * F); \
+            vec d0[NV], d1[NV], d2[NV]; \
+            for (int j = 0; j < NV; j++) { \
+                FC_ZERO(d1[j]); \
+                FC_ZERO(d2[j]); \
+                if (pl >= 1 && pl - 1 < OW) FC_LOAD(d1[j], d + (pl - 1) * F + j * VW); \
+                if (pl >= 2 && pl - 2 < OW) FC_LOAD(d2[j], d + (pl - 2) * F + j * VW); \
+            } \
             for (ptrdiff_t q = 0; q < q1; q++) { \
                 const T* xq = x + q * C; \
                 __builtin_prefetch(xq + FC_SK3_PREFETCH * C); \
                 __builtin_prefetch(d + (q + pl + FC_SK3_PREFETCH) * F); \
-                if (q + pl < OW) FC_LOAD(d0, d + (q + pl) * F); \
-                else FC_ZERO(d0); \
+                for (int j = 0; j < NV; j++) { \
+                    if (q + pl < OW) FC_LOAD(d0[j], d + (q + pl) * F + j * VW); \
+                    else FC_ZERO(d0[j]); \
+                } \
                 FC_UNROLL for (int i = 0; i < P; i++) { \
                     const T xv = xq[i]; \
-                    acc[0][i] += xv * d0; \
-                    acc[1][i] += xv * d1; \
-                    acc[2][i] += xv * d2; \
+                    for (int j = 0; j < NV; j++) { \
+                        acc[0][i][j] += xv * d0[j]; \
+                        acc[1][i][j] += xv * d1[j]; \
+                        acc[2][i][j] += xv * d2[j]; \
+                    } \
                 } \
-                d2 = d1; \
-                d1 = d0; \
+                for (int j = 0; j < NV; j++) { \
+                    d2[j] = d1[j]; \
+                    d1[j] = d0[j]; \
+                } \
             } \
         } \
         for (int t = 0; t < 3; t++) FC_UNROLL for (int i = 0; i < P; i++) \
-            FC_STORE(out + t * ldt + i * ldo, acc[t][i]); \
+            for (int j = 0; j < NV; j++) \
+                FC_STORE(out + t * ldt + i * ldo + j * VW, acc[t][i][j]); \
     }
+    #define FC_SK3_NV(T, SUF, NV) \
+    FC_SLIDEK3(T, SUF, 1, NV) FC_SLIDEK3(T, SUF, 2, NV) FC_SLIDEK3(T, SUF, 3, NV) \
+    FC_SLIDEK3(T, SUF, 4, NV) FC_SLIDEK3(T, SUF, 5, NV) FC_SLIDEK3(T, SUF, 6, NV) \
+    FC_SLIDEK3(T, SUF, 7, NV) FC_SLIDEK3(T, SUF, 8, NV)
+    #define FC_SK3_ROW(SUF, NV) {0, fc_slidek3_##SUF##_##NV##_1, fc_slidek3_##SUF##_##NV##_2, \
+        fc_slidek3_##SUF##_##NV##_3, fc_slidek3_##SUF##_##NV##_4, fc_slidek3_##SUF##_##NV##_5, \
+        fc_slidek3_##SUF##_##NV##_6, fc_slidek3_##SUF##_##NV##_7, fc_slidek3_##SUF##_##NV##_8}
     #define FC_SK3_INST(T, SUF) \
-    FC_SLIDEK3(T, SUF, 1) FC_SLIDEK3(T, SUF, 2) FC_SLIDEK3(T, SUF, 3) FC_SLIDEK3(T, SUF, 4) \
-    FC_SLIDEK3(T, SUF, 5) FC_SLIDEK3(T, SUF, 6) FC_SLIDEK3(T, SUF, 7) FC_SLIDEK3(T, SUF, 8) \
+    FC_SK3_NV(T, SUF, 1) FC_SK3_NV(T, SUF, 2) \
     typedef void (*fc_slidek3_##SUF##_t)(const T*, const ptrdiff_t*, const T*, const ptrdiff_t*, \
         int, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, T*, ptrdiff_t, ptrdiff_t, int); \
-    static const fc_slidek3_##SUF##_t fc_slidek3_table_##SUF[9] = {0, fc_slidek3_##SUF##_1, \
-        fc_slidek3_##SUF##_2, fc_slidek3_##SUF##_3, fc_slidek3_##SUF##_4, fc_slidek3_##SUF##_5, \
-        fc_slidek3_##SUF##_6, fc_slidek3_##SUF##_7, fc_slidek3_##SUF##_8}; \
-    static inline void fc_slidek3_##SUF(int P, const T* X, const ptrdiff_t* xoff, const T* D, \
-            const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, \
-            ptrdiff_t pl, T* out, ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) { \
-        fc_slidek3_table_##SUF[P](X, xoff, D, doff, nseg, W, OW, C, F, pl, out, ldo, ldt, \
-                                  accumulate); \
+    static const fc_slidek3_##SUF##_t fc_slidek3_table_##SUF[2][9] = {FC_SK3_ROW(SUF, 1), \
+        FC_SK3_ROW(SUF, 2)}; \
+    static inline void fc_slidek3_##SUF(int P, int NV, const T* X, const ptrdiff_t* xoff, \
+            const T* D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C, \
+            ptrdiff_t F, ptrdiff_t pl, T* out, ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) { \
+        fc_slidek3_table_##SUF[NV - 1][P](X, xoff, D, doff, nseg, W, OW, C, F, pl, out, ldo, \
+                                          ldt, accumulate); \
     }
+    static inline int fc_sk3_pmax(int NV) { return FC_SK3_P(NV); }
     #define FC_SK3_OK 1
     #else
     #define FC_SK3_INST(T, SUF) \
-    static inline void fc_slidek3_##SUF(int P, const T* X, const ptrdiff_t* xoff, const T* D, \
-            const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, \
-            ptrdiff_t pl, T* out, ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) {}
+    static inline void fc_slidek3_##SUF(int P, int NV, const T* X, const ptrdiff_t* xoff, \
+            const T* D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C, \
+            ptrdiff_t F, ptrdiff_t pl, T* out, ptrdiff_t ldo, ptrdiff_t ldt, int accumulate) {}
+    static inline int fc_sk3_pmax(int NV) { return 1; }
     #define FC_SK3_OK 0
     #endif
 
@@ -2446,12 +2466,13 @@ cdef extern from *:
     """
     int fc_pmax(int V, int sz) noexcept nogil
     bint FC_SK3_OK
-    int FC_SK3_PMAX
-    void fc_slidek3_f(int P, const float* X, const Py_ssize_t* xoff, const float* D,
+    int FC_SK3_NVMAX
+    int fc_sk3_pmax(int NV) noexcept nogil
+    void fc_slidek3_f(int P, int NV, const float* X, const Py_ssize_t* xoff, const float* D,
                       const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW,
                       Py_ssize_t C, Py_ssize_t F, Py_ssize_t pl, float* out, Py_ssize_t ldo,
                       Py_ssize_t ldt, int accumulate) noexcept nogil
-    void fc_slidek3_d(int P, const double* X, const Py_ssize_t* xoff, const double* D,
+    void fc_slidek3_d(int P, int NV, const double* X, const Py_ssize_t* xoff, const double* D,
                       const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW,
                       Py_ssize_t C, Py_ssize_t F, Py_ssize_t pl, double* out, Py_ssize_t ldo,
                       Py_ssize_t ldt, int accumulate) noexcept nogil
@@ -2645,7 +2666,9 @@ cdef int fc_quads_outer_ow = QUADS_OUTER_OW
 # group (fc_slidek3, a kernel row's 3 taps a task; were a task a tap on the general tiles, a
 # broadcast a multiply-add), 16 channels a group: 4x14x14x512 in 32 groups 1.44-1.46x,
 # 4x28x28x256 in 16 1.41-1.47x, 4x56x56x128 in 8 1.42x, 8x7x7x1024 in 64 1.53-1.56x, 12
-# channels padded to 16 (4x28x28x108) 1.11x; AVX2 build, 8 channels a group 1.25-1.28x.
+# channels padded to 16 (4x28x28x108) 1.11x; AVX2 build, 8 channels a group 1.25-1.28x. Two
+# vectors (32 channels a group, AVX-512): 4x28x28x256 in 8 groups 1.07x, 4x56x56x128 in 4 1.11x,
+# 8x14x14x512 in 16 1.09x, 8x7x7x1024 in 32 1.09x, 4x28x28x64 in 2 1.10x.
 SLIDE_ROWS = True
 cdef bint fc_slide_rows = SLIDE_ROWS
 
@@ -5232,11 +5255,13 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     boff[nseg] = r * OW * F + g * cout_g
                     nseg += 1
                 if floating is float:
-                    fc_slidek3_f(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                    fc_slidek3_f(P, <int>(cout_g * sizeof(floating) // FC_VB), x, aoff, dy,
+                                 boff, nseg, W, OW, C, F, pad_left,
                                  dwp + (tap * cin_g + i0) * F + g * cout_g, F, cin_g * F,
                                  not first)
                 else:
-                    fc_slidek3_d(P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                    fc_slidek3_d(P, <int>(cout_g * sizeof(floating) // FC_VB), x, aoff, dy,
+                                 boff, nseg, W, OW, C, F, pad_left,
                                  dwp + (tap * cin_g + i0) * F + g * cout_g, F, cin_g * F,
                                  not first)
                 continue
@@ -5561,11 +5586,12 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     # geometries take the general tiles)
     cdef bint quadk = floating is float and _use_quad(sz, cin_g, cout_g, groups) and buf3
     cdef bint pk3 = buf3 and (pairk or quadk)
-    # one vector of outputs a group (16 float channels with AVX-512), the same rows (no
-    # buffer: any width): fc_slidek3 tasks (taps kw 0 .. 2 of a kernel row, up to
-    # FC_SK3_PMAX input channels)
+    # one or two vectors of outputs a group (16 or 32 float channels with AVX-512), the same
+    # rows (no buffer: any width): fc_slidek3 tasks (taps kw 0 .. 2 of a kernel row, up to
+    # fc_sk3_pmax input channels, all the group's outputs)
     cdef bint sk3 = (FC_SK3_OK and fc_slide_rows and row3 and not pk3 and groups > 1
-                     and not depthwise and cout_g * sz == FC_VB)
+                     and not depthwise and cout_g * sz % FC_VB == 0
+                     and cout_g * sz // FC_VB <= FC_SK3_NVMAX)
     # depthwise, 3 kernel columns, stride 1 or 2 and unit dilation along w: fc_dwk3 tasks (first
     # kernel row of a block of 3, channels f0 .. f0 + V)
     cdef bint dk3 = depthwise and KW == 3 and (sw == 1 or sw == 2) and dwl == 1
@@ -5657,13 +5683,14 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             # every block (a tail block could take more rows, not fewer).
             if sk3 and tap % KW:
                 continue
-            Pg = 1 if depthwise else (FC_SK3_PMAX if sk3 else fc_pmax(fc_width(cout_g, sz), sz))
+            Pg = (1 if depthwise else fc_sk3_pmax(<int>(cout_g * sz // FC_VB)) if sk3
+                  else fc_pmax(fc_width(cout_g, sz), sz))
             for g in range(1 if depthwise else groups):
                 i0 = 0
                 while i0 < cin_g:
                     f0 = Fv if depthwise else 0   # (fc_dwkpix: channels [0, Fv))
                     while f0 < (F if depthwise else cout_g):
-                        V = fc_width((F if depthwise else cout_g) - f0, sz)
+                        V = cout_g if sk3 else fc_width((F if depthwise else cout_g) - f0, sz)
                         if t == 1:
                             tasks[5 * ntasks] = tap
                             tasks[5 * ntasks + 1] = g

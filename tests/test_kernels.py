@@ -667,16 +667,17 @@ def test_forward_group_quads_outer(variant, shape, groups, strides):
     (8, 8, 4, "same", (1, 1), 23), (8, 8, 6, "same", (2, 1), 23),
     (8, 8, 5, "valid", (1, 1), 23), (8, 8, 7, "same", (1, 1), 40),
     (8, 8, 4, "same", (3, 1), 40), (4, 4, 4, "same", (1, 1), 23),
-    (4, 4, 6, "same", (2, 1), 23), (4, 4, 9, "valid", (1, 1), 40)])
+    (4, 4, 6, "same", (2, 1), 23), (4, 4, 9, "valid", (1, 1), 40),
+    (32, 32, 2, "same", (1, 1), 23), (12, 32, 3, "valid", (2, 1), 23)])
 def test_sliding_rows(variant, dtype, cin_g, cout_g, groups, padding, dilation, width):
     """Grouped rows with one vector of outputs a group (16, 8, 4 or 2 of them, as the build's and
     dtype's vectors hold: the forward's output channels, grad_input's input channels), and
     those of 8 inputs and 8 outputs a group on the packed kernel (fc_pslide8, 2 groups a call:
     group quads outer on rows of at most 32 pixels, tiles outer on wider ones; odd groups left
     over) and of 4 and 4 (fc_qslide4, 4 groups a call, the rest one at a time), slide along the
-    row where they have 3 taps at unit stride, and so do grad_kernel's tasks of one vector of
-    outputs a group (fc_slidek3, a kernel row's 3 taps a task): the reference's sums, and those
-    of the general tiles."""
+    row where they have 3 taps at unit stride, and so do grad_kernel's tasks of one or two
+    vectors of outputs a group (fc_slidek3, a kernel row's 3 taps a task): the reference's sums,
+    and those of the general tiles."""
     kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     rng = np.random.default_rng(cin_g * 100 + cout_g * 10 + groups)
     x = rng.standard_normal((2, 7, width, cin_g * groups)).astype(dtype)
