@@ -1830,11 +1830,10 @@ cdef extern from *:
           } \
       }
       FC_QSLIDE4(1) FC_QSLIDE4(2) FC_QSLIDE4(3) FC_QSLIDE4(4) FC_QSLIDE4(5) FC_QSLIDE4(6)
-      FC_QSLIDE4(7)
       typedef void (*fc_qslide4_t)(const float*, ptrdiff_t, ptrdiff_t, const float*,
           ptrdiff_t, int, ptrdiff_t, float*, ptrdiff_t);
-      static const fc_qslide4_t fc_qslide4_table[8] = {0, fc_qslide4_1, fc_qslide4_2,
-          fc_qslide4_3, fc_qslide4_4, fc_qslide4_5, fc_qslide4_6, fc_qslide4_7};
+      static const fc_qslide4_t fc_qslide4_table[7] = {0, fc_qslide4_1, fc_qslide4_2,
+          fc_qslide4_3, fc_qslide4_4, fc_qslide4_5, fc_qslide4_6};
       static inline void fc_qslide4(int P, const float* A, ptrdiff_t aps, ptrdiff_t ars,
               const float* B, ptrdiff_t brs, int nkh, ptrdiff_t tap, float* out,
               ptrdiff_t ops) {
@@ -3183,7 +3182,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                         run_end = runs[3 * r + 3]
                         first = runs[3 * r + 1] * nkh
                         nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
-                        if pslide and first == 0 and nseg == 3 * nkh:
+                        if pslide and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3:
                             while ow < run_end:
                                 p = _tile(run_end - ow, FC_PSLIDE8_PMAX)
                                 base = (rowbase + ow - pad_left) * C
