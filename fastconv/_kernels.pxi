@@ -3210,52 +3210,43 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
             hi = runs[3 * r + 2]
             first = lo * nkh
             nseg = <int>((hi - lo) * nkh)
-            if qslide and lo == 0 and hi == 3:
+            if (qslide or pslide or slide) and lo == 0 and hi == 3:
+                # the interior run: one kind of sliding tile (its own tile width), the groups
+                # it leaves on fc_quad4 / fc_pair8
                 while ow < run_end:
-                    p = _tile(run_end - ow, FC_QSLIDE4_PMAX)
+                    p = _tile(run_end - ow, FC_QSLIDE4_PMAX if qslide
+                              else FC_PSLIDE8_PMAX if pslide else P)
                     base = (rowbase + ow - pad_left) * C
-                    g = 0
-                    if floating is float:
-                        while g + 4 <= ngroups:
-                            fc_qslide4(p, x + base + g * 4, C, dh * W * C,
-                                       wpk + g * 16 + boff[0], 3 * cin_g * ldw, nkh,
-                                       cin_g * ldw, out + ow * F + g * 4, F)
-                            g += 4
-                        while g < ngroups:
-                            fc_quad4(p, 1, x + base + g * 4, C, wpk + g * 16, aoff, boff, nseg,
-                                     out + ow * F + g * 4, F)
-                            g += 1
-                    ow += p
-                continue
-            if pslide and lo == 0 and hi == 3:
-                while ow < run_end:
-                    p = _tile(run_end - ow, FC_PSLIDE8_PMAX)
-                    base = (rowbase + ow - pad_left) * C
-                    g = g4_done
-                    if floating is float:
-                        while g + 2 <= ngroups:
-                            fc_pslide8(p, x + base + g * 8, C, dh * W * C,
-                                       wpk + g * 64 + boff[0], 3 * cin_g * ldw, nkh,
-                                       cin_g * ldw, out + ow * F + g * 8, F)
-                            g += 2
-                        if g < ngroups:
-                            fc_pair8(p, x + base + g * 8, C, wpk + g * 64, aoff, boff, lens,
-                                     nseg, out + ow * F + g * 8, F)
-                    ow += p
-                continue
-            if slide and lo == 0 and hi == 3:
-                while ow < run_end:
-                    p = _tile(run_end - ow, P)
-                    base = (rowbase + ow - pad_left) * C
-                    for g in range(ngroups):
+                    if qslide or pslide:
                         if floating is float:
-                            fc_slide3_f(p, x + base + g * cin_g, C, aoff,
-                                        w + g * T * cin_g * cout_g, boff, nkh, cin_g, ldw,
-                                        cin_g * ldw, out + ow * F + g * cout_g, F)
-                        else:
-                            fc_slide3_d(p, x + base + g * cin_g, C, aoff,
-                                        w + g * T * cin_g * cout_g, boff, nkh, cin_g, ldw,
-                                        cin_g * ldw, out + ow * F + g * cout_g, F)
+                            g = 0 if qslide else g4_done
+                            while qslide and g + 4 <= ngroups:
+                                fc_qslide4(p, x + base + g * 4, C, dh * W * C,
+                                           wpk + g * 16 + boff[0], 3 * cin_g * ldw, nkh,
+                                           cin_g * ldw, out + ow * F + g * 4, F)
+                                g += 4
+                            while qslide and g < ngroups:
+                                fc_quad4(p, 1, x + base + g * 4, C, wpk + g * 16, aoff, boff,
+                                         nseg, out + ow * F + g * 4, F)
+                                g += 1
+                            while pslide and g + 2 <= ngroups:
+                                fc_pslide8(p, x + base + g * 8, C, dh * W * C,
+                                           wpk + g * 64 + boff[0], 3 * cin_g * ldw, nkh,
+                                           cin_g * ldw, out + ow * F + g * 8, F)
+                                g += 2
+                            if pslide and g < ngroups:
+                                fc_pair8(p, x + base + g * 8, C, wpk + g * 64, aoff, boff, lens,
+                                         nseg, out + ow * F + g * 8, F)
+                    else:
+                        for g in range(ngroups):
+                            if floating is float:
+                                fc_slide3_f(p, x + base + g * cin_g, C, aoff,
+                                            w + g * T * cin_g * cout_g, boff, nkh, cin_g, ldw,
+                                            cin_g * ldw, out + ow * F + g * cout_g, F)
+                            else:
+                                fc_slide3_d(p, x + base + g * cin_g, C, aoff,
+                                            w + g * T * cin_g * cout_g, boff, nkh, cin_g, ldw,
+                                            cin_g * ldw, out + ow * F + g * cout_g, F)
                     ow += p
                 continue
             while ow < run_end:
@@ -4466,31 +4457,26 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                     run_end = runs[3 * r + 3]
                     first = runs[3 * r + 1] * nkh
                     nseg = <int>((runs[3 * r + 2] - runs[3 * r + 1]) * nkh)
-                    if (qslide and g < g4_end and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3
-                            and nkh > 0):
+                    if ((qslide or pslide) and g < g4_end and runs[3 * r + 1] == 0
+                            and runs[3 * r + 2] == 3 and nkh > 0):
+                        # as below, on the packed kernel, a group quad a call (fc_qslide4) or
+                        # two pairs (fc_pslide8); the valid kernel rows' dy rows (and taps) lie
+                        # at one stride
                         ars = aoff[2 * nkh + 1] - aoff[2 * nkh] if nkh > 1 else 0
                         brs = boff[2 * nkh + 1] - boff[2 * nkh] if nkh > 1 else 0
                         while j < run_end:
-                            p = _tile(run_end - j, FC_QSLIDE4_PMAX)
+                            p = _tile(run_end - j, FC_QSLIDE4_PMAX if qslide else FC_PSLIDE8_PMAX)
                             if floating is float:
-                                fc_qslide4(p, dy + j * F + g * 4 + aoff[2 * nkh], F, ars,
-                                           wpk + g * 16 + boff[2 * nkh], brs, <int>nkh,
-                                           -cout_g * ldw, dx + j * C + g * 4, C)
-                            j += p
-                        continue
-                    if (pslide and g < g4_end and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3
-                            and nkh > 0):
-                        # as below, on the packed kernel, 2 groups a call; the valid kernel
-                        # rows' dy rows (and taps) lie at one stride
-                        ars = aoff[2 * nkh + 1] - aoff[2 * nkh] if nkh > 1 else 0
-                        brs = boff[2 * nkh + 1] - boff[2 * nkh] if nkh > 1 else 0
-                        while j < run_end:
-                            p = _tile(run_end - j, FC_PSLIDE8_PMAX)
-                            if floating is float:
-                                for g2 in range(g, g + 4, 2):
-                                    fc_pslide8(p, dy + j * F + g2 * 8 + aoff[2 * nkh], F, ars,
-                                               wpk + g2 * 64 + boff[2 * nkh], brs, <int>nkh,
-                                               -cout_g * ldw, dx + j * C + g2 * 8, C)
+                                if qslide:
+                                    fc_qslide4(p, dy + j * F + g * 4 + aoff[2 * nkh], F, ars,
+                                               wpk + g * 16 + boff[2 * nkh], brs, <int>nkh,
+                                               -cout_g * ldw, dx + j * C + g * 4, C)
+                                else:
+                                    for g2 in range(g, g + 4, 2):
+                                        fc_pslide8(p, dy + j * F + g2 * 8 + aoff[2 * nkh], F,
+                                                   ars, wpk + g2 * 64 + boff[2 * nkh], brs,
+                                                   <int>nkh, -cout_g * ldw, dx + j * C + g2 * 8,
+                                                   C)
                             j += p
                         continue
                     if slide and runs[3 * r + 1] == 0 and runs[3 * r + 2] == 3:
@@ -5240,9 +5226,10 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     fc_dwk3_d(V, <int>sw, xr, xs, dyr, F, nseg, OW, W, pad_left,
                               dwp + tap * F + f0, KW * F, nh, not first)
                 continue
-            if k3 == K3_SLIDE:
-                # fc_slidek3: taps kw 0 .. 2 of kernel row kh, group g, input channels i0 ..
-                # i0 + P, one vector of outputs
+            if k3 == K3_SLIDE or (k3 == K3_PAIR and V == 0):
+                # taps kw 0 .. 2 of kernel row kh: fc_slidek3 (group g, input channels i0 ..
+                # i0 + P, one or two vectors of outputs), fc_pairk3 / fc_quadk3 (P groups of
+                # 8 x 8 / 4 x 4 from group g on; i0 = 0)
                 nseg = 0
                 for r in range(r0, _min(R, r0 + chunk)):
                     n = r // OH
@@ -5253,7 +5240,12 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                     aoff[nseg] = (n * H + ih) * W * C + g * cin_g + i0
                     boff[nseg] = r * OW * F + g * cout_g
                     nseg += 1
-                if floating is float:
+                if k3 == K3_PAIR:
+                    if floating is float:
+                        (fc_quadk3 if cin_g == 4 else fc_pairk3)(
+                            P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
+                            dwp + tap * cin_g * F + g * cout_g, F, cin_g * F, not first)
+                elif floating is float:
                     fc_slidek3_f(P, <int>(cout_g * sizeof(floating) // FC_VB), x, aoff, dy,
                                  boff, nseg, W, OW, C, F, pad_left,
                                  dwp + (tap * cin_g + i0) * F + g * cout_g, F, cin_g * F,
@@ -5263,24 +5255,6 @@ cdef void _grad_kernel_tasks(const floating* x, const floating* dy, floating* dw
                                  boff, nseg, W, OW, C, F, pad_left,
                                  dwp + (tap * cin_g + i0) * F + g * cout_g, F, cin_g * F,
                                  not first)
-                continue
-            if V == 0 and k3 == K3_PAIR:
-                # fc_pairk3 / fc_quadk3: taps kw 0 .. 2 of kernel row kh, P groups of 8 x 8 /
-                # 4 x 4 from group g on
-                nseg = 0
-                for r in range(r0, _min(R, r0 + chunk)):
-                    n = r // OH
-                    oh = r % OH
-                    ih = oh * sh - pad_top + kh * dh
-                    if ih < 0 or ih >= H:
-                        continue
-                    aoff[nseg] = (n * H + ih) * W * C + g * cin_g
-                    boff[nseg] = r * OW * F + g * cout_g
-                    nseg += 1
-                if floating is float:
-                    (fc_quadk3 if cin_g == 4 else fc_pairk3)(
-                        P, x, aoff, dy, boff, nseg, W, OW, C, F, pad_left,
-                        dwp + tap * cin_g * F + g * cout_g, F, cin_g * F, not first)
                 continue
             ow_lo = _max(0, _cdiv(pad_left - kw * dwl, sw))
             ow_hi = _min(OW, _fdiv(W - 1 + pad_left - kw * dwl, sw) + 1)
