@@ -235,6 +235,8 @@ def _restore_tunings(kernels):
     kernels.set_quads_outer_ow(kernels.QUADS_OUTER_OW)
     kernels.set_slide_rows(kernels.SLIDE_ROWS)
     kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
+    kernels.set_nchwg(kernels.NCHWG)
+    kernels.set_nchwk_bytes(kernels.NCHWK_BYTES)
 
 
 def _forward_problem(case, dtype, data_format="channels_last"):
@@ -283,13 +285,15 @@ def test_channels_first_forward(variant, dtype, case):
     rtol = 1e-4 if dtype == np.float32 else 1e-10
     *geometry, _ = host._args(spec, g)
     try:
-        for band, pad_ow, major, threads in itertools.product(
-                (1, kernels.BAND_BYTES, 1 << 30), (0, 1 << 30), (1 << 62, 0), (1, 2)):
+        for band, pad_ow, major, threads, nchwg in itertools.product(
+                (1, kernels.BAND_BYTES, 1 << 30), (0, 1 << 30), (1 << 62, 0), (1, 2),
+                (True, False)):
             kernels.set_band_bytes(band)
             kernels.set_pad_columns_ow(pad_ow)
             kernels.set_block_major_bytes(major)
+            kernels.set_nchwg(nchwg)
             name = f"bands of {band} bytes, padded columns up to {pad_ow}, block-major from " \
-                   f"{major}, {threads} threads"
+                   f"{major}, {threads} threads, nchwg {nchwg}"
             for nchw in (kernels.NCHW_X, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
                 nhwc = not nchw & kernels.NCHW_OUT
                 xx = x if nchw & kernels.NCHW_X else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
@@ -324,11 +328,13 @@ def test_channels_first_grad_input(variant, dtype, case):
     wt = host.regrouped_kernel(k, g, np.reshape, np.transpose)
     *geometry, _ = host._args(spec, g)
     try:
-        for band, major, pad_ow, threads in itertools.product(
-                (1, kernels.BAND_BYTES, 1 << 30), (1 << 62, 0), (0, 1 << 30), (1, 2)):
+        for band, major, pad_ow, threads, nchwg in itertools.product(
+                (1, kernels.BAND_BYTES, 1 << 30), (1 << 62, 0), (0, 1 << 30), (1, 2),
+                (True, False)):
             kernels.set_band_bytes(band)
             kernels.set_block_major_bytes(major)
             kernels.set_pad_columns_ow(pad_ow)
+            kernels.set_nchwg(nchwg)
             for nchw in (True, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
                 nchw_dx = nchw is True or nchw & kernels.NCHW_X
                 dx = np.full(x.shape if nchw_dx else g.input_shape_nhwc, np.nan, dtype)
@@ -338,7 +344,7 @@ def test_channels_first_grad_input(variant, dtype, case):
                                        1e-4 if dtype == np.float32 else 1e-10,
                                        f"nchw {nchw}, bands of {band} bytes, block-major from "
                                        f"{major}, padded columns up to {pad_ow}, "
-                                       f"{threads} threads")
+                                       f"{threads} threads, nchwg {nchwg}")
     finally:
         _restore_tunings(kernels)
 
@@ -353,12 +359,19 @@ def test_channels_first_grad_input(variant, dtype, case):
     (3, 17, 19, 64, 3, 3, 64, 64, (2, 2), (1, 1), "same"),    # depthwise parts across images
     (2, 15, 23, 32, 5, 5, 32, 32, (1, 1), (1, 2), "same"),    # depthwise 5x5, dilated along w
     (2, 12, 18, 48, 7, 7, 48, 48, (1, 1), (1, 1), "valid"),   # depthwise 7x7
+    # grouped, NCHW read as it is (fc_nchwk): rows of 5 vectors in passes of a few rows,
+    # dilated along w, 8 inputs and 4 outputs a group, 4 and 8, a 7-wide kernel (3 + 3 + 1)
+    (1, 30, 70, 32, 3, 3, 32, 4, (1, 1), (1, 1), "same"),
+    (2, 9, 30, 32, 3, 3, 32, 4, (1, 1), (1, 2), "same"),
+    (2, 11, 19, 32, 3, 3, 16, 4, (2, 1), (1, 1), "valid"),
+    (1, 10, 25, 16, 3, 7, 32, 4, (1, 1), (1, 1), "same"),
 ], ids=str)
 def test_channels_first_grad_kernel(variant, dtype, case):
     """grad_kernel (and the bias gradient) from an NCHW x, an NCHW dy or both: both in bands of
     rows transposed in each thread's scratch where blocks of rows with their own sums serve
-    (kernels.grad_kernel_nchw), else transposed whole first; the reference's, on 1 to 3
-    threads."""
+    (kernels.grad_kernel_nchw), else transposed whole first; grouped, both read as they are
+    (fc_nchwk, AVX-512) in passes of the default rows or of one row, or not; the reference's,
+    on 1 to 3 threads."""
     *_, strides, dilation, padding = case
     x, k, _, _, spec, g = _forward_problem(case, dtype, "channels_first")
     dy = np.random.default_rng(_seed(case) + 1).standard_normal(
@@ -369,15 +382,23 @@ def test_channels_first_grad_kernel(variant, dtype, case):
     x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))
     rtol = 1e-4 if dtype == np.float32 else 1e-10
-    for threads in (1, 2, 3):
-        for nchw in (kernels.NCHW_X, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
-            dk, db = np.full(k.shape, np.nan, dtype), np.full(g.f, np.nan, dtype)
-            kernels.grad_kernel(x if nchw & kernels.NCHW_X else x_nhwc,
-                                dy if nchw & kernels.NCHW_OUT else dy_nhwc, dk, *geometry,
-                                threads, db, nchw=nchw)
-            name = f"nchw {nchw}, {threads} threads"
-            reference.assert_close(dk, expected, rtol, name)
-            reference.assert_close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol, name)
+    try:
+        for threads, (nchwg, rows) in itertools.product(
+                (1, 2, 3), ((True, kernels.NCHWK_BYTES), (True, 1), (False, 0))):
+            kernels.set_nchwg(nchwg)
+            kernels.set_nchwk_bytes(rows)
+            for nchw in (kernels.NCHW_X, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
+                dk, db = np.full(k.shape, np.nan, dtype), np.full(g.f, np.nan, dtype)
+                kernels.grad_kernel(x if nchw & kernels.NCHW_X else x_nhwc,
+                                    dy if nchw & kernels.NCHW_OUT else dy_nhwc, dk, *geometry,
+                                    threads, db, nchw=nchw)
+                name = f"nchw {nchw}, {threads} threads, nchwg {nchwg} ({rows} bytes)"
+                reference.assert_close(dk, expected, rtol, name)
+                terms = np.abs(dy.astype(np.float64)).sum(axis=(0, 2, 3)).max(initial=1e-30)
+                reference.assert_close(db / terms, dy.astype(np.float64).sum(axis=(0, 2, 3)) /
+                                       terms, rtol, name)
+    finally:
+        _restore_tunings(kernels)
 
 
 def test_channels_first_grad_kernel_in_bands_where_row_blocks_serve():
