@@ -3899,6 +3899,9 @@ cdef extern from *:
        acc[.. + (t*FB + j)*16 + lane] += x[ih*W + ow + (3*kb + t)*dw - pl] * dy[j][oh][ow]
        summed over the lanes' pixels ow, ih = oh*sh + kh*dh - pt. */
     #if defined(__GNUC__) && defined(__AVX512F__)
+      #define FC_NCHWK_OK 1
+      #define FC_NCHWK_L 16
+      #define FC_NCHWK_FB8 1
       #define FC_NCHWK_WBMAX 512
       /* (and the planes' sums, a vector a channel, added to bsum[j*16 ...] where not NULL:
          the bias gradient from the same pass) */
@@ -3980,7 +3983,85 @@ cdef extern from *:
           (fb == 8 ? fc_nchwk_8 : fc_nchwk_4)(x, H, W, gb, OW, oh0, oh1, sh, dh, dw, pt, pl, KH,
                                               KW, accm, xb);
       }
+    #elif defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__)
+      #include <immintrin.h>
+      /* AVX2: the same with 8-pixel vectors, for groups of 4 outputs (12 sums, 3 x vectors and
+         a dy vector fill the 16 registers); the copies by memcpy, their tails zeroed */
+      #define FC_NCHWK_OK 1
+      #define FC_NCHWK_L 8
+      #define FC_NCHWK_FB8 0
+      #define FC_NCHWK_WBMAX 512
+      static void fc_nchwk_pack(const float* __restrict dy, ptrdiff_t gplane, ptrdiff_t OH,
+                                ptrdiff_t OW, int fb, float* __restrict gb,
+                                float* __restrict bsum) {
+          const ptrdiff_t NV = (OW + 7) / 8;
+          for (int j = 0; j < fb; j++) {
+              __m256 b = _mm256_setzero_ps();
+              for (ptrdiff_t r = 0; r < OH; r++) for (ptrdiff_t v = 0; v < NV; v++) {
+                  float* d = gb + ((r * NV + v) * fb + j) * 8;
+                  const ptrdiff_t m = OW - 8 * v < 8 ? OW - 8 * v : 8;
+                  if (m < 8) memset(d, 0, 8 * sizeof(float));
+                  memcpy(d, dy + j * gplane + r * OW + 8 * v, m * sizeof(float));
+                  b = _mm256_add_ps(b, _mm256_load_ps(d));
+              }
+              if (bsum)
+                  _mm256_store_ps(bsum + j * 8, _mm256_add_ps(_mm256_load_ps(bsum + j * 8), b));
+          }
+      }
+      #define FC_NCHWK_ROWS2(NKW) \
+      for (ptrdiff_t r = 0; r < R; r++) { \
+          const float* xq = xr + r * sh * Wb; \
+          const float* gr = gb + (oh0 + r) * NV * 4 * 8; \
+          for (ptrdiff_t v = 0; v < NV; v++) { \
+              __m256 xv[NKW]; \
+              FC_UNROLL for (int t = 0; t < NKW; t++) xv[t] = _mm256_loadu_ps(xq + 8 * v + t * dw); \
+              FC_UNROLL for (int j = 0; j < 4; j++) { \
+                  __m256 g = _mm256_load_ps(gr + (v * 4 + j) * 8); \
+                  __asm__("" : "+x"(g)); \
+                  FC_UNROLL for (int t = 0; t < NKW; t++) \
+                      acc[t][j] = _mm256_fmadd_ps(xv[t], g, acc[t][j]); \
+              } \
+          } \
+      }
+      static void fc_nchwk(int gs, const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
+              const float* __restrict gb, ptrdiff_t OW, ptrdiff_t oh0, ptrdiff_t oh1, int sh,
+              int dh, int dw, ptrdiff_t pt, ptrdiff_t pl, int KH, int KW,
+              float* __restrict accm, float* __restrict xb) {
+          /* (gs: 4, the channels in gb; _nchwk_serves) */
+          const int nkb = (KW + 2) / 3;
+          const ptrdiff_t NV = (OW + 7) / 8, R = oh1 - oh0;
+          const ptrdiff_t XR = (R - 1) * sh + (ptrdiff_t)(KH - 1) * dh + 1;
+          const ptrdiff_t Wb = (NV * 8 + (ptrdiff_t)(KW - 1) * dw + 7) / 8 * 8;
+          const ptrdiff_t ih0 = oh0 * sh - pt;
+          const ptrdiff_t c0 = pl < 0 ? -pl : 0, c1 = W < Wb - pl ? W : Wb - pl;
+          for (ptrdiff_t q = 0; q < XR; q++) {
+              float* d = xb + q * Wb;
+              const ptrdiff_t ih = ih0 + q;
+              memset(d, 0, Wb * sizeof(float));
+              if (ih >= 0 && ih < H && c1 > c0)
+                  memcpy(d + pl + c0, x + ih * W + c0, (c1 - c0) * sizeof(float));
+          }
+          for (int kh = 0; kh < KH; kh++) for (int kb = 0; kb < nkb; kb++) {
+              const int nkw = KW - 3 * kb < 3 ? KW - 3 * kb : 3;
+              float* am = accm + ((ptrdiff_t)kh * nkb + kb) * 3 * 4 * 8;
+              __m256 acc[3][4];
+              FC_UNROLL for (int t = 0; t < 3; t++) FC_UNROLL for (int j = 0; j < 4; j++)
+                  acc[t][j] = _mm256_load_ps(am + (t * 4 + j) * 8);
+              const float* xr = xb + (ptrdiff_t)kh * dh * Wb + (ptrdiff_t)3 * kb * dw;
+              if (nkw == 3)
+                  FC_NCHWK_ROWS2(3)
+              else if (nkw == 2)
+                  FC_NCHWK_ROWS2(2)
+              else
+                  FC_NCHWK_ROWS2(1)
+              FC_UNROLL for (int t = 0; t < 3; t++) FC_UNROLL for (int j = 0; j < 4; j++)
+                  _mm256_store_ps(am + (t * 4 + j) * 8, acc[t][j]);
+          }
+      }
     #else
+      #define FC_NCHWK_OK 0
+      #define FC_NCHWK_L 16
+      #define FC_NCHWK_FB8 0
       #define FC_NCHWK_WBMAX 0
       static void fc_nchwk_pack(const float* dy, ptrdiff_t gplane, ptrdiff_t OH, ptrdiff_t OW,
                                 int fb, float* gb, float* bsum) {}
@@ -3990,6 +4071,9 @@ cdef extern from *:
     #endif
     """
     int FC_NCHWK_WBMAX
+    bint FC_NCHWK_OK
+    int FC_NCHWK_L
+    bint FC_NCHWK_FB8
     void fc_nchwk_pack(const float* dy, Py_ssize_t gplane, Py_ssize_t OH, Py_ssize_t OW, int fb,
                        float* gb, float* bsum) noexcept nogil
     void fc_nchwk(int fb, const float* x, Py_ssize_t H, Py_ssize_t W, const float* gb,
@@ -4007,50 +4091,50 @@ ctypedef struct NchwK:
                         # xb (xsize)
     Py_ssize_t N, C, H, W, F, OH, OW, cin_g, cout_g, KH, KW, nkb, pad_top, pad_left, rows, asize
     Py_ssize_t xsize, gsize
-    int fb, sh, dh, dwl
+    int sh, dh, dwl
 
 
 cdef void _nchwk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
-    # task t: fb output channels f0 .. of a group, all its taps and input channels, over all
-    # images (fc_nchwk); the bias sums of those channels too, where asked
+    # task t: group t, all its taps, inputs and outputs over all images (fc_nchwk); the bias
+    # sums of its outputs too, where asked
     cdef NchwK* a = <NchwK*>c
     cdef float* am = a.accm + k * (a.asize + a.gsize + a.xsize)
     cdef float* gb = am + a.asize
     cdef float* xb = gb + a.gsize
-    cdef Py_ssize_t nfb = a.cout_g // a.fb, cs = a.KH * a.nkb * 3 * a.fb * 16
-    cdef Py_ssize_t t, g, f0, n, oh, kh, i, kb, tt, j, p
+    cdef Py_ssize_t L = FC_NCHWK_L, G = a.cout_g, cs = a.KH * a.nkb * 3 * G * L
+    cdef Py_ssize_t t, f0, n, oh, kh, i, kb, tt, j, p
     cdef int nkw
     cdef float s
     for t in range(t0, t1):
-        g = t // nfb
-        f0 = g * a.cout_g + t % nfb * a.fb
+        f0 = t * G
         memset(am, 0, a.asize * sizeof(float))
         for n in range(a.N):
-            fc_nchwk_pack(a.dy + (n * a.F + f0) * a.OH * a.OW, a.OH * a.OW, a.OH, a.OW, a.fb,
-                          gb, NULL if a.db == NULL else am + a.asize - a.fb * 16)
+            fc_nchwk_pack(a.dy + (n * a.F + f0) * a.OH * a.OW, a.OH * a.OW, a.OH, a.OW,
+                          <int>G, gb, NULL if a.db == NULL else am + a.asize - G * L)
             for i in range(a.cin_g):
                 oh = 0
                 while oh < a.OH:
-                    fc_nchwk(a.fb, a.x + (n * a.C + g * a.cin_g + i) * a.H * a.W, a.H, a.W, gb,
-                             a.OW, oh, _min(a.OH, oh + a.rows), a.sh, a.dh, a.dwl, a.pad_top,
-                             a.pad_left, <int>a.KH, <int>a.KW, am + i * cs, xb)
+                    fc_nchwk(<int>G, a.x + (n * a.C + t * a.cin_g + i) * a.H * a.W, a.H, a.W,
+                             gb, a.OW, oh, _min(a.OH, oh + a.rows), a.sh, a.dh, a.dwl,
+                             a.pad_top, a.pad_left, <int>a.KH, <int>a.KW, am + i * cs, xb)
                     oh += a.rows
+        # (the sums of kernel row kh, column block kb: 3 taps x G outputs)
         for i in range(a.cin_g):
             for kh in range(a.KH):
                 for kb in range(a.nkb):
                     nkw = <int>_min(3, a.KW - 3 * kb)
                     for tt in range(nkw):
-                        for j in range(a.fb):
+                        for j in range(G):
                             s = 0
-                            for p in range(16):
-                                s = s + am[i * cs + (((kh * a.nkb + kb) * 3 + tt) * a.fb + j)
-                                           * 16 + p]
+                            for p in range(L):
+                                s = s + am[i * cs + (((kh * a.nkb + kb) * 3 + tt) * G + j)
+                                           * L + p]
                             a.dw[((kh * a.KW + 3 * kb + tt) * a.cin_g + i) * a.F + f0 + j] = s
         if a.db != NULL:
-            for j in range(a.fb):
+            for j in range(G):
                 s = 0
-                for p in range(16):
-                    s = s + am[a.asize - (a.fb - j) * 16 + p]
+                for p in range(L):
+                    s = s + am[a.asize - (G - j) * L + p]
                 a.db[f0 + j] = s
 
 
@@ -4071,13 +4155,17 @@ def set_nchwk_bytes(Py_ssize_t n):
 cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, int sw,
                         Py_ssize_t OW, Py_ssize_t KW, int dwl) noexcept nogil:
     # Whether fc_nchwk serves a grouped grad_kernel on NCHW x and dy (float32). A/B against
-    # the bands, 2 threads (channels_last in brackets): 4x256x28x28 in 32 groups 0.89 -> 0.68
-    # ms (0.71), 4x128x56x56 in 32 1.26 -> 0.89 (0.95), 4x256x28x28 in 64 0.61 -> 0.45 (0.50),
-    # 4x512x14x14 in 64 0.53 -> 0.43 (0.38), 5x5 on 4x256x28x28 in 32 1.74 -> 1.60 (1.55);
-    # losing with 16 inputs a group (8x512x14x14 in 32: 1.15 -> 1.49; each block of 8 outputs
-    # packs the group's x again) and more.
-    return (FC_NCHWG_OK and fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 8
-            and cout_g <= 8 and sw == 1
+    # the bands, 2 threads (channels_last in brackets), AVX-512: 4x256x28x28 in 32 groups
+    # 0.89 -> 0.68 ms (0.71), 4x128x56x56 in 32 1.26 -> 0.89 (0.95), 4x256x28x28 in 64 0.61 ->
+    # 0.45 (0.50), 4x512x14x14 in 64 0.53 -> 0.43 (0.38), 5x5 on 4x256x28x28 in 32 1.74 ->
+    # 1.60 (1.55); losing with 16 inputs a group (8x512x14x14 in 32: 1.15 -> 1.49; each block
+    # of 8 outputs packs the group's x again) and more.
+    # AVX2 (blocks of 4 outputs, 8-pixel vectors), same A/B on the same Xeon's AVX2 build: 4
+    # outputs a group 4x128x56x56 in 32 groups 2.37 -> 1.51 ms (1.94), 4x256x28x28 in 64 1.16
+    # -> 0.84 (0.95); 8: 4x256x28x28 in 32 1.15 -> 1.23 (0.86), 4x512x14x14 in 64 0.66 ->
+    # 0.75: 4 only.
+    return (FC_NCHWK_OK and fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 8
+            and (cout_g == 4 or (FC_NCHWK_FB8 and cout_g == 8)) and sw == 1
             and _cdiv(OW, 16) * 16 + (KW - 1) * dwl <= FC_NCHWK_WBMAX)
 
 
@@ -4091,15 +4179,14 @@ cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
     job.N, job.C, job.H, job.W, job.F, job.OH, job.OW = N, C, H, W, F, OH, OW
     job.cin_g, job.cout_g, job.KH, job.KW = cin_g, F // groups, KH, KW
     job.nkb, job.pad_top, job.pad_left = _cdiv(KW, 3), pad_top, pad_left
-    job.fb = 8 if job.cout_g % 8 == 0 else 4
     job.sh, job.dh, job.dwl = sh, dh, dwl
-    job.asize = (KH * cin_g * job.nkb * 3 + 1) * job.fb * 16
+    job.asize = (KH * cin_g * job.nkb * 3 + 1) * job.cout_g * FC_NCHWK_L
     # rows a pass of the taps: about fc_nchwk_bytes of gb
-    cdef Py_ssize_t NV = _cdiv(OW, 16), Wb = _cdiv(NV * 16 + (KW - 1) * dwl, 16) * 16
-    job.rows = _max(1, _min(OH, fc_nchwk_bytes // (4 * job.fb * NV * 16)))
-    job.gsize = OH * NV * job.fb * 16
+    cdef Py_ssize_t L = FC_NCHWK_L, NV = _cdiv(OW, L), Wb = _cdiv(NV * L + (KW - 1) * dwl, L) * L
+    job.rows = _max(1, _min(OH, fc_nchwk_bytes // (4 * job.cout_g * NV * L)))
+    job.gsize = OH * NV * job.cout_g * L
     job.xsize = ((job.rows - 1) * sh + (KH - 1) * dh + 1) * Wb
-    cdef Py_ssize_t ntasks = F // job.fb
+    cdef Py_ssize_t ntasks = groups
     cdef int nt = <int>_max(1, _min(n_threads, ntasks))
     job.accm = <float*>fc_amalloc(nt * (job.asize + job.xsize + job.gsize) * sizeof(float))
     if job.accm == NULL:
