@@ -3714,6 +3714,31 @@ cdef extern from *:
           if (hi <= lo) return 0;
           return (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1));
       }
+      #define FC_NCHWG_TAPS(S, FB, NV, KWV) \
+          for (int kh = 0; kh < KH; kh++) { \
+              const ptrdiff_t ih = ih0 + kh; \
+              if (ih < 0 || ih >= H) continue; \
+              const float* xr = x + ih * W + S * ow0 - pl; \
+              const float* wk = w + (ptrdiff_t)kh * KWV * cin * F; \
+              for (int c = 0; c < cin; c++) { \
+                  FC_UNROLL for (int kw = 0; kw < KWV; kw++) { \
+                      const float* xs = xr + c * plane + kw; \
+                      const float* wj = wk + ((ptrdiff_t)kw * cin + c) * F; \
+                      __m512 xv[NV]; \
+                      FC_UNROLL for (int v = 0; v < NV; v++) { \
+                          xv[v] = _mm512_maskz_loadu_ps(m[kw][v], xs + 16 * S * v); \
+                          if (S == 2) \
+                              xv[v] = _mm512_permutex2var_ps(xv[v], even, \
+                                  _mm512_maskz_loadu_ps(m2[kw][v], xs + 32 * v + 16)); \
+                      } \
+                      FC_UNROLL for (int j = 0; j < FB; j++) { \
+                          const __m512 wv = _mm512_set1_ps(wj[j]); \
+                          FC_UNROLL for (int v = 0; v < NV; v++) \
+                              acc[j][v] = _mm512_fmadd_ps(wv, xv[v], acc[j][v]); \
+                      } \
+                  } \
+              } \
+          }
       #define FC_NCHWG(S, FB, NV) \
       static void fc_nchwg##S##_##FB##_##NV(const float* __restrict x, ptrdiff_t plane, ptrdiff_t W, \
               ptrdiff_t H, ptrdiff_t ih0, const float* __restrict w, ptrdiff_t F, int KH, int KW, \
@@ -3735,30 +3760,10 @@ cdef extern from *:
               m[kw][v] = fc_lanes(-start, W - start) & fc_lanes(0, span); \
               m2[kw][v] = fc_lanes(-start - 16, W - start - 16) & fc_lanes(0, span - 16); \
           } \
-          for (int kh = 0; kh < KH; kh++) { \
-              const ptrdiff_t ih = ih0 + kh; \
-              if (ih < 0 || ih >= H) continue; \
-              const float* xr = x + ih * W + S * ow0 - pl; \
-              const float* wk = w + (ptrdiff_t)kh * KW * cin * F; \
-              for (int c = 0; c < cin; c++) { \
-                  for (int kw = 0; kw < KW; kw++) { \
-                      const float* xs = xr + c * plane + kw; \
-                      const float* wj = wk + ((ptrdiff_t)kw * cin + c) * F; \
-                      __m512 xv[NV]; \
-                      FC_UNROLL for (int v = 0; v < NV; v++) { \
-                          xv[v] = _mm512_maskz_loadu_ps(m[kw][v], xs + 16 * S * v); \
-                          if (S == 2) \
-                              xv[v] = _mm512_permutex2var_ps(xv[v], even, \
-                                  _mm512_maskz_loadu_ps(m2[kw][v], xs + 32 * v + 16)); \
-                      } \
-                      FC_UNROLL for (int j = 0; j < FB; j++) { \
-                          const __m512 wv = _mm512_set1_ps(wj[j]); \
-                          FC_UNROLL for (int v = 0; v < NV; v++) \
-                              acc[j][v] = _mm512_fmadd_ps(wv, xv[v], acc[j][v]); \
-                      } \
-                  } \
-              } \
-          } \
+          /* (3 kernel columns unrolled, their masks in registers: with KW known only at run \
+             time, 4x256x28x28 in 32 groups took 0.61 ms forward, 0.49 so; 4x128x56x56 0.71 \
+             -> 0.62, 4x512x14x14 in 64 0.36 -> 0.28) */ \
+          if (KW == 3) FC_NCHWG_TAPS(S, FB, NV, 3) else FC_NCHWG_TAPS(S, FB, NV, KW) \
           FC_UNROLL for (int j = 0; j < FB; j++) FC_UNROLL for (int v = 0; v < NV; v++) \
               _mm512_mask_storeu_ps(out + j * oplane + ow0 + 16 * v, fc_lanes(0, n - 16 * v), \
                                     acc[j][v]); \
@@ -3852,11 +3857,12 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
     # 0.83 -> 0.64 (0.51), 4x64x112x112 in 8 groups 0.92 -> 0.69 (0.62), 5x5 on 4x256x56x56 in
     # 32 groups 2.16 -> 1.75 (1.58), 4x256x28x28 in 64 groups 0.24 -> 0.16 (0.11).
     # With the bands' kernels sliding along the row (fc_pslide8, fc_slide3), rows of one vector
-    # lost for 16 inputs a group (4x512x14x14 in 32 groups, forward / grad_input: 0.56 / 0.62 ms
-    # in bands, 0.64 / 0.67 here), still won for 8 (4x512x14x14 in 64: 0.38 / 0.42 -> 0.34 /
-    # 0.36) and 4; wider rows: 4x256x28x28 in 32 groups 0.70 / 0.73 -> 0.61 / 0.63 (channels_
-    # last 0.47 / 0.46), 4x128x56x56 in 32 0.94 / 1.04 -> 0.71 / 0.72, 16 inputs a group on
-    # 4x256x28x28 even.
+    # lost for 16 inputs a group (4x512x14x14 in 32 groups, forward / grad_input: 0.54 / 0.55 ms
+    # in bands, 0.57 / 0.59 here; 8x512x14x14 1.02 / 1.18 vs 1.10 / 1.15), won for 8
+    # (4x512x14x14 in 64: 0.34 / 0.35 -> 0.30 / 0.32) and 4; wider rows: 4x256x28x28 in 32
+    # groups 0.63 / 0.69 -> 0.51 / 0.51 (channels_last 0.42 / 0.42), 4x128x56x56 in 32 1.76 /
+    # 1.81 -> 1.26 / 1.22 (8 images), 16 inputs a group on 4x256x28x28 0.95 / 1.11 -> 0.90 /
+    # 0.93, 5x5 on 4x256x28x28 in 32 1.53 / 1.71 -> 1.27 / 1.28 (channels_last 1.46 / 1.52).
     return (FC_NCHWG_OK and fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 16
             and (sw == 1 or sw == 2) and dh == 1 and dw == 1 and KW <= FC_NCHWG_KWMAX
             and OW >= 12 and (OW > 16 or cin_g <= 8))
