@@ -3890,8 +3890,8 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
 
 cdef extern from *:
     """
-    /* grad_kernel of a grouped convolution on NCHW x and dy (unit stride along w, AVX-512), FB
-       output channels of a group at a time. An image's dy rows of those channels are first
+    /* grad_kernel of a grouped convolution on NCHW x and dy (unit stride along w; AVX-512, AVX2
+       below), a group's FB (4 or 8) output channels at once. An image's dy rows of those are first
        copied into this thread's gb[oh][v][j][16] (16-pixel vector v of row oh, channel j;
        lanes past OW zero: the FB vectors of a pixel vector at fixed offsets, no masks), then
        for each input channel, rows oh0 .. oh1 at a time: the input rows they read into
@@ -3899,7 +3899,7 @@ cdef extern from *:
        for each kernel row kh and block of up to 3 kernel columns, the 3 x FB sums run over
        the rows' pixels in registers (each dy vector feeds the taps' FMAs, each x vector the FB
        channels'), from and back to acc[(kh*nkb + kb)*3*FB*16 ...] (the channel's sums, a few
-       KB): the rows (~16 KB of gb) stay in L1 while the taps pass over them, and a task reads
+       KB): the rows (~32 KB of gb) stay in L1 while the taps pass over them, and a task reads
        only its group's planes, a few long streams the prefetchers follow (a band transpose
        reads a few lines of every plane and waited on them).
        acc[.. + (t*FB + j)*16 + lane] += x[ih*W + ow + (3*kb + t)*dw - pl] * dy[j][oh][ow]
@@ -3935,7 +3935,8 @@ cdef extern from *:
           const float* gr = gb + (oh0 + r) * NV * FB * 16; \
           for (ptrdiff_t v = 0; v < NV; v++) { \
               __m512 xv[NKW]; \
-              FC_UNROLL for (int t = 0; t < NKW; t++) xv[t] = _mm512_loadu_ps(xq + 16 * v + t * dw); \
+              FC_UNROLL for (int t = 0; t < NKW; t++) \
+                  xv[t] = _mm512_loadu_ps(xq + 16 * v + t * dw); \
               FC_UNROLL for (int j = 0; j < FB; j++) { \
                   __m512 g = _mm512_load_ps(gr + (v * FB + j) * 16); \
                   __asm__("" : "+v"(g)); \
@@ -4020,7 +4021,8 @@ cdef extern from *:
           const float* gr = gb + (oh0 + r) * NV * 4 * 8; \
           for (ptrdiff_t v = 0; v < NV; v++) { \
               __m256 xv[NKW]; \
-              FC_UNROLL for (int t = 0; t < NKW; t++) xv[t] = _mm256_loadu_ps(xq + 8 * v + t * dw); \
+              FC_UNROLL for (int t = 0; t < NKW; t++) \
+                  xv[t] = _mm256_loadu_ps(xq + 8 * v + t * dw); \
               FC_UNROLL for (int j = 0; j < 4; j++) { \
                   __m256 g = _mm256_load_ps(gr + (v * 4 + j) * 8); \
                   __asm__("" : "+x"(g)); \
@@ -4029,11 +4031,11 @@ cdef extern from *:
               } \
           } \
       }
-      static void fc_nchwk(int gs, const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
+      static void fc_nchwk(int fb, const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
               const float* __restrict gb, ptrdiff_t OW, ptrdiff_t oh0, ptrdiff_t oh1, int sh,
               int dh, int dw, ptrdiff_t pt, ptrdiff_t pl, int KH, int KW,
               float* __restrict accm, float* __restrict xb) {
-          /* (gs: 4, the channels in gb; _nchwk_serves) */
+          /* (fb: 4, the channels in gb; _nchwk_serves) */
           const int nkb = (KW + 2) / 3;
           const ptrdiff_t NV = (OW + 7) / 8, R = oh1 - oh0;
           const ptrdiff_t XR = (R - 1) * sh + (ptrdiff_t)(KH - 1) * dh + 1;
@@ -4164,13 +4166,13 @@ cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, 
     # the bands, 2 threads (channels_last in brackets), AVX-512: 4x256x28x28 in 32 groups
     # 0.89 -> 0.68 ms (0.71), 4x128x56x56 in 32 1.26 -> 0.89 (0.95), 4x256x28x28 in 64 0.61 ->
     # 0.45 (0.50), 4x512x14x14 in 64 0.53 -> 0.43 (0.38), 5x5 on 4x256x28x28 in 32 1.74 ->
-    # 1.60 (1.55); losing with 16 inputs a group (8x512x14x14 in 32: 1.15 -> 1.49; each block
-    # of 8 outputs packs the group's x again) and more.
+    # 1.60 (1.55); losing with 16 inputs a group (8x512x14x14 in 32: 1.15 -> 1.49, measured
+    # when a task was a block of 8 outputs, each copying the group's x again) and more.
     # AVX2 (blocks of 4 outputs, 8-pixel vectors), same A/B on the same Xeon's AVX2 build: 4
     # outputs a group 4x128x56x56 in 32 groups 2.37 -> 1.51 ms (1.94), 4x256x28x28 in 64 1.16
     # -> 0.84 (0.95); 8: 4x256x28x28 in 32 1.15 -> 1.23 (0.86), 4x512x14x14 in 64 0.66 ->
     # 0.75: 4 only.
-    return (FC_NCHWK_OK and fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 8
+    return (FC_NCHWK_OK and fc_use_nchwg and groups > 1 and cin_g <= 8
             and (cout_g == 4 or (FC_NCHWK_FB8 and cout_g == 8)) and sw == 1
             and _cdiv(OW, 16) * 16 + (KW - 1) * dwl <= FC_NCHWK_WBMAX)
 
@@ -5500,8 +5502,8 @@ def grad_kernel_nchw(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_
                      Py_ssize_t OW, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g,
                      int sw, int dwl, int groups, int itemsize):
     """Whether grad_kernel reads NCHW x and dy (nchw = NCHW_X | NCHW_OUT) as they are
-    (_nchwk_serves: grouped, float32, AVX-512) or a band of rows at a time (_gk_row_parts) on
-    this geometry, rather than transposing them whole first."""
+    (_nchwk_serves: grouped, float32, AVX-512 or AVX2) or a band of rows at a time
+    (_gk_row_parts) on this geometry, rather than transposing them whole first."""
     return (_gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, sw, dwl, groups, itemsize)
             or (itemsize == 4 and _nchwk_serves(cin_g, F // groups, groups, sw, OW, KW, dwl)))
 

@@ -370,8 +370,8 @@ def test_channels_first_grad_kernel(variant, dtype, case):
     """grad_kernel (and the bias gradient) from an NCHW x, an NCHW dy or both: both in bands of
     rows transposed in each thread's scratch where blocks of rows with their own sums serve
     (kernels.grad_kernel_nchw), else transposed whole first; grouped, both read as they are
-    (fc_nchwk, AVX-512) in passes of the default rows or of one row, or not; the reference's,
-    on 1 to 3 threads."""
+    (fc_nchwk: AVX-512, and AVX2 with 4 outputs a group) in passes of the default rows or of
+    one row, or not; the reference's, on 1 to 3 threads."""
     *_, strides, dilation, padding = case
     x, k, _, _, spec, g = _forward_problem(case, dtype, "channels_first")
     dy = np.random.default_rng(_seed(case) + 1).standard_normal(
@@ -384,7 +384,8 @@ def test_channels_first_grad_kernel(variant, dtype, case):
     rtol = 1e-4 if dtype == np.float32 else 1e-10
     try:
         for threads, (nchwg, rows) in itertools.product(
-                (1, 2, 3), ((True, kernels.NCHWK_BYTES), (True, 1), (False, 0))):
+                (1, 2, 3), ((True, kernels.NCHWK_BYTES), (True, 1),
+                            (False, kernels.NCHWK_BYTES))):
             kernels.set_nchwg(nchwg)
             kernels.set_nchwk_bytes(rows)
             for nchw in (kernels.NCHW_X, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
