@@ -5219,6 +5219,19 @@ cdef int _grad_input_gemm(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_s
     return -1 if job.failed else 0
 
 
+cdef floating* _flipped_taps(const floating* wp, Py_ssize_t taps,
+                             Py_ssize_t size) noexcept nogil:
+    # a copy of grad_input's regrouped kernel with its taps (each `size` elements) in reverse
+    # order: the kernel of the correlation that the transposed convolution is at unit strides.
+    # NULL when out of memory; free() it.
+    cdef floating* wf = <floating*>fc_amalloc(taps * size * sizeof(floating))
+    cdef Py_ssize_t t
+    if wf != NULL:
+        for t in range(taps):
+            memcpy(wf + (taps - 1 - t) * size, wp + t * size, size * sizeof(floating))
+    return wf
+
+
 cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t F,
                      const floating* wp, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cout_g,
                      floating* dp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
@@ -5235,9 +5248,8 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         memset(dp, 0, N * H * W * C * sizeof(floating))
         return 0
     cdef floating* dt
-    cdef float* wf
+    cdef floating* wf
     cdef int r
-    cdef Py_ssize_t t
     if (floating is float and nchw == FC_NCHW_X | FC_NCHW_OUT and sh == 1 and sw == 1
             and dh == 1 and dw == 1 and pad_top < KH and pad_left < KW
             and _nchwg_serves(W, KW, cout_g, C // groups, groups, 1, 1, 1)):
@@ -5245,12 +5257,9 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
         # K - 1 - pad, on NCHW data as it is. A/B against the bands, 2 threads: 4x256x28x28 in
         # 32 groups 0.73 -> 0.63 ms (channels_last 0.46), 4x128x56x56 in 32 1.04 -> 0.72
         # (0.64), 8x128x56x56 in 32 1.94 -> 1.47 (1.30), 5x5 on 4x256x28x28 1.86 -> 1.50 (1.60)
-        wf = <float*>malloc(KH * KW * cout_g * C * sizeof(float))
+        wf = _flipped_taps(wp, KH * KW, cout_g * C)
         if wf == NULL:
             return -1
-        for t in range(KH * KW):
-            memcpy(wf + (KH * KW - 1 - t) * cout_g * C, wp + t * cout_g * C,
-                   cout_g * C * sizeof(float))
         r = _forward_nchwg(gp, N, OH, OW, F, wf, KH, KW, cout_g, dp, H, W, C,
                            <int>(KH - 1 - pad_top), <int>(KW - 1 - pad_left), groups, 1, 1,
                            n_threads, NULL)
@@ -5312,15 +5321,12 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef floating* wflip = NULL
     if (FC_DWROW_OK and groups == C and cout_g == 1 and F == C and KH == 3 and KW == 3
             and sh == 1 and sw == 1 and dw == 1):
-        wflip = <floating*>fc_amalloc(9 * C * sizeof(floating))
+        wflip = _flipped_taps(wp, 9, C)
         if wflip == NULL:
             free(phases)
             free(wpk)
             free(wred)
             return -1
-        for tap in range(9):
-            for ci in range(C):
-                wflip[tap * C + ci] = wp[(8 - tap) * C + ci]
     # depthwise 3x3 with stride 2 and unit dilation along w: fc_dwrowt (rows too short for it
     # with 16 registers go through the phases below, as in forward)
     cdef bint dwrow2 = (FC_DWROW_OK and groups == C and cout_g == 1 and F == C and KH == 3
