@@ -3784,6 +3784,8 @@ cdef extern from *:
       }
       FC_NCHWG_S(1)
       FC_NCHWG_S(2)
+      #define FC_NCHWG_S2 1
+      #define FC_NCHWG_PACK 0
       /* fb output channels x pixels ow0 .. ow0 + n of an output row, stride s (1 or 2) along
          w: fb 8, n <= 48; fb 4, n <= 64 */
       static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
@@ -3793,17 +3795,139 @@ cdef extern from *:
           (s == 2 ? fc_nchwg2 : fc_nchwg1)(fb, x, plane, W, H, ih0, w, F, KH, KW, cin, pl, bias,
                                             out, oplane, ow0, n);
       }
+    #elif defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__)
+      /* AVX2 (unit strides): a task is an image's group. Its input planes are first copied
+         zero-padded into xb[c][(pt + ih)*Wp + pl + iw], Wp = OW + KW - 1, so that an output
+         pixel q = oh*Wp + ow of the plane read as one long row reads x at q + kh*Wp + kw: the
+         rows run on into each other and tiles of 4 output channels x 24 pixels (12 sums, 3 x
+         vectors and a weight fill the 16 registers) cross them, KW - 1 of each Wp pixels
+         computed and dropped when the rows are copied out of tmp. (Tiles within a row, 28
+         pixels as 2 x 16: 8 sums, as many as the FMA latency needs with no slack, and 4 lanes
+         of 32 idle: 4x256x28x28 in 32 groups 1.17 ms, no faster than the bands; masked loads
+         in the loop instead of the padded copy: 1.16-1.8x the bands' time.) The weights come
+         regrouped, wq[((g*cout/4 + jb)*cin + c)*KH*KW + tap][4] (fc_nchwg_wpack). */
+      #include <immintrin.h>
+      #define FC_NCHWG_OK 1
+      #define FC_NCHWG_KWMAX 8
+      #define FC_NCHWG_S2 0
+      #define FC_NCHWG_PACK 1
+      #define FC_FLAT_TAPS(KHV, KWV) \
+          for (int c = 0; c < cin; c++) { \
+              const float* xc = x + c * plane; \
+              const float* wc = wq + (ptrdiff_t)c * KHV * KWV * 4; \
+              FC_UNROLL for (int kh = 0; kh < KHV; kh++) FC_UNROLL for (int kw = 0; kw < KWV; kw++) { \
+                  const float* xs = xc + kh * Wp + kw; \
+                  const float* wj = wc + (kh * KWV + kw) * 4; \
+                  __m256 xv[3]; \
+                  FC_UNROLL for (int v = 0; v < 3; v++) xv[v] = _mm256_loadu_ps(xs + 8 * v); \
+                  FC_UNROLL for (int j = 0; j < 4; j++) { \
+                      const __m256 wv = _mm256_broadcast_ss(wj + j); \
+                      FC_UNROLL for (int v = 0; v < 3; v++) \
+                          acc[j][v] = _mm256_fmadd_ps(wv, xv[v], acc[j][v]); \
+                  } \
+              } \
+          }
+      /* 4 outputs x pixels q .. q + 24 of the flat plane: x = xb + q, t = tmp + q (rows of L) */
+      static void fc_flat_tile(const float* __restrict x, ptrdiff_t plane, ptrdiff_t Wp,
+              const float* __restrict wq, int KH, int KW, int cin, const float* __restrict bias,
+              float* __restrict t, ptrdiff_t L) {
+          __m256 acc[4][3];
+          FC_UNROLL for (int j = 0; j < 4; j++) {
+              const __m256 b = bias ? _mm256_set1_ps(bias[j]) : _mm256_setzero_ps();
+              FC_UNROLL for (int v = 0; v < 3; v++) acc[j][v] = b;
+          }
+          if (KH == 3 && KW == 3) FC_FLAT_TAPS(3, 3) else FC_FLAT_TAPS(KH, KW)
+          FC_UNROLL for (int j = 0; j < 4; j++) FC_UNROLL for (int v = 0; v < 3; v++)
+              _mm256_storeu_ps(t + j * L + 8 * v, acc[j][v]);
+      }
+      static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
+              ptrdiff_t H, ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin,
+              ptrdiff_t pl, const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0,
+              ptrdiff_t n) {}
+      /* floats of a thread's scratch: xb, then tmp */
+      static ptrdiff_t fc_flat_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int cin,
+                                     ptrdiff_t* L, ptrdiff_t* plane) {
+          const ptrdiff_t Wp = OW + KW - 1;
+          *L = (OH * Wp + 23) / 24 * 24;
+          *plane = (*L + (ptrdiff_t)(KH - 1) * Wp + KW + 15) / 16 * 16;
+          return cin * *plane + 4 * *L;
+      }
+      /* x's cin planes (H x W) into xb[c*plane + (pt + ih)*Wp + pl + iw], zeros around */
+      static void fc_flat_pack(const float* __restrict x, ptrdiff_t H, ptrdiff_t W, int cin,
+              ptrdiff_t Wp, ptrdiff_t plane, ptrdiff_t pt, ptrdiff_t pl, float* __restrict xb) {
+          const ptrdiff_t lead = pl < Wp ? pl : Wp, m = W < Wp - lead ? W : Wp - lead;
+          const ptrdiff_t r0 = pt < 0 ? -pt : 0, r1 = H < plane / Wp - pt ? H : plane / Wp - pt;
+          for (int c = 0; c < cin; c++) {
+              float* d = xb + c * plane;
+              const float* s = x + c * H * W;
+              ptrdiff_t done = 0;  /* floats of d written */
+              for (ptrdiff_t ih = r0; ih < r1; ih++) {
+                  const ptrdiff_t at = (pt + ih) * Wp + lead;
+                  memset(d + done, 0, (at - done) * sizeof(float));
+                  memcpy(d + at, s + ih * W, m * sizeof(float));
+                  done = at + m;
+              }
+              memset(d + done, 0, (plane - done) * sizeof(float));
+          }
+      }
+      static void fc_nchwg_wpack(const float* __restrict w, ptrdiff_t F, int taps, int cin,
+                                 int cout, int groups, float* __restrict wq) {
+          for (int g = 0; g < groups; g++) for (int jb = 0; jb < cout / 4; jb++)
+              for (int c = 0; c < cin; c++) for (int tp = 0; tp < taps; tp++)
+                  for (int j = 0; j < 4; j++)
+                      *wq++ = w[((ptrdiff_t)tp * cin + c) * F + g * cout + jb * 4 + j];
+      }
+      /* one task: the cout outputs (a multiple of 4) of the group whose cin input planes start
+         at x, into out (their first plane); wq: the group's regrouped weights */
+      static void fc_nchwg_task(const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
+              const float* wq, int KH, int KW, int cin, int cout, ptrdiff_t pt, ptrdiff_t pl,
+              const float* bias, float* out, ptrdiff_t OH, ptrdiff_t OW, float* __restrict xb) {
+          ptrdiff_t L, plane;
+          fc_flat_sizes(OH, OW, KH, KW, cin, &L, &plane);
+          const ptrdiff_t Wp = OW + KW - 1;
+          float* tmp = xb + cin * plane;
+          fc_flat_pack(x, H, W, cin, Wp, plane, pt, pl, xb);
+          for (int jb = 0; jb < cout / 4; jb++) {
+              for (ptrdiff_t q = 0; q < L; q += 24)
+                  fc_flat_tile(xb + q, plane, Wp, wq + (ptrdiff_t)jb * cin * KH * KW * 4, KH, KW,
+                               cin, bias ? bias + 4 * jb : NULL, tmp + q, L);
+              for (int j = 0; j < 4; j++) for (ptrdiff_t oh = 0; oh < OH; oh++)
+                  memcpy(out + ((ptrdiff_t)(4 * jb + j) * OH + oh) * OW, tmp + j * L + oh * Wp,
+                         OW * sizeof(float));
+          }
+      }
     #else
       #define FC_NCHWG_OK 0
       #define FC_NCHWG_KWMAX 0
+      #define FC_NCHWG_S2 0
+      #define FC_NCHWG_PACK 0
       static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
               ptrdiff_t H, ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin,
               ptrdiff_t pl, const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0,
               ptrdiff_t n) {}
     #endif
+    #if !FC_NCHWG_PACK
+      static ptrdiff_t fc_flat_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int cin,
+                                     ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
+      static void fc_nchwg_wpack(const float* w, ptrdiff_t F, int taps, int cin, int cout,
+                                 int groups, float* wq) {}
+      static void fc_nchwg_task(const float* x, ptrdiff_t H, ptrdiff_t W, const float* wq,
+              int KH, int KW, int cin, int cout, ptrdiff_t pt, ptrdiff_t pl, const float* bias,
+              float* out, ptrdiff_t OH, ptrdiff_t OW, float* xb) {}
+    #endif
     """
     bint FC_NCHWG_OK
     int FC_NCHWG_KWMAX
+    bint FC_NCHWG_S2
+    bint FC_NCHWG_PACK
+    Py_ssize_t fc_flat_sizes(Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int cin,
+                             Py_ssize_t* L, Py_ssize_t* plane) noexcept nogil
+    void fc_nchwg_wpack(const float* w, Py_ssize_t F, int taps, int cin, int cout, int groups,
+                        float* wq) noexcept nogil
+    void fc_nchwg_task(const float* x, Py_ssize_t H, Py_ssize_t W, const float* wq, int KH,
+                       int KW, int cin, int cout, Py_ssize_t pt, Py_ssize_t pl,
+                       const float* bias, float* out, Py_ssize_t OH, Py_ssize_t OW,
+                       float* xb) noexcept nogil
     void fc_nchwg(int s, int fb, const float* x, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t H, Py_ssize_t ih0,
                   const float* w, Py_ssize_t F, int KH, int KW, int cin, Py_ssize_t pl,
                   const float* bias, float* out, Py_ssize_t oplane, Py_ssize_t ow0,
@@ -3815,7 +3939,8 @@ ctypedef struct NchwG:
     const float* w
     const float* bias
     float* out
-    Py_ssize_t C, H, W, F, OH, OW, cin_g, cout_g, pad_top, pad_left, chunk
+    float* xb           # per thread (FC_NCHWG_PACK): xsize floats, the group's padded rows
+    Py_ssize_t C, H, W, F, OH, OW, cin_g, cout_g, pad_top, pad_left, chunk, xsize
     int KH, KW, fb, sh, sw
 
 
@@ -3825,6 +3950,18 @@ cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
     cdef Py_ssize_t nfb = a.F // a.fb, t, n, f0, g, oh, ow0
     cdef const float* xg
     cdef float* og
+    if FC_NCHWG_PACK:
+        # (AVX2) task t: image t // groups, group t % groups
+        nfb = a.F // a.cout_g
+        for t in range(t0, t1):
+            n, g = t // nfb, t % nfb
+            fc_nchwg_task(a.x + (n * a.C + g * a.cin_g) * a.H * a.W, a.H, a.W,
+                          a.w + g * a.cout_g * a.cin_g * a.KH * a.KW, a.KH, a.KW, <int>a.cin_g,
+                          <int>a.cout_g, a.pad_top, a.pad_left,
+                          NULL if a.bias == NULL else a.bias + g * a.cout_g,
+                          a.out + (n * a.F + g * a.cout_g) * a.OH * a.OW, a.OH, a.OW,
+                          a.xb + k * a.xsize)
+        return
     for t in range(t0, t1):
         n = t // nfb
         f0 = t % nfb * a.fb
@@ -3842,7 +3979,7 @@ cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
 
 
 cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t cout_g,
-                        Py_ssize_t groups, int sw, int dh, int dw) noexcept nogil:
+                        Py_ssize_t groups, int sh, int sw, int dh, int dw) noexcept nogil:
     # Whether _forward_nchwg serves a grouped forward on NCHW x and out. A/B against the bands
     # (AVX-512 Xeon, 2 threads, 3x3 unless said; the channels_last time in brackets):
     # 4x256x28x28 in 32 groups 0.76 -> 0.54 ms (0.56), 1x256x28x28 0.22 -> 0.12 (0.15),
@@ -3864,7 +4001,9 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
     # 1.81 -> 1.26 / 1.22 (8 images), 16 inputs a group on 4x256x28x28 0.95 / 1.11 -> 0.90 /
     # 0.93, 5x5 on 4x256x28x28 in 32 1.53 / 1.71 -> 1.27 / 1.28 (channels_last 1.46 / 1.52).
     return (FC_NCHWG_OK and fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 16
-            and (sw == 1 or sw == 2) and dh == 1 and dw == 1 and KW <= FC_NCHWG_KWMAX
+            and (sw == 1 or (sw == 2 and FC_NCHWG_S2)) and (sh == 1 or not FC_NCHWG_PACK)
+            and dh == 1 and dw == 1
+            and KW <= FC_NCHWG_KWMAX
             and OW >= 12 and (OW > 16 or cin_g <= 8))
 
 
@@ -3883,8 +4022,27 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
     job.fb = 8 if job.cout_g % 8 == 0 else 4
     cdef Py_ssize_t most = 48 if job.fb == 8 else 64
     job.chunk = _cdiv(OW, _cdiv(OW, most))
-    _parallel(<int>_max(1, _min(n_threads, N * (F // job.fb))), _nchwg_body, &job,
-              N * (F // job.fb))
+    cdef Py_ssize_t ntasks = N * (F // job.fb)
+    if FC_NCHWG_PACK:
+        ntasks = N * groups
+    cdef int nt = <int>_max(1, _min(n_threads, ntasks))
+    job.xb = NULL
+    job.xsize = 0
+    cdef float* wq = NULL
+    cdef Py_ssize_t L, plane
+    if FC_NCHWG_PACK:
+        job.xsize = fc_flat_sizes(OH, OW, <int>KH, <int>KW, <int>cin_g, &L, &plane)
+        job.xb = <float*>fc_amalloc(nt * job.xsize * sizeof(float))
+        wq = <float*>fc_amalloc(KH * KW * cin_g * F * sizeof(float))
+        if job.xb == NULL or wq == NULL:
+            free(job.xb)
+            free(wq)
+            return -1
+        fc_nchwg_wpack(wp, F, <int>(KH * KW), <int>cin_g, <int>job.cout_g, groups, wq)
+        job.w = wq
+    _parallel(nt, _nchwg_body, &job, ntasks)
+    free(job.xb)
+    free(wq)
     return 0
 
 
@@ -4077,7 +4235,118 @@ cdef extern from *:
               ptrdiff_t OW, ptrdiff_t oh0, ptrdiff_t oh1, int sh, int dh, int dw, ptrdiff_t pt,
               ptrdiff_t pl, int KH, int KW, float* accm, float* xb) {}
     #endif
+    #if FC_NCHWG_PACK
+      /* AVX2, unit strides: a group's grad_kernel on flat planes (fc_nchwg_task's): x packed
+         as there (Wp = OW + (KW - 1)*dw), dy into gf[j][oh*Wp + ow], zero for ow >= OW, so that
+         dw[kh][kw][c][j] = sum over q of xf[c][q + kh*dh*Wp + kw*dw] * gf[j][q], one long row
+         with no row loop and KW - 1 zero pixels a row (rows of 8-pixel vectors, 28 pixels as
+         32); 3 taps x 4 outputs a pass of qpass pixels (L1-resident), the sums in am between
+         passes, their 8 lanes added at the end */
+      #define FC_FLATK_OK 1
+      #define FC_FLATK_TAPS(NKW) \
+          for (ptrdiff_t q = q0; q < q1; q += 8) { \
+              __m256 xv[NKW]; \
+              FC_UNROLL for (int t = 0; t < NKW; t++) xv[t] = _mm256_loadu_ps(xr + q + t * dw); \
+              FC_UNROLL for (int j = 0; j < 4; j++) { \
+                  __m256 g = _mm256_load_ps(gr + j * L + q); \
+                  __asm__("" : "+x"(g)); \
+                  FC_UNROLL for (int t = 0; t < NKW; t++) \
+                      acc[t][j] = _mm256_fmadd_ps(xv[t], g, acc[t][j]); \
+              } \
+          }
+      static ptrdiff_t fc_flatk_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int dh,
+              int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) {
+          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw, nkb = (KW + 2) / 3;
+          *L = (OH * Wp + 7) / 8 * 8;
+          *plane = (*L + (ptrdiff_t)(KH - 1) * dh * Wp + (ptrdiff_t)(KW - 1) * dw + 8 + 15)
+                   / 16 * 16;
+          return cin * *plane + cout * *L + (cin * KH * nkb * 3 + 1) * cout * 8;
+      }
+      static float fc_hsum8(const float* a) {
+          float s = 0;
+          for (int i = 0; i < 8; i++) s += a[i];
+          return s;
+      }
+      static void fc_flatk_task(const float* x, ptrdiff_t xstride, const float* dy,
+              ptrdiff_t dystride, ptrdiff_t N, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
+              ptrdiff_t OW, int KH, int KW, int dh, int dw, int cin, int cout, ptrdiff_t pt,
+              ptrdiff_t pl, ptrdiff_t qpass, float* dwk, ptrdiff_t F, float* db,
+              float* scratch) {
+          ptrdiff_t L, plane;
+          const ptrdiff_t size = fc_flatk_sizes(OH, OW, KH, KW, dh, dw, cin, cout, &L, &plane);
+          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw;
+          const int nkb = (KW + 2) / 3, nj = cout / 4;
+          float* xf = scratch;
+          float* gf = xf + cin * plane;
+          float* am = gf + cout * L;
+          float* bs = am + (ptrdiff_t)cin * KH * nkb * 3 * cout * 8;
+          memset(am, 0, (scratch + size - am) * sizeof(float));
+          for (ptrdiff_t n = 0; n < N; n++) {
+              fc_flat_pack(x + n * xstride, H, W, cin, Wp, plane, pt, pl, xf);
+              for (int j = 0; j < cout; j++) {
+                  float* d = gf + j * L;
+                  const float* s = dy + n * dystride + j * OH * OW;
+                  for (ptrdiff_t oh = 0; oh < OH; oh++) {
+                      memcpy(d + oh * Wp, s + oh * OW, OW * sizeof(float));
+                      memset(d + oh * Wp + OW, 0, (Wp - OW) * sizeof(float));
+                  }
+                  memset(d + OH * Wp, 0, (L - OH * Wp) * sizeof(float));
+                  __m256 b = _mm256_load_ps(bs + 8 * j);
+                  for (ptrdiff_t q = 0; q < L; q += 8) b = _mm256_add_ps(b, _mm256_load_ps(d + q));
+                  _mm256_store_ps(bs + 8 * j, b);
+              }
+              for (ptrdiff_t q0 = 0; q0 < L; q0 += qpass) {
+                  const ptrdiff_t q1 = q0 + qpass < L ? q0 + qpass : L;
+                  for (int c = 0; c < cin; c++) for (int kh = 0; kh < KH; kh++)
+                  for (int kb = 0; kb < nkb; kb++) for (int jb = 0; jb < nj; jb++) {
+                      const int nkw = KW - 3 * kb < 3 ? KW - 3 * kb : 3;
+                      float* a = am + ((((ptrdiff_t)c * KH + kh) * nkb + kb) * nj + jb) * 12 * 8;
+                      const float* xr = xf + c * plane + (ptrdiff_t)kh * dh * Wp
+                                        + (ptrdiff_t)3 * kb * dw;
+                      const float* gr = gf + (ptrdiff_t)4 * jb * L;
+                      __m256 acc[3][4];
+                      FC_UNROLL for (int t = 0; t < 3; t++) FC_UNROLL for (int j = 0; j < 4; j++)
+                          acc[t][j] = _mm256_load_ps(a + (t * 4 + j) * 8);
+                      if (nkw == 3)
+                          FC_FLATK_TAPS(3)
+                      else if (nkw == 2)
+                          FC_FLATK_TAPS(2)
+                      else
+                          FC_FLATK_TAPS(1)
+                      FC_UNROLL for (int t = 0; t < 3; t++) FC_UNROLL for (int j = 0; j < 4; j++)
+                          _mm256_store_ps(a + (t * 4 + j) * 8, acc[t][j]);
+                  }
+              }
+          }
+          for (int c = 0; c < cin; c++) for (int kh = 0; kh < KH; kh++)
+          for (int kb = 0; kb < nkb; kb++) for (int jb = 0; jb < nj; jb++) {
+              const float* a = am + ((((ptrdiff_t)c * KH + kh) * nkb + kb) * nj + jb) * 12 * 8;
+              for (int t = 0; t < 3 && 3 * kb + t < KW; t++) for (int j = 0; j < 4; j++)
+                  dwk[(((ptrdiff_t)kh * KW + 3 * kb + t) * cin + c) * F + 4 * jb + j] =
+                      fc_hsum8(a + (t * 4 + j) * 8);
+          }
+          if (db)
+              for (int j = 0; j < cout; j++) db[j] = fc_hsum8(bs + 8 * j);
+      }
+    #else
+      #define FC_FLATK_OK 0
+      static ptrdiff_t fc_flatk_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int dh,
+              int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
+      static void fc_flatk_task(const float* x, ptrdiff_t xstride, const float* dy,
+              ptrdiff_t dystride, ptrdiff_t N, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
+              ptrdiff_t OW, int KH, int KW, int dh, int dw, int cin, int cout, ptrdiff_t pt,
+              ptrdiff_t pl, ptrdiff_t qpass, float* dwk, ptrdiff_t F, float* db,
+              float* scratch) {}
+    #endif
     """
+    bint FC_FLATK_OK
+    Py_ssize_t fc_flatk_sizes(Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int dh, int dw,
+                              int cin, int cout, Py_ssize_t* L, Py_ssize_t* plane) noexcept nogil
+    void fc_flatk_task(const float* x, Py_ssize_t xstride, const float* dy, Py_ssize_t dystride,
+                       Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
+                       int KH, int KW, int dh, int dw, int cin, int cout, Py_ssize_t pt,
+                       Py_ssize_t pl, Py_ssize_t qpass, float* dwk, Py_ssize_t F, float* db,
+                       float* scratch) noexcept nogil
     int FC_NCHWK_WBMAX
     bint FC_NCHWK_OK
     int FC_NCHWK_L
@@ -4160,7 +4429,12 @@ def set_nchwk_bytes(Py_ssize_t n):
     fc_nchwk_bytes = _max(1, n)
 
 
-cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, int sw,
+cdef bint _flatk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, int sh, int sw) noexcept nogil:
+    # (AVX2) fc_flatk_task, 4 or 8 outputs a group
+    return FC_FLATK_OK and sh == 1 and sw == 1 and (cout_g == 4 or cout_g == 8)
+
+
+cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, int sh, int sw,
                         Py_ssize_t OW, Py_ssize_t KW, int dwl) noexcept nogil:
     # Whether fc_nchwk serves a grouped grad_kernel on NCHW x and dy (float32). A/B against
     # the bands, 2 threads (channels_last in brackets), AVX-512: 4x256x28x28 in 32 groups
@@ -4173,8 +4447,21 @@ cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, 
     # -> 0.84 (0.95); 8: 4x256x28x28 in 32 1.15 -> 1.23 (0.86), 4x512x14x14 in 64 0.66 ->
     # 0.75: 4 only.
     return (FC_NCHWK_OK and fc_use_nchwg and groups > 1 and cin_g <= 8
-            and (cout_g == 4 or (FC_NCHWK_FB8 and cout_g == 8)) and sw == 1
-            and _cdiv(OW, 16) * 16 + (KW - 1) * dwl <= FC_NCHWK_WBMAX)
+            and (_flatk_serves(cin_g, cout_g, sh, sw)
+                 or ((cout_g == 4 or (FC_NCHWK_FB8 and cout_g == 8)) and sw == 1
+                     and _cdiv(OW, 16) * 16 + (KW - 1) * dwl <= FC_NCHWK_WBMAX)))
+
+
+cdef void _flatk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
+    # task t: group t over all images (fc_flatk_task)
+    cdef NchwK* a = <NchwK*>c
+    cdef Py_ssize_t t
+    for t in range(t0, t1):
+        fc_flatk_task(a.x + t * a.cin_g * a.H * a.W, a.C * a.H * a.W,
+                      a.dy + t * a.cout_g * a.OH * a.OW, a.F * a.OH * a.OW, a.N, a.H, a.W,
+                      a.OH, a.OW, <int>a.KH, <int>a.KW, a.dh, a.dwl, <int>a.cin_g,
+                      <int>a.cout_g, a.pad_top, a.pad_left, a.rows, a.dw + t * a.cout_g, a.F,
+                      NULL if a.db == NULL else a.db + t * a.cout_g, a.accm + k * a.asize)
 
 
 cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
@@ -4183,6 +4470,25 @@ cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
                             Py_ssize_t cin_g, int sh, int dh, int dwl, int pad_top, int pad_left,
                             int groups, int n_threads, float* db) noexcept nogil:
     cdef NchwK job
+    cdef Py_ssize_t Lf, plane
+    cdef int nt
+    if _flatk_serves(cin_g, F // groups, sh, 1):
+        job.x, job.dy, job.dw, job.db = xp, gp, dp, db
+        job.N, job.C, job.H, job.W, job.F, job.OH, job.OW = N, C, H, W, F, OH, OW
+        job.cin_g, job.cout_g, job.KH, job.KW = cin_g, F // groups, KH, KW
+        job.pad_top, job.pad_left, job.dh, job.dwl = pad_top, pad_left, dh, dwl
+        # pixels a pass: about fc_nchwk_bytes of dy
+        job.rows = _max(8, fc_nchwk_bytes // (4 * job.cout_g) // 8 * 8)
+        job.asize = fc_flatk_sizes(OH, OW, <int>KH, <int>KW, dh, dwl, <int>cin_g,
+                                   <int>job.cout_g, &Lf, &plane)
+        job.asize = (job.asize + 15) // 16 * 16
+        nt = <int>_max(1, _min(n_threads, groups))
+        job.accm = <float*>fc_amalloc(nt * job.asize * sizeof(float))
+        if job.accm == NULL:
+            return -1
+        _parallel(nt, _flatk_body, &job, groups)
+        free(job.accm)
+        return 0
     job.x, job.dy, job.dw, job.db = xp, gp, dp, db
     job.N, job.C, job.H, job.W, job.F, job.OH, job.OW = N, C, H, W, F, OH, OW
     job.cin_g, job.cout_g, job.KH, job.KW = cin_g, F // groups, KH, KW
@@ -4195,7 +4501,7 @@ cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
     job.gsize = OH * NV * job.cout_g * L
     job.xsize = ((job.rows - 1) * sh + (KH - 1) * dh + 1) * Wb
     cdef Py_ssize_t ntasks = groups
-    cdef int nt = <int>_max(1, _min(n_threads, ntasks))
+    nt = <int>_max(1, _min(n_threads, ntasks))
     job.accm = <float*>fc_amalloc(nt * (job.asize + job.xsize + job.gsize) * sizeof(float))
     if job.accm == NULL:
         return -1
@@ -4392,7 +4698,7 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
             and (fc_dwnchw_width_f(OW) if floating is float else fc_dwnchw_width_d(OW))):
         return _forward_dwnchw(xp, N, H, W, C, wp, op, OH, OW, pad_top, pad_left, n_threads, bp)
     if (floating is float and nchw == FC_NCHW_X | FC_NCHW_OUT and not fused and not depthwise
-            and _nchwg_serves(OW, KW, cin_g, F // groups, groups, sw, dh, dw)):
+            and _nchwg_serves(OW, KW, cin_g, F // groups, groups, sh, sw, dh, dw)):
         return _forward_nchwg(xp, N, H, W, C, wp, KH, KW, cin_g, op, OH, OW, F, pad_top,
                               pad_left, groups, sh, sw, n_threads, bp)
     cdef Py_ssize_t* runs = <Py_ssize_t*>malloc((3 * (2 * KW + 3) + 1) * sizeof(Py_ssize_t))
@@ -5252,7 +5558,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     cdef int r
     if (floating is float and nchw == FC_NCHW_X | FC_NCHW_OUT and sh == 1 and sw == 1
             and dh == 1 and dw == 1 and pad_top < KH and pad_left < KW
-            and _nchwg_serves(W, KW, cout_g, C // groups, groups, 1, 1, 1)):
+            and _nchwg_serves(W, KW, cout_g, C // groups, groups, 1, 1, 1, 1)):
         # unit strides: the gradient is the forward of dy by the kernel flipped, padded by
         # K - 1 - pad, on NCHW data as it is. A/B against the bands, 2 threads: 4x256x28x28 in
         # 32 groups 0.73 -> 0.63 ms (channels_last 0.46), 4x128x56x56 in 32 1.04 -> 0.72
@@ -5506,12 +5812,13 @@ cdef bint _gk_row_parts(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, 
 
 def grad_kernel_nchw(Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C, Py_ssize_t OH,
                      Py_ssize_t OW, Py_ssize_t F, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t cin_g,
-                     int sw, int dwl, int groups, int itemsize):
+                     int sh, int sw, int dwl, int groups, int itemsize):
     """Whether grad_kernel reads NCHW x and dy (nchw = NCHW_X | NCHW_OUT) as they are
     (_nchwk_serves: grouped, float32, AVX-512 or AVX2) or a band of rows at a time
     (_gk_row_parts) on this geometry, rather than transposing them whole first."""
     return (_gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, sw, dwl, groups, itemsize)
-            or (itemsize == 4 and _nchwk_serves(cin_g, F // groups, groups, sw, OW, KW, dwl)))
+            or (itemsize == 4
+                and _nchwk_serves(cin_g, F // groups, groups, sh, sw, OW, KW, dwl)))
 
 
 def grad_kernel_merged(Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t F, int dwl,
@@ -5874,7 +6181,7 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef floating* gt = NULL
     cdef int rc
     if (floating is float and nchw == FC_NCHW_X | FC_NCHW_OUT
-            and _nchwk_serves(cin_g, F // groups, groups, sw, OW, KW, dwl)):
+            and _nchwk_serves(cin_g, F // groups, groups, sh, sw, OW, KW, dwl)):
         return _grad_kernel_nchwk(xp0, N, H, W, C, gp0, OH, OW, F, dp0, KH, KW, cin_g, sh, dh,
                                   dwl, pad_top, pad_left, groups, n_threads, db0)
     if nchw and not (nchw == FC_NCHW_X | FC_NCHW_OUT

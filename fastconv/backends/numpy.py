@@ -446,7 +446,7 @@ def nchw_gradients(spec, g):
     kernels = _dispatch.kernels
     return (not spec.channels_last
             and kernels.grad_kernel_nchw(g.n, g.h, g.w, g.c, g.oh, g.ow, g.f, g.kh, g.kw,
-                                         g.cin_g, spec.strides[1], spec.dilation_rate[1],
+                                         g.cin_g, *spec.strides, spec.dilation_rate[1],
                                          g.groups, 4)
             and direct_gradients(spec, g))
 
