@@ -2683,6 +2683,8 @@ def set_slide_rows(bint on):
 
 NCHWG = True
 cdef bint fc_use_nchwg = NCHWG
+FLAT = True
+cdef bint fc_use_flat = FLAT
 
 
 def set_nchwg(bint on):
@@ -2690,6 +2692,13 @@ def set_nchwg(bint on):
     as it is where _nchwg_serves says so (else: a band of rows at a time, transposed)."""
     global fc_use_nchwg
     fc_use_nchwg = on
+
+
+def set_flat(bint on):
+    """Whether those with unit strides, and their kernel gradients, run on flat planes
+    (fc_nchwg_task, fc_flatk_task) where the build has them (else: rows, or bands)."""
+    global fc_use_flat
+    fc_use_flat = on
 
 
 def set_quads_outer_ow(int n):
@@ -3784,8 +3793,6 @@ cdef extern from *:
       }
       FC_NCHWG_S(1)
       FC_NCHWG_S(2)
-      #define FC_NCHWG_S2 1
-      #define FC_NCHWG_PACK 0
       /* fb output channels x pixels ow0 .. ow0 + n of an output row, stride s (1 or 2) along
          w: fb 8, n <= 48; fb 4, n <= 64 */
       static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
@@ -3795,27 +3802,36 @@ cdef extern from *:
           (s == 2 ? fc_nchwg2 : fc_nchwg1)(fb, x, plane, W, H, ih0, w, F, KH, KW, cin, pl, bias,
                                             out, oplane, ow0, n);
       }
-    #elif defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__)
-      /* AVX2 (unit strides): a task is an image's group. Its input planes are first copied
+    #else
+      #define FC_NCHWG_OK 0
+      #define FC_NCHWG_KWMAX 0
+      static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
+              ptrdiff_t H, ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin,
+              ptrdiff_t pl, const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0,
+              ptrdiff_t n) {}
+    #endif
+    #if defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+      /* AVX2, unit strides: a task is an image's group. Its input planes are first copied
          zero-padded into xb[c][(pt + ih)*Wp + pl + iw], Wp = OW + KW - 1, so that an output
          pixel q = oh*Wp + ow of the plane read as one long row reads x at q + kh*Wp + kw: the
          rows run on into each other and tiles of 4 output channels x 24 pixels (12 sums, 3 x
          vectors and a weight fill the 16 registers) cross them, KW - 1 of each Wp pixels
-         computed and dropped when the rows are copied out of tmp. (Tiles within a row, 28
-         pixels as 2 x 16: 8 sums, as many as the FMA latency needs with no slack, and 4 lanes
-         of 32 idle: 4x256x28x28 in 32 groups 1.17 ms, no faster than the bands; masked loads
-         in the loop instead of the padded copy: 1.16-1.8x the bands' time.) The weights come
-         regrouped, wq[((g*cout/4 + jb)*cin + c)*KH*KW + tap][4] (fc_nchwg_wpack). */
+         computed and dropped when the rows are copied out of tmp. The weights come regrouped,
+         wq[((g*cout/4 + jb)*cin + c)*KH*KW + tap][4] (fc_nchwg_wpack). A/B on the AVX-512
+         Xeon's AVX2 build, 2 threads: 4x256x28x28 in 32 groups forward 1.06 -> 0.80 ms
+         (channels_last 0.75); tiles within a row instead (28 pixels as 2 x 16: 8 sums, as many
+         as the FMA latency needs with no slack, 4 lanes of 32 idle): 1.17, no faster than the
+         bands; masked loads in the loop instead of the padded copy: 1.16-1.8x the bands'.
+         With AVX-512 (8 x 48 tiles) slower than fc_nchwg's masked rows above: 4x256x28x28 in
+         32 groups 0.55 vs 0.51 ms, 4x512x14x14 in 64 0.50 vs 0.32. */
       #include <immintrin.h>
-      #define FC_NCHWG_OK 1
-      #define FC_NCHWG_KWMAX 8
-      #define FC_NCHWG_S2 0
-      #define FC_NCHWG_PACK 1
+      #define FC_FLAT 1
       #define FC_FLAT_TAPS(KHV, KWV) \
           for (int c = 0; c < cin; c++) { \
               const float* xc = x + c * plane; \
               const float* wc = wq + (ptrdiff_t)c * KHV * KWV * 4; \
-              FC_UNROLL for (int kh = 0; kh < KHV; kh++) FC_UNROLL for (int kw = 0; kw < KWV; kw++) { \
+              FC_UNROLL for (int kh = 0; kh < KHV; kh++) \
+              FC_UNROLL for (int kw = 0; kw < KWV; kw++) { \
                   const float* xs = xc + kh * Wp + kw; \
                   const float* wj = wc + (kh * KWV + kw) * 4; \
                   __m256 xv[3]; \
@@ -3840,10 +3856,6 @@ cdef extern from *:
           FC_UNROLL for (int j = 0; j < 4; j++) FC_UNROLL for (int v = 0; v < 3; v++)
               _mm256_storeu_ps(t + j * L + 8 * v, acc[j][v]);
       }
-      static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
-              ptrdiff_t H, ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin,
-              ptrdiff_t pl, const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0,
-              ptrdiff_t n) {}
       /* floats of a thread's scratch: xb, then tmp */
       static ptrdiff_t fc_flat_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int cin,
                                      ptrdiff_t* L, ptrdiff_t* plane) {
@@ -3851,6 +3863,33 @@ cdef extern from *:
           *L = (OH * Wp + 23) / 24 * 24;
           *plane = (*L + (ptrdiff_t)(KH - 1) * Wp + KW + 15) / 16 * 16;
           return cin * *plane + 4 * *L;
+      }
+      /* n floats copied, zeroed: short rows, where memcpy / memset calls cost more than the
+         copies (10% of the forward's time on rows of 28, three calls a row). (The empty asm
+         hides the copy from GCC, which would make it such a call again.) */
+      static inline void fc_vcopy(float* __restrict d, const float* __restrict s, ptrdiff_t n) {
+          ptrdiff_t i = 0;
+          for (; i + 8 <= n; i += 8) {
+              __m256 v = _mm256_loadu_ps(s + i);
+              __asm__("" : "+x"(v));
+              _mm256_storeu_ps(d + i, v);
+          }
+          if (i < n && n >= 8) {
+              __m256 v = _mm256_loadu_ps(s + n - 8);
+              __asm__("" : "+x"(v));
+              _mm256_storeu_ps(d + n - 8, v);
+          } else for (; i < n; i++) {
+              float v = s[i];
+              __asm__("" : "+x"(v));
+              d[i] = v;
+          }
+      }
+      static inline void fc_vzero(float* d, ptrdiff_t n) {
+          __m256 z = _mm256_setzero_ps();
+          __asm__("" : "+x"(z));
+          ptrdiff_t i = 0;
+          for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, z);
+          for (; i < n; i++) _mm_store_ss(d + i, _mm256_castps256_ps128(z));
       }
       /* x's cin planes (H x W) into xb[c*plane + (pt + ih)*Wp + pl + iw], zeros around */
       static void fc_flat_pack(const float* __restrict x, ptrdiff_t H, ptrdiff_t W, int cin,
@@ -3863,11 +3902,11 @@ cdef extern from *:
               ptrdiff_t done = 0;  /* floats of d written */
               for (ptrdiff_t ih = r0; ih < r1; ih++) {
                   const ptrdiff_t at = (pt + ih) * Wp + lead;
-                  memset(d + done, 0, (at - done) * sizeof(float));
-                  memcpy(d + at, s + ih * W, m * sizeof(float));
+                  fc_vzero(d + done, at - done);
+                  fc_vcopy(d + at, s + ih * W, m);
                   done = at + m;
               }
-              memset(d + done, 0, (plane - done) * sizeof(float));
+              fc_vzero(d + done, plane - done);
           }
       }
       static void fc_nchwg_wpack(const float* __restrict w, ptrdiff_t F, int taps, int cin,
@@ -3892,21 +3931,12 @@ cdef extern from *:
                   fc_flat_tile(xb + q, plane, Wp, wq + (ptrdiff_t)jb * cin * KH * KW * 4, KH, KW,
                                cin, bias ? bias + 4 * jb : NULL, tmp + q, L);
               for (int j = 0; j < 4; j++) for (ptrdiff_t oh = 0; oh < OH; oh++)
-                  memcpy(out + ((ptrdiff_t)(4 * jb + j) * OH + oh) * OW, tmp + j * L + oh * Wp,
-                         OW * sizeof(float));
+                  fc_vcopy(out + ((ptrdiff_t)(4 * jb + j) * OH + oh) * OW, tmp + j * L + oh * Wp,
+                           OW);
           }
       }
     #else
-      #define FC_NCHWG_OK 0
-      #define FC_NCHWG_KWMAX 0
-      #define FC_NCHWG_S2 0
-      #define FC_NCHWG_PACK 0
-      static void fc_nchwg(int s, int fb, const float* x, ptrdiff_t plane, ptrdiff_t W,
-              ptrdiff_t H, ptrdiff_t ih0, const float* w, ptrdiff_t F, int KH, int KW, int cin,
-              ptrdiff_t pl, const float* bias, float* out, ptrdiff_t oplane, ptrdiff_t ow0,
-              ptrdiff_t n) {}
-    #endif
-    #if !FC_NCHWG_PACK
+      #define FC_FLAT 0
       static ptrdiff_t fc_flat_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int cin,
                                      ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
       static void fc_nchwg_wpack(const float* w, ptrdiff_t F, int taps, int cin, int cout,
@@ -3917,9 +3947,7 @@ cdef extern from *:
     #endif
     """
     bint FC_NCHWG_OK
-    int FC_NCHWG_KWMAX
-    bint FC_NCHWG_S2
-    bint FC_NCHWG_PACK
+    bint FC_FLAT
     Py_ssize_t fc_flat_sizes(Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int cin,
                              Py_ssize_t* L, Py_ssize_t* plane) noexcept nogil
     void fc_nchwg_wpack(const float* w, Py_ssize_t F, int taps, int cin, int cout, int groups,
@@ -3939,9 +3967,10 @@ ctypedef struct NchwG:
     const float* w
     const float* bias
     float* out
-    float* xb           # per thread (FC_NCHWG_PACK): xsize floats, the group's padded rows
+    float* xb           # per thread (flat): xsize floats, the group's padded planes and tmp
     Py_ssize_t C, H, W, F, OH, OW, cin_g, cout_g, pad_top, pad_left, chunk, xsize
     int KH, KW, fb, sh, sw
+    bint flat
 
 
 cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nogil:
@@ -3950,8 +3979,8 @@ cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
     cdef Py_ssize_t nfb = a.F // a.fb, t, n, f0, g, oh, ow0
     cdef const float* xg
     cdef float* og
-    if FC_NCHWG_PACK:
-        # (AVX2) task t: image t // groups, group t % groups
+    if a.flat:
+        # task t: image t // groups, group t % groups
         nfb = a.F // a.cout_g
         for t in range(t0, t1):
             n, g = t // nfb, t % nfb
@@ -4000,11 +4029,14 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
     # groups 0.63 / 0.69 -> 0.51 / 0.51 (channels_last 0.42 / 0.42), 4x128x56x56 in 32 1.76 /
     # 1.81 -> 1.26 / 1.22 (8 images), 16 inputs a group on 4x256x28x28 0.95 / 1.11 -> 0.90 /
     # 0.93, 5x5 on 4x256x28x28 in 32 1.53 / 1.71 -> 1.27 / 1.28 (channels_last 1.46 / 1.52).
-    return (FC_NCHWG_OK and fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 16
-            and (sw == 1 or (sw == 2 and FC_NCHWG_S2)) and (sh == 1 or not FC_NCHWG_PACK)
-            and dh == 1 and dw == 1
-            and KW <= FC_NCHWG_KWMAX
-            and OW >= 12 and (OW > 16 or cin_g <= 8))
+    return (fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 16 and dh == 1
+            and dw == 1 and KW <= 8 and OW >= 12 and (OW > 16 or cin_g <= 8)
+            and (_flat_serves(sh, sw) or (FC_NCHWG_OK and (sw == 1 or sw == 2))))
+
+
+cdef bint _flat_serves(int sh, int sw) noexcept nogil:
+    # fc_nchwg_task (AVX2, AVX-512) for unit strides
+    return FC_FLAT and fc_use_flat and sh == 1 and sw == 1
 
 
 cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
@@ -4022,15 +4054,16 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
     job.fb = 8 if job.cout_g % 8 == 0 else 4
     cdef Py_ssize_t most = 48 if job.fb == 8 else 64
     job.chunk = _cdiv(OW, _cdiv(OW, most))
+    job.flat = _flat_serves(sh, sw)
     cdef Py_ssize_t ntasks = N * (F // job.fb)
-    if FC_NCHWG_PACK:
+    if job.flat:
         ntasks = N * groups
     cdef int nt = <int>_max(1, _min(n_threads, ntasks))
     job.xb = NULL
     job.xsize = 0
     cdef float* wq = NULL
     cdef Py_ssize_t L, plane
-    if FC_NCHWG_PACK:
+    if job.flat:
         job.xsize = fc_flat_sizes(OH, OW, <int>KH, <int>KW, <int>cin_g, &L, &plane)
         job.xb = <float*>fc_amalloc(nt * job.xsize * sizeof(float))
         wq = <float*>fc_amalloc(KH * KW * cin_g * F * sizeof(float))
@@ -4235,13 +4268,16 @@ cdef extern from *:
               ptrdiff_t OW, ptrdiff_t oh0, ptrdiff_t oh1, int sh, int dh, int dw, ptrdiff_t pt,
               ptrdiff_t pl, int KH, int KW, float* accm, float* xb) {}
     #endif
-    #if FC_NCHWG_PACK
+    #if FC_FLAT
       /* AVX2, unit strides: a group's grad_kernel on flat planes (fc_nchwg_task's): x packed
          as there (Wp = OW + (KW - 1)*dw), dy into gf[j][oh*Wp + ow], zero for ow >= OW, so that
          dw[kh][kw][c][j] = sum over q of xf[c][q + kh*dh*Wp + kw*dw] * gf[j][q], one long row
-         with no row loop and KW - 1 zero pixels a row (rows of 8-pixel vectors, 28 pixels as
+         with no row loop and KW - 1 zero pixels a row (in rows of 8-pixel vectors 28 pixels are
          32); 3 taps x 4 outputs a pass of qpass pixels (L1-resident), the sums in am between
-         passes, their 8 lanes added at the end */
+         passes, their 8 lanes added at the end. A/B against fc_nchwk's rows (4 outputs a group)
+         or the bands (8), 2 threads, AVX2 build on the Xeon: 4x256x28x28 in 32 groups 1.04 ->
+         0.78 ms (channels_last 0.78), 4x256x28x28 in 64 0.86 -> 0.50, 4x128x56x56 in 32 1.53
+         -> 0.96. (With AVX-512, 3 taps x 8 outputs: no faster than fc_nchwk.) */
       #define FC_FLATK_OK 1
       #define FC_FLATK_TAPS(NKW) \
           for (ptrdiff_t q = q0; q < q1; q += 8) { \
@@ -4287,10 +4323,10 @@ cdef extern from *:
                   float* d = gf + j * L;
                   const float* s = dy + n * dystride + j * OH * OW;
                   for (ptrdiff_t oh = 0; oh < OH; oh++) {
-                      memcpy(d + oh * Wp, s + oh * OW, OW * sizeof(float));
-                      memset(d + oh * Wp + OW, 0, (Wp - OW) * sizeof(float));
+                      fc_vcopy(d + oh * Wp, s + oh * OW, OW);
+                      fc_vzero(d + oh * Wp + OW, Wp - OW);
                   }
-                  memset(d + OH * Wp, 0, (L - OH * Wp) * sizeof(float));
+                  fc_vzero(d + OH * Wp, L - OH * Wp);
                   __m256 b = _mm256_load_ps(bs + 8 * j);
                   for (ptrdiff_t q = 0; q < L; q += 8) b = _mm256_add_ps(b, _mm256_load_ps(d + q));
                   _mm256_store_ps(bs + 8 * j, b);
@@ -4430,8 +4466,8 @@ def set_nchwk_bytes(Py_ssize_t n):
 
 
 cdef bint _flatk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, int sh, int sw) noexcept nogil:
-    # (AVX2) fc_flatk_task, 4 or 8 outputs a group
-    return FC_FLATK_OK and sh == 1 and sw == 1 and (cout_g == 4 or cout_g == 8)
+    # fc_flatk_task, 4 or 8 outputs a group
+    return FC_FLATK_OK and _flat_serves(sh, sw) and (cout_g == 4 or cout_g == 8)
 
 
 cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, int sh, int sw,

@@ -245,6 +245,7 @@ def _restore_tunings(kernels):
     kernels.set_chunk_bytes(kernels.CHUNK_BYTES)
     kernels.set_nchwg(kernels.NCHWG)
     kernels.set_nchwk_bytes(kernels.NCHWK_BYTES)
+    kernels.set_flat(kernels.FLAT)
 
 
 def _forward_problem(case, dtype, data_format="channels_last"):
@@ -378,8 +379,9 @@ def test_channels_first_grad_kernel(variant, dtype, case):
     """grad_kernel (and the bias gradient) from an NCHW x, an NCHW dy or both: both in bands of
     rows transposed in each thread's scratch where blocks of rows with their own sums serve
     (kernels.grad_kernel_nchw), else transposed whole first; grouped, both read as they are
-    (fc_nchwk: AVX-512, and AVX2 with 4 outputs a group) in passes of the default rows or of
-    one row, or not; the reference's, on 1 to 3 threads."""
+    (fc_nchwk: AVX-512, and AVX2 with 4 outputs a group; AVX2 with unit strides on flat planes,
+    fc_flatk_task) in passes of the default size or of one row (one vector flat), or not; the
+    reference's, on 1 to 3 threads."""
     *_, strides, dilation, padding = case
     x, k, _, _, spec, g = _forward_problem(case, dtype, "channels_first")
     dy = np.random.default_rng(_seed(case) + 1).standard_normal(
@@ -391,17 +393,20 @@ def test_channels_first_grad_kernel(variant, dtype, case):
     dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))
     rtol = 1e-4 if dtype == np.float32 else 1e-10
     try:
-        for threads, (nchwg, rows) in itertools.product(
-                (1, 2, 3), ((True, kernels.NCHWK_BYTES), (True, 1),
-                            (False, kernels.NCHWK_BYTES))):
+        for threads, (nchwg, rows, flat) in itertools.product(
+                (1, 2, 3), ((True, kernels.NCHWK_BYTES, True), (True, 1, True),
+                            (True, kernels.NCHWK_BYTES, False),
+                            (False, kernels.NCHWK_BYTES, True))):
             kernels.set_nchwg(nchwg)
             kernels.set_nchwk_bytes(rows)
+            kernels.set_flat(flat)
             for nchw in (kernels.NCHW_X, kernels.NCHW_OUT, kernels.NCHW_X | kernels.NCHW_OUT):
                 dk, db = np.full(k.shape, np.nan, dtype), np.full(g.f, np.nan, dtype)
                 kernels.grad_kernel(x if nchw & kernels.NCHW_X else x_nhwc,
                                     dy if nchw & kernels.NCHW_OUT else dy_nhwc, dk, *geometry,
                                     threads, db, nchw=nchw)
-                name = f"nchw {nchw}, {threads} threads, nchwg {nchwg} ({rows} bytes)"
+                name = f"nchw {nchw}, {threads} threads, nchwg {nchwg} ({rows} bytes, flat " \
+                       f"{flat})"
                 reference.assert_close(dk, expected, rtol, name)
                 _assert_bias_close(db, dy, (0, 2, 3), rtol, name)
     finally:
