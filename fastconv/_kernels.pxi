@@ -4035,7 +4035,7 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
 
 
 cdef bint _flat_serves(int sh, int sw) noexcept nogil:
-    # fc_nchwg_task (AVX2, AVX-512) for unit strides
+    # fc_nchwg_task and fc_flatk_task (AVX2) for unit strides
     return FC_FLAT and fc_use_flat and sh == 1 and sw == 1
 
 
@@ -4081,8 +4081,8 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
 
 cdef extern from *:
     """
-    /* grad_kernel of a grouped convolution on NCHW x and dy (unit stride along w; AVX-512, AVX2
-       below), a group's FB (4 or 8) output channels at once. An image's dy rows of those are first
+    /* grad_kernel of a grouped convolution on NCHW x and dy (unit stride along w; AVX-512;
+       AVX2: fc_flatk_task below), a group's FB (4 or 8) output channels at once. An image's dy rows of those are first
        copied into this thread's gb[oh][v][j][16] (16-pixel vector v of row oh, channel j;
        lanes past OW zero: the FB vectors of a pixel vector at fixed offsets, no masks), then
        for each input channel, rows oh0 .. oh1 at a time: the input rows they read into
@@ -4097,8 +4097,6 @@ cdef extern from *:
        summed over the lanes' pixels ow, ih = oh*sh + kh*dh - pt. */
     #if defined(__GNUC__) && defined(__AVX512F__)
       #define FC_NCHWK_OK 1
-      #define FC_NCHWK_L 16
-      #define FC_NCHWK_FB8 1
       #define FC_NCHWK_WBMAX 512
       /* (and the planes' sums, a vector a channel, added to bsum[j*16 ...] where not NULL:
          the bias gradient from the same pass) */
@@ -4181,86 +4179,8 @@ cdef extern from *:
           (fb == 8 ? fc_nchwk_8 : fc_nchwk_4)(x, H, W, gb, OW, oh0, oh1, sh, dh, dw, pt, pl, KH,
                                               KW, accm, xb);
       }
-    #elif defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__)
-      #include <immintrin.h>
-      /* AVX2: the same with 8-pixel vectors, for groups of 4 outputs (12 sums, 3 x vectors and
-         a dy vector fill the 16 registers); the copies by memcpy, their tails zeroed */
-      #define FC_NCHWK_OK 1
-      #define FC_NCHWK_L 8
-      #define FC_NCHWK_FB8 0
-      #define FC_NCHWK_WBMAX 512
-      static void fc_nchwk_pack(const float* __restrict dy, ptrdiff_t gplane, ptrdiff_t OH,
-                                ptrdiff_t OW, int fb, float* __restrict gb,
-                                float* __restrict bsum) {
-          const ptrdiff_t NV = (OW + 7) / 8;
-          for (int j = 0; j < fb; j++) {
-              __m256 b = _mm256_setzero_ps();
-              for (ptrdiff_t r = 0; r < OH; r++) for (ptrdiff_t v = 0; v < NV; v++) {
-                  float* d = gb + ((r * NV + v) * fb + j) * 8;
-                  const ptrdiff_t m = OW - 8 * v < 8 ? OW - 8 * v : 8;
-                  if (m < 8) memset(d, 0, 8 * sizeof(float));
-                  memcpy(d, dy + j * gplane + r * OW + 8 * v, m * sizeof(float));
-                  b = _mm256_add_ps(b, _mm256_load_ps(d));
-              }
-              if (bsum)
-                  _mm256_store_ps(bsum + j * 8, _mm256_add_ps(_mm256_load_ps(bsum + j * 8), b));
-          }
-      }
-      #define FC_NCHWK_ROWS2(NKW) \
-      for (ptrdiff_t r = 0; r < R; r++) { \
-          const float* xq = xr + r * sh * Wb; \
-          const float* gr = gb + (oh0 + r) * NV * 4 * 8; \
-          for (ptrdiff_t v = 0; v < NV; v++) { \
-              __m256 xv[NKW]; \
-              FC_UNROLL for (int t = 0; t < NKW; t++) \
-                  xv[t] = _mm256_loadu_ps(xq + 8 * v + t * dw); \
-              FC_UNROLL for (int j = 0; j < 4; j++) { \
-                  __m256 g = _mm256_load_ps(gr + (v * 4 + j) * 8); \
-                  __asm__("" : "+x"(g)); \
-                  FC_UNROLL for (int t = 0; t < NKW; t++) \
-                      acc[t][j] = _mm256_fmadd_ps(xv[t], g, acc[t][j]); \
-              } \
-          } \
-      }
-      static void fc_nchwk(int fb, const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
-              const float* __restrict gb, ptrdiff_t OW, ptrdiff_t oh0, ptrdiff_t oh1, int sh,
-              int dh, int dw, ptrdiff_t pt, ptrdiff_t pl, int KH, int KW,
-              float* __restrict accm, float* __restrict xb) {
-          /* (fb: 4, the channels in gb; _nchwk_serves) */
-          const int nkb = (KW + 2) / 3;
-          const ptrdiff_t NV = (OW + 7) / 8, R = oh1 - oh0;
-          const ptrdiff_t XR = (R - 1) * sh + (ptrdiff_t)(KH - 1) * dh + 1;
-          const ptrdiff_t Wb = (NV * 8 + (ptrdiff_t)(KW - 1) * dw + 7) / 8 * 8;
-          const ptrdiff_t ih0 = oh0 * sh - pt;
-          const ptrdiff_t c0 = pl < 0 ? -pl : 0, c1 = W < Wb - pl ? W : Wb - pl;
-          for (ptrdiff_t q = 0; q < XR; q++) {
-              float* d = xb + q * Wb;
-              const ptrdiff_t ih = ih0 + q;
-              memset(d, 0, Wb * sizeof(float));
-              if (ih >= 0 && ih < H && c1 > c0)
-                  memcpy(d + pl + c0, x + ih * W + c0, (c1 - c0) * sizeof(float));
-          }
-          for (int kh = 0; kh < KH; kh++) for (int kb = 0; kb < nkb; kb++) {
-              const int nkw = KW - 3 * kb < 3 ? KW - 3 * kb : 3;
-              float* am = accm + ((ptrdiff_t)kh * nkb + kb) * 3 * 4 * 8;
-              __m256 acc[3][4];
-              FC_UNROLL for (int t = 0; t < 3; t++) FC_UNROLL for (int j = 0; j < 4; j++)
-                  acc[t][j] = _mm256_load_ps(am + (t * 4 + j) * 8);
-              const float* xr = xb + (ptrdiff_t)kh * dh * Wb + (ptrdiff_t)3 * kb * dw;
-              if (nkw == 3)
-                  FC_NCHWK_ROWS2(3)
-              else if (nkw == 2)
-                  FC_NCHWK_ROWS2(2)
-              else
-                  FC_NCHWK_ROWS2(1)
-              FC_UNROLL for (int t = 0; t < 3; t++) FC_UNROLL for (int j = 0; j < 4; j++)
-                  _mm256_store_ps(am + (t * 4 + j) * 8, acc[t][j]);
-          }
-      }
     #else
       #define FC_NCHWK_OK 0
-      #define FC_NCHWK_L 16
-      #define FC_NCHWK_FB8 0
       #define FC_NCHWK_WBMAX 0
       static void fc_nchwk_pack(const float* dy, ptrdiff_t gplane, ptrdiff_t OH, ptrdiff_t OW,
                                 int fb, float* gb, float* bsum) {}
@@ -4274,8 +4194,8 @@ cdef extern from *:
          dw[kh][kw][c][j] = sum over q of xf[c][q + kh*dh*Wp + kw*dw] * gf[j][q], one long row
          with no row loop and KW - 1 zero pixels a row (in rows of 8-pixel vectors 28 pixels are
          32); 3 taps x 4 outputs a pass of qpass pixels (L1-resident), the sums in am between
-         passes, their 8 lanes added at the end. A/B against fc_nchwk's rows (4 outputs a group)
-         or the bands (8), 2 threads, AVX2 build on the Xeon: 4x256x28x28 in 32 groups 1.04 ->
+         passes, their 8 lanes added at the end. A/B against an AVX2 fc_nchwk (rows of 8-pixel
+         vectors, 4 outputs a group; gone) or the bands (8), 2 threads, AVX2 build on the Xeon: 4x256x28x28 in 32 groups 1.04 ->
          0.78 ms (channels_last 0.78), 4x256x28x28 in 64 0.86 -> 0.50, 4x128x56x56 in 32 1.53
          -> 0.96. (With AVX-512, 3 taps x 8 outputs: no faster than fc_nchwk.) */
       #define FC_FLATK_OK 1
@@ -4385,8 +4305,6 @@ cdef extern from *:
                        float* scratch) noexcept nogil
     int FC_NCHWK_WBMAX
     bint FC_NCHWK_OK
-    int FC_NCHWK_L
-    bint FC_NCHWK_FB8
     void fc_nchwk_pack(const float* dy, Py_ssize_t gplane, Py_ssize_t OH, Py_ssize_t OW, int fb,
                        float* gb, float* bsum) noexcept nogil
     void fc_nchwk(int fb, const float* x, Py_ssize_t H, Py_ssize_t W, const float* gb,
@@ -4414,7 +4332,7 @@ cdef void _nchwk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
     cdef float* am = a.accm + k * (a.asize + a.gsize + a.xsize)
     cdef float* gb = am + a.asize
     cdef float* xb = gb + a.gsize
-    cdef Py_ssize_t L = FC_NCHWK_L, G = a.cout_g, cs = a.KH * a.nkb * 3 * G * L
+    cdef Py_ssize_t L = 16, G = a.cout_g, cs = a.KH * a.nkb * 3 * G * L
     cdef Py_ssize_t t, f0, n, oh, kh, i, kb, tt, j, p
     cdef int nkw
     cdef float s
@@ -4454,13 +4372,14 @@ cdef void _nchwk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
 # grad_kernel on NCHW data (fc_nchwk): rows of dy a pass of the taps, about this many bytes of
 # them. A/B, 2 threads, 16 / 32 / 64 KB: 4x256x28x28 in 32 groups 0.69 / 0.66 / 0.67 ms,
 # 4x128x56x56 in 32 0.93 / 0.90 / 1.00, 8x128x56x56 in 32 1.78 / 1.72 / 1.95 (4 KB: 0.78, 1.03,
-# 1.96).
+# 1.96). fc_flatk_task (AVX2): about this many bytes of dy a pass, 4 KB to 64 KB within 10%.
 NCHWK_BYTES = 32 << 10
 cdef Py_ssize_t fc_nchwk_bytes = NCHWK_BYTES
 
 
 def set_nchwk_bytes(Py_ssize_t n):
-    """grad_kernel on NCHW data (fc_nchwk): about n bytes of dy rows a pass of the taps."""
+    """grad_kernel on NCHW data (fc_nchwk, fc_flatk_task): about n bytes of dy a pass of the
+    taps."""
     global fc_nchwk_bytes
     fc_nchwk_bytes = _max(1, n)
 
@@ -4478,13 +4397,12 @@ cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, 
     # 0.45 (0.50), 4x512x14x14 in 64 0.53 -> 0.43 (0.38), 5x5 on 4x256x28x28 in 32 1.74 ->
     # 1.60 (1.55); losing with 16 inputs a group (8x512x14x14 in 32: 1.15 -> 1.49, measured
     # when a task was a block of 8 outputs, each copying the group's x again) and more.
-    # AVX2 (blocks of 4 outputs, 8-pixel vectors), same A/B on the same Xeon's AVX2 build: 4
-    # outputs a group 4x128x56x56 in 32 groups 2.37 -> 1.51 ms (1.94), 4x256x28x28 in 64 1.16
-    # -> 0.84 (0.95); 8: 4x256x28x28 in 32 1.15 -> 1.23 (0.86), 4x512x14x14 in 64 0.66 ->
-    # 0.75: 4 only.
-    return (FC_NCHWK_OK and fc_use_nchwg and groups > 1 and cin_g <= 8
+    # AVX2: fc_flatk_task with unit strides (an AVX2 fc_nchwk, 4 outputs a group on 8-pixel
+    # vectors, lost to it: 4x256x28x28 in 64 groups 0.84 -> 0.50 ms, and lost to the bands with
+    # 8 outputs a group).
+    return (fc_use_nchwg and groups > 1 and cin_g <= 8
             and (_flatk_serves(cin_g, cout_g, sh, sw)
-                 or ((cout_g == 4 or (FC_NCHWK_FB8 and cout_g == 8)) and sw == 1
+                 or (FC_NCHWK_OK and (cout_g == 4 or cout_g == 8) and sw == 1
                      and _cdiv(OW, 16) * 16 + (KW - 1) * dwl <= FC_NCHWK_WBMAX)))
 
 
@@ -4530,9 +4448,9 @@ cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
     job.cin_g, job.cout_g, job.KH, job.KW = cin_g, F // groups, KH, KW
     job.nkb, job.pad_top, job.pad_left = _cdiv(KW, 3), pad_top, pad_left
     job.sh, job.dh, job.dwl = sh, dh, dwl
-    job.asize = (KH * cin_g * job.nkb * 3 + 1) * job.cout_g * FC_NCHWK_L
+    job.asize = (KH * cin_g * job.nkb * 3 + 1) * job.cout_g * 16
     # rows a pass of the taps: about fc_nchwk_bytes of gb
-    cdef Py_ssize_t L = FC_NCHWK_L, NV = _cdiv(OW, L), Wb = _cdiv(NV * L + (KW - 1) * dwl, L) * L
+    cdef Py_ssize_t L = 16, NV = _cdiv(OW, L), Wb = _cdiv(NV * L + (KW - 1) * dwl, L) * L
     job.rows = _max(1, _min(OH, fc_nchwk_bytes // (4 * job.cout_g * NV * L)))
     job.gsize = OH * NV * job.cout_g * L
     job.xsize = ((job.rows - 1) * sh + (KH - 1) * dh + 1) * Wb
