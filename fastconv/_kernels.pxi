@@ -4082,9 +4082,10 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
 cdef extern from *:
     """
     /* grad_kernel of a grouped convolution on NCHW x and dy (unit stride along w; AVX-512;
-       AVX2: fc_flatk_task below), a group's FB (4 or 8) output channels at once. An image's dy rows of those are first
-       copied into this thread's gb[oh][v][j][16] (16-pixel vector v of row oh, channel j;
-       lanes past OW zero: the FB vectors of a pixel vector at fixed offsets, no masks), then
+       AVX2: fc_flatk_task below), a group's FB (4 or 8) output channels at once. An image's dy
+       rows of those are first copied into this thread's gb[oh][v][j][16] (16-pixel vector v
+       of row oh, channel j; lanes past OW zero: the FB vectors of a pixel vector at fixed
+       offsets, no masks), then
        for each input channel, rows oh0 .. oh1 at a time: the input rows they read into
        xb[q][Wb] (input row oh0*sh - pt + q, column p - pl at p, zero outside the image), and
        for each kernel row kh and block of up to 3 kernel columns, the 3 x FB sums run over
@@ -4195,9 +4196,10 @@ cdef extern from *:
          with no row loop and KW - 1 zero pixels a row (in rows of 8-pixel vectors 28 pixels are
          32); 3 taps x 4 outputs a pass of qpass pixels (L1-resident), the sums in am between
          passes, their 8 lanes added at the end. A/B against an AVX2 fc_nchwk (rows of 8-pixel
-         vectors, 4 outputs a group; gone) or the bands (8), 2 threads, AVX2 build on the Xeon: 4x256x28x28 in 32 groups 1.04 ->
-         0.78 ms (channels_last 0.78), 4x256x28x28 in 64 0.86 -> 0.50, 4x128x56x56 in 32 1.53
-         -> 0.96. (With AVX-512, 3 taps x 8 outputs: no faster than fc_nchwk.) */
+         vectors, 4 outputs a group; gone) or the bands (8 outputs), 2 threads, AVX2 build on
+         the Xeon: 4x256x28x28 in 32 groups 1.04 -> 0.78 ms (channels_last 0.78), 4x256x28x28 in
+         64 0.86 -> 0.50, 4x128x56x56 in 32 1.53 -> 0.96. (With AVX-512, 3 taps x 8 outputs: no
+         faster than fc_nchwk.) */
       #define FC_FLATK_OK 1
       #define FC_FLATK_TAPS(NKW) \
           for (ptrdiff_t q = q0; q < q1; q += 8) { \
