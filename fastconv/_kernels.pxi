@@ -3852,7 +3852,9 @@ cdef extern from *:
               const __m256 b = bias ? _mm256_set1_ps(bias[j]) : _mm256_setzero_ps();
               FC_UNROLL for (int v = 0; v < 3; v++) acc[j][v] = b;
           }
-          if (KH == 3 && KW == 3) FC_FLAT_TAPS(3, 3) else FC_FLAT_TAPS(KH, KW)
+          if (KH == 3 && KW == 3) FC_FLAT_TAPS(3, 3)
+          else if (KH == 5 && KW == 5) FC_FLAT_TAPS(5, 5)
+          else FC_FLAT_TAPS(KH, KW)
           FC_UNROLL for (int j = 0; j < 4; j++) FC_UNROLL for (int v = 0; v < 3; v++)
               _mm256_storeu_ps(t + j * L + 8 * v, acc[j][v]);
       }
@@ -4029,9 +4031,17 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
     # groups 0.63 / 0.69 -> 0.51 / 0.51 (channels_last 0.42 / 0.42), 4x128x56x56 in 32 1.76 /
     # 1.81 -> 1.26 / 1.22 (8 images), 16 inputs a group on 4x256x28x28 0.95 / 1.11 -> 0.90 /
     # 0.93, 5x5 on 4x256x28x28 in 32 1.53 / 1.71 -> 1.27 / 1.28 (channels_last 1.46 / 1.52).
-    return (fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and cin_g <= 16 and dh == 1
-            and dw == 1 and KW <= 8 and OW >= 12 and (OW > 16 or cin_g <= 8)
-            and (_flat_serves(sh, sw) or (FC_NCHWG_OK and (sw == 1 or sw == 2))))
+    # AVX2 (flat planes), forward / grad_input against the bands, 2 threads, AVX2 build on the
+    # Xeon, by inputs a group: 16, 4x14x14x512 0.89 / 0.97 -> 0.89 / 0.86 ms, 4x28x28x256 1.60 /
+    # 1.81 -> 1.52 / 1.54; 32, 4x28x28x256 2.80 / 3.02 -> 2.87 / 2.86, 4x56x56x128 3.15 / 3.36
+    # -> 2.82 / 2.79; 64, 4x28x28x256 5.10 / 5.65 -> 5.36 / 5.51: up to 32. 5x5: 8 inputs
+    # 2.21 / 2.50 -> 1.97 / 1.96, 16 0.85 / 0.93 -> 0.92 / 0.94 (KW - 1 of Wp pixels wasted):
+    # up to 8 on kernels wider than 3.
+    return (fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and dh == 1
+            and dw == 1 and KW <= 8 and OW >= 12
+            and ((_flat_serves(sh, sw) and cin_g <= (32 if KW <= 3 else 8))
+                 or (FC_NCHWG_OK and (sw == 1 or sw == 2) and cin_g <= 16
+                     and (OW > 16 or cin_g <= 8))))
 
 
 cdef bint _flat_serves(int sh, int sw) noexcept nogil:
@@ -4387,8 +4397,13 @@ def set_nchwk_bytes(Py_ssize_t n):
 
 
 cdef bint _flatk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, int sh, int sw) noexcept nogil:
-    # fc_flatk_task, 4 or 8 outputs a group
-    return FC_FLATK_OK and _flat_serves(sh, sw) and (cout_g == 4 or cout_g == 8)
+    # fc_flatk_task (AVX2). A/B against the bands, 2 threads, AVX2 build on the Xeon (inputs /
+    # outputs a group; channels_last in brackets): 16/16 4x14x14x512 1.53 -> 1.08 ms (1.11),
+    # 4x28x28x256 1.96 -> 1.49 (1.45); 12/12 4x28x28x192 1.39 -> 0.85 (1.12); 32/32
+    # 4x28x28x256 3.62 -> 2.79 (2.93), 4x56x56x128 3.75 -> 2.76 (2.87); 64/64 4x28x28x256 6.85
+    # -> 5.97 (5.62); 16/16 5x5 4x28x28x64 1.22 -> 1.02 (0.91). Larger groups not measured.
+    return (FC_FLATK_OK and _flat_serves(sh, sw) and cin_g <= 64 and cout_g % 4 == 0
+            and cout_g <= 64)
 
 
 cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, int sh, int sw,
@@ -4402,9 +4417,9 @@ cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, 
     # AVX2: fc_flatk_task with unit strides (an AVX2 fc_nchwk, 4 outputs a group on 8-pixel
     # vectors, lost to it: 4x256x28x28 in 64 groups 0.84 -> 0.50 ms, and lost to the bands with
     # 8 outputs a group).
-    return (fc_use_nchwg and groups > 1 and cin_g <= 8
+    return (fc_use_nchwg and groups > 1
             and (_flatk_serves(cin_g, cout_g, sh, sw)
-                 or (FC_NCHWK_OK and (cout_g == 4 or cout_g == 8) and sw == 1
+                 or (FC_NCHWK_OK and cin_g <= 8 and (cout_g == 4 or cout_g == 8) and sw == 1
                      and _cdiv(OW, 16) * 16 + (KW - 1) * dwl <= FC_NCHWK_WBMAX)))
 
 

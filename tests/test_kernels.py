@@ -151,6 +151,7 @@ CASES = [
     (1, 6, 70, 16, 3, 3, 24, 2, (1, 1), (1, 1), "valid"),  # 12 outputs a group, two chunks
     (2, 8, 14, 4, 3, 3, 16, 4, (1, 1), (1, 1), "same"),  # depth multiplier 4: 1 input a group
     (2, 6, 20, 64, 3, 3, 32, 4, (1, 1), (1, 1), "same"),  # 16 inputs a group
+    (1, 5, 14, 64, 3, 3, 64, 2, (1, 1), (1, 1), "same"),  # 32 and 32 (AVX2 flat planes)
     # ... with stride 2 along w (two loads a vector, the even lanes kept): 8- and 4-channel
     # tiles, 1 to 4 vectors, two chunks, odd widths (the last input a row's lanes reach),
     # kernels 5 and 7 wide, "valid", stride 2 along h only with stride 1 along w
