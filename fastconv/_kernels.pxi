@@ -3823,16 +3823,21 @@ cdef extern from *:
          as the FMA latency needs with no slack, 4 lanes of 32 idle): 1.17, no faster than the
          bands; masked loads in the loop instead of the padded copy: 1.16-1.8x the bands'.
          With AVX-512 (8 x 48 tiles) slower than fc_nchwg's masked rows above: 4x256x28x28 in
-         32 groups 0.55 vs 0.51 ms, 4x512x14x14 in 64 0.50 vs 0.32. */
+         32 groups 0.55 vs 0.51 ms, 4x512x14x14 in 64 0.50 vs 0.32. Strides of 2 along both
+         axes: each input plane is split into its 4 phases (even / odd rows x columns,
+         fc_flat_pack2), in which a tap reads at a constant offset again; against the bands,
+         4x256x56x56 in 32 groups 1.52 -> 1.16 ms (channels_last 0.79), 4x112x112x64 in 8 1.39
+         -> 1.07 (0.74), 4x28x28x512 in 32 1.17 -> 1.07 (0.93). */
       #include <immintrin.h>
       #define FC_FLAT 1
-      #define FC_FLAT_TAPS(KHV, KWV) \
+      #define FC_FLAT_TAPS(S, KHV, KWV) \
           for (int c = 0; c < cin; c++) { \
-              const float* xc = x + c * plane; \
+              const float* xc = x + c * S * S * plane; \
               const float* wc = wq + (ptrdiff_t)c * KHV * KWV * 4; \
               FC_UNROLL for (int kh = 0; kh < KHV; kh++) \
               FC_UNROLL for (int kw = 0; kw < KWV; kw++) { \
-                  const float* xs = xc + kh * Wp + kw; \
+                  const float* xs = xc + ((kh % S) * S + kw % S) * plane + (kh / S) * Wp \
+                                    + kw / S; \
                   const float* wj = wc + (kh * KWV + kw) * 4; \
                   __m256 xv[3]; \
                   FC_UNROLL for (int v = 0; v < 3; v++) xv[v] = _mm256_loadu_ps(xs + 8 * v); \
@@ -3844,7 +3849,7 @@ cdef extern from *:
               } \
           }
       /* 4 outputs x pixels q .. q + 24 of the flat plane: x = xb + q, t = tmp + q (rows of L) */
-      static void fc_flat_tile(const float* __restrict x, ptrdiff_t plane, ptrdiff_t Wp,
+      static void fc_flat_tile(int S, const float* __restrict x, ptrdiff_t plane, ptrdiff_t Wp,
               const float* __restrict wq, int KH, int KW, int cin, const float* __restrict bias,
               float* __restrict t, ptrdiff_t L) {
           __m256 acc[4][3];
@@ -3852,19 +3857,23 @@ cdef extern from *:
               const __m256 b = bias ? _mm256_set1_ps(bias[j]) : _mm256_setzero_ps();
               FC_UNROLL for (int v = 0; v < 3; v++) acc[j][v] = b;
           }
-          if (KH == 3 && KW == 3) FC_FLAT_TAPS(3, 3)
-          else if (KH == 5 && KW == 5) FC_FLAT_TAPS(5, 5)
-          else FC_FLAT_TAPS(KH, KW)
+          if (S == 2) {
+              if (KH == 3 && KW == 3) FC_FLAT_TAPS(2, 3, 3)
+              else FC_FLAT_TAPS(2, KH, KW)
+          }
+          else if (KH == 3 && KW == 3) FC_FLAT_TAPS(1, 3, 3)
+          else if (KH == 5 && KW == 5) FC_FLAT_TAPS(1, 5, 5)
+          else FC_FLAT_TAPS(1, KH, KW)
           FC_UNROLL for (int j = 0; j < 4; j++) FC_UNROLL for (int v = 0; v < 3; v++)
               _mm256_storeu_ps(t + j * L + 8 * v, acc[j][v]);
       }
       /* floats of a thread's scratch: xb, then tmp */
-      static ptrdiff_t fc_flat_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int cin,
-                                     ptrdiff_t* L, ptrdiff_t* plane) {
-          const ptrdiff_t Wp = OW + KW - 1;
+      static ptrdiff_t fc_flat_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
+                                     int cin, ptrdiff_t* L, ptrdiff_t* plane) {
+          const ptrdiff_t Wp = OW + (KW - 1) / S;
           *L = (OH * Wp + 23) / 24 * 24;
-          *plane = (*L + (ptrdiff_t)(KH - 1) * Wp + KW + 15) / 16 * 16;
-          return cin * *plane + 4 * *L;
+          *plane = (*L + (ptrdiff_t)((KH - 1) / S) * Wp + (KW - 1) / S + 1 + 15) / 16 * 16;
+          return cin * S * S * *plane + 4 * *L;
       }
       /* n floats copied, zeroed: short rows, where memcpy / memset calls cost more than the
          copies (10% of the forward's time on rows of 28, three calls a row). (The empty asm
@@ -3911,6 +3920,40 @@ cdef extern from *:
               fc_vzero(d + done, plane - done);
           }
       }
+      /* stride 2: x's cin planes into 4 phase planes each, xb[((c*2 + a)*2 + b)*plane +
+         r*Wp + k] = x[c][2r + a - pt][2k + b - pl] (zero outside the image): a tap (kh, kw)
+         of output pixel q reads phase (kh % 2, kw % 2) at q + (kh / 2)*Wp + kw / 2 */
+      static void fc_flat_pack2(const float* __restrict x, ptrdiff_t H, ptrdiff_t W, int cin,
+              ptrdiff_t Wp, ptrdiff_t plane, ptrdiff_t pt, ptrdiff_t pl, float* __restrict xb) {
+          const ptrdiff_t R = plane / Wp;
+          for (int c = 0; c < cin; c++) for (int a = 0; a < 2; a++) for (int b = 0; b < 2; b++) {
+              float* d = xb + ((ptrdiff_t)(c * 2 + a) * 2 + b) * plane;
+              for (ptrdiff_t r = 0; r < R; r++) {
+                  float* o = d + r * Wp;
+                  const ptrdiff_t i = 2 * r + a - pt;
+                  if (i < 0 || i >= H) {
+                      fc_vzero(o, Wp);
+                      continue;
+                  }
+                  const float* s = x + (c * H + i) * W;
+                  ptrdiff_t k = 0;
+                  for (; k < Wp && 2 * k + b - pl < 0; k++) o[k] = 0;
+                  /* 8 at a time while the 16 inputs they span lie in the row */
+                  for (; k + 8 <= Wp && 2 * k + b - pl + 16 <= W; k += 8) {
+                      const float* p = s + 2 * k + b - pl;
+                      const __m256 lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8);
+                      const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+                      _mm256_storeu_ps(o + k, _mm256_castpd_ps(_mm256_permute4x64_pd(
+                          _mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+                  }
+                  for (; k < Wp; k++) {
+                      const ptrdiff_t j = 2 * k + b - pl;
+                      o[k] = j < W ? s[j] : 0;
+                  }
+              }
+              fc_vzero(d + R * Wp, plane - R * Wp);
+          }
+      }
       static void fc_nchwg_wpack(const float* __restrict w, ptrdiff_t F, int taps, int cin,
                                  int cout, int groups, float* __restrict wq) {
           for (int g = 0; g < groups; g++) for (int jb = 0; jb < cout / 4; jb++)
@@ -3920,17 +3963,20 @@ cdef extern from *:
       }
       /* one task: the cout outputs (a multiple of 4) of the group whose cin input planes start
          at x, into out (their first plane); wq: the group's regrouped weights */
-      static void fc_nchwg_task(const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
+      static void fc_nchwg_task(int S, const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
               const float* wq, int KH, int KW, int cin, int cout, ptrdiff_t pt, ptrdiff_t pl,
               const float* bias, float* out, ptrdiff_t OH, ptrdiff_t OW, float* __restrict xb) {
           ptrdiff_t L, plane;
-          fc_flat_sizes(OH, OW, KH, KW, cin, &L, &plane);
-          const ptrdiff_t Wp = OW + KW - 1;
-          float* tmp = xb + cin * plane;
-          fc_flat_pack(x, H, W, cin, Wp, plane, pt, pl, xb);
+          fc_flat_sizes(S, OH, OW, KH, KW, cin, &L, &plane);
+          const ptrdiff_t Wp = OW + (KW - 1) / S;
+          float* tmp = xb + cin * S * S * plane;
+          if (S == 2)
+              fc_flat_pack2(x, H, W, cin, Wp, plane, pt, pl, xb);
+          else
+              fc_flat_pack(x, H, W, cin, Wp, plane, pt, pl, xb);
           for (int jb = 0; jb < cout / 4; jb++) {
               for (ptrdiff_t q = 0; q < L; q += 24)
-                  fc_flat_tile(xb + q, plane, Wp, wq + (ptrdiff_t)jb * cin * KH * KW * 4, KH, KW,
+                  fc_flat_tile(S, xb + q, plane, Wp, wq + (ptrdiff_t)jb * cin * KH * KW * 4, KH, KW,
                                cin, bias ? bias + 4 * jb : NULL, tmp + q, L);
               for (int j = 0; j < 4; j++) for (ptrdiff_t oh = 0; oh < OH; oh++)
                   fc_vcopy(out + ((ptrdiff_t)(4 * jb + j) * OH + oh) * OW, tmp + j * L + oh * Wp,
@@ -3939,23 +3985,23 @@ cdef extern from *:
       }
     #else
       #define FC_FLAT 0
-      static ptrdiff_t fc_flat_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int cin,
-                                     ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
+      static ptrdiff_t fc_flat_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
+                                     int cin, ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
       static void fc_nchwg_wpack(const float* w, ptrdiff_t F, int taps, int cin, int cout,
                                  int groups, float* wq) {}
-      static void fc_nchwg_task(const float* x, ptrdiff_t H, ptrdiff_t W, const float* wq,
-              int KH, int KW, int cin, int cout, ptrdiff_t pt, ptrdiff_t pl, const float* bias,
-              float* out, ptrdiff_t OH, ptrdiff_t OW, float* xb) {}
+      static void fc_nchwg_task(int S, const float* x, ptrdiff_t H, ptrdiff_t W,
+              const float* wq, int KH, int KW, int cin, int cout, ptrdiff_t pt, ptrdiff_t pl,
+              const float* bias, float* out, ptrdiff_t OH, ptrdiff_t OW, float* xb) {}
     #endif
     """
     bint FC_NCHWG_OK
     bint FC_FLAT
-    Py_ssize_t fc_flat_sizes(Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int cin,
+    Py_ssize_t fc_flat_sizes(int S, Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int cin,
                              Py_ssize_t* L, Py_ssize_t* plane) noexcept nogil
     void fc_nchwg_wpack(const float* w, Py_ssize_t F, int taps, int cin, int cout, int groups,
                         float* wq) noexcept nogil
-    void fc_nchwg_task(const float* x, Py_ssize_t H, Py_ssize_t W, const float* wq, int KH,
-                       int KW, int cin, int cout, Py_ssize_t pt, Py_ssize_t pl,
+    void fc_nchwg_task(int S, const float* x, Py_ssize_t H, Py_ssize_t W, const float* wq,
+                       int KH, int KW, int cin, int cout, Py_ssize_t pt, Py_ssize_t pl,
                        const float* bias, float* out, Py_ssize_t OH, Py_ssize_t OW,
                        float* xb) noexcept nogil
     void fc_nchwg(int s, int fb, const float* x, Py_ssize_t plane, Py_ssize_t W, Py_ssize_t H, Py_ssize_t ih0,
@@ -3986,7 +4032,7 @@ cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
         nfb = a.F // a.cout_g
         for t in range(t0, t1):
             n, g = t // nfb, t % nfb
-            fc_nchwg_task(a.x + (n * a.C + g * a.cin_g) * a.H * a.W, a.H, a.W,
+            fc_nchwg_task(a.sh, a.x + (n * a.C + g * a.cin_g) * a.H * a.W, a.H, a.W,
                           a.w + g * a.cout_g * a.cin_g * a.KH * a.KW, a.KH, a.KW, <int>a.cin_g,
                           <int>a.cout_g, a.pad_top, a.pad_left,
                           NULL if a.bias == NULL else a.bias + g * a.cout_g,
@@ -4045,8 +4091,8 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
 
 
 cdef bint _flat_serves(int sh, int sw) noexcept nogil:
-    # fc_nchwg_task and fc_flatk_task (AVX2) for unit strides
-    return FC_FLAT and fc_use_flat and sh == 1 and sw == 1
+    # fc_nchwg_task (AVX2) for unit strides and strides of 2
+    return FC_FLAT and fc_use_flat and sh == sw and (sh == 1 or sh == 2)
 
 
 cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
@@ -4074,7 +4120,7 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
     cdef float* wq = NULL
     cdef Py_ssize_t L, plane
     if job.flat:
-        job.xsize = fc_flat_sizes(OH, OW, <int>KH, <int>KW, <int>cin_g, &L, &plane)
+        job.xsize = fc_flat_sizes(sh, OH, OW, <int>KH, <int>KW, <int>cin_g, &L, &plane)
         job.xb = <float*>fc_amalloc(nt * job.xsize * sizeof(float))
         wq = <float*>fc_amalloc(KH * KW * cin_g * F * sizeof(float))
         if job.xb == NULL or wq == NULL:
@@ -4402,8 +4448,8 @@ cdef bint _flatk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, int sh, int sw) noe
     # 4x28x28x256 1.96 -> 1.49 (1.45); 12/12 4x28x28x192 1.39 -> 0.85 (1.12); 32/32
     # 4x28x28x256 3.62 -> 2.79 (2.93), 4x56x56x128 3.75 -> 2.76 (2.87); 64/64 4x28x28x256 6.85
     # -> 5.97 (5.62); 16/16 5x5 4x28x28x64 1.22 -> 1.02 (0.91). Larger groups not measured.
-    return (FC_FLATK_OK and _flat_serves(sh, sw) and cin_g <= 64 and cout_g % 4 == 0
-            and cout_g <= 64)
+    return (FC_FLATK_OK and _flat_serves(sh, sw) and sh == 1 and cin_g <= 64
+            and cout_g % 4 == 0 and cout_g <= 64)
 
 
 cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, int sh, int sw,
