@@ -4091,7 +4091,7 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
 
 
 cdef bint _flat_serves(int sh, int sw) noexcept nogil:
-    # fc_nchwg_task (AVX2) for unit strides and strides of 2
+    # fc_nchwg_task and fc_flatk_task (AVX2), unit strides or strides of 2
     return FC_FLAT and fc_use_flat and sh == sw and (sh == 1 or sh == 2)
 
 
@@ -4255,12 +4255,15 @@ cdef extern from *:
          vectors, 4 outputs a group; gone) or the bands (8 outputs), 2 threads, AVX2 build on
          the Xeon: 4x256x28x28 in 32 groups 1.04 -> 0.78 ms (channels_last 0.78), 4x256x28x28 in
          64 0.86 -> 0.50, 4x128x56x56 in 32 1.53 -> 0.96. (With AVX-512, 3 taps x 8 outputs: no
-         faster than fc_nchwk.) */
+         faster than fc_nchwk.) Strides of 2 on fc_flat_pack2's phase planes (any dilation: a
+         tap at row kh*dh of the window reads phase kh*dh % 2, kh*dh / 2 rows on): 4x256x56x56
+         in 32 groups 1.76 -> 1.21 ms (channels_last 1.19), 4x112x112x64 in 8 1.54 -> 1.11
+         (0.99), 4x56x56x256 in 64 2.71 -> 0.89 (1.56). */
       #define FC_FLATK_OK 1
       #define FC_FLATK_TAPS(NKW) \
           for (ptrdiff_t q = q0; q < q1; q += 8) { \
               __m256 xv[NKW]; \
-              FC_UNROLL for (int t = 0; t < NKW; t++) xv[t] = _mm256_loadu_ps(xr + q + t * dw); \
+              FC_UNROLL for (int t = 0; t < NKW; t++) xv[t] = _mm256_loadu_ps(xr[t] + q); \
               FC_UNROLL for (int j = 0; j < 4; j++) { \
                   __m256 g = _mm256_load_ps(gr + j * L + q); \
                   __asm__("" : "+x"(g)); \
@@ -4268,35 +4271,39 @@ cdef extern from *:
                       acc[t][j] = _mm256_fmadd_ps(xv[t], g, acc[t][j]); \
               } \
           }
-      static ptrdiff_t fc_flatk_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int dh,
-              int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) {
-          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw, nkb = (KW + 2) / 3;
+      static ptrdiff_t fc_flatk_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
+              int dh, int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) {
+          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw / S, nkb = (KW + 2) / 3;
           *L = (OH * Wp + 7) / 8 * 8;
-          *plane = (*L + (ptrdiff_t)(KH - 1) * dh * Wp + (ptrdiff_t)(KW - 1) * dw + 8 + 15)
-                   / 16 * 16;
-          return cin * *plane + cout * *L + (cin * KH * nkb * 3 + 1) * cout * 8;
+          *plane = (*L + (ptrdiff_t)(KH - 1) * dh / S * Wp + (ptrdiff_t)(KW - 1) * dw / S + 8
+                    + 15) / 16 * 16;
+          return cin * S * S * *plane + cout * *L + (cin * KH * nkb * 3 + 1) * cout * 8;
       }
       static float fc_hsum8(const float* a) {
           float s = 0;
           for (int i = 0; i < 8; i++) s += a[i];
           return s;
       }
-      static void fc_flatk_task(const float* x, ptrdiff_t xstride, const float* dy,
+      static void fc_flatk_task(int S, const float* x, ptrdiff_t xstride, const float* dy,
               ptrdiff_t dystride, ptrdiff_t N, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
               ptrdiff_t OW, int KH, int KW, int dh, int dw, int cin, int cout, ptrdiff_t pt,
               ptrdiff_t pl, ptrdiff_t qpass, float* dwk, ptrdiff_t F, float* db,
               float* scratch) {
           ptrdiff_t L, plane;
-          const ptrdiff_t size = fc_flatk_sizes(OH, OW, KH, KW, dh, dw, cin, cout, &L, &plane);
-          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw;
+          const ptrdiff_t size = fc_flatk_sizes(S, OH, OW, KH, KW, dh, dw, cin, cout, &L,
+                                                &plane);
+          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw / S;
           const int nkb = (KW + 2) / 3, nj = cout / 4;
           float* xf = scratch;
-          float* gf = xf + cin * plane;
+          float* gf = xf + cin * S * S * plane;
           float* am = gf + cout * L;
           float* bs = am + (ptrdiff_t)cin * KH * nkb * 3 * cout * 8;
           memset(am, 0, (scratch + size - am) * sizeof(float));
           for (ptrdiff_t n = 0; n < N; n++) {
-              fc_flat_pack(x + n * xstride, H, W, cin, Wp, plane, pt, pl, xf);
+              if (S == 2)
+                  fc_flat_pack2(x + n * xstride, H, W, cin, Wp, plane, pt, pl, xf);
+              else
+                  fc_flat_pack(x + n * xstride, H, W, cin, Wp, plane, pt, pl, xf);
               for (int j = 0; j < cout; j++) {
                   float* d = gf + j * L;
                   const float* s = dy + n * dystride + j * OH * OW;
@@ -4315,8 +4322,14 @@ cdef extern from *:
                   for (int kb = 0; kb < nkb; kb++) for (int jb = 0; jb < nj; jb++) {
                       const int nkw = KW - 3 * kb < 3 ? KW - 3 * kb : 3;
                       float* a = am + ((((ptrdiff_t)c * KH + kh) * nkb + kb) * nj + jb) * 12 * 8;
-                      const float* xr = xf + c * plane + (ptrdiff_t)kh * dh * Wp
-                                        + (ptrdiff_t)3 * kb * dw;
+                      /* tap (kh, kw) at row kh*dh, column kw*dw of the window: phase
+                         (kh*dh % S, kw*dw % S), (kh*dh / S) rows and (kw*dw / S) columns on */
+                      const float* xr[3] = {xf, xf, xf};
+                      for (int t = 0; t < nkw; t++) {
+                          const ptrdiff_t r = (ptrdiff_t)kh * dh, k = (ptrdiff_t)(3 * kb + t) * dw;
+                          xr[t] = xf + (((ptrdiff_t)c * S + r % S) * S + k % S) * plane
+                                  + r / S * Wp + k / S;
+                      }
                       const float* gr = gf + (ptrdiff_t)4 * jb * L;
                       __m256 acc[3][4];
                       FC_UNROLL for (int t = 0; t < 3; t++) FC_UNROLL for (int j = 0; j < 4; j++)
@@ -4344,9 +4357,9 @@ cdef extern from *:
       }
     #else
       #define FC_FLATK_OK 0
-      static ptrdiff_t fc_flatk_sizes(ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int dh,
-              int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
-      static void fc_flatk_task(const float* x, ptrdiff_t xstride, const float* dy,
+      static ptrdiff_t fc_flatk_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
+              int dh, int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
+      static void fc_flatk_task(int S, const float* x, ptrdiff_t xstride, const float* dy,
               ptrdiff_t dystride, ptrdiff_t N, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
               ptrdiff_t OW, int KH, int KW, int dh, int dw, int cin, int cout, ptrdiff_t pt,
               ptrdiff_t pl, ptrdiff_t qpass, float* dwk, ptrdiff_t F, float* db,
@@ -4354,9 +4367,11 @@ cdef extern from *:
     #endif
     """
     bint FC_FLATK_OK
-    Py_ssize_t fc_flatk_sizes(Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int dh, int dw,
+    Py_ssize_t fc_flatk_sizes(int S, Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int dh,
+                              int dw,
                               int cin, int cout, Py_ssize_t* L, Py_ssize_t* plane) noexcept nogil
-    void fc_flatk_task(const float* x, Py_ssize_t xstride, const float* dy, Py_ssize_t dystride,
+    void fc_flatk_task(int S, const float* x, Py_ssize_t xstride, const float* dy,
+                       Py_ssize_t dystride,
                        Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
                        int KH, int KW, int dh, int dw, int cin, int cout, Py_ssize_t pt,
                        Py_ssize_t pl, Py_ssize_t qpass, float* dwk, Py_ssize_t F, float* db,
@@ -4448,7 +4463,7 @@ cdef bint _flatk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, int sh, int sw) noe
     # 4x28x28x256 1.96 -> 1.49 (1.45); 12/12 4x28x28x192 1.39 -> 0.85 (1.12); 32/32
     # 4x28x28x256 3.62 -> 2.79 (2.93), 4x56x56x128 3.75 -> 2.76 (2.87); 64/64 4x28x28x256 6.85
     # -> 5.97 (5.62); 16/16 5x5 4x28x28x64 1.22 -> 1.02 (0.91). Larger groups not measured.
-    return (FC_FLATK_OK and _flat_serves(sh, sw) and sh == 1 and cin_g <= 64
+    return (FC_FLATK_OK and _flat_serves(sh, sw) and cin_g <= 64
             and cout_g % 4 == 0 and cout_g <= 64)
 
 
@@ -4460,9 +4475,9 @@ cdef bint _nchwk_serves(Py_ssize_t cin_g, Py_ssize_t cout_g, Py_ssize_t groups, 
     # 0.45 (0.50), 4x512x14x14 in 64 0.53 -> 0.43 (0.38), 5x5 on 4x256x28x28 in 32 1.74 ->
     # 1.60 (1.55); losing with 16 inputs a group (8x512x14x14 in 32: 1.15 -> 1.49, measured
     # when a task was a block of 8 outputs, each copying the group's x again) and more.
-    # AVX2: fc_flatk_task with unit strides (an AVX2 fc_nchwk, 4 outputs a group on 8-pixel
-    # vectors, lost to it: 4x256x28x28 in 64 groups 0.84 -> 0.50 ms, and lost to the bands with
-    # 8 outputs a group).
+    # AVX2: fc_flatk_task with unit strides or strides of 2 (an AVX2 fc_nchwk, 4 outputs a
+    # group on 8-pixel vectors, lost to it: 4x256x28x28 in 64 groups 0.84 -> 0.50 ms, and lost
+    # to the bands with 8 outputs a group).
     return (fc_use_nchwg and groups > 1
             and (_flatk_serves(cin_g, cout_g, sh, sw)
                  or (FC_NCHWK_OK and cin_g <= 8 and (cout_g == 4 or cout_g == 8) and sw == 1
@@ -4474,7 +4489,7 @@ cdef void _flatk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
     cdef NchwK* a = <NchwK*>c
     cdef Py_ssize_t t
     for t in range(t0, t1):
-        fc_flatk_task(a.x + t * a.cin_g * a.H * a.W, a.C * a.H * a.W,
+        fc_flatk_task(a.sh, a.x + t * a.cin_g * a.H * a.W, a.C * a.H * a.W,
                       a.dy + t * a.cout_g * a.OH * a.OW, a.F * a.OH * a.OW, a.N, a.H, a.W,
                       a.OH, a.OW, <int>a.KH, <int>a.KW, a.dh, a.dwl, <int>a.cin_g,
                       <int>a.cout_g, a.pad_top, a.pad_left, a.rows, a.dw + t * a.cout_g, a.F,
@@ -4484,19 +4499,19 @@ cdef void _flatk_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
 cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W,
                             Py_ssize_t C, const float* gp, Py_ssize_t OH, Py_ssize_t OW,
                             Py_ssize_t F, float* dp, Py_ssize_t KH, Py_ssize_t KW,
-                            Py_ssize_t cin_g, int sh, int dh, int dwl, int pad_top, int pad_left,
-                            int groups, int n_threads, float* db) noexcept nogil:
+                            Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
+                            int pad_left, int groups, int n_threads, float* db) noexcept nogil:
     cdef NchwK job
     cdef Py_ssize_t Lf, plane
     cdef int nt
-    if _flatk_serves(cin_g, F // groups, sh, 1):
+    if _flatk_serves(cin_g, F // groups, sh, sw):
         job.x, job.dy, job.dw, job.db = xp, gp, dp, db
         job.N, job.C, job.H, job.W, job.F, job.OH, job.OW = N, C, H, W, F, OH, OW
         job.cin_g, job.cout_g, job.KH, job.KW = cin_g, F // groups, KH, KW
-        job.pad_top, job.pad_left, job.dh, job.dwl = pad_top, pad_left, dh, dwl
+        job.pad_top, job.pad_left, job.sh, job.dh, job.dwl = pad_top, pad_left, sh, dh, dwl
         # pixels a pass: about fc_nchwk_bytes of dy
         job.rows = _max(8, fc_nchwk_bytes // (4 * job.cout_g) // 8 * 8)
-        job.asize = fc_flatk_sizes(OH, OW, <int>KH, <int>KW, dh, dwl, <int>cin_g,
+        job.asize = fc_flatk_sizes(sh, OH, OW, <int>KH, <int>KW, dh, dwl, <int>cin_g,
                                    <int>job.cout_g, &Lf, &plane)
         job.asize = (job.asize + 15) // 16 * 16
         nt = <int>_max(1, _min(n_threads, groups))
@@ -6199,8 +6214,8 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef int rc
     if (floating is float and nchw == FC_NCHW_X | FC_NCHW_OUT
             and _nchwk_serves(cin_g, F // groups, groups, sh, sw, OW, KW, dwl)):
-        return _grad_kernel_nchwk(xp0, N, H, W, C, gp0, OH, OW, F, dp0, KH, KW, cin_g, sh, dh,
-                                  dwl, pad_top, pad_left, groups, n_threads, db0)
+        return _grad_kernel_nchwk(xp0, N, H, W, C, gp0, OH, OW, F, dp0, KH, KW, cin_g, sh, sw,
+                                  dh, dwl, pad_top, pad_left, groups, n_threads, db0)
     if nchw and not (nchw == FC_NCHW_X | FC_NCHW_OUT
                      and _gk_row_parts(N, H, W, C, OH, OW, F, KH, KW, cin_g, sw, dwl, groups,
                                        sizeof(floating))):
