@@ -2695,8 +2695,8 @@ def set_nchwg(bint on):
 
 
 def set_flat(bint on):
-    """Whether those with unit strides, and their kernel gradients, run on flat planes
-    (fc_nchwg_task, fc_flatk_task) where the build has them (else: rows, or bands)."""
+    """Whether those with unit strides or strides of 2, and their kernel gradients, run on
+    flat planes (fc_nchwg_task, fc_flatk_task; AVX2) where the build has them (else: bands)."""
     global fc_use_flat
     fc_use_flat = on
 
