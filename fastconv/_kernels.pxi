@@ -3811,23 +3811,23 @@ cdef extern from *:
               ptrdiff_t n) {}
     #endif
     #if defined(__GNUC__) && defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-      /* AVX2, unit strides: a task is an image's group. Its input planes are first copied
-         zero-padded into xb[c][(pt + ih)*Wp + pl + iw], Wp = OW + KW - 1, so that an output
-         pixel q = oh*Wp + ow of the plane read as one long row reads x at q + kh*Wp + kw: the
-         rows run on into each other and tiles of 4 output channels x 24 pixels (12 sums, 3 x
-         vectors and a weight fill the 16 registers) cross them, KW - 1 of each Wp pixels
-         computed and dropped when the rows are copied out of tmp. The weights come regrouped,
-         wq[((g*cout/4 + jb)*cin + c)*KH*KW + tap][4] (fc_nchwg_wpack). A/B on the AVX-512
-         Xeon's AVX2 build, 2 threads: 4x256x28x28 in 32 groups forward 1.06 -> 0.80 ms
-         (channels_last 0.75); tiles within a row instead (28 pixels as 2 x 16: 8 sums, as many
-         as the FMA latency needs with no slack, 4 lanes of 32 idle): 1.17, no faster than the
-         bands; masked loads in the loop instead of the padded copy: 1.16-1.8x the bands'.
-         With AVX-512 (8 x 48 tiles) slower than fc_nchwg's masked rows above: 4x256x28x28 in
-         32 groups 0.55 vs 0.51 ms, 4x512x14x14 in 64 0.50 vs 0.32. Strides of 2 along both
-         axes: each input plane is split into its 4 phases (even / odd rows x columns,
-         fc_flat_pack2), in which a tap reads at a constant offset again; against the bands,
-         4x256x56x56 in 32 groups 1.52 -> 1.16 ms (channels_last 0.79), 4x112x112x64 in 8 1.39
-         -> 1.07 (0.74), 4x28x28x512 in 32 1.17 -> 1.07 (0.93). */
+      /* AVX2, unit strides (and 2, at the end): a task is an image's group. Its input planes are
+         first copied zero-padded into xb[c][(pt + ih)*Wp + pl + iw], Wp = OW + KW - 1, so that an
+         output pixel q = oh*Wp + ow of the plane read as one long row reads x at q + kh*Wp + kw:
+         the rows run on into each other and tiles of 4 output channels x 24 pixels (12 sums, 3 x
+         vectors and a weight fill the 16 registers) cross them, KW - 1 of each Wp pixels computed
+         and dropped when the rows are copied out of tmp. The weights come regrouped,
+         wq[((g*cout/4 + jb)*cin + c)*KH*KW + tap][4] (fc_nchwg_wpack). A/B on the AVX-512 Xeon's
+         AVX2 build, 2 threads: 4x256x28x28 in 32 groups forward 1.06 -> 0.80 ms (channels_last
+         0.75); tiles within a row instead (28 pixels as 2 x 16: 8 sums, as many as the FMA latency
+         needs with no slack, 4 lanes of 32 idle): 1.17, no faster than the bands; masked loads in
+         the loop instead of the padded copy: 1.16-1.8x the bands'. With AVX-512 (8 x 48 tiles)
+         slower than fc_nchwg's masked rows above: 4x256x28x28 in 32 groups 0.55 vs 0.51 ms,
+         4x512x14x14 in 64 0.50 vs 0.32. Strides of 2 along both axes: each input plane is split
+         into its 4 phases (even / odd rows x columns, fc_flat_pack2), in which a tap reads at a
+         constant offset again; against the bands, 4x256x56x56 in 32 groups 1.52 -> 1.16 ms
+         (channels_last 0.79), 4x112x112x64 in 8 1.39 -> 1.07 (0.74), 4x28x28x512 in 32 1.17 -> 1.07
+         (0.93). */
       #include <immintrin.h>
       #define FC_FLAT 1
       #define FC_FLAT_TAPS(S, KHV, KWV) \
@@ -4246,19 +4246,19 @@ cdef extern from *:
               ptrdiff_t pl, int KH, int KW, float* accm, float* xb) {}
     #endif
     #if FC_FLAT
-      /* AVX2, unit strides: a group's grad_kernel on flat planes (fc_nchwg_task's): x packed
-         as there (Wp = OW + (KW - 1)*dw), dy into gf[j][oh*Wp + ow], zero for ow >= OW, so that
-         dw[kh][kw][c][j] = sum over q of xf[c][q + kh*dh*Wp + kw*dw] * gf[j][q], one long row
+      /* AVX2, unit strides (and 2, below): a group's grad_kernel on flat planes (fc_nchwg_task's):
+         x packed as there (Wp = OW + (KW - 1)*dw), dy into gf[j][oh*Wp + ow], zero for ow >= OW, so
+         that dw[kh][kw][c][j] = sum over q of xf[c][q + kh*dh*Wp + kw*dw] * gf[j][q], one long row
          with no row loop and KW - 1 zero pixels a row (in rows of 8-pixel vectors 28 pixels are
          32); 3 taps x 4 outputs a pass of qpass pixels (L1-resident), the sums in am between
          passes, their 8 lanes added at the end. A/B against an AVX2 fc_nchwk (rows of 8-pixel
-         vectors, 4 outputs a group; gone) or the bands (8 outputs), 2 threads, AVX2 build on
-         the Xeon: 4x256x28x28 in 32 groups 1.04 -> 0.78 ms (channels_last 0.78), 4x256x28x28 in
-         64 0.86 -> 0.50, 4x128x56x56 in 32 1.53 -> 0.96. (With AVX-512, 3 taps x 8 outputs: no
-         faster than fc_nchwk.) Strides of 2 on fc_flat_pack2's phase planes (any dilation: a
-         tap at row kh*dh of the window reads phase kh*dh % 2, kh*dh / 2 rows on): 4x256x56x56
-         in 32 groups 1.76 -> 1.21 ms (channels_last 1.19), 4x112x112x64 in 8 1.54 -> 1.11
-         (0.99), 4x56x56x256 in 64 2.71 -> 0.89 (1.56). */
+         vectors, 4 outputs a group; gone) or the bands (8 outputs), 2 threads, AVX2 build on the
+         Xeon: 4x256x28x28 in 32 groups 1.04 -> 0.78 ms (channels_last 0.78), 4x256x28x28 in 64 0.86
+         -> 0.50, 4x128x56x56 in 32 1.53 -> 0.96. (With AVX-512, 3 taps x 8 outputs: no faster than
+         fc_nchwk.) Strides of 2 on fc_flat_pack2's phase planes (any dilation: a tap at row kh*dh
+         of the window reads phase kh*dh % 2, kh*dh / 2 rows on): 4x256x56x56 in 32 groups 1.76 ->
+         1.21 ms (channels_last 1.19), 4x112x112x64 in 8 1.54 -> 1.11 (0.99), 4x56x56x256 in 64 2.71
+         -> 0.89 (1.56). */
       #define FC_FLATK_OK 1
       #define FC_FLATK_TAPS(NKW) \
           for (ptrdiff_t q = q0; q < q1; q += 8) { \
