@@ -380,8 +380,9 @@ def test_channels_first_grad_kernel(variant, dtype, case):
     """grad_kernel (and the bias gradient) from an NCHW x, an NCHW dy or both: both in bands of
     rows transposed in each thread's scratch where blocks of rows with their own sums serve
     (kernels.grad_kernel_nchw), else transposed whole first; grouped, both read as they are
-    (fc_nchwk: AVX-512; AVX2 with unit strides on flat planes, fc_flatk_task) in passes of the
-    default size or of one row (one vector flat), or not; the reference's, on 1 to 3 threads."""
+    (fc_nchwk: AVX-512; AVX2 on flat planes, fc_flatk_task, with unit strides or strides of 2)
+    in passes of the default size or of one row (one vector flat), or not; the reference's, on
+    1 to 3 threads."""
     *_, strides, dilation, padding = case
     x, k, _, _, spec, g = _forward_problem(case, dtype, "channels_first")
     dy = np.random.default_rng(_seed(case) + 1).standard_normal(
