@@ -3867,13 +3867,22 @@ cdef extern from *:
           FC_UNROLL for (int j = 0; j < 4; j++) FC_UNROLL for (int v = 0; v < 3; v++)
               _mm256_storeu_ps(t + j * L + 8 * v, acc[j][v]);
       }
+      /* A flat plane for stride S (1 or 2, both axes) and dilation dh, dw: its rows Wp, the
+         output pixels L computed (a multiple of tile), and its floats (with room for every
+         tap's reads past L, rounded to whole lines). The forward's and grad_kernel's. */
+      static void fc_flat_plane(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW, int dh,
+              int dw, int tile, ptrdiff_t* Wp, ptrdiff_t* L, ptrdiff_t* plane) {
+          *Wp = OW + (ptrdiff_t)(KW - 1) * dw / S;
+          *L = (OH * *Wp + tile - 1) / tile * tile;
+          *plane = (*L + (ptrdiff_t)(KH - 1) * dh / S * *Wp + (ptrdiff_t)(KW - 1) * dw / S + 8
+                    + 15) / 16 * 16;
+      }
       /* floats of a thread's scratch: xb, then tmp */
       static ptrdiff_t fc_flat_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
-                                     int cin, ptrdiff_t* L, ptrdiff_t* plane) {
-          const ptrdiff_t Wp = OW + (KW - 1) / S;
-          *L = (OH * Wp + 23) / 24 * 24;
-          *plane = (*L + (ptrdiff_t)((KH - 1) / S) * Wp + (KW - 1) / S + 1 + 15) / 16 * 16;
-          return cin * S * S * *plane + 4 * *L;
+                                     int cin) {
+          ptrdiff_t Wp, L, plane;
+          fc_flat_plane(S, OH, OW, KH, KW, 1, 1, 24, &Wp, &L, &plane);
+          return cin * S * S * plane + 4 * L;
       }
       /* n floats copied, zeroed: short rows, where memcpy / memset calls cost more than the
          copies (10% of the forward's time on rows of 28, three calls a row). (The empty asm
@@ -3966,9 +3975,8 @@ cdef extern from *:
       static void fc_nchwg_task(int S, const float* __restrict x, ptrdiff_t H, ptrdiff_t W,
               const float* wq, int KH, int KW, int cin, int cout, ptrdiff_t pt, ptrdiff_t pl,
               const float* bias, float* out, ptrdiff_t OH, ptrdiff_t OW, float* __restrict xb) {
-          ptrdiff_t L, plane;
-          fc_flat_sizes(S, OH, OW, KH, KW, cin, &L, &plane);
-          const ptrdiff_t Wp = OW + (KW - 1) / S;
+          ptrdiff_t Wp, L, plane;
+          fc_flat_plane(S, OH, OW, KH, KW, 1, 1, 24, &Wp, &L, &plane);
           float* tmp = xb + cin * S * S * plane;
           if (S == 2)
               fc_flat_pack2(x, H, W, cin, Wp, plane, pt, pl, xb);
@@ -3986,7 +3994,7 @@ cdef extern from *:
     #else
       #define FC_FLAT 0
       static ptrdiff_t fc_flat_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
-                                     int cin, ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
+                                     int cin) { return 0; }
       static void fc_nchwg_wpack(const float* w, ptrdiff_t F, int taps, int cin, int cout,
                                  int groups, float* wq) {}
       static void fc_nchwg_task(int S, const float* x, ptrdiff_t H, ptrdiff_t W,
@@ -3995,9 +4003,10 @@ cdef extern from *:
     #endif
     """
     bint FC_NCHWG_OK
+    int FC_NCHWG_KWMAX
     bint FC_FLAT
-    Py_ssize_t fc_flat_sizes(int S, Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int cin,
-                             Py_ssize_t* L, Py_ssize_t* plane) noexcept nogil
+    Py_ssize_t fc_flat_sizes(int S, Py_ssize_t OH, Py_ssize_t OW, int KH, int KW,
+                             int cin) noexcept nogil
     void fc_nchwg_wpack(const float* w, Py_ssize_t F, int taps, int cin, int cout, int groups,
                         float* wq) noexcept nogil
     void fc_nchwg_task(int S, const float* x, Py_ssize_t H, Py_ssize_t W, const float* wq,
@@ -4027,11 +4036,11 @@ cdef void _nchwg_body(void* c, Py_ssize_t t0, Py_ssize_t t1, int k) noexcept nog
     cdef Py_ssize_t nfb = a.F // a.fb, t, n, f0, g, oh, ow0
     cdef const float* xg
     cdef float* og
+    cdef Py_ssize_t groups = a.F // a.cout_g
     if a.flat:
         # task t: image t // groups, group t % groups
-        nfb = a.F // a.cout_g
         for t in range(t0, t1):
-            n, g = t // nfb, t % nfb
+            n, g = t // groups, t % groups
             fc_nchwg_task(a.sh, a.x + (n * a.C + g * a.cin_g) * a.H * a.W, a.H, a.W,
                           a.w + g * a.cout_g * a.cin_g * a.KH * a.KW, a.KH, a.KW, <int>a.cin_g,
                           <int>a.cout_g, a.pad_top, a.pad_left,
@@ -4083,11 +4092,11 @@ cdef bint _nchwg_serves(Py_ssize_t OW, Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize
     # -> 2.82 / 2.79; 64, 4x28x28x256 5.10 / 5.65 -> 5.36 / 5.51: up to 32. 5x5: 8 inputs
     # 2.21 / 2.50 -> 1.97 / 1.96, 16 0.85 / 0.93 -> 0.92 / 0.94 (KW - 1 of Wp pixels wasted):
     # up to 8 on kernels wider than 3.
-    return (fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and dh == 1
-            and dw == 1 and KW <= 8 and OW >= 12
-            and ((_flat_serves(sh, sw) and cin_g <= (32 if KW <= 3 else 8))
-                 or (FC_NCHWG_OK and (sw == 1 or sw == 2) and cin_g <= 16
-                     and (OW > 16 or cin_g <= 8))))
+    return (fc_use_nchwg and groups > 1 and cout_g % 4 == 0 and dh == 1 and dw == 1
+            and OW >= 12
+            and ((_flat_serves(sh, sw) and KW <= 8 and cin_g <= (32 if KW <= 3 else 8))
+                 or (FC_NCHWG_OK and (sw == 1 or sw == 2) and KW <= FC_NCHWG_KWMAX
+                     and cin_g <= 16 and (OW > 16 or cin_g <= 8))))
 
 
 cdef bint _flat_serves(int sh, int sw) noexcept nogil:
@@ -4118,9 +4127,8 @@ cdef int _forward_nchwg(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t 
     job.xb = NULL
     job.xsize = 0
     cdef float* wq = NULL
-    cdef Py_ssize_t L, plane
     if job.flat:
-        job.xsize = fc_flat_sizes(sh, OH, OW, <int>KH, <int>KW, <int>cin_g, &L, &plane)
+        job.xsize = fc_flat_sizes(sh, OH, OW, <int>KH, <int>KW, <int>cin_g)
         job.xb = <float*>fc_amalloc(nt * job.xsize * sizeof(float))
         wq = <float*>fc_amalloc(KH * KW * cin_g * F * sizeof(float))
         if job.xb == NULL or wq == NULL:
@@ -4272,12 +4280,10 @@ cdef extern from *:
               } \
           }
       static ptrdiff_t fc_flatk_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
-              int dh, int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) {
-          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw / S, nkb = (KW + 2) / 3;
-          *L = (OH * Wp + 7) / 8 * 8;
-          *plane = (*L + (ptrdiff_t)(KH - 1) * dh / S * Wp + (ptrdiff_t)(KW - 1) * dw / S + 8
-                    + 15) / 16 * 16;
-          return cin * S * S * *plane + cout * *L + (cin * KH * nkb * 3 + 1) * cout * 8;
+              int dh, int dw, int cin, int cout) {
+          ptrdiff_t Wp, L, plane;
+          fc_flat_plane(S, OH, OW, KH, KW, dh, dw, 8, &Wp, &L, &plane);
+          return cin * S * S * plane + cout * L + (cin * KH * ((KW + 2) / 3) * 3 + 1) * cout * 8;
       }
       static float fc_hsum8(const float* a) {
           float s = 0;
@@ -4289,10 +4295,9 @@ cdef extern from *:
               ptrdiff_t OW, int KH, int KW, int dh, int dw, int cin, int cout, ptrdiff_t pt,
               ptrdiff_t pl, ptrdiff_t qpass, float* dwk, ptrdiff_t F, float* db,
               float* scratch) {
-          ptrdiff_t L, plane;
-          const ptrdiff_t size = fc_flatk_sizes(S, OH, OW, KH, KW, dh, dw, cin, cout, &L,
-                                                &plane);
-          const ptrdiff_t Wp = OW + (ptrdiff_t)(KW - 1) * dw / S;
+          ptrdiff_t Wp, L, plane;
+          fc_flat_plane(S, OH, OW, KH, KW, dh, dw, 8, &Wp, &L, &plane);
+          const ptrdiff_t size = fc_flatk_sizes(S, OH, OW, KH, KW, dh, dw, cin, cout);
           const int nkb = (KW + 2) / 3, nj = cout / 4;
           float* xf = scratch;
           float* gf = xf + cin * S * S * plane;
@@ -4304,14 +4309,10 @@ cdef extern from *:
                   fc_flat_pack2(x + n * xstride, H, W, cin, Wp, plane, pt, pl, xf);
               else
                   fc_flat_pack(x + n * xstride, H, W, cin, Wp, plane, pt, pl, xf);
+              /* dy's rows into rows of Wp, zero past OW and past OH rows */
+              fc_flat_pack(dy + n * dystride, OH, OW, cout, Wp, L, 0, 0, gf);
               for (int j = 0; j < cout; j++) {
-                  float* d = gf + j * L;
-                  const float* s = dy + n * dystride + j * OH * OW;
-                  for (ptrdiff_t oh = 0; oh < OH; oh++) {
-                      fc_vcopy(d + oh * Wp, s + oh * OW, OW);
-                      fc_vzero(d + oh * Wp + OW, Wp - OW);
-                  }
-                  fc_vzero(d + OH * Wp, L - OH * Wp);
+                  const float* d = gf + j * L;
                   __m256 b = _mm256_load_ps(bs + 8 * j);
                   for (ptrdiff_t q = 0; q < L; q += 8) b = _mm256_add_ps(b, _mm256_load_ps(d + q));
                   _mm256_store_ps(bs + 8 * j, b);
@@ -4358,7 +4359,7 @@ cdef extern from *:
     #else
       #define FC_FLATK_OK 0
       static ptrdiff_t fc_flatk_sizes(int S, ptrdiff_t OH, ptrdiff_t OW, int KH, int KW,
-              int dh, int dw, int cin, int cout, ptrdiff_t* L, ptrdiff_t* plane) { return 0; }
+              int dh, int dw, int cin, int cout) { return 0; }
       static void fc_flatk_task(int S, const float* x, ptrdiff_t xstride, const float* dy,
               ptrdiff_t dystride, ptrdiff_t N, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
               ptrdiff_t OW, int KH, int KW, int dh, int dw, int cin, int cout, ptrdiff_t pt,
@@ -4368,8 +4369,7 @@ cdef extern from *:
     """
     bint FC_FLATK_OK
     Py_ssize_t fc_flatk_sizes(int S, Py_ssize_t OH, Py_ssize_t OW, int KH, int KW, int dh,
-                              int dw,
-                              int cin, int cout, Py_ssize_t* L, Py_ssize_t* plane) noexcept nogil
+                              int dw, int cin, int cout) noexcept nogil
     void fc_flatk_task(int S, const float* x, Py_ssize_t xstride, const float* dy,
                        Py_ssize_t dystride,
                        Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
@@ -4502,7 +4502,6 @@ cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
                             Py_ssize_t cin_g, int sh, int sw, int dh, int dwl, int pad_top,
                             int pad_left, int groups, int n_threads, float* db) noexcept nogil:
     cdef NchwK job
-    cdef Py_ssize_t Lf, plane
     cdef int nt
     if _flatk_serves(cin_g, F // groups, sh, sw):
         job.x, job.dy, job.dw, job.db = xp, gp, dp, db
@@ -4512,7 +4511,7 @@ cdef int _grad_kernel_nchwk(const float* xp, Py_ssize_t N, Py_ssize_t H, Py_ssiz
         # pixels a pass: about fc_nchwk_bytes of dy
         job.rows = _max(8, fc_nchwk_bytes // (4 * job.cout_g) // 8 * 8)
         job.asize = fc_flatk_sizes(sh, OH, OW, <int>KH, <int>KW, dh, dwl, <int>cin_g,
-                                   <int>job.cout_g, &Lf, &plane)
+                                   <int>job.cout_g)
         job.asize = (job.asize + 15) // 16 * 16
         nt = <int>_max(1, _min(n_threads, groups))
         job.accm = <float*>fc_amalloc(nt * job.asize * sizeof(float))
