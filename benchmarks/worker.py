@@ -241,7 +241,11 @@ def to_backend(a, requires_grad=False):
     if BACKEND == "jax":
         return jnp.asarray(a)
     if BACKEND == "torch":
-        t = torch.from_numpy(a.copy())
+        # memory of torch's allocator (64-byte aligned), as a torch user's activations and
+        # gradients are: torch.from_numpy would keep numpy's (16-byte aligned), on which
+        # vectors of channels straddle cache lines (A/B, 2 threads: depthwise kernels 1.16-1.21x,
+        # grad_kernel of grouped layers 1.09-1.15x slower)
+        t = torch.from_numpy(a).clone()
         return t.requires_grad_(True) if requires_grad else t
     return a
 
@@ -311,9 +315,10 @@ def torch_direct_fn(case, kernel, bias, spec, x_np):
     padding is asymmetric, which F.conv2d cannot express)."""
     x = x_np if case.data_format == "channels_first" else x_np.transpose(0, 3, 1, 2)
     geo = spec.geometry(x_np.shape, kernel.shape)
-    xt = torch.from_numpy(np.ascontiguousarray(x))
-    wt = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
-    bt = torch.from_numpy(bias)
+    # (in torch's own memory, as to_backend's tensors)
+    xt = torch.from_numpy(np.ascontiguousarray(x)).clone()
+    wt = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).clone()
+    bt = torch.from_numpy(bias).clone()
     pads = [(geo.pad_top, geo.oh, geo.h, geo.kh, case.stride),
             (geo.pad_left, geo.ow, geo.w, geo.kw, case.stride)]
     before, after = [], []
