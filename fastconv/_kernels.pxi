@@ -2075,7 +2075,7 @@ cdef extern from *:
                 ptrdiff_t ldo, ptrdiff_t ldt, int accumulate)
         {
             const fc_v8i lo = {0, 0, 0, 0, 1, 1, 1, 1}, hi = {2, 2, 2, 2, 3, 3, 3, 3};
-            fc_v8f sums[4][3][2];   /* [group][tap][half]: lane 4o + i, output 2 half + o */
+            fc_v8f sums[4][3][2];   /* [group (NG 4 or 1)][tap][half], lane 4o + i: output 2h + o */
             fc_v8f buf[2 * (FC_PAIRK3_MAXW + 4)];   /* [dy pixel + 2][half] */
             for (int g = 0; g < NG; g++) for (int t = 0; t < 3; t++) for (int h = 0; h < 2; h++) {
                 fc_v8f v = {0};
