@@ -139,7 +139,7 @@ def bench_depthwise(case, warmup, repeats):
     x = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(size=(n, h, w, c))
                                     .astype("float32"))
     if keras.backend.backend() == "torch":
-        x = x.clone()  # torch's own (64-byte aligned) memory, not the numpy array's: worker.to_backend
+        x = x.clone()  # in torch's own memory, not the numpy array's (see worker.to_backend)
     ours = fastconv.DepthwiseConv2D(k, strides=s, padding="same")
     theirs = keras.layers.DepthwiseConv2D(k, strides=s, padding="same")
     ours.build(x.shape)

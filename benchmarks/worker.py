@@ -315,10 +315,9 @@ def torch_direct_fn(case, kernel, bias, spec, x_np):
     padding is asymmetric, which F.conv2d cannot express)."""
     x = x_np if case.data_format == "channels_first" else x_np.transpose(0, 3, 1, 2)
     geo = spec.geometry(x_np.shape, kernel.shape)
-    # (in torch's own memory, as to_backend's tensors)
-    xt = torch.from_numpy(np.ascontiguousarray(x)).clone()
-    wt = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).clone()
-    bt = torch.from_numpy(bias).clone()
+    xt = to_backend(np.ascontiguousarray(x))
+    wt = to_backend(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+    bt = to_backend(bias)
     pads = [(geo.pad_top, geo.oh, geo.h, geo.kh, case.stride),
             (geo.pad_left, geo.ow, geo.w, geo.kw, case.stride)]
     before, after = [], []

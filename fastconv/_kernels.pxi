@@ -1369,6 +1369,22 @@ cdef extern from *:
             FC_STORE(out + p * ops + j * VW, acc[p][j]); \
     }
 
+    /* x pixels ahead that fc_pairk3 and fc_quadk3 (AVX-512, and fc_quadk3 with AVX2) prefetch:
+       a row's pixels are C channels apart (1 KB in grouped32), each one's line comes from L2,
+       and the hardware's streams do not follow. A/B, grad_kernel on 2 threads, GFLOP/s none
+       -> 8 (4, 12, 16 pixels: the same or less): grouped32 4x28x28x256 169-175 -> 195-202,
+       8x14x14x512 in 64 groups 143 -> 167-171, 4 channels a group (fc_quadk3) 4x28x28x256
+       104-112 -> 116-121, 4x56x56x128 111-117 -> 120-126, 2x28x28x64 in 16 groups 108-116 ->
+       110-118 */
+    /* They also prefetch the next segment's dy row, a line a pixel as they go along x's row
+       (the dy row was read as it was doubled into the buffer, a miss a pixel, 1 KB apart in
+       grouped32: 29% of fc_pairk3's samples sat on those loads). A/B, grad_kernel on 2
+       threads: 8 channels a group 4x28x28x256 1.06-1.10x, 8x14x14x512 1.10-1.18x,
+       4x56x56x128 1.04-1.11x, 8x28x28x192 1.09-1.13x, 8x7x7x1024 1.26-1.30x; 4 channels a
+       group (fc_quadk3) 4x28x28x256 1.00-1.09x, 4x56x56x128 1.05x, 8x14x14x512 1.16x. */
+    #ifndef FC_PK3_PREFETCH
+      #define FC_PK3_PREFETCH 8
+    #endif
     /* Grouped convolutions with 8 output channels a group, float, AVX-512: a 16-lane vector holds
        8 outputs x 2 consecutive input channels (lane 2*o + h <- channel 2*k + h), so the input
        operand is one 64-bit broadcast of an adjacent channel pair (a pure load) and every FMA is
@@ -1524,21 +1540,6 @@ cdef extern from *:
          2 groups, L2-resident rows: 1.33-1.39x fc_pairk on the same taps (C microbench).
          out[kw * ldt + ...] as fc_pairk's out for tap kw. */
       #define FC_PAIRK3_MAXW 256
-      /* x pixels ahead that fc_pairk3 and fc_quadk3 prefetch: a row's pixels are C channels
-         apart (1 KB in grouped32), each one's line comes from L2, and the hardware's streams do
-         not follow. A/B, grad_kernel on 2 threads, GFLOP/s none -> 8 (4, 12, 16 pixels: the
-         same or less): grouped32 4x28x28x256 169-175 -> 195-202, 8x14x14x512 in 64 groups
-         143 -> 167-171, 4 channels a group (fc_quadk3) 4x28x28x256 104-112 -> 116-121,
-         4x56x56x128 111-117 -> 120-126, 2x28x28x64 in 16 groups 108-116 -> 110-118 */
-      /* They also prefetch the next segment's dy row, a line a pixel as they go along x's row
-         (the dy row was read as it was doubled into the buffer, a miss a pixel, 1 KB apart in
-         grouped32: 29% of fc_pairk3's samples sat on those loads). A/B, grad_kernel on 2
-         threads: 8 channels a group 4x28x28x256 1.06-1.10x, 8x14x14x512 1.10-1.18x,
-         4x56x56x128 1.04-1.11x, 8x28x28x192 1.09-1.13x, 8x7x7x1024 1.26-1.30x; 4 channels a
-         group (fc_quadk3) 4x28x28x256 1.00-1.09x, 4x56x56x128 1.05x, 8x14x14x512 1.16x. */
-      #ifndef FC_PK3_PREFETCH
-        #define FC_PK3_PREFETCH 8
-      #endif
       #define FC_PAIRK3(GB) \
       static void fc_pairk3_##GB(const float* __restrict X, const ptrdiff_t* xoff, \
               const float* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, \
@@ -2038,9 +2039,6 @@ cdef extern from *:
            next segment's dy row) and from L1 for the others. Before: each group walked all the
            segments on its own, without prefetches, a load's latency a pixel (grouped4
            4x56x56x128 in 32 groups, grad_kernel on 2 threads: 57 GFLOP/s). */
-        #ifndef FC_PK3_PREFETCH
-          #define FC_PK3_PREFETCH 8
-        #endif
         static inline __attribute__((always_inline)) void fc_quadk3_walk(
                 const float* __restrict x, const fc_v8f* __restrict buf, ptrdiff_t q1,
                 ptrdiff_t C, ptrdiff_t pl, fc_v8f acc[3][2], int pf, const float* dn,
