@@ -536,6 +536,53 @@ def test_depthwise_row_blocks_rejects_zero():
         _dispatch.kernels.set_dwrow_pixels(0)
 
 
+def _at_offset(a, offset):
+    """A copy of a whose data starts `offset` bytes past a 64-byte boundary (numpy's arrays
+    start 16, 32 or 48 bytes past one)."""
+    buf = np.empty(a.nbytes + 128, np.uint8)
+    start = -buf.__array_interface__["data"][0] % 64 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [8, 16, 32, 48, 56])
+@pytest.mark.parametrize("case", [
+    (2, 6, 17, 64, 3, 3, 64, 64, (1, 1), (1, 1), "same"),
+    (1, 5, 16, 32, 3, 3, 32, 32, (1, 1), (1, 1), "valid"),
+    (1, 4, 25, 272, 3, 3, 272, 272, (1, 1), (1, 1), "same"),  # two packed kernel chunks
+    (1, 4, 9, 16, 3, 3, 16, 16, (1, 1), (1, 1), "same"),  # too short a row to shift
+], ids=str)
+def test_depthwise_rows_on_unaligned_inputs(variant, dtype, offset, case):
+    # stride 1 on rows off a vector boundary: tiles over rows shifted onto x's (dy's) lines,
+    # the kernel rotated, the first and last pixels by the plain path; the same sums
+    n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
+    rng = np.random.default_rng(_seed(case))
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    k = rng.standard_normal((3, 3, 1, c)).astype(dtype)
+    bias = rng.standard_normal(c).astype(dtype)
+    spec = ConvSpec.make(strides, padding, "channels_last", dilation)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    saved = _dispatch.kernels
+    _dispatch.kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    try:
+        for threads in (1, 2):
+            fastconv.set_num_threads(threads)
+            out = host.forward(_at_offset(x, offset), k, spec, dtype, bias)
+            reference.assert_close(out, reference.conv(x, k, padding=padding) + bias, rtol,
+                                   "forward")
+            np.testing.assert_array_equal(out, host.forward(_at_offset(x, 0), k, spec, dtype, bias))
+            dy = rng.standard_normal(out.shape).astype(dtype)
+            dx = host.grad_input(_at_offset(dy, offset), k, spec, x.shape, dtype)
+            reference.assert_close(dx, reference.grads(x, k, dy, padding=padding)[0], rtol,
+                                   "grad_input")
+    finally:
+        _dispatch.kernels = saved
+        fastconv.set_num_threads(None)
+
+
 @pytest.mark.parametrize("case", CASES[:8], ids=str)
 def test_channels_first(case):
     _check(_dispatch.kernels, case, np.float32, "channels_first")
