@@ -1602,12 +1602,31 @@ cdef extern from *:
       FC_PAIRK(1) FC_PAIRK(2) FC_PAIRK(3) FC_PAIRK(4)
       /* fc_pairk on a kernel row's 3 taps at once (stride and dilation 1 along w), GB groups:
          x pixel q meets dy pixel q + pl - kw at tap kw, so each broadcast of an x pair serves 3
-         FMAs (fc_pairk: one), and x is read once for the row, not once a tap. dy's pixels are
-         doubled into a zero-framed row buffer first (2 permutes a pixel and group, not 2 a tap).
-         Register pressure: 24 accumulators + 6 doubled dy vectors (GB = 2). Grouped 8 x 8,
-         2 groups, L2-resident rows: 1.33-1.39x fc_pairk on the same taps (C microbench).
-         out[kw * ldt + ...] as fc_pairk's out for tap kw. */
+         FMAs (fc_pairk: one), and x is read once for the row, not once a tap. Each dy pixel is
+         doubled (2 permutes a pixel and group pair) as x's row reaches it and moves along the
+         3 taps in registers: 24 accumulators, 6 dy vectors and the broadcast (GB = 2). Doubled
+         into a row buffer first and read from it at every tap, the 24 FMAs of a pixel took 24
+         loads beside the 8 broadcasts (load-bound), and the buffer its own pass over dy: A/B,
+         AVX-512 Zen 5, grad_kernel on 2 threads, 8 channels a group, buffer -> registers:
+         4x28x28x256 0.396 -> 0.303 ms, 8x14x14x512 0.418 -> 0.306, 4x56x56x128 in 16 groups
+         0.743 -> 0.523, 8x7x7x1024 0.220 -> 0.164 (the same sums). On the AVX-512 Xeon,
+         rotating registers over the buffer had measured 0.98-1.06x. out[kw * ldt + ...] as
+         fc_pairk's out for tap kw. */
       #define FC_PAIRK3_MAXW 256
+      /* dst[GB]: dy pixel o of the row d doubled, or zeros outside the row */
+      #define FC_PK3_DY(GB, dst, o) \
+          if ((o) >= 0 && (o) < OW) { \
+              if (GB == 2) { \
+                  fc_v16f v; \
+                  memcpy(&v, d + (o) * F, 64); \
+                  dst[0] = __builtin_shuffle(v, dup); \
+                  dst[GB - 1] = __builtin_shuffle(v, dup + 8); \
+              } else { \
+                  fc_v8f u; \
+                  memcpy(&u, d + (o) * F, 32); \
+                  dst[0] = FC_ZIP8(u, u); \
+              } \
+          } else for (int g = 0; g < GB; g++) dst[g] = (fc_v16f){0};
       #define FC_PAIRK3(GB) \
       static void fc_pairk3_##GB(const float* __restrict X, const ptrdiff_t* xoff, \
               const float* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, \
@@ -1617,8 +1636,6 @@ cdef extern from *:
           const fc_v16i dup = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7}; \
           const fc_v16i unzip = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15}; \
           fc_v16f acc[3][GB][4]; \
-          /* [dy pixel + 2][group]: 2 zero pixels before and after the row */ \
-          fc_v16f buf[GB * (FC_PAIRK3_MAXW + 4)]; \
           for (int t = 0; t < 3; t++) for (int g = 0; g < GB; g++) for (int ip = 0; ip < 4; ip++) { \
               const float* o = out + t * ldt + 2 * ip * ldo + 8 * g; \
               fc_v16f rows = {0}; \
@@ -1630,36 +1647,19 @@ cdef extern from *:
               } \
               acc[t][g][ip] = rows; \
           } \
-          for (int i = 0; i < 2 * GB; i++) buf[i] = (fc_v16f){0}; \
           const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl; \
           for (int s = 0; s < nseg; s++) { \
               const float* __restrict d = D + doff[s]; \
               const float* __restrict x = X + xoff[s]; \
               const float* dn = D + doff[s + 1 < nseg ? s + 1 : s]; \
-              for (ptrdiff_t o = 0; o < OW; o++) { \
-                  if (GB == 2) { \
-                      fc_v16f v; \
-                      memcpy(&v, d + o * F, 64); \
-                      buf[GB * (o + 2)] = __builtin_shuffle(v, dup); \
-                      buf[GB * (o + 2) + 1] = __builtin_shuffle(v, dup + 8); \
-                  } else { \
-                      fc_v8f u; \
-                      memcpy(&u, d + o * F, 32); \
-                      buf[GB * (o + 2)] = FC_ZIP8(u, u); \
-                  } \
-              } \
-              for (int i = 0; i < 2 * GB; i++) buf[GB * (OW + 2) + i] = (fc_v16f){0}; \
+              fc_v16f d0[GB], d1[GB], d2[GB]; \
+              FC_PK3_DY(GB, d1, pl - 1) \
+              FC_PK3_DY(GB, d2, pl - 2) \
               for (ptrdiff_t q = 0; q < q1; q++) { \
                   const float* xq = x + q * C; \
                   __builtin_prefetch(xq + FC_PK3_PREFETCH * C); \
                   __builtin_prefetch(dn + (q < OW ? q : 0) * F); \
-                  const fc_v16f* bq = buf + GB * (q + pl + 2); \
-                  fc_v16f d0[GB], d1[GB], d2[GB]; \
-                  for (int g = 0; g < GB; g++) { \
-                      d0[g] = bq[g]; \
-                      d1[g] = bq[g - GB]; \
-                      d2[g] = bq[g - 2 * GB]; \
-                  } \
+                  FC_PK3_DY(GB, d0, q + pl) \
                   for (int ip = 0; ip < 4; ip++) for (int g = 0; g < GB; g++) { \
                       double e; \
                       memcpy(&e, xq + 8 * g + 2 * ip, 8); \
@@ -1668,6 +1668,7 @@ cdef extern from *:
                       acc[1][g][ip] += pv * d1[g]; \
                       acc[2][g][ip] += pv * d2[g]; \
                   } \
+                  for (int g = 0; g < GB; g++) { d2[g] = d1[g]; d1[g] = d0[g]; } \
               } \
           } \
           for (int t = 0; t < 3; t++) for (int g = 0; g < GB; g++) for (int ip = 0; ip < 4; ip++) { \
@@ -1911,7 +1912,17 @@ cdef extern from *:
       /* Kernel gradient of those (4 x 4 a group), a kernel row's 3 taps at once as fc_pairk3:
          acc[kw][g] lane 4o + i = dW[kw][i][4g + o] += x[q][4g + i] * dy[q + pl - kw][4g + o],
          the x operand a group's 4 channels broadcast (a pure load) and the dy operand its 4
-         values each repeated 4 times, made once a pixel in the row buffer. */
+         values each repeated 4 times, made as x's row reaches the pixel and moved along the 3
+         taps in registers, as fc_pairk3. Made into a row buffer first (its own pass over dy,
+         then a load a pixel and group): A/B, AVX-512 Zen 5, 2 threads, buffer -> registers:
+         4x56x56x128 in 32 groups 0.70 -> 0.45 ms, 4x28x28x256 in 64 0.280 -> 0.206, 8x14x14x512
+         in 128 0.335 -> 0.230, 8x7x7x1024 in 256 0.184 -> 0.173 (the same sums). */
+      #define FC_QK3_DY(NG, dst, o) \
+          if ((o) >= 0 && (o) < OW) { \
+              fc_v16f v; \
+              if (NG == 4) memcpy(&v, d + (o) * F, 64); else v = FC_QUAD4(d + (o) * F); \
+              for (int g = 0; g < NG; g++) dst[g] = __builtin_shuffle(v, rep4 + 4 * g); \
+          } else for (int g = 0; g < NG; g++) dst[g] = (fc_v16f){0};
       #define FC_QUADK3(NG) \
       static void fc_quadk3_##NG(const float* __restrict X, const ptrdiff_t* xoff, \
               const float* __restrict D, const ptrdiff_t* doff, int nseg, ptrdiff_t W, \
@@ -1920,7 +1931,6 @@ cdef extern from *:
       { \
           const fc_v16i rep4 = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3}; \
           fc_v16f acc[3][NG]; \
-          fc_v16f buf[NG * (FC_PAIRK3_MAXW + 4)]; \
           for (int t = 0; t < 3; t++) for (int g = 0; g < NG; g++) { \
               fc_v16f v = {0}; \
               if (accumulate) \
@@ -1928,45 +1938,26 @@ cdef extern from *:
                       v[4 * o + i] = out[t * ldt + i * ldo + 4 * g + o]; \
               acc[t][g] = v; \
           } \
-          for (int i = 0; i < 2 * NG; i++) buf[i] = (fc_v16f){0}; \
           const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl; \
           for (int s = 0; s < nseg; s++) { \
               const float* __restrict d = D + doff[s]; \
               const float* __restrict x = X + xoff[s]; \
               const float* dn = D + doff[s + 1 < nseg ? s + 1 : s]; \
-              for (ptrdiff_t o = 0; o < OW; o++) { \
-                  fc_v16f v; \
-                  if (NG == 4) \
-                      memcpy(&v, d + o * F, 64); \
-                  else \
-                      v = FC_QUAD4(d + o * F); \
-                  for (int g = 0; g < NG; g++) \
-                      buf[NG * (o + 2) + g] = __builtin_shuffle(v, rep4 + 4 * g); \
-              } \
-              for (int i = 0; i < 2 * NG; i++) buf[NG * (OW + 2) + i] = (fc_v16f){0}; \
-              /* the 3 taps' dy vectors move along the row in registers: 4 buffer loads a
-                 pixel, not 12 (with 4 x broadcasts, 12 multiply-adds: load-bound). A/B,
-                 grad_kernel on 2 threads: 4x28x28x256 in 64 groups 1.08x, 4x56x56x128 in 32
-                 1.12x, 8x14x14x512 in 128 1.03x, 8x7x7x1024 in 256 1.11x. (fc_pairk3's 6 of
-                 14 loads a pixel, rotated as well: 0.98-1.06x, not kept.) */ \
-              fc_v16f d1[NG], d2[NG]; \
-              for (int g = 0; g < NG; g++) { \
-                  d1[g] = buf[NG * (pl + 1) + g]; \
-                  d2[g] = buf[NG * pl + g]; \
-              } \
+              fc_v16f d0[NG], d1[NG], d2[NG]; \
+              FC_QK3_DY(NG, d1, pl - 1) \
+              FC_QK3_DY(NG, d2, pl - 2) \
               for (ptrdiff_t q = 0; q < q1; q++) { \
                   const float* xq = x + q * C; \
                   __builtin_prefetch(xq + FC_PK3_PREFETCH * C); \
                   __builtin_prefetch(dn + (q < OW ? q : 0) * F); \
-                  const fc_v16f* bq = buf + NG * (q + pl + 2); \
+                  FC_QK3_DY(NG, d0, q + pl) \
                   for (int g = 0; g < NG; g++) { \
                       const fc_v16f xv = FC_QUAD4(xq + 4 * g); \
-                      const fc_v16f d0 = bq[g]; \
-                      acc[0][g] += xv * d0; \
+                      acc[0][g] += xv * d0[g]; \
                       acc[1][g] += xv * d1[g]; \
                       acc[2][g] += xv * d2[g]; \
                       d2[g] = d1[g]; \
-                      d1[g] = d0; \
+                      d1[g] = d0[g]; \
                   } \
               } \
           } \
