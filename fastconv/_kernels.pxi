@@ -2090,24 +2090,34 @@ cdef extern from *:
             for (int g = 0; g < NG; g++)
                 fc_quad4_table[P](A + 4 * g, aps, B + 16 * g, aoff, boff, nseg, out + 4 * g, ops);
         }
-        /* Kernel gradient (see the AVX-512 fc_quadk3): a segment's dy row of one group is
-           doubled into the row buffer, then that group walks the x row, the 3 taps' dy vectors
-           moving along in registers (6 sums, 6 dy vectors, x: 13 registers); the NG groups of a
-           call take the segment in turn, their sums kept in memory between segments, so that
-           the x and dy rows come from memory once (group 0, which prefetches x ahead and the
-           next segment's dy row) and from L1 for the others. Before: each group walked all the
-           segments on its own, without prefetches, a load's latency a pixel (grouped4
-           4x56x56x128 in 32 groups, grad_kernel on 2 threads: 57 GFLOP/s). */
+        /* Kernel gradient (see the AVX-512 fc_quadk3): a group walks a segment's x row, each
+           dy pixel's values repeated as the row reaches it, the 3 taps' dy vectors moving along
+           in registers (6 sums, 6 dy vectors, x: 13 registers); the NG groups of a call take
+           the segment in turn, their sums kept in memory between segments, so that the x and dy
+           rows come from memory once (group 0, which prefetches x ahead and the next segment's
+           dy row) and from L1 for the others. Before: each group walked all the segments on its
+           own, without prefetches, a load's latency a pixel (grouped4 4x56x56x128 in 32 groups,
+           grad_kernel on 2 threads: 57 GFLOP/s); then dy's values were repeated into a row
+           buffer first (AVX2 build on AVX-512 Zen 5, 2 threads, buffer -> registers:
+           4x56x56x128 in 32 groups 0.92-1.03 -> 0.69-0.75 ms, 4x28x28x256 in 64 0.41 -> 0.355,
+           8x14x14x512 in 128 0.41-0.44 -> 0.36). */
+        /* dst[2]: pixel o of a group's dy row d, each value repeated 4 times (halves 0-1, 2-3),
+           or zeros outside the row */
+        #define FC_QK3H_DY(dst, o) \
+            if ((o) >= 0 && (o) < OW) { \
+                const fc_v8f v = FC_QUAD4H(d + (o) * F); \
+                dst[0] = __builtin_shuffle(v, lo); \
+                dst[1] = __builtin_shuffle(v, hi); \
+            } else dst[0] = dst[1] = (fc_v8f){0};
         static inline __attribute__((always_inline)) void fc_quadk3_walk(
-                const float* __restrict x, const fc_v8f* __restrict buf, ptrdiff_t q1,
+                const float* __restrict x, const float* __restrict d, ptrdiff_t q1,
                 ptrdiff_t C, ptrdiff_t pl, fc_v8f acc[3][2], int pf, const float* dn,
                 ptrdiff_t OW, ptrdiff_t F)
         {
-            fc_v8f d1[2], d2[2];
-            for (int h = 0; h < 2; h++) {
-                d1[h] = buf[2 * (pl + 1) + h];
-                d2[h] = buf[2 * pl + h];
-            }
+            const fc_v8i lo = {0, 0, 0, 0, 1, 1, 1, 1}, hi = {2, 2, 2, 2, 3, 3, 3, 3};
+            fc_v8f d0[2], d1[2], d2[2];
+            FC_QK3H_DY(d1, pl - 1)
+            FC_QK3H_DY(d2, pl - 2)
             for (ptrdiff_t q = 0; q < q1; q++) {
                 const float* xq = x + q * C;
                 if (pf) {
@@ -2115,14 +2125,13 @@ cdef extern from *:
                     __builtin_prefetch(dn + (q < OW ? q : 0) * F);
                 }
                 const fc_v8f xv = FC_QUAD4H(xq);
-                const fc_v8f* bq = buf + 2 * (q + pl + 2);
+                FC_QK3H_DY(d0, q + pl)
                 for (int h = 0; h < 2; h++) {
-                    const fc_v8f d0 = bq[h];
-                    acc[0][h] += xv * d0;
+                    acc[0][h] += xv * d0[h];
                     acc[1][h] += xv * d1[h];
                     acc[2][h] += xv * d2[h];
                     d2[h] = d1[h];
-                    d1[h] = d0;
+                    d1[h] = d0[h];
                 }
             }
         }
@@ -2131,9 +2140,7 @@ cdef extern from *:
                 ptrdiff_t OW, ptrdiff_t C, ptrdiff_t F, ptrdiff_t pl, float* __restrict out,
                 ptrdiff_t ldo, ptrdiff_t ldt, int accumulate)
         {
-            const fc_v8i lo = {0, 0, 0, 0, 1, 1, 1, 1}, hi = {2, 2, 2, 2, 3, 3, 3, 3};
             fc_v8f sums[4][3][2];   /* [group (NG 4 or 1)][tap][half], lane 4o + i: output 2h + o */
-            fc_v8f buf[2 * (FC_PAIRK3_MAXW + 4)];   /* [dy pixel + 2][half] */
             for (int g = 0; g < NG; g++) for (int t = 0; t < 3; t++) for (int h = 0; h < 2; h++) {
                 fc_v8f v = {0};
                 if (accumulate)
@@ -2141,28 +2148,19 @@ cdef extern from *:
                         v[4 * o + i] = out[t * ldt + i * ldo + 4 * g + 2 * h + o];
                 sums[g][t][h] = v;
             }
-            for (int i = 0; i < 4; i++) {
-                buf[i] = (fc_v8f){0};
-                buf[2 * (OW + 2) + i] = (fc_v8f){0};
-            }
             const ptrdiff_t q1 = W < OW + 2 - pl ? W : OW + 2 - pl;
             for (int s = 0; s < nseg; s++) {
                 const float* __restrict d = D + doff[s];
                 const float* __restrict x = X + xoff[s];
                 const float* dn = D + doff[s + 1 < nseg ? s + 1 : s];
                 for (int g = 0; g < NG; g++) {
-                    for (ptrdiff_t o = 0; o < OW; o++) {
-                        const fc_v8f v = FC_QUAD4H(d + o * F + 4 * g);
-                        buf[2 * (o + 2)] = __builtin_shuffle(v, lo);
-                        buf[2 * (o + 2) + 1] = __builtin_shuffle(v, hi);
-                    }
                     fc_v8f acc[3][2];
                     for (int t = 0; t < 3; t++) for (int h = 0; h < 2; h++)
                         acc[t][h] = sums[g][t][h];
                     if (g == 0)
-                        fc_quadk3_walk(x, buf, q1, C, pl, acc, 1, dn, OW, F);
+                        fc_quadk3_walk(x, d, q1, C, pl, acc, 1, dn, OW, F);
                     else
-                        fc_quadk3_walk(x + 4 * g, buf, q1, C, pl, acc, 0, dn, OW, F);
+                        fc_quadk3_walk(x + 4 * g, d + 4 * g, q1, C, pl, acc, 0, dn, OW, F);
                     for (int t = 0; t < 3; t++) for (int h = 0; h < 2; h++)
                         sums[g][t][h] = acc[t][h];
                 }
