@@ -1174,9 +1174,7 @@ cdef extern from *:
        channels) and the last (its tail); fc_dwpix_1 computes the rest. Returns 0 (nothing
        done) on rows too short for it. Same machine, x 16 bytes off, without -> with (aligned):
        4x56x56x128 0.209 -> 0.170 ms (0.141), 8x56x56x144 0.70 -> 0.61 (0.52), 8x112x112x32
-       0.57 -> 0.52 (0.48), 8x28x28x192 even; at the numpy layer 4x56x56x128 99 -> ~125
-       GFLOP/s. */
-    static int fc_dw_shift = 1;   /* set_dw_shift(0): without it, for A/B */
+       0.57 -> 0.52 (0.48), 8x28x28x192 even (A/B in one process by a switch since removed). */
     #define FC_DWPIX_SHIFT(T, SUF, P) \
     static int fc_dwpix_##SUF##_shift(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict w, const T* __restrict bias, ptrdiff_t F, ptrdiff_t W, \
@@ -1612,8 +1610,9 @@ cdef extern from *:
          0.743 -> 0.523, 8x7x7x1024 0.220 -> 0.164 (the same sums). On the AVX-512 Xeon,
          rotating registers over the buffer had measured 0.98-1.06x. out[kw * ldt + ...] as
          fc_pairk's out for tap kw. */
-      #define FC_PAIRK3_MAXW 256
-      /* dst[GB]: dy pixel o of the row d doubled, or zeros outside the row */
+      #define FC_PAIRK3_OK 1
+      /* dst[GB]: dy pixel o of the row d doubled, or zeros outside the row (d, OW, F and dup
+         of the kernel below) */
       #define FC_PK3_DY(GB, dst, o) \
           if ((o) >= 0 && (o) < OW) { \
               if (GB == 2) { \
@@ -1917,6 +1916,8 @@ cdef extern from *:
          then a load a pixel and group): A/B, AVX-512 Zen 5, 2 threads, buffer -> registers:
          4x56x56x128 in 32 groups 0.70 -> 0.45 ms, 4x28x28x256 in 64 0.280 -> 0.206, 8x14x14x512
          in 128 0.335 -> 0.230, 8x7x7x1024 in 256 0.184 -> 0.173 (the same sums). */
+      /* dst[NG]: dy pixel o of the row d, a group's 4 values each repeated 4 times, or zeros
+         outside the row (d, OW, F and rep4 of the kernel below) */
       #define FC_QK3_DY(NG, dst, o) \
           if ((o) >= 0 && (o) < OW) { \
               fc_v16f v; \
@@ -2038,7 +2039,7 @@ cdef extern from *:
               const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
               ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
               int accumulate) {}
-      #define FC_PAIRK3_MAXW 256
+      #define FC_PAIRK3_OK 1
       #if defined(__AVX__)
         #include <immintrin.h>
         /* fc_quad4 / fc_quadk3 with AVX2 (see the AVX-512 kernels): a group's 16 lanes (o, i)
@@ -2102,7 +2103,7 @@ cdef extern from *:
            4x56x56x128 in 32 groups 0.92-1.03 -> 0.69-0.75 ms, 4x28x28x256 in 64 0.41 -> 0.355,
            8x14x14x512 in 128 0.41-0.44 -> 0.36). */
         /* dst[2]: pixel o of a group's dy row d, each value repeated 4 times (halves 0-1, 2-3),
-           or zeros outside the row */
+           or zeros outside the row (d, OW, F, lo and hi of fc_quadk3_walk) */
         #define FC_QK3H_DY(dst, o) \
             if ((o) >= 0 && (o) < OW) { \
                 const fc_v8f v = FC_QUAD4H(d + (o) * F); \
@@ -2177,7 +2178,7 @@ cdef extern from *:
       static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ldo, int accumulate) {}
-      #define FC_PAIRK3_MAXW 0
+      #define FC_PAIRK3_OK 0
       static inline void fc_pairk3(int GB, const float* X, const ptrdiff_t* xoff, const float* D,
               const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
               ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
@@ -2483,8 +2484,8 @@ cdef extern from *:
     static inline void fc_dwpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* w, const T* bias, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, \
             T* out, ptrdiff_t o0, ptrdiff_t o1) { \
-        if (fc_dw_shift && S == 1 && Fv == F && (F * sizeof(T)) % FC_VB == 0 \
-                && xr[0] && xr[1] && xr[2] && (uintptr_t)xr[0] % FC_VB && (uintptr_t)xr[0] % sizeof(T) == 0 \
+        if (S == 1 && Fv == F && (F * sizeof(T)) % FC_VB == 0 && xr[0] && xr[1] && xr[2] \
+                && (uintptr_t)xr[0] % FC_VB && (uintptr_t)xr[0] % sizeof(T) == 0 \
                 && fc_dwpix_##SUF##_shift(xr, xs, w, bias, F, W, pad, out, o0, o1, \
                                           (uintptr_t)xr[0] % FC_VB / sizeof(T))) \
             return; \
@@ -2613,7 +2614,6 @@ cdef extern from *:
     int fc_dwk3_width(Py_ssize_t rem, int sz) noexcept nogil
     int fc_dwrow_width(Py_ssize_t rem, int sz) noexcept nogil
     int fc_dwrow_pix
-    int fc_dw_shift
     int FC_DWROW_PIX
     bint FC_DWROW_OK
     int FC_DWROW2_MIN_OW
@@ -2682,7 +2682,7 @@ cdef extern from *:
     void fc_pairk(int GB, const float* A, Py_ssize_t ak, const float* B, Py_ssize_t ldb,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
                   int nseg, float* out, Py_ssize_t ldo, int accumulate) noexcept nogil
-    int FC_PAIRK3_MAXW
+    bint FC_PAIRK3_OK
     void fc_pairk3(int GB, const float* X, const Py_ssize_t* xoff, const float* D,
                    const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t C,
                    Py_ssize_t F, Py_ssize_t pl, float* out, Py_ssize_t ldo, Py_ssize_t ldt,
@@ -2856,11 +2856,6 @@ def set_block_major_bytes(Py_ssize_t n):
     """Dense weights of at least n bytes are run column blocks outer (_forward, _grad_input)."""
     global fc_block_major_bytes
     fc_block_major_bytes = n
-
-
-def set_dw_shift(int n):
-    global fc_dw_shift
-    fc_dw_shift = n
 
 
 def set_dwrow_pixels(int n):
@@ -6373,16 +6368,16 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
             return -1
     cdef bint pairk = (floating is float and FC_PAIRK_OK and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
-    # a kernel row's 3 taps a task (fc_pairk3, fc_quadk3) where unit stride and dilation along
-    # w keep the row's dy in their buffer and x pixel q + pad_left - kw within its 2-pixel frame
+    # a kernel row's 3 taps a task (fc_pairk3, fc_quadk3) at unit stride and dilation along w
+    # (rows of any width: since git 47cbd6e they keep no row buffer, which took 256 pixels)
     cdef bint row3 = KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
-    cdef bint buf3 = row3 and OW <= FC_PAIRK3_MAXW
+    cdef bint pk3_ok = row3 and FC_PAIRK3_OK
     # 4 x 4 a group: fc_quadk3 tasks of 4 groups or 1 (no per-tap kernel: the other
     # geometries take the general tiles)
-    cdef bint quadk = floating is float and _use_quad(sz, cin_g, cout_g, groups) and buf3
-    cdef bint pk3 = buf3 and (pairk or quadk)
+    cdef bint quadk = floating is float and _use_quad(sz, cin_g, cout_g, groups) and pk3_ok
+    cdef bint pk3 = pk3_ok and (pairk or quadk)
     # one or two vectors of outputs a group (16 or 32 float channels with AVX-512), the same
-    # rows (no buffer: any width): fc_slidek3 tasks (taps kw 0 .. 2 of a kernel row, up to
+    # rows: fc_slidek3 tasks (taps kw 0 .. 2 of a kernel row, up to
     # fc_sk3_pmax input channels, all the group's outputs)
     cdef bint sk3 = (FC_SK3_OK and fc_slide_rows and row3 and not pk3 and groups > 1
                      and not depthwise and cout_g * sz % FC_VB == 0

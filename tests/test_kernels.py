@@ -115,7 +115,7 @@ CASES = [
     (2, 28, 28, 256, 3, 3, 256, 32, (1, 1), (1, 1), "same"),
     # 8 channels a group, a kernel row's 3 taps a task (fc_pairk3): a group pair and a lone
     # group, no padding, stride and dilation along h only, rows narrower than the kernel, and
-    # rows too wide for its buffer (fc_pairk tap by tap)
+    # rows wider than the row buffer it had until git 47cbd6e (256 pixels)
     (1, 6, 9, 24, 3, 3, 24, 3, (1, 1), (1, 1), "valid"),
     (2, 9, 10, 16, 3, 3, 16, 2, (2, 1), (2, 1), "same"),
     (2, 4, 2, 16, 3, 3, 16, 2, (1, 1), (1, 1), "same"),
