@@ -1443,8 +1443,10 @@ cdef extern from *:
        104-112 -> 116-121, 4x56x56x128 111-117 -> 120-126, 2x28x28x64 in 16 groups 108-116 ->
        110-118 */
     /* They also prefetch the next segment's dy row, a line a pixel as they go along x's row
-       (the dy row was read as it was doubled into the buffer, a miss a pixel, 1 KB apart in
-       grouped32: 29% of fc_pairk3's samples sat on those loads). A/B, grad_kernel on 2
+       (measured with the row buffers they had until git 47cbd6e, into which the dy row was
+       doubled, a miss a pixel, 1 KB apart in grouped32: 29% of fc_pairk3's samples sat on
+       those loads; dy is now read as x's row reaches each pixel, and the prefetch was kept
+       without being measured again). A/B, grad_kernel on 2
        threads: 8 channels a group 4x28x28x256 1.06-1.10x, 8x14x14x512 1.10-1.18x,
        4x56x56x128 1.04-1.11x, 8x28x28x192 1.09-1.13x, 8x7x7x1024 1.26-1.30x; 4 channels a
        group (fc_quadk3) 4x28x28x256 1.00-1.09x, 4x56x56x128 1.05x, 8x14x14x512 1.16x. */
