@@ -87,12 +87,13 @@ def conv_bias(inputs, kernel, bias, spec):
 
 def conv_variables(inputs, kernel, kernel_shape, bias, spec, activation=None, plans=None):
     """conv_bias on a layer's variables (`kernel` seen as `kernel_shape`, `bias` or None), where
-    the backend has a faster path for that than the general one (eager calls on TensorFlow, JAX
-    and torch: see forward_variables in those bridges): (outputs, whether
+    the backend has a faster path for that than the general one (eager calls on every backend:
+    see forward_variables in the bridges): (outputs, whether
     `activation` (as `epilogue` takes it) was computed by the kernels); else None. `plans`: a
     dict (or None) into which the bridges put what `planned` needs to make this call again."""
     backend = keras.backend.backend()
-    if (backend not in ("tensorflow", "jax", "torch") or isinstance(inputs, keras.KerasTensor)
+    if (backend not in ("numpy", "tensorflow", "jax", "torch")
+            or isinstance(inputs, keras.KerasTensor)
             or _export.use_keras_convolution(inputs)):
         return None
     return _bridge().forward_variables(inputs, kernel, kernel_shape, bias, spec, activation,

@@ -639,7 +639,72 @@ def test_jax_repeated_calls_run_the_kept_plan(kwargs, input_shape, monkeypatch):
         reference.assert_close(to_numpy(dk), ref_dk, 1e-4)
 
 
-@pytest.mark.skipif(BACKEND not in ("torch", "jax"), reason="torch's and JAX's plans "
+@pytest.mark.skipif(BACKEND != "numpy", reason="numpy's plans")
+@pytest.mark.parametrize("cls, kwargs, input_shape", [
+    (fastconv.Conv2D, *LAYER_CASES[1]), (fastconv.Conv2D, *LAYER_CASES[3]),
+    (fastconv.Conv2D, *LAYER_CASES[4]), (fastconv.Conv2D, *LAYER_CASES[6]),
+    (fastconv.Conv2D, dict(filters=4, kernel_size=3, activation="relu6"), (2, 6, 7, 3)),
+    (fastconv.Conv2D, dict(filters=7, kernel_size=1, activation="swish"), (3, 5, 6, 4)),
+    (fastconv.DepthwiseConv2D, dict(kernel_size=3, depth_multiplier=2, padding="same",
+                                    activation="relu"), (2, 7, 6, 3)),
+], ids=str)
+def test_numpy_repeated_calls_run_the_kept_plan(cls, kwargs, input_shape, monkeypatch):
+    """numpy: the second call of a shape runs from the first call's plan (no
+    forward_variables), with the same result, the activation computed by the kernels where
+    they can; the kernel's array changed in place or assigned shows at the next call; other
+    dtypes, non-contiguous inputs and LoRA give the reference's results."""
+    from fastconv.backends import numpy as bridge
+
+    made = []
+    real = bridge.forward_variables
+    monkeypatch.setattr(bridge, "forward_variables", lambda *a: made.append(1) or real(*a))
+    keras.utils.set_random_seed(0)
+    fast = cls(**kwargs, bias_initializer="random_normal")
+    fast.build(input_shape)
+    x = _input(input_shape)
+    first = fast(x)
+    assert len(made) == 1
+    np.testing.assert_array_equal(fast(x), first)
+    assert len(made) == 1
+    reference.assert_close(first, _any_reference(fast, x), 1e-4)
+
+    fast.kernel.value[...] *= -0.5  # in place: the plan holds the array, not its values
+    reference.assert_close(fast(x), _any_reference(fast, x), 1e-4)
+    fast.kernel.assign(_input(tuple(fast.kernel.shape), 5))  # a new array: a new plan
+    reference.assert_close(fast(x), _any_reference(fast, x), 1e-4)
+    assert len(made) == 2
+    reference.assert_close(fast(np.asfortranarray(x)[:, ::-1][:, ::-1]), _any_reference(fast, x),
+                           1e-4)
+    assert len(made) == 2
+    reference.assert_close(fast(x.astype(np.float64)), _any_reference(fast, x), 1e-4)  # cast
+    assert len(made) == 3
+
+    if hasattr(fast, "enable_lora"):  # (Keras' DepthwiseConv2D has no LoRA)
+        fast.enable_lora(2)
+        fast.lora_kernel_b.assign(_input(tuple(fast.lora_kernel_b.shape), 6))
+        for _ in range(2):
+            reference.assert_close(fast(x), _any_reference(fast, x), 1e-4)
+    double = cls(**kwargs, dtype="float64")
+    double.build(input_shape)
+    double.set_weights(fast.get_weights()[:2] if fast.use_bias else fast.get_weights()[:1])
+    reference.assert_close(double(x), _any_reference(double, x), 1e-4)
+
+
+def _any_reference(layer, x):
+    """_reference for Conv2D and DepthwiseConv2D layers (whose (KH, KW, C, M) kernel is the
+    grouped (KH, KW, 1, C * M) one)."""
+    if not isinstance(layer, keras.layers.DepthwiseConv2D):
+        return _reference(layer, x)
+    kernel = to_numpy(layer.kernel).astype(np.float64)
+    kh, kw, c, m = kernel.shape
+    out = reference.conv(np.asarray(x, np.float64), kernel.reshape(kh, kw, 1, c * m),
+                         layer.strides, layer.padding, layer.dilation_rate, layer.data_format)
+    if layer.use_bias:
+        out = out + to_numpy(layer.bias).astype(np.float64)
+    return to_numpy(layer.activation(keras.ops.convert_to_tensor(out.astype(np.float32))))
+
+
+@pytest.mark.skipif(BACKEND not in ("torch", "jax", "numpy"), reason="plans "
                     "(TensorFlow's: test_tf_eager.py)")
 def test_plans_give_way_to_hooks_scopes_and_subclasses():
     """After a planned call: (torch) a module hook registered later runs; stateless_call uses
