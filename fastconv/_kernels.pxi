@@ -1445,11 +1445,15 @@ cdef extern from *:
     /* They also prefetch the next segment's dy row, a line a pixel as they go along x's row
        (measured with the row buffers they had until git 47cbd6e, into which the dy row was
        doubled, a miss a pixel, 1 KB apart in grouped32: 29% of fc_pairk3's samples sat on
-       those loads; dy is now read as x's row reaches each pixel, and the prefetch was kept
-       without being measured again). A/B, grad_kernel on 2
-       threads: 8 channels a group 4x28x28x256 1.06-1.10x, 8x14x14x512 1.10-1.18x,
-       4x56x56x128 1.04-1.11x, 8x28x28x192 1.09-1.13x, 8x7x7x1024 1.26-1.30x; 4 channels a
-       group (fc_quadk3) 4x28x28x256 1.00-1.09x, 4x56x56x128 1.05x, 8x14x14x512 1.16x. */
+       those loads). A/B, grad_kernel on 2 threads: 8 channels a group 4x28x28x256
+       1.06-1.10x, 8x14x14x512 1.10-1.18x, 4x56x56x128 1.04-1.11x, 8x28x28x192 1.09-1.13x,
+       8x7x7x1024 1.26-1.30x; 4 channels a group (fc_quadk3) 4x28x28x256 1.00-1.09x,
+       4x56x56x128 1.05x, 8x14x14x512 1.16x. Measured again with dy read per pixel as x's row
+       reaches it (git 1fa1de0, AVX-512 Xeon, 2 threads, alternating processes, without ->
+       with, ms): 8 channels a group 4x28x28x256 0.49-0.52 -> 0.44-0.49, 8x14x14x512 in 64
+       groups 0.59-0.61 -> 0.49-0.50, 8x7x7x1024 0.32-0.34 -> 0.25-0.29, 4x56x56x128 in 16
+       groups even; 4 channels a group 4x28x28x256 0.33-0.36 -> 0.32-0.34, 8x14x14x512 0.39-0.41
+       -> 0.37-0.39, 4x56x56x128 even. */
     #ifndef FC_PK3_PREFETCH
       #define FC_PK3_PREFETCH 8
     #endif
@@ -1610,9 +1614,14 @@ cdef extern from *:
          AVX-512 Zen 5, grad_kernel on 2 threads, 8 channels a group, buffer -> registers:
          4x28x28x256 0.396 -> 0.303 ms, 8x14x14x512 0.418 -> 0.306, 4x56x56x128 in 16 groups
          0.743 -> 0.523, 8x7x7x1024 0.220 -> 0.164 (the same sums). On the AVX-512 Xeon,
-         rotating registers over the buffer had measured 0.98-1.06x. out[kw * ldt + ...] as
-         fc_pairk's out for tap kw. */
-      #define FC_PAIRK3_OK 1
+         rotating registers over the buffer had measured 0.98-1.06x; this change there
+         (builds of git 247b6db and 1fa1de0, alternating processes): 4x28x28x256 0.56-0.58 ->
+         0.46-0.53 ms, 8x14x14x512 in 64 groups 0.63-0.64 -> 0.51-0.55, 4x56x56x128 in 16
+         groups 1.10-1.14 -> 0.82-0.83; 4 channels a group (fc_quadk3) 4x56x56x128 in 32 groups
+         0.75-0.79 -> 0.62-0.64, 4x28x28x256 in 64 groups 0.41-0.44 -> 0.34-0.36.
+         out[kw * ldt + ...] as fc_pairk's out for tap kw. */
+      /* the kernel-row gradient tiles (fc_pairk3, fc_quadk3) are built */
+      #define FC_ROW3K_OK 1
       /* dst[GB]: dy pixel o of the row d doubled, or zeros outside the row (d, OW, F and dup
          of the kernel below) */
       #define FC_PK3_DY(GB, dst, o) \
@@ -2041,7 +2050,7 @@ cdef extern from *:
               const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
               ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
               int accumulate) {}
-      #define FC_PAIRK3_OK 1
+      #define FC_ROW3K_OK 1  /* fc_quadk3 (below) only: FC_PAIRK_OK 0 keeps fc_pairk3 out */
       #if defined(__AVX__)
         #include <immintrin.h>
         /* fc_quad4 / fc_quadk3 with AVX2 (see the AVX-512 kernels): a group's 16 lanes (o, i)
@@ -2180,7 +2189,7 @@ cdef extern from *:
       static inline void fc_pairk(int GB, const float* A, ptrdiff_t ak, const float* B, ptrdiff_t ldb,
               const ptrdiff_t* aoff, const ptrdiff_t* boff, const ptrdiff_t* len, int nseg,
               float* out, ptrdiff_t ldo, int accumulate) {}
-      #define FC_PAIRK3_OK 0
+      #define FC_ROW3K_OK 0
       static inline void fc_pairk3(int GB, const float* X, const ptrdiff_t* xoff, const float* D,
               const ptrdiff_t* doff, int nseg, ptrdiff_t W, ptrdiff_t OW, ptrdiff_t C,
               ptrdiff_t F, ptrdiff_t pl, float* out, ptrdiff_t ldo, ptrdiff_t ldt,
@@ -2684,7 +2693,7 @@ cdef extern from *:
     void fc_pairk(int GB, const float* A, Py_ssize_t ak, const float* B, Py_ssize_t ldb,
                   const Py_ssize_t* aoff, const Py_ssize_t* boff, const Py_ssize_t* lens,
                   int nseg, float* out, Py_ssize_t ldo, int accumulate) noexcept nogil
-    bint FC_PAIRK3_OK
+    bint FC_ROW3K_OK
     void fc_pairk3(int GB, const float* X, const Py_ssize_t* xoff, const float* D,
                    const Py_ssize_t* doff, int nseg, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t C,
                    Py_ssize_t F, Py_ssize_t pl, float* out, Py_ssize_t ldo, Py_ssize_t ldt,
@@ -6371,9 +6380,12 @@ cdef int _grad_kernel(const floating* xp0, Py_ssize_t N, Py_ssize_t H, Py_ssize_
     cdef bint pairk = (floating is float and FC_PAIRK_OK and _use_pair(sz, cin_g, cout_g, groups)
                        and cin_g == 8)
     # a kernel row's 3 taps a task (fc_pairk3, fc_quadk3) at unit stride and dilation along w
-    # (rows of any width: since git 47cbd6e they keep no row buffer, which took 256 pixels)
+    # (rows of any width: since git 47cbd6e they keep no row buffer, which took 256 pixels).
+    # The pad_left bound was the buffer's (a 2-pixel zero frame); the tiles now check
+    # 0 <= o < OW themselves, and 'same' and 'valid' give 3-wide rows at stride 1 pad_left 1
+    # or 0: kept as a guard, untested beyond it.
     cdef bint row3 = KW == 3 and sw == 1 and dwl == 1 and 0 <= pad_left <= 2
-    cdef bint pk3_ok = row3 and FC_PAIRK3_OK
+    cdef bint pk3_ok = row3 and FC_ROW3K_OK
     # 4 x 4 a group: fc_quadk3 tasks of 4 groups or 1 (no per-tap kernel: the other
     # geometries take the general tiles)
     cdef bint quadk = floating is float and _use_quad(sz, cin_g, cout_g, groups) and pk3_ok
