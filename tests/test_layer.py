@@ -704,6 +704,58 @@ def _any_reference(layer, x):
     return to_numpy(layer.activation(keras.ops.convert_to_tensor(out.astype(np.float32))))
 
 
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow's: test_tf_eager.py")
+@pytest.mark.parametrize("activation", ["relu", "relu6", "swish", "tanh"])
+@pytest.mark.parametrize("cls, kwargs, input_shape", [
+    (fastconv.Conv2D, dict(filters=5, kernel_size=3, padding="same"), (2, 6, 7, 4)),
+    (fastconv.Conv2D, dict(filters=6, kernel_size=3, groups=3, strides=2), (2, 9, 8, 6)),
+    (fastconv.Conv2D, dict(filters=4, kernel_size=3, data_format="channels_first"),
+     (2, 3, 7, 6)),
+    (fastconv.DepthwiseConv2D, dict(kernel_size=3, padding="same"), (2, 6, 7, 5)),
+], ids=str)
+def test_eager_calls_with_an_activation(cls, kwargs, input_shape, activation):
+    """Eager calls (the first, then the planned ones) with an activation the kernels can
+    compute (relu, relu6, swish: channels_last float32, nothing to differentiate on torch) or
+    not (tanh) give the reference's results; on torch with gradients too, whose dx and dk are
+    the reference's through the activation."""
+    keras.utils.set_random_seed(0)
+    fast = cls(**kwargs, activation=activation, bias_initializer="random_normal")
+    fast.build(input_shape)
+    x = _input(input_shape)
+    expected = _any_reference(fast, x)
+    for _ in range(3):
+        reference.assert_close(to_numpy(fast(keras.ops.convert_to_tensor(x))), expected, 1e-4)
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            for _ in range(2):
+                reference.assert_close(to_numpy(fast(torch.from_numpy(x))), expected, 1e-4)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        y = fast(xt)
+        reference.assert_close(to_numpy(y.detach()), expected, 1e-4)
+        dy = torch.from_numpy(_input(tuple(y.shape), 3))
+        dx, dk = torch.autograd.grad(y, [xt, fast.kernel.value], dy)
+        # the reference's through the activation: d act(z) / dz at the reference's z
+        act = {"relu": lambda z: (z > 0) * 1.0, "relu6": lambda z: ((z > 0) & (z < 6)) * 1.0,
+               "swish": lambda z: (1 + np.exp(-z) + z * np.exp(-z)) / (1 + np.exp(-z)) ** 2,
+               "tanh": lambda z: 1 - np.tanh(z) ** 2}[activation]
+        linear = cls(**kwargs, bias_initializer="random_normal")
+        linear.build(input_shape)
+        linear.set_weights(fast.get_weights())
+        z = _any_reference(linear, x)
+        kernel = to_numpy(fast.kernel).astype(np.float64)
+        if isinstance(fast, keras.layers.DepthwiseConv2D):
+            kh, kw, c, m = kernel.shape
+            kernel = kernel.reshape(kh, kw, 1, c * m)
+        ref_dx, ref_dk = reference.grads(x.astype(np.float64), kernel,
+                                         to_numpy(dy).astype(np.float64) * act(z),
+                                         fast.strides, fast.padding, fast.dilation_rate,
+                                         fast.data_format)
+        reference.assert_close(to_numpy(dx), ref_dx, 1e-4)
+        reference.assert_close(to_numpy(dk).reshape(ref_dk.shape), ref_dk, 1e-4)
+
+
 @pytest.mark.skipif(BACKEND not in ("torch", "jax", "numpy"), reason="plans "
                     "(TensorFlow's: test_tf_eager.py)")
 def test_plans_give_way_to_hooks_scopes_and_subclasses():

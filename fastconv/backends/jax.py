@@ -294,11 +294,11 @@ def conv(x, k, b, spec, result):
                   result)
 
 
-def _eager(x, k, b, spec, result):
+def _eager(x, k, b, spec, result, activation=None):
     # Eager (concrete CPU arrays, nothing to differentiate): the host runs on zero-copy views
     # and its result becomes a jax.Array without a copy. A jitted call with a pure_callback
     # costs ~100 us more per call and copies the result into XLA's buffer (~0.4 ms per 6 MB).
-    out = host.contiguous(host.conv(x, k, b, spec, result))
+    out = host.contiguous(host.conv(x, k, b, spec, result, activation))
     # (numpy cannot export bfloat16 through dlpack; the kernels' own dtypes it can)
     if out.dtype in (np.float32, np.float64) and _memory.address(out) % host.ALIGN == 0:
         if out.dtype == np.float32 and _from_host is not None:
@@ -309,7 +309,8 @@ def _eager(x, k, b, spec, result):
 
 def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plans=None):
     """A layer's eager convolution on its kernel (seen as `kernel_shape`) and bias variables:
-    (outputs, False: `activation` is left to the layer), or None where this does not serve
+    (outputs, whether `activation` (as `fused` takes it, or None) was computed by the kernels:
+    channels_last float32), or None where this does not serve
     (tracing, x not a concrete CPU float array of the kernel's dtype, not rank 4). What
     ops.conv_bias does eagerly, without its conversions and checks of values that a layer's
     call has already made arrays of its compute dtype: ~7 us of Python a call (38 -> 31 us
@@ -323,10 +324,11 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         return None
     spec.check_call(x.shape, kernel_shape, None if b is None else b.shape)
     plan = _Plan(x.sharding, tuple(k.shape), None if b is None else tuple(b.shape),
-                 tuple(kernel_shape), spec, x.dtype.name)
+                 tuple(kernel_shape), spec, x.dtype.name,
+                 host.fused_activation(activation, spec, x.dtype.name))
     if plans is not None:
         plans[x.shape, x.dtype] = plan
-    return _run(plan, x, k, b), False
+    return _run(plan, x, k, b)
 
 
 class _Plan(NamedTuple):
@@ -339,21 +341,23 @@ class _Plan(NamedTuple):
     conv_kernel_shape: tuple  # the kernel seen as (KH, KW, C // groups, F) (a depthwise one's)
     spec: object
     result: str
+    activation: Optional[tuple]  # computed by the kernels, or None
 
 
 def _run(plan, x, k, b):
     k = np.asarray(k)
     if plan.conv_kernel_shape != plan.kernel_shape:
         k = k.reshape(plan.conv_kernel_shape)
-    return _eager(np.asarray(x), k, None if b is None else np.asarray(b), plan.spec, plan.result)
+    return (_eager(np.asarray(x), k, None if b is None else np.asarray(b), plan.spec,
+                   plan.result, plan.activation), plan.activation is not None)
 
 
 def run_plan(plans, x, kernel, bias):
     """forward_variables for a call like one it kept in `plans`: x a concrete array of the same
     shape and dtype on the same CPU device, the variables' values (read now: a stateless
     scope's too) concrete arrays of x's dtype and their shapes on that device; without remaking
-    its checks. (outputs, False), or None. The caller (the layer) answers for everything about
-    the layer and the call (see layers._Fastconv._planned)."""
+    its checks. (outputs, activated), or None. The caller (the layer) answers for everything
+    about the layer and the call (see layers._Fastconv._planned)."""
     if type(x) is not _ARRAY:
         return None
     plan = plans.get((x.shape, x.dtype))
@@ -369,7 +373,7 @@ def run_plan(plans, x, kernel, bias):
             return None
     if not _same_device(x, plan):
         return None
-    return _run(plan, x, k, b), False
+    return _run(plan, x, k, b)
 
 
 def _same_device(a, plan):

@@ -496,9 +496,18 @@ def on_accelerator(x, k):
     return False
 
 
-def conv(x, k, b, spec, result):
-    """The numpy backend: Keras' own hands convolutions to JAX; here the kernels serve them."""
-    return forward(x, k, spec, host_dtype(result), b).astype(result, copy=False)
+def conv(x, k, b, spec, result, activation=None):
+    """The numpy backend: Keras' own hands convolutions to JAX; here the kernels serve them.
+    (`activation`: as forward takes it.)"""
+    return forward(x, k, spec, host_dtype(result), b, activation=activation).astype(
+        result, copy=False)
+
+
+def fused_activation(activation, spec, result):
+    """The activation (as act_attrs takes it) that an eager forward_variables call computes in
+    the kernels, or None: channels_last float32 only (the general way, e.g. channels_first,
+    leaves it to the layer)."""
+    return activation if spec.channels_last and result == "float32" else None
 
 
 def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plans=None):
@@ -521,7 +530,7 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
         return None
     spec.check_call(x.shape, kernel_shape, None if b is None else b.shape)
     plan = _Plan(k, b, tuple(kernel_shape), tuple(k.shape) != tuple(kernel_shape), spec,
-                 activation if spec.channels_last else None)
+                 fused_activation(activation, spec, "float32"))
     if plans is not None:
         plans[x.shape] = plan
     return _run(plan, x)

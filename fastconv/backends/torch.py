@@ -31,9 +31,9 @@ def _numpy(t):
     return None if t is None else t.detach().numpy()
 
 
-def _forward(x, k, b, spec):
+def _forward(x, k, b, spec, activation=None):
     return torch.from_numpy(host.forward(_numpy(x), _numpy(k), spec, _DTYPES[x.dtype], _numpy(b),
-                                         nhwc_memory=True))
+                                         nhwc_memory=True, activation=activation))
 
 
 def _grad_input(dy, k, input_shape, spec):
@@ -221,7 +221,8 @@ def on_accelerator(x, k):
 
 def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plans=None):
     """A layer's eager convolution on its kernel (seen as `kernel_shape`) and bias variables:
-    (outputs, False: `activation` is left to the layer), or None where this does not serve
+    (outputs, whether `activation` (as host.act_attrs takes it, or None) was computed by the
+    kernels: channels_last float32, nothing to differentiate), or None where this does not serve
     (compiling, x not a CPU float tensor of the kernel's dtype, not rank 4). What ops.conv_bias
     does, without its conversions and checks of values that a layer's call has already made
     tensors of its compute dtype: ~8 us of Python a call (33 -> 25 us with the kernel stubbed),
@@ -238,11 +239,12 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
             or on_accelerator(x, k) or (b is not None and b.device.type != "cpu")):
         return None
     spec.check_call(x.shape, kernel_shape, None if b is None else b.shape)
+    result = "float64" if x.dtype == torch.float64 else "float32"
     plan = _Plan(x.device, k, b, tuple(kernel_shape), tuple(k.shape) != tuple(kernel_shape),
-                 spec, "float64" if x.dtype == torch.float64 else "float32")
+                 spec, result, host.fused_activation(activation, spec, result))
     if plans is not None:
         plans[tuple(x.shape), x.dtype] = plan
-    return _run(plan, x), False
+    return _run(plan, x)
 
 
 class _Plan(NamedTuple):
@@ -254,17 +256,23 @@ class _Plan(NamedTuple):
     reshape: bool  # whether the kernel is seen in kernel_shape (a depthwise layer's)
     spec: ConvSpec
     result: str
+    activation: Optional[tuple]  # computed by the kernels where nothing is differentiated
 
 
 def _run(plan, x):
     k = plan.kernel.reshape(plan.kernel_shape) if plan.reshape else plan.kernel
-    return conv(x, k, plan.bias, plan.spec, plan.result)
+    b = plan.bias
+    if plan.activation is not None and not (torch.is_grad_enabled() and (
+            x.requires_grad or k.requires_grad or (b is not None and b.requires_grad))):
+        # (x, k and b of the plan's dtype: forward_variables checked them, run_plan x)
+        return _forward(x, k, b, plan.spec, plan.activation), True
+    return conv(x, k, b, plan.spec, plan.result), False
 
 
 def run_plan(plans, x, kernel, bias):
     """forward_variables for a call like one it kept in `plans`: x of the same shape, dtype and
     device, the same variables' values (not a stateless scope's), not compiling; without
-    remaking its checks. (outputs, False), or None. The caller (the layer) answers for
+    remaking its checks. (outputs, activated), or None. The caller (the layer) answers for
     everything about the layer and the call (see layers._Fastconv._planned). An eager
     DepthwiseConv2D call on 1x8x8x16: 63 -> 52 us warm; benchmarks/models.py's DepthwiseConv2D
     cases on torch 1.08-1.19x faster (one run each way)."""
@@ -275,7 +283,7 @@ def run_plan(plans, x, kernel, bias):
             or getattr(kernel, "value", None) is not plan.kernel
             or (None if bias is None else getattr(bias, "value", None)) is not plan.bias):
         return None
-    return _run(plan, x), False
+    return _run(plan, x)
 
 
 def conv(x, k, b, spec, result):
