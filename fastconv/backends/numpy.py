@@ -520,8 +520,9 @@ def forward_variables(x, kernel, kernel_shape, bias, spec, activation=None, plan
     compute dtype. The call is kept in `plans` (a dict, or None), for `run_plan`.
 
     Right after a large kernel has pushed Python's objects out of the caches, every step of
-    a layer call costs several times its warm time: an eager depthwise 4x56x56x128 layer call
-    took 0.335 ms here (AVX-512 Xeon, 2 threads) for the kernel's 0.26."""
+    a layer call costs several times its warm time: a depthwise 4x56x56x128 layer call took
+    0.334 ms by the general path and takes 0.296 by a plan, the kernel 0.26 (AVX-512 Xeon, 2
+    threads)."""
     if type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 4:
         return None
     k, b = (getattr(v, "value", v) for v in (kernel, bias))
