@@ -262,11 +262,16 @@ class _Plan(NamedTuple):
 def _run(plan, x):
     k = plan.kernel.reshape(plan.kernel_shape) if plan.reshape else plan.kernel
     b = plan.bias
-    if plan.activation is not None and not (torch.is_grad_enabled() and (
-            x.requires_grad or k.requires_grad or (b is not None and b.requires_grad))):
+    if plan.activation is not None and not _differentiated(x, k, b):
         # (x, k and b of the plan's dtype: forward_variables checked them, run_plan x)
         return _forward(x, k, b, plan.spec, plan.activation), True
     return conv(x, k, b, plan.spec, plan.result), False
+
+
+def _differentiated(x, k, b):
+    """Whether autograd records a convolution of x, k and b (b may be None)."""
+    return torch.is_grad_enabled() and (x.requires_grad or k.requires_grad
+                                        or (b is not None and b.requires_grad))
 
 
 def run_plan(plans, x, kernel, bias):
@@ -298,8 +303,7 @@ def conv(x, k, b, spec, result):
         b = b.to(dtype)
     if torch.compiler.is_compiling():
         y = _conv2d_op(x, k, b, *_args(spec))
-    elif torch.is_grad_enabled() and (x.requires_grad or k.requires_grad
-                                      or (b is not None and b.requires_grad)):
+    elif _differentiated(x, k, b):
         y = _Conv2d.apply(x, k, b, spec)
     else:
         y = _forward(x, k, b, spec)  # (an autograd.Function costs ~40 us even when not needed)
