@@ -36,6 +36,13 @@ def _taps(g, strides, dilation):
             yield i, j, rows, cols
 
 
+def depthwise_kernel(w):
+    """A depthwise (KH, KW, C, M) kernel as the grouped convolution's (KH, KW, 1, C * M) one (C
+    groups of one input channel)."""
+    kh, kw, c, m = np.shape(w)
+    return np.reshape(w, (kh, kw, 1, c * m))
+
+
 def conv(x, w, strides=(1, 1), padding="valid", dilation=(1, 1), data_format="channels_last"):
     x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
     if data_format == "channels_first":

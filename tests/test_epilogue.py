@@ -13,7 +13,7 @@ import keras  # noqa: E402  (after conftest: torch before keras)
 
 import fastconv  # noqa: E402
 from fastconv import layers  # noqa: E402
-from reference import assert_close, conv as ref_conv  # noqa: E402
+from reference import assert_close, conv as ref_conv, depthwise_kernel  # noqa: E402
 
 if BACKEND == "tensorflow":
     import tensorflow as tf
@@ -134,8 +134,7 @@ def _numpy_forward(model, x):
         layer = L(name)
         k = to_numpy(layer.kernel)
         if isinstance(layer, keras.layers.DepthwiseConv2D):
-            kh, kw, c, m = k.shape
-            k = k.reshape(kh, kw, 1, c * m)
+            k = depthwise_kernel(k)
         z = ref_conv(z, k, layer.strides, layer.padding)
         return z + to_numpy(layer.bias) if layer.use_bias else z
 

@@ -35,9 +35,18 @@ def _randomize(layer, seed=0):
                        for w in layer.get_weights()])
 
 
+def _conv_kernel(layer):
+    """The layer's kernel (LoRA included) in float64 as a convolution's: a DepthwiseConv2D's
+    regrouped."""
+    kernel = to_numpy(layer.kernel).astype(np.float64)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kernel = reference.depthwise_kernel(kernel)
+    return kernel
+
+
 def _reference(layer, x, dtype=np.float64):
     """The layer's function computed with the float64 reference from its weights."""
-    kernel = to_numpy(layer.kernel).astype(np.float64)  # LoRA included
+    kernel = _conv_kernel(layer)
     out = reference.conv(np.asarray(to_numpy(x), np.float64), kernel, layer.strides,
                          layer.padding, layer.dilation_rate, layer.data_format)
     if layer.use_bias:
@@ -666,42 +675,28 @@ def test_numpy_repeated_calls_run_the_kept_plan(cls, kwargs, input_shape, monkey
     assert len(made) == 1
     np.testing.assert_array_equal(fast(x), first)
     assert len(made) == 1
-    reference.assert_close(first, _any_reference(fast, x), 1e-4)
+    reference.assert_close(first, _reference(fast, x), 1e-4)
 
     fast.kernel.value[...] *= -0.5  # in place: the plan holds the array, not its values
-    reference.assert_close(fast(x), _any_reference(fast, x), 1e-4)
+    reference.assert_close(fast(x), _reference(fast, x), 1e-4)
     fast.kernel.assign(_input(tuple(fast.kernel.shape), 5))  # a new array: a new plan
-    reference.assert_close(fast(x), _any_reference(fast, x), 1e-4)
+    reference.assert_close(fast(x), _reference(fast, x), 1e-4)
     assert len(made) == 2
-    reference.assert_close(fast(np.asfortranarray(x)[:, ::-1][:, ::-1]), _any_reference(fast, x),
+    reference.assert_close(fast(np.asfortranarray(x)[:, ::-1][:, ::-1]), _reference(fast, x),
                            1e-4)
     assert len(made) == 2
-    reference.assert_close(fast(x.astype(np.float64)), _any_reference(fast, x), 1e-4)  # cast
+    reference.assert_close(fast(x.astype(np.float64)), _reference(fast, x), 1e-4)  # cast
     assert len(made) == 3
 
     if hasattr(fast, "enable_lora"):  # (Keras' DepthwiseConv2D has no LoRA)
         fast.enable_lora(2)
         fast.lora_kernel_b.assign(_input(tuple(fast.lora_kernel_b.shape), 6))
         for _ in range(2):
-            reference.assert_close(fast(x), _any_reference(fast, x), 1e-4)
+            reference.assert_close(fast(x), _reference(fast, x), 1e-4)
     double = cls(**kwargs, dtype="float64")
     double.build(input_shape)
     double.set_weights(fast.get_weights()[:2] if fast.use_bias else fast.get_weights()[:1])
-    reference.assert_close(double(x), _any_reference(double, x), 1e-4)
-
-
-def _any_reference(layer, x):
-    """_reference for Conv2D and DepthwiseConv2D layers (whose (KH, KW, C, M) kernel is the
-    grouped (KH, KW, 1, C * M) one)."""
-    if not isinstance(layer, keras.layers.DepthwiseConv2D):
-        return _reference(layer, x)
-    kernel = to_numpy(layer.kernel).astype(np.float64)
-    kh, kw, c, m = kernel.shape
-    out = reference.conv(np.asarray(x, np.float64), kernel.reshape(kh, kw, 1, c * m),
-                         layer.strides, layer.padding, layer.dilation_rate, layer.data_format)
-    if layer.use_bias:
-        out = out + to_numpy(layer.bias).astype(np.float64)
-    return to_numpy(layer.activation(keras.ops.convert_to_tensor(out.astype(np.float32))))
+    reference.assert_close(double(x), _reference(double, x), 1e-4)
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow's: test_tf_eager.py")
@@ -722,7 +717,7 @@ def test_eager_calls_with_an_activation(cls, kwargs, input_shape, activation):
     fast = cls(**kwargs, activation=activation, bias_initializer="random_normal")
     fast.build(input_shape)
     x = _input(input_shape)
-    expected = _any_reference(fast, x)
+    expected = _reference(fast, x)
     for _ in range(3):
         reference.assert_close(to_numpy(fast(keras.ops.convert_to_tensor(x))), expected, 1e-4)
     if BACKEND == "torch":
@@ -743,12 +738,8 @@ def test_eager_calls_with_an_activation(cls, kwargs, input_shape, activation):
         linear = cls(**kwargs, bias_initializer="random_normal")
         linear.build(input_shape)
         linear.set_weights(fast.get_weights())
-        z = _any_reference(linear, x)
-        kernel = to_numpy(fast.kernel).astype(np.float64)
-        if isinstance(fast, keras.layers.DepthwiseConv2D):
-            kh, kw, c, m = kernel.shape
-            kernel = kernel.reshape(kh, kw, 1, c * m)
-        ref_dx, ref_dk = reference.grads(x.astype(np.float64), kernel,
+        z = _reference(linear, x)
+        ref_dx, ref_dk = reference.grads(x.astype(np.float64), _conv_kernel(fast),
                                          to_numpy(dy).astype(np.float64) * act(z),
                                          fast.strides, fast.padding, fast.dilation_rate,
                                          fast.data_format)

@@ -13,7 +13,7 @@ import keras  # noqa: E402  (after conftest)
 
 import fastconv  # noqa: E402
 from fastconv import _dispatch  # noqa: E402
-from reference import assert_close, conv as ref_conv, grads as ref_grads  # noqa: E402
+from reference import assert_close, conv as ref_conv, depthwise_kernel, grads as ref_grads  # noqa: E402
 
 pytestmark = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's eager path")
 
@@ -62,8 +62,7 @@ def _conv_kernel(layer):
     (KH, KW, C, M) regrouped."""
     kernel = layer.get_weights()[0]
     if isinstance(layer, keras.layers.DepthwiseConv2D):
-        kh, kw, c, m = kernel.shape
-        kernel = kernel.reshape(kh, kw, 1, c * m)
+        kernel = depthwise_kernel(kernel)
     return kernel
 
 
