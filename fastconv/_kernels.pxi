@@ -699,6 +699,13 @@ cdef extern from *:
       #define FC_LOAD(dst, src) memcpy(&(dst), (src), sizeof(vec))
       #define FC_STORE(dst, src) memcpy((dst), &(src), sizeof(vec))
       #define FC_ZERO(dst) (dst) = (vec){0}
+      #if defined(__x86_64__) || defined(__i386__)
+        /* v lives in a register from here on: gcc otherwise folds a vector loaded once and
+           used by several FMAs into each as a memory operand, one load each */
+        #define FC_PIN(v) __asm__("" : "+v"(v))
+      #else
+        #define FC_PIN(v) ((void)0)
+      #endif
       #define FC_UNROLL _Pragma("GCC unroll 16")
       #define FC_LANES(sz) (FC_VB / (sz))   /* VW of a native vector of sz-byte elements */
     #else
@@ -708,6 +715,7 @@ cdef extern from *:
       #define FC_LOAD(dst, src) (dst) = *(src)
       #define FC_STORE(dst, src) *(dst) = (src)
       #define FC_ZERO(dst) (dst) = 0
+      #define FC_PIN(v) ((void)0)
     #endif
 
     /* GEMM tile: out[p*ops + v] = (out[p*ops + v] if accumulate) +
@@ -1062,8 +1070,24 @@ cdef extern from *:
        threads, time over the unpacked tiles: forward 4x56x56x128 0.79x, 8x56x56x144 0.77x,
        8x112x112x32 0.92x (packing alone 0.95x); grad_input 0.72-0.80x on 56x56 and 28x28
        images. Prefetching the next tiles' input lines as well: no gain; P = 5, 6: no gain. */
+    /* Two later changes, measured on AMD Zen 4 (AVX-512, 2 threads, A/B of builds in one
+       process; both bit-identical). (1) The input vectors are pinned in registers (FC_PIN):
+       gcc had folded each into the 2-3 FMAs that use it as memory operands, 36 loads a tile
+       step instead of 18, and the loop waited on the load port (18-19 cycles an output vector
+       on L2-resident rows, against 9 FMAs): 4x56x56x128 forward 0.87-0.89x the time,
+       grad_input 0.82-0.83x, 2x112x112x32 0.79x / 0.81x. It made rows that come from memory
+       slower (8x112x112x32, 8x56x56x144: 1.05-1.09x), as the tile then waits on the newest
+       input row's lines, which (2) prefetches FC_DWPIX_PFD pixels ahead, while that stays
+       inside the row (short rows, e.g. 28 or 14 pixels, none or a few, whose cost showed on
+       8x14x14x576: 1.27x prefetching across rows): over (1) alone, 8x112x112x32 0.88x / 0.91x,
+       8x56x56x144 0.83x / 0.86x, 56x56 and smaller images 0.99-1.03x; 8 pixels ahead about
+       the same, 24 and 48 no better. Together, over neither: 8x112x112x32 0.89x / 0.92x,
+       8x56x56x144 0.88x, 4x56x56x128 0.87x, 8x14x14x576 0.91x / 0.95x. */
     #define FC_DWPK_MAX 256
-    #define FC_DWPIX_TILE(T, S, P) \
+    #ifndef FC_DWPIX_PFD
+      #define FC_DWPIX_PFD 16
+    #endif
+    #define FC_DWPIX_TILE(T, S, P, PF) \
                 { \
                     const T* __restrict a0 = p0; \
                     const T* __restrict a1 = p1; \
@@ -1074,8 +1098,10 @@ cdef extern from *:
                         vec acc[P], t[P], xin[S * (P - 1) + 3], k, b; \
                         FC_UNROLL for (int h = 0; h < 3; h++) { \
                             const T* __restrict ph = h == 0 ? a0 : h == 1 ? a1 : a2; \
-                            FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) \
+                            FC_UNROLL for (int i = 0; i < S * (P - 1) + 3; i++) { \
                                 FC_LOAD(xin[i], ph + i * F); \
+                                FC_PIN(xin[i]); \
+                            } \
                             FC_UNROLL for (int kk = 0; kk < 3; kk++) { \
                                 FC_LOAD(k, wc + (h * 3 + kk) * VW); \
                                 FC_UNROLL for (int p = 0; p < P; p++) { \
@@ -1090,6 +1116,8 @@ cdef extern from *:
                         FC_LOAD(b, wc + 9 * VW); \
                         FC_UNROLL for (int p = 0; p < P; p++) \
                             __builtin_prefetch(o + (P + p) * F, 1, 3); \
+                        if (PF) FC_UNROLL for (int i = 0; i < S * P; i++) \
+                            __builtin_prefetch(a2 + (S * (P - 1) + 3 + FC_DWPIX_PFD + i) * F, 0, 3); \
                         FC_UNROLL for (int p = 0; p < P; p++) { \
                             acc[p] += b; \
                             FC_STORE(o + p * F, acc[p]); \
@@ -1120,13 +1148,16 @@ cdef extern from *:
                 const T* __restrict p0 = x0 + iw * F; \
                 const T* __restrict p1 = x1 + iw * F; \
                 const T* __restrict p2 = x2 + iw * F; \
-                FC_DWPIX_TILE(T, S, P) \
+                if (iw + S * (2 * P - 1) + 3 + FC_DWPIX_PFD <= W) /* (see FC_DWPIX_PFD) */ \
+                    FC_DWPIX_TILE(T, S, P, 1) \
+                else \
+                    FC_DWPIX_TILE(T, S, P, 0) \
                 ow += P; \
             } else if (full && iw >= 0 && iw + 3 <= W) { /* interior pixels left over */ \
                 const T* __restrict p0 = x0 + iw * F; \
                 const T* __restrict p1 = x1 + iw * F; \
                 const T* __restrict p2 = x2 + iw * F; \
-                FC_DWPIX_TILE(T, S, 1) \
+                FC_DWPIX_TILE(T, S, 1, 0) \
                 ow++; \
             } else { \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
@@ -1207,14 +1238,17 @@ cdef extern from *:
                 const T* __restrict p1 = x1 + (ow - pad) * F; \
                 const T* __restrict p2 = x2 + (ow - pad) * F; \
                 T* __restrict q = out - m + c0 + ow * F; \
-                FC_DWPIX_TILE(T, 1, P) \
+                if (ow - pad + 2 * P + 2 + FC_DWPIX_PFD <= W) \
+                    FC_DWPIX_TILE(T, 1, P, 1) \
+                else \
+                    FC_DWPIX_TILE(T, 1, P, 0) \
             } \
             for (; ow < hi; ow++) { \
                 const T* __restrict p0 = x0 + (ow - pad) * F; \
                 const T* __restrict p1 = x1 + (ow - pad) * F; \
                 const T* __restrict p2 = x2 + (ow - pad) * F; \
                 T* __restrict q = out - m + c0 + ow * F; \
-                FC_DWPIX_TILE(T, 1, 1) \
+                FC_DWPIX_TILE(T, 1, 1, 0) \
             } \
         } \
         fc_dwpix_##SUF##_1(xr, xs, w, bias, F, F, W, pad, out, o0, lo + 1); \
@@ -1273,10 +1307,21 @@ cdef extern from *:
             const T* __restrict q = d + ow * F; \
             if (full && iw >= 0 && ow + P <= OW && iw + NX <= W) { \
                 const T* __restrict a0 = xr[0] + iw * F; \
+                /* (as fc_dwpix: x's pinned, its newest row prefetched; A/B on Zen 4, 2 threads, \
+                   over neither: 4x56x56x128 0.77x, 8x112x112x32 0.92x, 8x14x14x576 0.91x, \
+                   8x56x56x144 1.07x with the pins alone, prefetching over pins alone 0.96x; \
+                   prefetching dy's row as well 1.03-1.06x the time but on 8x56x56x144) */ \
+                const T* __restrict pfx = xr[KS - 1] + (iw + NX + FC_DWPIX_PFD) * F; \
+                const int pf = iw + NX + S * P + FC_DWPIX_PFD <= W; \
                 T* __restrict o = acc; \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
                     vec dv[P], xin[NX], a; \
-                    FC_UNROLL for (int p = 0; p < P; p++) FC_LOAD(dv[p], q + p * F); \
+                    if (pf) FC_UNROLL for (int i = 0; i < S * P; i++) \
+                        __builtin_prefetch(pfx + i * F + c, 0, 3); \
+                    FC_UNROLL for (int p = 0; p < P; p++) { \
+                        FC_LOAD(dv[p], q + p * F); \
+                        FC_PIN(dv[p]); \
+                    } \
                     if (with_bias) { \
                         FC_LOAD(a, o + NK * VW); \
                         FC_UNROLL for (int p = 0; p < P; p++) a += dv[p]; \
@@ -1284,7 +1329,10 @@ cdef extern from *:
                     } \
                     FC_UNROLL for (int h = 0; h < KS; h++) { \
                         const T* __restrict ph = h == 0 ? a0 : xr[h] + iw * F + c; \
-                        FC_UNROLL for (int i = 0; i < NX; i++) FC_LOAD(xin[i], ph + i * F); \
+                        FC_UNROLL for (int i = 0; i < NX; i++) { \
+                            FC_LOAD(xin[i], ph + i * F); \
+                            FC_PIN(xin[i]); \
+                        } \
                         FC_UNROLL for (int kk = 0; kk < KS; kk++) { \
                             FC_LOAD(a, o + (h * KS + kk) * VW); \
                             FC_UNROLL for (int p = 0; p < P; p++) a += xin[S * p + kk] * dv[p]; \
