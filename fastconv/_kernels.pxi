@@ -1073,16 +1073,17 @@ cdef extern from *:
     /* Two later changes, measured on AMD Zen 4 (AVX-512, 2 threads, A/B of builds in one
        process; both bit-identical). (1) The input vectors are pinned in registers (FC_PIN):
        gcc had folded each into the 2-3 FMAs that use it as memory operands, 36 loads a tile
-       step instead of 18, and the loop waited on the load port (18-19 cycles an output vector
-       on L2-resident rows, against 9 FMAs): 4x56x56x128 forward 0.87-0.89x the time,
-       grad_input 0.82-0.83x, 2x112x112x32 0.79x / 0.81x. It made rows that come from memory
-       slower (8x112x112x32, 8x56x56x144: 1.05-1.09x), as the tile then waits on the newest
-       input row's lines, which (2) prefetches FC_DWPIX_PFD pixels ahead, while that stays
-       inside the row (short rows, e.g. 28 or 14 pixels, none or a few, whose cost showed on
-       8x14x14x576: 1.27x prefetching across rows): over (1) alone, 8x112x112x32 0.88x / 0.91x,
-       8x56x56x144 0.83x / 0.86x, 56x56 and smaller images 0.99-1.03x; 8 pixels ahead about
-       the same, 24 and 48 no better. Together, over neither: 8x112x112x32 0.89x / 0.92x,
-       8x56x56x144 0.88x, 4x56x56x128 0.87x, 8x14x14x576 0.91x / 0.95x. */
+       step instead of 18, and the loop waited on the load port (18-19 cycles an output
+       vector on L2-resident rows, against 9 FMAs): 4x56x56x128 forward 0.89x the time,
+       grad_input 0.83x (4x56x56x64 0.88x / 0.82x), 2x112x112x32 0.79x / 0.81x. It made rows
+       that come from memory slower (8x112x112x32, 8x56x56x144: 1.05-1.09x), as the tile
+       then waits on the newest input row's lines, which (2) prefetches FC_DWPIX_PFD pixels
+       ahead, while that stays inside the row (short rows, e.g. 28 or 14 pixels, none or a
+       few, whose cost showed on 8x14x14x576: 1.27x prefetching across rows): over (1)
+       alone, 8x112x112x32 0.88x / 0.91x, 8x56x56x144 0.83x / 0.86x, 56x56 and smaller
+       images 0.99-1.03x; 8 pixels ahead about the same, 24 and 48 no better. Together, over
+       neither: 8x112x112x32 0.89x / 0.92x, 8x56x56x144 0.88x, 4x56x56x128 0.87x,
+       8x14x14x576 0.91x / 0.95x. */
     #define FC_DWPK_MAX 256
     #ifndef FC_DWPIX_PFD
       #define FC_DWPIX_PFD 16
@@ -1307,10 +1308,11 @@ cdef extern from *:
             const T* __restrict q = d + ow * F; \
             if (full && iw >= 0 && ow + P <= OW && iw + NX <= W) { \
                 const T* __restrict a0 = xr[0] + iw * F; \
-                /* (as fc_dwpix: x's pinned, its newest row prefetched; A/B on Zen 4, 2 threads, \
-                   over neither: 4x56x56x128 0.77x, 8x112x112x32 0.92x, 8x14x14x576 0.91x, \
-                   8x56x56x144 1.07x with the pins alone, prefetching over pins alone 0.96x; \
-                   prefetching dy's row as well 1.03-1.06x the time but on 8x56x56x144) */ \
+                /* (as fc_dwpix: x and dy pinned, x's newest row prefetched. A/B on Zen 4, 2 \
+                   threads: the pins over neither 4x56x56x128 0.77x, 8x112x112x32 0.92x, \
+                   8x14x14x576 0.91x, 8x56x56x144 1.07x; the prefetch over the pins 0.91-0.99x \
+                   (8x56x56x144 0.96x); prefetching dy's row as well 1.03-1.06x the time of \
+                   x's alone, but for 8x56x56x144) */ \
                 const T* __restrict pfx = xr[KS - 1] + (iw + NX + FC_DWPIX_PFD) * F; \
                 const int pf = iw + NX + S * P + FC_DWPIX_PFD <= W; \
                 T* __restrict o = acc; \
