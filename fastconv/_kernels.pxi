@@ -1127,21 +1127,27 @@ cdef extern from *:
                     } \
                 }
     #define FC_DWPIX(T, SUF, S, P) \
-    static void fc_dwpix_##SUF##_##S##_part(const T* const* xr, const ptrdiff_t* xs, \
-            const T* __restrict w, const T* __restrict bias, ptrdiff_t F, ptrdiff_t Fv, \
-            ptrdiff_t W, ptrdiff_t pad, T* __restrict out, ptrdiff_t o0, ptrdiff_t o1) \
+    static void fc_dwpix_##SUF##_##S##_pack(const T* __restrict w, const T* __restrict bias, \
+            ptrdiff_t F, ptrdiff_t Fv, T* __restrict wk) \
+    { \
+        FC_VEC(T, FC_VB / sizeof(T)) \
+        for (ptrdiff_t c = 0; c < Fv; c += VW) { \
+            for (int j = 0; j < 9; j++) memcpy(wk + 10 * c + j * VW, w + j * F + c, sizeof(vec)); \
+            if (bias) memcpy(wk + 10 * c + 9 * VW, bias + c, sizeof(vec)); \
+            else memset(wk + 10 * c + 9 * VW, 0, sizeof(vec)); \
+        } \
+    } \
+    /* output pixels [o0, o1) of Fv <= FC_DWPK_MAX channels, the kernel packed in wk (_pack) */ \
+    static void fc_dwpix_##SUF##_##S##_run(const T* const* xr, const ptrdiff_t* xs, \
+            const T* __restrict w, const T* __restrict bias, const T* __restrict wk, \
+            ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, T* __restrict out, \
+            ptrdiff_t o0, ptrdiff_t o1) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
         const T* __restrict x0 = xr[0]; \
         const T* __restrict x1 = xr[1]; \
         const T* __restrict x2 = xr[2]; \
         const int full = x0 && x1 && x2; \
-        T wk[10 * FC_DWPK_MAX] __attribute__((aligned(64))); \
-        for (ptrdiff_t c = 0; c < Fv; c += VW) { \
-            for (int j = 0; j < 9; j++) memcpy(wk + 10 * c + j * VW, w + j * F + c, sizeof(vec)); \
-            if (bias) memcpy(wk + 10 * c + 9 * VW, bias + c, sizeof(vec)); \
-            else memset(wk + 10 * c + 9 * VW, 0, sizeof(vec)); \
-        } \
         for (ptrdiff_t ow = o0; ow < o1; ) { \
             const ptrdiff_t iw = S * ow - pad; \
             T* __restrict q = out + ow * F; \
@@ -1186,11 +1192,13 @@ cdef extern from *:
             T* out, ptrdiff_t o0, ptrdiff_t o1) \
     { \
         const T* xc[3]; \
+        T wk[10 * FC_DWPK_MAX] __attribute__((aligned(64))); \
         for (ptrdiff_t c0 = 0; c0 < Fv; c0 += FC_DWPK_MAX) { \
+            const ptrdiff_t n = Fv - c0 < FC_DWPK_MAX ? Fv - c0 : FC_DWPK_MAX; \
             for (int h = 0; h < 3; h++) xc[h] = xr[h] ? xr[h] + c0 : NULL; \
-            fc_dwpix_##SUF##_##S##_part(xc, xs, w + c0, bias ? bias + c0 : NULL, F, \
-                                        Fv - c0 < FC_DWPK_MAX ? Fv - c0 : FC_DWPK_MAX, W, pad, \
-                                        out + c0, o0, o1); \
+            fc_dwpix_##SUF##_##S##_pack(w + c0, bias ? bias + c0 : NULL, F, n, wk); \
+            fc_dwpix_##SUF##_##S##_run(xc, xs, w + c0, bias ? bias + c0 : NULL, wk, F, n, W, \
+                                       pad, out + c0, o0, o1); \
         } \
     }
 
@@ -1203,7 +1211,8 @@ cdef extern from *:
        in the same order). The stores go off their lines instead, which costs little (AVX-512
        Zen 5, 2 threads, 4x56x56x128: out 16 bytes off 0.143 ms, aligned 0.138). Virtual tiles
        cover the real pixels whose windows lie inside the row, but for the first (its head
-       channels) and the last (its tail); fc_dwpix_1 computes the rest. Returns 0 (nothing
+       channels) and the last (its tail); fc_dwpix_1's tiles compute the rest, from the plain
+       kernel packed once a chunk of channels for both ends. Returns 0 (nothing
        done) on rows too short for it. Same machine, x 16 bytes off, without -> with (aligned):
        4x56x56x128 0.209 -> 0.170 ms (0.141), 8x56x56x144 0.70 -> 0.61 (0.52), 8x112x112x32
        0.57 -> 0.52 (0.48), 8x28x28x192 even (A/B in one process by a switch since removed). */
@@ -1251,9 +1260,14 @@ cdef extern from *:
                 T* __restrict q = out - m + c0 + ow * F; \
                 FC_DWPIX_TILE(T, 1, 1, 0) \
             } \
+            /* the rest from the plain kernel, packed once for both ends (what the virtual \
+               tiles wrote there, interior pixels' lanes, holds the same sums) */ \
+            const T* xc[3] = {xr[0] + c0, xr[1] + c0, xr[2] + c0}; \
+            const T* bc = bias ? bias + c0 : NULL; \
+            fc_dwpix_##SUF##_1_pack(w + c0, bc, F, Fv, wk); \
+            fc_dwpix_##SUF##_1_run(xc, xs, w + c0, bc, wk, F, Fv, W, pad, out + c0, o0, lo + 1); \
+            fc_dwpix_##SUF##_1_run(xc, xs, w + c0, bc, wk, F, Fv, W, pad, out + c0, hi - 1, o1); \
         } \
-        fc_dwpix_##SUF##_1(xr, xs, w, bias, F, F, W, pad, out, o0, lo + 1); \
-        fc_dwpix_##SUF##_1(xr, xs, w, bias, F, F, W, pad, out, hi - 1, o1); \
         return 1; \
     }
 
