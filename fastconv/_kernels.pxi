@@ -703,8 +703,20 @@ cdef extern from *:
         /* v lives in a register from here on: gcc otherwise folds a vector loaded once and
            used by several FMAs into each as a memory operand, one load each */
         #define FC_PIN(v) __asm__("" : "+v"(v))
+        #include <immintrin.h>
+        /* a native vector stored past the caches, to an aligned address; FC_SFENCE after */
+        #if FC_VB == 64
+          #define FC_STREAM(dst, v) _mm512_stream_si512((__m512i*)(dst), (__m512i)(v))
+        #elif FC_VB == 32
+          #define FC_STREAM(dst, v) _mm256_stream_si256((__m256i*)(dst), (__m256i)(v))
+        #else
+          #define FC_STREAM(dst, v) _mm_stream_si128((__m128i*)(dst), (__m128i)(v))
+        #endif
+        #define FC_SFENCE() _mm_sfence()
       #else
         #define FC_PIN(v) ((void)0)
+        #define FC_STREAM(dst, v) FC_STORE(dst, v)
+        #define FC_SFENCE() ((void)0)
       #endif
       #define FC_UNROLL _Pragma("GCC unroll 16")
       #define FC_LANES(sz) (FC_VB / (sz))   /* VW of a native vector of sz-byte elements */
@@ -716,6 +728,8 @@ cdef extern from *:
       #define FC_STORE(dst, src) *(dst) = (src)
       #define FC_ZERO(dst) (dst) = 0
       #define FC_PIN(v) ((void)0)
+      #define FC_STREAM(dst, v) FC_STORE(dst, v)
+      #define FC_SFENCE() ((void)0)
     #endif
 
     /* GEMM tile: out[p*ops + v] = (out[p*ops + v] if accumulate) +
@@ -1084,11 +1098,24 @@ cdef extern from *:
        images 0.99-1.03x; 8 pixels ahead about the same, 24 and 48 no better. Together, over
        neither: 8x112x112x32 0.89x / 0.92x, 8x56x56x144 0.88x, 4x56x56x128 0.87x,
        8x14x14x576 0.91x / 0.95x. */
+    /* Two more (same machine and method). (3) Large outputs (fc_stream_bytes) are stored past
+       the caches (FC_STREAM, `stream`): a plain store first reads the line in, a third more
+       memory traffic on a layer that reads x and writes an output as large, then writes it
+       back. Stream over plain, forward / grad_input: 8x112x112x32 0.78x / 0.63x, 8x56x56x144
+       0.50x / 0.63x, 4x56x56x128 0.93x / 0.87x, stride 2 8x112x112x64 0.93x; each call after a
+       64 MB write: 0.87x / 0.91x, 0.80x / 0.86x, 0.84x / 0.86x. Converted MobileNetV2 and
+       EfficientNetB0 (8x224x224), whose next layer reads the output from memory rather than
+       L3: predict 0.93-0.96x on torch and JAX, training steps even. (4) The row prefetch goes
+       to L2 only (locality 1, prefetcht2), and at stride 2 covers the middle input row too,
+       which is new to each output row as the newest is: over prefetcht0 of the newest row,
+       stride 2 8x112x112x64 0.68-0.72x (0.90x after a 64 MB write), 8x112x112x96 0.66x,
+       8x56x56x144 0.89x; stride 1 8x56x56x144 0.88-0.94x, 8x112x112x32 0.88-1.0x, 4x56x56x128
+       1.0x. */
     #define FC_DWPK_MAX 256
     #ifndef FC_DWPIX_PFD
       #define FC_DWPIX_PFD 16
     #endif
-    #define FC_DWPIX_TILE(T, S, P, PF) \
+    #define FC_DWPIX_TILE(T, S, P, PF, NT) \
                 { \
                     const T* __restrict a0 = p0; \
                     const T* __restrict a1 = p1; \
@@ -1115,17 +1142,28 @@ cdef extern from *:
                             } \
                         } \
                         FC_LOAD(b, wc + 9 * VW); \
-                        FC_UNROLL for (int p = 0; p < P; p++) \
+                        if (!NT) FC_UNROLL for (int p = 0; p < P; p++) \
                             __builtin_prefetch(o + (P + p) * F, 1, 3); \
-                        if (PF) FC_UNROLL for (int i = 0; i < S * P; i++) \
-                            __builtin_prefetch(a2 + (S * (P - 1) + 3 + FC_DWPIX_PFD + i) * F, 0, 3); \
+                        if (PF) FC_UNROLL for (int i = 0; i < S * P; i++) { \
+                            __builtin_prefetch(a2 + (S * (P - 1) + 3 + FC_DWPIX_PFD + i) * F, 0, 1); \
+                            if (S == 2) \
+                                __builtin_prefetch(a1 + (S * (P - 1) + 3 + FC_DWPIX_PFD + i) * F, 0, 1); \
+                        } \
                         FC_UNROLL for (int p = 0; p < P; p++) { \
                             acc[p] += b; \
-                            FC_STORE(o + p * F, acc[p]); \
+                            if (NT) FC_STREAM(o + p * F, acc[p]); \
+                            else FC_STORE(o + p * F, acc[p]); \
                         } \
                         a0 += VW; a1 += VW; a2 += VW; wc += 10 * VW; o += VW; \
                     } \
                 }
+    /* a tile of P pixels starting at input pixel iw, prefetching FC_DWPIX_PFD pixels ahead while
+       that stays inside the row (see FC_DWPIX_PFD) */
+    #define FC_DWPIX_TILE_AHEAD(T, S, P, iw, W, NT) \
+                if ((iw) + S * (2 * P - 1) + 3 + FC_DWPIX_PFD <= (W)) \
+                    FC_DWPIX_TILE(T, S, P, 1, NT) \
+                else \
+                    FC_DWPIX_TILE(T, S, P, 0, NT)
     #define FC_DWPIX(T, SUF, S, P) \
     static void fc_dwpix_##SUF##_##S##_pack(const T* __restrict w, const T* __restrict bias, \
             ptrdiff_t F, ptrdiff_t Fv, T* __restrict wk) \
@@ -1141,13 +1179,14 @@ cdef extern from *:
     static void fc_dwpix_##SUF##_##S##_run(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict w, const T* __restrict bias, const T* __restrict wk, \
             ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, T* __restrict out, \
-            ptrdiff_t o0, ptrdiff_t o1) \
+            ptrdiff_t o0, ptrdiff_t o1, int stream) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
         const T* __restrict x0 = xr[0]; \
         const T* __restrict x1 = xr[1]; \
         const T* __restrict x2 = xr[2]; \
         const int full = x0 && x1 && x2; \
+        const int nt = stream && (uintptr_t)out % FC_VB == 0 && (F * sizeof(T)) % FC_VB == 0; \
         for (ptrdiff_t ow = o0; ow < o1; ) { \
             const ptrdiff_t iw = S * ow - pad; \
             T* __restrict q = out + ow * F; \
@@ -1155,16 +1194,14 @@ cdef extern from *:
                 const T* __restrict p0 = x0 + iw * F; \
                 const T* __restrict p1 = x1 + iw * F; \
                 const T* __restrict p2 = x2 + iw * F; \
-                if (iw + S * (2 * P - 1) + 3 + FC_DWPIX_PFD <= W) /* (see FC_DWPIX_PFD) */ \
-                    FC_DWPIX_TILE(T, S, P, 1) \
-                else \
-                    FC_DWPIX_TILE(T, S, P, 0) \
+                if (nt) { FC_DWPIX_TILE_AHEAD(T, S, P, iw, W, 1) } \
+                else { FC_DWPIX_TILE_AHEAD(T, S, P, iw, W, 0) } \
                 ow += P; \
             } else if (full && iw >= 0 && iw + 3 <= W) { /* interior pixels left over */ \
                 const T* __restrict p0 = x0 + iw * F; \
                 const T* __restrict p1 = x1 + iw * F; \
                 const T* __restrict p2 = x2 + iw * F; \
-                FC_DWPIX_TILE(T, S, 1, 0) \
+                FC_DWPIX_TILE(T, S, 1, 0, 0) \
                 ow++; \
             } else { \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
@@ -1186,10 +1223,11 @@ cdef extern from *:
                 ow++; \
             } \
         } \
+        if (nt) FC_SFENCE(); \
     } \
     static void fc_dwpix_##SUF##_##S(const T* const* xr, const ptrdiff_t* xs, \
             const T* w, const T* bias, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, \
-            T* out, ptrdiff_t o0, ptrdiff_t o1) \
+            T* out, ptrdiff_t o0, ptrdiff_t o1, int stream) \
     { \
         const T* xc[3]; \
         T wk[10 * FC_DWPK_MAX] __attribute__((aligned(64))); \
@@ -1198,7 +1236,7 @@ cdef extern from *:
             for (int h = 0; h < 3; h++) xc[h] = xr[h] ? xr[h] + c0 : NULL; \
             fc_dwpix_##SUF##_##S##_pack(w + c0, bias ? bias + c0 : NULL, F, n, wk); \
             fc_dwpix_##SUF##_##S##_run(xc, xs, w + c0, bias ? bias + c0 : NULL, wk, F, n, W, \
-                                       pad, out + c0, o0, o1); \
+                                       pad, out + c0, o0, o1, stream); \
         } \
     }
 
@@ -1248,25 +1286,24 @@ cdef extern from *:
                 const T* __restrict p1 = x1 + (ow - pad) * F; \
                 const T* __restrict p2 = x2 + (ow - pad) * F; \
                 T* __restrict q = out - m + c0 + ow * F; \
-                if (ow - pad + 2 * P + 2 + FC_DWPIX_PFD <= W) \
-                    FC_DWPIX_TILE(T, 1, P, 1) \
-                else \
-                    FC_DWPIX_TILE(T, 1, P, 0) \
+                FC_DWPIX_TILE_AHEAD(T, 1, P, ow - pad, W, 0) \
             } \
             for (; ow < hi; ow++) { \
                 const T* __restrict p0 = x0 + (ow - pad) * F; \
                 const T* __restrict p1 = x1 + (ow - pad) * F; \
                 const T* __restrict p2 = x2 + (ow - pad) * F; \
                 T* __restrict q = out - m + c0 + ow * F; \
-                FC_DWPIX_TILE(T, 1, 1, 0) \
+                FC_DWPIX_TILE(T, 1, 1, 0, 0) \
             } \
             /* the rest from the plain kernel, packed once for both ends (what the virtual \
                tiles wrote there, interior pixels' lanes, holds the same sums) */ \
             const T* xc[3] = {xr[0] + c0, xr[1] + c0, xr[2] + c0}; \
             const T* bc = bias ? bias + c0 : NULL; \
             fc_dwpix_##SUF##_1_pack(w + c0, bc, F, Fv, wk); \
-            fc_dwpix_##SUF##_1_run(xc, xs, w + c0, bc, wk, F, Fv, W, pad, out + c0, o0, lo + 1); \
-            fc_dwpix_##SUF##_1_run(xc, xs, w + c0, bc, wk, F, Fv, W, pad, out + c0, hi - 1, o1); \
+            fc_dwpix_##SUF##_1_run(xc, xs, w + c0, bc, wk, F, Fv, W, pad, out + c0, o0, lo + 1, \
+                                   0); \
+            fc_dwpix_##SUF##_1_run(xc, xs, w + c0, bc, wk, F, Fv, W, pad, out + c0, hi - 1, o1, \
+                                   0); \
         } \
         return 1; \
     }
@@ -2558,14 +2595,14 @@ cdef extern from *:
     FC_DWPIX_SHIFT(T, SUF, FC_DWPIX_P1) \
     static inline void fc_dwpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* w, const T* bias, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, \
-            T* out, ptrdiff_t o0, ptrdiff_t o1) { \
+            T* out, ptrdiff_t o0, ptrdiff_t o1, int stream) { \
         if (S == 1 && Fv == F && (F * sizeof(T)) % FC_VB == 0 && xr[0] && xr[1] && xr[2] \
                 && (uintptr_t)xr[0] % FC_VB && (uintptr_t)xr[0] % sizeof(T) == 0 \
                 && fc_dwpix_##SUF##_shift(xr, xs, w, bias, F, W, pad, out, o0, o1, \
                                           (uintptr_t)xr[0] % FC_VB / sizeof(T))) \
             return; \
         (S == 1 ? fc_dwpix_##SUF##_1 : fc_dwpix_##SUF##_2)(xr, xs, w, bias, F, Fv, W, pad, \
-                                                           out, o0, o1); \
+                                                           out, o0, o1, stream); \
     } \
     FC_DWKPIX(T, SUF, 1, 4, 3) FC_DWKPIX(T, SUF, 2, 2, 3) \
     FC_DWKPIX(T, SUF, 1, FC_DWKL_P1, 5) FC_DWKPIX(T, SUF, 2, FC_DWKL_P2, 5) \
@@ -2704,10 +2741,10 @@ cdef extern from *:
                     double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
     void fc_dwpix_f(int S, const float* const* xr, const Py_ssize_t* xs, const float* w,
                     const float* bias, Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t W, Py_ssize_t pad,
-                    float* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
+                    float* out, Py_ssize_t o0, Py_ssize_t o1, int stream) noexcept nogil
     void fc_dwpix_d(int S, const double* const* xr, const Py_ssize_t* xs, const double* w,
                     const double* bias, Py_ssize_t F, Py_ssize_t Fv, Py_ssize_t W, Py_ssize_t pad,
-                    double* out, Py_ssize_t o0, Py_ssize_t o1) noexcept nogil
+                    double* out, Py_ssize_t o0, Py_ssize_t o1, int stream) noexcept nogil
     void fc_dwkpix_f(int KS, int S, const float* const* xr, const float* d, Py_ssize_t F,
                      Py_ssize_t Fv, Py_ssize_t OW, Py_ssize_t W, Py_ssize_t pad, float* acc,
                      int with_bias) noexcept nogil
@@ -2797,6 +2834,20 @@ DWROW_PIXELS = FC_DWROW_PIX   # the build's default
 # (1.2 MB); 3x3 128 -> 128 on 8x28x28 0.95x (0.6 MB), 1x1 256 -> 512 on 4x28x28 0.81x (0.5 MB).
 BLOCK_MAJOR_BYTES = 1 << 20
 cdef Py_ssize_t fc_block_major_bytes = BLOCK_MAJOR_BYTES
+
+
+# Outputs of this many bytes and more are stored past the caches where a kernel can (the
+# depthwise 3x3 rows): a stored line is then written to memory once, where a plain store first
+# reads it in (read-for-ownership) and later writes it back. Not where the row is read back
+# right after (a fused epilogue, a padded row buffer, a transpose to channels_first).
+STREAM_BYTES = 4 << 20
+cdef Py_ssize_t fc_stream_bytes = STREAM_BYTES
+
+
+def set_stream_bytes(Py_ssize_t n):
+    """Outputs of at least n bytes are stored past the caches where a kernel can."""
+    global fc_stream_bytes
+    fc_stream_bytes = n
 
 
 # Dense rows of at most this many pixels (forward: output pixels, grad_input: input pixels)
@@ -3186,10 +3237,11 @@ cdef Py_ssize_t _forward_runs(Py_ssize_t OW, Py_ssize_t W, Py_ssize_t KW, Py_ssi
 
 cdef void _dwrow(int S, const floating** xr, const Py_ssize_t* xs, const floating* w,
                  const floating* bias, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W,
-                 Py_ssize_t pad, floating* out) noexcept nogil:
+                 Py_ssize_t pad, floating* out, bint stream) noexcept nogil:
     # One output row of a depthwise 3x3 (stride S along w, unit dilation), xr/xs/w/out as for
     # fc_dwrow: the channels that fill whole vectors pixel-major (fc_dwpix), the rest in passes
-    # of one narrower vector over blocks of pixels (fc_dwrow).
+    # of one narrower vector over blocks of pixels (fc_dwrow). stream: out's whole vectors may
+    # be stored past the caches (see fc_stream_bytes).
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t f1 = F - F % (FC_VB // sz)
     cdef Py_ssize_t f0, ow = 0, run_end
@@ -3199,9 +3251,9 @@ cdef void _dwrow(int S, const floating** xr, const Py_ssize_t* xs, const floatin
         xb[kh] = xr[kh] if xs[kh] else NULL
     if f1:
         if floating is float:
-            fc_dwpix_f(S, xb, xs, w, bias, F, f1, W, pad, out, 0, OW)
+            fc_dwpix_f(S, xb, xs, w, bias, F, f1, W, pad, out, 0, OW, stream)
         else:
-            fc_dwpix_d(S, xb, xs, w, bias, F, f1, W, pad, out, 0, OW)
+            fc_dwpix_d(S, xb, xs, w, bias, F, f1, W, pad, out, 0, OW, stream)
     while ow < OW and f1 < F:
         run_end = _min(OW, ow + fc_dwrow_pix)
         f0 = f1
@@ -3226,7 +3278,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                        Py_ssize_t dw, Py_ssize_t pad_left, Py_ssize_t groups,
                        const Py_ssize_t* runs, Py_ssize_t nruns,
                        const float* wpk, Py_ssize_t ldw, const floating* bias,
-                       Py_ssize_t f_lo, Py_ssize_t f_hi) noexcept nogil:
+                       Py_ssize_t f_lo, Py_ssize_t f_hi, bint stream) noexcept nogil:
     # One output row: x points at image n, out at output row (n, oh), ih0 = oh*sh - pad_top.
     # Returns whether the row's kernel added bias (F,) (NULL: none) itself; else the caller
     # adds it. Ungrouped, only output channels [f_lo, f_hi) are computed (one column block;
@@ -3296,7 +3348,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
                 else:
                     xr[kh] = fc_zeros_d
                 xs[kh] = 0
-        _dwrow(<int>sw, xr, xs, w, bias, F, OW, W, pad_left, out)
+        _dwrow(<int>sw, xr, xs, w, bias, F, OW, W, pad_left, out, stream)
         ngroups = 0
         biased = True
     elif depthwise:
@@ -3697,7 +3749,7 @@ ctypedef struct Fwd:
     const Py_ssize_t* runs
     Py_ssize_t nruns, N, H, W, C, KH, KW, cin_g, F, Fp, OH, OW, cg, ldw
     int sh, sw, dh, dw, pad_top, pad_left, groups, act, mode
-    bint fused, f64
+    bint fused, f64, stream
     double lo, hi
     # FWD_BANDS: per-thread scratch (xs_size and ys_size elements a thread), output rows a
     # band, bands an image, x's own width and the zero pixels before it in a scratch row
@@ -4794,7 +4846,7 @@ cdef void _fwd_bands(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
             biased = _forward_row(xs, wp, rows if rows != NULL else dst, hi - lo, W, C, a.KH,
                                   a.KW, a.cin_g, a.Fp, OW, oh * a.sh - a.pad_top - lo, a.sw,
                                   a.dh, a.dw, a.pad_left, a.groups, a.runs, a.nruns, a.wpk,
-                                  a.ldw, row_bias if rows == NULL else NULL, 0, a.Fp)
+                                  a.ldw, row_bias if rows == NULL else NULL, 0, a.Fp, False)
             if rows != NULL:
                 _unpad(rows, a.Fp // a.groups, dst, a.cg, OW, a.groups, row_bias)
             elif row_bias != NULL and not biased:
@@ -4831,7 +4883,7 @@ cdef void _fwd_tasks(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
             b = t // (N * OH)
             _forward_row(xp + n * H * W * C, wp, op + r * OW * F, H, W, C, a.KH, a.KW, a.cin_g,
                          F, OW, oh * a.sh - a.pad_top, a.sw, a.dh, a.dw, a.pad_left, a.groups,
-                         a.runs, a.nruns, a.wpk, ldw, NULL, b * ldw, (b + 1) * ldw)
+                         a.runs, a.nruns, a.wpk, ldw, NULL, b * ldw, (b + 1) * ldw, False)
             continue
         if a.mode == FWD_ROWS:
             dst = rows + k * OW * Fp if rows != NULL else op + r * OW * F
@@ -4839,7 +4891,8 @@ cdef void _fwd_tasks(const floating* xp, Fwd* a, Py_ssize_t t0, Py_ssize_t t1,
             biased = _forward_row(xp + n * H * W * C, wp, dst, H, W, C, a.KH, a.KW, a.cin_g, Fp,
                                   OW, oh * a.sh - a.pad_top, a.sw, a.dh, a.dw, a.pad_left,
                                   a.groups, a.runs, a.nruns, a.wpk, ldw,
-                                  row_bias if rows == NULL else NULL, 0, Fp)
+                                  row_bias if rows == NULL else NULL, 0, Fp,
+                                  a.stream and rows == NULL)
             if rows != NULL:
                 _unpad(dst, Fp // a.groups, op + r * OW * F, a.cg, OW, a.groups, row_bias)
             elif row_bias != NULL and not biased:
@@ -5029,6 +5082,8 @@ cdef int _forward(const floating* xp, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, 
     job.sh, job.sw, job.dh, job.dw, job.pad_top, job.pad_left = sh, sw, dh, dw, pad_top, pad_left
     job.groups, job.act, job.lo, job.hi = groups, act, lo, hi
     job.Wx, job.lead, job.xs, job.ys = Wx, lead, NULL, NULL
+    job.stream = (not fused and yt == NULL and not bands
+                  and N * OH * OW * F * sizeof(floating) >= fc_stream_bytes)
     cdef Py_ssize_t band, nbands, sz = sizeof(floating)
     cdef void* scratch
     if bands:
@@ -5106,7 +5161,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                           Py_ssize_t pad_left, Py_ssize_t groups,
                           const Py_ssize_t* phases, const float* wpk,
                           const floating* wred, const floating* wflip, bint dwrow2,
-                          Py_ssize_t ldw, Py_ssize_t c_lo, Py_ssize_t c_hi) noexcept nogil:
+                          Py_ssize_t ldw, Py_ssize_t c_lo, Py_ssize_t c_hi,
+                          bint stream) noexcept nogil:
     # One input row of the gradient: dy points at image n, dx at input row (n, ih); wt is the
     # kernel regrouped to (KH, KW, F // groups, C). The pixels iw = q + j*sw (j = 0, 1, ...) of
     # one stride phase q share their candidate kw taps, and pixel j + 1 reads output pixel
@@ -5187,7 +5243,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                 xs[kh] = 0
                 ws[kh] = 0
         if wflip != NULL:
-            _dwrow(1, xr, xs, wflip, NULL, C, W, OW, 2 - pad_left, dx)
+            _dwrow(1, xr, xs, wflip, NULL, C, W, OW, 2 - pad_left, dx, stream)
         else:
             # the kernel rows with taps into this row only (one or two at vertical stride 2)
             nr = 0
@@ -5587,7 +5643,7 @@ ctypedef struct Gin:
     Py_ssize_t N, OH, OW, F, KH, KW, cout_g, C, Cp, H, W, cg, ldw, R, Kp, half, parity
     Py_ssize_t band, nbands, dy_size
     int sh, sw, dh, dw, pad_top, pad_left, groups, mode, failed
-    bint dwrow2, f64
+    bint dwrow2, f64, stream
 
 
 cdef enum:
@@ -5621,7 +5677,8 @@ cdef inline void _gin_row(const floating* gp, Gin* a, Py_ssize_t OH, Py_ssize_t 
     _grad_input_row(gp, <const floating*>a.w, dst, OH, a.OW, a.F,
                     a.KH, a.KW, a.cout_g, a.Cp, a.W, ih, a.sh, a.sw, a.dh, a.dw, a.pad_top,
                     a.pad_left, a.groups, a.phases, a.wpk, <const floating*>a.wred,
-                    <const floating*>a.wflip, a.dwrow2, a.ldw, 0, a.Cp)
+                    <const floating*>a.wflip, a.dwrow2, a.ldw, 0, a.Cp,
+                    a.stream and a.rows == NULL and a.mode == GIN_ROWS)
     if a.rows != NULL:
         _unpad(dst, a.Cp // a.groups, out, a.cg, a.W, a.groups, NULL)
 
@@ -5651,7 +5708,7 @@ cdef void _gin_tasks(const floating* gp, Gin* a, Py_ssize_t t0, Py_ssize_t t1,
             _grad_input_row(gp + n * OH * OW * F, wp, dp + r * W * C, OH, OW, F, a.KH, a.KW,
                             a.cout_g, C, W, ih, a.sh, a.sw, a.dh, a.dw, a.pad_top, a.pad_left,
                             a.groups, a.phases, NULL, NULL, NULL, False, ldw, b * ldw,
-                            (b + 1) * ldw)
+                            (b + 1) * ldw, False)
         elif a.mode == GIN_ROWS:
             _gin_row(gp + t // H * OH * OW * F, a, OH, t % H, dp + t * W * C, k)
         elif a.mode == GIN_BANDS:
@@ -5911,6 +5968,7 @@ cdef int _grad_input(const floating* gp, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_
     job.C, job.Cp, job.H, job.W, job.cg, job.ldw = C, Cp, H, W, cg, ldw
     job.sh, job.sw, job.dh, job.dw, job.pad_top, job.pad_left = sh, sw, dh, dw, pad_top, pad_left
     job.groups = groups
+    job.stream = N * H * W * C * sizeof(floating) >= fc_stream_bytes    # (GIN_ROWS, see _gin_row)
     # (only where an image's block of dx stays in L1 across the chunks that add to it: A/B
     # 3x3 512 -> 512 on 8x7x7 1.08-1.16x, 1024 -> 1024 1.39x; on 8x14x14x256, 50 KB a block,
     # 0.96x)

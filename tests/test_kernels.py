@@ -247,6 +247,7 @@ def _restore_tunings(kernels):
     kernels.set_nchwg(kernels.NCHWG)
     kernels.set_nchwk_bytes(kernels.NCHWK_BYTES)
     kernels.set_flat(kernels.FLAT)
+    kernels.set_stream_bytes(kernels.STREAM_BYTES)
 
 
 def _forward_problem(case, dtype, data_format="channels_last"):
@@ -516,6 +517,44 @@ def test_swish_epilogue_extremes():
     # (below u = -88.72 the kernel gives -0 where the exact value is below 1e-36)
     np.testing.assert_allclose(got[finite], expected[finite], rtol=2e-6, atol=1e-36)
     assert np.isnan(got[-1]) and got[-2] == np.inf
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ROW_CASES + [
+    (2, 9, 23, 64, 3, 3, 64, 64, (1, 1), (1, 1), "same"),
+    (2, 9, 23, 64, 3, 3, 64, 64, (2, 2), (1, 1), "same"),
+    (1, 6, 40, 272, 3, 3, 272, 272, (1, 1), (1, 1), "valid"),  # two packed kernel chunks
+], ids=str)
+def test_depthwise_rows_streaming_stores(variant, dtype, case):
+    # outputs of fc_stream_bytes and more are stored past the caches (set_stream_bytes(0):
+    # every output): the reference's values, the same bits as plain stores
+    kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    x, k, _, bias, spec, g = _forward_problem(case, dtype)
+    dy = np.random.default_rng(1).standard_normal(g.output_shape_nhwc).astype(dtype)
+    saved = _dispatch.kernels
+    _dispatch.kernels = kernels
+    try:
+        results = []
+        for threshold in (1 << 62, 0):
+            kernels.set_stream_bytes(threshold)
+            got = []
+            for threads in (1, 2):
+                fastconv.set_num_threads(threads)
+                got += [host.forward(x, k, spec, dtype, bias),
+                        host.grad_input(dy, k, spec, x.shape, dtype)]
+            results.append(got)
+            _check(kernels, case, dtype)
+    finally:
+        _dispatch.kernels = saved
+        fastconv.set_num_threads(None)
+        kernels.set_stream_bytes(kernels.STREAM_BYTES)
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    *_, strides, dilation, padding = case
+    reference.assert_close(results[1][0], reference.conv(x, k, strides, padding, dilation) + bias,
+                           rtol, "forward")
+    for plain, streamed in zip(*results):
+        np.testing.assert_array_equal(plain, streamed)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
