@@ -1363,14 +1363,20 @@ cdef extern from *:
                    threads: the pins over neither 4x56x56x128 0.77x, 8x112x112x32 0.92x, \
                    8x14x14x576 0.91x, 8x56x56x144 1.07x; the prefetch over the pins 0.91-0.99x \
                    (8x56x56x144 0.96x); prefetching dy's row as well 1.03-1.06x the time of \
-                   x's alone, but for 8x56x56x144) */ \
+                   x's alone, but for 8x56x56x144. Both prefetched to L2 only (locality 1, as \
+                   fc_dwpix) over x's to L1: 8x56x56x144 0.65-0.67x, 8x112x112x32 0.80-0.96x, \
+                   4x56x56x128 0.83-0.99x, stride 2 8x112x112x64 0.88x, 8x14x14x576 0.97x) */ \
                 const T* __restrict pfx = xr[KS - 1] + (iw + NX + FC_DWPIX_PFD) * F; \
                 const int pf = iw + NX + S * P + FC_DWPIX_PFD <= W; \
                 T* __restrict o = acc; \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
                     vec dv[P], xin[NX], a; \
-                    if (pf) FC_UNROLL for (int i = 0; i < S * P; i++) \
-                        __builtin_prefetch(pfx + i * F + c, 0, 3); \
+                    if (pf) { \
+                        FC_UNROLL for (int i = 0; i < S * P; i++) \
+                            __builtin_prefetch(pfx + i * F + c, 0, 1); \
+                        FC_UNROLL for (int i = 0; i < P; i++) \
+                            __builtin_prefetch(q + (P + FC_DWPIX_PFD + i) * F, 0, 1); \
+                    } \
                     FC_UNROLL for (int p = 0; p < P; p++) { \
                         FC_LOAD(dv[p], q + p * F); \
                         FC_PIN(dv[p]); \
