@@ -618,9 +618,9 @@ cdef extern from *:
     }
     /* Depthwise rows of NT consecutive taps (fc_dwt, NT = 3, 5 or 7): P accumulator rows, the
        NT kernel rows and a load in registers; 2 vectors a row where that leaves >= 4 pixels,
-       else 1. (Since FC_DWT loops taps outer only one kernel vector is live; the larger P that
-       allows measured 0.90-1.17x, so these sizes stay. 7x7, against per-pixel tiles: forward
-       0.59-0.61x the time on ConvNeXt's 56x56x96 .. 7x7x768, grad_input 0.62-0.75x.) */
+       else 1. (When FC_DWT looped taps outer, with one kernel vector live, the larger P that
+       allowed measured 0.90-1.17x. 7x7, against per-pixel tiles: forward 0.59-0.61x the time
+       on ConvNeXt's 56x56x96 .. 7x7x768, grad_input 0.62-0.75x.) */
     static inline int fc_dwt_width(ptrdiff_t rem, int sz, int nt) {
         int V = 64, nv = (FC_NREG - 1) / 2 - nt >= 4 ? 2 : 1;
         while (V > 1 && (V > rem || V * sz > nv * FC_VB)) V >>= 1;
@@ -703,6 +703,9 @@ cdef extern from *:
         /* v lives in a register from here on: gcc otherwise folds a vector loaded once and
            used by several FMAs into each as a memory operand, one load each */
         #define FC_PIN(v) __asm__("" : "+v"(v))
+        /* (vectors narrower than 16 bytes take no vector register constraint: the branch is
+           folded away before gcc checks it) */
+        #define FC_PIN_ANY(v) do { if (sizeof(v) >= 16) FC_PIN(v); } while (0)
         #include <immintrin.h>
         /* a native vector stored past the caches, to an aligned address; FC_SFENCE after */
         #if FC_VB == 64
@@ -715,6 +718,7 @@ cdef extern from *:
         #define FC_SFENCE() _mm_sfence()
       #else
         #define FC_PIN(v) ((void)0)
+        #define FC_PIN_ANY(v) ((void)0)
         #define FC_STREAM(dst, v) FC_STORE(dst, v)
         #define FC_SFENCE() ((void)0)
       #endif
@@ -728,6 +732,7 @@ cdef extern from *:
       #define FC_STORE(dst, src) *(dst) = (src)
       #define FC_ZERO(dst) (dst) = 0
       #define FC_PIN(v) ((void)0)
+      #define FC_PIN_ANY(v) ((void)0)
       #define FC_STREAM(dst, v) FC_STORE(dst, v)
       #define FC_SFENCE() ((void)0)
     #endif
@@ -1515,6 +1520,14 @@ cdef extern from *:
     #define FC_DW3(T, SUF, P, V) FC_DWT(T, SUF, P, V, 3)
     #define FC_DW5(T, SUF, P, V) FC_DWT(T, SUF, P, V, 5)
     #define FC_DW7(T, SUF, P, V) FC_DWT(T, SUF, P, V, 7)
+    /* Each kernel row's NT vectors loaded once, then the P + NT - 1 input vectors of the row
+       once each, pinned (FC_PIN), into the accumulators of every pixel whose window holds them
+       (each accumulator still adds its taps in order: the same sums). Taps outer, gcc had
+       folded most input loads into the FMAs as memory operands (117 of 160 in fc_dw5_f_8_64),
+       one load a multiply-add. Zen 4, 2 threads, A/B in one process, forward / grad_input:
+       AVX-512 5x5 4x28x28x240 0.89x / 0.90x, 8x14x14x672 0.90x / 0.91x, 4x56x56x144 0.79x /
+       0.81x, 4x28x28x100 0.88x / 0.89x; 7x7 4x56x56x96 and 8x7x7x768 even (gcc had kept
+       those in registers); AVX2 5x5 0.86-1.03x / 0.85-0.97x, 7x7 0.96-1.11x (noise). */
     #define FC_DWT(T, SUF, P, V, NT) \
     static void fc_dw##NT##_##SUF##_##P##_##V(const T* __restrict A, ptrdiff_t aps, \
             const T* __restrict B, ptrdiff_t ldt, const ptrdiff_t* aoff, const ptrdiff_t* boff, \
@@ -1526,15 +1539,18 @@ cdef extern from *:
         for (int s = 0; s < nseg; s++) { \
             const T* __restrict a = A + aoff[s]; \
             const T* __restrict b = B + boff[s]; \
-            FC_UNROLL \
-            for (int t = 0; t < NT; t++) for (int j = 0; j < NV; j++) { \
-                vec bv; \
-                FC_LOAD(bv, b + t * ldt + j * VW); \
-                FC_UNROLL \
-                for (int p = 0; p < P; p++) { \
+            FC_UNROLL for (int j = 0; j < NV; j++) { \
+                vec kv[NT]; \
+                FC_UNROLL for (int t = 0; t < NT; t++) { \
+                    FC_LOAD(kv[t], b + t * ldt + j * VW); \
+                    FC_PIN_ANY(kv[t]); \
+                } \
+                FC_UNROLL for (int i = 0; i < P + NT - 1; i++) { \
                     vec av; \
-                    FC_LOAD(av, a + (p + t) * aps + j * VW); \
-                    acc[p][j] += av * bv; \
+                    FC_LOAD(av, a + i * aps + j * VW); \
+                    FC_PIN_ANY(av); \
+                    FC_UNROLL for (int t = 0; t < NT; t++) \
+                        if (i - t >= 0 && i - t < P) acc[i - t][j] += av * kv[t]; \
                 } \
             } \
         } \
