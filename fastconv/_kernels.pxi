@@ -5317,7 +5317,8 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
                         and sw == 1 and dw == 1)
     cdef int sz = sizeof(floating)
     cdef Py_ssize_t q, nq, tw0, th, kh, kw, num, j, run_end, g, g2, c0, a, b, lo, hi, lo2, hi2
-    cdef Py_ssize_t ars, brs
+    cdef Py_ssize_t ars, brs, e0, e1
+    cdef bint edge
     cdef Py_ssize_t nkh = 0, nkw, nruns, r, first, oh, c_end
     cdef int nseg, V, P, p, nr
     cdef const floating* xr[3]
@@ -5430,14 +5431,25 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
         if depthwise and (KW == 3 or KW == 5 or KW == 7) and dw == 1 and sw == 1:
             # candidate taps kw = 0 .. KW-1 read output pixels ow0 - kw: in kw-reversed order,
             # consecutive pixels, as fc_dwt wants (list index (KW-1)*nkh + a: the last kw of
-            # kernel row a)
+            # kernel row a); the (KW - 1) / 2 pixels at each end of a "same" row by _dwe, whose
+            # first input is dy's pixel 0 (left) or OW - (KW - 1) (right), as in _forward_row
+            edge = pad_left == (KW - 1) // 2 and OW == W and W >= 2 * (KW - 1)
+            e0 = pad_left if edge else 0
+            e1 = W - pad_left if edge else W
             c0 = 0
             while c0 < C:
                 V = fc_dwt_width(C - c0, sz, <int>KW)
                 P = fc_dwt_pmax(V, sz, <int>KW)
+                if edge:
+                    _dwe(<int>KW, 0, V, dy + (KW - 1 - pad_left) * F + c0, F, wt + c0, -C,
+                         aoff + (KW - 1) * nkh, boff + (KW - 1) * nkh, <int>nkh, dx + c0, C,
+                         NULL)
+                    _dwe(<int>KW, 1, V, dy + (OW - pad_left) * F + c0, F, wt + c0, -C,
+                         aoff + (KW - 1) * nkh, boff + (KW - 1) * nkh, <int>nkh,
+                         dx + e1 * C + c0, C, NULL)
                 for r in range(nruns):
-                    j = runs[3 * r]
-                    run_end = runs[3 * r + 3]
+                    j = _max(runs[3 * r], e0)
+                    run_end = _min(runs[3 * r + 3], e1)
                     lo = runs[3 * r + 1]
                     hi = runs[3 * r + 2]
                     while j < run_end:
