@@ -1521,7 +1521,8 @@ cdef extern from *:
        ("same" padding at unit stride): A points at the row's first input pixel (R = 0, left
        edge) or at pixel W - (NT - 1) (R = 1, right edge), the NT - 1 input pixels there, and
        each input vector feeds the pixels whose windows hold it, as in FC_DWT (whose argument
-       list this takes: B, ldt, aoff and boff address the kw = 0 taps). One pixel at a time
+       list this takes: B, aoff and boff address each kernel row's first tap, the forward's kw =
+       0, grad_input's kw = KW - 1 with a negative tap stride ldt). One pixel at a time
        through fc_dw these took a fifth of a 5x5 forward on 28-pixel rows (2 loads a
        multiply-add). */
     #define FC_DWE(T, SUF, V, NT, R) \
