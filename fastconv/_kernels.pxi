@@ -1517,6 +1517,31 @@ cdef extern from *:
        build, Zen 3, 5x5, 1 thread: 4x28x28x240 1.21 -> 0.95 ms, 8x7x7x1152 1.06 -> 0.83,
        8x14x14x672 1.63 -> 1.55; 2 threads 1.02-1.15x). Each accumulator adds its terms in the
        same order as before: results are bit-identical. */
+    /* The reduction of FC_DWT and FC_DWE: for each kernel row s, its NT tap vectors (B + boff[s],
+       ldt apart) held in registers, then input vectors i = 0 .. NX - 1 (A + aoff[s], aps apart)
+       loaded once each into the accumulator of every pixel p = i + D - t (p < NP) whose window
+       holds them: a pixel adds its taps in order. */
+    #define FC_DW_SLIDE(T, NP, NT, NX, D) \
+        for (int s = 0; s < nseg; s++) { \
+            const T* __restrict a = A + aoff[s]; \
+            const T* __restrict b = B + boff[s]; \
+            FC_UNROLL for (int j = 0; j < NV; j++) { \
+                vec kv[NT]; \
+                FC_UNROLL for (int t = 0; t < NT; t++) { \
+                    FC_LOAD(kv[t], b + t * ldt + j * VW); \
+                    FC_PIN_ANY(kv[t]); \
+                } \
+                FC_UNROLL for (int i = 0; i < (NX); i++) { \
+                    vec av; \
+                    FC_LOAD(av, a + i * aps + j * VW); \
+                    FC_PIN_ANY(av); \
+                    FC_UNROLL for (int t = 0; t < NT; t++) { \
+                        const int p = i + (D) - t; \
+                        if (p >= 0 && p < (NP)) acc[p][j] += av * kv[t]; \
+                    } \
+                } \
+            } \
+        }
     /* The H = (NT - 1) / 2 pixels at an edge of a row whose windows stick out by up to H taps
        ("same" padding at unit stride): A points at the row's first input pixel (R = 0, left
        edge) or at pixel W - (NT - 1) (R = 1, right edge), the NT - 1 input pixels there, and
@@ -1534,26 +1559,7 @@ cdef extern from *:
         enum { H = (NT - 1) / 2 }; \
         vec acc[H][NV]; \
         FC_DW_INIT(acc, H, bias) \
-        for (int s = 0; s < nseg; s++) { \
-            const T* __restrict a = A + aoff[s]; \
-            const T* __restrict b = B + boff[s]; \
-            FC_UNROLL for (int j = 0; j < NV; j++) { \
-                vec kv[NT]; \
-                FC_UNROLL for (int t = 0; t < NT; t++) { \
-                    FC_LOAD(kv[t], b + t * ldt + j * VW); \
-                    FC_PIN_ANY(kv[t]); \
-                } \
-                FC_UNROLL for (int i = 0; i < NT - 1; i++) { \
-                    vec av; \
-                    FC_LOAD(av, a + i * aps + j * VW); \
-                    FC_PIN_ANY(av); \
-                    FC_UNROLL for (int t = 0; t < NT; t++) { \
-                        const int p = R ? i - t : i + H - t; \
-                        if (p >= 0 && p < H) acc[p][j] += av * kv[t]; \
-                    } \
-                } \
-            } \
-        } \
+        FC_DW_SLIDE(T, H, NT, NT - 1, R ? 0 : H) \
         FC_UNROLL for (int p = 0; p < H; p++) FC_UNROLL for (int j = 0; j < NV; j++) \
             FC_STORE(out + p * ops + j * VW, acc[p][j]); \
     }
@@ -1585,24 +1591,7 @@ cdef extern from *:
         FC_VEC(T, V) \
         vec acc[P][NV]; \
         FC_DW_INIT(acc, P, bias) \
-        for (int s = 0; s < nseg; s++) { \
-            const T* __restrict a = A + aoff[s]; \
-            const T* __restrict b = B + boff[s]; \
-            FC_UNROLL for (int j = 0; j < NV; j++) { \
-                vec kv[NT]; \
-                FC_UNROLL for (int t = 0; t < NT; t++) { \
-                    FC_LOAD(kv[t], b + t * ldt + j * VW); \
-                    FC_PIN_ANY(kv[t]); \
-                } \
-                FC_UNROLL for (int i = 0; i < P + NT - 1; i++) { \
-                    vec av; \
-                    FC_LOAD(av, a + i * aps + j * VW); \
-                    FC_PIN_ANY(av); \
-                    FC_UNROLL for (int t = 0; t < NT; t++) \
-                        if (i - t >= 0 && i - t < P) acc[i - t][j] += av * kv[t]; \
-                } \
-            } \
-        } \
+        FC_DW_SLIDE(T, P, NT, P + NT - 1, 0) \
         FC_UNROLL for (int p = 0; p < P; p++) FC_UNROLL for (int j = 0; j < NV; j++) \
             FC_STORE(out + p * ops + j * VW, acc[p][j]); \
     }
@@ -3136,6 +3125,13 @@ cdef inline void _dwt(int NT, int P, int V, const floating* A, Py_ssize_t aps,
         fc_dwt_d(NT, P, V, A, aps, B, ldt, aoff, boff, nseg, out, ops, bias)
 
 
+cdef inline bint _dw_edges(Py_ssize_t KW, Py_ssize_t pad_left, Py_ssize_t OW,
+                           Py_ssize_t W) noexcept nogil:
+    # whether _dwe serves the ends of a depthwise row of KW taps (unit stride and dilation):
+    # "same" padding, windows clipped at one end at most
+    return pad_left == (KW - 1) // 2 and OW == W and W >= 2 * (KW - 1)
+
+
 cdef inline void _dwe(int NT, int R, int V, const floating* A, Py_ssize_t aps,
                       const floating* B, Py_ssize_t ldt, const Py_ssize_t* aoff,
                       const Py_ssize_t* boff, int nseg, floating* out,
@@ -3463,7 +3459,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
         dwt = (KW == 3 or KW == 5 or KW == 7) and dw == 1 and sw == 1
         if dwt:
             # the (KW - 1) / 2 pixels at each end of a "same" row by _dwe, the rest by runs
-            edge = pad_left == (KW - 1) // 2 and OW == W and W >= 2 * (KW - 1)
+            edge = _dw_edges(KW, pad_left, OW, W)
             e0 = pad_left if edge else 0
             e1 = OW - pad_left if edge else OW
             f0 = 0
@@ -5434,7 +5430,7 @@ cdef void _grad_input_row(const floating* dy, const floating* wt, floating* dx,
             # consecutive pixels, as fc_dwt wants (list index (KW-1)*nkh + a: the last kw of
             # kernel row a); the (KW - 1) / 2 pixels at each end of a "same" row by _dwe, whose
             # first input is dy's pixel 0 (left) or OW - (KW - 1) (right), as in _forward_row
-            edge = pad_left == (KW - 1) // 2 and OW == W and W >= 2 * (KW - 1)
+            edge = _dw_edges(KW, pad_left, OW, W)
             e0 = pad_left if edge else 0
             e1 = W - pad_left if edge else W
             c0 = 0
