@@ -1384,15 +1384,22 @@ cdef extern from *:
                    (8x56x56x144 0.96x); prefetching dy's row as well 1.03-1.06x the time of \
                    x's alone, but for 8x56x56x144. Both prefetched to L2 only (locality 1, as \
                    fc_dwpix) over x's to L1: 8x56x56x144 0.65-0.67x, 8x112x112x32 0.80-0.96x, \
-                   4x56x56x128 0.83-0.99x, stride 2 8x112x112x64 0.88x, 8x14x14x576 0.97x) */ \
+                   4x56x56x128 0.83-0.99x, stride 2 8x112x112x64 0.88x, 8x14x14x576 0.97x). \
+                   At stride 2 the middle row is new to each dy row too (as in fc_dwpix): \
+                   prefetched as well, 8x112x112x96 0.76-0.87x, 8x112x112x64 0.78x, \
+                   8x56x56x144 0.74-1.01x, 8x14x14x576 even, 8x28x28x192 1.05-1.10x (noise \
+                   5-15%) */ \
                 const T* __restrict pfx = xr[KS - 1] + (iw + NX + FC_DWPIX_PFD) * F; \
+                const T* __restrict pfm = xr[KS / 2] + (iw + NX + FC_DWPIX_PFD) * F; \
                 const int pf = iw + NX + S * P + FC_DWPIX_PFD <= W; \
                 T* __restrict o = acc; \
                 for (ptrdiff_t c = 0; c < Fv; c += VW) { \
                     vec dv[P], xin[NX], a; \
                     if (pf) { \
-                        FC_UNROLL for (int i = 0; i < S * P; i++) \
+                        FC_UNROLL for (int i = 0; i < S * P; i++) { \
                             __builtin_prefetch(pfx + i * F + c, 0, 1); \
+                            if (S == 2 && KS == 3) __builtin_prefetch(pfm + i * F + c, 0, 1); \
+                        } \
                         FC_UNROLL for (int i = 0; i < P; i++) \
                             __builtin_prefetch(q + (P + FC_DWPIX_PFD + i) * F, 0, 1); \
                     } \
