@@ -1266,7 +1266,9 @@ cdef extern from *:
        before and the first VW - m of its own, the kernel and bias vectors rotated to match. At
        stride 1 a stencil over virtual pixels is then the real one on every lane (the same sums
        in the same order). The stores go off their lines instead, which costs little (AVX-512
-       Zen 5, 2 threads, 4x56x56x128: out 16 bytes off 0.143 ms, aligned 0.138). Virtual tiles
+       Zen 5, 2 threads, 4x56x56x128: out 16 bytes off 0.143 ms, aligned 0.138), unless out is
+       as far off its lines as x (the numpy bridge allocates it so: _shifted_rows_offset):
+       then they are aligned, and large outputs stream (`stream`). Virtual tiles
        cover the real pixels whose windows lie inside the row, but for the first (its head
        channels) and the last (its tail); fc_dwpix_1's tiles compute the rest, from the plain
        kernel packed once a chunk of channels for both ends. Returns 0 (nothing
@@ -1276,9 +1278,12 @@ cdef extern from *:
     #define FC_DWPIX_SHIFT(T, SUF, P) \
     static int fc_dwpix_##SUF##_shift(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict w, const T* __restrict bias, ptrdiff_t F, ptrdiff_t W, \
-            ptrdiff_t pad, T* __restrict out, ptrdiff_t o0, ptrdiff_t o1, ptrdiff_t m) \
+            ptrdiff_t pad, T* __restrict out, ptrdiff_t o0, ptrdiff_t o1, ptrdiff_t m, \
+            int stream) \
     { \
         FC_VEC(T, FC_VB / sizeof(T)) \
+        /* (out as far off its lines as x: the virtual tiles' stores are aligned) */ \
+        const int nt = stream && (uintptr_t)(out - m) % FC_VB == 0; \
         const ptrdiff_t lo = o0 > pad ? o0 : pad; \
         const ptrdiff_t hi = o1 < W - 2 + pad ? o1 : W - 2 + pad; \
         if (hi - lo < 2 * P + 2) return 0; \
@@ -1305,7 +1310,8 @@ cdef extern from *:
                 const T* __restrict p1 = x1 + (ow - pad) * F; \
                 const T* __restrict p2 = x2 + (ow - pad) * F; \
                 T* __restrict q = out - m + c0 + ow * F; \
-                FC_DWPIX_TILE_AHEAD(T, 1, P, ow - pad, W, 0) \
+                if (nt) { FC_DWPIX_TILE_AHEAD(T, 1, P, ow - pad, W, 1) } \
+                else { FC_DWPIX_TILE_AHEAD(T, 1, P, ow - pad, W, 0) } \
             } \
             for (; ow < hi; ow++) { \
                 const T* __restrict p0 = x0 + (ow - pad) * F; \
@@ -1324,6 +1330,7 @@ cdef extern from *:
             fc_dwpix_##SUF##_1_run(xc, xs, w + c0, bc, wk, F, Fv, W, pad, out + c0, hi - 1, o1, \
                                    0); \
         } \
+        if (nt) FC_SFENCE(); \
         return 1; \
     }
 
@@ -2701,7 +2708,7 @@ cdef extern from *:
         if (S == 1 && Fv == F && (F * sizeof(T)) % FC_VB == 0 && xr[0] && xr[1] && xr[2] \
                 && (uintptr_t)xr[0] % FC_VB && (uintptr_t)xr[0] % sizeof(T) == 0 \
                 && fc_dwpix_##SUF##_shift(xr, xs, w, bias, F, W, pad, out, o0, o1, \
-                                          (uintptr_t)xr[0] % FC_VB / sizeof(T))) \
+                                          (uintptr_t)xr[0] % FC_VB / sizeof(T), stream)) \
             return; \
         (S == 1 ? fc_dwpix_##SUF##_1 : fc_dwpix_##SUF##_2)(xr, xs, w, bias, F, Fv, W, pad, \
                                                            out, o0, o1, stream); \

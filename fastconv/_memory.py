@@ -110,17 +110,19 @@ def writable(array, keep):
     return np.asarray(owner)
 
 
-def aligned_empty(shape, dtype):
-    """An uninitialised C-contiguous array, 64-byte aligned, of numpy's own memory (not pooled,
-    never an enclosing `into`'s array)."""
+def aligned_empty(shape, dtype, offset=0):
+    """An uninitialised C-contiguous array, 64-byte aligned (or `offset` bytes past a 64-byte
+    boundary), of numpy's own memory (not pooled, never an enclosing `into`'s array)."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    return _aligned(np.empty(nbytes + ALIGN, np.uint8), nbytes).view(dtype).reshape(shape)
+    buffer = _aligned(np.empty(nbytes + ALIGN + offset, np.uint8), nbytes + offset)
+    return buffer[offset:].view(dtype).reshape(shape)
 
 
-def empty(shape, dtype):
-    """An uninitialised C-contiguous array, 64-byte aligned, that may reuse a freed result's
-    memory (or be the array of an enclosing `into`)."""
+def empty(shape, dtype, offset=0):
+    """An uninitialised C-contiguous array, 64-byte aligned (or `offset` bytes past a 64-byte
+    boundary, offset < 64), that may reuse a freed result's memory (or be the array of an
+    enclosing `into`)."""
     global _free_bytes
     dtype = np.dtype(dtype)
     target = getattr(_local, "into", None)
@@ -129,7 +131,7 @@ def empty(shape, dtype):
         return target
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _POOLED:
-        return aligned_empty(shape, dtype)
+        return aligned_empty(shape, dtype, offset)
     entry = None
     with _lock:
         buffers = _free.get(nbytes)
@@ -139,12 +141,13 @@ def empty(shape, dtype):
             if not buffers:
                 del _free[nbytes]
     if entry is None:
-        buffer = np.empty(nbytes + ALIGN, np.uint8)
+        buffer = np.empty(nbytes + 2 * ALIGN, np.uint8)  # (room for any offset)
         start = address(buffer)
         entry = (buffer, start - start % -ALIGN)
     owner = _Owner()
     owner.__array_interface__ = {
-        "shape": tuple(shape), "typestr": dtype.str, "version": 3, "data": (entry[1], False),
+        "shape": tuple(shape), "typestr": dtype.str, "version": 3,
+        "data": (entry[1] + offset, False),
     }
     _watched[weakref.ref(owner, _released)] = (nbytes, entry)
     return np.asarray(owner)

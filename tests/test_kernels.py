@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import reference
 from conftest import only_numpy
 import fastconv
-from fastconv import _dispatch
+from fastconv import _dispatch, _memory
 from fastconv.backends import numpy as host
 from fastconv.geometry import ConvSpec
 
@@ -596,7 +596,9 @@ def _at_offset(a, offset):
 ], ids=str)
 def test_depthwise_rows_on_unaligned_inputs(variant, dtype, offset, case):
     # stride 1 on rows off a vector boundary: tiles over rows shifted onto x's (dy's) lines,
-    # the kernel rotated, the first and last pixels by the plain path; the same sums
+    # the kernel rotated, the first and last pixels by the plain path; the same sums. The
+    # forward's result starts as far off its lines as x (its shifted stores aligned), with
+    # plain stores and streamed ones (set_stream_bytes(0): every result)
     n, h, w, c, kh, kw, f, groups, strides, dilation, padding = case
     rng = np.random.default_rng(_seed(case))
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
@@ -605,21 +607,27 @@ def test_depthwise_rows_on_unaligned_inputs(variant, dtype, offset, case):
     spec = ConvSpec.make(strides, padding, "channels_last", dilation)
     rtol = 1e-4 if dtype == np.float32 else 1e-10
     saved = _dispatch.kernels
-    _dispatch.kernels = importlib.import_module(f"fastconv._kernels_{variant}")
+    kernels = _dispatch.kernels = importlib.import_module(f"fastconv._kernels_{variant}")
     try:
-        for threads in (1, 2):
-            fastconv.set_num_threads(threads)
-            out = host.forward(_at_offset(x, offset), k, spec, dtype, bias)
-            reference.assert_close(out, reference.conv(x, k, padding=padding) + bias, rtol,
-                                   "forward")
-            np.testing.assert_array_equal(out, host.forward(_at_offset(x, 0), k, spec, dtype, bias))
-            dy = rng.standard_normal(out.shape).astype(dtype)
-            dx = host.grad_input(_at_offset(dy, offset), k, spec, x.shape, dtype)
-            reference.assert_close(dx, reference.grads(x, k, dy, padding=padding)[0], rtol,
-                                   "grad_input")
+        for threshold in (1 << 62, 0):
+            kernels.set_stream_bytes(threshold)
+            for threads in (1, 2):
+                fastconv.set_num_threads(threads)
+                out = host.forward(_at_offset(x, offset), k, spec, dtype, bias)
+                assert _memory.address(out) % 64 == offset
+                reference.assert_close(out, reference.conv(x, k, padding=padding) + bias, rtol,
+                                       "forward")
+                aligned = host.forward(_at_offset(x, 0), k, spec, dtype, bias)
+                assert _memory.address(aligned) % 64 == 0
+                np.testing.assert_array_equal(out, aligned)
+                dy = rng.standard_normal(out.shape).astype(dtype)
+                dx = host.grad_input(_at_offset(dy, offset), k, spec, x.shape, dtype)
+                reference.assert_close(dx, reference.grads(x, k, dy, padding=padding)[0], rtol,
+                                       "grad_input")
     finally:
         _dispatch.kernels = saved
         fastconv.set_num_threads(None)
+        kernels.set_stream_bytes(kernels.STREAM_BYTES)
 
 
 @pytest.mark.parametrize("case", CASES[:8], ids=str)
