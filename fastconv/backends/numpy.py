@@ -102,7 +102,8 @@ def _shifted_rows_offset(x, g, spec):
     if (g.kh != 3 or g.kw != 3 or g.cin_g != 1 or g.f != g.groups or spec.strides != (1, 1)
             or spec.dilation_rate != (1, 1) or g.f * x.itemsize % _memory.ALIGN):
         return 0
-    return _memory.address(x) % _memory.ALIGN
+    offset = _memory.address(x) % _memory.ALIGN
+    return offset if offset % x.itemsize == 0 else 0  # (the kernels shift whole elements)
 
 
 def _aligned_kernel(kernel, dtype):
