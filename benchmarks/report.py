@@ -43,6 +43,38 @@ def _first_call_summary(results, backends):
             "timings, a median of: " + ", ".join(parts) + " the timed median.")
 
 
+def _probe_summary(results, backends):
+    """' Capacity probes ...': which cases were timed again because the machine's capacity
+    (benchmarks/worker.py, DISTURBED) fell during them; '' for older results."""
+    again, still, seen = [], [], False
+    for b in backends:
+        for name, r in results["runs"].get(b, {}).get("cases", {}).items():
+            probe = r.get("probe")
+            if not probe:
+                continue
+            seen = True
+            kept = probe["kept"] / probe["best"]
+            lows = [min(a["probe_before"], a["probe_after"]) / probe["best"]
+                    for a in r["attempts"]]
+            if len(lows) > 1:
+                again.append(f"{b} {name} ({' → '.join(f'{x:.2f}' for x in lows)})")
+            limit = probe["disturbed"]
+            if kept < limit:
+                still.append(f"{b} {name} ({kept:.2f})")
+    if not seen:
+        return ""
+    text = (" Around each case the machine's capacity was probed (a 2-thread 1024³ matmul); a "
+            f"case during which it fell below {limit:g} of the run's best probe (another tenant on "
+            f"one of the CPUs) was timed again after the others, up to {probe['retries']} times, and "
+            "the attempt "
+            "with the best probe kept: ")
+    text += ("timed again: " + ", ".join(again) + " (each attempt's probe / best)"
+             if again else "no case needed it")
+    if still:
+        text += "; still disturbed after every attempt: " + ", ".join(still)
+    return text + "."
+
+
 def _rec(results, case, backend):
     return results["runs"].get(backend, {}).get("cases", {}).get(case)
 
@@ -393,7 +425,8 @@ def markdown(results):
              "layer with dilation 1). In each round a variant faster than 0.5 s first ran "
              "untimed for 20 ms (at least once), so that the timed calls run as in a training "
              "loop: calls right after another variant run slower on this machine, whatever the "
-             "library (cold caches, idle cores)." + _first_call_summary(results, backends))
+             "library (cold caches, idle cores)." + _first_call_summary(results, backends)
+             + _probe_summary(results, backends))
     L.append("")
 
     L.append("## Summary")

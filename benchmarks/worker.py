@@ -8,7 +8,8 @@ Keras' XLA grouped conv) loses nothing:
   {"type": "env", ...}      versions, BLAS (threadpoolctl), fastconv.show_config(), matmul rate
   {"type": "case", ...}     timings (+ correctness check) of one case
   {"type": "memory", ...}   peak extra memory of one case (measured after all timings)
-  {"type": "end", ...}      matmul rate again, so drift during the run shows
+  {"type": "end", ...}      matmul rate again, so drift during the run shows, and every
+                            capacity probe (see DISTURBED)
 
 Progress lines go to stderr as `@@progress <json>`.
 
@@ -158,16 +159,30 @@ def _warm_up(fn):
     return first
 
 
-def matmul_rate(runs=5):
+def matmul_rate(runs=5, n=2048):
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((2048, 2048), dtype=np.float32)
-    b = rng.standard_normal((2048, 2048), dtype=np.float32)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
     a @ b
     ts = [_timed(lambda: a @ b) for _ in range(runs)]
     # OpenBLAS' threads spin for ~0.1 s after a product and halve the speed of whatever runs
     # next on these 2 cores (measured: resnet3x3 host forward 7 ms instead of 3.2)
     time.sleep(0.3)
-    return 2 * 2048**3 / float(np.median(ts)) / 1e9
+    return 2 * n**3 / float(np.median(ts)) / 1e9
+
+
+# The machines here are shared: for minutes at a time another tenant takes one of the 2 CPUs
+# (both libraries' 2-thread calls then run at their 1-thread speed), and a case timed then says
+# nothing about either library. So the machine's capacity is probed (a 2-thread 1024^3 product,
+# ~0.4 s with the pause after it) before and after each case; a case during which it fell below
+# DISTURBED of the best probe of the run is timed again after the other cases (at most RETRIES
+# more times), and the attempt with the best probe is kept. Every attempt's probes are recorded.
+DISTURBED = 0.75
+RETRIES = 2
+
+
+def capacity():
+    return matmul_rate(runs=5, n=1024)
 
 
 def copy_rate(nbytes=4 * 56 * 56 * 128 * 4, runs=9, reps=10):
@@ -370,7 +385,8 @@ def setup(case):
     return k_layer, f_layer, kernel, bias, spec, x_np, dy_np, info
 
 
-def run_case(case, args, rec):
+def run_case(case, args):
+    """The case's timings and correctness check: a "case" record."""
     k_layer, f_layer, kernel, bias, spec, x_np, dy_np, info = setup(case)
     threads = fastconv.get_num_threads()
     x = to_backend(x_np)
@@ -454,7 +470,49 @@ def run_case(case, args, rec):
         progress(case=case.name, phase="train")
         result["train"] = measure(train, args.reps, args.warmup, args.time_cap)
         fastconv.set_num_threads(threads)
-    rec.write(result)
+    return result
+
+
+def run_cases(cases, args, rec):
+    """run_case for each case, again for those the machine's capacity fell during (DISTURBED);
+    each case's kept record written once its attempts are over."""
+    probes = [capacity()]
+    kept = {}  # case name -> (its lower probe, record) of its best attempt so far
+    todo = list(cases)
+    for attempt in range(RETRIES + 1):
+        for case in todo:
+            before = probes[-1]
+            try:
+                result = run_case(case, args)
+            except Exception as e:  # one broken case must not lose the others
+                rec.write({"type": "error", "case": case.name, "backend": BACKEND,
+                           "phase": "time", "error": f"{type(e).__name__}: {e}"})
+                result = None
+            probes.append(capacity())
+            if result is not None:
+                probe = min(before, probes[-1])
+                tried = kept[case.name][1]["attempts"] if case.name in kept else []
+                result["attempts"] = tried + [{"probe_before": before, "probe_after": probes[-1]}]
+                if case.name not in kept or probe > kept[case.name][0]:
+                    kept[case.name] = (probe, result)
+                else:
+                    kept[case.name][1]["attempts"] = result["attempts"]
+            progress(case=case.name, phase="done" if attempt == 0 else "retry")
+        best = max(probes)
+        todo = [c for c in todo if c.name in kept and kept[c.name][0] < DISTURBED * best]
+        for case in cases:
+            if case.name in kept and case not in todo:
+                probe, result = kept.pop(case.name)
+                result["probe"] = {"kept": probe, "best": best, "disturbed": DISTURBED,
+                                   "retries": RETRIES}
+                rec.write(result)
+        if not todo:
+            break
+    best = max(probes)
+    for probe, result in kept.values():  # still disturbed after every retry
+        result["probe"] = {"kept": probe, "best": best, "disturbed": DISTURBED, "retries": RETRIES}
+        rec.write(result)
+    return probes
 
 
 def run_memory(case, rec, mem):
@@ -543,13 +601,7 @@ def main():
     rec = Recorder(args.out)
     rec.write(env_record())
     cases = [CASES[n] for n in args.cases.split(",")]
-    for case in cases:
-        try:
-            run_case(case, args, rec)
-        except Exception as e:  # one broken case must not lose the others
-            rec.write({"type": "error", "case": case.name, "backend": BACKEND,
-                       "phase": "time", "error": f"{type(e).__name__}: {e}"})
-        progress(case=case.name, phase="done")
+    probes = run_cases(cases, args, rec)
     if not args.no_memory:
         mem = PeakMemory()
         for case in cases:
@@ -560,7 +612,7 @@ def main():
                            "phase": "memory", "error": f"{type(e).__name__}: {e}"})
             progress(case=case.name, phase="memory_done")
     rec.write({"type": "end", "backend": BACKEND, "matmul_gflops": matmul_rate(),
-               "loadavg": os.getloadavg()})
+               "probes_gflops": probes, "loadavg": os.getloadavg()})
 
 
 if __name__ == "__main__":
