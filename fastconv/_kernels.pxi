@@ -1267,7 +1267,7 @@ cdef extern from *:
        stride 1 a stencil over virtual pixels is then the real one on every lane (the same sums
        in the same order). The stores go off their lines instead, which costs little (AVX-512
        Zen 5, 2 threads, 4x56x56x128: out 16 bytes off 0.143 ms, aligned 0.138), unless out is
-       as far off its lines as x (the numpy bridge allocates it so: _shifted_rows_offset):
+       as far off its lines as x (the numpy bridge allocates it so: shifted_rows_offset):
        then they are aligned, and large outputs stream (`stream`). Virtual tiles
        cover the real pixels whose windows lie inside the row, but for the first (its head
        channels) and the last (its tail); fc_dwpix_1's tiles compute the rest, from the plain
@@ -1275,6 +1275,13 @@ cdef extern from *:
        done) on rows too short for it. Same machine, x 16 bytes off, without -> with (aligned):
        4x56x56x128 0.209 -> 0.170 ms (0.141), 8x56x56x144 0.70 -> 0.61 (0.52), 8x112x112x32
        0.57 -> 0.52 (0.48), 8x28x28x192 even (A/B in one process by a switch since removed). */
+    /* The m of fc_dwpix's virtual tiles for rows of F channels starting at x (sz-byte
+       elements): how many elements x lies past a vector boundary, or 0 where the rows are
+       aligned or cannot be shifted (F not whole vectors, x off its element alignment). */
+    static inline ptrdiff_t fc_dwpix_shift(const void* x, ptrdiff_t F, int sz) {
+        const uintptr_t off = (uintptr_t)x % FC_VB;
+        return F * sz % FC_VB == 0 && off % sz == 0 ? (ptrdiff_t)(off / sz) : 0;
+    }
     #define FC_DWPIX_SHIFT(T, SUF, P) \
     static int fc_dwpix_##SUF##_shift(const T* const* xr, const ptrdiff_t* xs, \
             const T* __restrict w, const T* __restrict bias, ptrdiff_t F, ptrdiff_t W, \
@@ -2705,10 +2712,9 @@ cdef extern from *:
     static inline void fc_dwpix_##SUF(int S, const T* const* xr, const ptrdiff_t* xs, \
             const T* w, const T* bias, ptrdiff_t F, ptrdiff_t Fv, ptrdiff_t W, ptrdiff_t pad, \
             T* out, ptrdiff_t o0, ptrdiff_t o1, int stream) { \
-        if (S == 1 && Fv == F && (F * sizeof(T)) % FC_VB == 0 && xr[0] && xr[1] && xr[2] \
-                && (uintptr_t)xr[0] % FC_VB && (uintptr_t)xr[0] % sizeof(T) == 0 \
-                && fc_dwpix_##SUF##_shift(xr, xs, w, bias, F, W, pad, out, o0, o1, \
-                                          (uintptr_t)xr[0] % FC_VB / sizeof(T), stream)) \
+        const ptrdiff_t m = S == 1 && Fv == F && xr[0] && xr[1] && xr[2] \
+                            ? fc_dwpix_shift(xr[0], F, sizeof(T)) : 0; \
+        if (m && fc_dwpix_##SUF##_shift(xr, xs, w, bias, F, W, pad, out, o0, o1, m, stream)) \
             return; \
         (S == 1 ? fc_dwpix_##SUF##_1 : fc_dwpix_##SUF##_2)(xr, xs, w, bias, F, Fv, W, pad, \
                                                            out, o0, o1, stream); \
@@ -2883,6 +2889,7 @@ cdef extern from *:
     const float* fc_zeros_f
     const double* fc_zeros_d
     int fc_dwrowt_nt(int stream, const void* out, Py_ssize_t F, int V, int sz) noexcept nogil
+    Py_ssize_t fc_dwpix_shift(const void* x, Py_ssize_t F, int sz) noexcept nogil
     void fc_sfence() noexcept nogil
     void fc_dwk3_f(int V, int S, const float* const* xr, const Py_ssize_t* xs,
                    const float* const* dyr, Py_ssize_t F, int nseg, Py_ssize_t OW, Py_ssize_t W,
@@ -3381,6 +3388,28 @@ cdef Py_ssize_t _forward_runs(Py_ssize_t OW, Py_ssize_t W, Py_ssize_t KW, Py_ssi
     return nruns
 
 
+cdef inline bint _fwd_dwrow(bint depthwise, Py_ssize_t KH, Py_ssize_t KW, int sw, int dw,
+                            Py_ssize_t OW) noexcept nogil:
+    # whether _forward_row runs a depthwise layer's rows whole by _dwrow
+    return (FC_DWROW_OK and depthwise and KH == 3 and KW == 3 and dw == 1
+            and (sw == 1 or (sw == 2 and OW >= FC_DWROW2_MIN_OW)))
+
+
+def shifted_rows_offset(Py_ssize_t address, int itemsize, Py_ssize_t C, Py_ssize_t KH,
+                        Py_ssize_t KW, Py_ssize_t cin_g, Py_ssize_t F, Py_ssize_t groups,
+                        int sw, int dw):
+    """Bytes past a 64-byte boundary at which `forward`'s (channels_last) result is best
+    allocated for an x at `address`: x's own offset where fc_dwpix takes x's rows over their
+    lines (x off them, by whole elements: a depthwise 3x3 at stride 1 along w, channels whole
+    vectors), so that the stores of its virtual tiles are aligned too (and large ones stream);
+    else 0."""
+    if (C * KH * KW * cin_g * F == 0
+            or not _fwd_dwrow(cin_g == 1 and F == groups, KH, KW, sw, dw, 0) or sw != 1
+            or not fc_dwpix_shift(<const void*>address, C, itemsize)):
+        return 0
+    return address % 64
+
+
 cdef void _dwrow(int S, const floating** xr, const Py_ssize_t* xs, const floating* w,
                  const floating* bias, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t W,
                  Py_ssize_t pad, floating* out, bint stream) noexcept nogil:
@@ -3481,8 +3510,7 @@ cdef bint _forward_row(const floating* x, const floating* w, floating* out,
     cdef Py_ssize_t xs[3]
     cdef bint biased = False
     cdef const floating* fb
-    if (FC_DWROW_OK and depthwise and KH == 3 and KW == 3 and dw == 1
-            and (sw == 1 or (sw == 2 and OW >= FC_DWROW2_MIN_OW))):
+    if _fwd_dwrow(depthwise, KH, KW, sw, dw, OW):
         # whole rows (_dwrow): pixel-major by fc_dwpix, a channel tail by fc_dwrow
         for kh in range(3):
             ih = ih0 + kh * dh

@@ -92,18 +92,17 @@ _empty = _memory.empty
 
 
 def _shifted_rows_offset(x, g, spec):
-    """The result's offset from a 64-byte boundary for x (C-contiguous, channels_last): x's
-    own where the kernels run a depthwise 3x3 stride-1 layer's rows over x's lines (x off
-    them: numpy arrays start 16, 32 or 48 bytes off a line), so that those rows' stores are
-    aligned too, and large ones stored past the caches; else 0. Time with x 16 bytes off over
-    x aligned (2 threads, Zen 4), the result aligned -> as far off as x: 4x56x56x128 1.24x ->
-    1.07-1.15x, 8x112x112x32 1.48-1.52x -> 1.07-1.10x, 8x56x56x144 1.66-1.72x -> 1.05-1.14x.
-    The next layers take such a result at full speed (1x1 and 3x3 dense: 0.99-1.00x)."""
-    if (g.kh != 3 or g.kw != 3 or g.cin_g != 1 or g.f != g.groups or spec.strides != (1, 1)
-            or spec.dilation_rate != (1, 1) or g.f * x.itemsize % _memory.ALIGN):
-        return 0
-    offset = _memory.address(x) % _memory.ALIGN
-    return offset if offset % x.itemsize == 0 else 0  # (the kernels shift whole elements)
+    """The result's offset from a 64-byte boundary for x (C-contiguous, channels_last), as the
+    kernels want it (kernels.shifted_rows_offset): x's own where a depthwise 3x3 layer's rows
+    run over x's lines (numpy arrays start 16, 32 or 48 bytes off a line), so that the rows'
+    stores are aligned too, and large ones stored past the caches; else 0. Time with x 16 bytes
+    off over x aligned (2 threads, Zen 4), the result aligned -> as far off as x: 4x56x56x128
+    1.24x -> 1.07-1.15x, 8x112x112x32 1.48-1.52x -> 1.07-1.10x, 8x56x56x144 1.66-1.72x ->
+    1.05-1.14x. The next layers take such a result at full speed (1x1 and 3x3 dense:
+    0.99-1.00x)."""
+    return _dispatch.kernels.shifted_rows_offset(
+        _memory.address(x), x.itemsize, g.c, g.kh, g.kw, g.cin_g, g.f, g.groups,
+        spec.strides[1], spec.dilation_rate[1])
 
 
 def _aligned_kernel(kernel, dtype):
