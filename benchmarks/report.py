@@ -43,36 +43,30 @@ def _first_call_summary(results, backends):
             "timings, a median of: " + ", ".join(parts) + " the timed median.")
 
 
-def _probe_summary(results, backends):
-    """' Capacity probes ...': which cases were timed again because the machine's capacity
-    (benchmarks/worker.py, DISTURBED) fell during them; '' for older results."""
-    again, still, seen = [], [], False
+def _canary_summary(results, backends):
+    """' A round during which ...': the rounds timed again because a CPU went missing
+    (benchmarks/worker.py, Canary); '' for older results."""
+    timings = dropped = rounds = capped = 0
     for b in backends:
-        for name, r in results["runs"].get(b, {}).get("cases", {}).items():
-            probe = r.get("probe")
-            if not probe:
-                continue
-            seen = True
-            kept = probe["kept"] / probe["best"]
-            lows = [min(a["probe_before"], a["probe_after"]) / probe["best"]
-                    for a in r["attempts"]]
-            if len(lows) > 1:
-                again.append(f"{b} {name} ({' → '.join(f'{x:.2f}' for x in lows)})")
-            limit = probe["disturbed"]
-            if kept < limit:
-                still.append(f"{b} {name} ({kept:.2f})")
-    if not seen:
+        for r in results["runs"].get(b, {}).get("cases", {}).values():
+            for d in DIRECTIONS:
+                timing = next(iter((r.get(d) or {}).values()), {})
+                if "dropped" not in timing:
+                    continue
+                timings += 1
+                dropped += timing["dropped"]
+                kept = len(timing["canary"]) - 1 - timing["dropped"]
+                rounds += kept + timing["dropped"]
+                capped += timing["dropped"] >= kept
+    if not timings:
         return ""
-    text = (" Around each case the machine's capacity was probed (a 2-thread 1024³ matmul); a "
-            f"case during which it fell below {limit:g} of the run's best probe (another tenant on "
-            f"one of the CPUs) was timed again after the others, up to {probe['retries']} times, and "
-            "the attempt "
-            "with the best probe kept: ")
-    text += ("timed again: " + ", ".join(again) + " (each attempt's probe / best)"
-             if again else "no case needed it")
-    if still:
-        text += "; still disturbed after every attempt: " + ", ".join(still)
-    return text + "."
+    return (" Before and after each round a canary (two threads, the same fixed work each) "
+            "checked that both CPUs were there (on these shared machines one goes missing for "
+            "10 ms to seconds at a time: 2-thread calls then run at 1-thread speed, whatever "
+            f"the library); a round with the canary over 1.5× its best time was timed again: "
+            f"{dropped} of {rounds} rounds over {timings} (case, direction, backend) timings"
+            + (f", {capped} of them still at the limit (as many again as kept)" if capped else "")
+            + ".")
 
 
 def _rec(results, case, backend):
@@ -426,7 +420,7 @@ def markdown(results):
              "untimed for 20 ms (at least once), so that the timed calls run as in a training "
              "loop: calls right after another variant run slower on this machine, whatever the "
              "library (cold caches, idle cores)." + _first_call_summary(results, backends)
-             + _probe_summary(results, backends))
+             + _canary_summary(results, backends))
     L.append("")
 
     L.append("## Summary")

@@ -8,8 +8,7 @@ Keras' XLA grouped conv) loses nothing:
   {"type": "env", ...}      versions, BLAS (threadpoolctl), fastconv.show_config(), matmul rate
   {"type": "case", ...}     timings (+ correctness check) of one case
   {"type": "memory", ...}   peak extra memory of one case (measured after all timings)
-  {"type": "end", ...}      matmul rate again, so drift during the run shows, and every
-                            capacity probe (see DISTURBED)
+  {"type": "end", ...}      matmul rate again, so drift during the run shows
 
 Progress lines go to stderr as `@@progress <json>`.
 
@@ -103,12 +102,60 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
+class Canary:
+    """Whether both CPUs are there: the machines here are shared, and for a second or so at a
+    time one of the 2 vCPUs makes (almost) no progress, though the guest sees it busy (no steal
+    time is reported). A 2-thread call then runs at its 1-thread speed, whatever the library:
+    e.g. fastconv's resnet3x3 forward 8.3 ms for 5 rounds, then 4.4 (1 thread: 8.6 throughout),
+    Keras' beside it 10.5, then 6. A call returns the time two threads take for the same fixed
+    work each (np.sqrt over an array in L2, which lets go of the GIL), over the least such
+    time seen: ~1 with both CPUs there, ~2 without; the least of 3 tries (~6 ms), as one try
+    exceeds 1.5 2% of the time (thread handoffs), 3 in a row only in those spells (30 s here:
+    ~0.6% of the time, spells of 10 ms to seconds)."""
+
+    def __init__(self):
+        self.a = np.random.default_rng(2).random(1 << 17, dtype=np.float32)
+        self.out = [np.empty_like(self.a) for _ in range(2)]
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.best = math.inf
+        for _ in range(5):
+            self()
+
+    def _work(self, i):
+        for _ in range(CANARY_CALLS):
+            np.sqrt(self.a, out=self.out[i])
+
+    def _once(self):
+        t = time.perf_counter()
+        other = self.pool.submit(self._work, 1)
+        self._work(0)
+        other.result()
+        return time.perf_counter() - t
+
+    def __call__(self):
+        t = min(self._once() for _ in range(3))
+        self.best = min(self.best, t)
+        return t / self.best
+
+
+CANARY_CALLS = 40  # ~1 ms each thread
+# A round of `measure` with the canary above this before or after it is timed again (at most
+# as many times as there are rounds).
+DISTURBED = 1.5
+_canary = None
+
+
 def measure(variants, reps, warmup, time_cap):
     """Median time of each of `variants` ({name: fn}), interleaved rounds after warm-up. The
     order rotates from round to round, so that no variant always runs after the same one (and
     its caches): in a fixed order, two fastconv variants of a TensorFlow model's step that time
     the same when their order alternates (OpenMP wake-up on and off) differed by 4-7%, the one
-    right after Keras' step being the slower."""
+    right after Keras' step being the slower. A round during which a CPU went missing (Canary)
+    is timed again; each variant's record counts those ("dropped") and lists the canary's
+    readings."""
+    global _canary
+    if _canary is None:
+        _canary = Canary()
     est = {}
     for name, fn in variants.items():
         t = _timed(fn)  # the first call may compile (XLA, jit): never an estimate
@@ -128,15 +175,29 @@ def measure(variants, reps, warmup, time_cap):
     times = {name: [] for name in variants}
     firsts = {name: [] for name in variants}
     names = list(variants)
-    for r in range(rounds):
-        start = r % len(names)
+    canary = [_canary()]
+    done = dropped = 0
+    while done < rounds:
+        start = (done + dropped) % len(names)
+        got = {name: [] for name in names}
+        first = {}
         for name in names[start:] + names[:start]:
             if est[name] < ROUND_WARMUP_LIMIT:
-                firsts[name].append(_warm_up(variants[name]))
+                first[name] = _warm_up(variants[name])
             for _ in range(inner[name]):
-                times[name].append(_timed(variants[name]))
+                got[name].append(_timed(variants[name]))
+        canary.append(_canary())
+        if max(canary[-2:]) > DISTURBED and dropped < rounds:
+            dropped += 1
+            continue
+        done += 1
+        for name in names:
+            times[name] += got[name]
+            if name in first:
+                firsts[name].append(first[name])
     return {name: {"median": float(np.median(ts)), "min": float(np.min(ts)), "n": len(ts),
-                   "times": [float(t) for t in ts], "first": [float(t) for t in firsts[name]]}
+                   "times": [float(t) for t in ts], "first": [float(t) for t in firsts[name]],
+                   "dropped": dropped, "canary": [round(c, 3) for c in canary]}
             for name, ts in times.items()}
 
 
@@ -159,30 +220,16 @@ def _warm_up(fn):
     return first
 
 
-def matmul_rate(runs=5, n=2048):
+def matmul_rate(runs=5):
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
+    a = rng.standard_normal((2048, 2048), dtype=np.float32)
+    b = rng.standard_normal((2048, 2048), dtype=np.float32)
     a @ b
     ts = [_timed(lambda: a @ b) for _ in range(runs)]
     # OpenBLAS' threads spin for ~0.1 s after a product and halve the speed of whatever runs
     # next on these 2 cores (measured: resnet3x3 host forward 7 ms instead of 3.2)
     time.sleep(0.3)
-    return 2 * n**3 / float(np.median(ts)) / 1e9
-
-
-# The machines here are shared: for minutes at a time another tenant takes one of the 2 CPUs
-# (both libraries' 2-thread calls then run at their 1-thread speed), and a case timed then says
-# nothing about either library. So the machine's capacity is probed (a 2-thread 1024^3 product,
-# ~0.4 s with the pause after it) before and after each case; a case during which it fell below
-# DISTURBED of the best probe of the run is timed again after the other cases (at most RETRIES
-# more times), and the attempt with the best probe is kept. Every attempt's probes are recorded.
-DISTURBED = 0.75
-RETRIES = 2
-
-
-def capacity():
-    return matmul_rate(runs=5, n=1024)
+    return 2 * 2048**3 / float(np.median(ts)) / 1e9
 
 
 def copy_rate(nbytes=4 * 56 * 56 * 128 * 4, runs=9, reps=10):
@@ -385,8 +432,7 @@ def setup(case):
     return k_layer, f_layer, kernel, bias, spec, x_np, dy_np, info
 
 
-def run_case(case, args):
-    """The case's timings and correctness check: a "case" record."""
+def run_case(case, args, rec):
     k_layer, f_layer, kernel, bias, spec, x_np, dy_np, info = setup(case)
     threads = fastconv.get_num_threads()
     x = to_backend(x_np)
@@ -470,49 +516,7 @@ def run_case(case, args):
         progress(case=case.name, phase="train")
         result["train"] = measure(train, args.reps, args.warmup, args.time_cap)
         fastconv.set_num_threads(threads)
-    return result
-
-
-def run_cases(cases, args, rec):
-    """run_case for each case, again for those the machine's capacity fell during (DISTURBED);
-    each case's kept record written once its attempts are over."""
-    probes = [capacity()]
-    kept = {}  # case name -> (its lower probe, record) of its best attempt so far
-    todo = list(cases)
-    for attempt in range(RETRIES + 1):
-        for case in todo:
-            before = probes[-1]
-            try:
-                result = run_case(case, args)
-            except Exception as e:  # one broken case must not lose the others
-                rec.write({"type": "error", "case": case.name, "backend": BACKEND,
-                           "phase": "time", "error": f"{type(e).__name__}: {e}"})
-                result = None
-            probes.append(capacity())
-            if result is not None:
-                probe = min(before, probes[-1])
-                tried = kept[case.name][1]["attempts"] if case.name in kept else []
-                result["attempts"] = tried + [{"probe_before": before, "probe_after": probes[-1]}]
-                if case.name not in kept or probe > kept[case.name][0]:
-                    kept[case.name] = (probe, result)
-                else:
-                    kept[case.name][1]["attempts"] = result["attempts"]
-            progress(case=case.name, phase="done" if attempt == 0 else "retry")
-        best = max(probes)
-        todo = [c for c in todo if c.name in kept and kept[c.name][0] < DISTURBED * best]
-        for case in cases:
-            if case.name in kept and case not in todo:
-                probe, result = kept.pop(case.name)
-                result["probe"] = {"kept": probe, "best": best, "disturbed": DISTURBED,
-                                   "retries": RETRIES}
-                rec.write(result)
-        if not todo:
-            break
-    best = max(probes)
-    for probe, result in kept.values():  # still disturbed after every retry
-        result["probe"] = {"kept": probe, "best": best, "disturbed": DISTURBED, "retries": RETRIES}
-        rec.write(result)
-    return probes
+    rec.write(result)
 
 
 def run_memory(case, rec, mem):
@@ -601,7 +605,13 @@ def main():
     rec = Recorder(args.out)
     rec.write(env_record())
     cases = [CASES[n] for n in args.cases.split(",")]
-    probes = run_cases(cases, args, rec)
+    for case in cases:
+        try:
+            run_case(case, args, rec)
+        except Exception as e:  # one broken case must not lose the others
+            rec.write({"type": "error", "case": case.name, "backend": BACKEND,
+                       "phase": "time", "error": f"{type(e).__name__}: {e}"})
+        progress(case=case.name, phase="done")
     if not args.no_memory:
         mem = PeakMemory()
         for case in cases:
@@ -612,7 +622,7 @@ def main():
                            "phase": "memory", "error": f"{type(e).__name__}: {e}"})
             progress(case=case.name, phase="memory_done")
     rec.write({"type": "end", "backend": BACKEND, "matmul_gflops": matmul_rate(),
-               "probes_gflops": probes, "loadavg": os.getloadavg()})
+               "loadavg": os.getloadavg()})
 
 
 if __name__ == "__main__":
