@@ -55,9 +55,8 @@ def _canary_summary(results, backends):
                     continue
                 timings += 1
                 dropped += timing["dropped"]
-                kept = len(timing["canary"]) - 1 - timing["dropped"]
-                rounds += kept + timing["dropped"]
-                capped += timing["dropped"] >= kept
+                rounds += len(timing["canary"]) - 1  # (a reading before the first round, one after each)
+                capped += 2 * timing["dropped"] >= len(timing["canary"]) - 1
     if not timings:
         return ""
     return (" Before and after each round a canary (two threads, the same fixed work each) "

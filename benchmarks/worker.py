@@ -30,7 +30,9 @@ A call slower than --time-cap / --reps gets fewer rounds (never fewer than 3); t
 then run several times per round so they still get --reps samples. In each round a variant that
 takes under ROUND_WARMUP_LIMIT (0.5 s) first runs untimed for 20 ms (at least once; the first
 call's time is "first" in the JSON), so that the timed calls run as in a training loop, not
-right after another variant (see ROUND_WARMUP_LIMIT).
+right after another variant (see ROUND_WARMUP_LIMIT). A round during which one of the CPUs
+went missing (a canary before and after it, see Canary) is timed again, at most as many times
+as there are rounds ("dropped" in the JSON).
 
 Peak extra memory: after every case is timed, each call is run once more, with glibc's malloc set
 to give large blocks back to the OS (mallopt M_MMAP_THRESHOLD = 64 KiB, malloc_trim before the
