@@ -709,25 +709,21 @@ cdef extern from *:
         #include <immintrin.h>
         /* a native vector stored past the caches, to an aligned address; FC_SFENCE after */
         #if FC_VB == 64
+          typedef __m512i fc_ivec;
           #define FC_STREAM(dst, v) _mm512_stream_si512((__m512i*)(dst), (__m512i)(v))
         #elif FC_VB == 32
+          typedef __m256i fc_ivec;
           #define FC_STREAM(dst, v) _mm256_stream_si256((__m256i*)(dst), (__m256i)(v))
         #else
+          typedef __m128i fc_ivec;
           #define FC_STREAM(dst, v) _mm_stream_si128((__m128i*)(dst), (__m128i)(v))
         #endif
         #define FC_SFENCE() _mm_sfence()
         /* FC_STREAM for a vector of any width (code for all tile widths V): a native one
-           streams (seen as the integer vector type, which may alias), others are stored */
-        #if FC_VB == 64
-          #define FC_STREAM_ANY(dst, v) do { if (sizeof(v) == FC_VB) \
-              FC_STREAM(dst, *(const __m512i*)&(v)); else FC_STORE(dst, v); } while (0)
-        #elif FC_VB == 32
-          #define FC_STREAM_ANY(dst, v) do { if (sizeof(v) == FC_VB) \
-              FC_STREAM(dst, *(const __m256i*)&(v)); else FC_STORE(dst, v); } while (0)
-        #else
-          #define FC_STREAM_ANY(dst, v) do { if (sizeof(v) == FC_VB) \
-              FC_STREAM(dst, *(const __m128i*)&(v)); else FC_STORE(dst, v); } while (0)
-        #endif
+           streams (seen as the native integer vector fc_ivec, which may alias), others are
+           stored */
+        #define FC_STREAM_ANY(dst, v) do { if (sizeof(v) == FC_VB) \
+            FC_STREAM(dst, *(const fc_ivec*)&(v)); else FC_STORE(dst, v); } while (0)
       #else
         #define FC_PIN(v) ((void)0)
         #define FC_PIN_ANY(v) ((void)0)
