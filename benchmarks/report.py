@@ -47,6 +47,7 @@ def _canary_summary(results, backends):
     """' A round during which ...': the rounds timed again because a CPU went missing
     (benchmarks/worker.py, Canary); '' for older results."""
     timings = dropped = rounds = capped = 0
+    limits = set()
     for b in backends:
         for r in results["runs"].get(b, {}).get("cases", {}).values():
             for d in DIRECTIONS:
@@ -55,16 +56,20 @@ def _canary_summary(results, backends):
                     continue
                 timings += 1
                 dropped += timing["dropped"]
-                rounds += len(timing["canary"]) - 1  # (a reading before the first round, one after each)
-                capped += 2 * timing["dropped"] >= len(timing["canary"]) - 1
+                # older results: a reading before the first round and one after each
+                n = timing.get("rounds_timed", len(timing["canary"]) - 1)
+                rounds += n
+                capped += timing["dropped"] >= timing.get("max_dropped", n - timing["dropped"])
+                limits.add(timing.get("disturbed", 1.5))
     if not timings:
         return ""
+    limit = "/".join(f"{x:g}" for x in sorted(limits))
     return (" Before and after each round a canary (two threads, the same fixed work each) "
             "checked that both CPUs were there (on these shared machines one goes missing for "
             "10 ms to seconds at a time: 2-thread calls then run at 1-thread speed, whatever "
-            f"the library); a round with the canary over 1.5× its best time was timed again: "
+            f"the library); a round with the canary over {limit}× its best time was timed again: "
             f"{dropped} of {rounds} rounds over {timings} (case, direction, backend) timings"
-            + (f", {capped} of them still at the limit (as many again as kept)" if capped else "")
+            + (f", {capped} of them still at the limit of retries" if capped else "")
             + ".")
 
 
@@ -563,9 +568,16 @@ def markdown(results):
 
     L.append("## Processes")
     L.append("")
-    L.append("| backend | cases | exit | duration | matmul GFLOP/s start / end | BLAS "
-             "(threadpoolctl) | versions |")
-    L.append("|---|---|---|---|---|---|---|")
+    meta = results["meta"]
+    if "slow_canary" in meta:
+        L.append(f"A process whose canary's best time was over {meta['slow_canary']}× the least "
+                 "of the run's ran slow as a whole (what a canary against its own best cannot "
+                 "see): its cases were run once more, and that process's results are the ones "
+                 "reported.")
+        L.append("")
+    L.append("| backend | cases | exit | duration | matmul GFLOP/s start / end | canary best | "
+             "BLAS (threadpoolctl) | versions |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for b in backends:
         for p in results["runs"][b]["processes"]:
             env = p.get("env") or {}
@@ -578,8 +590,13 @@ def markdown(results):
             exit_ = str(p["returncode"]) + (" (crash at exit tolerated)"
                                            if p["returncode"] and p.get("tolerant") else "")
             mm = f"{_f(env.get('matmul_gflops'))} / {_f(p.get('matmul_gflops_end'))}"
+            if p.get("slow"):
+                exit_ += f"; ran slow ({p['slow']}): run again"
+            if p.get("rerun"):
+                exit_ += "; the rerun"
+            best = p.get("canary_best_s")
             L.append(f"| {b} | {', '.join(p['cases'])} | {exit_} | {p['duration_s']:.0f} s | "
-                     f"{mm} | {blas} | {vers} |")
+                     f"{mm} | {_f(best and best * 1e3, '{:.2f} ms')} | {blas} | {vers} |")
     L.append("")
     configs = {}
     for b in backends:

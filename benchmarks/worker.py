@@ -31,8 +31,8 @@ then run several times per round so they still get --reps samples. In each round
 takes under ROUND_WARMUP_LIMIT (0.5 s) first runs untimed for 20 ms (at least once; the first
 call's time is "first" in the JSON), so that the timed calls run as in a training loop, not
 right after another variant (see ROUND_WARMUP_LIMIT). A round during which one of the CPUs
-went missing (a canary before and after it, see Canary) is timed again, at most as many times
-as there are rounds ("dropped" in the JSON).
+went missing (a canary before and after it, see Canary) is timed again once the canary reads
+normal again, at most twice as many times as there are rounds ("dropped" in the JSON).
 
 Peak extra memory: after every case is timed, each call is run once more, with glibc's malloc set
 to give large blocks back to the OS (mallopt M_MMAP_THRESHOLD = 64 KiB, malloc_trim before the
@@ -139,11 +139,22 @@ class Canary:
         self.best = min(self.best, t)
         return t / self.best
 
+    def settle(self, limit):
+        """Reads the canary until it is at most `limit` or SETTLE_TIME has passed: timing a
+        round again at once mostly lands in the same spell (they last up to seconds)."""
+        t0 = time.perf_counter()
+        while self() > limit and time.perf_counter() - t0 < SETTLE_TIME:
+            pass
+
 
 CANARY_CALLS = 40  # ~1 ms each thread
-# A round of `measure` with the canary above this before or after it is timed again (at most
-# as many times as there are rounds).
+# A round of `measure` with the canary above this before or after it is timed again, after the
+# canary reads at most this again (or SETTLE_TIME s have passed); at most MAX_DROPPED times the
+# number of rounds: in the run at e4930fb, with one retry per round and none of this waiting,
+# 38 of 168 timings used up their retries in spells and kept disturbed rounds.
 DISTURBED = 1.5
+SETTLE_TIME = 1.0
+MAX_DROPPED = 2
 _canary = None
 
 
@@ -189,8 +200,10 @@ def measure(variants, reps, warmup, time_cap):
             for _ in range(inner[name]):
                 got[name].append(_timed(variants[name]))
         canary.append(_canary())
-        if max(canary[-2:]) > DISTURBED and dropped < rounds:
+        if max(canary[-2:]) > DISTURBED and dropped < MAX_DROPPED * rounds:
             dropped += 1
+            _canary.settle(DISTURBED)
+            canary.append(_canary())
             continue
         done += 1
         for name in names:
@@ -199,7 +212,9 @@ def measure(variants, reps, warmup, time_cap):
                 firsts[name].append(first[name])
     return {name: {"median": float(np.median(ts)), "min": float(np.min(ts)), "n": len(ts),
                    "times": [float(t) for t in ts], "first": [float(t) for t in firsts[name]],
-                   "dropped": dropped, "canary": [round(c, 3) for c in canary]}
+                   "rounds_timed": done + dropped, "dropped": dropped, "canary": [round(c, 3) for c in canary],
+                   "disturbed": DISTURBED, "max_dropped": MAX_DROPPED * rounds,
+                   "canary_best_s": _canary.best}
             for name, ts in times.items()}
 
 
@@ -624,7 +639,8 @@ def main():
                            "phase": "memory", "error": f"{type(e).__name__}: {e}"})
             progress(case=case.name, phase="memory_done")
     rec.write({"type": "end", "backend": BACKEND, "matmul_gflops": matmul_rate(),
-               "loadavg": os.getloadavg()})
+               "loadavg": os.getloadavg(),
+               "canary_best_s": _canary.best if _canary is not None else None})
 
 
 if __name__ == "__main__":
