@@ -570,10 +570,12 @@ def markdown(results):
     L.append("")
     meta = results["meta"]
     if "slow_canary" in meta:
+        matmul = (f", or whose matmul rate (the better of its start and end) was under "
+                  f"{meta['slow_matmul']}× the best process's," if "slow_matmul" in meta else "")
         L.append(f"A process whose canary's best time was over {meta['slow_canary']}× the least "
-                 "of the run's ran slow as a whole (what a canary against its own best cannot "
-                 "see): its cases were run once more, and that process's results are the ones "
-                 "reported.")
+                 f"of the run's{matmul} ran slow as a whole (what a canary against its own best "
+                 "cannot see): its cases were run once more, and that process's results are the "
+                 "ones reported.")
         L.append("")
     L.append("| backend | cases | exit | duration | matmul GFLOP/s start / end | canary best | "
              "BLAS (threadpoolctl) | versions |")

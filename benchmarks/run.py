@@ -174,9 +174,14 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
 # round compares with its own best only): in the run at bc9f335, TensorFlow's grouped cases'
 # process timed fastconv's steps at 2.12 / 3.53 / 10.99 ms, a rerun right after at 1.12 / 2.72
 # / 7.90. Slow: its canary's best time over SLOW_CANARY times the least of the run's processes
-# (they agree within 1-2% otherwise). Not the matmul rate at a process's start: after the
-# imports it reads 0.7x its end often enough (148 then 203 GFLOP/s in one process).
+# (they agree within 1-2% otherwise), or numpy's matmul rate, the better of the process's start
+# and end, under SLOW_MATMUL times the best process's. Not the rate at a process's start alone:
+# after the imports it reads 0.7x its end often enough (148 then 203 GFLOP/s in one process).
+# In the run at 4fc69a1 TensorFlow's dense cases' process read 181 / 187 GFLOP/s, the others
+# 194-206, with the same canary best: fastconv's training steps there took 14.8 ms on
+# resnet3x3 (JAX's process 12.5; 13.0 standalone right after, 12.3 its host kernels alone).
 SLOW_CANARY = 1.25
+SLOW_MATMUL = 0.92
 
 
 def slow_jobs(results, jobs):
@@ -187,11 +192,18 @@ def slow_jobs(results, jobs):
             if proc["cases"][0] in names:
                 last[(backend, names[0])] = proc
     canary = {k: p["canary_best_s"] for k, p in last.items() if p.get("canary_best_s")}
+    matmul = {k: max(p["env"]["matmul_gflops"], p.get("matmul_gflops_end") or 0)
+              for k, p in last.items() if p.get("env")}
     slow = []
     for backend, names, tolerant in jobs:
         k = (backend, names[0])
+        why = []
         if k in canary and canary[k] > SLOW_CANARY * min(canary.values()):
-            last[k]["slow"] = f"canary best {canary[k] / min(canary.values()):.2f}x the least"
+            why.append(f"canary best {canary[k] / min(canary.values()):.2f}x the least")
+        if k in matmul and matmul[k] < SLOW_MATMUL * max(matmul.values()):
+            why.append(f"matmul {matmul[k] / max(matmul.values()):.2f}x the best")
+        if why:
+            last[k]["slow"] = "; ".join(why)
             slow.append((backend, names, tolerant))
     return slow
 
@@ -288,7 +300,7 @@ def main(argv=None):
             "cpus": len(os.sched_getaffinity(0)), "loadavg_start": [round(x, 2) for x in load0],
             "reps": args.reps, "warmup": args.warmup, "time_cap": args.time_cap,
             "quick": args.quick, "memory": not args.no_memory,
-            "slow_canary": SLOW_CANARY,
+            "slow_canary": SLOW_CANARY, "slow_matmul": SLOW_MATMUL,
         },
         "cases": {c.name: c.to_dict() for c in cases},
         "runs": {},
