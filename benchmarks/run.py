@@ -119,8 +119,8 @@ def run_worker(backend, names, args, log_dir, progress, units_per_case, timeout)
 
 def run_job(results, backend, names, tolerant, args, log_dir, progress, units, rerun=False):
     """Runs the cases `names` in a worker (one more for the cases a crash lost) and puts their
-    records in `results`; returns what failed."""
-    failed = []
+    records in `results`; returns whether the worker's exit was fine (a crash after its last
+    result is, for a `tolerant` job)."""
     run = results["runs"].setdefault(backend, {"processes": [], "cases": {}, "memory": {},
                                                "errors": {}})
     todo = list(names)
@@ -164,10 +164,7 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
         else:
             for n in missing:
                 run["errors"][n] = f"no result (worker exit code {rc}, log {log})"
-    if rc != 0 and not tolerant:
-        failed.append(backend)
-    failed += [f"{backend}:{n}" for n in run["errors"]]
-    return failed
+    return rc == 0 or tolerant
 
 
 # A process slower as a whole than the others in a run is run once more (the canary in each
@@ -305,14 +302,17 @@ def main(argv=None):
         "cases": {c.name: c.to_dict() for c in cases},
         "runs": {},
     }
-    failed = []
+    crashed = {}
     for backend, names, tolerant in jobs:
-        failed += run_job(results, backend, names, tolerant, args, log_dir, progress, units)
+        crashed[backend, names[0]] = not run_job(results, backend, names, tolerant, args,
+                                                 log_dir, progress, units)
     for backend, names, tolerant in slow_jobs(results, jobs):
         sys.stderr.write(f"\n[{backend}] {names[0]}..: the process ran slow, once more\n")
         progress.total += len(names) * units
-        failed += run_job(results, backend, names, tolerant, args, log_dir, progress, units,
-                          rerun=True)
+        crashed[backend, names[0]] = not run_job(results, backend, names, tolerant, args,
+                                                 log_dir, progress, units, rerun=True)
+    failed = [b for (b, _), c in crashed.items() if c]
+    failed += [f"{b}:{n}" for b, run in results["runs"].items() for n in run["errors"]]
     progress.close()
     load1 = os.getloadavg()
     results["meta"]["loadavg_end"] = [round(x, 2) for x in load1]

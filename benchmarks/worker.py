@@ -140,11 +140,14 @@ class Canary:
         return t / self.best
 
     def settle(self, limit):
-        """Reads the canary until it is at most `limit` or SETTLE_TIME has passed: timing a
-        round again at once mostly lands in the same spell (they last up to seconds)."""
+        """Reads the canary until it is at most `limit` or SETTLE_TIME has passed, and returns
+        the last reading: timing a round again at once mostly lands in the same spell (they
+        last up to seconds)."""
         t0 = time.perf_counter()
-        while self() > limit and time.perf_counter() - t0 < SETTLE_TIME:
-            pass
+        reading = self()
+        while reading > limit and time.perf_counter() - t0 < SETTLE_TIME:
+            reading = self()
+        return reading
 
 
 CANARY_CALLS = 40  # ~1 ms each thread
@@ -202,8 +205,7 @@ def measure(variants, reps, warmup, time_cap):
         canary.append(_canary())
         if max(canary[-2:]) > DISTURBED and dropped < MAX_DROPPED * rounds:
             dropped += 1
-            _canary.settle(DISTURBED)
-            canary.append(_canary())
+            canary.append(_canary.settle(DISTURBED))  # the next round's reading before it
             continue
         done += 1
         for name in names:
@@ -212,8 +214,9 @@ def measure(variants, reps, warmup, time_cap):
                 firsts[name].append(first[name])
     return {name: {"median": float(np.median(ts)), "min": float(np.min(ts)), "n": len(ts),
                    "times": [float(t) for t in ts], "first": [float(t) for t in firsts[name]],
-                   "rounds_timed": done + dropped, "dropped": dropped, "canary": [round(c, 3) for c in canary],
-                   "disturbed": DISTURBED, "max_dropped": MAX_DROPPED * rounds,
+                   "rounds_timed": done + dropped, "dropped": dropped,
+                   "canary": [round(c, 3) for c in canary], "disturbed": DISTURBED,
+                   "max_dropped": MAX_DROPPED * rounds,
                    "canary_best_s": _canary.best}
             for name, ts in times.items()}
 

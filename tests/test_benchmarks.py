@@ -21,6 +21,7 @@ class _ScriptedCanary:
 
     def settle(self, limit):  # (a spell that outlasts the wait: the next reading as scripted)
         self.settled += 1
+        return self()
 
 
 def _measure(monkeypatch, readings, reps=3):
@@ -58,8 +59,8 @@ def _results(processes):
 
 
 def _proc(cases, canary_ms, matmul_start, matmul_end):
-    return {"cases": cases, "canary_best_s": canary_ms / 1e3, "env": {"matmul_gflops": matmul_start},
-            "matmul_gflops_end": matmul_end}
+    return {"cases": cases, "canary_best_s": canary_ms / 1e3,
+            "env": {"matmul_gflops": matmul_start}, "matmul_gflops_end": matmul_end}
 
 
 @pytest.mark.parametrize("slow, why", [
