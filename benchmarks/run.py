@@ -147,6 +147,7 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
         run["processes"].append({"cases": todo, "returncode": rc, "tolerant": tolerant,
                                  "duration_s": dur, "env": env, "log": log,
                                  "matmul_gflops_end": end and end["matmul_gflops"],
+                                 "matmul_gflops": mm,  # (its cases' rate: the better of both)
                                  "canary_best_s": end and end.get("canary_best_s")})
         finished = end is not None
         if rc != 0 and not (tolerant and finished):
@@ -189,8 +190,7 @@ def slow_jobs(results, jobs):
             if proc["cases"][0] in names:
                 last[(backend, names[0])] = proc
     canary = {k: p["canary_best_s"] for k, p in last.items() if p.get("canary_best_s")}
-    matmul = {k: max(p["env"]["matmul_gflops"], p.get("matmul_gflops_end") or 0)
-              for k, p in last.items() if p.get("env")}
+    matmul = {k: p["matmul_gflops"] for k, p in last.items() if p.get("matmul_gflops")}
     slow = []
     for backend, names, tolerant in jobs:
         k = (backend, names[0])

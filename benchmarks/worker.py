@@ -216,8 +216,7 @@ def measure(variants, reps, warmup, time_cap):
                    "times": [float(t) for t in ts], "first": [float(t) for t in firsts[name]],
                    "rounds_timed": done + dropped, "dropped": dropped,
                    "canary": [round(c, 3) for c in canary], "disturbed": DISTURBED,
-                   "max_dropped": MAX_DROPPED * rounds,
-                   "canary_best_s": _canary.best}
+                   "max_dropped": MAX_DROPPED * rounds}
             for name, ts in times.items()}
 
 
