@@ -570,14 +570,16 @@ def markdown(results):
     L.append("")
     meta = results["meta"]
     if "slow_canary" in meta:
-        matmul = (f", or whose matmul rate (the better of its start and end) was under "
-                  f"{meta['slow_matmul']}× the best process's," if "slow_matmul" in meta else "")
+        matmul = (f", or whose matmul rate (the median of its readings at the start, after each "
+                  f"case and at the end) was under {meta['slow_matmul']}× the best process's,"
+                  if "slow_matmul" in meta else "")
         L.append(f"A process whose canary's best time was over {meta['slow_canary']}× the least "
                  f"of the run's{matmul} ran slow as a whole (what a canary against its own best "
                  "cannot see): its cases were run once more, and that process's results are the "
                  "ones reported.")
         L.append("")
-    L.append("| backend | cases | exit | duration | matmul GFLOP/s start / end | canary best | "
+    L.append("| backend | cases | exit | duration | matmul GFLOP/s start / median / end | "
+             "canary best | "
              "BLAS (threadpoolctl) | versions |")
     L.append("|---|---|---|---|---|---|---|---|")
     for b in backends:
@@ -591,7 +593,9 @@ def markdown(results):
             vers = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
             exit_ = str(p["returncode"]) + (" (crash at exit tolerated)"
                                            if p["returncode"] and p.get("tolerant") else "")
-            mm = f"{_f(env.get('matmul_gflops'))} / {_f(p.get('matmul_gflops_end'))}"
+            mm = " / ".join(_f(x) for x in (env.get("matmul_gflops"),
+                                             p.get("matmul_median_gflops"),
+                                             p.get("matmul_gflops_end")))
             if p.get("slow"):
                 exit_ += f"; ran slow ({p['slow']}): run again"
             if p.get("rerun"):

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,9 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
         end = next((r for r in records if r["type"] == "end"), None)
         mm = max(x for x in (env and env["matmul_gflops"], end and end["matmul_gflops"], 0)
                  if x is not None) or None
+        readings = [x for x in [env and env["matmul_gflops"]]
+                    + [r.get("matmul_after_gflops") for r in records if r["type"] == "case"]
+                    + [end and end["matmul_gflops"]] if x]
         for r in records:
             if r["type"] == "case":
                 r["matmul_gflops"] = mm
@@ -148,6 +152,9 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
                                  "duration_s": dur, "env": env, "log": log,
                                  "matmul_gflops_end": end and end["matmul_gflops"],
                                  "matmul_gflops": mm,  # (its cases' rate: the better of both)
+                                 "matmul_readings": readings,
+                                 "matmul_median_gflops": (statistics.median(readings)
+                                                          if readings else None),
                                  "canary_best_s": end and end.get("canary_best_s")})
         finished = end is not None
         if rc != 0 and not (tolerant and finished):
@@ -172,9 +179,11 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
 # round compares with its own best only): in the run at bc9f335, TensorFlow's grouped cases'
 # process timed fastconv's steps at 2.12 / 3.53 / 10.99 ms, a rerun right after at 1.12 / 2.72
 # / 7.90. Slow: its canary's best time over SLOW_CANARY times the least of the run's processes
-# (they agree within 1-2% otherwise), or numpy's matmul rate, the better of the process's start
-# and end, under SLOW_MATMUL times the best process's. Not the rate at a process's start alone:
-# after the imports it reads 0.7x its end often enough (148 then 203 GFLOP/s in one process).
+# (they agree within 1-2% otherwise), or the median of numpy's matmul rates read at the
+# process's start, after each of its cases and at its end under SLOW_MATMUL times the best
+# process's. Not the rate at a process's start alone: after the imports it reads 0.7x its end
+# often enough (148 then 203 GFLOP/s in one process); nor the better of start and end: at
+# 36049c0 TensorFlow's dense process read 140 and 189 (0.94x the best) and timed 15% slow.
 # In the run at 4fc69a1 TensorFlow's dense cases' process read 181 / 187 GFLOP/s, the others
 # 194-206, with the same canary best: fastconv's training steps there took 14.8 ms on
 # resnet3x3 (JAX's process 12.5; 13.0 standalone right after, 12.3 its host kernels alone).
@@ -190,7 +199,8 @@ def slow_jobs(results, jobs):
             if proc["cases"][0] in names:
                 last[(backend, names[0])] = proc
     canary = {k: p["canary_best_s"] for k, p in last.items() if p.get("canary_best_s")}
-    matmul = {k: p["matmul_gflops"] for k, p in last.items() if p.get("matmul_gflops")}
+    matmul = {k: p["matmul_median_gflops"] for k, p in last.items()
+              if p.get("matmul_median_gflops")}
     slow = []
     for backend, names, tolerant in jobs:
         k = (backend, names[0])
