@@ -133,11 +133,11 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
                                            args.job_timeout)
         env = next((r for r in records if r["type"] == "env"), None)
         end = next((r for r in records if r["type"] == "end"), None)
-        mm = max(x for x in (env and env["matmul_gflops"], end and end["matmul_gflops"], 0)
-                 if x is not None) or None
-        readings = [x for x in [env and env["matmul_gflops"]]
+        first, last = env and env["matmul_gflops"], end and end["matmul_gflops"]
+        mm = max(first or 0, last or 0) or None
+        readings = [x for x in [first]
                     + [r.get("matmul_after_gflops") for r in records if r["type"] == "case"]
-                    + [end and end["matmul_gflops"]] if x]
+                    + [last] if x]
         for r in records:
             if r["type"] == "case":
                 r["matmul_gflops"] = mm
@@ -150,7 +150,7 @@ def run_job(results, backend, names, tolerant, args, log_dir, progress, units, r
                 run["errors"][r["case"]] = f"{r['phase']}: {r['error']}"
         run["processes"].append({"cases": todo, "returncode": rc, "tolerant": tolerant,
                                  "duration_s": dur, "env": env, "log": log,
-                                 "matmul_gflops_end": end and end["matmul_gflops"],
+                                 "matmul_gflops_end": last,
                                  "matmul_gflops": mm,  # (its cases' rate: the better of both)
                                  "matmul_readings": readings,
                                  "matmul_median_gflops": (statistics.median(readings)
